@@ -1,0 +1,123 @@
+"""Small helpers over onnx-graphsurgeon graphs: constants, producers, fan-out, names."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+CONSTANT = "Constant"
+
+
+def in_default_domain(node: gs.Node) -> bool:
+    return node.domain in (None, "", "ai.onnx")
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def node_label(node: gs.Node) -> str:
+    """A name for messages: the node's name, else ``Op(first output)``."""
+    if node.name:
+        return node.name
+    out = node.outputs[0].name if node.outputs else "?"
+    return f"{node.op}({out})"
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(t is tensor for t in graph.outputs)
+
+
+def is_graph_input(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(t is tensor for t in graph.inputs)
+
+
+def const_value(tensor: gs.Tensor, graph: gs.Graph | None = None) -> np.ndarray | None:
+    """The value of a tensor fixed at export time, else None.
+
+    Initializers count, and so do outputs of Constant nodes. An initializer that is also
+    a graph input (old exporters) does not: the caller may feed another value at run time.
+    """
+    if graph is not None and is_graph_input(graph, tensor):
+        return None
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    node = producer(tensor)
+    if node is None or node.op != CONSTANT or not in_default_domain(node):
+        return None
+    attrs = node.attrs
+    if "value" in attrs:
+        value = attrs["value"]
+        return np.asarray(value.values if isinstance(value, gs.Constant) else value)
+    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                       ("value_int", np.int64), ("value_ints", np.int64)):
+        if key in attrs:
+            return np.asarray(attrs[key], dtype=dtype)
+    return None
+
+
+def scalar_value(tensor: gs.Tensor, graph: gs.Graph | None = None) -> float | None:
+    """A constant holding exactly one element, as a Python float."""
+    value = const_value(tensor, graph)
+    if value is None or value.size != 1:
+        return None
+    return float(np.asarray(value, dtype=np.float64).reshape(()))
+
+
+def consumers(tensor: gs.Tensor) -> list[gs.Node]:
+    return list(tensor.outputs)
+
+
+def other_uses(tensor: gs.Tensor, graph: gs.Graph, allowed: set[int]) -> list[str]:
+    """Who uses ``tensor`` besides the nodes whose ids are in ``allowed`` (graph output included)."""
+    uses = [node_label(n) for n in tensor.outputs if id(n) not in allowed]
+    if is_graph_output(graph, tensor):
+        uses.append("graph output")
+    return uses
+
+
+def iter_graphs(graph: gs.Graph, path: str = "") -> Iterator[tuple[str, gs.Graph]]:
+    """The graph and every subgraph (If/Loop/Scan bodies), each with a readable path."""
+    yield path, graph
+    for node in graph.nodes:
+        for key, value in sorted(node.attrs.items()):
+            subs = value if isinstance(value, (list, tuple)) else [value]
+            for i, sub in enumerate(subs):
+                if isinstance(sub, gs.Graph):
+                    suffix = f"{key}[{i}]" if len(subs) > 1 else key
+                    yield from iter_graphs(sub, f"{path}/{node_label(node)}.{suffix}")
+
+
+class NameScope:
+    """Fresh, deterministic tensor and node names, unique across the model and its subgraphs."""
+
+    def __init__(self, graph: gs.Graph):
+        self.used: set[str] = set()
+        for _path, g in iter_graphs(graph):
+            self.used.update(g.tensors().keys())
+            self.used.update(n.name for n in g.nodes if n.name)
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.used:
+            name = f"{base}_{i}"
+            i += 1
+        self.used.add(name)
+        return name
+
+
+def make_constant(names: NameScope, base: str, values: np.ndarray) -> gs.Constant:
+    return gs.Constant(names.fresh(base), np.ascontiguousarray(values))
+
+
+def tensor_dtype(tensor: gs.Tensor):
+    """numpy dtype of a tensor when known (constants always), else None."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values).dtype
+    if tensor.dtype is None:
+        return None
+    if isinstance(tensor.dtype, int):
+        return onnx.helper.tensor_dtype_to_np_dtype(tensor.dtype)
+    return np.dtype(tensor.dtype)

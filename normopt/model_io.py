@@ -1,0 +1,145 @@
+"""Load and save ONNX models: clear errors, external data, atomic writes, metadata kept.
+
+The input file is only ever opened for reading. The output is written to a temporary
+file in the destination folder and renamed into place, so a failure leaves nothing behind.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from normopt.errors import ModelLoadError, ModelSaveError
+
+# Protobuf cannot serialize a message of 2 GiB or more; stay well under it.
+PROTOBUF_LIMIT = 2**31 - 2**26
+
+def min_ir_version(opset: int) -> int:
+    """Lowest IR version able to carry a default-domain opset (from onnx.helper.VERSION_TABLE)."""
+    irs = [row[1] for row in onnx.helper.VERSION_TABLE if row[2] >= opset]
+    return min(irs) if irs else onnx.IR_VERSION
+
+
+def default_output(path: str | os.PathLike) -> Path:
+    """``net.onnx`` -> ``net.normopt.onnx`` beside it."""
+    p = Path(path)
+    return p.with_name(f"{p.stem}.normopt{p.suffix or '.onnx'}")
+
+
+def load(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX model (external data beside it included) or raise ModelLoadError."""
+    p = Path(path)
+    where = f"cannot read '{p}'"
+    if not p.exists():
+        raise ModelLoadError(f"{where}: no such file")
+    if p.is_dir():
+        raise ModelLoadError(f"{where}: is a directory, expected an .onnx file")
+    if p.stat().st_size == 0:
+        raise ModelLoadError(f"{where}: file is empty")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{where}: file is not an ONNX model (protobuf parse failed: {_short(err)})") from err
+    except OSError as err:
+        raise ModelLoadError(f"{where}: {err.strerror or err}") from err
+    if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
+        raise ModelLoadError(f"{where}: file is not an ONNX model (no graph)")
+    if not model.opset_import:
+        raise ModelLoadError(f"{where}: model declares no opset_import")
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{where}: external data could not be loaded ({_short(err)})") from err
+    try:
+        check(model)
+    except onnx.checker.ValidationError as err:
+        raise ModelLoadError(f"{where}: the ONNX checker rejects it: {_short(err)}") from err
+    return model
+
+
+def check(model: onnx.ModelProto, full: bool = False) -> None:
+    """onnx.checker on a model of any size (large models are checked without their weights)."""
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        onnx.checker.check_model(model, full_check=full)
+        return
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    _strip_weights(light.graph)
+    onnx.checker.check_model(light, full_check=False)
+
+
+def passes_full_check(model: onnx.ModelProto) -> bool:
+    try:
+        check(model, full=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, RuntimeError):
+        return False
+    return True
+
+
+def serialize(model: onnx.ModelProto) -> bytes:
+    return model.SerializeToString(deterministic=True)
+
+
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    return model.ByteSize() >= PROTOBUF_LIMIT
+
+
+def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> list[Path]:
+    """Write ``model`` atomically to ``path``; returns the files written.
+
+    ``external_data=None`` stores weights beside the model only when protobuf's 2 GB limit
+    demands it; True forces ``<name>.data`` beside the model.
+    """
+    dest = Path(path)
+    if dest.is_dir():
+        raise ModelSaveError(f"cannot write '{dest}': is a directory")
+    if not dest.parent.exists():
+        raise ModelSaveError(f"cannot write '{dest}': folder '{dest.parent}' does not exist")
+    if external_data is None:
+        external_data = needs_external_data(model)
+    tmpdir = Path(tempfile.mkdtemp(prefix=".normopt-", dir=dest.parent))
+    written: list[Path] = []
+    try:
+        tmp_model = tmpdir / dest.name
+        if external_data:
+            data_name = dest.name + ".data"
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.external_data_helper.convert_model_to_external_data(
+                copy, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            onnx.save_model(copy, str(tmp_model), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            if (tmpdir / data_name).exists():
+                os.replace(tmpdir / data_name, dest.parent / data_name)
+                written.append(dest.parent / data_name)
+        else:
+            tmp_model.write_bytes(serialize(model))
+        os.replace(tmp_model, dest)
+        written.insert(0, dest)
+    except OSError as err:
+        raise ModelSaveError(f"cannot write '{dest}': {err.strerror or err}") from err
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return written
+
+
+def _strip_weights(graph: onnx.GraphProto) -> None:
+    for init in graph.initializer:
+        init.ClearField("raw_data")
+        init.data_location = onnx.TensorProto.DEFAULT
+        del init.external_data[:]
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _strip_weights(attr.g)
+            for g in attr.graphs:
+                _strip_weights(g)
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -1,0 +1,146 @@
+"""Rewrite, verify, and take back what does not verify: the job behind ``normopt fold``.
+
+When the rewritten model's outputs differ, the output tensor of every rewrite (each pass keeps
+that name) is exposed as an extra graph output in both models and compared in one more run.
+The most upstream rewrites that differ are excluded, the passes re-run without them, and the
+result is verified again.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import onnx
+
+from normopt import pipeline
+from normopt.errors import VerificationError
+from normopt.records import PipelineResult, Rewrite
+from normopt.verify import ProviderChoice, VerifyReport, compare, select_provider
+
+MAX_ROLLBACK_ROUNDS = 6
+
+
+@dataclass
+class FoldOptions:
+    passes: list[str] | None = None
+    allow_opset_upgrade: bool = True
+    verify: bool = True
+    provider: str = "auto"
+    seed: int = 0
+    trials: int = 1
+    input_shapes: dict = field(default_factory=dict)
+    input_ranges: dict = field(default_factory=dict)
+    inputs_file: str | None = None
+    atol: float | None = None
+    rtol: float | None = None
+    strict: bool = False
+
+
+@dataclass
+class Rollback:
+    pass_name: str
+    anchor: str
+    output: str
+    reason: str
+
+
+@dataclass
+class FoldResult:
+    model: onnx.ModelProto
+    pipeline: PipelineResult
+    verification: VerifyReport | None = None
+    rollbacks: list[Rollback] = field(default_factory=list)
+
+    @property
+    def verified(self) -> bool:
+        return self.verification is None or self.verification.passed
+
+
+def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
+             source: str | os.PathLike | None = None) -> FoldResult:
+    """Run the passes on ``model``; verify against ``source`` (the file it came from) or itself.
+
+    Raises VerificationError only with ``options.strict`` and a rollback; otherwise a result
+    whose ``verified`` is False tells the caller not to trust the model.
+    """
+    options = options or FoldOptions()
+    choice = select_provider(options.provider) if options.verify else None
+    reference = source if source is not None else model
+    exclude: dict[str, str] = {}
+    rollbacks: list[Rollback] = []
+    allow_upgrade = options.allow_opset_upgrade
+    for _round in range(MAX_ROLLBACK_ROUNDS):
+        out, result = pipeline.run(model, options.passes, pipeline.Options(allow_upgrade, dict(exclude), options.strict))
+        if choice is None:
+            return FoldResult(out, result, None, rollbacks)
+        report = _verify(reference, out, options, choice)
+        if report.passed:
+            _strict_check(options, rollbacks)
+            return FoldResult(out, result, report, rollbacks)
+        culprits = _localize(reference, out, result, options, choice)
+        if culprits:
+            for rewrite, reason in culprits:
+                exclude[rewrite.output] = reason
+                rollbacks.append(Rollback(rewrite.pass_name, rewrite.anchor, rewrite.output, reason))
+        elif result.applied:
+            for rewrite in result.applied:
+                reason = "outputs differed and could not be traced to one rewrite"
+                exclude[rewrite.output] = reason
+                rollbacks.append(Rollback(rewrite.pass_name, rewrite.anchor, rewrite.output, reason))
+        elif result.upgrades and allow_upgrade:
+            allow_upgrade = False
+            for up in result.upgrades:
+                rollbacks.append(Rollback(up.for_pass, "opset", f"opset {up.to_version}",
+                                          f"opset upgrade {up.from_version} -> {up.to_version} changed the outputs"))
+        else:
+            return FoldResult(out, result, report, rollbacks)
+    return FoldResult(out, result, report, rollbacks)
+
+
+def _verify(reference, out, options: FoldOptions, choice: ProviderChoice, extra=None) -> VerifyReport:
+    return compare(reference, out, seed=options.seed, trials=options.trials, input_shapes=options.input_shapes,
+                   input_ranges=options.input_ranges, inputs_file=options.inputs_file, atol=options.atol,
+                   rtol=options.rtol, extra_outputs=extra, choice=choice)
+
+
+def _localize(reference, out, result: PipelineResult, options, choice) -> list[tuple[Rewrite, str]]:
+    """The most upstream top-level rewrites whose kept output differs from the original's."""
+    top = [r for r in result.applied if not r.graph]
+    if not top:
+        return []
+    report = _verify(reference, out, options, choice, extra=[r.output for r in top])
+    diffs = {d.name: d for d in report.outputs}
+    bad = {r.output: r for r in top if r.output in diffs and not diffs[r.output].passed}
+    downstream = _downstream(out, set(bad))
+    culprits = []
+    for name, rewrite in bad.items():
+        if name in downstream:  # explained by a differing rewrite upstream of it
+            continue
+        d = diffs[name]
+        culprits.append((rewrite, f"changed '{name}' by max |diff| {d.max_abs:.2e} > atol {d.atol:g} (rtol {d.rtol:g})"))
+    return culprits
+
+
+def _downstream(model: onnx.ModelProto, starts: set[str]) -> set[str]:
+    """Tensors computed (transitively) from any of ``starts``, excluding the starts themselves."""
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    seen: set[str] = set()
+    stack = list(starts)
+    while stack:
+        name = stack.pop()
+        for node in users.get(name, ()):
+            for out in node.output:
+                if out not in seen:
+                    seen.add(out)
+                    stack.append(out)
+    return seen
+
+
+def _strict_check(options: FoldOptions, rollbacks: list[Rollback]) -> None:
+    if options.strict and rollbacks:
+        first = rollbacks[0]
+        raise VerificationError(f"{len(rollbacks)} rewrite(s) rolled back (first: {first.pass_name} at "
+                                f"{first.anchor}: {first.reason}); --strict makes this an error")

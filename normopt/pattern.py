@@ -1,0 +1,190 @@
+"""A small declarative matcher that every pass uses.
+
+A pattern describes how a tensor was computed, walking from a tensor up to its producers:
+
+    x = Var("x")
+    mean = Op("ReduceMean", [x], name="mean")
+    d = Op("Sub", [x, mean])                        # unnamed: matched by structure only
+    sq = AnyOf(Op("Pow", [d, Const("two")]), Op("Mul", [d, d]))
+
+* ``Var(name)`` binds any tensor; a second use of the same name must be the same tensor.
+* ``Const(name)`` binds a tensor whose value is fixed at export time; the value lands in
+  ``Match.values[name]``.
+* ``Op(types, inputs, name=...)`` matches the producer of a tensor. Its inputs match a prefix
+  of the node's inputs (ReduceMean's ``axes`` input may follow). Add and Mul are tried in both
+  operand orders. A named Op must be the same node wherever the name appears; an unnamed
+  one is matched by structure, so a duplicated ``Sub`` (old PyTorch exports) still matches.
+* ``AnyOf(*alternatives)``; ``Opt(op, inner)`` is ``inner`` optionally wrapped by ``op``.
+
+Matching is a backtracking walk over the producers of one tensor: cost is bounded by the
+pattern's size, so a pass that tries every node stays linear in graph size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from normopt import graph as G
+
+COMMUTATIVE = frozenset({"Add", "Mul"})
+
+
+class Pattern:
+    """Base class of pattern elements."""
+
+
+@dataclass(frozen=True, eq=False)
+class Var(Pattern):
+    name: str
+
+
+@dataclass(frozen=True, eq=False)
+class Const(Pattern):
+    name: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Op(Pattern):
+    types: str | tuple[str, ...]
+    inputs: Sequence[Pattern] = ()
+    name: str | None = None
+
+    def accepts(self, node: gs.Node) -> bool:
+        types = (self.types,) if isinstance(self.types, str) else self.types
+        return node.op in types and G.in_default_domain(node)
+
+
+@dataclass(frozen=True, eq=False)
+class AnyOf(Pattern):
+    alternatives: tuple[Pattern, ...]
+
+    def __init__(self, *alternatives: Pattern):
+        object.__setattr__(self, "alternatives", tuple(alternatives))
+
+
+def Opt(types: str | tuple[str, ...], inner: Pattern, name: str | None = None) -> Pattern:
+    """``inner``, optionally wrapped in a one-input ``types`` op (a Cast, say)."""
+    return AnyOf(Op(types, [inner], name=name), inner)
+
+
+@dataclass
+class Match:
+    """What a pattern bound. ``output`` is the tensor the pattern was matched at."""
+
+    output: gs.Tensor
+    nodes: dict[str, gs.Node] = field(default_factory=dict)
+    tensors: dict[str, gs.Tensor] = field(default_factory=dict)
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+    matched: list[gs.Node] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> gs.Node:
+        return self.nodes[name]
+
+    def has(self, name: str) -> bool:
+        return name in self.nodes or name in self.tensors or name in self.values
+
+    def add(self, node: gs.Node) -> None:
+        if all(n is not node for n in self.matched):
+            self.matched.append(node)
+
+    def escapes(self, graph: gs.Graph) -> list[str]:
+        """Tensors made inside the match that something outside it uses (or a graph output).
+
+        Fusing them away would break that other user, so a pass must skip such a match.
+        """
+        inside = {id(n) for n in self.matched}
+        found = []
+        for node in self.matched:
+            for out in node.outputs:
+                if out is self.output:
+                    continue
+                uses = G.other_uses(out, graph, inside)
+                if uses:
+                    found.append(f"'{out.name}' is also used by {', '.join(sorted(set(uses)))}")
+        return found
+
+
+def match(pattern: Pattern, tensor: gs.Tensor, graph: gs.Graph) -> Match | None:
+    """The first way ``pattern`` explains ``tensor``, or None."""
+    for state in _match(pattern, tensor, graph, _State()):
+        m = Match(output=tensor, nodes=dict(state.nodes), tensors=dict(state.tensors),
+                  values=dict(state.values))
+        for node in state.order:
+            m.add(node)
+        return m
+    return None
+
+
+@dataclass
+class _State:
+    nodes: dict = field(default_factory=dict)
+    tensors: dict = field(default_factory=dict)
+    values: dict = field(default_factory=dict)
+    order: tuple = ()
+
+    def copy(self) -> "_State":
+        return _State(dict(self.nodes), dict(self.tensors), dict(self.values), self.order)
+
+
+def _match(p: Pattern, t: gs.Tensor, graph: gs.Graph, st: _State) -> Iterator[_State]:
+    if isinstance(p, Var):
+        bound = st.tensors.get(p.name)
+        if bound is None:
+            st = st.copy()
+            st.tensors[p.name] = t
+            yield st
+        elif bound is t:
+            yield st
+    elif isinstance(p, Const):
+        value = G.const_value(t, graph)
+        if value is None:
+            return
+        st = st.copy()
+        if p.name:
+            if p.name in st.tensors and st.tensors[p.name] is not t:
+                return
+            st.tensors[p.name] = t
+            st.values[p.name] = value
+        # A Constant node is not part of the match: other users may share it, and cleanup
+        # drops it once nothing uses it.
+        yield st
+    elif isinstance(p, AnyOf):
+        for alt in p.alternatives:
+            yield from _match(alt, t, graph, st)
+    elif isinstance(p, Op):
+        yield from _match_op(p, t, graph, st)
+    else:  # pragma: no cover - a programming error in a pass
+        raise TypeError(f"not a pattern element: {p!r}")
+
+
+def _match_op(p: Op, t: gs.Tensor, graph: gs.Graph, st: _State) -> Iterator[_State]:
+    node = G.producer(t)
+    if node is None or not p.accepts(node) or not node.outputs or node.outputs[0] is not t:
+        return
+    if p.name:
+        bound = st.nodes.get(p.name)
+        if bound is not None and bound is not node:
+            return
+    if len(node.inputs) < len(p.inputs):
+        return
+    st = st.copy()
+    if p.name:
+        st.nodes[p.name] = node
+    st.order = st.order + (node,)
+    orders = [list(p.inputs)]
+    if node.op in COMMUTATIVE and len(p.inputs) == 2:
+        orders.append(list(reversed(p.inputs)))
+    for inputs in orders:
+        yield from _match_inputs(inputs, node.inputs, graph, st)
+
+
+def _match_inputs(pats: list[Pattern], tensors, graph, st: _State) -> Iterator[_State]:
+    if not pats:
+        yield st
+        return
+    for st2 in _match(pats[0], tensors[0], graph, st):
+        yield from _match_inputs(pats[1:], tensors[1:], graph, st2)

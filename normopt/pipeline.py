@@ -1,0 +1,287 @@
+"""Run passes over a model: match -> check -> rewrite, cleanup and toposort once per pass.
+
+A pass looks at one anchor node at a time and answers with a ``Match`` (rewrite it), a
+``Reject`` (a candidate it must leave alone, with the reason) or None (not a candidate).
+The pipeline owns everything else: detaching the matched nodes, records, rolled-back
+rewrites, opset upgrades, cleanup and re-sorting. Passes never clean up or rename.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import version_converter
+
+from normopt import graph as G
+from normopt.errors import ModelSaveError
+from normopt.model_io import PROTOBUF_LIMIT, min_ir_version
+from normopt.pattern import Match
+from normopt.records import OpsetUpgrade, PassRecord, PipelineResult, Rewrite, Skip
+from normopt.registry import available, resolve
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+MAX_ROUNDS = 4
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A candidate the pass must leave untouched. ``reason`` is a fact about the model."""
+
+    reason: str
+    node: gs.Node | None = None
+
+
+@dataclass
+class Context:
+    """What a pass may know about the model while it looks at one graph."""
+
+    graph: gs.Graph
+    root: gs.Graph
+    opset: int
+    names: G.NameScope
+    shapes: dict[str, tuple[int, tuple | None]] = field(default_factory=dict)
+    path: str = ""
+
+    def shape(self, tensor: gs.Tensor) -> tuple | None:
+        """Static-or-symbolic shape (ints, strings or None per dim), when known."""
+        if isinstance(tensor, gs.Constant):
+            return tuple(tensor.shape)
+        if tensor.shape is not None:
+            return tuple(tensor.shape)
+        known = self.shapes.get(tensor.name)
+        return known[1] if known else None
+
+    def rank(self, tensor: gs.Tensor) -> int | None:
+        shape = self.shape(tensor)
+        return None if shape is None else len(shape)
+
+    def dtype(self, tensor: gs.Tensor):
+        """numpy dtype when known."""
+        dtype = G.tensor_dtype(tensor)
+        if dtype is not None:
+            return dtype
+        known = self.shapes.get(tensor.name)
+        if known and known[0]:
+            return onnx.helper.tensor_dtype_to_np_dtype(known[0])
+        return None
+
+
+class Pass:
+    """Base class. Subclasses set ``anchor_ops`` and implement ``match`` and ``rewrite``."""
+
+    name: ClassVar[str] = ""
+    anchor_ops: ClassVar[tuple[str, ...]] = ()
+    # Default-domain opset that the ops this pass emits need.
+    opset: ClassVar[int] = 1
+
+    def required_opset(self, m: Match) -> int:
+        return self.opset
+
+    def match(self, node: gs.Node, ctx: Context) -> Match | Reject | None:
+        raise NotImplementedError
+
+    def rewrite(self, m: Match, ctx: Context) -> list[gs.Node]:
+        """New nodes; exactly one of them must produce ``m.output`` (the kept name)."""
+        raise NotImplementedError
+
+
+@dataclass
+class Options:
+    allow_opset_upgrade: bool = True
+    # Rolled-back rewrites: kept output tensor name -> why it was rolled back.
+    exclude: dict[str, str] = field(default_factory=dict)
+    strict: bool = False
+
+
+def run(model: onnx.ModelProto, passes: list[str] | None = None, options: Options | None = None,
+        ) -> tuple[onnx.ModelProto, PipelineResult]:
+    """Apply ``passes`` (all by default, in registry order) to a copy of ``model``."""
+    options = options or Options()
+    table = available()
+    names = resolve(passes)
+    started = time.perf_counter()
+    result = PipelineResult(nodes_before=count_nodes(model))
+    current = model
+    graph = gs.import_onnx(current)
+    shapes = infer_shapes(current)
+    for name in names:
+        pass_ = table[name]()
+        t0 = time.perf_counter()
+        record, need = _run_pass(pass_, graph, current, shapes, options, upgrade_note=None)
+        if need:
+            opset = model_opset(current)
+            note = None
+            if not options.allow_opset_upgrade:
+                note = "opset upgrade disabled"
+            else:
+                exported = export(graph, current)
+                try:
+                    upgraded = upgrade_opset(exported, need)
+                except Exception as err:  # the converter raises many types
+                    note = f"opset upgrade {opset} -> {need} failed: {' '.join(str(err).split())[:160]}"
+                else:
+                    current = upgraded
+                    graph = gs.import_onnx(current)
+                    shapes = infer_shapes(current)
+                    result.upgrades.append(OpsetUpgrade(opset, need, name))
+            record, _ = _run_pass(pass_, graph, current, shapes, options, upgrade_note=note)
+        graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort(recurse_subgraphs=True)
+        record.seconds = time.perf_counter() - t0
+        result.passes.append(record)
+        if options.strict:
+            _check_strict(export(graph, current), name)
+    out = export(graph, current)
+    result.nodes_after = count_nodes(out)
+    result.seconds = time.perf_counter() - started
+    return out, result
+
+
+def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, options: Options,
+              upgrade_note: str | None) -> tuple[PassRecord, int]:
+    """One pass over every graph, repeated until nothing more applies. Returns (record, opset needed)."""
+    record = PassRecord(pass_.name)
+    opset = model_opset(model)
+    names = G.NameScope(root)
+    need = 0
+    for _round in range(MAX_ROUNDS):
+        skipped: list[Skip] = []
+        applied_before = len(record.applied)
+        for path, graph in list(G.iter_graphs(root)):
+            ctx = Context(graph=graph, root=root, opset=opset, names=names, shapes=shapes, path=path)
+            gone: set[int] = set()
+            for node in [n for n in graph.nodes if n.op in pass_.anchor_ops]:
+                if id(node) in gone or not node.outputs:
+                    continue
+                found = pass_.match(node, ctx)
+                if found is None:
+                    continue
+                if isinstance(found, Reject):
+                    skipped.append(Skip(pass_.name, G.node_label(found.node or node), found.reason, path))
+                    continue
+                label = G.node_label(node)
+                if found.output.name in options.exclude:
+                    skipped.append(Skip(pass_.name, label, f"rolled back: {options.exclude[found.output.name]}", path))
+                    continue
+                required = pass_.required_opset(found)
+                if required > opset:
+                    if upgrade_note is None:
+                        need = max(need, required)
+                    else:
+                        skipped.append(Skip(pass_.name, label,
+                                            f"needs opset {required} (model has {opset}); {upgrade_note}", path))
+                    continue
+                record.applied.append(_apply(pass_, found, ctx, label))
+                gone.update(id(n) for n in found.matched)
+        if need:
+            return record, need
+        if len(record.applied) == applied_before:
+            record.skipped = skipped
+            break
+        root.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort(recurse_subgraphs=True)
+    return record, 0
+
+
+def _apply(pass_: Pass, m: Match, ctx: Context, label: str) -> Rewrite:
+    removed = tuple(G.node_label(n) for n in m.matched)
+    # Detach outputs first so that the new producer of the kept tensor is its only one;
+    # inputs stay attached until the pass has read them.
+    for node in m.matched:
+        node.outputs.clear()
+    new_nodes = pass_.rewrite(m, ctx)
+    for node in m.matched:
+        node.inputs.clear()
+    ctx.graph.nodes.extend(new_nodes)
+    if not any(m.output in n.outputs for n in new_nodes):  # pragma: no cover - a pass bug
+        raise AssertionError(f"{pass_.name}: rewrite lost tensor '{m.output.name}'")
+    return Rewrite(pass_.name, label, m.output.name, removed,
+                   tuple(G.node_label(n) for n in new_nodes), ctx.path, dict(m.info))
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in DEFAULT_DOMAINS:
+            return imp.version
+    return 1
+
+
+def count_nodes(model: onnx.ModelProto) -> int:
+    def walk(g: onnx.GraphProto) -> int:
+        total = len(g.node)
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    total += walk(a.g)
+                for sub in a.graphs:
+                    total += walk(sub)
+        return total
+    return walk(model.graph)
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    upgraded = version_converter.convert_version(model, target)
+    upgraded.ir_version = max(model.ir_version, min_ir_version(target))
+    onnx.checker.check_model(upgraded) if upgraded.ByteSize() < PROTOBUF_LIMIT else None
+    return upgraded
+
+
+def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """gs graph -> ModelProto, carrying over the template's model-level fields unchanged."""
+    out = gs.export_onnx(graph, do_type_check=False)
+    opset = graph.opset or model_opset(template)
+    out.ir_version = template.ir_version
+    for key in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(out, key, getattr(template, key))
+    del out.metadata_props[:]
+    out.metadata_props.extend(template.metadata_props)
+    del out.training_info[:]
+    out.training_info.extend(template.training_info)
+    emitted = {imp.domain: imp.version for imp in out.opset_import}
+    del out.opset_import[:]
+    for imp in template.opset_import:
+        version = opset if imp.domain in DEFAULT_DOMAINS else imp.version
+        out.opset_import.append(onnx.helper.make_opsetid(imp.domain, version))
+    have = {imp.domain for imp in out.opset_import}
+    for domain, version in sorted(emitted.items()):
+        if domain not in have and not (domain in DEFAULT_DOMAINS and have & set(DEFAULT_DOMAINS)):
+            out.opset_import.append(onnx.helper.make_opsetid(domain, version))
+    return out
+
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, tuple | None]]:
+    """name -> (elem_type, shape) for every tensor onnx shape inference can type."""
+    if model.ByteSize() >= PROTOBUF_LIMIT:
+        return {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # inference is best effort: a pass that needs a shape skips without it
+        return {}
+    table: dict[str, tuple[int, tuple | None]] = {}
+
+    def collect(g: onnx.GraphProto) -> None:
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            tt = vi.type.tensor_type
+            if not vi.type.HasField("tensor_type"):
+                continue
+            shape = None
+            if tt.HasField("shape"):
+                shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                              for d in tt.shape.dim)
+            table[vi.name] = (tt.elem_type, shape)
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    collect(a.g)
+                for sub in a.graphs:
+                    collect(sub)
+    collect(inferred.graph)
+    return table
+
+
+def _check_strict(model: onnx.ModelProto, pass_name: str) -> None:
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as err:
+        raise ModelSaveError(f"pass '{pass_name}' produced an invalid model: {' '.join(str(err).split())[:200]}") from err

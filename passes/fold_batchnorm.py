@@ -1,0 +1,246 @@
+"""Fold eval-mode BatchNormalization into the Conv / ConvTranspose / Gemm / MatMul that feeds it.
+
+BatchNormalization computes ``y = x * s + t`` per channel (axis 1), with
+``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s``. When output channel c of the
+producer depends only on the weight slice for c and on bias b[c], scaling them folds the
+BatchNormalization away exactly:
+
+    W'[c] = W[c] * s[c]        b'[c] = b[c] * s[c] + t[c]        (b = 0 when absent)
+
+Where the output-channel slice lives (the only per-producer difference):
+
+    Conv           W [Cout, Cin/g, k...]               axis 0
+    ConvTranspose  W [Cin, Cout/g, k...], group g       W viewed as [g, Cin/g, Cout/g, k...],
+                                                       s as [g, 1, Cout/g, 1...]
+    Gemm           B [K, N] (transB=0) axis 1,          C' = beta*C*s + t, beta := 1, alpha kept
+                   B [N, K] (transB=1) axis 0
+    MatMul         W [K, F] axis 1, on a rank-2 [N, K]  optional bias Add(b); one is added if absent
+                   input (on [N, L, F] BatchNormalization normalizes L, not F: left alone)
+
+All BatchNormalization versions: training_mode=0, legacy is_test=1 / spatial=1, epsilon default
+1e-5. Math runs in float64 and is cast back to the weight's dtype (fp16, bf16, fp32, fp64).
+New weights are new initializers: a weight shared with another node is never changed.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from normopt import graph as G
+from normopt.pattern import Match
+from normopt.pipeline import Context, Pass, Reject
+from normopt.registry import register_pass
+
+BATCHNORM = "BatchNormalization"
+DEFAULT_EPSILON = 1e-5
+PARAMETERS = ("scale", "bias", "mean", "var")
+FLOAT_KINDS = "f"  # numpy kind of float dtypes; bfloat16 is checked by name
+
+
+def bn_scale_shift(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (s, t) in float64 with ``BN(x) = x * s + t``."""
+    f64 = lambda a: np.asarray(a, dtype=np.float64).reshape(-1)  # noqa: E731
+    s = f64(gamma) / np.sqrt(f64(var) + eps)
+    return s, f64(beta) - f64(mean) * s
+
+
+def scale_output_channels(w: np.ndarray, s: np.ndarray, op: str, group: int = 1, trans_b: int = 0) -> np.ndarray:
+    """``w`` (float64) scaled by ``s`` along the producer's output-channel axis."""
+    w = np.asarray(w, dtype=np.float64)
+    if op == "ConvTranspose":
+        cin, cout_g = w.shape[0], w.shape[1]
+        view = w.reshape((group, cin // group, cout_g) + w.shape[2:])
+        s_view = s.reshape((group, 1, cout_g) + (1,) * (w.ndim - 2))
+        return (view * s_view).reshape(w.shape)
+    if op == "Conv" or (op == "Gemm" and trans_b):
+        return w * s.reshape((-1,) + (1,) * (w.ndim - 1))
+    return w * s.reshape(1, -1)  # Gemm transB=0 and MatMul: [K, N]
+
+
+def _is_float(dtype) -> bool:
+    return dtype is not None and (np.dtype(dtype).kind == FLOAT_KINDS or "bfloat16" in str(dtype))
+
+
+@register_pass("fold-batchnorm")
+class FoldBatchNorm(Pass):
+    """Fold eval-mode BatchNormalization into the preceding Conv, ConvTranspose, Gemm or MatMul."""
+
+    anchor_ops = (BATCHNORM,)
+
+    def match(self, bn: gs.Node, ctx: Context) -> Match | Reject | None:
+        if not G.in_default_domain(bn):
+            return None
+        graph = ctx.graph
+        if int(bn.attrs.get("training_mode", 0)) == 1:
+            return Reject("BatchNormalization is in training mode (training_mode=1)")
+        if "is_test" in bn.attrs and int(bn.attrs["is_test"]) == 0:
+            return Reject("BatchNormalization is in training mode (is_test=0)")
+        if int(bn.attrs.get("spatial", 1)) == 0:
+            return Reject("BatchNormalization uses per-activation statistics (spatial=0)")
+        for extra in bn.outputs[1:]:
+            if extra.name and (extra.outputs or G.is_graph_output(graph, extra)):
+                return Reject(f"BatchNormalization output '{extra.name}' (running statistics) is used")
+        if len(bn.inputs) < 5:
+            return Reject("BatchNormalization has fewer than 5 inputs")
+        params = {}
+        for key, tensor in zip(PARAMETERS, bn.inputs[1:5]):
+            value = G.const_value(tensor, graph)
+            if value is None:
+                return Reject(f"BatchNormalization {key} '{tensor.name}' is not a constant (graph input or computed)")
+            params[key] = value
+        eps = float(bn.attrs.get("epsilon", DEFAULT_EPSILON))
+        s, t = bn_scale_shift(params["scale"], params["bias"], params["mean"], params["var"], eps)
+        x = bn.inputs[0]
+        prod = G.producer(x)
+        if prod is None:
+            return Reject(f"input '{x.name}' is a graph input: no producer to fold into")
+        uses = G.other_uses(x, graph, {id(bn)})
+        if uses:
+            return Reject(f"{G.node_label(prod)} output also feeds {', '.join(sorted(set(uses)))}")
+        m = Match(output=bn.outputs[0], nodes={"bn": bn})
+        m.info.update(epsilon=eps, channels=int(s.size))
+        fold = _FOLDERS.get(prod.op)
+        if fold is None or not G.in_default_domain(prod):
+            return Reject(f"producer {G.node_label(prod)} ({prod.op}) cannot absorb a BatchNormalization")
+        reason = fold(prod, m, s, t, ctx)
+        if reason:
+            return Reject(reason, prod)
+        m.info["producer"] = prod.op
+        for node in list(m.nodes.values()):
+            m.add(node)
+        return m
+
+    def rewrite(self, m: Match, ctx: Context) -> list[gs.Node]:
+        prod = m["producer"]
+        w = m.tensors["weight"]
+        weight = G.make_constant(ctx.names, f"{w.name}_bnfolded", m.values["weight"])
+        bias = G.make_constant(ctx.names, f"{prod.name or weight.name}_bias_bnfolded", m.values["bias"])
+        x = m.tensors["x"]
+        if prod.op in ("Conv", "ConvTranspose"):
+            return [gs.Node(prod.op, prod.name, dict(prod.attrs), [x, weight, bias], [m.output])]
+        if prod.op == "Gemm":
+            attrs = dict(prod.attrs)
+            attrs["beta"] = 1.0
+            return [gs.Node("Gemm", prod.name, attrs, [x, weight, bias], [m.output])]
+        # MatMul, with or without its bias Add: MatMul(x, W') + b'
+        matmul = m["matmul"]
+        hidden = gs.Variable(ctx.names.fresh(f"{m.output.name}_matmul"), dtype=m.output.dtype)
+        add_name = prod.name if prod.op == "Add" and prod.name else ctx.names.fresh(f"{matmul.name or 'MatMul'}_bias")
+        return [gs.Node("MatMul", matmul.name, dict(matmul.attrs), [x, weight], [hidden]),
+                gs.Node("Add", add_name, {}, [hidden, bias], [m.output])]
+
+
+def _conv(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:
+    w = _weight(prod, m, ctx)
+    if isinstance(w, str):
+        return w
+    group = int(prod.attrs.get("group", 1))
+    if prod.op == "ConvTranspose":
+        if w.ndim < 3 or w.shape[0] % group:
+            return f"ConvTranspose input channels {w.shape[0]} are not divisible by group {group}"
+        cout = group * w.shape[1]
+    else:
+        cout = w.shape[0]
+    if cout != s.size:
+        return f"{prod.op} has {cout} output channels but BatchNormalization has {s.size}"
+    b = _optional_const(prod, 2, ctx)
+    if isinstance(b, str):
+        return b
+    _store(m, prod, scale_output_channels(w, s, prod.op, group), b, s, t, w.dtype, cout)
+    return None
+
+
+def _gemm(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:
+    w = _weight(prod, m, ctx)
+    if isinstance(w, str):
+        return w
+    trans_b = int(prod.attrs.get("transB", 0))
+    n = w.shape[0] if trans_b else w.shape[1]
+    if w.ndim != 2 or n != s.size:
+        return f"Gemm has {n} output features but BatchNormalization has {s.size} channels"
+    c = _optional_const(prod, 2, ctx)
+    if isinstance(c, str):
+        return c
+    beta = float(prod.attrs.get("beta", 1.0))
+    # beta*C*s + t, with C broadcast to the output's last axis; Gemm's beta becomes 1.
+    cs = np.zeros(n) if c is None or beta == 0.0 else beta * np.asarray(c, np.float64) * s
+    bias = cs + t
+    m.nodes["producer"], m.tensors["x"] = prod, prod.inputs[0]
+    m.values["weight"] = scale_output_channels(w, s, "Gemm", trans_b=trans_b).astype(w.dtype)
+    m.values["bias"] = bias.astype(w.dtype)
+    return None
+
+
+def _matmul(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:
+    bias = None
+    matmul = prod
+    if prod.op == "Add":
+        found = _matmul_bias(prod, ctx)
+        if isinstance(found, str):
+            return found
+        matmul, bias = found
+    w = _weight(matmul, m, ctx)
+    if isinstance(w, str):
+        return w
+    if w.ndim != 2:
+        return f"MatMul weight '{matmul.inputs[1].name}' is {w.ndim}-D, not 2-D"
+    rank = ctx.rank(m["bn"].inputs[0]) or ctx.rank(matmul.inputs[0])
+    if rank is None:
+        return "rank of the MatMul output is unknown: cannot tell which axis BatchNormalization normalizes"
+    if rank != 2:
+        return f"BatchNormalization normalizes axis 1 of a rank-{rank} MatMul output, not its feature axis"
+    if w.shape[1] != s.size:
+        return f"MatMul has {w.shape[1]} output features but BatchNormalization has {s.size} channels"
+    if bias is not None:
+        if bias.size not in (1, s.size) or bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1):
+            return f"bias Add operand of shape {list(bias.shape)} is not a per-feature bias"
+        bias = np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (s.size,))
+    m.nodes["matmul"] = matmul
+    _store(m, prod, scale_output_channels(w, s, "MatMul"), bias, s, t, w.dtype, s.size, x=matmul.inputs[0])
+    return None
+
+
+def _matmul_bias(add: gs.Node, ctx: Context):
+    for i in (0, 1):
+        mm = G.producer(add.inputs[i])
+        bias = G.const_value(add.inputs[1 - i], ctx.graph)
+        if mm is None or mm.op != "MatMul" or bias is None:
+            continue
+        uses = G.other_uses(add.inputs[i], ctx.graph, {id(add)})
+        if uses:
+            return f"{G.node_label(mm)} output also feeds {', '.join(sorted(set(uses)))}"
+        return mm, bias
+    return f"producer {G.node_label(add)} (Add) is not a MatMul plus constant bias"
+
+
+def _weight(prod: gs.Node, m: Match, ctx: Context):
+    if len(prod.inputs) < 2:
+        return f"{prod.op} has no weight input"
+    tensor = prod.inputs[1]
+    w = G.const_value(tensor, ctx.graph)
+    if w is None:
+        return f"{prod.op} weight '{tensor.name}' is not a constant (graph input or computed)"
+    if not _is_float(w.dtype):
+        return f"{prod.op} weight '{tensor.name}' has non-float dtype {w.dtype}"
+    m.tensors["weight"] = tensor
+    return w
+
+
+def _optional_const(prod: gs.Node, index: int, ctx: Context):
+    if len(prod.inputs) <= index or not prod.inputs[index].name:
+        return None
+    value = G.const_value(prod.inputs[index], ctx.graph)
+    if value is None:
+        return f"{prod.op} bias '{prod.inputs[index].name}' is not a constant"
+    return value
+
+
+def _store(m: Match, prod, w_scaled, b, s, t, dtype, channels: int, x=None) -> None:
+    b64 = np.zeros(channels) if b is None else np.asarray(b, np.float64).reshape(-1)
+    m.nodes["producer"] = prod
+    m.tensors["x"] = prod.inputs[0] if x is None else x
+    m.values["weight"] = w_scaled.astype(dtype)
+    m.values["bias"] = (b64 * s + t).astype(dtype)
+
+
+_FOLDERS = {"Conv": _conv, "ConvTranspose": _conv, "Gemm": _gemm, "MatMul": _matmul, "Add": _matmul}
