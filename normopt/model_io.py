@@ -52,7 +52,7 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelLoadError(f"{where}: model declares no opset_import")
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, onnx.checker.ValidationError) as err:
         raise ModelLoadError(f"{where}: external data could not be loaded ({_short(err)})") from err
     try:
         check(model)
@@ -99,8 +99,9 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
         raise ModelSaveError(f"cannot write '{dest}': is a directory")
     if not dest.parent.exists():
         raise ModelSaveError(f"cannot write '{dest}': folder '{dest.parent}' does not exist")
+    threshold = 0  # asked for: every weight goes to the data file
     if external_data is None:
-        external_data = needs_external_data(model)
+        external_data, threshold = needs_external_data(model), 1024
     tmpdir = Path(tempfile.mkdtemp(prefix=".normopt-", dir=dest.parent))
     written: list[Path] = []
     try:
@@ -110,9 +111,9 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
             onnx.external_data_helper.convert_model_to_external_data(
-                copy, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+                copy, all_tensors_to_one_file=True, location=data_name, size_threshold=threshold)
             onnx.save_model(copy, str(tmp_model), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=threshold)
             if (tmpdir / data_name).exists():
                 os.replace(tmpdir / data_name, dest.parent / data_name)
                 written.append(dest.parent / data_name)

@@ -69,7 +69,7 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
     exclude: dict[str, str] = {}
     rollbacks: list[Rollback] = []
     allow_upgrade = options.allow_opset_upgrade
-    for _round in range(MAX_ROLLBACK_ROUNDS):
+    for round_ in range(MAX_ROLLBACK_ROUNDS + 1):
         out, result = pipeline.run(model, options.passes, pipeline.Options(allow_upgrade, dict(exclude), options.strict))
         if choice is None:
             return FoldResult(out, result, None, rollbacks)
@@ -77,6 +77,8 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
         if report.passed:
             _strict_check(options, rollbacks)
             return FoldResult(out, result, report, rollbacks)
+        if round_ == MAX_ROLLBACK_ROUNDS:
+            break
         culprits = _localize(reference, out, result, options, choice)
         if culprits:
             for rewrite, reason in culprits:
@@ -93,7 +95,7 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
                 rollbacks.append(Rollback(up.for_pass, "opset", f"opset {up.to_version}",
                                           f"opset upgrade {up.from_version} -> {up.to_version} changed the outputs"))
         else:
-            return FoldResult(out, result, report, rollbacks)
+            break
     return FoldResult(out, result, report, rollbacks)
 
 

@@ -34,6 +34,6 @@ def resolve(names: list[str] | None, skip: list[str] | None = None) -> list[str]
         if name not in table:
             raise UnknownPassError(
                 f"unknown pass '{name}'; available: {', '.join(sorted(table))} (see 'normopt passes')")
-    chosen = set(names) if names else set(table)
+    chosen = set(table) if names is None else set(names)
     chosen -= set(skip or [])
     return [n for n in table if n in chosen]

@@ -200,7 +200,7 @@ def parse_shapes(items: list[str] | tuple[str, ...]) -> dict[str, list[int]]:
     for item in items or ():
         name, sep, dims = item.rpartition(":")
         try:
-            shape = [int(d) for d in dims.lower().split("x")] if dims else []
+            shape = [int(d) for d in dims.lower().split("x")] if dims else None
         except ValueError:
             shape = None
         if not sep or not name or shape is None or any(d < 0 for d in shape):
@@ -394,7 +394,8 @@ def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, atol: float | No
     finite = np.isfinite(r64) & np.isfinite(g64)
     # NaN and Inf must sit at the same positions with the same values (Inf sign included).
     nonfinite_bad = ~finite & ~((np.isnan(r64) & np.isnan(g64)) | (r64 == g64))
-    diff = np.where(finite, np.abs(r64 - g64), 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.where(finite, np.abs(r64 - g64), 0.0)
     scale = np.abs(np.where(finite, r64, 0.0))
     bad = (diff > a + r * scale) | nonfinite_bad
     rel = diff / np.maximum(scale, np.finfo(np.float64).tiny)

@@ -1,0 +1,176 @@
+"""The command line: exit codes, messages, outputs, reports."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper
+
+from helpers import FLOAT, make_model, op_counts
+from normopt.cli import cli
+from normopt.verify import select_provider
+from test_optimize import BROKEN, broken_pass, conv_bn_chain  # noqa: F401  (fixture reuse)
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture
+def model_path(tmp_path, rng):
+    path = tmp_path / "net.onnx"
+    onnx.save(conv_bn_chain(rng), path)
+    return path
+
+
+def test_cli_fold_writes_default_output_and_summary(model_path):
+    before = model_path.read_bytes()
+    res = invoke("fold", model_path)
+    assert res.exit_code == 0, res.output
+    out = model_path.with_name("net.normopt.onnx")
+    assert op_counts(onnx.load(out)) == {"Conv": 3, "Relu": 3}
+    assert "fold-batchnorm: 3 applied, 0 skipped" in res.output
+    assert "nodes: 9 -> 6" in res.output and "verify: passed on" in res.output and f"wrote {out}" in res.output
+    assert model_path.read_bytes() == before
+
+
+def test_cli_fold_output_option_report_and_byte_identical_rerun(model_path, tmp_path):
+    a, b, rep = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "r.json"
+    assert invoke("fold", model_path, "-o", a, "--report", rep).exit_code == 0
+    assert invoke("fold", model_path, "-o", b, "-q").exit_code == 0
+    assert a.read_bytes() == b.read_bytes()
+    data = json.loads(rep.read_text())
+    assert data["status"] == "ok" and data["written"] is True
+    assert data["passes"][0]["name"] == "fold-batchnorm" and len(data["passes"][0]["applied"]) == 3
+    assert data["verification"]["provider"] in ("cpu", "cuda") and data["verification"]["passed"] is True
+    assert data["verification"]["inputs"][0] == {"name": "x", "dtype": "float32", "shape": [1, 4, 6, 6],
+                                                 "source": "normal(0, 1)"}
+    again = tmp_path / "c.onnx"
+    res = invoke("fold", a, "-o", again)
+    assert "fold-batchnorm: 0 applied" in res.output and again.read_bytes() == a.read_bytes()
+
+
+def test_cli_fold_dry_run_writes_nothing(model_path):
+    res = invoke("fold", model_path, "--dry-run")
+    assert res.exit_code == 0 and "dry run" in res.output
+    assert not model_path.with_name("net.normopt.onnx").exists()
+
+
+def test_cli_fold_passes_and_skip(model_path):
+    res = invoke("fold", model_path, "--skip", "fold-batchnorm", "--dry-run")
+    assert res.exit_code == 0 and "fold-batchnorm" not in res.output
+
+
+def _write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def _truncated(tmp_path, model_path):
+    return _write(tmp_path, "cut.onnx", model_path.read_bytes()[:200])
+
+
+def _rejected(tmp_path, rng):
+    model = conv_bn_chain(rng)
+    model.graph.node[0].input[0] = "undefined_tensor"
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp, m, rng: tmp / "missing.onnx", "no such file"),
+    (lambda tmp, m, rng: tmp, "is a directory"),
+    (lambda tmp, m, rng: _write(tmp, "empty.onnx", b""), "file is empty"),
+    (lambda tmp, m, rng: _write(tmp, "rand.onnx", np.random.default_rng(0).bytes(256)), "not an ONNX model"),
+    (lambda tmp, m, rng: _truncated(tmp, m), "cannot read"),
+    (lambda tmp, m, rng: _rejected(tmp, rng), "checker rejects it"),
+])
+def test_cli_bad_input_exit_2_one_line_no_output(make, message, tmp_path, model_path, rng):
+    path = make(tmp_path, model_path, rng)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = invoke("fold", path)
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot read '{path}'") and message in lines[0]
+    assert "Traceback" not in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_cli_verbose_shows_traceback(tmp_path):
+    res = invoke("fold", tmp_path / "missing.onnx", "-v")
+    assert res.exit_code == 2 and "Traceback" in res.output
+
+
+def test_cli_unknown_pass_exit_2(model_path):
+    res = invoke("fold", model_path, "--passes", "fold-bn")
+    assert res.exit_code == 2
+    assert "error: unknown pass 'fold-bn'; available: " in res.output and "see 'normopt passes'" in res.output
+
+
+def test_cli_output_equal_to_input_is_refused(model_path):
+    res = invoke("fold", model_path, "-o", model_path)
+    assert res.exit_code == 2 and "is the input file" in res.output
+
+
+def test_cli_provider_cuda_unavailable_exit_3(model_path):
+    if select_provider("auto").name == "cuda":
+        pytest.skip("CUDA is usable here")
+    res = invoke("fold", model_path, "--provider", "cuda")
+    assert res.exit_code == 3 and "error: CUDA provider requested but not usable" in res.output
+    assert not model_path.with_name("net.normopt.onnx").exists()
+
+
+def _other_interface_model(tmp_path):
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", FLOAT, [64])], [("y", FLOAT, [64])], opset=13)
+    path = tmp_path / "relu.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def test_cli_verification_failure_exit_1_output_not_written(model_path, tmp_path, broken_pass, monkeypatch):  # noqa: F811
+    monkeypatch.setattr("normopt.optimize.MAX_ROLLBACK_ROUNDS", 0)  # no rollback: the wrong fold stays
+    out = model_path.with_name("net.normopt.onnx")
+    res = invoke("fold", model_path, "--passes", BROKEN, "--report", tmp_path / "r.json")
+    assert res.exit_code == 1
+    assert "error: output 'r3' differs: max |diff|" in res.output and "output NOT written" in res.output
+    assert not out.exists()
+    assert json.loads((tmp_path / "r.json").read_text())["status"] == "verification_failed"
+    forced = invoke("fold", model_path, "--passes", BROKEN, "--force")
+    assert forced.exit_code == 1 and "written anyway" in forced.output and out.exists()
+    assert invoke("fold", model_path, "--passes", BROKEN, "--no-verify", "-o", tmp_path / "nv.onnx").exit_code == 0
+
+
+def test_cli_rollback_reported_and_strict(model_path, broken_pass):  # noqa: F811
+    res = invoke("fold", model_path, "--passes", BROKEN)
+    assert res.exit_code == 0 and f"rolled back {BROKEN} at bn2" in res.output
+    strict = invoke("fold", model_path, "--passes", BROKEN, "--strict", "-o", model_path.with_name("s.onnx"))
+    assert strict.exit_code == 1 and "--strict" in strict.output
+    assert not model_path.with_name("s.onnx").exists()
+
+
+def test_cli_verify_same_and_different(model_path, tmp_path):
+    assert invoke("verify", model_path, model_path).exit_code == 0
+    res = invoke("verify", model_path, _other_interface_model(tmp_path))
+    assert res.exit_code == 2 and "different" in res.output  # different interfaces
+    other = tmp_path / "other.onnx"
+    model = onnx.load(model_path)
+    model.graph.initializer[0].raw_data = (np.frombuffer(model.graph.initializer[0].raw_data, np.float32) * 2).tobytes()
+    onnx.save(model, other)
+    res = invoke("verify", model_path, other, "--report", tmp_path / "v.json")
+    assert res.exit_code == 1 and "error: output 'r3' differs" in res.output
+    assert json.loads((tmp_path / "v.json").read_text())["verification"]["passed"] is False
+
+
+def test_cli_passes_lists_registry():
+    res = invoke("passes")
+    assert res.exit_code == 0 and res.output.startswith("fold-batchnorm")
+
+
+def test_python_dash_m_normopt_works():
+    res = subprocess.run([sys.executable, "-m", "normopt", "passes"], capture_output=True, text=True)
+    assert res.returncode == 0 and "fold-batchnorm" in res.stdout

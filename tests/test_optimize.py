@@ -1,0 +1,72 @@
+"""Verification inside fold: a wrong rewrite is caught, localized, rolled back."""
+import numpy as np
+import pytest
+from onnx import helper
+
+from helpers import FLOAT, assert_equivalent, make_model, op_counts
+from normopt.errors import VerificationError
+from normopt.optimize import FoldOptions, optimize
+from normopt.passes.fold_batchnorm import FoldBatchNorm
+from normopt.registry import _PASSES, register_pass
+
+BROKEN = "test-broken-fold"
+
+
+@pytest.fixture
+def broken_pass():
+    """fold-batchnorm, except that it corrupts the folded bias of the node named 'bn2'."""
+
+    @register_pass(BROKEN)
+    class BrokenFold(FoldBatchNorm):
+        """Test only: a fold that is wrong at bn2."""
+
+        def rewrite(self, m, ctx):
+            if m["bn"].name == "bn2":
+                m.values["bias"] = m.values["bias"] + np.asarray(0.5, m.values["bias"].dtype)
+            return super().rewrite(m, ctx)
+
+    yield BROKEN
+    del _PASSES[BROKEN]
+
+
+def conv_bn_chain(rng, layers=3, c=4):
+    nodes, inits, x = [], {}, "x"
+    for i in range(1, layers + 1):
+        inits.update({f"w{i}": rng.standard_normal((c, c, 3, 3)).astype(np.float32) * 0.3,
+                      f"g{i}": rng.uniform(0.5, 1.5, c).astype(np.float32), f"b{i}": rng.standard_normal(c).astype(np.float32),
+                      f"m{i}": rng.standard_normal(c).astype(np.float32), f"v{i}": rng.uniform(0.5, 2, c).astype(np.float32)})
+        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+                  helper.make_node("BatchNormalization", [f"c{i}", f"g{i}", f"b{i}", f"m{i}", f"v{i}"], [f"n{i}"], name=f"bn{i}"),
+                  helper.make_node("Relu", [f"n{i}"], [f"r{i}"], name=f"relu{i}")]
+        x = f"r{i}"
+    return make_model(nodes, [("x", FLOAT, [1, c, 6, 6])], [(x, FLOAT, [1, c, 6, 6])], inits, opset=15)
+
+
+def test_optimize_wrong_rewrite_is_localized_and_rolled_back(rng, broken_pass):
+    model = conv_bn_chain(rng)
+    result = optimize(model, FoldOptions(passes=[broken_pass], provider="cpu"))
+    assert result.verified
+    assert [(r.anchor, r.output) for r in result.rollbacks] == [("bn2", "n2")]
+    assert op_counts(result.model) == {"Conv": 3, "BatchNormalization": 1, "Relu": 3}
+    skipped = result.pipeline.passes[0].skipped
+    assert len(skipped) == 1 and skipped[0].node == "bn2" and skipped[0].reason.startswith("rolled back")
+    assert_equivalent(model, result.model)
+
+
+def test_optimize_strict_makes_rollback_an_error(rng, broken_pass):
+    with pytest.raises(VerificationError, match="rolled back"):
+        optimize(conv_bn_chain(rng), FoldOptions(passes=[broken_pass], provider="cpu", strict=True))
+
+
+def test_optimize_correct_rewrites_verify_without_rollback(rng):
+    model = conv_bn_chain(rng)
+    result = optimize(model, FoldOptions(passes=["fold-batchnorm"], provider="cpu"))
+    assert result.verified and not result.rollbacks
+    assert op_counts(result.model) == {"Conv": 3, "Relu": 3}
+    assert result.verification.provider == "cpu"
+
+
+def test_optimize_no_verify_returns_unverified_result(rng, broken_pass):
+    result = optimize(conv_bn_chain(rng), FoldOptions(passes=[broken_pass], verify=False))
+    assert result.verification is None and not result.rollbacks
+    assert op_counts(result.model) == {"Conv": 3, "Relu": 3}

@@ -1,0 +1,146 @@
+"""Pipeline, registry and model-level guarantees (metadata, determinism, opset upgrade)."""
+import sys
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import helper
+
+from helpers import FLOAT, assert_equivalent, make_model, op_counts, run_pipeline
+from normopt import model_io, pipeline, registry
+from normopt.errors import UnknownPassError
+from normopt.pattern import Match, Op, Var, match
+from normopt.pipeline import Pass, Reject
+from normopt.registry import _PASSES, register_pass
+
+UPGRADE = "test-double-relu"
+
+
+@pytest.fixture
+def double_relu_pass():
+    """Test only: Relu(Relu(x)) -> Relu(x), pretending its output op needs opset 17."""
+
+    @register_pass(UPGRADE)
+    class DoubleRelu(Pass):
+        """Test only: drop a redundant Relu."""
+
+        anchor_ops = ("Relu",)
+        opset = 17
+        pattern = Op("Relu", [Op("Relu", [Var("x")], name="inner")], name="outer")
+
+        def match(self, node, ctx):
+            m = match(self.pattern, node.outputs[0], ctx.graph)
+            if m is None:
+                return None
+            if m.escapes(ctx.graph):
+                return Reject("inner Relu output is used elsewhere")
+            m.matched = [m["outer"], m["inner"]]
+            return m
+
+        def rewrite(self, m, ctx):
+            return [gs.Node("Relu", m["outer"].name, {}, [m.tensors["x"]], [m.output])]
+
+    yield UPGRADE
+    del _PASSES[UPGRADE]
+
+
+def relu_relu(opset=13):
+    model = make_model([helper.make_node("Relu", ["x"], ["a"], name="r1"), helper.make_node("Relu", ["a"], ["y"], name="r2")],
+                       [("x", FLOAT, [2, 3])], [("y", FLOAT, [2, 3])], opset=opset)
+    model.producer_name, model.producer_version, model.doc_string = "exporter", "9.9", "a doc"
+    helper.set_model_props(model, {"author": "me"})
+    return model
+
+
+def test_pipeline_opset_upgrade_then_rewrite(double_relu_pass):
+    model = relu_relu(opset=13)
+    out, result = run_pipeline(model, [double_relu_pass])
+    assert pipeline.model_opset(out) == 17
+    assert [(u.from_version, u.to_version) for u in result.upgrades] == [(13, 17)]
+    assert op_counts(out) == {"Relu": 1}
+    assert out.ir_version >= model_io.min_ir_version(17)
+    assert_equivalent(model, out)
+
+
+def test_pipeline_no_opset_upgrade_skips_with_reason(double_relu_pass):
+    model = relu_relu(opset=13)
+    out, result = run_pipeline(model, [double_relu_pass], allow_opset_upgrade=False)
+    assert pipeline.model_opset(out) == 13 and op_counts(out) == {"Relu": 2}
+    reasons = [s.reason for s in result.skipped]
+    assert reasons == ["needs opset 17 (model has 13); opset upgrade disabled"]
+
+
+def test_pipeline_keeps_model_metadata_and_interface(double_relu_pass):
+    model = relu_relu(opset=17)
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    out, _ = run_pipeline(model, [double_relu_pass])
+    assert (out.ir_version, out.producer_name, out.producer_version, out.doc_string) == \
+        (model.ir_version, "exporter", "9.9", "a doc")
+    assert [(p.key, p.value) for p in out.metadata_props] == [("author", "me")]
+    assert [(o.domain, o.version) for o in out.opset_import] == [("", 17), ("com.example", 1)]
+    assert [i.name for i in out.graph.input] == ["x"] and [o.name for o in out.graph.output] == ["y"]
+
+
+def test_pipeline_is_deterministic_and_idempotent(double_relu_pass):
+    model = relu_relu(opset=17)
+    first, _ = run_pipeline(model, [double_relu_pass])
+    second, _ = run_pipeline(model, [double_relu_pass])
+    assert model_io.serialize(first) == model_io.serialize(second)
+    again, result = run_pipeline(first, [double_relu_pass])
+    assert not result.modified
+    assert model_io.serialize(again) == model_io.serialize(first)
+
+
+def test_pipeline_escaping_intermediate_is_rejected(double_relu_pass):
+    model = relu_relu(opset=17)
+    model.graph.output.append(helper.make_tensor_value_info("a", FLOAT, [2, 3]))
+    out, result = run_pipeline(model, [double_relu_pass])
+    assert op_counts(out) == {"Relu": 2}
+    assert [s.reason for s in result.skipped] == ["inner Relu output is used elsewhere"]
+
+
+def test_pipeline_input_model_is_not_modified(double_relu_pass):
+    model = relu_relu(opset=13)
+    before = model_io.serialize(model)
+    run_pipeline(model, [double_relu_pass])
+    assert model_io.serialize(model) == before
+
+
+def test_registry_order_and_descriptions():
+    table = registry.available()
+    assert list(table)[0] == "fold-batchnorm"
+    for cls in table.values():
+        assert registry.describe(cls)
+
+
+def test_registry_unknown_pass_message():
+    with pytest.raises(UnknownPassError, match=r"unknown pass 'fold-bn'; available: .*fold-batchnorm.*see 'normopt passes'"):
+        registry.resolve(["fold-bn"])
+
+
+def test_registry_duplicate_name_raises():
+    with pytest.raises(ValueError, match="registered twice"):
+        register_pass("fold-batchnorm")(type("Again", (), {}))
+
+
+def test_registry_skip_and_order():
+    assert registry.resolve(None, ["fold-batchnorm"]) == [n for n in registry.available() if n != "fold-batchnorm"]
+
+
+def test_passes_package_is_never_imported_bare():
+    import normopt.passes  # noqa: F401
+    registry.available()
+    assert "passes" not in sys.modules
+    assert normopt.passes.__name__ == "normopt.passes"
+
+
+def test_pattern_duplicated_subexpression_and_commutative_add():
+    x = Var("x")
+    pat = Op("Add", [Op("Sub", [x, Var("m")]), Op("Sub", [x, Var("m")])])
+    model = make_model([helper.make_node("Sub", ["x", "m"], ["d1"]), helper.make_node("Sub", ["x", "m"], ["d2"]),
+                        helper.make_node("Add", ["d2", "d1"], ["y"])],
+                       [("x", FLOAT, [2]), ("m", FLOAT, [2])], [("y", FLOAT, [2])], opset=13)
+    graph = gs.import_onnx(model)
+    m = match(pat, graph.outputs[0], graph)
+    assert isinstance(m, Match) and len(m.matched) == 3

@@ -1,0 +1,155 @@
+"""The verifier: providers, inputs, tolerances, comparison."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from helpers import FLOAT, INT64, make_model
+from normopt import verify
+from normopt.errors import ProviderUnavailableError, UsageError
+
+
+def _relu_model(shape=(2, 3), scale=1.0):
+    inits = {"k": np.asarray([scale], np.float32)}
+    return make_model([helper.make_node("Mul", ["x", "k"], ["m"]), helper.make_node("Relu", ["m"], ["y"])],
+                      [("x", FLOAT, list(shape))], [("y", FLOAT, list(shape))], inits, opset=13)
+
+
+def test_verify_same_model_passes_on_cpu():
+    model = _relu_model()
+    report = verify.compare(model, model, provider="cpu")
+    assert report.passed and report.provider == "cpu"
+    assert report.outputs[0].max_abs == 0.0
+
+
+def test_verify_different_model_fails_and_names_output():
+    report = verify.compare(_relu_model(), _relu_model(scale=1.001), provider="cpu")
+    assert not report.passed
+    assert report.failures[0].name == "y"
+    assert 0 < report.failures[0].mismatched <= 1
+
+
+def test_verify_auto_reports_cpu_with_reason_when_cuda_unusable():
+    choice = verify.select_provider("auto")
+    if choice.name == "cuda":
+        pytest.skip("CUDA is usable here")
+    assert choice.note  # says why CUDA was not used
+    with pytest.raises(ProviderUnavailableError, match="CUDA provider requested but not usable"):
+        verify.select_provider("cuda")
+
+
+@pytest.mark.gpu
+def test_verify_cuda_really_in_use_with_tf32_off():
+    choice = verify.select_provider("cuda")
+    assert choice.name == "cuda" and choice.tf32 is False
+    report = verify.compare(_relu_model(), _relu_model(), provider="cuda")
+    assert report.passed and report.provider == "cuda"
+
+
+def test_compare_arrays_nan_inf_positions():
+    ref = np.array([1.0, np.nan, np.inf, -np.inf], np.float32)
+    assert verify.compare_arrays("o", ref, ref.copy()).passed
+    moved = np.array([np.nan, 1.0, np.inf, -np.inf], np.float32)
+    assert not verify.compare_arrays("o", ref, moved).passed
+    flipped = np.array([1.0, np.nan, -np.inf, -np.inf], np.float32)
+    assert not verify.compare_arrays("o", ref, flipped).passed
+
+
+def test_compare_arrays_combined_tolerance_near_zero():
+    ref = np.array([0.0, 1e-8, 100.0], np.float32)
+    got = ref + np.array([5e-6, 5e-6, 5e-3], np.float32)
+    d = verify.compare_arrays("o", ref, got)
+    assert d.passed  # atol covers the zeros, rtol the large value
+    assert d.max_abs == pytest.approx(5e-3, rel=1e-2)
+    assert not verify.compare_arrays("o", ref, got, atol=1e-7, rtol=1e-6).passed
+
+
+def test_compare_arrays_fp32_diff_filed_as_bug_upstream_is_within_tolerance():
+    # onnx/optimizer#255: max_abs 3.8e-6, max_rel 2.8e-7 after folding: a correct fold.
+    ref = np.full(16, 13.6, np.float32)
+    assert verify.compare_arrays("o", ref, ref + np.float32(3.8e-6)).passed
+
+
+def test_compare_arrays_shape_and_dtype_mismatch_fail():
+    a = np.zeros((2, 3), np.float32)
+    assert "shape" in verify.compare_arrays("o", a, np.zeros((3, 2), np.float32)).problem
+    assert "dtype" in verify.compare_arrays("o", a, np.zeros((2, 3), np.float64)).problem
+
+
+def test_compare_arrays_dtype_aware_defaults():
+    assert verify.tolerance(np.float16) > verify.tolerance(np.float32)
+    assert verify.tolerance(np.int64) == (0.0, 0.0)
+    ints = np.array([1, 2, 3])
+    assert not verify.compare_arrays("o", ints, ints + np.array([0, 0, 1])).passed
+
+
+def _embedding_model():
+    table = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    return make_model([helper.make_node("Gather", ["table", "ids"], ["y"])],
+                      [helper.make_tensor_value_info("ids", INT64, ["batch", "seq"])],
+                      [helper.make_tensor_value_info("y", FLOAT, ["batch", "seq", 4])], {"table": table}, opset=13)
+
+
+def test_feeds_dynamic_dims_and_integer_ranges_inferred():
+    feeds, specs = verify.make_feeds(_embedding_model(), seed=0)
+    ids = feeds["ids"]
+    assert ids.shape == (1, verify.DEFAULT_DYNAMIC_DIM)
+    assert ids.min() >= 0 and ids.max() < 50
+    assert "embedding index" in specs[0].source
+
+
+def test_feeds_user_shapes_and_ranges():
+    shapes = verify.parse_shapes(["ids:2x5"])
+    ranges = verify.parse_ranges(["ids:3:4"])
+    feeds, specs = verify.make_feeds(_embedding_model(), seed=0, shapes=shapes, ranges=ranges)
+    assert feeds["ids"].shape == (2, 5) and (feeds["ids"] == 3).all()
+    assert specs[0].shape == [2, 5]
+
+
+def test_dynamic_and_integer_model_verifies_without_flags():
+    model = _embedding_model()
+    assert verify.compare(model, model, provider="cpu").passed
+
+
+def test_feeds_same_seed_same_inputs_and_npz(tmp_path):
+    a, _ = verify.make_feeds(_embedding_model(), seed=7)
+    b, _ = verify.make_feeds(_embedding_model(), seed=7)
+    assert np.array_equal(a["ids"], b["ids"])
+    np.savez(tmp_path / "in.npz", ids=np.array([[1, 2, 3]], np.int64))
+    c, specs = verify.make_feeds(_embedding_model(), seed=0, npz=str(tmp_path / "in.npz"))
+    assert c["ids"].tolist() == [[1, 2, 3]] and "file" in specs[0].source
+
+
+@pytest.mark.parametrize("bad", ["ids", "ids:", ":1x2", "ids:1xa", "ids:-1x2"])
+def test_parse_shapes_rejects_malformed(bad):
+    with pytest.raises(UsageError, match="--input-shape"):
+        verify.parse_shapes([bad])
+
+
+@pytest.mark.parametrize("bad", ["ids:1", "ids:5:1", "ids:a:b"])
+def test_parse_ranges_rejects_malformed(bad):
+    with pytest.raises(UsageError, match="--input-range"):
+        verify.parse_ranges([bad])
+
+
+def test_feeds_unknown_input_name_is_usage_error():
+    with pytest.raises(UsageError, match="no input 'nope'"):
+        verify.make_feeds(_embedding_model(), seed=0, shapes={"nope": [1]})
+
+
+def test_trials_use_several_seeds():
+    model = _relu_model()
+    report = verify.compare(model, model, provider="cpu", trials=3, seed=5)
+    assert report.trials == 3 and report.passed
+
+
+def test_different_interfaces_are_usage_errors():
+    other = make_model([helper.make_node("Relu", ["x"], ["z"])], [("x", FLOAT, [2, 3])], [("z", FLOAT, [2, 3])], opset=13)
+    with pytest.raises(UsageError, match="different outputs"):
+        verify.compare(_relu_model(), other, provider="cpu")
+
+
+def test_expose_intermediate_outputs_compares_them():
+    model = _relu_model()
+    report = verify.compare(model, model, provider="cpu", extra_outputs=["m"])
+    assert [o.name for o in report.outputs] == ["y", "m"]
