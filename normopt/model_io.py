@@ -62,14 +62,14 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def check(model: onnx.ModelProto, full: bool = False) -> None:
-    """onnx.checker on a model of any size (large models are checked without their weights)."""
+    """onnx.checker on a model of any size (one over protobuf's limit is checked from a temporary file)."""
     if model.ByteSize() < PROTOBUF_LIMIT:
         onnx.checker.check_model(model, full_check=full)
         return
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    _strip_weights(light.graph)
-    onnx.checker.check_model(light, full_check=False)
+    with tempfile.TemporaryDirectory(prefix="normopt-check-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        save(model, path, external_data=True)
+        onnx.checker.check_model(str(path), full_check=full)
 
 
 def passes_full_check(model: onnx.ModelProto) -> bool:
@@ -128,17 +128,30 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
     return written
 
 
-def _strip_weights(graph: onnx.GraphProto) -> None:
-    for init in graph.initializer:
-        init.ClearField("raw_data")
-        init.data_location = onnx.TensorProto.DEFAULT
-        del init.external_data[:]
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                _strip_weights(attr.g)
-            for g in attr.graphs:
-                _strip_weights(g)
+def without_weights(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProto:
+    """A light copy for shape and type inference: large top-level initializers keep name, type
+    and dims, and are marked as external data instead of carrying their bytes. Small ones
+    (Reshape shapes, axes) stay whole so that inference can read them."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g, src = light.graph, model.graph
+    g.name = src.name
+    for part in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(g, part).extend(getattr(src, part))
+    g.initializer.extend(i if i.ByteSize() <= keep_bytes else _header(i) for i in src.initializer)
+    return light
+
+
+def _header(init: onnx.TensorProto) -> onnx.TensorProto:
+    t = onnx.TensorProto()
+    t.name, t.data_type = init.name, init.data_type
+    t.dims.extend(init.dims)
+    t.data_location = onnx.TensorProto.EXTERNAL
+    entry = t.external_data.add()
+    entry.key, entry.value = "location", "weights.bin"
+    return t
 
 
 def _short(err: BaseException) -> str:

@@ -17,7 +17,7 @@ from onnx import version_converter
 
 from normopt import graph as G
 from normopt.errors import ModelSaveError
-from normopt.model_io import PROTOBUF_LIMIT, min_ir_version
+from normopt.model_io import check, min_ir_version, without_weights
 from normopt.pattern import Match
 from normopt.records import OpsetUpgrade, PassRecord, PipelineResult, Rewrite, Skip
 from normopt.registry import available, resolve
@@ -223,7 +223,7 @@ def count_nodes(model: onnx.ModelProto) -> int:
 def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     upgraded = version_converter.convert_version(model, target)
     upgraded.ir_version = max(model.ir_version, min_ir_version(target))
-    onnx.checker.check_model(upgraded) if upgraded.ByteSize() < PROTOBUF_LIMIT else None
+    check(upgraded)
     return upgraded
 
 
@@ -252,10 +252,8 @@ def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, tuple | None]]:
     """name -> (elem_type, shape) for every tensor onnx shape inference can type."""
-    if model.ByteSize() >= PROTOBUF_LIMIT:
-        return {}
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(without_weights(model), data_prop=True)
     except Exception:  # inference is best effort: a pass that needs a shape skips without it
         return {}
     table: dict[str, tuple[int, tuple | None]] = {}

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from normopt.errors import ProviderUnavailableError, UsageError
-from normopt.model_io import PROTOBUF_LIMIT, save
+from normopt.model_io import PROTOBUF_LIMIT, save, without_weights
 
 # Default tolerances per output dtype: |got - ref| <= atol + rtol * |ref|, element by element.
 # fp32 bounds cover what correct folds and fusions produce on models/ (worst seen there:
@@ -469,19 +469,9 @@ def expose(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 
 def _tensor_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    for init in light.graph.initializer:  # types only: the weights' bytes are not needed
-        init.ClearField("raw_data")
-        init.ClearField("float_data")
-        init.ClearField("int64_data")
-        init.ClearField("int32_data")
-        init.ClearField("double_data")
-        init.ClearField("external_data")
-        init.data_location = onnx.TensorProto.DEFAULT
     try:
-        inferred = onnx.shape_inference.infer_shapes(light)
-    except Exception:
-        inferred = light
+        inferred = onnx.shape_inference.infer_shapes(without_weights(model))
+    except Exception:  # best effort: an output without a type is still accepted by onnxruntime
+        inferred = model
     g = inferred.graph
     return {vi.name: vi.type for vi in list(g.value_info) + list(g.output) + list(g.input)}
