@@ -12,7 +12,7 @@ from onnx import helper
 from helpers import FLOAT, make_model, op_counts
 from normopt.cli import cli
 from normopt.verify import select_provider
-from test_optimize import BROKEN, broken_pass, conv_bn_chain  # noqa: F401  (fixture reuse)
+from test_fold import BROKEN, broken_pass, conv_bn_chain  # noqa: F401  (fixture reuse)
 
 
 def invoke(*args):
@@ -133,7 +133,7 @@ def _other_interface_model(tmp_path):
 
 
 def test_cli_verification_failure_exit_1_output_not_written(model_path, tmp_path, broken_pass, monkeypatch):  # noqa: F811
-    monkeypatch.setattr("normopt.optimize.MAX_ROLLBACK_ROUNDS", 0)  # no rollback: the wrong fold stays
+    monkeypatch.setattr("normopt.fold.MAX_ROLLBACK_ROUNDS", 0)  # no rollback: the wrong fold stays
     out = model_path.with_name("net.normopt.onnx")
     res = invoke("fold", model_path, "--passes", BROKEN, "--report", tmp_path / "r.json")
     assert res.exit_code == 1

@@ -11,7 +11,7 @@ from helpers import FLOAT, make_model, op_counts
 from normopt import model_io
 from normopt.cli import cli
 from normopt.errors import ModelLoadError, ModelSaveError
-from test_optimize import conv_bn_chain
+from test_fold import conv_bn_chain
 
 
 def test_default_output_name():

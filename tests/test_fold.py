@@ -5,7 +5,7 @@ from onnx import helper
 
 from helpers import FLOAT, assert_equivalent, make_model, op_counts
 from normopt.errors import VerificationError
-from normopt.optimize import FoldOptions, optimize
+from normopt.fold import FoldOptions, optimize
 from normopt.passes.fold_batchnorm import FoldBatchNorm
 from normopt.registry import _PASSES, register_pass
 
