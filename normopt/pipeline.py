@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from onnx import version_converter
 
 from normopt import graph as G
-from normopt.errors import ModelSaveError
+from normopt.errors import ModelLoadError, ModelSaveError
 from normopt.model_io import check, min_ir_version, without_weights
 from normopt.pattern import Match
 from normopt.records import OpsetUpgrade, PassRecord, PipelineResult, Rewrite, Skip
@@ -105,7 +105,7 @@ def run(model: onnx.ModelProto, passes: list[str] | None = None, options: Option
     started = time.perf_counter()
     result = PipelineResult(nodes_before=count_nodes(model))
     current = model
-    graph = gs.import_onnx(current)
+    graph = _import(current)
     shapes = infer_shapes(current)
     for name in names:
         pass_ = table[name]()
@@ -124,7 +124,7 @@ def run(model: onnx.ModelProto, passes: list[str] | None = None, options: Option
                     note = f"opset upgrade {opset} -> {need} failed: {' '.join(str(err).split())[:160]}"
                 else:
                     current = upgraded
-                    graph = gs.import_onnx(current)
+                    graph = _import(current)
                     shapes = infer_shapes(current)
                     result.upgrades.append(OpsetUpgrade(opset, need, name))
             record, _ = _run_pass(pass_, graph, current, shapes, options, upgrade_note=note)
@@ -155,7 +155,7 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, optio
             for node in [n for n in graph.nodes if n.op in pass_.anchor_ops]:
                 if id(node) in gone or not node.outputs:
                     continue
-                found = pass_.match(node, ctx)
+                found = _safe_match(pass_, node, ctx)
                 if found is None:
                     continue
                 if isinstance(found, Reject):
@@ -184,6 +184,15 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, optio
     return record, 0
 
 
+def _safe_match(pass_: Pass, node: gs.Node, ctx: Context) -> Match | Reject | None:
+    """A pass that cannot analyse one node (an exporter form nobody foresaw) skips that node
+    with the error as its reason instead of stopping the whole run; nothing was changed yet."""
+    try:
+        return pass_.match(node, ctx)
+    except Exception as err:  # noqa: BLE001 - reported as a skip, never swallowed silently
+        return Reject(f"not analysed: {type(err).__name__}: {' '.join(str(err).split())[:160]}")
+
+
 def _apply(pass_: Pass, m: Match, ctx: Context, label: str) -> Rewrite:
     removed = tuple(G.node_label(n) for n in m.matched)
     # Detach outputs first so that the new producer of the kept tensor is its only one;
@@ -198,6 +207,14 @@ def _apply(pass_: Pass, m: Match, ctx: Context, label: str) -> Rewrite:
         raise AssertionError(f"{pass_.name}: rewrite lost tensor '{m.output.name}'")
     return Rewrite(pass_.name, label, m.output.name, removed,
                    tuple(G.node_label(n) for n in new_nodes), ctx.path, dict(m.info))
+
+
+def _import(model: onnx.ModelProto) -> gs.Graph:
+    try:
+        return gs.import_onnx(model)
+    except Exception as err:  # graphsurgeon raises many types for constructs it cannot read
+        raise ModelLoadError(f"cannot process the model's graph: {type(err).__name__}: "
+                             f"{' '.join(str(err).split())[:200]}") from err
 
 
 def model_opset(model: onnx.ModelProto) -> int:

@@ -144,3 +144,22 @@ def test_pattern_duplicated_subexpression_and_commutative_add():
     graph = gs.import_onnx(model)
     m = match(pat, graph.outputs[0], graph)
     assert isinstance(m, Match) and len(m.matched) == 3
+
+
+def test_pipeline_pass_error_on_one_node_becomes_a_skip():
+    @register_pass("test-crashing")
+    class Crashing(Pass):
+        """Test only: cannot analyse Relu."""
+
+        anchor_ops = ("Relu",)
+
+        def match(self, node, ctx):
+            raise KeyError("unexpected form")
+
+    try:
+        model = relu_relu(opset=13)
+        out, result = run_pipeline(model, ["test-crashing"])
+    finally:
+        del _PASSES["test-crashing"]
+    assert op_counts(out) == {"Relu": 2}
+    assert [s.reason for s in result.skipped] == ["not analysed: KeyError: 'unexpected form'"] * 2
