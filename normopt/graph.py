@@ -34,19 +34,30 @@ def is_graph_input(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(t is tensor for t in graph.inputs)
 
 
-def const_value(tensor: gs.Tensor, graph: gs.Graph | None = None) -> np.ndarray | None:
+def const_value(tensor: gs.Tensor, graph: gs.Graph | None = None, _depth: int = 0) -> np.ndarray | None:
     """The value of a tensor fixed at export time, else None.
 
-    Initializers count, and so do outputs of Constant nodes. An initializer that is also
-    a graph input (old exporters) does not: the caller may feed another value at run time.
+    Initializers count, and so do outputs of Constant nodes, and Identity / Transpose / Cast of
+    those (exports made without constant folding keep them: TorchScript writes a Linear weight
+    as Transpose(W)). An initializer that is also a graph input (old exporters) does not count:
+    the caller may feed another value at run time.
     """
     if graph is not None and is_graph_input(graph, tensor):
         return None
     if isinstance(tensor, gs.Constant):
         return np.asarray(tensor.values)
     node = producer(tensor)
-    if node is None or node.op != CONSTANT or not in_default_domain(node):
+    if node is None or not in_default_domain(node) or _depth > 4:
         return None
+    if node.op == CONSTANT:
+        return _constant_attr(node)
+    if node.op in _VIEW_OPS and node.inputs:
+        inner = const_value(node.inputs[0], graph, _depth + 1)
+        return None if inner is None else _VIEW_OPS[node.op](inner, node.attrs)
+    return None
+
+
+def _constant_attr(node: gs.Node) -> np.ndarray | None:
     attrs = node.attrs
     if "value" in attrs:
         value = attrs["value"]
@@ -56,6 +67,18 @@ def const_value(tensor: gs.Tensor, graph: gs.Graph | None = None) -> np.ndarray 
         if key in attrs:
             return np.asarray(attrs[key], dtype=dtype)
     return None
+
+
+def _cast(value: np.ndarray, attrs: dict) -> np.ndarray:
+    return value.astype(onnx.helper.tensor_dtype_to_np_dtype(int(attrs["to"])))
+
+
+# Ops that only re-present a constant; their result is as fixed as their input.
+_VIEW_OPS = {
+    "Identity": lambda v, attrs: v,
+    "Transpose": lambda v, attrs: np.transpose(v, attrs.get("perm")),
+    "Cast": _cast,
+}
 
 
 def scalar_value(tensor: gs.Tensor, graph: gs.Graph | None = None) -> float | None:
