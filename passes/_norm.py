@@ -1,0 +1,427 @@
+"""The matching core shared by the normalization passes.
+
+Two normalizations, as exporters write them, with every check that makes fusing exact:
+
+    mean-centred  y = (x - mean(x)) / sqrt(var(x) + eps),  var(x) = mean((x - mean(x))^2)
+    RMS           y = x / sqrt(mean(x^2) + eps)
+
+Accepted spellings (alternatives inside one pattern):
+
+* the square as ``Pow(d, 2)`` or ``Mul(d, d)``; the exponent may come through a Cast (Apex);
+* ``Div(d, std)``, ``Mul(d, Reciprocal(std))`` or ``Mul(d, Div(1, std))`` (TorchScript rsqrt);
+* the variance of the same centred tensor, or of a duplicated ``Sub(x, mean)`` (old PyTorch),
+  or ``mean(x*x) - mean(x)^2`` (ONNX's LayerNormalization function body);
+* epsilon on either Add input, a scalar or 1-element constant of any float type, or a Cast of one;
+* ReduceMean axes as attribute (opset < 18) or constant input (opset >= 18), negative or not;
+* Cast to a float type on the input, on the centred tensor and on the standard deviation
+  (mixed precision: the statistics computed in float32 for a float16 model).
+
+Near misses (a ``Reject`` with the reason) are spellings that look alike but compute something
+else: swapped Div operands, the variance of another tensor, a Pow exponent other than 2, a
+non-constant epsilon, keepdims=0, the two ReduceMeans over different axes, integer dtypes, and
+intermediates used outside the pattern. Whether the reduced axes are the trailing ones is left
+to each pass (``trailing_axis``): grouped forms normalize the trailing axes of a reshaped tensor.
+
+``match_affine`` then follows the normalized tensor down through an optional ``Mul`` by a
+constant scale and ``Add`` of a constant bias, absorbing them only when they are constant per
+normalized element (broadcast-equivalent to the normalized shape).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from normopt import graph as G
+from normopt.pattern import AnyOf, Const, Match, Op, Opt, Pattern, Var, match
+from normopt.pipeline import Context, Reject
+
+CAST = "Cast"
+REDUCE_MEAN = "ReduceMean"
+# Significand bits of the float types a normalization may run in.
+FLOAT_BITS = {"bfloat16": 8, "float16": 11, "float32": 24, "float64": 53}
+# Ops on constants that ``param_value`` evaluates (Flatten: ONNX function bodies; Add: Gemma 1 + w).
+_FOLDABLE = ("Identity", "Cast", "Flatten", "Add", "Unsqueeze")
+
+# ------------------------------------------------------------------------------ patterns
+
+X = Var("x")
+XC = Opt(CAST, X, name="cast_x")                 # the input, maybe cast to the compute type
+MEAN = Op(REDUCE_MEAN, [XC], name="mean")
+CENTERED = Op("Sub", [XC, MEAN])                 # unnamed: a duplicated Sub still matches
+EXPONENT = Opt(CAST, Const("exponent"))
+EPSILON = AnyOf(Const("eps"), Op(CAST, [Const("eps")]), Var("eps_tensor"))
+
+
+def square(t: Pattern) -> Pattern:
+    return AnyOf(Op("Pow", [t, EXPONENT], name="pow"), Op("Mul", [t, t]))
+
+
+def scaled_by_inverse_std(numerator: Pattern, variance: Pattern) -> Pattern:
+    """numerator / sqrt(variance + eps) in its three spellings, plus the swapped Div (a near miss)."""
+    std = Opt(CAST, Op("Sqrt", [Op("Add", [variance, EPSILON], name="add_eps")], name="sqrt"))
+    reciprocal = AnyOf(Op("Reciprocal", [std]), Op("Div", [Const("one"), std], name="recip_div"))
+    return AnyOf(Op("Div", [numerator, std], name="div"),
+                 Op("Mul", [numerator, reciprocal], name="mul_recip"),
+                 Op("Div", [std, numerator], name="div_swapped"))
+
+
+# The variance operand: the centred tensor (maybe cast), else anything (a near miss to report).
+CENTERED_SQUARED = square(AnyOf(Opt(CAST, CENTERED), Var("other_centered")))
+VARIANCE = AnyOf(
+    Op(REDUCE_MEAN, [CENTERED_SQUARED], name="var"),
+    # ONNX's LayerNormalization function body: mean(x*x) - mean(x)*mean(x).
+    Op("Sub", [Op(REDUCE_MEAN, [square(XC)], name="var"), Op("Mul", [MEAN, MEAN])], name="var_sub"),
+)
+MEAN_CORE = scaled_by_inverse_std(Opt(CAST, CENTERED), VARIANCE)
+RMS_CORE = scaled_by_inverse_std(XC, Op(REDUCE_MEAN, [square(XC)], name="var"))
+
+
+# ------------------------------------------------------------------------------ axes
+
+def reduce_axes(node: gs.Node, ctx: Context) -> tuple[int, ...] | None:
+    """Axes of a ReduceMean as written (attribute before opset 18, constant input from 18).
+
+    None when they are not constant, or absent (reduce all, or a no-op with
+    noop_with_empty_axes=1): neither is a normalization over chosen axes.
+    """
+    if "axes" in node.attrs:
+        axes = np.asarray(node.attrs["axes"])
+    elif len(node.inputs) > 1 and node.inputs[1].name:
+        axes = G.const_value(node.inputs[1], ctx.graph)
+        if axes is None:
+            return None
+    else:
+        return None
+    axes = tuple(int(a) for a in np.asarray(axes).reshape(-1))
+    return axes or None
+
+
+def normalize_axes(axes, rank: int | None) -> tuple[int, ...] | None:
+    """Sorted axes, non-negative when ``rank`` is known.
+
+    With the rank unknown, all-negative axes are kept negative (they still say "the last n
+    axes"); a positive axis cannot be placed and gives None. None also for an axis out of
+    range or a repeated axis.
+    """
+    axes = [int(a) for a in axes]
+    if rank is None:
+        return tuple(sorted(axes)) if all(a < 0 for a in axes) and len(set(axes)) == len(axes) else None
+    if any(not -rank <= a < rank for a in axes):
+        return None
+    out = sorted(a % rank for a in axes)
+    return tuple(out) if len(set(out)) == len(out) else None
+
+
+def trailing_axis(axes: tuple[int, ...], rank: int | None) -> int | None:
+    """The (negative) first axis when ``axes`` are exactly the last len(axes) axes, else None."""
+    n = len(axes)
+    if not n:
+        return None
+    if rank is None:
+        return axes[0] if axes == tuple(range(-n, 0)) else None
+    return axes[0] - rank if axes == tuple(range(rank - n, rank)) else None
+
+
+# ------------------------------------------------------------------------------ the core
+
+@dataclass
+class Normalized:
+    """A matched normalization core: ``match.output`` = normalize(x) over ``axes``."""
+
+    x: gs.Tensor                  # the input, before any Cast to the compute type
+    axes: tuple[int, ...]         # non-negative when ``rank`` is known
+    epsilon: float
+    match: Match                  # .matched: every node of the core; .output: the normalized tensor
+    rank: int | None
+    kind: str                     # "mean" ((x - mean) / std) or "rms" (x / rms)
+    compute_bits: int | None      # narrowest float significand inside the core (None: unknown)
+    variant: list[str] = field(default_factory=list)
+
+    @property
+    def output(self) -> gs.Tensor:
+        return self.match.output
+
+
+def match_normalized(t: gs.Tensor, ctx: Context) -> Normalized | Reject | None:
+    """``t = (x - mean(x)) / sqrt(var(x) + eps)``, checked exact; None if ``t`` is not one."""
+    m = match(MEAN_CORE, t, ctx.graph)
+    return None if m is None else check_core(m, ctx, "mean")
+
+
+def match_rms_normalized(t: gs.Tensor, ctx: Context) -> Normalized | Reject | None:
+    """``t = x / sqrt(mean(x^2) + eps)``, checked exact; None if ``t`` is not one."""
+    m = match(RMS_CORE, t, ctx.graph)
+    return None if m is None else check_core(m, ctx, "rms")
+
+
+def check_core(m: Match, ctx: Context, kind: str) -> Normalized | Reject:
+    """Every exactness check of a matched core (also used by the TF LayerNorm form)."""
+    found = _structural_misses(m)
+    if found:
+        return found
+    _trim_input_cast(m, ctx)
+    _drop_constant_nodes(m, ctx)
+    bits = _compute_bits(m, ctx)
+    if isinstance(bits, Reject):
+        return bits
+    eps = _epsilon(m)
+    if isinstance(eps, Reject):
+        return eps
+    x = m.tensors["x"]
+    rank = ctx.rank(x)
+    axes = _common_axes(m, ctx, rank)
+    if isinstance(axes, Reject):
+        return axes
+    eps_rank = np.asarray(m.values["eps"]).ndim
+    if rank is not None and eps_rank > rank:
+        return Reject(f"epsilon has rank {eps_rank}, more than the input's {rank}", m["add_eps"])
+    escapes = m.escapes(ctx.graph)
+    if escapes:
+        return Reject(f"intermediate {escapes[0]}", m["var"])
+    return Normalized(x, axes, eps, m, rank, kind, bits, _variant(m))
+
+
+def _structural_misses(m: Match) -> Reject | None:
+    if m.has("div_swapped"):
+        return Reject("Div divides the standard deviation by the input (operands swapped)", m["div_swapped"])
+    if m.has("other_centered"):
+        return Reject(f"variance is taken of '{m.tensors['other_centered'].name}', not of the centred input",
+                      m["var"])
+    if m.has("eps_tensor"):
+        return Reject(f"epsilon '{m.tensors['eps_tensor'].name}' is not a constant", m["add_eps"])
+    if m.has("exponent") and _scalar(m.values["exponent"]) != 2.0:
+        return Reject(f"Pow exponent is {_describe(m.values['exponent'])}, not 2", m["pow"])
+    if m.has("one") and _scalar(m.values["one"]) != 1.0:
+        return Reject(f"reciprocal is taken as {_describe(m.values['one'])} / std, not 1 / std", m["recip_div"])
+    return None
+
+
+def _epsilon(m: Match) -> float | Reject:
+    value = np.asarray(m.values["eps"])
+    if value.size != 1:
+        return Reject(f"epsilon has {value.size} elements, not 1", m["add_eps"])
+    if not _is_float(value.dtype):
+        return Reject(f"epsilon has non-float dtype {value.dtype}", m["add_eps"])
+    eps = _scalar(value)
+    if not np.isfinite(eps):
+        return Reject(f"epsilon is {eps}", m["add_eps"])
+    return eps
+
+
+def _trim_input_cast(m: Match, ctx: Context) -> None:
+    """Leave a Cast on the input outside the match when it is not a float-to-float compute cast.
+
+    A Cast from an integer (token ids, say) or one whose output also feeds other nodes belongs
+    to the model, not to the normalization: the cast tensor itself is then the input.
+    """
+    if not m.has("cast_x"):
+        return
+    cast = m["cast_x"]
+    inside = {id(n) for n in m.matched}
+    if not _is_float(ctx.dtype(cast.inputs[0])) or not _is_float(_cast_target(cast)) or \
+            G.other_uses(cast.outputs[0], ctx.graph, inside):
+        m.matched[:] = [n for n in m.matched if n is not cast]
+        del m.nodes["cast_x"]
+        m.tensors["x"] = cast.outputs[0]
+
+
+def _common_axes(m: Match, ctx: Context, rank: int | None) -> tuple[int, ...] | Reject:
+    reductions = [m[k] for k in ("mean", "var") if m.has(k)]
+    found = []
+    for node in reductions:
+        if int(node.attrs.get("keepdims", 1)) != 1:
+            return Reject(f"ReduceMean {G.node_label(node)} has keepdims=0", node)
+        axes = reduce_axes(node, ctx)
+        if axes is None:
+            return Reject(f"ReduceMean {G.node_label(node)} has no constant axes", node)
+        norm = normalize_axes(axes, rank)
+        if norm is None:
+            return Reject(f"ReduceMean {G.node_label(node)} axes {list(axes)} cannot be placed "
+                          f"(input rank {rank if rank is not None else 'unknown'})", node)
+        found.append(norm)
+    if any(a != found[0] for a in found[1:]):
+        return Reject(f"the two ReduceMeans reduce different axes ({list(found[0])} and {list(found[1])})",
+                      reductions[1])
+    return found[0]
+
+
+def _compute_bits(m: Match, ctx: Context) -> int | None | Reject:
+    """Narrowest float type the core computes in; integer types are rejected."""
+    bits = []
+    for node in m.matched:
+        for out in node.outputs[:1]:
+            dtype = ctx.dtype(out)
+            if dtype is None:
+                continue
+            if not _is_float(dtype):
+                return Reject(f"'{out.name}' has integer dtype {np.dtype(dtype).name}", node)
+            bits.append(float_bits(dtype))
+    x_dtype = ctx.dtype(m.tensors["x"])
+    if x_dtype is not None and not _is_float(x_dtype):
+        return Reject(f"input '{m.tensors['x'].name}' has integer dtype {np.dtype(x_dtype).name}")
+    return min(bits) if bits else None
+
+
+def _drop_constant_nodes(m: Match, ctx: Context) -> None:
+    """Casts of constants (epsilon, exponent) stay in the graph: others may share them, and
+    cleanup removes them once unused."""
+    keep = [n for n in m.matched
+            if not all(G.const_value(i, ctx.graph) is not None for i in n.inputs if i.name)]
+    m.matched[:] = keep
+
+
+def _variant(m: Match) -> list[str]:
+    names = []
+    if m.has("cast_x"):
+        names.append("cast input")
+    if m.has("var_sub"):
+        names.append("mean(x*x) - mean(x)^2")
+    if m.has("mul_recip"):
+        names.append("reciprocal")
+    if sum(1 for n in m.matched if n.op == "Sub") > 1 and not m.has("var_sub"):
+        names.append("duplicated Sub")
+    return names
+
+
+# ------------------------------------------------------------------------------ affine tail
+
+@dataclass
+class Affine:
+    """The constant scale and bias following a normalized tensor, as far as they are exact."""
+
+    output: gs.Tensor
+    nodes: list[gs.Node] = field(default_factory=list)
+    scale: np.ndarray | None = None   # broadcast to the normalized shape
+    bias: np.ndarray | None = None
+    kept: str = ""                    # why a following Mul/Add was left outside
+
+
+def match_affine(t: gs.Tensor, ctx: Context, rank: int, norm_shape: tuple[int, ...],
+                 with_bias: bool = True) -> Affine:
+    """Follow ``t`` down through [Cast] Mul(scale) [Cast] Add(bias); each step optional.
+
+    A step is taken only when the tensor it consumes has no other user, its operand is a
+    constant (``param_value``), and that constant is the same for every non-normalized index
+    (it broadcasts to ``norm_shape`` without touching the leading axes). A positional [S, D]
+    Add after a LayerNorm over D fails that test and stays outside.
+    """
+    tail = Affine(t)
+    for op in ("Mul", "Add") if with_bias else ("Mul",):
+        found = _next_affine(tail.output, ctx, op)
+        if found is None:
+            continue
+        node, passed, chain = found
+        other = node.inputs[1] if node.inputs[0] is chain else node.inputs[0]
+        value = param_value(other, ctx.graph)
+        if value is None:
+            break
+        shaped = broadcast_param(value, rank, norm_shape)
+        if isinstance(shaped, str):
+            tail.kept = f"{op} {G.node_label(node)} kept outside: '{other.name}' {shaped}"
+            break
+        tail.nodes += passed + [node]
+        tail.output = node.outputs[0]
+        if op == "Mul":
+            tail.scale = shaped
+        else:
+            tail.bias = shaped
+    return tail
+
+
+def _next_affine(t: gs.Tensor, ctx: Context, op: str):
+    """(``op`` node, Casts/Identities passed, tensor it consumes) reached from ``t`` through
+    single-use float Casts and Identities; None when the chain leads elsewhere."""
+    passed = []
+    while True:
+        node = sole_consumer(t, ctx)
+        if node is None or not G.in_default_domain(node):
+            return None
+        if node.op == op and len(node.inputs) == 2 and node.inputs[0] is not node.inputs[1]:
+            return node, passed, t
+        if node.op == "Identity" or (node.op == CAST and _is_float(_cast_target(node))):
+            passed.append(node)
+            t = node.outputs[0]
+            continue
+        return None
+
+
+def sole_consumer(t: gs.Tensor, ctx: Context) -> gs.Node | None:
+    """The only node using ``t``, when ``t`` is not also a graph output."""
+    if G.is_graph_output(ctx.graph, t) or len(t.outputs) != 1:
+        return None
+    return t.outputs[0]
+
+
+def broadcast_param(value: np.ndarray, rank: int, norm_shape: tuple[int, ...]) -> np.ndarray | str:
+    """``value`` as an array of ``norm_shape`` when multiplying/adding it is per normalized
+    element (size 1 on every other axis, no rank growth); else why not."""
+    value = np.asarray(value)
+    n = len(norm_shape)
+    if not _is_float(value.dtype):
+        return f"has non-float dtype {value.dtype}"
+    if value.ndim > rank:
+        return f"has rank {value.ndim}, more than the input's {rank}"
+    lead, tail = value.shape[:max(0, value.ndim - n)], value.shape[max(0, value.ndim - n):]
+    if any(d != 1 for d in lead):
+        return f"of shape {list(value.shape)} varies over non-normalized axes"
+    aligned = (1,) * (n - len(tail)) + tuple(tail)
+    if any(d not in (1, full) for d, full in zip(aligned, norm_shape)):
+        return f"of shape {list(value.shape)} does not broadcast to the normalized shape {list(norm_shape)}"
+    return np.broadcast_to(value.reshape(aligned), norm_shape).copy()
+
+
+# ------------------------------------------------------------------------------ small helpers
+
+def param_value(t: gs.Tensor, graph: gs.Graph, depth: int = 4) -> np.ndarray | None:
+    """The value of a constant, or of Identity/Cast/Flatten/Add/Unsqueeze of constants."""
+    value = G.const_value(t, graph)
+    node = G.producer(t)
+    if value is not None or depth == 0 or node is None or node.op not in _FOLDABLE \
+            or not G.in_default_domain(node) or G.is_graph_input(graph, t):
+        return value
+    args = [param_value(i, graph, depth - 1) if i.name else None for i in node.inputs]
+    if not args or args[0] is None:
+        return None
+    a = args[0]
+    if node.op == "Identity":
+        return a
+    if node.op == CAST:
+        return a.astype(_cast_target(node))
+    if node.op == "Flatten":
+        axis = int(node.attrs.get("axis", 1))
+        axis = axis + a.ndim if axis < 0 else axis
+        return a.reshape(int(np.prod(a.shape[:axis], dtype=np.int64)), -1)
+    if node.op == "Add":
+        return None if len(args) < 2 or args[1] is None else np.add(a, args[1]).astype(a.dtype)
+    axes = node.attrs.get("axes", args[1] if len(args) > 1 else None)   # Unsqueeze
+    if axes is None:
+        return None
+    out_rank = a.ndim + len(np.asarray(axes).reshape(-1))
+    for axis in sorted(int(x) % out_rank for x in np.asarray(axes).reshape(-1)):
+        a = np.expand_dims(a, axis)
+    return a
+
+
+def _cast_target(node: gs.Node):
+    return onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"]))
+
+
+def float_bits(dtype) -> int | None:
+    return FLOAT_BITS.get(np.dtype(dtype).name) if dtype is not None else None
+
+
+def _is_float(dtype) -> bool:
+    return dtype is not None and np.dtype(dtype).name in FLOAT_BITS
+
+
+def _scalar(value) -> float | None:
+    value = np.asarray(value)
+    return float(value.astype(np.float64).reshape(-1)[0]) if value.size == 1 else None
+
+
+def _describe(value) -> str:
+    value = np.asarray(value)
+    return f"{_scalar(value):g}" if value.size == 1 else f"a {list(value.shape)} tensor"
