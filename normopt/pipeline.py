@@ -15,7 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
 
-from normopt import graph as G
+from normopt import annotations, graph as G
 from normopt.errors import ModelLoadError, ModelSaveError
 from normopt.model_io import check, min_ir_version, without_weights
 from normopt.pattern import Match
@@ -134,6 +134,7 @@ def run(model: onnx.ModelProto, passes: list[str] | None = None, options: Option
         if options.strict:
             _check_strict(export(graph, current), name)
     out = export(graph, current)
+    annotations.restore(out, model)
     result.nodes_after = count_nodes(out)
     result.seconds = time.perf_counter() - started
     return out, result
@@ -211,10 +212,18 @@ def _apply(pass_: Pass, m: Match, ctx: Context, label: str) -> Rewrite:
 
 def _import(model: onnx.ModelProto) -> gs.Graph:
     try:
-        return gs.import_onnx(model)
+        graph = gs.import_onnx(model)
     except Exception as err:  # graphsurgeon raises many types for constructs it cannot read
         raise ModelLoadError(f"cannot process the model's graph: {type(err).__name__}: "
                              f"{' '.join(str(err).split())[:200]}") from err
+    # graphsurgeon drops initializers that are also graph inputs (old exporters) from
+    # graph.inputs: callers could no longer feed them, and passes would fold their default
+    # values as constants. Put them back (G.const_value refuses graph inputs).
+    inits = {init.name for init in model.graph.initializer}
+    if any(inp.name in inits for inp in model.graph.input):
+        tensors = graph.tensors()
+        graph.inputs = [tensors[inp.name] for inp in model.graph.input if inp.name in tensors]
+    return graph
 
 
 def model_opset(model: onnx.ModelProto) -> int:

@@ -163,3 +163,19 @@ def test_pipeline_pass_error_on_one_node_becomes_a_skip():
         del _PASSES["test-crashing"]
     assert op_counts(out) == {"Relu": 2}
     assert [s.reason for s in result.skipped] == ["not analysed: KeyError: 'unexpected form'"] * 2
+
+
+def test_pipeline_keeps_node_metadata_and_value_info(double_relu_pass):
+    model = make_model([helper.make_node("Relu", ["x"], ["a"], name="r1"), helper.make_node("Relu", ["a"], ["b"], name="r2"),
+                        helper.make_node("Sigmoid", ["b"], ["y"], name="s", doc_string="kept")],
+                       [("x", FLOAT, [2, 3])], [("y", FLOAT, [2, 3])], opset=17)
+    helper.set_metadata_props(model.graph.node[2], {"namespace": "block.act"})
+    model.graph.value_info.extend([helper.make_tensor_value_info("a", FLOAT, [2, 3]),
+                                   helper.make_tensor_value_info("b", FLOAT, [2, 3])])
+    helper.set_metadata_props(model.graph.value_info[1], {"origin": "relu"})
+    out, _ = run_pipeline(model, [double_relu_pass])
+    sig = out.graph.node[-1]
+    assert sig.doc_string == "kept" and [(p.key, p.value) for p in sig.metadata_props] == [("namespace", "block.act")]
+    # 'a' was fused away; 'b' is kept by the rewrite with the same meaning.
+    assert [vi.name for vi in out.graph.value_info] == ["b"]
+    assert out.graph.value_info[0] == model.graph.value_info[1]
