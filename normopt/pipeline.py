@@ -24,6 +24,8 @@ from normopt.registry import available, resolve
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 MAX_ROUNDS = 4
+# First opset whose Reshape shape inference reads shape values propagated from Shape.
+SHAPE_VALUE_OPSET = 14
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,10 @@ def run(model: onnx.ModelProto, passes: list[str] | None = None, options: Option
         t0 = time.perf_counter()
         record, need = _run_pass(pass_, graph, current, shapes, options, upgrade_note=None)
         if need:
+            # Rewrites that needed no upgrade may already be applied: keep them (and their
+            # records), and drop the nodes they detached before the model is exported.
+            earlier = record.applied
+            graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort(recurse_subgraphs=True)
             opset = model_opset(current)
             note = None
             if not options.allow_opset_upgrade:
@@ -128,6 +134,7 @@ def run(model: onnx.ModelProto, passes: list[str] | None = None, options: Option
                     shapes = infer_shapes(current)
                     result.upgrades.append(OpsetUpgrade(opset, need, name))
             record, _ = _run_pass(pass_, graph, current, shapes, options, upgrade_note=note)
+            record.applied[:0] = earlier
         graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort(recurse_subgraphs=True)
         record.seconds = time.perf_counter() - t0
         result.passes.append(record)
@@ -278,8 +285,17 @@ def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, tuple | None]]:
     """name -> (elem_type, shape) for every tensor onnx shape inference can type."""
+    light = without_weights(model)
+    if model_opset(model) < SHAPE_VALUE_OPSET:
+        # Reshape before opset 14 ignores shape values propagated from Shape: every tensor
+        # after Reshape(t, Shape(u)) (each TorchScript GroupNorm) would lose its shape. A copy
+        # converted to opset 14 keeps the tensor names; if conversion fails, infer as is.
+        try:
+            light = version_converter.convert_version(light, SHAPE_VALUE_OPSET)
+        except Exception:  # the converter raises many types
+            pass
     try:
-        inferred = onnx.shape_inference.infer_shapes(without_weights(model), data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception:  # inference is best effort: a pass that needs a shape skips without it
         return {}
     table: dict[str, tuple[int, tuple | None]] = {}
