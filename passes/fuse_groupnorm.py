@@ -1,1 +1,297 @@
-"""Not written yet."""
+"""Fuse decomposed group normalization into GroupNormalization (opset 21, per-channel scale).
+
+For x of shape [N, C, D1, ...] and G groups dividing C, a reshape to [N, G, ...] puts channels
+g*C/G .. (g+1)*C/G - 1 of sample n (row-major) in row (n, g). Normalizing every row over all its
+axes (2 ..) and reshaping back to x's shape is group normalization:
+
+    y = gamma[c] * (x - mean_g(x)) / sqrt(var_g(x) + eps) + beta[c]
+      = GroupNormalization-21(x, gamma[C], beta[C], num_groups=G, epsilon=eps, stash_type=1)
+
+When G == C it is InstanceNormalization(x, gamma, beta), which is emitted instead (opset 6,
+no upgrade, a native kernel in onnxruntime).
+
+Supported variants (alternatives of one match):
+* the group statistics as InstanceNormalization(ones[G], zeros[G]) (TorchScript export of
+  nn.GroupNorm at every opset, dynamo export below opset 21) or as the shared mean/variance core
+  of ``_norm`` (hand-written and diffusers-style GroupNorm: Pow or Mul square, Div or
+  Reciprocal, axes attribute or input), with an optional float Cast on either side of it;
+* the reshape to groups as [0, G, -1], [N, G, -1], [N, G, C/G, D1, ...], a Concat of
+  Shape/Gather/Slice/Unsqueeze pieces, or [-1, G, ...] with static trailing dims;
+* the reshape back from Shape(x), a constant, a Concat of x's dims, or 0 / -1 entries;
+* gamma / beta per channel ([C, 1, ...], [1, C, 1, ...], a scalar, Unsqueeze of a [C] constant),
+  either or both absent; a SiLU (Sigmoid, Mul) after it stays outside as it was.
+* input rank 3 (audio), 4 (images), 5 (video), and any G dividing C.
+
+Skipped with a reason: a reshape that does not keep the batch axis or does not make a constant
+number of groups, G not dividing C, a reshape back that does not restore x's shape,
+InstanceNormalization scale/bias that are not exactly ones/zeros, statistics not over whole
+groups, a constant scale or bias that is not per channel, intermediates used elsewhere.
+
+Target op and opset: GroupNormalization-18 takes scale/bias per group and GroupNormalization-21
+per channel (onnx/onnx#5466). Only the opset-21 form is emitted, with ``required_opset`` 21 (the
+pipeline upgrades older models): the opset-18 form is deprecated and onnx's checker rejects it
+at opsets 18-20 ("Op registered for GroupNormalization is deprecated"), so even where it would
+be exact (per-group gamma/beta) it would make the model invalid.
+
+Numerics: onnxruntime has no GroupNormalization kernel; it expands the ONNX function body, which
+computes var = mean(x^2) - mean(x)^2 in the stash type. That loses precision when |mean| >> std
+within a group (measured on CPU: max error 3e-5 at mean/std = 10, 1e-3 at 100), where the
+InstanceNormalization of the original export stays within 1e-5. Verification catches it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from normopt import graph as G
+from normopt.passes._norm import float_bits, match_normalized, normalize_axes
+from normopt.passes.fuse_instancenorm import (CAST, DEFAULT_EPSILON, INSTANCE_NORM, affine_params,
+                                              channel_affine, emit_normalization, settle_dtype,
+                                              static_dim)
+from normopt.pattern import Match
+from normopt.pipeline import Context, Pass, Reject
+from normopt.registry import register_pass
+
+GROUP_NORM = "GroupNormalization"
+RESHAPE = "Reshape"
+GROUP_NORM_OPSET = 21  # per-channel scale/bias
+INSTANCE_NORM_OPSET = 6
+STASH_FLOAT, STASH_DOUBLE = 1, 11  # TensorProto.FLOAT / DOUBLE
+
+
+# ------------------------------------------------------------------------------ shapes
+
+@dataclass(frozen=True, eq=False)
+class DimOf:
+    """Dimension ``axis`` of ``tensor``, read at run time (Shape, Gather, a Reshape 0 entry)."""
+
+    tensor: gs.Tensor
+    axis: int
+
+
+def shape_terms(t: gs.Tensor, ctx: Context, depth: int = 0) -> list | None:
+    """The elements of a 1-D shape tensor: ints, or DimOf for dims read with Shape; None if unknown."""
+    value = G.const_value(t, ctx.graph)
+    if value is not None:
+        return [int(v) for v in value.reshape(-1)] if value.dtype.kind in "iu" else None
+    node = G.producer(t)
+    if node is None or depth > 8 or not G.in_default_domain(node):
+        return None
+    inner = (lambda i: shape_terms(node.inputs[i], ctx, depth + 1))
+    if node.op == "Shape":
+        rank = ctx.rank(node.inputs[0])
+        if rank is None:
+            return None
+        dims = [DimOf(node.inputs[0], i) for i in range(rank)]
+        # Shape's start/end (opset 15) clamp like Python slices.
+        return dims[int(node.attrs.get("start", 0)):int(node.attrs.get("end", rank))]
+    if node.op == "Concat":
+        parts = [shape_terms(i, ctx, depth + 1) for i in node.inputs]
+        return None if any(p is None for p in parts) else [d for p in parts for d in p]
+    if node.op in ("Unsqueeze", "Squeeze", "Identity"):
+        return inner(0)  # on a 0-d or 1-D shape piece the elements are unchanged
+    if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0:
+        data, index = inner(0), G.const_value(node.inputs[1], ctx.graph)
+        if data is None or index is None or any(not -len(data) <= i < len(data) for i in index.reshape(-1)):
+            return None
+        return [data[int(i)] for i in index.reshape(-1)]
+    if node.op == "Slice":
+        return _slice_terms(node, inner(0), ctx)
+    return None
+
+
+def _slice_terms(node: gs.Node, data: list | None, ctx: Context) -> list | None:
+    names = ("starts", "ends", "axes", "steps")
+    args = {k: node.attrs[k] for k in names if k in node.attrs}  # opset < 10: attributes
+    for k, tensor in zip(names, node.inputs[1:]):
+        if tensor.name:
+            args[k] = G.const_value(tensor, ctx.graph)
+    vals = {k: None if v is None else [int(a) for a in np.asarray(v).reshape(-1)] for k, v in args.items()}
+    if data is None or None in vals.values() or len(vals.get("starts", [])) != 1 or \
+            vals.get("axes", [0])[0] not in (0, -1) or vals.get("steps", [1]) != [1]:
+        return None
+    return data[vals["starts"][0]:vals["ends"][0]]
+
+
+def reshape_dims(reshape: gs.Node, in_dims: list, ctx: Context) -> list | None:
+    """A Reshape's output dims as terms (ints, -1, DimOf, symbolic names), given its input's."""
+    terms = shape_terms(reshape.inputs[1], ctx)
+    if terms is None:  # fall back on shape inference (data propagation) for the result
+        shape = ctx.shape(reshape.outputs[0])
+        return None if shape is None else list(shape)
+    if int(reshape.attrs.get("allowzero", 0)):
+        return terms
+    # allowzero=0: a 0 entry copies the input's dim at the same index.
+    return [in_dims[i] if d == 0 and i < len(in_dims) else (None if d == 0 else d) for i, d in enumerate(terms)]
+
+
+def _resolve(term, ctx: Context):
+    """A DimOf as the static int or symbolic name shape inference knows, else unchanged."""
+    if isinstance(term, DimOf):
+        shape = ctx.shape(term.tensor)
+        if shape is not None and term.axis < len(shape) and shape[term.axis] is not None:
+            return shape[term.axis]
+    return term
+
+
+def same_dim(term, x: gs.Tensor, axis: int, ctx: Context) -> bool:
+    """Whether ``term`` is surely dim ``axis`` of ``x``."""
+    if isinstance(term, DimOf) and term.tensor is x and term.axis == axis:
+        return True
+    term = _resolve(term, ctx)
+    shape = ctx.shape(x)
+    dim = shape[axis] if shape is not None and axis < len(shape) else None
+    if isinstance(term, DimOf) or term is None or dim is None or term == -1:
+        return False
+    return term == dim  # equal ints, or the same symbolic name (equal by ONNX's convention)
+
+
+def keeps_batch(grouped: list, x: gs.Tensor, ctx: Context) -> bool:
+    if same_dim(grouped[0], x, 0, ctx):
+        return True
+    # [-1, G, ...] with every other dim static: the -1 is N when the sizes per sample agree.
+    rest = [_resolve(d, ctx) for d in grouped[1:]]
+    shape = ctx.shape(x) or ()
+    per_sample = [static_dim(shape, i) for i in range(1, len(shape))]
+    return (grouped[0] == -1 and all(isinstance(d, int) and d > 0 for d in rest) and
+            None not in per_sample and int(np.prod(rest)) == int(np.prod(per_sample)))
+
+
+def restores(dims: list | None, x: gs.Tensor, ctx: Context) -> bool:
+    """Whether a reshape to ``dims`` gives x's shape (one -1 may stand for one dim)."""
+    rank = ctx.rank(x)
+    if dims is None or len(dims) != rank:
+        return False
+    misses = [i for i, d in enumerate(dims) if not same_dim(d, x, i, ctx)]
+    return not misses or (len(misses) == 1 and dims[misses[0]] == -1)
+
+
+# ------------------------------------------------------------------------------ the statistics
+
+@dataclass
+class Core:
+    """Normalization of the grouped tensor ``x`` over ``axes`` (None: every axis from 2)."""
+
+    x: gs.Tensor
+    epsilon: float
+    nodes: list[gs.Node] = field(default_factory=list)
+    axes: tuple[int, ...] | None = None
+    compute_bits: int | None = None
+    variant: list[str] = field(default_factory=list)
+
+
+def group_core(t: gs.Tensor, ctx: Context) -> Core | Reject | None:
+    node = G.producer(t)
+    if node is not None and node.op == INSTANCE_NORM and G.in_default_domain(node):
+        return _instance_norm_core(node, ctx)
+    found = match_normalized(t, ctx)
+    if found is None or isinstance(found, Reject):
+        return found
+    return Core(found.x, found.epsilon, list(found.match.matched), found.axes, found.compute_bits,
+                found.variant)
+
+
+def _instance_norm_core(node: gs.Node, ctx: Context) -> Core | Reject:
+    """InstanceNormalization of the grouped tensor: statistics over every axis from 2, in its type."""
+    # The per-group scale/bias multiply before the per-channel affine: fusing anything but an
+    # identity would drop them (folding them is exact only in real arithmetic, not in float).
+    for index, name, identity in ((1, "scale", 1.0), (2, "bias", 0.0)):
+        value = G.const_value(node.inputs[index], ctx.graph)
+        if value is None:
+            return Reject(f"InstanceNormalization {name} '{node.inputs[index].name}' is not a constant", node)
+        if not np.all(value == identity):
+            return Reject(f"InstanceNormalization {name} is not all {identity:g} (cannot be dropped)", node)
+    eps = float(node.attrs.get("epsilon", DEFAULT_EPSILON))
+    return Core(node.inputs[0], eps, [node], None, float_bits(ctx.dtype(node.inputs[0])), ["InstanceNormalization"])
+
+
+def through_cast(t: gs.Tensor) -> tuple[gs.Tensor, gs.Node | None]:
+    """(input of the float Cast producing ``t``, that Cast), or (t, None)."""
+    node = G.producer(t)
+    if node is not None and node.op == CAST and G.in_default_domain(node):
+        return node.inputs[0], node
+    return t, None
+
+
+# ------------------------------------------------------------------------------ the pass
+
+@register_pass("fuse-groupnorm")
+class FuseGroupNorm(Pass):
+    """Fuse decomposed group normalization (reshape to groups, normalize, reshape back) into GroupNormalization."""
+
+    anchor_ops = (RESHAPE,)  # the reshape back to x's shape
+    opset = GROUP_NORM_OPSET
+
+    def required_opset(self, m: Match) -> int:
+        return GROUP_NORM_OPSET if m.info["op"] == GROUP_NORM else INSTANCE_NORM_OPSET
+
+    def match(self, back: gs.Node, ctx: Context) -> Match | Reject | None:
+        normalized, cast_out = through_cast(back.inputs[0])
+        core = group_core(normalized, ctx)
+        if core is None or isinstance(core, Reject):
+            return core
+        grouped, cast_in = through_cast(core.x)
+        split = G.producer(grouped)
+        if split is None or split.op != RESHAPE or not G.in_default_domain(split):
+            return None
+        x = split.inputs[0]
+        found = self._groups(x, split, back, core, ctx)
+        if isinstance(found, Reject):
+            return found
+        channels, groups, rank = found
+        tail = channel_affine(back.outputs[0], ctx, channels, rank)
+        if tail.kept:
+            return Reject(f"{tail.kept}: not per channel")
+        op = INSTANCE_NORM if groups == channels else GROUP_NORM
+        work = settle_dtype(ctx, x, tail.output, core.compute_bits, op)
+        if isinstance(work, Reject):
+            return work
+        m = Match(output=tail.output)
+        for n in [split, cast_in, *core.nodes, cast_out, back, *tail.nodes]:
+            if n is not None:
+                m.add(n)
+        escapes = m.escapes(ctx.graph)
+        if escapes:
+            return Reject(f"intermediate {escapes[0]}")
+        m.tensors["x"] = x
+        m.values["scale"], m.values["bias"] = affine_params(tail, channels, work)
+        m.info.update(op=op, groups=groups, channels=channels, rank=rank, epsilon=core.epsilon, dtype=work.name,
+                      stash_type=STASH_DOUBLE if core.compute_bits == float_bits(np.float64) else STASH_FLOAT,
+                      variant=core.variant + [f"{n.op} affine" for n in tail.nodes if n.op in ("Mul", "Add")])
+        return m
+
+    @staticmethod
+    def _groups(x: gs.Tensor, split: gs.Node, back: gs.Node, core: Core, ctx: Context):
+        """(channels, groups, rank) when split / back really group x's channels, else a Reject."""
+        shape = ctx.shape(x)
+        rank = None if shape is None else len(shape)
+        if rank is None or rank < 2:
+            return Reject(f"rank of '{x.name}' is unknown" if rank is None else f"'{x.name}' has rank {rank}", split)
+        channels = static_dim(shape, 1)
+        if channels is None:
+            return Reject(f"channel count of '{x.name}' is unknown", split)
+        grouped = reshape_dims(split, [DimOf(x, i) for i in range(rank)], ctx)
+        if grouped is None:
+            return Reject(f"target shape of reshape {G.node_label(split)} is unknown", split)
+        groups = _resolve(grouped[1], ctx) if len(grouped) >= 3 else None
+        if not isinstance(groups, int) or groups < 1 or not keeps_batch(grouped, x, ctx):
+            return Reject(f"reshape {G.node_label(split)} does not split the channels of '{x.name}' "
+                          f"into groups ([N, G, ...] expected)", split)
+        if channels % groups:
+            return Reject(f"{groups} groups do not divide {channels} channels", split)
+        whole = tuple(range(2, len(grouped)))
+        if core.axes is not None and normalize_axes(core.axes, len(grouped)) != whole:
+            return Reject(f"statistics are taken over axes {list(core.axes)} of the grouped tensor, "
+                          f"not over each whole group {list(whole)}", split)
+        if not restores(reshape_dims(back, grouped, ctx), x, ctx):
+            return Reject(f"reshape {G.node_label(back)} does not restore the shape of '{x.name}'", back)
+        return channels, groups, rank
+
+    def rewrite(self, m: Match, ctx: Context) -> list[gs.Node]:
+        attrs = {"epsilon": float(m.info["epsilon"])}
+        if m.info["op"] == GROUP_NORM:
+            attrs.update(num_groups=int(m.info["groups"]), stash_type=int(m.info["stash_type"]))
+        return emit_normalization(ctx, m.info["op"], attrs, m.tensors["x"], m.output, m.values["scale"],
+                                  m.values["bias"], np.dtype(m.info["dtype"]), m.output.name)
