@@ -178,10 +178,25 @@ def check_core(m: Match, ctx: Context, kind: str) -> Normalized | Reject:
     eps_rank = np.asarray(m.values["eps"]).ndim
     if rank is not None and eps_rank > rank:
         return Reject(f"epsilon has rank {eps_rank}, more than the input's {rank}", m["add_eps"])
-    escapes = m.escapes(ctx.graph)
+    escapes = live_escapes(m, ctx.graph)
     if escapes:
         return Reject(f"intermediate {escapes[0]}", m["var"])
     return Normalized(x, axes, eps, m, rank, kind, bits, _variant(m))
+
+
+def live_escapes(m: Match, graph: gs.Graph) -> list[str]:
+    """``Match.escapes``, except that a consumer whose outputs nobody uses is dead code, not a
+    use: the ONNX inliner leaves LayerNormalization's unused InvStdDev Reciprocal behind."""
+    inside = {id(n) for n in m.matched}
+    inside.update(id(user) for node in m.matched for out in node.outputs for user in out.outputs
+                  if all(not o.outputs and not G.is_graph_output(graph, o) for o in user.outputs))
+    found = []
+    for node in m.matched:
+        for out in node.outputs:
+            uses = [] if out is m.output else G.other_uses(out, graph, inside)
+            if uses:
+                found.append(f"'{out.name}' is also used by {', '.join(sorted(set(uses)))}")
+    return found
 
 
 def _structural_misses(m: Match) -> Reject | None:
@@ -371,6 +386,112 @@ def broadcast_param(value: np.ndarray, rank: int, norm_shape: tuple[int, ...]) -
     if any(d not in (1, full) for d, full in zip(aligned, norm_shape)):
         return f"of shape {list(value.shape)} does not broadcast to the normalized shape {list(norm_shape)}"
     return np.broadcast_to(value.reshape(aligned), norm_shape).copy()
+
+
+# ------------------------------------------------------------------------------ fused op
+
+def trailing(norm: Normalized, ctx: Context) -> tuple[int, tuple[int, ...]] | Reject:
+    """(negative first axis, static normalized dims) when ``norm`` is over the trailing axes."""
+    x, rank = norm.x, norm.rank
+    if rank is None:
+        return Reject(f"rank of input '{x.name}' is unknown")
+    axis = trailing_axis(norm.axes, rank)
+    if axis is None:
+        return Reject(f"normalizes axes {list(norm.axes)} of a rank-{rank} input, not its trailing axes "
+                      "(channels-first layout)", norm.match["mean" if norm.match.has("mean") else "var"])
+    shape = static_dims(ctx, x, axis)
+    if shape is None:
+        return Reject(f"normalized dims of input '{x.name}' are not static: {ctx.shape(x)}")
+    return axis, shape
+
+
+def plan(norm: Normalized, ctx: Context, axis: int, tail: Affine) -> Match:
+    """The match to replace: the core plus its affine tail, for a fused op over ``axis``.
+
+    Fills ``m.tensors["input"]``, ``m.values["scale"]`` (ones when there is none),
+    ``m.values["bias"]`` (when there is one) and ``m.info`` (axis, epsilon, variant).
+    """
+    x = norm.x
+    shape = static_dims(ctx, x, axis)
+    m = norm.match
+    for node in tail.nodes:
+        m.add(node)
+    m.output = tail.output
+    m.tensors["input"] = x
+    m.values["scale"] = tail.scale if tail.scale is not None else np.ones(shape, np.float32)
+    if tail.bias is not None:
+        m.values["bias"] = tail.bias
+    m.info.update(epsilon=norm.epsilon, axis=axis, scale=tail.scale is not None, bias=tail.bias is not None)
+    if norm.variant:
+        m.info["variant"] = ", ".join(norm.variant)
+    if tail.kept:
+        m.info["kept"] = tail.kept
+    return m
+
+
+def static_dims(ctx: Context, x: gs.Tensor, axis: int) -> tuple[int, ...] | None:
+    shape = ctx.shape(x)
+    if shape is None:
+        return None
+    dims = tuple(shape[axis:])
+    return dims if all(isinstance(d, int) and d > 0 for d in dims) else None
+
+
+def settle_dtype(m: Match, norm: Normalized, ctx: Context) -> Match | Reject:
+    """Pick the type T the fused op runs in: the widest of input, output, scale and bias.
+
+    Nothing is then rounded more than in the original graph. Statistics computed in a type
+    narrower than both input and output (float16 inside a float32 model) would differ by more
+    than float32 tolerance once fused, so that is a reject.
+    """
+    x, out = m.tensors["input"], m.output
+    x_type, out_type = ctx.dtype(x), ctx.dtype(out)
+    if not _is_float(x_type) or not _is_float(out_type):
+        unknown = x if not _is_float(x_type) else out
+        return Reject(f"dtype of '{unknown.name}' is unknown or not a float type")
+    low = min(float_bits(x_type), float_bits(out_type))
+    if norm.compute_bits is not None and norm.compute_bits < low:
+        inner = next(k for k, v in FLOAT_BITS.items() if v == norm.compute_bits)
+        return Reject(f"statistics are computed in {inner}, narrower than input {np.dtype(x_type).name} "
+                      f"and output {np.dtype(out_type).name}")
+    params = [m.values[k].dtype for k in ("scale", "bias") if m.info.get(k)]   # absorbed ones only
+    dtype = max([np.dtype(x_type), np.dtype(out_type)] + params, key=float_bits)
+    m.info["dtype"] = dtype.name
+    return m
+
+
+def emit(op: str, m: Match, ctx: Context, base: str) -> list[gs.Node]:
+    """[Cast x to T] -> op(x, scale[, bias]) in T -> [Cast to the output's type], writing m.output."""
+    dtype = np.dtype(m.info["dtype"])
+    x = m.tensors["input"]
+    name = ctx.names.fresh(base)
+    nodes = []
+    if ctx.dtype(x) != dtype:
+        cast = gs.Variable(ctx.names.fresh(f"{x.name}_{dtype.name}"), dtype=dtype)
+        nodes.append(_cast_node(ctx, f"{name}_input_cast", x, cast, dtype))
+        x = cast
+    params = [G.make_constant(ctx.names, f"{name}_{k}", m.values[k].astype(dtype))
+              for k in ("scale", "bias") if k in m.values]
+    attrs = {"axis": m.info["axis"], "epsilon": float(m.info["epsilon"]),
+             "stash_type": onnx.TensorProto.DOUBLE if dtype == np.float64 else onnx.TensorProto.FLOAT}
+    out_type = ctx.dtype(m.output)
+    result = m.output if out_type == dtype else gs.Variable(ctx.names.fresh(f"{m.output.name}_{dtype.name}"),
+                                                           dtype=dtype)
+    nodes.append(gs.Node(op, name, attrs, [x, *params], [result]))
+    if result is not m.output:
+        nodes.append(_cast_node(ctx, f"{name}_output_cast", result, m.output, out_type))
+    return nodes
+
+
+def _cast_node(ctx: Context, base: str, src: gs.Tensor, dst: gs.Tensor, dtype) -> gs.Node:
+    to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    return gs.Node(CAST, ctx.names.fresh(base), {"to": to}, [src], [dst])
+
+
+def scope_of(node: gs.Node) -> str:
+    """``/layers.0/ln1/ReduceMean`` -> ``/layers.0/ln1/`` (exporters name nodes by module)."""
+    name = node.name or ""
+    return name.rsplit("/", 1)[0] + "/" if "/" in name else ""
 
 
 # ------------------------------------------------------------------------------ small helpers

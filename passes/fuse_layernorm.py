@@ -1,1 +1,149 @@
-"""Not written yet."""
+"""Fuse decomposed layer normalization into the standard LayerNormalization (opset 17).
+
+Over the trailing axes a.. of x (rank r, axis = a - r):
+
+    y = (x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps) * gamma + beta
+      = LayerNormalization(x, gamma, beta, axis, epsilon)
+
+Supported spellings (the core's own variants are listed in ``_norm``):
+
+* PyTorch TorchScript below opset 17, dynamo, HF: ReduceMean, Sub, Pow 2, ReduceMean, Add eps,
+  Sqrt, Div, then ``[Cast] Mul(gamma) [Cast] Add(beta)``, each optional. Without gamma the scale
+  is ones; without beta the LayerNormalization has two inputs. A Mul/Add whose constant varies
+  over non-normalized axes (a positional [S, D] Add) stays outside, after the fused op.
+* TF/Keras (tf2onnx): ``s = gamma * 1/sqrt(var + eps)``, ``y = x*s + (beta - mean*s)``, and the
+  Keras 3 ``x*s + ((-mean)*s + beta)``; gamma and beta optional.
+* ONNX's function body of LayerNormalization: ``Flatten(x, a)``, the core over axis 1 with
+  ``mean(x*x) - mean(x)^2``, ``Mul(Flatten(gamma))``, ``Add(Flatten(beta))`` or Identity, then
+  ``Reshape(Shape(x))``: fused over x itself with axis a.
+
+The fused op runs in the widest type among input, output, gamma and beta (Casts added around it
+where they differ), with stash_type float32 (float64 for float64), so mixed-precision exports
+keep their output type and lose no precision. Reduced axes that are not the trailing ones
+(ConvNeXt's channels-first LayerNorm over axis 1 of NCHW) are left alone.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from normopt import graph as G
+from normopt.pattern import AnyOf, Const, Match, Op, match
+from normopt.pipeline import Context, Pass, Reject
+from normopt.registry import register_pass
+from normopt.passes import _norm as N
+
+LAYER_NORMALIZATION = "LayerNormalization"
+
+# TF/Keras: the scale s = gamma / std is applied to x and to the mean separately.
+_STD = Op("Sqrt", [Op("Add", [N.VARIANCE, N.EPSILON], name="add_eps")], name="sqrt")
+_INV = AnyOf(Op("Reciprocal", [_STD], name="recip"), Op("Div", [Const("one"), _STD], name="recip_div"))
+_S = AnyOf(Op("Mul", [_INV, Const("gamma")], name="mul_gamma"), _INV)
+_XS = Op("Mul", [N.XC, _S], name="mul_x")
+_MS = Op("Mul", [N.MEAN, _S], name="mul_mean")
+_NEG_MS = Op("Mul", [Op("Neg", [N.MEAN]), _S], name="mul_mean")
+TF_LAYERNORM = AnyOf(
+    Op("Add", [_XS, Op("Sub", [Const("beta"), _MS])]),         # tf.nn.batch_normalization
+    Op("Add", [_XS, Op("Add", [_NEG_MS, Const("beta")])]),      # Keras 3
+    Op("Add", [_XS, AnyOf(_NEG_MS, Op("Neg", [_MS]))]),         # no beta
+    Op("Sub", [_XS, _MS]),
+)
+
+
+@register_pass("fuse-layernorm")
+class FuseLayerNorm(Pass):
+    """Fuse decomposed LayerNorm subgraphs (PyTorch, TF/Keras, ONNX function body) into LayerNormalization."""
+
+    anchor_ops = ("Div", "Mul", "Add", "Sub")
+    opset = 17
+
+    def match(self, node: gs.Node, ctx: Context) -> Match | Reject | None:
+        if not G.in_default_domain(node):
+            return None
+        if node.op in ("Div", "Mul"):
+            norm = N.match_normalized(node.outputs[0], ctx)
+            if norm is None or isinstance(norm, Reject):
+                return norm
+            where = N.trailing(norm, ctx)
+            if isinstance(where, Reject):
+                return where
+            axis, shape = where
+            m = N.plan(norm, ctx, axis, N.match_affine(norm.output, ctx, norm.rank, shape))
+            _unflatten(m, ctx)
+        else:
+            found = _match_tf(node, ctx)
+            if found is None or isinstance(found, Reject):
+                return found
+            m, norm = found
+        return N.settle_dtype(m, norm, ctx)
+
+    def rewrite(self, m: Match, ctx: Context) -> list[gs.Node]:
+        return N.emit(LAYER_NORMALIZATION, m, ctx, N.scope_of(m["mean"]) + LAYER_NORMALIZATION)
+
+
+def _match_tf(node: gs.Node, ctx: Context):
+    m = match(TF_LAYERNORM, node.outputs[0], ctx.graph)
+    if m is None:
+        return None
+    s = m["mul_gamma" if m.has("mul_gamma") else "recip" if m.has("recip") else "recip_div"].outputs[0]
+    if not all(any(i is s for i in m[k].inputs) for k in ("mul_x", "mul_mean")):
+        return None  # x and the mean scaled by different tensors: not one normalization
+    norm = N.check_core(m, ctx, "mean")
+    if isinstance(norm, Reject):
+        return norm
+    norm.variant.append("TF/Keras")
+    where = N.trailing(norm, ctx)
+    if isinstance(where, Reject):
+        return where
+    axis, shape = where
+    tail = N.Affine(node.outputs[0])
+    for key in ("gamma", "beta"):
+        if key in m.values:
+            shaped = N.broadcast_param(m.values[key], norm.rank, shape)
+            if isinstance(shaped, str):
+                return Reject(f"{key} '{m.tensors[key].name}' {shaped}", node)
+            setattr(tail, "scale" if key == "gamma" else "bias", shaped)
+    return N.plan(norm, ctx, axis, tail), norm
+
+
+def _unflatten(m: Match, ctx: Context) -> None:
+    """ONNX's function body normalizes Flatten(x, a) over axis 1 and reshapes back to Shape(x):
+    take x itself, axis a, and the Reshape's output."""
+    x2d = m.tensors["input"]
+    flatten = G.producer(x2d)
+    if flatten is None or flatten.op != "Flatten" or not G.in_default_domain(flatten) \
+            or m.info["axis"] != -1 or ctx.rank(x2d) != 2:
+        return
+    passed, reshape = [], N.sole_consumer(m.output, ctx)
+    while reshape is not None and reshape.op == "Identity":
+        passed.append(reshape)
+        reshape = N.sole_consumer(reshape.outputs[0], ctx)
+    x = flatten.inputs[0]
+    rank = ctx.rank(x)
+    if reshape is None or reshape.op != "Reshape" or rank is None or not _is_shape_of(reshape.inputs[1], x, ctx):
+        return
+    a = int(flatten.attrs.get("axis", 1))
+    a = a + rank if a < 0 else a
+    shape = N.static_dims(ctx, x, a - rank) if 0 <= a < rank else None
+    inside = {id(n) for n in m.matched}
+    if shape is None or int(np.prod(shape)) != m.values["scale"].size or G.other_uses(x2d, ctx.graph, inside):
+        return
+    for node in [flatten, *passed, reshape]:
+        m.add(node)
+    m.output = reshape.outputs[0]
+    m.tensors["input"] = x
+    m.info["axis"] = a - rank
+    for key in ("scale", "bias"):
+        if key in m.values:
+            m.values[key] = m.values[key].reshape(shape)
+    m.info["variant"] = ", ".join(filter(None, [m.info.get("variant"), "function body"]))
+
+
+def _is_shape_of(shape: gs.Tensor, x: gs.Tensor, ctx: Context) -> bool:
+    node = G.producer(shape)
+    if node is not None and node.op == "Shape" and G.in_default_domain(node):
+        return node.inputs[0] is x and int(node.attrs.get("start", 0)) == 0 and "end" not in node.attrs
+    value = G.const_value(shape, ctx.graph)
+    dims = ctx.shape(x)
+    return value is not None and dims is not None and all(isinstance(d, int) for d in dims) \
+        and [int(v) for v in value.reshape(-1)] == list(dims)

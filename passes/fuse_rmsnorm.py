@@ -1,1 +1,71 @@
-"""Not written yet."""
+"""Fuse decomposed RMS normalization into the standard RMSNormalization (opset 23).
+
+Over the trailing axes a.. of x (rank r, axis = a - r):
+
+    y = x / sqrt(mean(x^2) + eps) * w  =  RMSNormalization(x, w, axis, epsilon)
+
+Supported spellings (the core's own variants are listed in ``_norm``):
+
+* the square as ``Pow(x, 2)`` or ``Mul(x, x)``; ``Div(x, rms)``, ``Mul(x, Reciprocal(rms))`` or
+  ``Mul(x, Div(1, rms))`` (HF LLaMA/T5 ``x * torch.rsqrt(var + eps)`` in TorchScript and dynamo);
+* the weight Mul on either side, optional (the scale is then ones), reached through a Cast:
+  ``[Cast] Mul(w)``; Gemma's ``(1 + w)`` with w constant is folded into a new constant;
+* Cast-wrapped float16/bfloat16 (statistics in float32, Cast back before or after the weight).
+
+The fused op runs in the widest type among input, output and weight, with stash_type float32
+(float64 for float64). RMSNormalization exists from opset 23 only (``SimplifiedLayerNormalization``
+is onnxruntime's contrib op, never emitted); older models are upgraded by the pipeline.
+
+Not fused: a mean-centred input (that is a LayerNorm, left to fuse-layernorm, which runs first),
+reductions over non-trailing axes, exponent other than 2, non-constant epsilon, and
+intermediates used outside the pattern.
+"""
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from normopt import graph as G
+from normopt.pattern import Match
+from normopt.pipeline import Context, Pass, Reject
+from normopt.registry import register_pass
+from normopt.passes import _norm as N
+
+RMS_NORMALIZATION = "RMSNormalization"
+
+
+@register_pass("fuse-rmsnorm")
+class FuseRmsNorm(Pass):
+    """Fuse decomposed RMSNorm subgraphs (LLaMA, T5, Gemma; Cast-wrapped fp16/bf16) into RMSNormalization."""
+
+    anchor_ops = ("Div", "Mul")
+    opset = 23
+
+    def match(self, node: gs.Node, ctx: Context) -> Match | Reject | None:
+        if not G.in_default_domain(node):
+            return None
+        norm = N.match_rms_normalized(node.outputs[0], ctx)
+        if norm is None or isinstance(norm, Reject):
+            return norm
+        centred = _mean_centred(norm.match.tensors["x"])
+        if centred:
+            return Reject(f"input '{centred}' is mean-centred (x - mean(x)): a LayerNorm, "
+                          "left to fuse-layernorm", norm.match["var"])
+        where = N.trailing(norm, ctx)
+        if isinstance(where, Reject):
+            return where
+        axis, shape = where
+        tail = N.match_affine(norm.output, ctx, norm.rank, shape, with_bias=False)
+        return N.settle_dtype(N.plan(norm, ctx, axis, tail), norm, ctx)
+
+    def rewrite(self, m: Match, ctx: Context) -> list[gs.Node]:
+        return N.emit(RMS_NORMALIZATION, m, ctx, N.scope_of(m["var"]) + RMS_NORMALIZATION)
+
+
+def _mean_centred(x: gs.Tensor) -> str | None:
+    """The name of ``x`` (or of what a Cast made it from) when it is ``Sub(t, ReduceMean(t))``."""
+    for t in (x, *(p.inputs[0] for p in [G.producer(x)] if p is not None and p.op == N.CAST)):
+        sub = G.producer(t)
+        mean = G.producer(sub.inputs[1]) if sub is not None and sub.op == "Sub" and len(sub.inputs) == 2 else None
+        if mean is not None and mean.op == N.REDUCE_MEAN and mean.inputs[0] is sub.inputs[0]:
+            return t.name
+    return None

@@ -1,0 +1,352 @@
+"""fuse-layernorm: every exporter spelling fuses to LayerNormalization; near misses stay, with reasons."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.inliner
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from helpers import assert_equivalent, make_model, op_counts, run_pass, run_pipeline
+
+F32, F16, F64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE
+NP = {F32: np.float32, F16: np.float16, F64: np.float64, TensorProto.INT32: np.int32}
+LN = "LayerNormalization"
+SHAPE = [2, 5, 8]
+
+
+class Net:
+    """A tiny graph under construction: fresh names, initializers, ReduceMean axes per opset."""
+
+    def __init__(self, opset=13, dtype=F32):
+        self.opset, self.dtype, self.nodes, self.inits, self.count = opset, dtype, [], {}, 0
+
+    def name(self, base):
+        self.count += 1
+        return f"{base}{self.count}"
+
+    def const(self, value, dtype=None):
+        name = self.name("c")
+        self.inits[name] = np.asarray(value, dtype=NP[dtype or self.dtype] if dtype != "raw" else None)
+        return name
+
+    def op(self, op_type, *inputs, **attrs):
+        out = self.name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=self.name(op_type), **attrs))
+        return out
+
+    def mean(self, x, axes, keepdims=1):
+        if self.opset < 18:
+            return self.op("ReduceMean", x, axes=list(axes), keepdims=keepdims)
+        return self.op("ReduceMean", x, self.const(list(axes), "raw"), keepdims=keepdims)
+
+    def model(self, out, shape=SHAPE, in_dtype=None, out_dtype=None, inputs=(), outputs=()):
+        self.nodes.append(helper.make_node("Identity", [out], ["y"]))
+        ins = [("x", in_dtype or self.dtype, shape), *inputs]
+        outs = [("y", out_dtype or self.dtype, shape), *outputs]
+        return make_model(self.nodes, ins, outs, self.inits, opset=self.opset)
+
+
+def layernorm(net, x="x", axes=(-1,), square="pow", divide="div", eps=1e-5, eps_first=False, eps_shape=(),
+              exponent=2.0, dup_sub=False, keepdims=1, var_axes=None, cast_d=None):
+    """The decomposed core, as exporters write it; returns the normalized tensor."""
+    mean = net.mean(x, axes, keepdims)
+    d = net.op("Sub", x, mean)
+    dv = net.op("Sub", x, mean) if dup_sub else d
+    if cast_d is not None:                     # TorchScript fp16: Sub -> Cast(double) -> Pow and Div
+        d = dv = net.op("Cast", d, to=cast_d)
+    inner = cast_d or net.dtype
+    sq = net.op("Pow", dv, net.const(exponent, inner)) if square == "pow" else net.op("Mul", dv, dv)
+    var = net.mean(sq, var_axes or axes, keepdims)
+    e = net.const(np.full(eps_shape, eps), inner)
+    std = net.op("Sqrt", net.op("Add", *((e, var) if eps_first else (var, e))))
+    if divide == "div":
+        return net.op("Div", d, std)
+    if divide == "swapped":
+        return net.op("Div", std, d)
+    recip = net.op("Reciprocal", std) if divide == "reciprocal" else net.op("Div", net.const(1.0, inner), std)
+    return net.op("Mul", recip, d)
+
+
+def affine(net, t, rng, gamma=(8,), beta=(8,), dtype=None, gamma_first=False):
+    dtype = dtype or net.dtype
+    if gamma is not None:
+        g = net.const(rng.uniform(0.5, 1.5, gamma), dtype)
+        t = net.op("Mul", *((g, t) if gamma_first else (t, g)))
+    if beta is not None:
+        t = net.op("Add", t, net.const(rng.standard_normal(beta), dtype))
+    return t
+
+
+def ln_node(model):
+    return next(n for n in model.graph.node if n.op_type == LN)
+
+
+def attrs(node):
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def fused(model, **kw):
+    out, rec = run_pass("fuse-layernorm", model, **kw)
+    assert len(rec.applied) >= 1 and not rec.skipped, [s.reason for s in rec.skipped]
+    return out, rec
+
+
+def left_alone(model, reason, passes=("fuse-layernorm",)):
+    out, result = run_pipeline(model, list(passes))
+    assert op_counts(out) == op_counts(model)
+    reasons = [s.reason for r in result.passes for s in r.skipped]
+    assert any(reason in r for r in reasons), reasons
+    return out
+
+
+# ----------------------------------------------------------------------------- must fuse
+
+CORE_VARIANTS = {
+    "pytorch_op13": dict(),
+    "axes_input_op18": dict(opset=18),
+    "positive_axis": dict(axes=(2,)),
+    "square_as_mul": dict(square="mul"),
+    "reciprocal_mul": dict(divide="reciprocal"),
+    "div_one_mul": dict(divide="div_one", opset=18),
+    "duplicated_sub": dict(dup_sub=True),
+    "eps_first_1_element": dict(eps_first=True, eps_shape=(1,)),
+    "eps_1e-3": dict(eps=1e-3),
+    "eps_1e-12": dict(eps=1e-12),
+}
+
+
+@pytest.mark.parametrize("variant", CORE_VARIANTS)
+def test_fuse_layernorm_core_variant_is_fused(variant, rng):
+    kw = dict(CORE_VARIANTS[variant])
+    net = Net(opset=kw.pop("opset", 13))
+    model = net.model(affine(net, layernorm(net, **kw), rng))
+    out, rec = fused(model)
+    assert op_counts(out) == {LN: 1, "Identity": 1}
+    a = attrs(ln_node(out))
+    assert a["axis"] == -1 and a["stash_type"] == 1
+    assert a["epsilon"] == pytest.approx(kw.get("eps", 1e-5), rel=1e-6)
+    assert len(ln_node(out).input) == 3
+    assert_equivalent(model, out)
+
+
+def test_fuse_layernorm_opset13_model_is_upgraded_to_17(rng):
+    net = Net(opset=13)
+    model = net.model(affine(net, layernorm(net), rng))
+    out, result = run_pipeline(model, ["fuse-layernorm"])
+    assert [(u.from_version, u.to_version) for u in result.upgrades] == [(13, 17)]
+    assert out.opset_import[0].version == 17 and op_counts(out) == {LN: 1, "Identity": 1}
+    assert_equivalent(model, out)
+
+
+def test_fuse_layernorm_upgrade_disabled_is_skipped_with_reason(rng):
+    net = Net(opset=14)
+    model = net.model(affine(net, layernorm(net), rng))
+    out, result = run_pipeline(model, ["fuse-layernorm"], allow_opset_upgrade=False)
+    assert op_counts(out) == op_counts(model) and out.opset_import[0].version == 14
+    assert any("needs opset 17 (model has 14); opset upgrade disabled" in s.reason for s in result.passes[0].skipped)
+
+
+def test_fuse_layernorm_two_trailing_axes_give_axis_minus_2(rng):
+    net = Net(opset=17)
+    model = net.model(affine(net, layernorm(net, axes=(-2, -1)), rng, gamma=(5, 8), beta=(5, 8)))
+    out, _ = fused(model)
+    assert attrs(ln_node(out))["axis"] == -2
+    assert_equivalent(model, out)
+
+
+def test_fuse_layernorm_without_beta_has_two_inputs(rng):
+    net = Net(opset=17)
+    model = net.model(affine(net, layernorm(net), rng, beta=None, gamma_first=True))
+    out, _ = fused(model)
+    assert op_counts(out) == {LN: 1, "Identity": 1} and len(ln_node(out).input) == 2
+    assert_equivalent(model, out)
+
+
+def test_fuse_layernorm_without_gamma_and_beta_scales_by_ones(rng):
+    net = Net(opset=17)
+    model = net.model(layernorm(net, axes=(-2, -1)))
+    out, _ = fused(model)
+    node = ln_node(out)
+    assert len(node.input) == 2
+    scale = next(numpy_helper.to_array(i) for i in out.graph.initializer if i.name == node.input[1])
+    assert scale.shape == (5, 8) and np.all(scale == 1)
+    assert_equivalent(model, out)
+
+
+def test_fuse_layernorm_gamma_1_1_D_is_reshaped(rng):
+    net = Net(opset=17)
+    model = net.model(affine(net, layernorm(net), rng, gamma=(1, 1, 8), beta=(1, 8)))
+    out, _ = fused(model)
+    assert op_counts(out) == {LN: 1, "Identity": 1}
+    assert_equivalent(model, out)
+
+
+def test_fuse_layernorm_positional_add_stays_outside(rng):
+    """An Add of a [S, D] tensor varies over a non-normalized axis: it is not LayerNorm's bias."""
+    net = Net(opset=17)
+    model = net.model(affine(net, layernorm(net), rng, gamma=(8,), beta=(5, 8)))
+    out, rec = fused(model)
+    assert op_counts(out) == {LN: 1, "Add": 1, "Identity": 1} and len(ln_node(out).input) == 2
+    assert "varies over non-normalized axes" in rec.applied[0].info["kept"]
+    assert_equivalent(model, out)
+
+
+def test_fuse_layernorm_minus_beta_stays_outside(rng):
+    net = Net(opset=17)
+    t = affine(net, layernorm(net), rng, beta=None)
+    model = net.model(net.op("Sub", t, net.const(rng.standard_normal(8))))
+    out, _ = fused(model)
+    assert op_counts(out) == {LN: 1, "Sub": 1, "Identity": 1}
+    assert_equivalent(model, out)
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+def _apex_fp16(rng, exponent_cast=False):
+    """float16 model whose statistics run in float32 (Apex O2 / autocast): Cast x up, Cast down
+    before the float16 affine; optionally the Pow exponent comes through a Cast too."""
+    net = Net(opset=17, dtype=F32)
+    xc = net.op("Cast", "x", to=F32)
+    t = layernorm(net, xc)
+    if exponent_cast:
+        at = next(i for i, n in enumerate(net.nodes) if n.op_type == "Pow")
+        net.nodes[at].input[1] = net.op("Cast", net.const(2.0, F16), to=F32)
+        net.nodes.insert(at, net.nodes.pop())
+    t = affine(net, net.op("Cast", t, to=F16), rng, dtype=F16)
+    return net.model(t, in_dtype=F16, out_dtype=F16)
+
+
+def _cast_after_affine(rng):
+    net = Net(opset=17, dtype=F32)
+    t = affine(net, layernorm(net, net.op("Cast", "x", to=F32)), rng)
+    return net.model(net.op("Cast", t, to=F16), in_dtype=F16, out_dtype=F16)
+
+
+def _torchscript_fp16(rng):
+    """TorchScript fp16 LayerNorm below opset 17: mean and Sub in fp16, the rest in double."""
+    net = Net(opset=14, dtype=F16)
+    t = net.op("Cast", layernorm(net, cast_d=F64), to=F16)
+    return net.model(affine(net, t, rng))
+
+
+def _fp32_core_fp16_affine(rng):
+    net = Net(opset=17, dtype=F32)
+    t = affine(net, net.op("Cast", layernorm(net), to=F16), rng, dtype=F16)
+    return net.model(t, out_dtype=F16)
+
+
+def _fp64(rng):
+    net = Net(opset=17, dtype=F64)
+    return net.model(affine(net, layernorm(net), rng))
+
+
+# variant: (model, LayerNormalization type, Cast nodes after fusion)
+MIXED = {
+    "apex_fp16": (_apex_fp16, np.float16, 0),
+    "exponent_through_cast": (lambda rng: _apex_fp16(rng, exponent_cast=True), np.float16, 0),
+    "cast_after_affine": (_cast_after_affine, np.float32, 2),
+    "torchscript_fp16_double": (_torchscript_fp16, np.float16, 0),
+    "fp32_core_fp16_affine": (_fp32_core_fp16_affine, np.float32, 1),
+    "fp64": (_fp64, np.float64, 0),
+}
+
+
+@pytest.mark.parametrize("variant", MIXED)
+def test_fuse_layernorm_mixed_precision_keeps_output_type(variant, rng):
+    build, ln_type, casts = MIXED[variant]
+    model = build(rng)
+    out, rec = fused(model)
+    assert op_counts(out) == {LN: 1, "Identity": 1, **({"Cast": casts} if casts else {})}
+    assert rec.applied[0].info["dtype"] == np.dtype(ln_type).name
+    a = attrs(ln_node(out))
+    assert a["stash_type"] == (TensorProto.DOUBLE if ln_type == np.float64 else TensorProto.FLOAT)
+    assert out.graph.output[0].type.tensor_type.elem_type == model.graph.output[0].type.tensor_type.elem_type
+    assert_equivalent(model, out)
+
+
+# ----------------------------------------------------------------------------- near misses
+
+def _model(rng, opset=17, shape=SHAPE, inputs=(), outputs=(), gamma=(8,), beta=(8,), **kw):
+    net = Net(opset=opset)
+    return net, net.model(affine(net, layernorm(net, **kw), rng, gamma=gamma, beta=beta), shape=shape,
+                          inputs=inputs, outputs=outputs)
+
+
+def _variance_of_input(rng):
+    net = Net(opset=17)
+    mean = net.mean("x", (-1,))
+    var = net.mean(net.op("Pow", "x", net.const(2.0)), (-1,))
+    std = net.op("Sqrt", net.op("Add", var, net.const(1e-5)))
+    return net.model(net.op("Div", net.op("Sub", "x", mean), std))
+
+
+def _escaping(rng, what):
+    net = Net(opset=17)
+    t = layernorm(net)
+    inner = next(n.output[0] for n in net.nodes if n.op_type == what)
+    net.nodes.append(helper.make_node("Neg", [inner], ["side"]))
+    return net.model(t, outputs=[("side", F32, SHAPE)])
+
+
+def _graph_output(rng):
+    net = Net(opset=17)
+    t = layernorm(net)
+    mean = net.nodes[0].output[0]
+    return net.model(t, outputs=[(mean, F32, [2, 5, 1])])
+
+
+def _integer(rng):
+    net = Net(opset=17, dtype=TensorProto.INT32)
+    return net.model(layernorm(net, exponent=2, eps=1))
+
+
+def _fp16_inside_fp32(rng):
+    """float32 in, float32 affine and out, but the statistics in float16: fusing would change
+    results beyond float32 tolerance."""
+    net = Net(opset=17, dtype=F16)
+    t = layernorm(net, net.op("Cast", "x", to=F16))
+    return net.model(affine(net, net.op("Cast", t, to=F32), rng, dtype=F32), in_dtype=F32, out_dtype=F32)
+
+
+def _constant_axes_missing(rng):
+    net = Net(opset=18)
+    t = layernorm(net)
+    for node in net.nodes:
+        if node.op_type == "ReduceMean":
+            node.input[1] = "axes"
+    return net.model(t, inputs=[("axes", TensorProto.INT64, [1])])
+
+
+NEAR_MISSES = {
+    "channels_first": (lambda rng: _model(rng, shape=[2, 8, 3, 3], axes=(1,), gamma=(8, 1, 1),
+                                          beta=(8, 1, 1))[1], "not its trailing axes"),
+    "keepdims_0": (lambda rng: _model(rng, shape=[4, 8], keepdims=0, gamma=None, beta=None)[1], "keepdims=0"),
+    "different_axes": (lambda rng: _model(rng, var_axes=(-2, -1))[1], "reduce different axes"),
+    "pow_3": (lambda rng: _model(rng, exponent=3.0)[1], "Pow exponent is 3, not 2"),
+    "div_swapped": (lambda rng: _model(rng, divide="swapped")[1], "operands swapped"),
+    "variance_of_other_tensor": (_variance_of_input, "variance is taken of 'x'"),
+    "epsilon_graph_input": (lambda rng: _eps_input(rng), "epsilon 'eps' is not a constant"),
+    "centred_used_elsewhere": (lambda rng: _escaping(rng, "Sub"), "is also used by Neg"),
+    "std_used_elsewhere": (lambda rng: _escaping(rng, "Sqrt"), "is also used by Neg"),
+    "mean_is_graph_output": (_graph_output, "graph output"),
+    "integer_dtype": (_integer, "integer dtype int32"),
+    "fp16_statistics_in_fp32_model": (_fp16_inside_fp32, "computed in float16, narrower"),
+    "axes_not_constant": (_constant_axes_missing, "has no constant axes"),
+    "dynamic_normalized_dim": (lambda rng: _model(rng, shape=[2, 5, "D"], gamma=None, beta=None)[1],
+                               "are not static"),
+}
+
+
+def _eps_input(rng):
+    net = Net(opset=17)
+    t = layernorm(net)
+    add = next(n for n in net.nodes if n.op_type == "Add")
+    add.input[1] = "eps"
+    return net.model(affine(net, t, rng), inputs=[("eps", F32, [])])
+
+
+@pytest.mark.parametrize("case", NEAR_MISSES)
+def test_fuse_layernorm_near_miss_is_left_unchanged(case, rng):
+    build, reason = NEAR_MISSES[case]
+    left_alone(build(rng), reason)
