@@ -20,6 +20,8 @@ Where the output-channel slice lives (the only per-producer difference):
 All BatchNormalization versions: training_mode=0, legacy is_test=1 / spatial=1, epsilon default
 1e-5. Math runs in float64 and is cast back to the weight's dtype (fp16, bf16, fp32, fp64).
 New weights are new initializers: a weight shared with another node is never changed.
+Inside If/Loop/Scan bodies the producer must sit in the same body as the BatchNormalization,
+and initializers that are also inputs of the main graph are not constants there either.
 """
 from __future__ import annotations
 
@@ -84,7 +86,7 @@ class FoldBatchNorm(Pass):
             return Reject("BatchNormalization has fewer than 5 inputs")
         params = {}
         for key, tensor in zip(PARAMETERS, bn.inputs[1:5]):
-            value = G.const_value(tensor, graph)
+            value = _constant(tensor, ctx)
             if value is None:
                 return Reject(f"BatchNormalization {key} '{tensor.name}' is not a constant (graph input or computed)")
             params[key] = value
@@ -105,6 +107,11 @@ class FoldBatchNorm(Pass):
         reason = fold(prod, m, s, t, ctx)
         if reason:
             return Reject(reason, prod)
+        outer = [n for n in m.nodes.values() if graph is not ctx.root and all(n is not g for g in graph.nodes)]
+        if outer:
+            # The folded nodes would move into this subgraph, away from readers in the outer scope
+            # (an outer graph output, say) that the fan-out checks on this graph cannot see.
+            return Reject(f"producer {G.node_label(outer[0])} is in an outer graph", prod)
         m.info["producer"] = prod.op
         for node in list(m.nodes.values()):
             m.add(node)
@@ -203,7 +210,7 @@ def _matmul(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:
 def _matmul_bias(add: gs.Node, ctx: Context):
     for i in (0, 1):
         mm = G.producer(add.inputs[i])
-        bias = G.const_value(add.inputs[1 - i], ctx.graph)
+        bias = _constant(add.inputs[1 - i], ctx)
         if mm is None or mm.op != "MatMul" or bias is None:
             continue
         uses = G.other_uses(add.inputs[i], ctx.graph, {id(add)})
@@ -217,7 +224,7 @@ def _weight(prod: gs.Node, m: Match, ctx: Context):
     if len(prod.inputs) < 2:
         return f"{prod.op} has no weight input"
     tensor = prod.inputs[1]
-    w = G.const_value(tensor, ctx.graph)
+    w = _constant(tensor, ctx)
     if w is None:
         return f"{prod.op} weight '{tensor.name}' is not a constant (graph input or computed)"
     if not _is_float(w.dtype):
@@ -229,10 +236,18 @@ def _weight(prod: gs.Node, m: Match, ctx: Context):
 def _optional_const(prod: gs.Node, index: int, ctx: Context):
     if len(prod.inputs) <= index or not prod.inputs[index].name:
         return None
-    value = G.const_value(prod.inputs[index], ctx.graph)
+    value = _constant(prod.inputs[index], ctx)
     if value is None:
         return f"{prod.op} bias '{prod.inputs[index].name}' is not a constant"
     return value
+
+
+def _constant(tensor: gs.Tensor, ctx: Context) -> np.ndarray | None:
+    """G.const_value, also refusing inputs of the main graph: a subgraph reads an initializer that
+    is also a graph input (old exporters) from the outer scope, and callers may still override it."""
+    if G.is_graph_input(ctx.root, tensor):
+        return None
+    return G.const_value(tensor, ctx.graph)
 
 
 def _store(m: Match, prod, w_scaled, b, s, t, dtype, channels: int, x=None) -> None:
