@@ -1,0 +1,310 @@
+"""fuse-groupnorm: every exporter spelling of GroupNorm fuses to GroupNormalization-21 (or to
+InstanceNormalization when G == C); near misses stay, with their reasons.
+
+``group_norm`` writes the graphs exporters emit: TorchScript (Constant nodes, Reshape [0, G, -1],
+InstanceNormalization with ones/zeros, Reshape(Shape(x)), Mul gamma [C, 1, ...], Add beta), the
+dynamo exporter (initializers, static reshape back), and hand-written decompositions (ReduceMean,
+Sub, Pow or Mul, Sqrt, Div or Reciprocal; Cast-wrapped float16).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from helpers import assert_equivalent, make_model, op_counts, run_pass, run_pipeline
+
+PASS = "fuse-groupnorm"
+GN, IN = "GroupNormalization", "InstanceNormalization"
+F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
+NP = {F32: np.float32, F16: np.float16}
+BATCH = 2
+
+
+class Net:
+    """A tiny graph under construction: fresh names; constants as Constant nodes or initializers."""
+
+    def __init__(self, rng, opset=17, dtype=F32, constants="node"):
+        self.rng, self.opset, self.dtype, self.constants = rng, opset, dtype, constants
+        self.nodes, self.inits, self.count = [], {}, 0
+
+    def name(self, base):
+        self.count += 1
+        return f"{base}{self.count}"
+
+    def const(self, value, dtype=None):
+        value = np.asarray(value, dtype=NP[dtype or self.dtype] if dtype != "int" else np.int64)
+        name = self.name("c")
+        if self.constants == "node":
+            self.nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value)))
+        else:
+            self.inits[name] = value
+        return name
+
+    def op(self, op_type, *inputs, **attrs):
+        out = self.name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=self.name(op_type), **attrs))
+        return out
+
+    def mean(self, x, axes):
+        if self.opset < 18:
+            return self.op("ReduceMean", x, axes=list(axes))
+        return self.op("ReduceMean", x, self.const(list(axes), "int"))
+
+    def dims(self, x, indices):
+        """Concat(Unsqueeze(Gather(Shape(x), i)) ...): TorchScript's dynamic shape arithmetic."""
+        shape = self.op("Shape", x)
+        parts = [self.op("Unsqueeze", self.op("Gather", shape, self.const(i, "int"), axis=0), self.const([0], "int"))
+                 for i in indices]
+        return parts
+
+    def model(self, y, shape, out_shape=None, extra_inputs=()):
+        self.nodes.append(helper.make_node("Identity", [y], ["Y"]))
+        ins = [("X", self.dtype, shape), *extra_inputs]
+        return make_model(self.nodes, ins, [("Y", self.dtype, out_shape or shape)], self.inits, opset=self.opset)
+
+
+def normalize(net, t, axes, square="pow", inverse="div", eps=1e-5, eps_input=None, compute=None):
+    """The decomposed mean/variance core over ``axes`` (maybe Cast to ``compute`` and back)."""
+    dtype = compute or net.dtype
+    src = net.op("Cast", t, to=compute) if compute else t
+    d = net.op("Sub", src, net.mean(src, axes))
+    sq = net.op("Pow", d, net.const(2.0, dtype)) if square == "pow" else net.op("Mul", d, d)
+    std = net.op("Sqrt", net.op("Add", net.mean(sq, axes), eps_input or net.const(eps, dtype)))
+    y = net.op("Div", d, std) if inverse == "div" else net.op("Mul", d, net.op("Reciprocal", std))
+    return net.op("Cast", y, to=net.dtype) if compute else y
+
+
+def group_norm(net, x, c, g, spatial, *, core="instancenorm", split="zero", back="shape", affine="both",
+               in_scale=1.0, in_bias=0.0, axes=None, eps=1e-5, **core_kwargs):
+    """x [BATCH, c, *spatial] -> group normalization, spelled as ``split``/``core``/``back``/``affine`` say."""
+    rank, size = 2 + len(spatial), int(np.prod(spatial))
+    shapes = {"zero": [0, g, -1], "static": [BATCH, g, -1], "neg": [-1, g, c // g * size],
+              "subgroups": [0, g, c // g, -1], "wrong_axis": [0, -1, g]}
+    if split == "concat":
+        target = net.op("Concat", *net.dims(x, [0]), net.const([g], "int"), net.const([-1], "int"), axis=0)
+    else:
+        target = net.const(shapes[split], "int")
+    grouped = net.op("Reshape", x, target)
+    if core == "instancenorm":
+        normed = net.op("InstanceNormalization", grouped, net.const(np.full(g, in_scale)),
+                        net.const(np.full(g, in_bias)), epsilon=eps)
+    else:
+        grouped_rank = 4 if split == "subgroups" else 3
+        normed = normalize(net, grouped, axes or list(range(2, grouped_rank)), eps=eps, **core_kwargs)
+    backs = {"const": lambda: net.const([BATCH, c, *spatial], "int"),
+             "zero_neg": lambda: net.const([0, c, -1, *spatial[1:]], "int"),
+             "flat": lambda: net.const([0, c, -1], "int"),
+             "swapped": lambda: net.const([0, c, *spatial[::-1]], "int"),
+             "concat": lambda: net.op("Concat", *net.dims(x, range(rank)), axis=0)}
+    y = net.op("Reshape", normed, backs[back]() if back in backs else net.op("Shape", x))
+    ones = [1] * (rank - 2)
+    params = {"both": ([c, *ones], [c, *ones]), "scale": ([c, *ones], None), "bias": (None, [c, *ones]),
+              "leading": ([1, c, *ones], [1, c, *ones]), "scale_spatial": ([c, *spatial], [c, *ones]),
+              "bias_spatial": ([c, *ones], [1, 1, *spatial]), "none": (None, None)}
+    if affine == "unsqueeze":  # TorchScript without constant folding: Unsqueeze(weight [C], [1, 2])
+        axes_ = net.const(list(range(1, rank - 1)), "int")
+        y = net.op("Mul", y, net.op("Unsqueeze", net.const(net.rng.standard_normal(c)), axes_))
+        return net.op("Add", y, net.op("Unsqueeze", net.const(net.rng.standard_normal(c)), axes_))
+    if affine == "identity":  # nn.GroupNorm(affine=False): Mul by [1, 1, 1] ones, Add [1, 1, 1] zeros
+        return net.op("Add", net.op("Mul", y, net.const(np.ones([1] * (rank - 1)))), net.const(np.zeros([1] * (rank - 1))))
+    scale, bias = params[affine]
+    if scale is not None:
+        y = net.op("Mul", y, net.const(net.rng.standard_normal(scale)))
+    if bias is not None:
+        y = net.op("Add", net.const(net.rng.standard_normal(bias)), y)  # beta first: either order
+    return y
+
+
+def gn_model(rng, c=8, g=2, spatial=(4, 4), opset=17, dtype=F32, constants="node", silu=False, **kwargs):
+    net = Net(rng, opset, dtype, constants)
+    y = group_norm(net, "X", c, g, list(spatial), **kwargs)
+    if silu:
+        y = net.op("Mul", y, net.op("Sigmoid", y))
+    shape = [BATCH, c, *spatial]
+    out_shape = {"flat": [BATCH, c, int(np.prod(spatial))], "swapped": [BATCH, c, *spatial[::-1]]}.get(
+        kwargs.get("back"), shape)
+    return net.model(y, shape, out_shape)
+
+
+def fuse(model, expected, applied=1, **options):
+    out, result = run_pipeline(model, [PASS], **options)
+    rec = result.passes[0]
+    assert op_counts(out) == expected
+    assert len(rec.applied) == applied and not rec.skipped, rec.skipped
+    report = assert_equivalent(model, out)
+    return out, result, report
+
+
+FUSED = {GN: 1, "Identity": 1}
+
+
+# ----------------------------------------------------------------------------- variants
+
+@pytest.mark.parametrize("opset", [13, 14, 17])
+@pytest.mark.parametrize("spatial", [(6,), (4, 4), (2, 3, 3)], ids=["audio_rank3", "image_rank4", "video_rank5"])
+def test_fuse_groupnorm_torchscript_export_is_fused(opset, spatial, rng):
+    model = gn_model(rng, spatial=spatial, opset=opset)
+    out, result, _ = fuse(model, FUSED)
+    assert [(u.from_version, u.to_version) for u in result.upgrades] == [(opset, 21)]
+    assert out.opset_import[0].version == 21
+    node = next(n for n in out.graph.node if n.op_type == GN)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["num_groups"] == 2 and attrs["stash_type"] == 1
+    assert [list(numpy_helper.to_array(i).shape) for i in out.graph.initializer] == [[8], [8]]
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(constants="init", back="const", opset=18),            # dynamo exporter, static shapes
+    dict(constants="init", opset=18),                          # dynamo exporter, dynamic shapes
+    dict(split="static"), dict(split="neg"), dict(split="concat"),
+    dict(back="concat"), dict(back="zero_neg"), dict(back="const"),
+    dict(affine="none"), dict(affine="scale"), dict(affine="bias"), dict(affine="leading"),
+    dict(affine="identity"), dict(affine="unsqueeze"),
+    dict(c=12, g=3), dict(c=8, g=1), dict(c=16, g=8, spatial=(3, 5)), dict(eps=1e-6),
+], ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_fuse_groupnorm_spelling_is_fused(kwargs, rng):
+    fuse(gn_model(rng, **kwargs), FUSED)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(square="pow", inverse="div"), dict(square="mul", inverse="div"),
+    dict(square="pow", inverse="reciprocal"), dict(square="mul", inverse="reciprocal"),
+    dict(opset=18), dict(split="subgroups"), dict(split="concat", back="concat"),
+    dict(spatial=(7,)), dict(spatial=(2, 2, 3)), dict(axes=[-1]), dict(eps=1e-3),
+], ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_fuse_groupnorm_decomposed_core_is_fused(kwargs, rng):
+    fuse(gn_model(rng, core="decomposed", **kwargs), FUSED)
+
+
+def test_fuse_groupnorm_cast_wrapped_float16_keeps_float32_statistics(rng):
+    model = gn_model(rng, core="decomposed", dtype=F16, compute=F32)
+    out, _, report = fuse(model, FUSED)
+    node = next(n for n in out.graph.node if n.op_type == GN)
+    assert {a.name: a.i for a in node.attribute if a.name == "stash_type"} == {"stash_type": 1}
+    assert all(numpy_helper.to_array(i).dtype == np.float16 for i in out.graph.initializer)
+    assert report.outputs[0].dtype == "float16"
+
+
+def test_fuse_groupnorm_float16_torchscript_export_is_fused(rng):
+    fuse(gn_model(rng, dtype=F16), FUSED)
+
+
+def test_fuse_groupnorm_silu_tail_stays_outside(rng):
+    fuse(gn_model(rng, silu=True), {GN: 1, "Sigmoid": 1, "Mul": 1, "Identity": 1})
+
+
+def test_fuse_groupnorm_groups_equal_channels_become_instancenorm_without_upgrade(rng):
+    model = gn_model(rng, c=4, g=4, opset=13)
+    out, result, _ = fuse(model, {IN: 1, "Identity": 1})
+    assert not result.upgrades and out.opset_import[0].version == 13
+
+
+def unet_block(rng, opset=14, core="instancenorm"):
+    """diffusers ResnetBlock2D: GN -> SiLU -> Conv3x3 -> + temb -> GN -> SiLU -> Conv3x3 -> + shortcut."""
+    net, c, spatial = Net(rng, opset), 8, [6, 6]
+    h = "X"
+    for i in range(2):
+        h = group_norm(net, h, c, 4, spatial, core=core, eps=1e-6)
+        h = net.op("Mul", h, net.op("Sigmoid", h))
+        h = net.op("Conv", h, net.const(rng.standard_normal((c, c, 3, 3)) * 0.2), net.const(rng.standard_normal(c)),
+                   pads=[1, 1, 1, 1])
+        if i == 0:
+            h = net.op("Add", h, net.const(rng.standard_normal((c, 1, 1))))
+    return net.model(net.op("Add", h, "X"), [BATCH, c, *spatial])
+
+
+@pytest.mark.parametrize("core", ["instancenorm", "decomposed"])
+def test_fuse_groupnorm_unet_block_both_norms_are_fused(core, rng):
+    model = unet_block(rng, core=core)
+    out, _, _ = fuse(model, {GN: 2, "Sigmoid": 2, "Mul": 2, "Conv": 2, "Add": 2, "Identity": 1, "Constant": 5},
+                     applied=2)
+    assert out.opset_import[0].version == 21
+
+
+def test_fuse_groupnorm_chain_at_opset13_mixed_forms_are_all_fused(rng):
+    # Reshape-13 shape inference loses shapes after Reshape(t, Shape(x)); the first norm needs no
+    # upgrade (G == C) and the second does: both must still be fused.
+    net = Net(rng, 13)
+    h = group_norm(net, "X", 4, 4, [5])
+    h = net.op("Conv", h, net.const(rng.standard_normal((8, 4, 3)) * 0.3), pads=[1, 1])
+    h = group_norm(net, h, 8, 2, [5])
+    model = net.model(h, [BATCH, 4, 5], [BATCH, 8, 5])
+    out, result, _ = fuse(model, {IN: 1, GN: 1, "Conv": 1, "Constant": 1, "Identity": 1}, applied=2)
+    assert [(u.from_version, u.to_version) for u in result.upgrades] == [(13, 21)]
+
+
+def test_fuse_groupnorm_opset_upgrade_disabled_is_skipped_with_reason(rng):
+    model = gn_model(rng, opset=17)
+    out, result = run_pipeline(model, [PASS], allow_opset_upgrade=False)
+    assert op_counts(out) == op_counts(model) and not result.upgrades
+    assert any("needs opset 21 (model has 17); opset upgrade disabled" in s.reason for s in result.skipped)
+
+
+@pytest.mark.parametrize("opset", [18, 21])
+def test_fuse_groupnorm_opset18_model_gets_opset21_form(opset, rng):
+    # GroupNormalization-18 (per-group scale) is deprecated: onnx's checker rejects it at opsets
+    # 18-20, so even a per-group-constant gamma is emitted in the opset-21 form.
+    model = gn_model(rng, opset=opset, affine="identity")
+    out, result, _ = fuse(model, FUSED)
+    assert out.opset_import[0].version == 21 and len(result.upgrades) == (opset < 21)
+    onnx.checker.check_model(out, full_check=True)
+
+
+def test_fuse_groupnorm_inside_if_branch_is_fused(rng, tmp_path):
+    body = Net(rng, 17)
+    y = group_norm(body, "X", 8, 2, [4, 4])
+    body.nodes.append(helper.make_node("Identity", [y], ["then_out"]))
+    then = helper.make_graph(body.nodes, "then", [], [helper.make_tensor_value_info("then_out", F32, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["X"], ["else_out"])], "else", [],
+                              [helper.make_tensor_value_info("else_out", F32, None)])
+    node = helper.make_node("If", ["cond"], ["Y"], then_branch=then, else_branch=other)
+    model = make_model([node], [("X", F32, [BATCH, 8, 4, 4]), ("cond", TensorProto.BOOL, [])],
+                       [("Y", F32, [BATCH, 8, 4, 4])], opset=17)
+    out, result = run_pipeline(model, [PASS])
+    assert op_counts(out) == {"If": 1, GN: 1, "Identity": 2}
+    assert len(result.applied) == 1 and result.applied[0].graph.endswith("then_branch")
+    for cond in (True, False):
+        path = tmp_path / f"cond_{cond}.npz"
+        np.savez(path, cond=np.array(cond), X=rng.standard_normal((BATCH, 8, 4, 4)).astype(np.float32))
+        assert_equivalent(model, out, inputs_file=str(path))
+
+
+# ----------------------------------------------------------------------------- near misses
+
+def escaping_instancenorm(rng):
+    model = gn_model(rng)
+    inorm = next(n for n in model.graph.node if n.op_type == IN)
+    model.graph.output.append(helper.make_tensor_value_info(inorm.output[0], F32, [BATCH, 2, 16]))
+    return model
+
+
+def eps_as_input(rng):
+    net = Net(rng, 17)
+    y = group_norm(net, "X", 8, 2, [4, 4], core="decomposed", eps_input="eps")
+    return net.model(y, [BATCH, 8, 4, 4], extra_inputs=[("eps", F32, [])])
+
+
+@pytest.mark.parametrize("build, reason", [
+    (lambda rng: gn_model(rng, split="wrong_axis"), "does not split the channels"),
+    (lambda rng: gn_model(rng, c=6, g=4, spatial=(2, 2)), "4 groups do not divide 6 channels"),
+    (lambda rng: gn_model(rng, in_scale=2.0), "InstanceNormalization scale is not all 1"),
+    (lambda rng: gn_model(rng, in_bias=0.5), "InstanceNormalization bias is not all 0"),
+    (lambda rng: gn_model(rng, affine="scale_spatial"), "not per channel"),
+    (lambda rng: gn_model(rng, affine="bias_spatial"), "not per channel"),
+    (escaping_instancenorm, "is also used by graph output"),
+    (eps_as_input, "epsilon 'eps' is not a constant"),
+    (lambda rng: gn_model(rng, core="decomposed", split="subgroups", axes=[3]), "not over each whole group"),
+    (lambda rng: gn_model(rng, back="flat"), "does not restore the shape"),
+    (lambda rng: gn_model(rng, back="swapped", spatial=(3, 5)), "does not restore the shape"),
+    (lambda rng: gn_model(rng, core="decomposed", spatial=(2, 2), back="const", split="static", c=4, g=2,
+                          dtype=F32, compute=F16), "narrower than input float32"),
+], ids=["wrong_axis", "g_not_dividing_c", "in_scale", "in_bias", "gamma_spatial", "beta_spatial",
+        "intermediate_output", "eps_input", "partial_group_axes", "not_restored_rank",
+        "not_restored_dims", "fp16_statistics"])
+def test_fuse_groupnorm_near_miss_is_left_unchanged(build, reason, rng):
+    model = build(rng)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model)
+    assert not rec.applied and any(reason in s.reason for s in rec.skipped), [s.reason for s in rec.skipped]
