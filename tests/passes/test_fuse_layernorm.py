@@ -350,3 +350,151 @@ def _eps_input(rng):
 def test_fuse_layernorm_near_miss_is_left_unchanged(case, rng):
     build, reason = NEAR_MISSES[case]
     left_alone(build(rng), reason)
+
+
+# ----------------------------------------------------------------------------- TF / Keras
+
+def _tf(rng, form):
+    """tf2onnx LayerNorm: s = gamma / sqrt(var + eps); y = x*s + (beta - mean*s) (tf.nn.batch_normalization),
+    Keras 3's x*s + ((-mean)*s + beta), or neither gamma nor beta: x*r + (-mean)*r."""
+    net = Net(opset=13)
+    mean = net.mean("x", (-1,))
+    d = net.op("Sub", "x", mean)
+    var = net.mean(net.op("Mul", d, d), (-1,))
+    r = net.op("Reciprocal", net.op("Sqrt", net.op("Add", var, net.const(1e-3))))
+    s = r if form == "plain" else net.op("Mul", r, net.const(rng.uniform(0.5, 1.5, 8)))
+    xs = net.op("Mul", "x", s)
+    beta = net.const(rng.standard_normal(8))
+    if form == "tf":
+        bias = net.op("Sub", beta, net.op("Mul", mean, s))
+    else:
+        bias = net.op("Mul", net.op("Neg", mean), s)
+        bias = bias if form == "plain" else net.op("Add", bias, beta)
+    return net.model(net.op("Add", xs, bias))
+
+
+@pytest.mark.parametrize("form, inputs", [("tf", 3), ("keras3", 3), ("plain", 2)])
+def test_fuse_layernorm_tf_keras_form_is_fused(form, inputs, rng):
+    model = _tf(rng, form)
+    out, rec = fused(model)
+    assert op_counts(out) == {LN: 1, "Identity": 1} and len(ln_node(out).input) == inputs
+    assert attrs(ln_node(out))["epsilon"] == pytest.approx(1e-3)
+    assert_equivalent(model, out)
+
+
+def test_fuse_layernorm_tf_form_gamma_over_other_axes_is_rejected(rng):
+    model = _tf(rng, "tf")
+    gamma = next(i for i in model.graph.initializer if numpy_helper.to_array(i).shape == (8,))
+    gamma.CopyFrom(numpy_helper.from_array(rng.uniform(0.5, 1.5, (5, 8)).astype(np.float32), gamma.name))
+    left_alone(model, "varies over non-normalized axes")
+
+
+# ----------------------------------------------------------------------------- ONNX function body
+
+def _function_body(rng, opset, axis, bias, dtype=F32):
+    """A LayerNormalization expanded by ONNX's own inliner (its context-dependent function body)."""
+    d = tuple(SHAPE[axis:])
+    inits = {"S": rng.uniform(0.5, 1.5, d).astype(NP[dtype])}
+    if bias:
+        inits["B"] = rng.standard_normal(d).astype(NP[dtype])
+    node = helper.make_node(LN, ["x", "S", "B"] if bias else ["x", "S"], ["y"], axis=axis, epsilon=1e-4)
+    model = make_model([node], [("x", dtype, SHAPE)], [("y", dtype, SHAPE)], inits, opset=opset)
+    model.graph.value_info.extend(helper.make_tensor_value_info(k, dtype, v.shape) for k, v in inits.items())
+    expanded = onnx.inliner.inline_selected_functions(model, [("", LN)], inline_schema_functions=True)
+    assert LN not in op_counts(expanded)
+    return expanded
+
+
+@pytest.mark.parametrize("opset, axis, bias, dtype", [(17, -1, True, F32), (18, -1, False, F32),
+                                                      (18, -2, True, F32), (17, -1, True, F16)])
+def test_fuse_layernorm_onnx_function_body_is_fused_over_the_original_input(opset, axis, bias, dtype, rng):
+    model = _function_body(rng, opset, axis, bias, dtype)
+    out, rec = fused(model)
+    assert op_counts(out) == {LN: 1}
+    node = ln_node(out)
+    assert node.input[0] == "x" and node.output[0] == "y" and attrs(node)["axis"] == axis
+    assert len(node.input) == (3 if bias else 2) and attrs(node)["epsilon"] == pytest.approx(1e-4)
+    assert_equivalent(model, out)
+
+
+# ----------------------------------------------------------------------------- subgraphs
+
+def _body(rng, name, x, out):
+    net = Net(opset=17)
+    net.count = 100 * len(name)
+    t = affine(net, layernorm(net, x), rng)
+    net.nodes.append(helper.make_node("Identity", [t], [out]))
+    return net
+
+
+def _if(rng):
+    net = _body(rng, "then", "x", "then_y")
+    then = helper.make_graph(net.nodes, "then", [], [helper.make_tensor_value_info("then_y", F32, SHAPE)])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["else_y"])], "else", [],
+                              [helper.make_tensor_value_info("else_y", F32, SHAPE)])
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)
+    return make_model([node], [("x", F32, SHAPE)], [("y", F32, SHAPE)], {**net.inits, "cond": np.array(True)},
+                      opset=17)
+
+
+def _loop(rng):
+    net = _body(rng, "loop", "h", "h_out")
+    net.nodes.append(helper.make_node("Identity", ["c"], ["c_out"]))
+    body = helper.make_graph(net.nodes, "body",
+                             [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                              helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                              helper.make_tensor_value_info("h", F32, SHAPE)],
+                             [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+                              helper.make_tensor_value_info("h_out", F32, SHAPE)])
+    node = helper.make_node("Loop", ["trip", "keep", "x"], ["y"], body=body)
+    inits = {**net.inits, "trip": np.array(2, np.int64), "keep": np.array(True)}
+    return make_model([node], [("x", F32, SHAPE)], [("y", F32, SHAPE)], inits, opset=17)
+
+
+def _scan(rng):
+    net = _body(rng, "scan", "row", "row_out")
+    body = helper.make_graph(net.nodes, "body", [helper.make_tensor_value_info("row", F32, SHAPE[1:])],
+                             [helper.make_tensor_value_info("row_out", F32, SHAPE[1:])])
+    node = helper.make_node("Scan", ["x"], ["y"], body=body, num_scan_inputs=1)
+    return make_model([node], [("x", F32, SHAPE)], [("y", F32, SHAPE)], net.inits, opset=17)
+
+
+@pytest.mark.parametrize("build", [_if, _loop, _scan], ids=["if", "loop", "scan"])
+def test_fuse_layernorm_inside_subgraph_is_fused(build, rng):
+    model = build(rng)
+    out, rec = fused(model)
+    assert op_counts(out).get(LN) == 1 and "ReduceMean" not in op_counts(out)
+    assert rec.applied[0].graph  # found inside the body, not the main graph
+    assert_equivalent(model, out)
+
+
+# ----------------------------------------------------------------------------- real TorchScript exports
+
+@pytest.mark.parametrize("opset", [13, 14])
+def test_fuse_layernorm_torchscript_transformer_export_is_fused_after_upgrade(opset, tmp_path):
+    """A small pre-LN transformer exported below opset 17 (LayerNorm decomposed), through every pass."""
+    torch = pytest.importorskip("torch")
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln1, self.ln2 = torch.nn.LayerNorm(16), torch.nn.LayerNorm(16, eps=1e-12)
+            self.q, self.k, self.v = (torch.nn.Linear(16, 16) for _ in range(3))
+            self.ff = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+
+        def forward(self, x):
+            h = self.ln1(x)
+            x = x + torch.softmax(self.q(h) @ self.k(h).transpose(1, 2) / 4.0, -1) @ self.v(h)
+            return x + self.ff(self.ln2(x))
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(Block(), Block(), torch.nn.LayerNorm(16, elementwise_affine=False)).eval()
+    path = tmp_path / f"block{opset}.onnx"
+    torch.onnx.export(net, (torch.randn(2, 5, 16),), str(path), dynamo=False, opset_version=opset,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch", 1: "seq"}})
+    model = onnx.load(str(path))
+    assert LN not in op_counts(model)
+    out, result = run_pipeline(model)
+    assert [(u.from_version, u.to_version) for u in result.upgrades] == [(opset, 17)]
+    assert op_counts(out)[LN] == 5 and "ReduceMean" not in op_counts(out) and "Pow" not in op_counts(out)
+    assert_equivalent(model, out)
