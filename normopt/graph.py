@@ -31,7 +31,19 @@ def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
 
 
 def is_graph_input(graph: gs.Graph, tensor: gs.Tensor) -> bool:
-    return any(t is tensor for t in graph.inputs)
+    return any(t is tensor for t in graph.inputs) or getattr(tensor, _INPUT_MARK, False)
+
+
+_INPUT_MARK = "_normopt_graph_input"
+
+
+def mark_graph_inputs(root: gs.Graph) -> None:
+    """Flag the inputs of the model's graph and subgraphs on the tensors themselves, so that a
+    subgraph node reading an outer-scope input still sees it as one (an initializer that is
+    also a graph input can be overridden at run time: it is not a constant)."""
+    for _path, g in iter_graphs(root):
+        for tensor in g.inputs:
+            setattr(tensor, _INPUT_MARK, True)
 
 
 def const_value(tensor: gs.Tensor, graph: gs.Graph | None = None, _depth: int = 0) -> np.ndarray | None:
@@ -42,7 +54,7 @@ def const_value(tensor: gs.Tensor, graph: gs.Graph | None = None, _depth: int = 
     as Transpose(W)). An initializer that is also a graph input (old exporters) does not count:
     the caller may feed another value at run time.
     """
-    if graph is not None and is_graph_input(graph, tensor):
+    if getattr(tensor, _INPUT_MARK, False) or (graph is not None and is_graph_input(graph, tensor)):
         return None
     if isinstance(tensor, gs.Constant):
         return np.asarray(tensor.values)

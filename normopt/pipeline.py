@@ -230,6 +230,7 @@ def _import(model: onnx.ModelProto) -> gs.Graph:
     if any(inp.name in inits for inp in model.graph.input):
         tensors = graph.tensors()
         graph.inputs = [tensors[inp.name] for inp in model.graph.input if inp.name in tensors]
+    G.mark_graph_inputs(graph)
     return graph
 
 

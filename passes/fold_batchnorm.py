@@ -86,7 +86,7 @@ class FoldBatchNorm(Pass):
             return Reject("BatchNormalization has fewer than 5 inputs")
         params = {}
         for key, tensor in zip(PARAMETERS, bn.inputs[1:5]):
-            value = _constant(tensor, ctx)
+            value = G.const_value(tensor, ctx.graph)
             if value is None:
                 return Reject(f"BatchNormalization {key} '{tensor.name}' is not a constant (graph input or computed)")
             params[key] = value
@@ -210,7 +210,7 @@ def _matmul(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:
 def _matmul_bias(add: gs.Node, ctx: Context):
     for i in (0, 1):
         mm = G.producer(add.inputs[i])
-        bias = _constant(add.inputs[1 - i], ctx)
+        bias = G.const_value(add.inputs[1 - i], ctx.graph)
         if mm is None or mm.op != "MatMul" or bias is None:
             continue
         uses = G.other_uses(add.inputs[i], ctx.graph, {id(add)})
@@ -224,7 +224,7 @@ def _weight(prod: gs.Node, m: Match, ctx: Context):
     if len(prod.inputs) < 2:
         return f"{prod.op} has no weight input"
     tensor = prod.inputs[1]
-    w = _constant(tensor, ctx)
+    w = G.const_value(tensor, ctx.graph)
     if w is None:
         return f"{prod.op} weight '{tensor.name}' is not a constant (graph input or computed)"
     if not _is_float(w.dtype):
@@ -236,18 +236,10 @@ def _weight(prod: gs.Node, m: Match, ctx: Context):
 def _optional_const(prod: gs.Node, index: int, ctx: Context):
     if len(prod.inputs) <= index or not prod.inputs[index].name:
         return None
-    value = _constant(prod.inputs[index], ctx)
+    value = G.const_value(prod.inputs[index], ctx.graph)
     if value is None:
         return f"{prod.op} bias '{prod.inputs[index].name}' is not a constant"
     return value
-
-
-def _constant(tensor: gs.Tensor, ctx: Context) -> np.ndarray | None:
-    """G.const_value, also refusing inputs of the main graph: a subgraph reads an initializer that
-    is also a graph input (old exporters) from the outer scope, and callers may still override it."""
-    if G.is_graph_input(ctx.root, tensor):
-        return None
-    return G.const_value(tensor, ctx.graph)
 
 
 def _store(m: Match, prod, w_scaled, b, s, t, dtype, channels: int, x=None) -> None:
