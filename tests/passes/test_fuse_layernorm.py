@@ -236,6 +236,11 @@ def _fp32_core_fp16_affine(rng):
     return net.model(t, out_dtype=F16)
 
 
+def _fp16_throughout(rng):
+    net = Net(opset=17, dtype=F16)
+    return net.model(affine(net, layernorm(net), rng))
+
+
 def _fp64(rng):
     net = Net(opset=17, dtype=F64)
     return net.model(affine(net, layernorm(net), rng))
@@ -248,6 +253,7 @@ MIXED = {
     "cast_after_affine": (_cast_after_affine, np.float32, 2),
     "torchscript_fp16_double": (_torchscript_fp16, np.float16, 0),
     "fp32_core_fp16_affine": (_fp32_core_fp16_affine, np.float32, 1),
+    "fp16_throughout": (_fp16_throughout, np.float16, 0),
     "fp64": (_fp64, np.float64, 0),
 }
 
@@ -262,7 +268,15 @@ def test_fuse_layernorm_mixed_precision_keeps_output_type(variant, rng):
     a = attrs(ln_node(out))
     assert a["stash_type"] == (TensorProto.DOUBLE if ln_type == np.float64 else TensorProto.FLOAT)
     assert out.graph.output[0].type.tensor_type.elem_type == model.graph.output[0].type.tensor_type.elem_type
+    eps = next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == _eps_name(model))
+    assert a["epsilon"] == pytest.approx(float(eps))  # the value as stored: 1e-5 in float16 is 1.0014e-5
     assert_equivalent(model, out)
+
+
+def _eps_name(model):
+    add = next(n for n in model.graph.node if n.op_type == "Add" and any(
+        p.op_type == "ReduceMean" for p in model.graph.node if p.output[0] in n.input))
+    return next(i for i in add.input if any(t.name == i for t in model.graph.initializer))
 
 
 # ----------------------------------------------------------------------------- near misses
@@ -318,7 +332,15 @@ def _constant_axes_missing(rng):
     return net.model(t, inputs=[("axes", TensorProto.INT64, [1])])
 
 
+def _rank_unknown(rng):
+    """x reshaped to a shape of unknown length: the rank is unknown, positive axis 2 can't be placed."""
+    net = Net(opset=17)
+    h = net.op("Reshape", "x", "shape")
+    return net.model(layernorm(net, h, axes=(2,)), inputs=[("shape", TensorProto.INT64, ["n"])])
+
+
 NEAR_MISSES = {
+    "rank_unknown_positive_axis": (_rank_unknown, "axes [2] cannot be placed (input rank unknown)"),
     "channels_first": (lambda rng: _model(rng, shape=[2, 8, 3, 3], axes=(1,), gamma=(8, 1, 1),
                                           beta=(8, 1, 1))[1], "not its trailing axes"),
     "keepdims_0": (lambda rng: _model(rng, shape=[4, 8], keepdims=0, gamma=None, beta=None)[1], "keepdims=0"),
