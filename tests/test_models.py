@@ -1,0 +1,85 @@
+"""End to end over the committed real exports in models/: fold, verify, count, re-run."""
+from pathlib import Path
+
+import onnx
+import pytest
+
+from helpers import op_counts
+from normopt import model_io
+from normopt.fold import FoldOptions, optimize
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+NORM_OPS = ("BatchNormalization", "GroupNormalization", "InstanceNormalization", "LayerNormalization",
+            "RMSNormalization")
+
+# Normalization ops expected after `normopt fold` (ops not listed: 0).
+EXPECTED = {
+    "cnn_bn_ts_op13.onnx": {},
+    "cnn_bn_dynamo_op18.onnx": {},
+    "cnn_bn_dynamo_default_op18.onnx": {},
+    "conv1d_bn_ts_op13.onnx": {},
+    "conv1d_bn_dynamo_op18.onnx": {},
+    "conv3d_bn_ts_op14.onnx": {},
+    "conv3d_bn_dynamo_op18.onnx": {},
+    "mlp_linear_bn1d_ts_op13.onnx": {},
+    "mlp_linear_bn1d_dynamo_op18.onnx": {},
+    "deconv_bn_ts_op15.onnx": {},
+    "deconv_bn_dynamo_op18.onnx": {},
+    "transformer_ln_ts_op13.onnx": {"LayerNormalization": 5},
+    "transformer_ln_ts_op14_dynamic.onnx": {"LayerNormalization": 5},
+    "transformer_ln_tokens_ts_op16.onnx": {"LayerNormalization": 5},
+    "transformer_ln_ts_op17.onnx": {"LayerNormalization": 5},
+    "transformer_ln_dynamo_op18.onnx": {"LayerNormalization": 5},
+    "transformer_handln_dynamo_op18.onnx": {"LayerNormalization": 5},
+    "bert_ln_eps1e-12_ts_op14.onnx": {"LayerNormalization": 5},
+    "gpt_decoder_causal_ts_op14.onnx": {"LayerNormalization": 5},
+    "transformer_ln_fp16_ts_op14.onnx": {"LayerNormalization": 5},
+    "transformer_ln_fp32cast_fp16_ts_op14.onnx": {"LayerNormalization": 5},
+    # The two channels-first layer norms (over axis 1 of NCHW) stay decomposed.
+    "convnext_ln_ts_op14.onnx": {"LayerNormalization": 3},
+    "convnext_ln_dynamo_op18.onnx": {"LayerNormalization": 3},
+    # GroupNorm(32, 32) has one channel per group: it is an InstanceNormalization.
+    "audio_gn_ts_op13.onnx": {"GroupNormalization": 2, "InstanceNormalization": 1},
+    "unet_resblock_gn_ts_op14.onnx": {"GroupNormalization": 2},
+    "unet_resblock_gn_ts_op17.onnx": {"GroupNormalization": 2},
+    "video_gn_ts_op17.onnx": {"GroupNormalization": 2},
+    "unet_resblock_gn_dynamo_op18.onnx": {"GroupNormalization": 2},
+    "unet_resblock_gn_dynamo_op21.onnx": {"GroupNormalization": 2},
+    "unet_resblock_gn_fp16_ts_op14.onnx": {"GroupNormalization": 2},
+    "style_instnorm_ts_op14.onnx": {"InstanceNormalization": 5},
+    "style_instnorm_dynamo_op18.onnx": {"InstanceNormalization": 5},
+    "style_instnorm_manual_ts_op14.onnx": {"InstanceNormalization": 5},
+    "style_instnorm_manual_dynamo_op18.onnx": {"InstanceNormalization": 5},
+    "llama_rms_ts_op14.onnx": {"RMSNormalization": 5},
+    "llama_rms_ts_op17.onnx": {"RMSNormalization": 5},
+    "llama_rms_dynamo_op18.onnx": {"RMSNormalization": 5},
+    "llama_rms_dynamo_op23.onnx": {"RMSNormalization": 5},
+    "llama_rms_fp16_ts_op14.onnx": {"RMSNormalization": 5},
+    "llama_rms_fp16_dynamo_op18.onnx": {"RMSNormalization": 5},
+    "t5_rms_ts_op14.onnx": {"RMSNormalization": 5},
+    "gemma_rms_ts_op14.onnx": {"RMSNormalization": 5},
+    "gemma_rms_dynamo_op18.onnx": {"RMSNormalization": 5},
+}
+
+
+def test_models_every_committed_export_has_an_expectation():
+    assert sorted(p.name for p in MODELS.glob("*.onnx")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_models_fold_verifies_and_reaches_expected_ops(name):
+    path = MODELS / name
+    source = model_io.load(path)
+    result = optimize(source, FoldOptions(provider="cpu"), source=path)
+    assert result.verified, result.verification.failures
+    assert not result.rollbacks
+    counts = op_counts(result.model)
+    assert {op: counts.get(op, 0) for op in NORM_OPS} == {op: EXPECTED[name].get(op, 0) for op in NORM_OPS}
+    assert not [s for s in result.pipeline.skipped if s.reason.startswith("not analysed")]
+    assert [i.name for i in result.model.graph.input] == [i.name for i in source.graph.input]
+    assert [o.name for o in result.model.graph.output] == [o.name for o in source.graph.output]
+    model_io.check(result.model, full=model_io.passes_full_check(source))
+    # A second run changes nothing, byte for byte.
+    again = optimize(result.model, FoldOptions(verify=False))
+    assert not again.pipeline.applied and not again.pipeline.upgrades
+    assert model_io.serialize(again.model) == model_io.serialize(result.model)
