@@ -218,7 +218,7 @@ def _epsilon(m: Match) -> float | Reject:
     value = np.asarray(m.values["eps"])
     if value.size != 1:
         return Reject(f"epsilon has {value.size} elements, not 1", m["add_eps"])
-    if not _is_float(value.dtype):
+    if not is_float(value.dtype):
         return Reject(f"epsilon has non-float dtype {value.dtype}", m["add_eps"])
     eps = _scalar(value)
     if not np.isfinite(eps):
@@ -236,7 +236,7 @@ def _trim_input_cast(m: Match, ctx: Context) -> None:
         return
     cast = m["cast_x"]
     inside = {id(n) for n in m.matched}
-    if not _is_float(ctx.dtype(cast.inputs[0])) or not _is_float(_cast_target(cast)) or \
+    if not is_float(ctx.dtype(cast.inputs[0])) or not is_float(_cast_target(cast)) or \
             G.other_uses(cast.outputs[0], ctx.graph, inside):
         m.matched[:] = [n for n in m.matched if n is not cast]
         del m.nodes["cast_x"]
@@ -271,11 +271,11 @@ def _compute_bits(m: Match, ctx: Context) -> int | None | Reject:
             dtype = ctx.dtype(out)
             if dtype is None:
                 continue
-            if not _is_float(dtype):
+            if not is_float(dtype):
                 return Reject(f"'{out.name}' has integer dtype {np.dtype(dtype).name}", node)
             bits.append(float_bits(dtype))
     x_dtype = ctx.dtype(m.tensors["x"])
-    if x_dtype is not None and not _is_float(x_dtype):
+    if x_dtype is not None and not is_float(x_dtype):
         return Reject(f"input '{m.tensors['x'].name}' has integer dtype {np.dtype(x_dtype).name}")
     return min(bits) if bits else None
 
@@ -356,7 +356,7 @@ def _next_affine(t: gs.Tensor, ctx: Context, op: str):
             return None
         if node.op == op and len(node.inputs) == 2 and node.inputs[0] is not node.inputs[1]:
             return node, passed, t
-        if node.op == "Identity" or (node.op == CAST and _is_float(_cast_target(node))):
+        if node.op == "Identity" or (node.op == CAST and is_float(_cast_target(node))):
             passed.append(node)
             t = node.outputs[0]
             continue
@@ -375,7 +375,7 @@ def broadcast_param(value: np.ndarray, rank: int, norm_shape: tuple[int, ...]) -
     element (size 1 on every other axis, no rank growth); else why not."""
     value = np.asarray(value)
     n = len(norm_shape)
-    if not _is_float(value.dtype):
+    if not is_float(value.dtype):
         return f"has non-float dtype {value.dtype}"
     if value.ndim > rank:
         return f"has rank {value.ndim}, more than the input's {rank}"
@@ -386,112 +386,6 @@ def broadcast_param(value: np.ndarray, rank: int, norm_shape: tuple[int, ...]) -
     if any(d not in (1, full) for d, full in zip(aligned, norm_shape)):
         return f"of shape {list(value.shape)} does not broadcast to the normalized shape {list(norm_shape)}"
     return np.broadcast_to(value.reshape(aligned), norm_shape).copy()
-
-
-# ------------------------------------------------------------------------------ fused op
-
-def trailing(norm: Normalized, ctx: Context) -> tuple[int, tuple[int, ...]] | Reject:
-    """(negative first axis, static normalized dims) when ``norm`` is over the trailing axes."""
-    x, rank = norm.x, norm.rank
-    if rank is None:
-        return Reject(f"rank of input '{x.name}' is unknown")
-    axis = trailing_axis(norm.axes, rank)
-    if axis is None:
-        return Reject(f"normalizes axes {list(norm.axes)} of a rank-{rank} input, not its trailing axes "
-                      "(channels-first layout)", norm.match["mean" if norm.match.has("mean") else "var"])
-    shape = static_dims(ctx, x, axis)
-    if shape is None:
-        return Reject(f"normalized dims of input '{x.name}' are not static: {ctx.shape(x)}")
-    return axis, shape
-
-
-def plan(norm: Normalized, ctx: Context, axis: int, tail: Affine) -> Match:
-    """The match to replace: the core plus its affine tail, for a fused op over ``axis``.
-
-    Fills ``m.tensors["input"]``, ``m.values["scale"]`` (ones when there is none),
-    ``m.values["bias"]`` (when there is one) and ``m.info`` (axis, epsilon, variant).
-    """
-    x = norm.x
-    shape = static_dims(ctx, x, axis)
-    m = norm.match
-    for node in tail.nodes:
-        m.add(node)
-    m.output = tail.output
-    m.tensors["input"] = x
-    m.values["scale"] = tail.scale if tail.scale is not None else np.ones(shape, np.float32)
-    if tail.bias is not None:
-        m.values["bias"] = tail.bias
-    m.info.update(epsilon=norm.epsilon, axis=axis, scale=tail.scale is not None, bias=tail.bias is not None)
-    if norm.variant:
-        m.info["variant"] = ", ".join(norm.variant)
-    if tail.kept:
-        m.info["kept"] = tail.kept
-    return m
-
-
-def static_dims(ctx: Context, x: gs.Tensor, axis: int) -> tuple[int, ...] | None:
-    shape = ctx.shape(x)
-    if shape is None:
-        return None
-    dims = tuple(shape[axis:])
-    return dims if all(isinstance(d, int) and d > 0 for d in dims) else None
-
-
-def settle_dtype(m: Match, norm: Normalized, ctx: Context) -> Match | Reject:
-    """Pick the type T the fused op runs in: the widest of input, output, scale and bias.
-
-    Nothing is then rounded more than in the original graph. Statistics computed in a type
-    narrower than both input and output (float16 inside a float32 model) would differ by more
-    than float32 tolerance once fused, so that is a reject.
-    """
-    x, out = m.tensors["input"], m.output
-    x_type, out_type = ctx.dtype(x), ctx.dtype(out)
-    if not _is_float(x_type) or not _is_float(out_type):
-        unknown = x if not _is_float(x_type) else out
-        return Reject(f"dtype of '{unknown.name}' is unknown or not a float type")
-    low = min(float_bits(x_type), float_bits(out_type))
-    if norm.compute_bits is not None and norm.compute_bits < low:
-        inner = next(k for k, v in FLOAT_BITS.items() if v == norm.compute_bits)
-        return Reject(f"statistics are computed in {inner}, narrower than input {np.dtype(x_type).name} "
-                      f"and output {np.dtype(out_type).name}")
-    params = [m.values[k].dtype for k in ("scale", "bias") if m.info.get(k)]   # absorbed ones only
-    dtype = max([np.dtype(x_type), np.dtype(out_type)] + params, key=float_bits)
-    m.info["dtype"] = dtype.name
-    return m
-
-
-def emit(op: str, m: Match, ctx: Context, base: str) -> list[gs.Node]:
-    """[Cast x to T] -> op(x, scale[, bias]) in T -> [Cast to the output's type], writing m.output."""
-    dtype = np.dtype(m.info["dtype"])
-    x = m.tensors["input"]
-    name = ctx.names.fresh(base)
-    nodes = []
-    if ctx.dtype(x) != dtype:
-        cast = gs.Variable(ctx.names.fresh(f"{x.name}_{dtype.name}"), dtype=dtype)
-        nodes.append(_cast_node(ctx, f"{name}_input_cast", x, cast, dtype))
-        x = cast
-    params = [G.make_constant(ctx.names, f"{name}_{k}", m.values[k].astype(dtype))
-              for k in ("scale", "bias") if k in m.values]
-    attrs = {"axis": m.info["axis"], "epsilon": float(m.info["epsilon"]),
-             "stash_type": onnx.TensorProto.DOUBLE if dtype == np.float64 else onnx.TensorProto.FLOAT}
-    out_type = ctx.dtype(m.output)
-    result = m.output if out_type == dtype else gs.Variable(ctx.names.fresh(f"{m.output.name}_{dtype.name}"),
-                                                           dtype=dtype)
-    nodes.append(gs.Node(op, name, attrs, [x, *params], [result]))
-    if result is not m.output:
-        nodes.append(_cast_node(ctx, f"{name}_output_cast", result, m.output, out_type))
-    return nodes
-
-
-def _cast_node(ctx: Context, base: str, src: gs.Tensor, dst: gs.Tensor, dtype) -> gs.Node:
-    to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    return gs.Node(CAST, ctx.names.fresh(base), {"to": to}, [src], [dst])
-
-
-def scope_of(node: gs.Node) -> str:
-    """``/layers.0/ln1/ReduceMean`` -> ``/layers.0/ln1/`` (exporters name nodes by module)."""
-    name = node.name or ""
-    return name.rsplit("/", 1)[0] + "/" if "/" in name else ""
 
 
 # ------------------------------------------------------------------------------ small helpers
@@ -534,7 +428,7 @@ def float_bits(dtype) -> int | None:
     return FLOAT_BITS.get(np.dtype(dtype).name) if dtype is not None else None
 
 
-def _is_float(dtype) -> bool:
+def is_float(dtype) -> bool:
     return dtype is not None and np.dtype(dtype).name in FLOAT_BITS
 
 

@@ -25,6 +25,7 @@ keep their output type and lose no precision. Reduced axes that are not the trai
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from normopt import graph as G
@@ -64,21 +65,21 @@ class FuseLayerNorm(Pass):
             norm = N.match_normalized(node.outputs[0], ctx)
             if norm is None or isinstance(norm, Reject):
                 return norm
-            where = N.trailing(norm, ctx)
+            where = trailing(norm, ctx)
             if isinstance(where, Reject):
                 return where
             axis, shape = where
-            m = N.plan(norm, ctx, axis, N.match_affine(norm.output, ctx, norm.rank, shape))
+            m = plan(norm, ctx, axis, N.match_affine(norm.output, ctx, norm.rank, shape))
             _unflatten(m, ctx)
         else:
             found = _match_tf(node, ctx)
             if found is None or isinstance(found, Reject):
                 return found
             m, norm = found
-        return N.settle_dtype(m, norm, ctx)
+        return settle_dtype(m, norm, ctx)
 
     def rewrite(self, m: Match, ctx: Context) -> list[gs.Node]:
-        return N.emit(LAYER_NORMALIZATION, m, ctx, N.scope_of(m["mean"]) + LAYER_NORMALIZATION)
+        return emit(LAYER_NORMALIZATION, m, ctx, scope_of(m["mean"]) + LAYER_NORMALIZATION)
 
 
 def _match_tf(node: gs.Node, ctx: Context):
@@ -92,7 +93,7 @@ def _match_tf(node: gs.Node, ctx: Context):
     if isinstance(norm, Reject):
         return norm
     norm.variant.append("TF/Keras")
-    where = N.trailing(norm, ctx)
+    where = trailing(norm, ctx)
     if isinstance(where, Reject):
         return where
     axis, shape = where
@@ -103,7 +104,7 @@ def _match_tf(node: gs.Node, ctx: Context):
             if isinstance(shaped, str):
                 return Reject(f"{key} '{m.tensors[key].name}' {shaped}", node)
             setattr(tail, "scale" if key == "gamma" else "bias", shaped)
-    return N.plan(norm, ctx, axis, tail), norm
+    return plan(norm, ctx, axis, tail), norm
 
 
 def _unflatten(m: Match, ctx: Context) -> None:
@@ -124,7 +125,7 @@ def _unflatten(m: Match, ctx: Context) -> None:
         return
     a = int(flatten.attrs.get("axis", 1))
     a = a + rank if a < 0 else a
-    shape = N.static_dims(ctx, x, a - rank) if 0 <= a < rank else None
+    shape = static_dims(ctx, x, a - rank) if 0 <= a < rank else None
     inside = {id(n) for n in m.matched}
     if shape is None or int(np.prod(shape)) != m.values["scale"].size or G.other_uses(x2d, ctx.graph, inside):
         return
@@ -147,3 +148,109 @@ def _is_shape_of(shape: gs.Tensor, x: gs.Tensor, ctx: Context) -> bool:
     dims = ctx.shape(x)
     return value is not None and dims is not None and all(isinstance(d, int) for d in dims) \
         and [int(v) for v in value.reshape(-1)] == list(dims)
+
+
+# ------------------------------------------------------------------------------ the fused op (fuse-rmsnorm too)
+
+def trailing(norm: N.Normalized, ctx: Context) -> tuple[int, tuple[int, ...]] | Reject:
+    """(negative first axis, static normalized dims) when ``norm`` is over the trailing axes."""
+    x, rank = norm.x, norm.rank
+    if rank is None:
+        return Reject(f"rank of input '{x.name}' is unknown")
+    axis = N.trailing_axis(norm.axes, rank)
+    if axis is None:
+        return Reject(f"normalizes axes {list(norm.axes)} of a rank-{rank} input, not its trailing axes "
+                      "(channels-first layout)", norm.match["mean" if norm.match.has("mean") else "var"])
+    shape = static_dims(ctx, x, axis)
+    if shape is None:
+        return Reject(f"normalized dims of input '{x.name}' are not static: {ctx.shape(x)}")
+    return axis, shape
+
+
+def plan(norm: N.Normalized, ctx: Context, axis: int, tail: N.Affine) -> Match:
+    """The match to replace: the core plus its affine tail, for a fused op over ``axis``.
+
+    Fills ``m.tensors["input"]``, ``m.values["scale"]`` (ones when there is none),
+    ``m.values["bias"]`` (when there is one) and ``m.info`` (axis, epsilon, variant).
+    """
+    x = norm.x
+    shape = static_dims(ctx, x, axis)
+    m = norm.match
+    for node in tail.nodes:
+        m.add(node)
+    m.output = tail.output
+    m.tensors["input"] = x
+    m.values["scale"] = tail.scale if tail.scale is not None else np.ones(shape, np.float32)
+    if tail.bias is not None:
+        m.values["bias"] = tail.bias
+    m.info.update(epsilon=norm.epsilon, axis=axis, scale=tail.scale is not None, bias=tail.bias is not None)
+    if norm.variant:
+        m.info["variant"] = ", ".join(norm.variant)
+    if tail.kept:
+        m.info["kept"] = tail.kept
+    return m
+
+
+def static_dims(ctx: Context, x: gs.Tensor, axis: int) -> tuple[int, ...] | None:
+    shape = ctx.shape(x)
+    if shape is None:
+        return None
+    dims = tuple(shape[axis:])
+    return dims if all(isinstance(d, int) and d > 0 for d in dims) else None
+
+
+def settle_dtype(m: Match, norm: N.Normalized, ctx: Context) -> Match | Reject:
+    """Pick the type T the fused op runs in: the widest of input, output, scale and bias.
+
+    Nothing is then rounded more than in the original graph. Statistics computed in a type
+    narrower than both input and output (float16 inside a float32 model) would differ by more
+    than float32 tolerance once fused, so that is a reject.
+    """
+    x, out = m.tensors["input"], m.output
+    x_type, out_type = ctx.dtype(x), ctx.dtype(out)
+    if not N.is_float(x_type) or not N.is_float(out_type):
+        unknown = x if not N.is_float(x_type) else out
+        return Reject(f"dtype of '{unknown.name}' is unknown or not a float type")
+    low = min(N.float_bits(x_type), N.float_bits(out_type))
+    if norm.compute_bits is not None and norm.compute_bits < low:
+        inner = next(k for k, v in N.FLOAT_BITS.items() if v == norm.compute_bits)
+        return Reject(f"statistics are computed in {inner}, narrower than input {np.dtype(x_type).name} "
+                      f"and output {np.dtype(out_type).name}")
+    params = [m.values[k].dtype for k in ("scale", "bias") if m.info.get(k)]   # absorbed ones only
+    dtype = max([np.dtype(x_type), np.dtype(out_type)] + params, key=N.float_bits)
+    m.info["dtype"] = dtype.name
+    return m
+
+
+def emit(op: str, m: Match, ctx: Context, base: str) -> list[gs.Node]:
+    """[Cast x to T] -> op(x, scale[, bias]) in T -> [Cast to the output's type], writing m.output."""
+    dtype = np.dtype(m.info["dtype"])
+    x = m.tensors["input"]
+    name = ctx.names.fresh(base)
+    nodes = []
+    if ctx.dtype(x) != dtype:
+        cast = gs.Variable(ctx.names.fresh(f"{x.name}_{dtype.name}"), dtype=dtype)
+        nodes.append(_cast_node(ctx, f"{name}_input_cast", x, cast, dtype))
+        x = cast
+    params = [G.make_constant(ctx.names, f"{name}_{k}", m.values[k].astype(dtype))
+              for k in ("scale", "bias") if k in m.values]
+    attrs = {"axis": m.info["axis"], "epsilon": float(m.info["epsilon"]),
+             "stash_type": onnx.TensorProto.DOUBLE if dtype == np.float64 else onnx.TensorProto.FLOAT}
+    out_type = ctx.dtype(m.output)
+    result = m.output if out_type == dtype else gs.Variable(ctx.names.fresh(f"{m.output.name}_{dtype.name}"),
+                                                           dtype=dtype)
+    nodes.append(gs.Node(op, name, attrs, [x, *params], [result]))
+    if result is not m.output:
+        nodes.append(_cast_node(ctx, f"{name}_output_cast", result, m.output, out_type))
+    return nodes
+
+
+def _cast_node(ctx: Context, base: str, src: gs.Tensor, dst: gs.Tensor, dtype) -> gs.Node:
+    to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    return gs.Node(N.CAST, ctx.names.fresh(base), {"to": to}, [src], [dst])
+
+
+def scope_of(node: gs.Node) -> str:
+    """``/layers.0/ln1/ReduceMean`` -> ``/layers.0/ln1/`` (exporters name nodes by module)."""
+    name = node.name or ""
+    return name.rsplit("/", 1)[0] + "/" if "/" in name else ""

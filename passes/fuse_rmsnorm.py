@@ -29,6 +29,7 @@ from normopt.pattern import Match
 from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
 from normopt.passes import _norm as N
+from normopt.passes.fuse_layernorm import emit, plan, scope_of, settle_dtype, trailing
 
 RMS_NORMALIZATION = "RMSNormalization"
 
@@ -50,15 +51,15 @@ class FuseRmsNorm(Pass):
         if centred:
             return Reject(f"input '{centred}' is mean-centred (x - mean(x)): a LayerNorm, "
                           "left to fuse-layernorm", norm.match["var"])
-        where = N.trailing(norm, ctx)
+        where = trailing(norm, ctx)
         if isinstance(where, Reject):
             return where
         axis, shape = where
         tail = N.match_affine(norm.output, ctx, norm.rank, shape, with_bias=False)
-        return N.settle_dtype(N.plan(norm, ctx, axis, tail), norm, ctx)
+        return settle_dtype(plan(norm, ctx, axis, tail), norm, ctx)
 
     def rewrite(self, m: Match, ctx: Context) -> list[gs.Node]:
-        return N.emit(RMS_NORMALIZATION, m, ctx, N.scope_of(m["var"]) + RMS_NORMALIZATION)
+        return emit(RMS_NORMALIZATION, m, ctx, scope_of(m["var"]) + RMS_NORMALIZATION)
 
 
 def _mean_centred(x: gs.Tensor) -> str | None:
