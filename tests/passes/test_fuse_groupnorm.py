@@ -86,7 +86,7 @@ def group_norm(net, x, c, g, spatial, *, core="instancenorm", split="zero", back
         target = net.op("Concat", *net.dims(x, [0]), net.const([g], "int"), net.const([-1], "int"), axis=0)
     else:
         target = net.const(shapes[split], "int")
-    grouped = net.op("Reshape", x, target)
+    grouped = net.op("Reshape", x, target, **({"allowzero": 1} if split == "static" and net.opset >= 14 else {}))
     if core == "instancenorm":
         normed = net.op("InstanceNormalization", grouped, net.const(np.full(g, in_scale)),
                         net.const(np.full(g, in_bias)), epsilon=eps)
@@ -97,6 +97,7 @@ def group_norm(net, x, c, g, spatial, *, core="instancenorm", split="zero", back
              "zero_neg": lambda: net.const([0, c, -1, *spatial[1:]], "int"),
              "flat": lambda: net.const([0, c, -1], "int"),
              "swapped": lambda: net.const([0, c, *spatial[::-1]], "int"),
+             "shape_start": lambda: net.op("Shape", x, start=0),  # dynamo, opset >= 15
              "concat": lambda: net.op("Concat", *net.dims(x, range(rank)), axis=0)}
     y = net.op("Reshape", normed, backs[back]() if back in backs else net.op("Shape", x))
     ones = [1] * (rank - 2)
@@ -159,7 +160,7 @@ def test_fuse_groupnorm_torchscript_export_is_fused(opset, spatial, rng):
     dict(constants="init", back="const", opset=18),            # dynamo exporter, static shapes
     dict(constants="init", opset=18),                          # dynamo exporter, dynamic shapes
     dict(split="static"), dict(split="neg"), dict(split="concat"),
-    dict(back="concat"), dict(back="zero_neg"), dict(back="const"),
+    dict(back="concat"), dict(back="zero_neg"), dict(back="const"), dict(back="shape_start", opset=18),
     dict(affine="none"), dict(affine="scale"), dict(affine="bias"), dict(affine="leading"),
     dict(affine="identity"), dict(affine="unsqueeze"),
     dict(c=12, g=3), dict(c=8, g=1), dict(c=16, g=8, spatial=(3, 5)), dict(eps=1e-6),
@@ -215,9 +216,10 @@ def unet_block(rng, opset=14, core="instancenorm"):
     return net.model(net.op("Add", h, "X"), [BATCH, c, *spatial])
 
 
-@pytest.mark.parametrize("core", ["instancenorm", "decomposed"])
-def test_fuse_groupnorm_unet_block_both_norms_are_fused(core, rng):
-    model = unet_block(rng, core=core)
+@pytest.mark.parametrize("opset, core", [(13, "instancenorm"), (14, "instancenorm"), (17, "instancenorm"),
+                                         (14, "decomposed"), (17, "decomposed")])
+def test_fuse_groupnorm_unet_block_both_norms_are_fused(opset, core, rng):
+    model = unet_block(rng, opset, core)
     out, _, _ = fuse(model, {GN: 2, "Sigmoid": 2, "Mul": 2, "Conv": 2, "Add": 2, "Identity": 1, "Constant": 5},
                      applied=2)
     assert out.opset_import[0].version == 21
@@ -269,6 +271,15 @@ def test_fuse_groupnorm_inside_if_branch_is_fused(rng, tmp_path):
         path = tmp_path / f"cond_{cond}.npz"
         np.savez(path, cond=np.array(cond), X=rng.standard_normal((BATCH, 8, 4, 4)).astype(np.float32))
         assert_equivalent(model, out, inputs_file=str(path))
+
+
+def test_fuse_groupnorm_layernorm_of_flattened_rows_is_not_a_candidate(rng):
+    # Reshape [N, C, T] -> [N*C, T], normalize rows, reshape back: a LayerNorm, fuse-layernorm's.
+    net = Net(rng, 17)
+    rows = net.op("Reshape", "X", net.const([-1, 6], "int"))
+    model = net.model(net.op("Reshape", normalize(net, rows, [1]), net.op("Shape", "X")), [BATCH, 4, 6])
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied and not rec.skipped
 
 
 # ----------------------------------------------------------------------------- near misses
