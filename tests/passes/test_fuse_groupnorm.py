@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from helpers import assert_equivalent, make_model, op_counts, run_pass, run_pipeline
+from normopt import registry
 
 PASS = "fuse-groupnorm"
 GN, IN = "GroupNormalization", "InstanceNormalization"
@@ -271,6 +272,12 @@ def test_fuse_groupnorm_inside_if_branch_is_fused(rng, tmp_path):
         path = tmp_path / f"cond_{cond}.npz"
         np.savez(path, cond=np.array(cond), X=rng.standard_normal((BATCH, 8, 4, 4)).astype(np.float32))
         assert_equivalent(model, out, inputs_file=str(path))
+
+
+def test_fuse_groupnorm_runs_before_instancenorm_and_layernorm():
+    # Their decomposed forms contain a LayerNorm-shaped core over the grouped tensor.
+    names = list(registry.available())
+    assert names.index(PASS) < names.index("fuse-instancenorm") < names.index("fuse-layernorm")
 
 
 def test_fuse_groupnorm_layernorm_of_flattened_rows_is_not_a_candidate(rng):
