@@ -251,7 +251,7 @@ def _common_axes(m: Match, ctx: Context, rank: int | None) -> tuple[int, ...] | 
             return Reject(f"ReduceMean {G.node_label(node)} has keepdims=0", node)
         axes = reduce_axes(node, ctx)
         if axes is None:
-            return Reject(f"ReduceMean {G.node_label(node)} has no constant axes", node)
+            return Reject(f"ReduceMean {G.node_label(node)} has no constant axes (computed, or absent)", node)
         norm = normalize_axes(axes, rank)
         if norm is None:
             return Reject(f"ReduceMean {G.node_label(node)} axes {list(axes)} cannot be placed "

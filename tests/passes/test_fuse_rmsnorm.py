@@ -320,3 +320,19 @@ def test_fuse_rmsnorm_llama_torchscript_export_is_upgraded_and_fused(half, tmp_p
     assert op_counts(out)[RMS] == 2 and "ReduceMean" not in op_counts(out) and "Sqrt" not in op_counts(out)
     assert all(a.info["dtype"] == ("float16" if half else "float32") for a in result.passes[-1].applied)
     assert_equivalent(model, out)
+
+
+def test_fuse_rmsnorm_failed_opset_upgrade_is_skipped_with_reason(rng, monkeypatch):
+    """The version converter reaches 23 on every export tried; if it ever fails, the model is kept."""
+    from normopt import pipeline
+
+    def refuse(model, target):
+        raise RuntimeError("No Adapter From Version $14 for Frobnicate")
+
+    monkeypatch.setattr(pipeline, "upgrade_opset", refuse)
+    net = Net(opset=14)
+    model = net.model(weight(net, rms(net), rng))
+    out, result = run_pipeline(model, ["fuse-rmsnorm"])
+    assert op_counts(out) == op_counts(model) and out.opset_import[0].version == 14
+    assert any("opset upgrade 14 -> 23 failed: No Adapter From Version $14 for Frobnicate" in s.reason
+               for s in result.passes[0].skipped)
