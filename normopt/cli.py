@@ -14,7 +14,8 @@ import click
 from normopt import model_io, registry, report
 from normopt.errors import NormoptError, UsageError, VerificationError
 from normopt.fold import FoldOptions, optimize
-from normopt.verify import compare, parse_ranges, parse_shapes
+from normopt.inputs import parse_ranges, parse_shapes
+from normopt.verify import compare
 
 EXIT_CODES = "Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 requested provider unavailable."
 

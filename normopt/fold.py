@@ -15,7 +15,8 @@ import onnx
 from normopt import pipeline
 from normopt.errors import VerificationError
 from normopt.records import PipelineResult, Rewrite
-from normopt.verify import ProviderChoice, VerifyReport, compare, select_provider
+from normopt.providers import ProviderChoice, select_provider
+from normopt.verify import VerifyReport, compare
 
 MAX_ROLLBACK_ROUNDS = 6
 

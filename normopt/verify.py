@@ -4,16 +4,12 @@ Both sessions run with graph optimizations disabled (ORT_DISABLE_ALL), so onnxru
 Conv+BatchNormalization and LayerNorm fusions cannot make a wrong rewrite look right. Only one
 session is alive at a time.
 
-Provider: ``auto`` uses CUDA when it is really in use (``session.get_providers()``; the CUDA
-provider is listed even where its libraries cannot load, and then onnxruntime silently runs on
-CPU), else CPU, and says why. TF32 is turned off on CUDA so fp32 Conv/MatMul stay fp32.
+Which provider runs them: normopt/providers.py. Which inputs: normopt/inputs.py.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import re
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from normopt.errors import ProviderUnavailableError, UsageError
+from normopt.errors import UsageError
+from normopt.inputs import InputSpec, make_feeds
 from normopt.model_io import PROTOBUF_LIMIT, save, without_weights
+from normopt.providers import ProviderChoice, providers, select_provider, session_options
 
 # Default tolerances per output dtype: |got - ref| <= atol + rtol * |ref|, element by element.
 # fp32 bounds cover what correct folds and fusions produce on models/ (worst seen there:
@@ -33,20 +31,6 @@ TOLERANCES = {
     "float16": (1e-2, 1e-2),
     "bfloat16": (6e-2, 6e-2),
 }
-# Unset dynamic dims: the first (batch) axis gets 1, every other axis this many.
-DEFAULT_DYNAMIC_DIM = 8
-DEFAULT_INT_RANGE = (0, 2)
-
-_CUDA = "CUDAExecutionProvider"
-_CPU = "CPUExecutionProvider"
-
-
-@dataclass
-class InputSpec:
-    name: str
-    dtype: str
-    shape: list[int]
-    source: str
 
 
 @dataclass
@@ -68,13 +52,6 @@ class OutputDiff:
 
 
 @dataclass
-class ProviderChoice:
-    name: str  # "cuda" or "cpu"
-    note: str = ""  # why CUDA was not used, when it was not
-    tf32: bool | None = None  # False on CUDA (turned off); None on CPU (not applicable)
-
-
-@dataclass
 class VerifyReport:
     provider: str
     provider_note: str
@@ -93,236 +70,6 @@ class VerifyReport:
         return [o for o in self.outputs if not o.passed]
 
 
-# ----------------------------------------------------------------------------- providers
-
-_probe_cache: dict[str, ProviderChoice] = {}
-
-
-def select_provider(requested: str = "auto") -> ProviderChoice:
-    """Resolve auto/cuda/cpu to the provider really usable here; raise for unusable cuda."""
-    if requested not in ("auto", "cuda", "cpu"):
-        raise UsageError(f"unknown provider '{requested}'; use auto, cuda or cpu")
-    if requested == "cpu":
-        return ProviderChoice("cpu", "CPU requested")
-    if "probe" not in _probe_cache:
-        _probe_cache["probe"] = _probe_cuda()
-    choice = _probe_cache["probe"]
-    if choice.name != "cuda" and requested == "cuda":
-        raise ProviderUnavailableError(f"CUDA provider requested but not usable: {choice.note}")
-    return choice
-
-
-def _probe_cuda() -> ProviderChoice:
-    import onnxruntime as ort
-
-    if _CUDA not in ort.get_available_providers():
-        return ProviderChoice("cpu", "this onnxruntime build has no CUDA provider")
-    probe = onnx.helper.make_model(
-        onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe",
-                               [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])],
-                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])]),
-        opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8)
-    with _captured_output() as log:
-        try:
-            if hasattr(ort, "preload_dlls"):
-                ort.preload_dlls()
-            session = ort.InferenceSession(probe.SerializeToString(), _session_options(), providers=_providers("cuda"))
-            used = session.get_providers()
-            session.run(None, {"x": np.ones(4, np.float32)})
-        except Exception as err:  # a broken CUDA install surfaces as many error types
-            used, failure = [], " ".join(str(err).split())
-        else:
-            failure = ""
-    if used and used[0] == _CUDA:
-        return ProviderChoice("cuda", "", tf32=False)
-    return ProviderChoice("cpu", _why_not_cuda(log.text + "\n" + failure))
-
-
-def _why_not_cuda(text: str) -> str:
-    missing = re.search(r"(lib[\w.+-]+\.so[\w.]*): cannot open shared object file", text)
-    if missing:
-        return f"CUDA libraries not found ({missing.group(1)} not found)"
-    for pattern in (r"CUDA failure \d+: ([^;\n]+)", r"(no CUDA-capable device[^\n;]*)", r"(CUDA driver version[^\n;]*)"):
-        found = re.search(pattern, text)
-        if found:
-            return f"CUDA not usable ({found.group(1).strip()})"
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return f"CUDA not usable ({lines[-1][:160]})" if lines else "CUDA provider did not start"
-
-
-class _Captured:
-    text = ""
-
-
-@contextlib.contextmanager
-def _captured_output():
-    """Capture what native code writes to stdout/stderr (onnxruntime's CUDA loader does)."""
-    cap = _Captured()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        os.dup2(tmp.fileno(), 1)
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield cap
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-            tmp.seek(0)
-            cap.text = tmp.read().decode("utf-8", "replace")
-
-
-def _session_options():
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    return so
-
-
-def _providers(name: str) -> list:
-    if name == "cuda":
-        return [(_CUDA, {"use_tf32": "0"}), _CPU]
-    return [_CPU]
-
-
-# ----------------------------------------------------------------------------- inputs
-
-def parse_shapes(items: list[str] | tuple[str, ...]) -> dict[str, list[int]]:
-    """``["ids:1x128"]`` -> ``{"ids": [1, 128]}``."""
-    shapes = {}
-    for item in items or ():
-        name, sep, dims = item.rpartition(":")
-        try:
-            shape = [int(d) for d in dims.lower().split("x")] if dims else None
-        except ValueError:
-            shape = None
-        if not sep or not name or shape is None or any(d < 0 for d in shape):
-            raise UsageError(f"bad --input-shape '{item}'; expected NAME:DxDxD, e.g. images:1x3x224x224")
-        shapes[name] = shape
-    return shapes
-
-
-def parse_ranges(items: list[str] | tuple[str, ...]) -> dict[str, tuple[float, float]]:
-    """``["ids:0:30522"]`` -> ``{"ids": (0, 30522)}`` (low inclusive, high exclusive)."""
-    ranges = {}
-    for item in items or ():
-        parts = item.rsplit(":", 2)
-        try:
-            name, low, high = parts[0], float(parts[1]), float(parts[2])
-        except (IndexError, ValueError):
-            name, low, high = "", 0.0, 0.0
-        if not name or high <= low:
-            raise UsageError(f"bad --input-range '{item}'; expected NAME:LOW:HIGH with LOW < HIGH, e.g. input_ids:0:30522")
-        ranges[name] = (low, high)
-    return ranges
-
-
-def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    inits = {i.name for i in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in inits]
-
-
-def make_feeds(model: onnx.ModelProto, seed: int, shapes=None, ranges=None, npz: str | None = None,
-               ) -> tuple[dict[str, np.ndarray], list[InputSpec]]:
-    """Seeded random inputs for every graph input (or those read from ``npz``)."""
-    shapes, ranges = shapes or {}, ranges or {}
-    rng = np.random.default_rng(seed)
-    loaded = _load_npz(npz) if npz else {}
-    index_bounds = _gather_bounds(model)
-    known = {vi.name for vi in graph_inputs(model)}
-    for name in list(shapes) + list(ranges):
-        if name not in known:
-            raise UsageError(f"model has no input '{name}'; inputs: {', '.join(sorted(known))}")
-    feeds, specs, dims = {}, [], {}
-    for vi in graph_inputs(model):
-        tt = vi.type.tensor_type
-        if not vi.type.HasField("tensor_type"):
-            raise UsageError(f"input '{vi.name}' is not a tensor; pass its value with --inputs FILE.npz")
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        if vi.name in loaded:
-            value = np.asarray(loaded[vi.name]).astype(dtype, copy=False)
-            feeds[vi.name] = value
-            specs.append(InputSpec(vi.name, str(dtype), list(value.shape), f"file {npz}"))
-            continue
-        shape = shapes.get(vi.name) or _resolve_dims(vi, dims)
-        if vi.name in ranges:
-            low, high = ranges[vi.name]
-            source = f"--input-range [{low:g}, {high:g})"
-        elif np.issubdtype(dtype, np.integer):
-            low, high = index_bounds.get(vi.name, DEFAULT_INT_RANGE)
-            source = "embedding index" if vi.name in index_bounds else "default integer"
-        else:
-            low = high = None
-            source = ""
-        feeds[vi.name] = _random(rng, dtype, shape, low, high)
-        kind = "uniform" if low is not None else "normal(0, 1)" if dtype.kind == "f" else "random"
-        specs.append(InputSpec(vi.name, str(dtype), list(shape),
-                               f"{kind} [{low:g}, {high:g}) {source}".strip() if low is not None else kind))
-    return feeds, specs
-
-
-def _resolve_dims(vi: onnx.ValueInfoProto, dims: dict) -> list[int]:
-    shape = []
-    tt = vi.type.tensor_type
-    if not tt.HasField("shape"):
-        raise UsageError(f"input '{vi.name}' has no shape; pass --input-shape {vi.name}:DxD...")
-    for axis, d in enumerate(tt.shape.dim):
-        if d.HasField("dim_value") and d.dim_value > 0:
-            shape.append(d.dim_value)
-            continue
-        key = d.dim_param or f"{vi.name}:{axis}"
-        if key not in dims:
-            dims[key] = 1 if axis == 0 else DEFAULT_DYNAMIC_DIM
-        shape.append(dims[key])
-    return shape
-
-
-def _random(rng, dtype, shape, low, high) -> np.ndarray:
-    if dtype == np.bool_:
-        return rng.integers(0, 2, size=shape).astype(bool)
-    if np.issubdtype(dtype, np.integer):
-        return rng.integers(int(low), int(high), size=shape).astype(dtype)
-    if low is not None:
-        return rng.uniform(low, high, size=shape).astype(dtype)
-    return rng.standard_normal(size=shape).astype(dtype)
-
-
-def _gather_bounds(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
-    """Integer inputs used as Gather indices into a constant table: their safe [0, rows)."""
-    sizes = {i.name: list(i.dims) for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            sizes[node.output[0]] = list(node.attribute[0].t.dims)
-    alias = {vi.name: vi.name for vi in graph_inputs(model)}
-    bounds: dict[str, tuple[int, int]] = {}
-    for node in model.graph.node:  # topological: Casts are seen before their users
-        if node.op_type in ("Cast", "Identity", "Unsqueeze", "Reshape", "Flatten", "Squeeze") and node.input \
-                and node.input[0] in alias:
-            alias[node.output[0]] = alias[node.input[0]]
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in alias and node.input[0] in sizes:
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-            rows = sizes[node.input[0]][axis] if sizes[node.input[0]] else 0
-            name = alias[node.input[1]]
-            if rows > 0:
-                bounds[name] = (0, min(rows, bounds.get(name, (0, rows))[1]))
-    return bounds
-
-
-def _load_npz(path: str) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot read inputs '{path}': {' '.join(str(err).split())[:160]}") from err
-
-
 # ----------------------------------------------------------------------------- running
 
 def run_model(model: onnx.ModelProto | str | os.PathLike, feeds_list: list[dict], provider: str,
@@ -332,7 +79,7 @@ def run_model(model: onnx.ModelProto | str | os.PathLike, feeds_list: list[dict]
 
     with _session_source(model) as source:
         try:
-            session = ort.InferenceSession(source, _session_options(), providers=_providers(provider))
+            session = ort.InferenceSession(source, session_options(), providers=providers(provider))
         except Exception as err:
             raise UsageError(f"onnxruntime cannot load the model: {' '.join(str(err).split())[:240]}") from err
         names = outputs or [o.name for o in session.get_outputs()]
@@ -440,8 +187,9 @@ def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trial
 
 
 def _same_interface(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
-    ins_a = [i.name for i in graph_inputs(a)]
-    ins_b = [i.name for i in graph_inputs(b)]
+    # Initializers that are also graph inputs count: a caller may feed them.
+    ins_a = [i.name for i in a.graph.input]
+    ins_b = [i.name for i in b.graph.input]
     outs_a = [o.name for o in a.graph.output]
     outs_b = [o.name for o in b.graph.output]
     if sorted(ins_a) != sorted(ins_b):

@@ -8,7 +8,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from normopt import pipeline
-from normopt.verify import compare, select_provider
+from normopt.providers import select_provider
+from normopt.verify import compare
 
 IR_VERSION = 8  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 would write 14.
 

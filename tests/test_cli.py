@@ -11,7 +11,7 @@ from onnx import helper
 
 from helpers import FLOAT, make_model, op_counts
 from normopt.cli import cli
-from normopt.verify import select_provider
+from normopt.providers import select_provider
 from test_fold import BROKEN, broken_pass, conv_bn_chain  # noqa: F401  (fixture reuse)
 
 

@@ -5,7 +5,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from helpers import FLOAT, INT64, make_model
-from normopt import verify
+from normopt import inputs, providers, verify
 from normopt.errors import ProviderUnavailableError, UsageError
 
 
@@ -30,17 +30,17 @@ def test_verify_different_model_fails_and_names_output():
 
 
 def test_verify_auto_reports_cpu_with_reason_when_cuda_unusable():
-    choice = verify.select_provider("auto")
+    choice = providers.select_provider("auto")
     if choice.name == "cuda":
         pytest.skip("CUDA is usable here")
     assert choice.note  # says why CUDA was not used
     with pytest.raises(ProviderUnavailableError, match="CUDA provider requested but not usable"):
-        verify.select_provider("cuda")
+        providers.select_provider("cuda")
 
 
 @pytest.mark.gpu
 def test_verify_cuda_really_in_use_with_tf32_off():
-    choice = verify.select_provider("cuda")
+    choice = providers.select_provider("cuda")
     assert choice.name == "cuda" and choice.tf32 is False
     report = verify.compare(_relu_model(), _relu_model(), provider="cuda")
     assert report.passed and report.provider == "cuda"
@@ -91,17 +91,17 @@ def _embedding_model():
 
 
 def test_feeds_dynamic_dims_and_integer_ranges_inferred():
-    feeds, specs = verify.make_feeds(_embedding_model(), seed=0)
+    feeds, specs = inputs.make_feeds(_embedding_model(), seed=0)
     ids = feeds["ids"]
-    assert ids.shape == (1, verify.DEFAULT_DYNAMIC_DIM)
+    assert ids.shape == (1, inputs.DEFAULT_DYNAMIC_DIM)
     assert ids.min() >= 0 and ids.max() < 50
     assert "embedding index" in specs[0].source
 
 
 def test_feeds_user_shapes_and_ranges():
-    shapes = verify.parse_shapes(["ids:2x5"])
-    ranges = verify.parse_ranges(["ids:3:4"])
-    feeds, specs = verify.make_feeds(_embedding_model(), seed=0, shapes=shapes, ranges=ranges)
+    shapes = inputs.parse_shapes(["ids:2x5"])
+    ranges = inputs.parse_ranges(["ids:3:4"])
+    feeds, specs = inputs.make_feeds(_embedding_model(), seed=0, shapes=shapes, ranges=ranges)
     assert feeds["ids"].shape == (2, 5) and (feeds["ids"] == 3).all()
     assert specs[0].shape == [2, 5]
 
@@ -112,29 +112,29 @@ def test_dynamic_and_integer_model_verifies_without_flags():
 
 
 def test_feeds_same_seed_same_inputs_and_npz(tmp_path):
-    a, _ = verify.make_feeds(_embedding_model(), seed=7)
-    b, _ = verify.make_feeds(_embedding_model(), seed=7)
+    a, _ = inputs.make_feeds(_embedding_model(), seed=7)
+    b, _ = inputs.make_feeds(_embedding_model(), seed=7)
     assert np.array_equal(a["ids"], b["ids"])
     np.savez(tmp_path / "in.npz", ids=np.array([[1, 2, 3]], np.int64))
-    c, specs = verify.make_feeds(_embedding_model(), seed=0, npz=str(tmp_path / "in.npz"))
+    c, specs = inputs.make_feeds(_embedding_model(), seed=0, npz=str(tmp_path / "in.npz"))
     assert c["ids"].tolist() == [[1, 2, 3]] and "file" in specs[0].source
 
 
 @pytest.mark.parametrize("bad", ["ids", "ids:", ":1x2", "ids:1xa", "ids:-1x2"])
 def test_parse_shapes_rejects_malformed(bad):
     with pytest.raises(UsageError, match="--input-shape"):
-        verify.parse_shapes([bad])
+        inputs.parse_shapes([bad])
 
 
 @pytest.mark.parametrize("bad", ["ids:1", "ids:5:1", "ids:a:b"])
 def test_parse_ranges_rejects_malformed(bad):
     with pytest.raises(UsageError, match="--input-range"):
-        verify.parse_ranges([bad])
+        inputs.parse_ranges([bad])
 
 
 def test_feeds_unknown_input_name_is_usage_error():
     with pytest.raises(UsageError, match="no input 'nope'"):
-        verify.make_feeds(_embedding_model(), seed=0, shapes={"nope": [1]})
+        inputs.make_feeds(_embedding_model(), seed=0, shapes={"nope": [1]})
 
 
 def test_trials_use_several_seeds():

@@ -1,0 +1,150 @@
+"""Inputs for verification: seeded random per dtype, user shapes and ranges, or an .npz file."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from normopt.errors import UsageError
+
+# Unset dynamic dims: the first (batch) axis gets 1, every other axis this many.
+DEFAULT_DYNAMIC_DIM = 8
+DEFAULT_INT_RANGE = (0, 2)
+
+
+@dataclass
+class InputSpec:
+    name: str
+    dtype: str
+    shape: list[int]
+    source: str
+
+
+def parse_shapes(items: list[str] | tuple[str, ...]) -> dict[str, list[int]]:
+    """``["ids:1x128"]`` -> ``{"ids": [1, 128]}``."""
+    shapes = {}
+    for item in items or ():
+        name, sep, dims = item.rpartition(":")
+        try:
+            shape = [int(d) for d in dims.lower().split("x")] if dims else None
+        except ValueError:
+            shape = None
+        if not sep or not name or shape is None or any(d < 0 for d in shape):
+            raise UsageError(f"bad --input-shape '{item}'; expected NAME:DxDxD, e.g. images:1x3x224x224")
+        shapes[name] = shape
+    return shapes
+
+
+def parse_ranges(items: list[str] | tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    """``["ids:0:30522"]`` -> ``{"ids": (0, 30522)}`` (low inclusive, high exclusive)."""
+    ranges = {}
+    for item in items or ():
+        parts = item.rsplit(":", 2)
+        try:
+            name, low, high = parts[0], float(parts[1]), float(parts[2])
+        except (IndexError, ValueError):
+            name, low, high = "", 0.0, 0.0
+        if not name or high <= low:
+            raise UsageError(f"bad --input-range '{item}'; expected NAME:LOW:HIGH with LOW < HIGH, e.g. input_ids:0:30522")
+        ranges[name] = (low, high)
+    return ranges
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def make_feeds(model: onnx.ModelProto, seed: int, shapes=None, ranges=None, npz: str | None = None,
+               ) -> tuple[dict[str, np.ndarray], list[InputSpec]]:
+    """Seeded random inputs for every graph input (or those read from ``npz``)."""
+    shapes, ranges = shapes or {}, ranges or {}
+    rng = np.random.default_rng(seed)
+    loaded = _load_npz(npz) if npz else {}
+    index_bounds = _gather_bounds(model)
+    known = {vi.name for vi in graph_inputs(model)}
+    for name in list(shapes) + list(ranges):
+        if name not in known:
+            raise UsageError(f"model has no input '{name}'; inputs: {', '.join(sorted(known))}")
+    feeds, specs, dims = {}, [], {}
+    for vi in graph_inputs(model):
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type"):
+            raise UsageError(f"input '{vi.name}' is not a tensor; pass its value with --inputs FILE.npz")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if vi.name in loaded:
+            value = np.asarray(loaded[vi.name]).astype(dtype, copy=False)
+            feeds[vi.name] = value
+            specs.append(InputSpec(vi.name, str(dtype), list(value.shape), f"file {npz}"))
+            continue
+        shape = shapes.get(vi.name) or _resolve_dims(vi, dims)
+        if vi.name in ranges:
+            low, high = ranges[vi.name]
+            source = f"--input-range [{low:g}, {high:g})"
+        elif np.issubdtype(dtype, np.integer):
+            low, high = index_bounds.get(vi.name, DEFAULT_INT_RANGE)
+            source = "embedding index" if vi.name in index_bounds else "default integer"
+        else:
+            low = high = None
+            source = ""
+        feeds[vi.name] = _random(rng, dtype, shape, low, high)
+        kind = "uniform" if low is not None else "normal(0, 1)" if dtype.kind == "f" else "random"
+        specs.append(InputSpec(vi.name, str(dtype), list(shape),
+                               f"{kind} [{low:g}, {high:g}) {source}".strip() if low is not None else kind))
+    return feeds, specs
+
+
+def _resolve_dims(vi: onnx.ValueInfoProto, dims: dict) -> list[int]:
+    shape = []
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        raise UsageError(f"input '{vi.name}' has no shape; pass --input-shape {vi.name}:DxD...")
+    for axis, d in enumerate(tt.shape.dim):
+        if d.HasField("dim_value") and d.dim_value > 0:
+            shape.append(d.dim_value)
+            continue
+        key = d.dim_param or f"{vi.name}:{axis}"
+        if key not in dims:
+            dims[key] = 1 if axis == 0 else DEFAULT_DYNAMIC_DIM
+        shape.append(dims[key])
+    return shape
+
+
+def _random(rng, dtype, shape, low, high) -> np.ndarray:
+    if dtype == np.bool_:
+        return rng.integers(0, 2, size=shape).astype(bool)
+    if np.issubdtype(dtype, np.integer):
+        return rng.integers(int(low), int(high), size=shape).astype(dtype)
+    if low is not None:
+        return rng.uniform(low, high, size=shape).astype(dtype)
+    return rng.standard_normal(size=shape).astype(dtype)
+
+
+def _gather_bounds(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """Integer inputs used as Gather indices into a constant table: their safe [0, rows)."""
+    sizes = {i.name: list(i.dims) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            sizes[node.output[0]] = list(node.attribute[0].t.dims)
+    alias = {vi.name: vi.name for vi in graph_inputs(model)}
+    bounds: dict[str, tuple[int, int]] = {}
+    for node in model.graph.node:  # topological: Casts are seen before their users
+        if node.op_type in ("Cast", "Identity", "Unsqueeze", "Reshape", "Flatten", "Squeeze") and node.input \
+                and node.input[0] in alias:
+            alias[node.output[0]] = alias[node.input[0]]
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in alias and node.input[0] in sizes:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            rows = sizes[node.input[0]][axis] if sizes[node.input[0]] else 0
+            name = alias[node.input[1]]
+            if rows > 0:
+                bounds[name] = (0, min(rows, bounds.get(name, (0, rows))[1]))
+    return bounds
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read inputs '{path}': {' '.join(str(err).split())[:160]}") from err
