@@ -19,8 +19,8 @@ import onnx
 
 from normopt.errors import ProviderUnavailableError, UsageError
 
-_CUDA = "CUDAExecutionProvider"
-_CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
 
 
 @dataclass
@@ -50,7 +50,7 @@ def select_provider(requested: str = "auto") -> ProviderChoice:
 def _probe_cuda() -> ProviderChoice:
     import onnxruntime as ort
 
-    if _CUDA not in ort.get_available_providers():
+    if CUDA not in ort.get_available_providers():
         return ProviderChoice("cpu", "this onnxruntime build has no CUDA provider")
     probe = onnx.helper.make_model(
         onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe",
@@ -68,7 +68,7 @@ def _probe_cuda() -> ProviderChoice:
             used, failure = [], " ".join(str(err).split())
         else:
             failure = ""
-    if used and used[0] == _CUDA:
+    if used and used[0] == CUDA:
         return ProviderChoice("cuda", "", tf32=False)
     return ProviderChoice("cpu", _why_not_cuda(log.text + "\n" + failure))
 
@@ -123,5 +123,5 @@ def session_options():
 
 def providers(name: str) -> list:
     if name == "cuda":
-        return [(_CUDA, {"use_tf32": "0"}), _CPU]
-    return [_CPU]
+        return [(CUDA, {"use_tf32": "0"}), CPU]
+    return [CPU]

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from normopt.errors import UsageError
+from normopt.errors import ProviderUnavailableError, UsageError
 from normopt.inputs import InputSpec, make_feeds
 from normopt.model_io import PROTOBUF_LIMIT, save, without_weights
-from normopt.providers import ProviderChoice, providers, select_provider, session_options
+from normopt.providers import CUDA, ProviderChoice, providers, select_provider, session_options
 
 # Default tolerances per output dtype: |got - ref| <= atol + rtol * |ref|, element by element.
 # fp32 bounds cover what correct folds and fusions produce on models/ (worst seen there:
@@ -82,6 +82,9 @@ def run_model(model: onnx.ModelProto | str | os.PathLike, feeds_list: list[dict]
             session = ort.InferenceSession(source, session_options(), providers=providers(provider))
         except Exception as err:
             raise UsageError(f"onnxruntime cannot load the model: {' '.join(str(err).split())[:240]}") from err
+        if provider == "cuda" and session.get_providers()[0] != CUDA:
+            # The probe ran on CUDA but this session fell back: never report CPU results as CUDA.
+            raise ProviderUnavailableError("CUDA provider did not start for this model; rerun with --provider cpu")
         names = outputs or [o.name for o in session.get_outputs()]
         try:
             results = [dict(zip(names, session.run(names, feeds))) for feeds in feeds_list]
