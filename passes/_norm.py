@@ -17,9 +17,9 @@ Accepted spellings (alternatives inside one pattern):
   (mixed precision: the statistics computed in float32 for a float16 model).
 
 Near misses (a ``Reject`` with the reason) are spellings that look alike but compute something
-else: swapped Div operands, the variance of another tensor, a Pow exponent other than 2, a
-non-constant epsilon, keepdims=0, the two ReduceMeans over different axes, integer dtypes, and
-intermediates used outside the pattern. Whether the reduced axes are the trailing ones is left
+else: swapped Div operands, the mean or the variance of another tensor, a Pow exponent other
+than 2, a non-constant epsilon, keepdims=0, the two ReduceMeans over different axes, integer
+dtypes, and intermediates used outside the pattern (dead consumers aside). Whether the reduced axes are the trailing ones is left
 to each pass (``trailing_axis``): grouped forms normalize the trailing axes of a reshaped tensor.
 
 ``match_affine`` then follows the normalized tensor down through an optional ``Mul`` by a
@@ -50,7 +50,8 @@ _FOLDABLE = ("Identity", "Cast", "Flatten", "Add", "Unsqueeze")
 X = Var("x")
 XC = Opt(CAST, X, name="cast_x")                 # the input, maybe cast to the compute type
 MEAN = Op(REDUCE_MEAN, [XC], name="mean")
-CENTERED = Op("Sub", [XC, MEAN])                 # unnamed: a duplicated Sub still matches
+# Unnamed: a duplicated Sub still matches. The mean of another tensor is a near miss to report.
+CENTERED = Op("Sub", [XC, AnyOf(MEAN, Op(REDUCE_MEAN, [Var("other_mean")], name="other_mean"))])
 EXPONENT = Opt(CAST, Const("exponent"))
 EPSILON = AnyOf(Const("eps"), Op(CAST, [Const("eps")]), Var("eps_tensor"))
 
@@ -200,6 +201,9 @@ def live_escapes(m: Match, graph: gs.Graph) -> list[str]:
 
 
 def _structural_misses(m: Match) -> Reject | None:
+    if m.has("other_mean"):
+        return Reject(f"mean is taken of '{m.tensors['other_mean'].name}', not of the centred input "
+                      f"'{m.tensors['x'].name}'", m["other_mean"])
     if m.has("div_swapped"):
         return Reject("Div divides the standard deviation by the input (operands swapped)", m["div_swapped"])
     if m.has("other_centered"):

@@ -295,6 +295,14 @@ def _variance_of_input(rng):
     return net.model(net.op("Div", net.op("Sub", "x", mean), std))
 
 
+def _mean_of_other_tensor(rng):
+    net = Net(opset=17)
+    t = layernorm(net)
+    mean = next(n for n in net.nodes if n.op_type == "ReduceMean")
+    mean.input[0] = "z"
+    return net.model(t, inputs=[("z", F32, SHAPE)])
+
+
 def _escaping(rng, what):
     net = Net(opset=17)
     t = layernorm(net)
@@ -354,6 +362,7 @@ NEAR_MISSES = {
     "pow_3": (lambda rng: _model(rng, exponent=3.0)[1], "Pow exponent is 3, not 2"),
     "div_swapped": (lambda rng: _model(rng, divide="swapped")[1], "operands swapped"),
     "variance_of_other_tensor": (_variance_of_input, "variance is taken of 'x'"),
+    "mean_of_other_tensor": (_mean_of_other_tensor, "mean is taken of 'z', not of the centred input 'x'"),
     "epsilon_graph_input": (lambda rng: _eps_input(rng), "epsilon 'eps' is not a constant"),
     "centred_used_elsewhere": (lambda rng: _escaping(rng, "Sub"), "is also used by Neg"),
     "std_used_elsewhere": (lambda rng: _escaping(rng, "Sqrt"), "is also used by Neg"),
