@@ -19,8 +19,9 @@ Accepted spellings (alternatives inside one pattern):
 Near misses (a ``Reject`` with the reason) are spellings that look alike but compute something
 else: swapped Div operands, the mean or the variance of another tensor, a Pow exponent other
 than 2, a non-constant epsilon, keepdims=0, the two ReduceMeans over different axes, integer
-dtypes, and intermediates used outside the pattern (dead consumers aside). Whether the reduced axes are the trailing ones is left
-to each pass (``trailing_axis``): grouped forms normalize the trailing axes of a reshaped tensor.
+dtypes, and intermediates used outside the pattern (dead consumers aside). Whether the reduced
+axes are the trailing ones is left to each pass (``trailing_axis``): grouped forms normalize
+the trailing axes of a reshaped tensor.
 
 ``match_affine`` then follows the normalized tensor down through an optional ``Mul`` by a
 constant scale and ``Add`` of a constant bias, absorbing them only when they are constant per
