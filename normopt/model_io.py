@@ -5,6 +5,7 @@ file in the destination folder and renamed into place, so a failure leaves nothi
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -128,7 +129,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
     return written
 
 
-def without_weights(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProto:
+def without_weights(model: onnx.ModelProto, keep_elements: int = 1024) -> onnx.ModelProto:
     """A light copy for shape and type inference: large top-level initializers keep name, type
     and dims, and are marked as external data instead of carrying their bytes. Small ones
     (Reshape shapes, axes) stay whole so that inference can read them."""
@@ -140,7 +141,8 @@ def without_weights(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.Mode
     g.name = src.name
     for part in ("node", "input", "output", "value_info", "sparse_initializer"):
         getattr(g, part).extend(getattr(src, part))
-    g.initializer.extend(i if i.ByteSize() <= keep_bytes else _header(i) for i in src.initializer)
+    # Counted from dims: asking protobuf for a tensor's size or bytes would copy it.
+    g.initializer.extend(i if math.prod(i.dims) <= keep_elements else _header(i) for i in src.initializer)
     return light
 
 

@@ -17,7 +17,7 @@ from onnx import version_converter
 
 from normopt import annotations, graph as G
 from normopt.errors import ModelLoadError, ModelSaveError
-from normopt.model_io import check, min_ir_version, without_weights
+from normopt.model_io import min_ir_version, without_weights
 from normopt.pattern import Match
 from normopt.records import OpsetUpgrade, PassRecord, PipelineResult, Rewrite, Skip
 from normopt.registry import available, resolve
@@ -255,9 +255,16 @@ def count_nodes(model: onnx.ModelProto) -> int:
 
 
 def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
-    upgraded = version_converter.convert_version(model, target)
+    """The model at default-domain opset ``target``. The converter only sees a weight-free copy
+    (it would otherwise copy every weight in and out of C++ twice); the large initializers are
+    put back by name afterwards. The result is verified like every rewrite."""
+    light = without_weights(model)
+    upgraded = version_converter.convert_version(light, target)
     upgraded.ir_version = max(model.ir_version, min_ir_version(target))
-    check(upgraded)
+    weights = {init.name: init for init in model.graph.initializer}
+    for i, init in enumerate(upgraded.graph.initializer):
+        if init.data_location == onnx.TensorProto.EXTERNAL and init.name in weights:
+            upgraded.graph.initializer[i].CopyFrom(weights[init.name])
     return upgraded
 
 
