@@ -99,6 +99,8 @@ def fold(ctx, model, output, pass_list, skip_list, dry_run, no_verify, force, st
     out_path = Path(output) if output else model_io.default_output(model)
     if not dry_run and Path(model).exists() and out_path.exists() and out_path.resolve() == Path(model).resolve():
         raise UsageError(f"output '{out_path}' is the input file; choose another -o")
+    if not dry_run and not out_path.parent.is_dir():
+        raise UsageError(f"cannot write '{out_path}': folder '{out_path.parent}' does not exist")
     options = FoldOptions(passes=names, allow_opset_upgrade=not no_opset_upgrade, verify=not no_verify,
                           provider=provider, seed=seed, trials=trials, input_shapes=parse_shapes(input_shapes),
                           input_ranges=parse_ranges(input_ranges), inputs_file=inputs_file, atol=atol, rtol=rtol,

@@ -117,6 +117,11 @@ def test_cli_output_equal_to_input_is_refused(model_path):
     assert res.exit_code == 2 and "is the input file" in res.output
 
 
+def test_cli_output_folder_missing_fails_before_work(model_path, tmp_path):
+    res = invoke("fold", model_path, "-o", tmp_path / "nope" / "out.onnx")
+    assert res.exit_code == 2 and "does not exist" in res.output and "fold-batchnorm" not in res.output
+
+
 def test_cli_provider_cuda_unavailable_exit_3(model_path):
     if select_provider("auto").name == "cuda":
         pytest.skip("CUDA is usable here")
