@@ -177,9 +177,13 @@ def check_core(m: Match, ctx: Context, kind: str) -> Normalized | Reject:
     axes = _common_axes(m, ctx, rank)
     if isinstance(axes, Reject):
         return axes
-    eps_rank = np.asarray(m.values["eps"]).ndim
-    if rank is not None and eps_rank > rank:
-        return Reject(f"epsilon has rank {eps_rank}, more than the input's {rank}", m["add_eps"])
+    # A 1-element constant broadcasts: one of higher rank than x grows the output's rank (and
+    # shifts what the variance's ReduceMean axes count), which the fused op would not.
+    for key, what, node in (("eps", "epsilon", "add_eps"), ("exponent", "exponent", "pow"),
+                            ("one", "1 of 1 / std", "recip_div")):
+        const_rank = np.asarray(m.values[key]).ndim if key in m.values else 0
+        if rank is not None and const_rank > rank:
+            return Reject(f"{what} has rank {const_rank}, more than the input's {rank}", m[node])
     escapes = live_escapes(m, ctx.graph)
     if escapes:
         return Reject(f"intermediate {escapes[0]}", m["var"])

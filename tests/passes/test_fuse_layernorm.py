@@ -353,6 +353,19 @@ def _rank_unknown(rng):
     return net.model(layernorm(net, h, axes=(2,)), inputs=[("shape", TensorProto.INT64, ["n"])])
 
 
+def _rank_growing(rng, op):
+    """A 1-element constant of rank 4 as the Pow exponent, or as the 1 of 1/std, broadcasts the
+    rank-3 core to rank 4 (with the ReduceMean axes then counted on the grown tensor): a
+    LayerNormalization would keep rank 3."""
+    net = Net(opset=17)
+    t = layernorm(net, divide="div_one")
+    at = 0 if op == "Div" else 1
+    name = next(n.input[at] for n in net.nodes if n.op_type == op and n.input[at] in net.inits)
+    net.inits[name] = net.inits[name].reshape(1, 1, 1, 1)
+    net.nodes.append(helper.make_node("Identity", [t], ["y"]))
+    return make_model(net.nodes, [("x", F32, SHAPE)], [("y", F32, [1, *SHAPE])], net.inits, opset=17)
+
+
 NEAR_MISSES = {
     "rank_unknown_positive_axis": (_rank_unknown, "axes [2] cannot be placed (input rank unknown)"),
     "channels_first": (lambda rng: _model(rng, shape=[2, 8, 3, 3], axes=(1,), gamma=(8, 1, 1),
@@ -371,6 +384,8 @@ NEAR_MISSES = {
     "fp16_statistics_in_fp32_model": (_fp16_inside_fp32, "computed in float16, narrower than the output's float32"),
     "fp16_statistics_fp32_output": (_fp16_statistics_fp32_output, "computed in float16, narrower than the output's"),
     "axes_not_constant": (_constant_axes_missing, "has no constant axes"),
+    "exponent_rank_4": (lambda rng: _rank_growing(rng, "Pow"), "exponent has rank 4, more than the input's 3"),
+    "one_over_std_rank_4": (lambda rng: _rank_growing(rng, "Div"), "1 of 1 / std has rank 4, more than the input's 3"),
     "dynamic_normalized_dim": (lambda rng: _model(rng, shape=[2, 5, "D"], gamma=None, beta=None)[1],
                                "are not static"),
 }
