@@ -170,6 +170,13 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, optio
                     skipped.append(Skip(pass_.name, G.node_label(found.node or node), found.reason, path))
                     continue
                 label = G.node_label(node)
+                outer = _outer_node(found, graph, root)
+                if outer is not None:
+                    # Rewriting would move that node into this subgraph, away from the outer
+                    # scope's other readers, which the fan-out checks on this graph cannot see.
+                    skipped.append(Skip(pass_.name, label, f"matched node {G.node_label(outer)} is in an "
+                                        "outer graph", path))
+                    continue
                 if found.output.name in options.exclude:
                     skipped.append(Skip(pass_.name, label, f"rolled back: {options.exclude[found.output.name]}", path))
                     continue
@@ -190,6 +197,14 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, optio
             break
         root.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort(recurse_subgraphs=True)
     return record, 0
+
+
+def _outer_node(m: Match, graph: gs.Graph, root: gs.Graph) -> gs.Node | None:
+    """A matched node that is not in ``graph`` (a subgraph's match that reached the outer scope)."""
+    if graph is root:
+        return None
+    local = {id(n) for n in graph.nodes}
+    return next((n for n in m.matched if id(n) not in local), None)
 
 
 def _safe_match(pass_: Pass, node: gs.Node, ctx: Context) -> Match | Reject | None:

@@ -194,8 +194,13 @@ def live_escapes(m: Match, graph: gs.Graph) -> list[str]:
     """``Match.escapes``, except that a consumer whose outputs nobody uses is dead code, not a
     use: the ONNX inliner leaves LayerNormalization's unused InvStdDev Reciprocal behind."""
     inside = {id(n) for n in m.matched}
-    inside.update(id(user) for node in m.matched for out in node.outputs for user in out.outputs
-                  if all(not o.outputs and not G.is_graph_output(graph, o) for o in user.outputs))
+    unused = [user for node in m.matched for out in node.outputs for user in out.outputs
+              if all(not o.outputs and not G.is_graph_output(graph, o) for o in user.outputs)]
+    if unused:
+        # A subgraph node reading an outer-scope value looks unused from here (its outputs are
+        # its own graph's): only a node of this graph can be dead code.
+        local = {id(n) for n in graph.nodes}
+        inside.update(id(user) for user in unused if id(user) in local)
     found = []
     for node in m.matched:
         for out in node.outputs:

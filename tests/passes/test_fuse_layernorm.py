@@ -521,6 +521,45 @@ def test_fuse_layernorm_inside_subgraph_is_fused(build, rng):
     assert_equivalent(model, out)
 
 
+def _mean_read_by_if_branch(rng):
+    """The main-graph mean is also read, as an outer-scope value, by a node inside an If branch
+    whose output is only that branch's output (no user in the main graph)."""
+    net = Net(opset=17)
+    t = layernorm(net)
+    mean = net.nodes[0].output[0]
+    branches = {k: helper.make_graph([helper.make_node(op, [mean], [f"{k}_m"])], k, [],
+                                     [helper.make_tensor_value_info(f"{k}_m", F32, [2, 5, 1])])
+                for k, op in (("then", "Neg"), ("else", "Abs"))}
+    net.nodes.append(helper.make_node("If", ["cond"], ["side"], then_branch=branches["then"],
+                                      else_branch=branches["else"]))
+    return net.model(t, inputs=[("cond", TensorProto.BOOL, [])], outputs=[("side", F32, [2, 5, 1])])
+
+
+def _core_split_across_scopes(rng):
+    """Mean and Sub in the main graph, the rest of the core in an If branch; the centred tensor
+    is also a main-graph output, which no check on the branch can see."""
+    net = Net(opset=17)
+    d = net.op("Sub", "x", net.mean("x", (-1,)))
+    body = Net(opset=17)
+    body.count = 100
+    std = body.op("Sqrt", body.op("Add", body.mean(body.op("Pow", d, body.const(2.0)), (-1,)), body.const(1e-5)))
+    body.nodes.append(helper.make_node("Div", [d, std], ["then_y"]))
+    then = helper.make_graph(body.nodes, "then", [], [helper.make_tensor_value_info("then_y", F32, SHAPE)],
+                             [numpy_helper.from_array(v, k) for k, v in body.inits.items()])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["else_y"])], "else", [],
+                              [helper.make_tensor_value_info("else_y", F32, SHAPE)])
+    net.nodes.append(helper.make_node("If", ["cond"], ["branch"], then_branch=then, else_branch=other))
+    return net.model("branch", inputs=[("cond", TensorProto.BOOL, [])], outputs=[(d, F32, SHAPE)])
+
+
+@pytest.mark.parametrize("build, reason", [
+    (_mean_read_by_if_branch, "is also used by Abs"),
+    (_core_split_across_scopes, "in an outer graph"),
+], ids=["intermediate_read_by_branch", "core_split_across_scopes"])
+def test_fuse_layernorm_outer_scope_use_is_left_unchanged(build, reason, rng):
+    left_alone(build(rng), reason)
+
+
 # ----------------------------------------------------------------------------- real TorchScript exports
 
 @pytest.mark.parametrize("opset", [13, 14])
