@@ -241,16 +241,18 @@ def _epsilon(m: Match) -> float | Reject:
 
 
 def _trim_input_cast(m: Match, ctx: Context) -> None:
-    """Leave a Cast on the input outside the match when it is not a float-to-float compute cast.
+    """Leave a Cast on the input outside the match when it is not a float-widening compute cast.
 
     A Cast from an integer (token ids, say) or one whose output also feeds other nodes belongs
-    to the model, not to the normalization: the cast tensor itself is then the input.
+    to the model, not to the normalization: the cast tensor itself is then the input. So does
+    a narrowing Cast (float32 x rounded to float16): the fused op must see the rounded values.
     """
     if not m.has("cast_x"):
         return
     cast = m["cast_x"]
     inside = {id(n) for n in m.matched}
-    if not is_float(ctx.dtype(cast.inputs[0])) or not is_float(_cast_target(cast)) or \
+    source, target = ctx.dtype(cast.inputs[0]), _cast_target(cast)
+    if not is_float(source) or not is_float(target) or float_bits(target) < float_bits(source) or \
             G.other_uses(cast.outputs[0], ctx.graph, inside):
         m.matched[:] = [n for n in m.matched if n is not cast]
         del m.nodes["cast_x"]
@@ -292,6 +294,26 @@ def _compute_bits(m: Match, ctx: Context) -> int | None | Reject:
     if x_dtype is not None and not is_float(x_dtype):
         return Reject(f"input '{m.tensors['x'].name}' has integer dtype {np.dtype(x_dtype).name}")
     return min(bits) if bits else None
+
+
+def narrowest(nodes: list[gs.Node], ctx: Context) -> tuple[int, gs.Tensor] | None:
+    """(significand bits, tensor) of the narrowest float tensor that ``nodes`` compute, if known.
+
+    A fused op computes in its one type: a tensor of the original rounded to fewer bits than
+    the output (float16 inside a float32 computation) makes the two differ beyond the output's
+    tolerance."""
+    found = [(float_bits(ctx.dtype(n.outputs[0])), n.outputs[0]) for n in nodes if n.outputs]
+    found = [(bits, t) for bits, t in found if bits is not None]
+    return min(found, key=lambda f: f[0]) if found else None
+
+
+def precision_miss(nodes: list[gs.Node], ctx: Context, out_type) -> Reject | None:
+    """A Reject when one of ``nodes`` computes in a float type narrower than ``out_type``."""
+    low = narrowest(nodes, ctx)
+    if low is None or low[0] >= float_bits(out_type):
+        return None
+    inner = next(k for k, v in FLOAT_BITS.items() if v == low[0])
+    return Reject(f"'{low[1].name}' is computed in {inner}, narrower than the output's {np.dtype(out_type).name}")
 
 
 def _drop_constant_nodes(m: Match, ctx: Context) -> None:

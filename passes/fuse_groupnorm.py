@@ -50,7 +50,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from normopt import graph as G
-from normopt.passes._norm import Affine, float_bits, match_affine, match_normalized, normalize_axes
+from normopt.passes._norm import (Affine, float_bits, match_affine, match_normalized, normalize_axes,
+                                  precision_miss)
 from normopt.pattern import Match
 from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
@@ -88,22 +89,27 @@ def static_dim(shape, axis: int) -> int | None:
     return dim if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 else None
 
 
-def settle_dtype(ctx: Context, x: gs.Tensor, out: gs.Tensor, compute_bits: int | None,
-                 op: str) -> np.dtype | Reject:
+def settle_dtype(ctx: Context, x: gs.Tensor, out: gs.Tensor, compute_bits: int | None, op: str,
+                 nodes: list[gs.Node], input_cast: gs.Node | None = None) -> np.dtype | Reject:
     """The type the fused op runs in, so that nothing is rounded more than in the original.
 
     GroupNormalization keeps its statistics in stash_type: the widest of input and output
     suffices. InstanceNormalization has no stash type: it also needs the core's compute type.
-    Statistics computed in a type narrower than both input and output (float16 inside a
-    float32 model) would be computed more precisely once fused, beyond the output's tolerance.
+    Any of ``nodes`` computing in a type narrower than the output (float16 statistics in a
+    float32 model, a float16 round trip before the affine) would be computed more precisely
+    once fused, beyond the output's tolerance. A narrowing ``input_cast`` (float32 x rounded
+    to float16 before the statistics) sets the input type: the fused op sees rounded values.
     """
     x_type, out_type = ctx.dtype(x), ctx.dtype(out)
     if float_bits(x_type) is None or float_bits(out_type) is None:
         unknown = x if float_bits(x_type) is None else out
         return Reject(f"dtype of '{unknown.name}' is unknown or not a float type")
-    if compute_bits is not None and compute_bits < min(float_bits(x_type), float_bits(out_type)):
-        return Reject(f"statistics are computed in {DTYPE_BY_BITS.get(compute_bits, compute_bits)}, narrower "
-                      f"than input {np.dtype(x_type).name} and output {np.dtype(out_type).name}")
+    miss = precision_miss(nodes, ctx, out_type)
+    if miss:
+        return miss
+    cast_type = ctx.dtype(input_cast.outputs[0]) if input_cast is not None else None
+    if float_bits(cast_type) is not None and float_bits(cast_type) < float_bits(x_type):
+        x_type = cast_type
     types = [np.dtype(x_type), np.dtype(out_type)]
     if op == INSTANCE_NORM and compute_bits in DTYPE_BY_BITS:
         types.append(DTYPE_BY_BITS[compute_bits])
@@ -328,13 +334,13 @@ class FuseGroupNorm(Pass):
         if tail.kept:
             return Reject(f"{tail.kept}: not per channel")
         op = INSTANCE_NORM if groups == channels else GROUP_NORM
-        work = settle_dtype(ctx, x, tail.output, core.compute_bits, op)
-        if isinstance(work, Reject):
-            return work
         m = Match(output=tail.output)
         for n in [split, cast_in, *core.nodes, cast_out, back, *tail.nodes]:
             if n is not None:
                 m.add(n)
+        work = settle_dtype(ctx, x, tail.output, core.compute_bits, op, m.matched, cast_in)
+        if isinstance(work, Reject):
+            return work
         escapes = m.escapes(ctx.graph)
         if escapes:
             return Reject(f"intermediate {escapes[0]}")

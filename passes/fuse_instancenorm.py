@@ -90,12 +90,12 @@ class FuseInstanceNorm(Pass):
             return Reject(f"{tail.kept}: not per channel")
         if channels is None:
             return Reject(f"channel count of '{core.x.name}' is unknown")
-        work = settle_dtype(ctx, core.x, tail.output, core.compute_bits, INSTANCE_NORM)
-        if isinstance(work, Reject):
-            return work
         m = Match(output=tail.output)
         for n in core.match.matched + tail.nodes:
             m.add(n)
+        work = settle_dtype(ctx, core.x, tail.output, core.compute_bits, INSTANCE_NORM, m.matched)
+        if isinstance(work, Reject):
+            return work
         escapes = m.escapes(ctx.graph)
         if escapes:
             return Reject(f"intermediate {escapes[0]}")

@@ -75,8 +75,8 @@ class FuseLayerNorm(Pass):
             found = _match_tf(node, ctx)
             if found is None or isinstance(found, Reject):
                 return found
-            m, norm = found
-        return settle_dtype(m, norm, ctx)
+            m, _ = found
+        return settle_dtype(m, ctx)
 
     def rewrite(self, m: Match, ctx: Context) -> list[gs.Node]:
         return emit(LAYER_NORMALIZATION, m, ctx, scope_of(m["mean"]) + LAYER_NORMALIZATION)
@@ -199,23 +199,25 @@ def static_dims(ctx: Context, x: gs.Tensor, axis: int) -> tuple[int, ...] | None
     return dims if all(isinstance(d, int) and d > 0 for d in dims) else None
 
 
-def settle_dtype(m: Match, norm: N.Normalized, ctx: Context) -> Match | Reject:
+def settle_dtype(m: Match, ctx: Context) -> Match | Reject:
     """Pick the type T the fused op runs in: the widest of input, output, scale and bias.
 
     Nothing is then rounded more than in the original graph: the input is only ever cast up,
     and the fused op computes its statistics in float32 (stash_type) or better. That differs
-    from the original by less than the output type resolves only when the original's own
-    statistics were at least as precise as the output: float16 statistics feeding a float32
-    output (after a Cast up) would not survive verification, so that is a reject.
+    from the original by less than the output type resolves only when every tensor of the
+    original was at least as precise as the output: float16 statistics feeding a float32
+    output (after a Cast up), or a float16 round trip before the affine, would not survive
+    verification, so that is a reject.
     """
     x, out = m.tensors["input"], m.output
     x_type, out_type = ctx.dtype(x), ctx.dtype(out)
     if not N.is_float(x_type) or not N.is_float(out_type):
         unknown = x if not N.is_float(x_type) else out
         return Reject(f"dtype of '{unknown.name}' is unknown or not a float type")
-    if norm.compute_bits is not None and norm.compute_bits < N.float_bits(out_type):
-        inner = next(k for k, v in N.FLOAT_BITS.items() if v == norm.compute_bits)
-        return Reject(f"statistics are computed in {inner}, narrower than the output's {np.dtype(out_type).name}")
+    # The whole match counts: a Cast to float16 and back between the core and the affine rounds too.
+    miss = N.precision_miss(m.matched, ctx, out_type)
+    if miss:
+        return miss
     params = [m.values[k].dtype for k in ("scale", "bias") if m.info.get(k)]   # absorbed ones only
     dtype = max([np.dtype(x_type), np.dtype(out_type)] + params, key=N.float_bits)
     m.info["dtype"] = dtype.name

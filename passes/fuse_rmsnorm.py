@@ -56,7 +56,7 @@ class FuseRmsNorm(Pass):
             return where
         axis, shape = where
         tail = N.match_affine(norm.output, ctx, norm.rank, shape, with_bias=False)
-        return settle_dtype(plan(norm, ctx, axis, tail), norm, ctx)
+        return settle_dtype(plan(norm, ctx, axis, tail), ctx)
 
     def rewrite(self, m: Match, ctx: Context) -> list[gs.Node]:
         return emit(RMS_NORMALIZATION, m, ctx, scope_of(m["var"]) + RMS_NORMALIZATION)

@@ -193,6 +193,36 @@ def test_fuse_groupnorm_float16_torchscript_export_is_fused(rng):
     fuse(gn_model(rng, dtype=F16), FUSED)
 
 
+def mixed_gn(rng, dtype, cast_in=None, cast_out=None, tail_cast=None, out=None):
+    """TorchScript GroupNorm on a ``dtype`` input with Casts after the split, after the
+    InstanceNormalization and after the reshape back (the affine in the type reached)."""
+    net = Net(rng, 17, dtype)
+    t = net.op("Reshape", "X", net.const([0, 2, -1], "int"))
+    t = net.op("Cast", t, to=cast_in) if cast_in else t
+    inner = cast_in or dtype
+    t = net.op("InstanceNormalization", t, net.const(np.ones(2), inner), net.const(np.zeros(2), inner))
+    t = net.op("Cast", t, to=cast_out) if cast_out else t
+    t = net.op("Reshape", t, net.op("Shape", "X"))
+    t = net.op("Cast", t, to=tail_cast) if tail_cast else t
+    last = tail_cast or cast_out or inner
+    t = net.op("Add", net.op("Mul", t, net.const(rng.standard_normal((8, 1, 1)), last)),
+               net.const(rng.standard_normal((8, 1, 1)), last))
+    net.nodes.append(helper.make_node("Identity", [t], ["Y"]))
+    return make_model(net.nodes, [("X", dtype, [BATCH, 8, 4, 4])], [("Y", out or last, [BATCH, 8, 4, 4])],
+                      net.inits, opset=17)
+
+
+def test_fuse_groupnorm_narrowing_cast_after_split_is_kept(rng):
+    """float32 x rounded to float16 after the split: the fused op must see the rounded values,
+    so x is cast to float16 in front of a float16 GroupNormalization."""
+    model = mixed_gn(rng, F32, cast_in=F16)
+    out, result = run_pipeline(model, [PASS])
+    assert op_counts(out) == {"Cast": 1, GN: 1, "Identity": 1} and result.applied[0].info["dtype"] == "float16"
+    cast = next(n for n in out.graph.node if n.op_type == "Cast")
+    assert cast.input[0] == "X" and next(n for n in out.graph.node if n.op_type == GN).input[0] == cast.output[0]
+    assert_equivalent(model, out)
+
+
 def test_fuse_groupnorm_silu_tail_stays_outside(rng):
     fuse(gn_model(rng, silu=True), {GN: 1, "Sigmoid": 1, "Mul": 1, "Identity": 1})
 
@@ -317,10 +347,12 @@ def eps_as_input(rng):
     (lambda rng: gn_model(rng, back="flat"), "does not restore the shape"),
     (lambda rng: gn_model(rng, back="swapped", spatial=(3, 5)), "does not restore the shape"),
     (lambda rng: gn_model(rng, core="decomposed", spatial=(2, 2), back="const", split="static", c=4, g=2,
-                          dtype=F32, compute=F16), "narrower than input float32"),
+                          dtype=F32, compute=F16), "narrower than the output's float32"),
+    (lambda rng: mixed_gn(rng, F32, cast_out=F16, tail_cast=F32), "is computed in float16, narrower than the output's"),
+    (lambda rng: mixed_gn(rng, F16, cast_out=F32, out=F32), "is computed in float16, narrower than the output's"),
 ], ids=["wrong_axis", "g_not_dividing_c", "in_scale", "in_bias", "gamma_spatial", "beta_spatial",
         "intermediate_output", "eps_input", "partial_group_axes", "not_restored_rank",
-        "not_restored_dims", "fp16_statistics"])
+        "not_restored_dims", "fp16_statistics", "fp16_rounding_before_affine", "fp16_statistics_fp32_output"])
 def test_fuse_groupnorm_near_miss_is_left_unchanged(build, reason, rng):
     model = build(rng)
     out, rec = run_pass(PASS, model)

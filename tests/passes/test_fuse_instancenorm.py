@@ -43,7 +43,7 @@ class Net:
 
 
 def instance_norm(net, x, rank, *, axes=None, var_axes=None, square="pow", inverse="div", exponent=2.0,
-                  eps="const", compute=None, scale="channel", bias="channel"):
+                  eps="const", compute=None, scale="channel", bias="channel", round_to=None):
     """x [BATCH, C, ...] -> (x - mean) / sqrt(var + eps) [* scale] [+ bias], as exporters write it."""
     axes = axes or list(range(2, rank))
     dtype = compute or net.dtype
@@ -55,6 +55,8 @@ def instance_norm(net, x, rank, *, axes=None, var_axes=None, square="pow", inver
     y = net.op("Div", d, std) if inverse == "div" else net.op("Mul", net.op("Reciprocal", std), d)
     if compute:
         y = net.op("Cast", y, to=net.dtype)
+    if round_to:  # rounded and cast back before the affine
+        y = net.op("Cast", net.op("Cast", y, to=round_to), to=net.dtype)
     ones = [1] * (rank - 2)
     shapes = {"channel": [C, *ones], "leading": [1, C, *ones], "scalar": [], "last": [4],
               "spatial": [C] + [4] * (rank - 2), "none": None}
@@ -172,10 +174,11 @@ def test_fuse_instancenorm_runs_before_layernorm_in_the_pipeline(rng):
     (dict(eps="input"), "epsilon 'eps' is not a constant"),
     (dict(exponent=3.0), "Pow exponent is 3, not 2"),
     (dict(var_axes=[2]), "reduce different axes"),
-    (dict(compute=F16), "narrower than input float32"),
+    (dict(compute=F16), "narrower than the output's float32"),
+    (dict(round_to=F16), "is computed in float16, narrower than the output's float32"),
     (dict(extra_outputs=("sub3",)), "is also used by graph output"),
 ], ids=["one_spatial_axis", "rank5_two_axes", "bias_spatial", "eps_input", "pow3", "var_axes", "fp16_stats",
-        "intermediate_output"])
+        "fp16_rounding_before_affine", "intermediate_output"])
 def test_fuse_instancenorm_near_miss_is_left_unchanged(kwargs, reason, rng):
     model = in_model(rng, **kwargs)
     out, rec = run_pass(PASS, model)

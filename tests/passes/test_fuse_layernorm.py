@@ -273,6 +273,20 @@ def test_fuse_layernorm_mixed_precision_keeps_output_type(variant, rng):
     assert_equivalent(model, out)
 
 
+def test_fuse_layernorm_narrowing_input_cast_stays_outside(rng):
+    """float32 x rounded to float16 before float16 statistics: the fused op must see the rounded
+    values, so the Cast stays in front of a float16 LayerNormalization. (Only the structure can
+    show it: onnxruntime's CPU provider runs float16 ReduceMean in float32 and drops the
+    Cast pair, so it never rounds x in the original either.)"""
+    net = Net(opset=17, dtype=F16)
+    model = net.model(affine(net, layernorm(net, net.op("Cast", "x", to=F16)), rng), in_dtype=F32)
+    out, rec = fused(model)
+    assert op_counts(out) == {"Cast": 1, LN: 1, "Identity": 1} and rec.applied[0].info["dtype"] == "float16"
+    cast = next(n for n in out.graph.node if n.op_type == "Cast")
+    assert ln_node(out).input[0] == cast.output[0] and cast.input[0] == "x"
+    assert_equivalent(model, out)
+
+
 def _eps_name(model):
     add = next(n for n in model.graph.node if n.op_type == "Add" and any(
         p.op_type == "ReduceMean" for p in model.graph.node if p.output[0] in n.input))
@@ -337,6 +351,14 @@ def _fp16_statistics_fp32_output(rng):
     return net.model(t, in_dtype=F16, out_dtype=F32)
 
 
+def _fp16_rounding_before_affine(rng):
+    """float32 throughout, but the normalized tensor is rounded to float16 and back before the
+    affine: the float32 LayerNormalization would not round it."""
+    net = Net(opset=17)
+    t = net.op("Cast", net.op("Cast", layernorm(net), to=F16), to=F32)
+    return net.model(affine(net, t, rng))
+
+
 def _constant_axes_missing(rng):
     net = Net(opset=18)
     t = layernorm(net)
@@ -383,6 +405,8 @@ NEAR_MISSES = {
     "integer_dtype": (_integer, "integer dtype int32"),
     "fp16_statistics_in_fp32_model": (_fp16_inside_fp32, "computed in float16, narrower than the output's float32"),
     "fp16_statistics_fp32_output": (_fp16_statistics_fp32_output, "computed in float16, narrower than the output's"),
+    "fp16_rounding_before_affine": (_fp16_rounding_before_affine,
+                                    "is computed in float16, narrower than the output's float32"),
     "axes_not_constant": (_constant_axes_missing, "has no constant axes"),
     "exponent_rank_4": (lambda rng: _rank_growing(rng, "Pow"), "exponent has rank 4, more than the input's 3"),
     "one_over_std_rank_4": (lambda rng: _rank_growing(rng, "Div"), "1 of 1 / std has rank 4, more than the input's 3"),
