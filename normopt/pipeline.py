@@ -280,7 +280,26 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     for i, init in enumerate(upgraded.graph.initializer):
         if init.data_location == onnx.TensorProto.EXTERNAL and init.name in weights:
             upgraded.graph.initializer[i].CopyFrom(weights[init.name])
+    _keep_value_info(model.graph, upgraded.graph)
     return upgraded
+
+
+def _keep_value_info(source: onnx.GraphProto, converted: onnx.GraphProto) -> None:
+    """Give every graph of ``converted`` the value_info of its ``source`` graph (none if it has
+    no counterpart). The converter writes value_info from its own inference, which does not
+    propagate shape values: every tensor after Reshape(t, Shape(u)) gets unknown dims there,
+    and graphsurgeon would read them as the tensor's shape, hiding what infer_shapes finds."""
+    del converted.value_info[:]
+    converted.value_info.extend(source.value_info)
+    subgraphs = {(n.output[0] if n.output else n.name, a.name): a for n in source.node for a in n.attribute}
+    for node in converted.node:
+        for attr in node.attribute:
+            old = subgraphs.get((node.output[0] if node.output else node.name, attr.name))
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _keep_value_info(old.g if old is not None else onnx.GraphProto(), attr.g)
+            for i, sub in enumerate(attr.graphs):
+                has = old is not None and i < len(old.graphs)
+                _keep_value_info(old.graphs[i] if has else onnx.GraphProto(), sub)
 
 
 def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:

@@ -7,7 +7,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper
 
-from helpers import FLOAT, assert_equivalent, make_model, op_counts, run_pipeline
+from helpers import FLOAT, assert_equivalent, make_model, op_counts, parse_model, run_pipeline
 from normopt import model_io, pipeline, registry
 from normopt.errors import UnknownPassError
 from normopt.pattern import Match, Op, Var, match
@@ -179,3 +179,35 @@ def test_pipeline_keeps_node_metadata_and_value_info(double_relu_pass):
     # 'a' was fused away; 'b' is kept by the rewrite with the same meaning.
     assert [vi.name for vi in out.graph.value_info] == ["b"]
     assert out.graph.value_info[0] == model.graph.value_info[1]
+
+
+def _ts_group_norm(x, out, groups, scope):
+    """PyTorch TorchScript's GroupNorm(affine=False) below opset 18: per-channel Mul/Add by [1, 1, 1]."""
+    return f"""
+        {scope}_g = Constant <value = int64[3] {{0, {groups}, -1}}> ()
+        {scope}_r = Reshape ({x}, {scope}_g)
+        {scope}_one = Constant <value = float[{groups}] {{{', '.join(['1.0'] * groups)}}}> ()
+        {scope}_zero = Constant <value = float[{groups}] {{{', '.join(['0.0'] * groups)}}}> ()
+        {scope}_n = InstanceNormalization <epsilon = 1e-5> ({scope}_r, {scope}_one, {scope}_zero)
+        {scope}_s = Shape ({x})
+        {scope}_b = Reshape ({scope}_n, {scope}_s)
+        {scope}_w = Constant <value = float[1, 1, 1] {{1.0}}> ()
+        {scope}_m = Mul ({scope}_b, {scope}_w)
+        {scope}_c = Constant <value = float[1, 1, 1] {{0.0}}> ()
+        {out} = Add ({scope}_m, {scope}_c)"""
+
+
+def test_pipeline_opset_upgrade_keeps_shapes_after_reshape_to_shape():
+    """The version converter's own value_info has unknown dims after Reshape(t, Shape(u)); the
+    second GroupNorm, reading the first one's output, must still see its channel count."""
+    model = parse_model(f"""
+        <ir_version: 8, opset_import: ["" : 14]>
+        g (float[1, 4, 2, 2] x) => (float[1, 4, 2, 2] y) {{
+            {_ts_group_norm("x", "a", 2, "gn1")}
+            {_ts_group_norm("a", "y", 1, "gn2")}
+        }}""")
+    out, result = run_pipeline(model, ["fuse-groupnorm"])
+    assert [(u.from_version, u.to_version) for u in result.upgrades] == [(14, 21)]
+    assert op_counts(out) == {"GroupNormalization": 2}
+    assert not result.skipped
+    assert_equivalent(model, out)
