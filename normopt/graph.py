@@ -49,10 +49,11 @@ def mark_graph_inputs(root: gs.Graph) -> None:
 def const_value(tensor: gs.Tensor, graph: gs.Graph | None = None, _depth: int = 0) -> np.ndarray | None:
     """The value of a tensor fixed at export time, else None.
 
-    Initializers count, and so do outputs of Constant nodes, and Identity / Transpose / Cast of
-    those (exports made without constant folding keep them: TorchScript writes a Linear weight
-    as Transpose(W)). An initializer that is also a graph input (old exporters) does not count:
-    the caller may feed another value at run time.
+    Initializers count, and so do outputs of Constant nodes, and Identity / Transpose / Cast /
+    Reshape / Expand / CastLike / Shape of those (exports made without constant folding keep
+    them: TorchScript writes a Linear weight as Transpose(W)).
+    An initializer that is also a graph input (old exporters) does not count: the caller may
+    feed another value at run time.
     """
     if getattr(tensor, _INPUT_MARK, False) or (graph is not None and is_graph_input(graph, tensor)):
         return None
@@ -66,6 +67,10 @@ def const_value(tensor: gs.Tensor, graph: gs.Graph | None = None, _depth: int = 
     if node.op in _VIEW_OPS and node.inputs:
         inner = const_value(node.inputs[0], graph, _depth + 1)
         return None if inner is None else _VIEW_OPS[node.op](inner, node.attrs)
+    if node.op in _SHAPE_OPS and len(node.inputs) == 2:
+        return _SHAPE_OPS[node.op](node, graph, _depth + 1)
+    if node.op == "Shape" and node.inputs:
+        return _shape(node, graph, _depth + 1)
     return None
 
 
@@ -91,6 +96,57 @@ _VIEW_OPS = {
     "Transpose": lambda v, attrs: np.transpose(v, attrs.get("perm")),
     "Cast": _cast,
 }
+
+
+# Largest constant that Expand may compute (elements): a per-channel bias, not an activation.
+_MAX_EXPANDED = 1 << 20
+
+
+def _reshape(node: gs.Node, graph, depth: int) -> np.ndarray | None:
+    data, shape = (const_value(t, graph, depth) for t in node.inputs)
+    if data is None or shape is None:
+        return None
+    shape = [int(d) for d in shape.reshape(-1)]
+    if not int(node.attrs.get("allowzero", 0)):
+        shape = [data.shape[i] if d == 0 and i < data.ndim else d for i, d in enumerate(shape)]
+    try:
+        return data.reshape(shape)
+    except ValueError:
+        return None
+
+
+def _expand(node: gs.Node, graph, depth: int) -> np.ndarray | None:
+    data, shape = (const_value(t, graph, depth) for t in node.inputs)
+    if data is None or shape is None:
+        return None
+    try:
+        out = np.broadcast_shapes(data.shape, tuple(int(d) for d in shape.reshape(-1)))
+    except ValueError:
+        return None
+    return np.array(np.broadcast_to(data, out)) if np.prod(out, dtype=np.int64) <= _MAX_EXPANDED else None
+
+
+def _cast_like(node: gs.Node, graph, depth: int) -> np.ndarray | None:
+    """Only the dtype of the second input is read: it may be any tensor of known type."""
+    value, dtype = const_value(node.inputs[0], graph, depth), tensor_dtype(node.inputs[1])
+    return None if value is None or dtype is None else value.astype(dtype)
+
+
+def _shape(node: gs.Node, graph, depth: int) -> np.ndarray | None:
+    """Shape(c)[start:end] of a constant c (not of a tensor merely declared static)."""
+    src = node.inputs[0]
+    value = None if isinstance(src, gs.Constant) else const_value(src, graph, depth)
+    dims = src.shape if isinstance(src, gs.Constant) else None if value is None else value.shape
+    if dims is None:
+        return None
+    return np.asarray(dims, dtype=np.int64)[node.attrs.get("start", 0):node.attrs.get("end")]
+
+
+# Ops whose result is fixed when their inputs are: exports made without constant folding
+# (dynamo with optimize=False) compute a bias-free Conv's zero bias as
+# Expand(CastLike(0, x), Expand(Shape(W)[0:1], [1])) and ReduceMean axes as
+# Reshape(Constant, Constant).
+_SHAPE_OPS = {"Reshape": _reshape, "Expand": _expand, "CastLike": _cast_like}
 
 
 def scalar_value(tensor: gs.Tensor, graph: gs.Graph | None = None) -> float | None:

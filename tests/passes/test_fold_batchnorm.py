@@ -189,6 +189,22 @@ def test_fold_batchnorm_constant_node_parameters_are_folded(rng):
     assert_folded(model, CONV)  # the Constant nodes are gone with the BatchNormalization
 
 
+def test_fold_batchnorm_dynamo_unoptimized_computed_conv_bias_is_folded(rng):
+    """dynamo with optimize=False writes a bias-free Conv's bias as
+    Expand(CastLike(0, x), Expand(Shape(W)[0:1], [1])): a constant, computed."""
+    model = bn_model(rng, bias=False)
+    zero = numpy_helper.from_array(np.array(0.0, np.float32))
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["zero"], value=zero))
+    model.graph.node.insert(1, helper.make_node("CastLike", ["zero", "X"], ["zero_like"]))
+    model.graph.node.insert(2, helper.make_node("Shape", ["W"], ["cout"], start=0, end=1))
+    model.graph.node.insert(3, helper.make_node("Constant", [], ["one"], value_ints=[1]))
+    model.graph.node.insert(4, helper.make_node("Expand", ["cout", "one"], ["bias_shape"]))
+    model.graph.node.insert(5, helper.make_node("Expand", ["zero_like", "bias_shape"], ["B"]))
+    model.graph.node[6].input.append("B")
+    onnx.checker.check_model(model)
+    assert_folded(model, CONV)
+
+
 @pytest.mark.parametrize("producer, dtype, param_dtype, opset", [
     ("conv", np.float16, None, 17),
     ("conv", np.float16, np.float32, 15),  # mixed: fp16 weights, fp32 BatchNormalization parameters

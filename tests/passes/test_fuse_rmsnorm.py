@@ -116,6 +116,23 @@ def test_fuse_rmsnorm_variant_is_fused(variant, rng):
     assert_equivalent(model, out)
 
 
+def test_fuse_rmsnorm_dynamo_unoptimized_computed_axes_are_fused(rng):
+    """dynamo with optimize=False: ReduceMean axes = Reshape(Constant [[-1]], Constant [-1])."""
+    net = Net(opset=18)
+    model = net.model(weight(net, rms(net, divide="reciprocal"), rng))
+    mean = next(n for n in model.graph.node if n.op_type == "ReduceMean")
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["axes_2d"],
+                                                value=numpy_helper.from_array(np.array([[-1]], np.int64))))
+    model.graph.node.insert(1, helper.make_node("Constant", [], ["axes_shape"], value_ints=[-1]))
+    model.graph.node.insert(2, helper.make_node("Reshape", ["axes_2d", "axes_shape"], ["axes_computed"]))
+    mean.input[1] = "axes_computed"
+    onnx.checker.check_model(model)
+    out, _ = fused(model)
+    assert op_counts(out) == {RMS: 1, "Identity": 1}
+    assert attrs(rms_node(out))["axis"] == -1
+    assert_equivalent(model, out)
+
+
 def test_fuse_rmsnorm_without_weight_scales_by_ones(rng):
     net = Net(opset=23)
     model = net.model(rms(net, divide="reciprocal"))
