@@ -328,6 +328,12 @@ def escaping_instancenorm(rng):
     return model
 
 
+def channels_unknown(rng):
+    model = gn_model(rng)
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "C"
+    return model
+
+
 def eps_as_input(rng):
     net = Net(rng, 17)
     y = group_norm(net, "X", 8, 2, [4, 4], core="decomposed", eps_input="eps")
@@ -343,6 +349,7 @@ def eps_as_input(rng):
     (lambda rng: gn_model(rng, affine="bias_spatial"), "not per channel"),
     (escaping_instancenorm, "is also used by graph output"),
     (eps_as_input, "epsilon 'eps' is not a constant"),
+    (channels_unknown, "channel count of 'X' is unknown"),
     (lambda rng: gn_model(rng, core="decomposed", split="subgroups", axes=[3]), "not over each whole group"),
     (lambda rng: gn_model(rng, back="flat"), "does not restore the shape"),
     (lambda rng: gn_model(rng, back="swapped", spatial=(3, 5)), "does not restore the shape"),
@@ -351,7 +358,7 @@ def eps_as_input(rng):
     (lambda rng: mixed_gn(rng, F32, cast_out=F16, tail_cast=F32), "is computed in float16, narrower than the output's"),
     (lambda rng: mixed_gn(rng, F16, cast_out=F32, out=F32), "is computed in float16, narrower than the output's"),
 ], ids=["wrong_axis", "g_not_dividing_c", "in_scale", "in_bias", "gamma_spatial", "beta_spatial",
-        "intermediate_output", "eps_input", "partial_group_axes", "not_restored_rank",
+        "intermediate_output", "eps_input", "channels_unknown", "partial_group_axes", "not_restored_rank",
         "not_restored_dims", "fp16_statistics", "fp16_rounding_before_affine", "fp16_statistics_fp32_output"])
 def test_fuse_groupnorm_near_miss_is_left_unchanged(build, reason, rng):
     model = build(rng)
