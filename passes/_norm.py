@@ -14,7 +14,9 @@ Accepted spellings (alternatives inside one pattern):
 * epsilon on either Add input, a scalar or 1-element constant of any float type, or a Cast of one;
 * ReduceMean axes as attribute (opset < 18) or constant input (opset >= 18), negative or not;
 * Cast to a float type on the input, on the centred tensor and on the standard deviation
-  (mixed precision: the statistics computed in float32 for a float16 model).
+  (mixed precision: the statistics computed in float32 for a float16 model); the input cast
+  twice to the same type (TorchScript T5LayerNorm in float16);
+* a second ReduceMean of the input over the same axes centring the variance (torch.var_mean).
 
 Near misses (a ``Reject`` with the reason) are spellings that look alike but compute something
 else: swapped Div operands, the mean or the variance of another tensor, a Pow exponent other
@@ -49,10 +51,16 @@ _FOLDABLE = ("Identity", "Cast", "Flatten", "Add", "Unsqueeze")
 # ------------------------------------------------------------------------------ patterns
 
 X = Var("x")
-XC = Opt(CAST, X, name="cast_x")                 # the input, maybe cast to the compute type
+# The input, maybe cast to the compute type. A second Cast of x (unnamed: matched by structure)
+# is TorchScript's T5LayerNorm in float16, which casts x once for the variance and once for
+# the product; ``_duplicated_casts`` checks that they cast to the same type.
+XC = AnyOf(Op(CAST, [X], name="cast_x"), Op(CAST, [X]), X)
 MEAN = Op(REDUCE_MEAN, [XC], name="mean")
-# Unnamed: a duplicated Sub still matches. The mean of another tensor is a near miss to report.
-CENTERED = Op("Sub", [XC, AnyOf(MEAN, Op(REDUCE_MEAN, [Var("other_mean")], name="other_mean"))])
+# Unnamed: a duplicated Sub still matches. A second ReduceMean of the same input (TorchScript's
+# torch.var_mean) is the same mean once its axes agree (``_common_axes``). The mean of another
+# tensor is a near miss to report.
+CENTERED = Op("Sub", [XC, AnyOf(MEAN, Op(REDUCE_MEAN, [XC], name="mean_dup"),
+                                Op(REDUCE_MEAN, [Var("other_mean")], name="other_mean"))])
 EXPONENT = Opt(CAST, Const("exponent"))
 EPSILON = AnyOf(Const("eps"), Op(CAST, [Const("eps")]), Var("eps_tensor"))
 
@@ -161,7 +169,7 @@ def match_rms_normalized(t: gs.Tensor, ctx: Context) -> Normalized | Reject | No
 
 def check_core(m: Match, ctx: Context, kind: str) -> Normalized | Reject:
     """Every exactness check of a matched core (also used by the TF LayerNorm form)."""
-    found = _structural_misses(m)
+    found = _structural_misses(m) or _duplicated_casts(m, ctx)
     if found:
         return found
     _trim_input_cast(m, ctx)
@@ -240,6 +248,21 @@ def _epsilon(m: Match) -> float | Reject:
     return eps
 
 
+def _duplicated_casts(m: Match, ctx: Context) -> Reject | None:
+    """Further Casts of x must be the same conversion as ``cast_x``, which must stay inside."""
+    cast = m.nodes.get("cast_x")
+    dups = [n for n in m.matched if n.op == CAST and n is not cast and n.inputs[0] is m.tensors["x"]]
+    if not dups:
+        return None
+    targets = {_cast_target(n) for n in dups + ([cast] if cast is not None else [])}
+    if cast is None or len(targets) > 1:
+        return Reject(f"input '{m.tensors['x'].name}' is cast to {len(targets)} types or used uncast", dups[0])
+    source, target = ctx.dtype(m.tensors["x"]), _cast_target(cast)
+    if not is_float(source) or not is_float(target) or float_bits(target) < float_bits(source):
+        return Reject(f"input '{m.tensors['x'].name}' is cast more than once, not to a wider float", dups[0])
+    return None
+
+
 def _trim_input_cast(m: Match, ctx: Context) -> None:
     """Leave a Cast on the input outside the match when it is not a float-widening compute cast.
 
@@ -260,7 +283,7 @@ def _trim_input_cast(m: Match, ctx: Context) -> None:
 
 
 def _common_axes(m: Match, ctx: Context, rank: int | None) -> tuple[int, ...] | Reject:
-    reductions = [m[k] for k in ("mean", "var") if m.has(k)]
+    reductions = [m[k] for k in ("mean", "mean_dup", "var") if m.has(k)]
     found = []
     for node in reductions:
         if int(node.attrs.get("keepdims", 1)) != 1:
@@ -273,9 +296,9 @@ def _common_axes(m: Match, ctx: Context, rank: int | None) -> tuple[int, ...] | 
             return Reject(f"ReduceMean {G.node_label(node)} axes {list(axes)} cannot be placed "
                           f"(input rank {rank if rank is not None else 'unknown'})", node)
         found.append(norm)
-    if any(a != found[0] for a in found[1:]):
-        return Reject(f"the two ReduceMeans reduce different axes ({list(found[0])} and {list(found[1])})",
-                      reductions[1])
+    for node, axes in zip(reductions[1:], found[1:]):
+        if axes != found[0]:
+            return Reject(f"the ReduceMeans reduce different axes ({list(found[0])} and {list(axes)})", node)
     return found[0]
 
 
@@ -334,6 +357,10 @@ def _variant(m: Match) -> list[str]:
         names.append("reciprocal")
     if sum(1 for n in m.matched if n.op == "Sub") > 1 and not m.has("var_sub"):
         names.append("duplicated Sub")
+    if m.has("mean_dup"):
+        names.append("duplicated ReduceMean")
+    if sum(1 for n in m.matched if n.op == CAST and n.inputs[0] is m.tensors["x"]) > 1:
+        names.append("duplicated Cast")
     return names
 
 

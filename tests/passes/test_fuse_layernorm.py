@@ -48,11 +48,14 @@ class Net:
 
 
 def layernorm(net, x="x", axes=(-1,), square="pow", divide="div", eps=1e-5, eps_first=False, eps_shape=(),
-              exponent=2.0, dup_sub=False, keepdims=1, var_axes=None, cast_d=None):
-    """The decomposed core, as exporters write it; returns the normalized tensor."""
+              exponent=2.0, dup_sub=False, keepdims=1, var_axes=None, cast_d=None, dup_mean_axes=None):
+    """The decomposed core, as exporters write it; returns the normalized tensor.
+    dup_mean_axes: the variance centres x on a second ReduceMean (TorchScript torch.var_mean)."""
     mean = net.mean(x, axes, keepdims)
     d = net.op("Sub", x, mean)
     dv = net.op("Sub", x, mean) if dup_sub else d
+    if dup_mean_axes is not None:
+        dv = net.op("Sub", x, net.mean(x, dup_mean_axes, keepdims))
     if cast_d is not None:                     # TorchScript fp16: Sub -> Cast(double) -> Pow and Div
         d = dv = net.op("Cast", d, to=cast_d)
     inner = cast_d or net.dtype
@@ -110,6 +113,7 @@ CORE_VARIANTS = {
     "reciprocal_mul": dict(divide="reciprocal"),
     "div_one_mul": dict(divide="div_one", opset=18),
     "duplicated_sub": dict(dup_sub=True),
+    "torch_var_mean_duplicated_mean": dict(dup_mean_axes=(-1,), square="mul", divide="div_one"),
     "eps_first_1_element": dict(eps_first=True, eps_shape=(1,)),
     "eps_1e-3": dict(eps=1e-3),
     "eps_1e-12": dict(eps=1e-12),
@@ -394,6 +398,8 @@ NEAR_MISSES = {
                                           beta=(8, 1, 1))[1], "not its trailing axes"),
     "keepdims_0": (lambda rng: _model(rng, shape=[4, 8], keepdims=0, gamma=None, beta=None)[1], "keepdims=0"),
     "different_axes": (lambda rng: _model(rng, var_axes=(-2, -1))[1], "reduce different axes"),
+    "duplicated_mean_other_axes": (lambda rng: _model(rng, dup_mean_axes=(-2, -1))[1],
+                                   "reduce different axes ([2] and [1, 2])"),
     "pow_3": (lambda rng: _model(rng, exponent=3.0)[1], "Pow exponent is 3, not 2"),
     "div_swapped": (lambda rng: _model(rng, divide="swapped")[1], "operands swapped"),
     "variance_of_other_tensor": (_variance_of_input, "variance is taken of 'x'"),

@@ -9,7 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 from helpers import assert_equivalent, make_model, op_counts, run_pass, run_pipeline
 
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
-NP = {F32: np.float32, F16: np.float16, TensorProto.BFLOAT16: helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16)}
+NP = {F32: np.float32, F16: np.float16, TensorProto.DOUBLE: np.float64,
+      TensorProto.BFLOAT16: helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16)}
 RMS = "RMSNormalization"
 SHAPE = [2, 5, 8]
 
@@ -47,18 +48,23 @@ class Net:
                           [("y", out_dtype or self.dtype, shape), *outputs], self.inits, opset=self.opset)
 
 
-def rms(net, x="x", axes=(-1,), square="pow", divide="div_one", eps=1e-6, eps_first=False, exponent=2.0):
-    """x / sqrt(mean(x^2) + eps); divide: div, reciprocal (dynamo rsqrt), div_one (TorchScript rsqrt)."""
+def rms(net, x="x", axes=(-1,), square="pow", divide="div_one", eps=1e-6, eps_first=False, exponent=2.0,
+        num=None, std_to=None):
+    """x / sqrt(mean(x^2) + eps); divide: div, reciprocal (dynamo rsqrt), div_one (TorchScript rsqrt).
+    num: the numerator when it is another tensor than x (a second Cast of it); std_to: Cast of std."""
     sq = net.op("Pow", x, net.const(exponent)) if square == "pow" else net.op("Mul", x, x)
     var = net.mean(sq, axes)
     e = net.const(eps)
     std = net.op("Sqrt", net.op("Add", *((e, var) if eps_first else (var, e))))
+    if std_to is not None:
+        std = net.op("Cast", std, to=std_to)
+    num = num or x
     if divide == "div":
-        return net.op("Div", x, std)
+        return net.op("Div", num, std)
     if divide == "swapped":
-        return net.op("Div", std, x)
-    inv = net.op("Reciprocal", std) if divide == "reciprocal" else net.op("Div", net.const(1.0), std)
-    return net.op("Mul", x, inv)
+        return net.op("Div", std, num)
+    inv = net.op("Reciprocal", std) if divide == "reciprocal" else net.op("Div", net.const(1.0, std_to), std)
+    return net.op("Mul", num, inv)
 
 
 def weight(net, t, rng, shape=(8,), first=True, dtype=None):
@@ -218,6 +224,25 @@ def test_fuse_rmsnorm_cast_wrapped_bf16_is_fused_in_bf16(rng):
     np.testing.assert_allclose(got, ref, atol=6e-2, rtol=6e-2)
 
 
+def _t5_fp16(rng, num_to=F32):
+    """TorchScript T5LayerNorm in float16: x is cast to float32 twice, once for the variance and
+    once for x * rsqrt(var + eps); the product is cast back before the float16 weight."""
+    net = Net(opset=14, dtype=F32)
+    num = net.op("Cast", "x", to=num_to)
+    t = rms(net, net.op("Cast", "x", to=F32), num=num, std_to=None if num_to == F32 else num_to)
+    return net.model(weight(net, net.op("Cast", t, to=F16), rng, dtype=F16), in_dtype=F16, out_dtype=F16)
+
+
+def test_fuse_rmsnorm_t5_fp16_input_cast_twice_is_fused(rng):
+    model = _t5_fp16(rng)
+    assert op_counts(model)["Cast"] == 3
+    out, result = fused(model)
+    assert op_counts(out) == {RMS: 1, "Identity": 1}
+    assert result.passes[0].applied[0].info["dtype"] == "float16"
+    assert attrs(rms_node(out))["stash_type"] == TensorProto.FLOAT
+    assert_equivalent(model, out)
+
+
 # ----------------------------------------------------------------------------- near misses
 
 def _layernorm_core(net, x="x"):
@@ -261,6 +286,7 @@ NEAR_MISSES = {
     "div_swapped": (lambda rng: _simple(rng, divide="swapped"), "operands swapped"),
     "epsilon_graph_input": (_eps_input, "epsilon 'eps' is not a constant"),
     "square_used_elsewhere": (_escaping, "is also used by Neg"),
+    "input_cast_to_two_types": (lambda rng: _t5_fp16(rng, num_to=TensorProto.DOUBLE), "is cast to 2 types"),
 }
 
 
