@@ -117,15 +117,40 @@ def load_header(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
 
 # ----------------------------------------------------------------------------- comparing
 
-def tolerance(dtype, atol: float | None = None, rtol: float | None = None) -> tuple[float, float]:
-    default = TOLERANCES.get(str(np.dtype(dtype)) if str(dtype) != "bfloat16" else "bfloat16", (0.0, 0.0))
+def tolerance(dtype, atol: float | None = None, rtol: float | None = None, compute: str | None = None,
+              ) -> tuple[float, float]:
+    """Explicit values win; else the defaults of the output's float dtype, or of ``compute`` (the
+    narrowest float type the model computes in) when that one is looser: an fp16 model whose
+    output is Cast to fp32 cannot be held to fp32 precision."""
+    name = "bfloat16" if str(dtype) == "bfloat16" else str(np.dtype(dtype))
+    default = TOLERANCES.get(name, (0.0, 0.0))
+    if name in TOLERANCES and compute in TOLERANCES:
+        default = max(default, TOLERANCES[compute])
     return (default[0] if atol is None else atol, default[1] if rtol is None else rtol)
 
 
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16",
+                onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64"}
+
+
+def compute_dtype(model: onnx.ModelProto) -> str | None:
+    """The float type with the loosest default tolerance among the model's weights, inputs and
+    Cast targets (main graph): the precision its results are only as good as."""
+    found = [t.data_type for t in model.graph.initializer]
+    found += [vi.type.tensor_type.elem_type for vi in model.graph.input]
+    for node in model.graph.node:
+        if node.op_type == "Cast":
+            found += [a.i for a in node.attribute if a.name == "to"]
+        elif node.op_type == "Constant":
+            found += [a.t.data_type for a in node.attribute if a.name == "value"]
+    names = {_FLOAT_TYPES[t] for t in found if t in _FLOAT_TYPES}
+    return max(names, key=lambda n: TOLERANCES[n], default=None)
+
+
 def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, atol: float | None = None,
-                   rtol: float | None = None) -> OutputDiff:
+                   rtol: float | None = None, compute: str | None = None) -> OutputDiff:
     ref, got = np.asarray(ref), np.asarray(got)
-    a, r = tolerance(ref.dtype, atol, rtol)
+    a, r = tolerance(ref.dtype, atol, rtol, compute)
     base = dict(name=name, dtype=str(ref.dtype), shape=list(ref.shape), atol=a, rtol=r)
     if ref.shape != got.shape:
         return OutputDiff(**base, max_abs=float("inf"), max_rel=float("inf"), mismatched=1.0, needed_atol=float("inf"),
@@ -183,8 +208,9 @@ def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trial
     ref_out = run_model(ref_model, feeds_list, choice.name, names)
     new_out = run_model(new_model, feeds_list, choice.name, names)
     report = VerifyReport(choice.name, choice.note, choice.tf32, seed, trials, specs)
+    compute = compute_dtype(ref_header)
     for name in names:
-        diffs = [compare_arrays(name, r[name], n[name], atol, rtol) for r, n in zip(ref_out, new_out)]
+        diffs = [compare_arrays(name, r[name], n[name], atol, rtol, compute) for r, n in zip(ref_out, new_out)]
         report.outputs.append(max(diffs, key=lambda d: (not d.passed, d.needed_atol)))
     return report
 

@@ -153,3 +153,16 @@ def test_expose_intermediate_outputs_compares_them():
     model = _relu_model()
     report = verify.compare(model, model, provider="cpu", extra_outputs=["m"])
     assert [o.name for o in report.outputs] == ["y", "m"]
+
+
+def test_tolerance_follows_the_narrowest_compute_dtype():
+    fp16_inside = make_model([helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16),
+                              helper.make_node("Relu", ["h"], ["r"]),
+                              helper.make_node("Cast", ["r"], ["y"], to=TensorProto.FLOAT)],
+                             [("x", FLOAT, [4])], [("y", FLOAT, [4])], opset=13)
+    assert verify.compute_dtype(fp16_inside) == "float16"
+    assert verify.compute_dtype(_relu_model()) == "float32"
+    ref = np.ones(4, np.float32)
+    assert verify.compare_arrays("y", ref, ref + 1e-3, compute="float16").passed  # fp16 rounding
+    assert not verify.compare_arrays("y", ref, ref + 1e-3, compute="float32").passed
+    assert verify.tolerance(np.float32, atol=1e-6, compute="float16")[0] == 1e-6  # explicit wins
