@@ -161,9 +161,11 @@ def _gemm(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:
     w = _weight(prod, m, ctx)
     if isinstance(w, str):
         return w
+    if w.ndim != 2:
+        return f"Gemm weight '{prod.inputs[1].name}' is {w.ndim}-D, not 2-D"
     trans_b = int(prod.attrs.get("transB", 0))
     n = w.shape[0] if trans_b else w.shape[1]
-    if w.ndim != 2 or n != s.size:
+    if n != s.size:
         return f"Gemm has {n} output features but BatchNormalization has {s.size} channels"
     c = _optional_const(prod, 2, ctx)
     if isinstance(c, str):
