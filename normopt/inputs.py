@@ -10,6 +10,9 @@ from normopt.errors import UsageError
 
 # Unset dynamic dims: the first (batch) axis gets 1, every other axis this many.
 DEFAULT_DYNAMIC_DIM = 8
+# Tried in turn when the model cannot run with the previous size (a CNN that downsamples 32x, a
+# ViT whose position embeddings fix 224x224).
+FALLBACK_DYNAMIC_DIMS = (32, 224)
 DEFAULT_INT_RANGE = (0, 2)
 
 
@@ -19,6 +22,7 @@ class InputSpec:
     dtype: str
     shape: list[int]
     source: str
+    defaulted: bool = False  # some dynamic dim took the default size
 
 
 def parse_shapes(items: list[str] | tuple[str, ...]) -> dict[str, list[int]]:
@@ -57,8 +61,9 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def make_feeds(model: onnx.ModelProto, seed: int, shapes=None, ranges=None, npz: str | None = None,
-               ) -> tuple[dict[str, np.ndarray], list[InputSpec]]:
-    """Seeded random inputs for every graph input (or those read from ``npz``)."""
+               dynamic_dim: int = DEFAULT_DYNAMIC_DIM) -> tuple[dict[str, np.ndarray], list[InputSpec]]:
+    """Seeded random inputs for every graph input (or those read from ``npz``). Dynamic dims the
+    user did not set are 1 on the first axis and ``dynamic_dim`` elsewhere."""
     shapes, ranges = shapes or {}, ranges or {}
     rng = np.random.default_rng(seed)
     loaded = _load_npz(npz) if npz else {}
@@ -78,7 +83,8 @@ def make_feeds(model: onnx.ModelProto, seed: int, shapes=None, ranges=None, npz:
             feeds[vi.name] = value
             specs.append(InputSpec(vi.name, str(dtype), list(value.shape), f"file {npz}"))
             continue
-        shape = shapes.get(vi.name) or _resolve_dims(vi, dims)
+        shape = shapes.get(vi.name) or _resolve_dims(vi, dims, dynamic_dim)
+        defaulted = vi.name not in shapes and len(dims) > 0
         if vi.name in ranges:
             low, high = ranges[vi.name]
             source = f"--input-range [{low:g}, {high:g})"
@@ -91,11 +97,12 @@ def make_feeds(model: onnx.ModelProto, seed: int, shapes=None, ranges=None, npz:
         feeds[vi.name] = _random(rng, dtype, shape, low, high)
         kind = "uniform" if low is not None else "normal(0, 1)" if dtype.kind == "f" else "random"
         specs.append(InputSpec(vi.name, str(dtype), list(shape),
-                               f"{kind} [{low:g}, {high:g}) {source}".strip() if low is not None else kind))
+                               f"{kind} [{low:g}, {high:g}) {source}".strip() if low is not None else kind,
+                               defaulted))
     return feeds, specs
 
 
-def _resolve_dims(vi: onnx.ValueInfoProto, dims: dict) -> list[int]:
+def _resolve_dims(vi: onnx.ValueInfoProto, dims: dict, dynamic_dim: int) -> list[int]:
     shape = []
     tt = vi.type.tensor_type
     if not tt.HasField("shape"):
@@ -106,7 +113,7 @@ def _resolve_dims(vi: onnx.ValueInfoProto, dims: dict) -> list[int]:
             continue
         key = d.dim_param or f"{vi.name}:{axis}"
         if key not in dims:
-            dims[key] = 1 if axis == 0 else DEFAULT_DYNAMIC_DIM
+            dims[key] = 1 if axis == 0 else dynamic_dim
         shape.append(dims[key])
     return shape
 

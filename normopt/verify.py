@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from normopt.errors import ProviderUnavailableError, UsageError
-from normopt.inputs import InputSpec, make_feeds
+from normopt.inputs import DEFAULT_DYNAMIC_DIM, FALLBACK_DYNAMIC_DIMS, InputSpec, make_feeds
 from normopt.model_io import PROTOBUF_LIMIT, save, without_weights
 from normopt.providers import CUDA, ProviderChoice, providers, select_provider, session_options
 
@@ -31,6 +31,10 @@ TOLERANCES = {
     "float16": (1e-2, 1e-2),
     "bfloat16": (6e-2, 6e-2),
 }
+
+
+class ModelRunError(UsageError):
+    """onnxruntime loaded the model but could not run it on the inputs given."""
 
 
 @dataclass
@@ -89,7 +93,8 @@ def run_model(model: onnx.ModelProto | str | os.PathLike, feeds_list: list[dict]
         try:
             results = [dict(zip(names, session.run(names, feeds))) for feeds in feeds_list]
         except Exception as err:
-            raise UsageError(f"onnxruntime failed to run the model: {' '.join(str(err).split())[:240]}") from err
+            raise ModelRunError(f"onnxruntime failed to run the model: {' '.join(str(err).split())[:240]}; "
+                                "set dynamic dims with --input-shape or pass --inputs") from err
         del session
     return results
 
@@ -194,18 +199,24 @@ def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trial
     choice = choice or select_provider(provider)
     ref_header, new_header = load_header(original), load_header(rewritten)
     _same_interface(ref_header, new_header)
-    feeds_list, specs = [], []
-    for trial in range(trials):
-        feeds, trial_specs = make_feeds(ref_header, seed + trial, input_shapes, input_ranges, inputs_file)
-        feeds_list.append(feeds)
-        specs = specs or trial_specs
     names = [o.name for o in ref_header.graph.output]
     ref_model, new_model = original, rewritten
     if extra_outputs:
         ref_model = expose(ref_header if isinstance(original, onnx.ModelProto) else onnx.load(str(original)), extra_outputs)
         new_model = expose(new_header if isinstance(rewritten, onnx.ModelProto) else onnx.load(str(rewritten)), extra_outputs)
         names = names + list(extra_outputs)
-    ref_out = run_model(ref_model, feeds_list, choice.name, names)
+    sizes = (DEFAULT_DYNAMIC_DIM,) + FALLBACK_DYNAMIC_DIMS
+    for size in sizes:
+        trial_feeds = [make_feeds(ref_header, seed + t, input_shapes, input_ranges, inputs_file, size)
+                       for t in range(trials)]
+        feeds_list, specs = [f for f, _ in trial_feeds], trial_feeds[0][1]
+        try:
+            ref_out = run_model(ref_model, feeds_list, choice.name, names)
+            break
+        except ModelRunError:
+            # Only sizes we chose may be wrong for the model; try a larger one.
+            if not any(spec.defaulted for spec in specs) or size == sizes[-1]:
+                raise
     new_out = run_model(new_model, feeds_list, choice.name, names)
     report = VerifyReport(choice.name, choice.note, choice.tf32, seed, trials, specs)
     compute = compute_dtype(ref_header)

@@ -47,7 +47,7 @@ def test_cli_fold_output_option_report_and_byte_identical_rerun(model_path, tmp_
     assert data["passes"][0]["name"] == "fold-batchnorm" and len(data["passes"][0]["applied"]) == 3
     assert data["verification"]["provider"] in ("cpu", "cuda") and data["verification"]["passed"] is True
     assert data["verification"]["inputs"][0] == {"name": "x", "dtype": "float32", "shape": [1, 4, 6, 6],
-                                                 "source": "normal(0, 1)"}
+                                                 "source": "normal(0, 1)", "defaulted": False}
     again = tmp_path / "c.onnx"
     res = invoke("fold", a, "-o", again)
     assert "fold-batchnorm: 0 applied" in res.output and again.read_bytes() == a.read_bytes()

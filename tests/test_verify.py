@@ -166,3 +166,14 @@ def test_tolerance_follows_the_narrowest_compute_dtype():
     assert verify.compare_arrays("y", ref, ref + 1e-3, compute="float16").passed  # fp16 rounding
     assert not verify.compare_arrays("y", ref, ref + 1e-3, compute="float32").passed
     assert verify.tolerance(np.float32, atol=1e-6, compute="float16")[0] == 1e-6  # explicit wins
+
+
+def test_dynamic_spatial_dims_too_small_for_the_model_are_retried_larger():
+    w = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["y"])],
+                       [helper.make_tensor_value_info("x", FLOAT, ["n", 3, "h", "w"])],
+                       [helper.make_tensor_value_info("y", FLOAT, ["n", 2, "oh", "ow"])], {"w": w}, opset=13)
+    report = verify.compare(model, model, provider="cpu")  # a 16x16 kernel cannot run on 8x8
+    assert report.passed and report.inputs[0].shape == [1, 3, 32, 32]
+    with pytest.raises(verify.ModelRunError, match="--input-shape"):
+        verify.compare(model, model, provider="cpu", input_shapes={"x": [1, 3, 8, 8]})
