@@ -12,6 +12,7 @@ Accepted spellings (alternatives inside one pattern):
 * the variance of the same centred tensor, or of a duplicated ``Sub(x, mean)`` (old PyTorch),
   or ``mean(x*x) - mean(x)^2`` (ONNX's LayerNormalization function body);
 * epsilon on either Add input, a scalar or 1-element constant of any float type, or a Cast of one;
+  no Add is epsilon 0 (what onnxscript's optimizer leaves of an epsilon of 1e-8 or less);
 * ReduceMean axes as attribute (opset < 18) or constant input (opset >= 18), negative or not;
 * Cast to a float type on the input, on the centred tensor and on the standard deviation
   (mixed precision: the statistics computed in float32 for a float16 model); the input cast
@@ -71,7 +72,9 @@ def square(t: Pattern) -> Pattern:
 
 def scaled_by_inverse_std(numerator: Pattern, variance: Pattern) -> Pattern:
     """numerator / sqrt(variance + eps) in its three spellings, plus the swapped Div (a near miss)."""
-    std = Opt(CAST, Op("Sqrt", [Op("Add", [variance, EPSILON], name="add_eps")], name="sqrt"))
+    # No Add at all is epsilon 0: onnxscript's optimizer (dynamo's default) removes x + c as a
+    # no-op when |c| <= 1e-8, so a hand-written LayerNorm with BERT's 1e-12 loses its Add.
+    std = Opt(CAST, Op("Sqrt", [AnyOf(Op("Add", [variance, EPSILON], name="add_eps"), variance)], name="sqrt"))
     reciprocal = AnyOf(Op("Reciprocal", [std]), Op("Div", [Const("one"), std], name="recip_div"))
     return AnyOf(Op("Div", [numerator, std], name="div"),
                  Op("Mul", [numerator, reciprocal], name="mul_recip"),
@@ -237,6 +240,8 @@ def _structural_misses(m: Match) -> Reject | None:
 
 
 def _epsilon(m: Match) -> float | Reject:
+    if not m.has("add_eps"):
+        return 0.0
     value = np.asarray(m.values["eps"])
     if value.size != 1:
         return Reject(f"epsilon has {value.size} elements, not 1", m["add_eps"])

@@ -61,8 +61,11 @@ def layernorm(net, x="x", axes=(-1,), square="pow", divide="div", eps=1e-5, eps_
     inner = cast_d or net.dtype
     sq = net.op("Pow", dv, net.const(exponent, inner)) if square == "pow" else net.op("Mul", dv, dv)
     var = net.mean(sq, var_axes or axes, keepdims)
-    e = net.const(np.full(eps_shape, eps), inner)
-    std = net.op("Sqrt", net.op("Add", *((e, var) if eps_first else (var, e))))
+    if eps is None:                            # onnxscript's optimizer drops x + c for |c| <= 1e-8
+        std = net.op("Sqrt", var)
+    else:
+        e = net.const(np.full(eps_shape, eps), inner)
+        std = net.op("Sqrt", net.op("Add", *((e, var) if eps_first else (var, e))))
     if divide == "div":
         return net.op("Div", d, std)
     if divide == "swapped":
@@ -131,6 +134,18 @@ def test_fuse_layernorm_core_variant_is_fused(variant, rng):
     assert a["axis"] == -1 and a["stash_type"] == 1
     assert a["epsilon"] == pytest.approx(kw.get("eps", 1e-5), rel=1e-6)
     assert len(ln_node(out).input) == 3
+    assert_equivalent(model, out)
+
+
+def test_fuse_layernorm_without_epsilon_add_has_epsilon_0(rng):
+    """dynamo's default optimizer (onnxscript) removes ``var + 1e-12`` as adding zero: what is
+    left is LayerNorm with epsilon 0, exactly."""
+    net = Net(opset=18)
+    model = net.model(affine(net, layernorm(net, eps=None), rng))
+    assert "Add" in op_counts(model) and op_counts(model)["Add"] == 1  # the bias only
+    out, rec = fused(model)
+    assert op_counts(out) == {LN: 1, "Identity": 1}
+    assert attrs(ln_node(out))["epsilon"] == 0.0 and rec.applied[0].info["epsilon"] == 0.0
     assert_equivalent(model, out)
 
 
