@@ -17,8 +17,8 @@ Where the output-channel slice lives (the only per-producer difference):
     MatMul         W [K, F] axis 1, on a rank-2 [N, K]  optional bias Add(b); one is added if absent
                    input (on [N, L, F] BatchNormalization normalizes L, not F: left alone)
 
-All BatchNormalization versions: training_mode=0, legacy is_test=1 / spatial=1, epsilon default
-1e-5. Math runs in float64 and is cast back to the weight's dtype (fp16, bf16, fp32, fp64).
+All BatchNormalization versions: training_mode=0, legacy is_test=1 / spatial=1, a single output
+at opsets 7-13 (more outputs are training mode there), epsilon default 1e-5. Math runs in float64 and is cast back to the weight's dtype (fp16, bf16, fp32, fp64).
 New weights are new initializers: a weight shared with another node is never changed.
 Inside If/Loop/Scan bodies the producer must sit in the same body as the BatchNormalization,
 and initializers that are also inputs of the main graph are not constants there either.
@@ -77,6 +77,11 @@ class FoldBatchNorm(Pass):
             return Reject("BatchNormalization is in training mode (training_mode=1)")
         if "is_test" in bn.attrs and int(bn.attrs["is_test"]) == 0:
             return Reject("BatchNormalization is in training mode (is_test=0)")
+        outputs = sum(1 for out in bn.outputs if out.name)
+        if 7 <= ctx.opset < 14 and outputs > 1:
+            # BatchNormalization-7/9 has no mode attribute: more than one output is training mode,
+            # batch statistics even when the extra outputs are unused (TrainingMode.TRAINING export).
+            return Reject(f"BatchNormalization is in training mode ({outputs} outputs at opset {ctx.opset})")
         if int(bn.attrs.get("spatial", 1)) == 0:
             return Reject("BatchNormalization uses per-activation statistics (spatial=0)")
         for extra in bn.outputs[1:]:

@@ -345,10 +345,12 @@ def _also_used(name, how):
     return mutate
 
 
-def _bn_outputs(*names):
-    """BatchNormalization-9 also writes mean, var, saved mean and saved var; the first two are graph outputs."""
+def _bn_outputs(*names, saved=True):
+    """BatchNormalization also writes mean, var (and, before opset 14, saved mean and saved var);
+    ``names`` (the first two) are graph outputs; without names they are written and unused."""
     def mutate(model):
-        model.graph.node[-1].output.extend([*names, "saved_mean", "saved_var"])
+        saved_stats = ("saved_mean", "saved_var") if saved else ()
+        model.graph.node[-1].output.extend([*(names or ("mean_out", "var_out")), *saved_stats])
         model.graph.output.extend(helper.make_tensor_value_info(n, FLOAT, [6]) for n in names)
     return mutate
 
@@ -370,7 +372,12 @@ def _bn_reads(name, between=None):
 
 NEAR_MISSES = {  # id: (bn_model kwargs, mutation, reason, onnxruntime can run it)
     "training_mode": (dict(opset=15, bn_attrs=dict(training_mode=1)), None, "training mode (training_mode=1)", False),
-    "running_stats_used": (dict(opset=9), _bn_outputs("run_mean", "run_var"), "(running statistics) is used", False),
+    "running_stats_used": (dict(opset=15), _bn_outputs("run_mean", "run_var", saved=False),
+                           "(running statistics) is used", False),
+    # TorchScript TrainingMode.TRAINING at opset 13: five outputs, none used, batch statistics
+    "bn9_extra_outputs_unused": (dict(opset=13), _bn_outputs(), "training mode (5 outputs at opset 13)", True),
+    "bn7_extra_outputs": (dict(opset=7), _bn_outputs("run_mean", "run_var"), "training mode (5 outputs at opset 7)",
+                          False),
     "is_test_0": (dict(opset=6, bn_attrs=dict(is_test=0)), None, "training mode (is_test=0)", False),
     "spatial_0": (dict(opset=7, bn_attrs=dict(spatial=0)), None, "per-activation statistics (spatial=0)", False),
     "param_is_graph_input": (dict(params="input"), None, "scale 'gamma' is not a constant", True),
