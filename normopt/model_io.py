@@ -18,6 +18,10 @@ from normopt.errors import ModelLoadError, ModelSaveError
 
 # Protobuf cannot serialize a message of 2 GiB or more; stay well under it.
 PROTOBUF_LIMIT = 2**31 - 2**26
+# Smaller tensors stay in the model file (onnx's own default): onnxruntime's shape inference
+# reads Reshape shapes, Unsqueeze axes or Resize scales from initializers and cannot read them
+# from external data ("Cannot parse data from external tensors").
+EXTERNAL_MIN_BYTES = 1024
 
 def min_ir_version(opset: int) -> int:
     """Lowest IR version able to carry a default-domain opset (from onnx.helper.VERSION_TABLE)."""
@@ -93,16 +97,16 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
     """Write ``model`` atomically to ``path``; returns the files written.
 
     ``external_data=None`` stores weights beside the model only when protobuf's 2 GB limit
-    demands it; True forces ``<name>.data`` beside the model.
+    demands it; True forces ``<name>.data`` beside the model. Either way tensors under
+    EXTERNAL_MIN_BYTES stay in the model file.
     """
     dest = Path(path)
     if dest.is_dir():
         raise ModelSaveError(f"cannot write '{dest}': is a directory")
     if not dest.parent.exists():
         raise ModelSaveError(f"cannot write '{dest}': folder '{dest.parent}' does not exist")
-    threshold = 0  # asked for: every weight goes to the data file
     if external_data is None:
-        external_data, threshold = needs_external_data(model), 1024
+        external_data = needs_external_data(model)
     tmpdir = Path(tempfile.mkdtemp(prefix=".normopt-", dir=dest.parent))
     written: list[Path] = []
     try:
@@ -111,11 +115,14 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
             data_name = dest.name + ".data"
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
-            onnx.external_data_helper.convert_model_to_external_data(
-                copy, all_tensors_to_one_file=True, location=data_name, size_threshold=threshold)
-            onnx.save_model(copy, str(tmp_model), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=threshold)
+            # Marked here rather than by onnx's converter, which refuses a location that exists
+            # relative to the current directory (a second run in the output's folder).
+            for tensor in _initializers(copy.graph):
+                if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_MIN_BYTES:
+                    onnx.external_data_helper.set_external_data(tensor, data_name)
+            onnx.save_model(copy, str(tmp_model))  # writes the marked tensors to tmpdir/data_name
             if (tmpdir / data_name).exists():
+                os.chmod(tmpdir / data_name, tmp_model.stat().st_mode & 0o777)  # onnx creates it 0600
                 os.replace(tmpdir / data_name, dest.parent / data_name)
                 written.append(dest.parent / data_name)
         else:
@@ -127,6 +134,14 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return written
+
+
+def _initializers(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs):
+                yield from _initializers(sub)
 
 
 def without_weights(model: onnx.ModelProto, keep_elements: int = 1024) -> onnx.ModelProto:

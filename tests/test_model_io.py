@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from onnx import helper
@@ -33,7 +34,7 @@ def test_save_into_missing_folder_fails_cleanly(tmp_path, rng):
 
 
 def test_external_data_roundtrip_through_cli(tmp_path, rng):
-    model = conv_bn_chain(rng)
+    model = conv_bn_chain(rng, c=16)  # 9 KB weights: over the size kept in the model file
     src = tmp_path / "ext.onnx"
     onnx.save(model, src, save_as_external_data=True, all_tensors_to_one_file=True, location="ext.weights",
               size_threshold=0)
@@ -66,3 +67,21 @@ def test_min_ir_version_table():
     assert model_io.min_ir_version(13) == 7
     assert model_io.min_ir_version(17) == 8
     assert model_io.min_ir_version(21) == 10
+
+
+def test_external_data_keeps_small_tensors_inline_and_reruns_in_place(tmp_path, rng, monkeypatch):
+    """onnxruntime cannot read Unsqueeze axes from external data; a second save in the output's
+    own folder must not trip over the data file of the first."""
+    w = rng.standard_normal((64, 8)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Unsqueeze", ["h", "axes"], ["y"])],
+                       [("x", FLOAT, [2, 64])], [("y", FLOAT, [1, 2, 8])],
+                       {"w": w, "axes": np.array([0], np.int64)}, opset=13)
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert model_io.save(model, "out.onnx", external_data=True) == [Path("out.onnx"), Path("out.onnx.data")]
+    header = onnx.load("out.onnx", load_external_data=False)
+    assert [t.name for t in header.graph.initializer if t.external_data] == ["w"]
+    assert (tmp_path / "out.onnx.data").stat().st_mode == (tmp_path / "out.onnx").stat().st_mode
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    got = ort.InferenceSession("out.onnx", providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, (x @ w)[None], rtol=1e-5, atol=1e-5)
