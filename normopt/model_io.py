@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from normopt.errors import ModelLoadError, ModelSaveError
 
@@ -68,7 +68,7 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
 
 def check(model: onnx.ModelProto, full: bool = False) -> None:
     """onnx.checker on a model of any size (one over protobuf's limit is checked from a temporary file)."""
-    if model.ByteSize() < PROTOBUF_LIMIT:
+    if byte_size(model) < PROTOBUF_LIMIT:
         onnx.checker.check_model(model, full_check=full)
         return
     with tempfile.TemporaryDirectory(prefix="normopt-check-") as tmp:
@@ -89,8 +89,17 @@ def serialize(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString(deterministic=True)
 
 
+def byte_size(model: onnx.ModelProto) -> int:
+    """``model.ByteSize()``; protobuf refuses to size a message of 2 GiB or more (EncodeError):
+    that is PROTOBUF_LIMIT here."""
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return PROTOBUF_LIMIT
+
+
 def needs_external_data(model: onnx.ModelProto) -> bool:
-    return model.ByteSize() >= PROTOBUF_LIMIT
+    return byte_size(model) >= PROTOBUF_LIMIT
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> list[Path]:

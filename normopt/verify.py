@@ -19,7 +19,7 @@ import onnx
 
 from normopt.errors import ProviderUnavailableError, UsageError
 from normopt.inputs import DEFAULT_DYNAMIC_DIM, FALLBACK_DYNAMIC_DIMS, InputSpec, make_feeds
-from normopt.model_io import PROTOBUF_LIMIT, save, without_weights
+from normopt.model_io import PROTOBUF_LIMIT, byte_size, save, without_weights
 from normopt.providers import CUDA, ProviderChoice, providers, select_provider, session_options
 
 # Default tolerances per output dtype: |got - ref| <= atol + rtol * |ref|, element by element.
@@ -104,7 +104,7 @@ def _session_source(model):
     if not isinstance(model, onnx.ModelProto):
         yield str(model)
         return
-    if model.ByteSize() < PROTOBUF_LIMIT:
+    if byte_size(model) < PROTOBUF_LIMIT:
         yield model.SerializeToString()
         return
     with tempfile.TemporaryDirectory(prefix="normopt-verify-") as tmp:

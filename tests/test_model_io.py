@@ -6,6 +6,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from google.protobuf.message import EncodeError
 from onnx import helper
 
 from helpers import FLOAT, make_model, op_counts
@@ -85,3 +86,14 @@ def test_external_data_keeps_small_tensors_inline_and_reruns_in_place(tmp_path, 
     x = rng.standard_normal((2, 64)).astype(np.float32)
     got = ort.InferenceSession("out.onnx", providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, (x @ w)[None], rtol=1e-5, atol=1e-5)
+
+
+def test_model_protobuf_cannot_size_needs_external_data():
+    """upb raises EncodeError from ByteSize() on a model of 2 GiB or more (a 2.6 GB LLaMA export
+    stopped with an internal error at load): that size is over the limit, not an error."""
+    class Huge:
+        def ByteSize(self):
+            raise EncodeError("Failed to serialize proto")
+
+    assert model_io.byte_size(Huge()) == model_io.PROTOBUF_LIMIT
+    assert model_io.needs_external_data(Huge())
