@@ -17,6 +17,7 @@ EXPECTED = {
     "cnn_bn_ts_op13.onnx": {},
     "cnn_bn_dynamo_op18.onnx": {},
     "cnn_bn_dynamo_default_op18.onnx": {},
+    "cnn_bn_dynamo_noopt_op18.onnx": {},
     "conv1d_bn_ts_op13.onnx": {},
     "conv1d_bn_dynamo_op18.onnx": {},
     "conv3d_bn_ts_op14.onnx": {},
@@ -57,6 +58,7 @@ EXPECTED = {
     "llama_rms_fp16_ts_op14.onnx": {"RMSNormalization": 5},
     "llama_rms_fp16_dynamo_op18.onnx": {"RMSNormalization": 5},
     "t5_rms_ts_op14.onnx": {"RMSNormalization": 5},
+    "t5_rms_fp16_ts_op14.onnx": {"RMSNormalization": 5},
     "gemma_rms_ts_op14.onnx": {"RMSNormalization": 5},
     "gemma_rms_dynamo_op18.onnx": {"RMSNormalization": 5},
 }
