@@ -56,7 +56,7 @@ def _verify_options(fn):
         click.option("--trials", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Number of random input sets (seed, seed+1, ...)."),
         click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD...",
-                     help="Shape for an input with dynamic dims (default: 1 for the first axis, 8 for others; 32, then 224 if the model cannot run at 8)."),
+                     help="Shape for an input with dynamic dims (default: 1 for the first axis, 8 for others; 32, 224, then 1 if the model cannot run at 8)."),
         click.option("--input-range", "input_ranges", multiple=True, metavar="NAME:LOW:HIGH",
                      help="Value range [LOW, HIGH) for an input, e.g. input_ids:0:30522."),
         click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False), default=None,

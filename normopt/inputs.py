@@ -1,6 +1,7 @@
 """Inputs for verification: seeded random per dtype, user shapes and ranges, or an .npz file."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,8 +12,9 @@ from normopt.errors import UsageError
 # Unset dynamic dims: the first (batch) axis gets 1, every other axis this many.
 DEFAULT_DYNAMIC_DIM = 8
 # Tried in turn when the model cannot run with the previous size (a CNN that downsamples 32x, a
-# ViT whose position embeddings fix 224x224).
-FALLBACK_DYNAMIC_DIMS = (32, 224)
+# ViT whose position embeddings fix 224x224, a decoder with past whose attention mask is
+# "past_sequence_length + 1" long, which holds only for one new token).
+FALLBACK_DYNAMIC_DIMS = (32, 224, 1)
 DEFAULT_INT_RANGE = (0, 2)
 
 
@@ -113,9 +115,32 @@ def _resolve_dims(vi: onnx.ValueInfoProto, dims: dict, dynamic_dim: int) -> list
             continue
         key = d.dim_param or f"{vi.name}:{axis}"
         if key not in dims:
-            dims[key] = 1 if axis == 0 else dynamic_dim
+            dims[key] = _dim_sum(key, dims, dynamic_dim) or (1 if axis == 0 else dynamic_dim)
         shape.append(dims[key])
     return shape
+
+
+_TERM = re.compile(r"\s*([+-])?\s*(?:(\d+)|([A-Za-z_][A-Za-z_0-9.]*))\s*")
+
+
+def _dim_sum(param: str, dims: dict, dynamic_dim: int) -> int | None:
+    """A dim named as a sum of other dims, as HF exports name the attention mask of a decoder
+    with past ("past_sequence_length + sequence_length"): the sum of their sizes, each name
+    sized like a dim of its own. None for a plain name or another expression."""
+    if "+" not in param and "-" not in param:
+        return None
+    total, pos = 0, 0
+    while pos < len(param):
+        m = _TERM.match(param, pos)
+        if m is None or m.end() == pos or (pos > 0 and not m.group(1)):
+            return None
+        if m.group(2):
+            value = int(m.group(2))
+        else:
+            value = dims.setdefault(m.group(3), dynamic_dim)
+        total += -value if m.group(1) == "-" else value
+        pos = m.end()
+    return total if total > 0 else None
 
 
 def _random(rng, dtype, shape, low, high) -> np.ndarray:

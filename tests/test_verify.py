@@ -177,3 +177,27 @@ def test_dynamic_spatial_dims_too_small_for_the_model_are_retried_larger():
     assert report.passed and report.inputs[0].shape == [1, 3, 32, 32]
     with pytest.raises(verify.ModelRunError, match="--input-shape"):
         verify.compare(model, model, provider="cpu", input_shapes={"x": [1, 3, 8, 8]})
+
+
+def _decoder_with_past(mask_dim):
+    """past [b, past, 4] ++ new [b, seq, 4] along time, times the attention mask [b, mask_dim]: the
+    mask must be past + seq long (HF decoder-with-past exports)."""
+    return make_model([helper.make_node("Concat", ["past", "new"], ["kv"], axis=1),
+                       helper.make_node("Unsqueeze", ["mask", "axes"], ["m3"]),
+                       helper.make_node("Cast", ["m3"], ["mf"], to=FLOAT),
+                       helper.make_node("Mul", ["kv", "mf"], ["y"])],
+                      [helper.make_tensor_value_info("past", FLOAT, ["batch_size", "past_sequence_length", 4]),
+                       helper.make_tensor_value_info("new", FLOAT, ["batch_size", "sequence_length", 4]),
+                       helper.make_tensor_value_info("mask", INT64, ["batch_size", mask_dim])],
+                      [helper.make_tensor_value_info("y", FLOAT, ["batch_size", mask_dim, 4])],
+                      {"axes": np.asarray([2], np.int64)}, opset=13)
+
+
+@pytest.mark.parametrize("mask_dim, length", [
+    ("past_sequence_length + sequence_length", 2 * inputs.DEFAULT_DYNAMIC_DIM),  # a sum of the two sizes
+    ("past_sequence_length + 1", 2),  # holds for one new token only: every dynamic dim at 1
+])
+def test_attention_mask_dim_named_as_a_sum_verifies(mask_dim, length):
+    report = verify.compare(_decoder_with_past(mask_dim), _decoder_with_past(mask_dim), provider="cpu")
+    assert report.passed
+    assert [s.shape for s in report.inputs][2] == [1, length]
