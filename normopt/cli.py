@@ -73,7 +73,7 @@ def _verify_options(fn):
     return fn
 
 
-@cli.command()
+@cli.command(epilog=EXIT_CODES)
 @click.argument("model", type=click.Path())
 @click.option("-o", "--output", type=click.Path(), default=None, help="Output path (default: <stem>.normopt.onnx beside MODEL).")
 @click.option("--passes", "pass_list", default=None, metavar="A,B", help="Run only these passes (see 'normopt passes').")
@@ -135,7 +135,7 @@ def fold(ctx, model, output, pass_list, skip_list, dry_run, no_verify, force, st
         raise VerificationError(f"{report.failure_message(result.verification)}; {suffix}")
 
 
-@cli.command()
+@cli.command(epilog=EXIT_CODES)
 @click.argument("reference", type=click.Path())
 @click.argument("candidate", type=click.Path())
 @_verify_options
