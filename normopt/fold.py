@@ -80,6 +80,8 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
             return FoldResult(out, result, report, rollbacks)
         if round_ == MAX_ROLLBACK_ROUNDS:
             break
+        if round_ == 0:
+            _require_deterministic(reference, options, choice)
         culprits = _localize(reference, out, result, options, choice)
         if culprits:
             for rewrite, reason in culprits:
@@ -98,6 +100,18 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
         else:
             break
     return FoldResult(out, result, report, rollbacks)
+
+
+def _require_deterministic(reference, options: FoldOptions, choice: ProviderChoice) -> None:
+    """A model whose outputs differ between two runs on the same inputs (Dropout left in
+    training mode, random ops) cannot be verified: no rewrite is to blame."""
+    selfcheck = _verify(reference, reference, options, choice)
+    if not selfcheck.passed:
+        bad = selfcheck.failures[0]
+        raise VerificationError(
+            f"the input model is not deterministic: output '{bad.name}' differs between two runs on the same "
+            f"inputs (max |diff| {bad.max_abs:.1e}; random ops or Dropout in training mode?); it cannot be "
+            "verified: use --no-verify to fold without verification")
 
 
 def _verify(reference, out, options: FoldOptions, choice: ProviderChoice, extra=None) -> VerifyReport:

@@ -178,7 +178,8 @@ def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, atol: float | No
         diff = np.where(finite, np.abs(r64 - g64), 0.0)
     scale = np.abs(np.where(finite, r64, 0.0))
     bad = (diff > a + r * scale) | nonfinite_bad
-    rel = diff / np.maximum(scale, np.finfo(np.float64).tiny)
+    with np.errstate(over="ignore"):
+        rel = diff / np.maximum(scale, np.finfo(np.float64).tiny)
     rel = np.where(diff == 0.0, 0.0, rel)
     needed = np.max(np.maximum(diff - r * scale, 0.0)) if finite.any() else 0.0
     return OutputDiff(**base, max_abs=float(diff.max()), max_rel=float(rel.max()), mismatched=float(bad.mean()),

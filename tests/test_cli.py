@@ -179,3 +179,18 @@ def test_cli_passes_lists_registry():
 def test_python_dash_m_normopt_works():
     res = subprocess.run([sys.executable, "-m", "normopt", "passes"], capture_output=True, text=True)
     assert res.returncode == 0 and "fold-batchnorm" in res.stdout
+
+
+def test_cli_nondeterministic_input_model_is_named_not_blamed_on_a_rewrite(tmp_path, rng):
+    model = conv_bn_chain(rng)
+    last = model.graph.output[0].name
+    model.graph.node.append(helper.make_node("Dropout", [last, "ratio", "train"], ["dropped"]))
+    model.graph.initializer.extend([onnx.numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+                                    onnx.numpy_helper.from_array(np.array(True), "train")])
+    model.graph.output[0].name = "dropped"
+    path = tmp_path / "dropout.onnx"
+    onnx.save(model, path)
+    res = invoke("fold", path)
+    assert res.exit_code == 1 and "the input model is not deterministic: output 'dropped'" in res.output
+    assert "rolled back" not in res.output and not (tmp_path / "dropout.normopt.onnx").exists()
+    assert invoke("fold", path, "--no-verify").exit_code == 0
