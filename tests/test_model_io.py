@@ -6,7 +6,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from google.protobuf.message import EncodeError
 from onnx import helper
 
 from helpers import FLOAT, make_model, op_counts

@@ -1,7 +1,6 @@
 """End to end over the committed real exports in models/: fold, verify, count, re-run."""
 from pathlib import Path
 
-import onnx
 import pytest
 
 from helpers import op_counts

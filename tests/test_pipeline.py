@@ -1,8 +1,6 @@
 """Pipeline, registry and model-level guarantees (metadata, determinism, opset upgrade)."""
 import sys
 
-import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper

@@ -1,6 +1,5 @@
 """The verifier: providers, inputs, tolerances, comparison."""
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper
 

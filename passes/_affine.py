@@ -1,0 +1,162 @@
+"""The affine tail after a normalized tensor, and the small value helpers of the norm passes.
+
+``match_affine`` follows a normalized tensor down through an optional ``Mul`` by a constant
+scale and ``Add`` of a constant bias (with float Casts or Identities between), absorbing each
+only when it is constant per normalized element (broadcast-equivalent to the normalized shape).
+A positional [S, D] Add after a LayerNorm over D is not per normalized element: it stays outside.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from normopt import graph as G
+from normopt.pipeline import Context
+
+CAST = "Cast"
+# Significand bits of the float types a normalization may run in.
+FLOAT_BITS = {"bfloat16": 8, "float16": 11, "float32": 24, "float64": 53}
+# Ops on constants that ``param_value`` evaluates (Flatten: ONNX function bodies; Add: Gemma 1 + w).
+_FOLDABLE = ("Identity", "Cast", "Flatten", "Add", "Unsqueeze")
+
+
+@dataclass
+class Affine:
+    """The constant scale and bias following a normalized tensor, as far as they are exact."""
+
+    output: gs.Tensor
+    nodes: list[gs.Node] = field(default_factory=list)
+    scale: np.ndarray | None = None   # broadcast to the normalized shape
+    bias: np.ndarray | None = None
+    kept: str = ""                    # why a following Mul/Add was left outside
+
+
+def match_affine(t: gs.Tensor, ctx: Context, rank: int, norm_shape: tuple[int, ...],
+                 with_bias: bool = True) -> Affine:
+    """Follow ``t`` down through [Cast] Mul(scale) [Cast] Add(bias); each step optional.
+
+    A step is taken only when the tensor it consumes has no other user, its operand is a
+    constant (``param_value``), and that constant is the same for every non-normalized index
+    (it broadcasts to ``norm_shape`` without touching the leading axes). A positional [S, D]
+    Add after a LayerNorm over D fails that test and stays outside.
+    """
+    tail = Affine(t)
+    for op in ("Mul", "Add") if with_bias else ("Mul",):
+        found = _next_affine(tail.output, ctx, op)
+        if found is None:
+            continue
+        node, passed, chain = found
+        other = node.inputs[1] if node.inputs[0] is chain else node.inputs[0]
+        value = param_value(other, ctx.graph)
+        if value is None:
+            break
+        shaped = broadcast_param(value, rank, norm_shape)
+        if isinstance(shaped, str):
+            tail.kept = f"{op} {G.node_label(node)} kept outside: '{other.name}' {shaped}"
+            break
+        tail.nodes += passed + [node]
+        tail.output = node.outputs[0]
+        if op == "Mul":
+            tail.scale = shaped
+        else:
+            tail.bias = shaped
+    return tail
+
+
+def _next_affine(t: gs.Tensor, ctx: Context, op: str):
+    """(``op`` node, Casts/Identities passed, tensor it consumes) reached from ``t`` through
+    single-use float Casts and Identities; None when the chain leads elsewhere."""
+    passed = []
+    while True:
+        node = sole_consumer(t, ctx)
+        if node is None or not G.in_default_domain(node):
+            return None
+        if node.op == op and len(node.inputs) == 2 and node.inputs[0] is not node.inputs[1]:
+            return node, passed, t
+        if node.op == "Identity" or (node.op == CAST and is_float(cast_target(node))):
+            passed.append(node)
+            t = node.outputs[0]
+            continue
+        return None
+
+
+def sole_consumer(t: gs.Tensor, ctx: Context) -> gs.Node | None:
+    """The only node using ``t``, when ``t`` is not also a graph output."""
+    if G.is_graph_output(ctx.graph, t) or len(t.outputs) != 1:
+        return None
+    return t.outputs[0]
+
+
+def broadcast_param(value: np.ndarray, rank: int, norm_shape: tuple[int, ...]) -> np.ndarray | str:
+    """``value`` as an array of ``norm_shape`` when multiplying/adding it is per normalized
+    element (size 1 on every other axis, no rank growth); else why not."""
+    value = np.asarray(value)
+    n = len(norm_shape)
+    if not is_float(value.dtype):
+        return f"has non-float dtype {value.dtype}"
+    if value.ndim > rank:
+        return f"has rank {value.ndim}, more than the input's {rank}"
+    lead, tail = value.shape[:max(0, value.ndim - n)], value.shape[max(0, value.ndim - n):]
+    if any(d != 1 for d in lead):
+        return f"of shape {list(value.shape)} varies over non-normalized axes"
+    aligned = (1,) * (n - len(tail)) + tuple(tail)
+    if any(d not in (1, full) for d, full in zip(aligned, norm_shape)):
+        return f"of shape {list(value.shape)} does not broadcast to the normalized shape {list(norm_shape)}"
+    return np.broadcast_to(value.reshape(aligned), norm_shape).copy()
+
+
+# ------------------------------------------------------------------------------ small helpers
+
+def param_value(t: gs.Tensor, graph: gs.Graph, depth: int = 4) -> np.ndarray | None:
+    """The value of a constant, or of Identity/Cast/Flatten/Add/Unsqueeze of constants."""
+    value = G.const_value(t, graph)
+    node = G.producer(t)
+    if value is not None or depth == 0 or node is None or node.op not in _FOLDABLE \
+            or not G.in_default_domain(node) or G.is_graph_input(graph, t):
+        return value
+    args = [param_value(i, graph, depth - 1) if i.name else None for i in node.inputs]
+    if not args or args[0] is None:
+        return None
+    a = args[0]
+    if node.op == "Identity":
+        return a
+    if node.op == CAST:
+        return a.astype(cast_target(node))
+    if node.op == "Flatten":
+        axis = int(node.attrs.get("axis", 1))
+        axis = axis + a.ndim if axis < 0 else axis
+        return a.reshape(int(np.prod(a.shape[:axis], dtype=np.int64)), -1)
+    if node.op == "Add":
+        return None if len(args) < 2 or args[1] is None else np.add(a, args[1]).astype(a.dtype)
+    axes = node.attrs.get("axes", args[1] if len(args) > 1 else None)   # Unsqueeze
+    if axes is None:
+        return None
+    out_rank = a.ndim + len(np.asarray(axes).reshape(-1))
+    for axis in sorted(int(x) % out_rank for x in np.asarray(axes).reshape(-1)):
+        a = np.expand_dims(a, axis)
+    return a
+
+
+def cast_target(node: gs.Node):
+    return onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"]))
+
+
+def float_bits(dtype) -> int | None:
+    return FLOAT_BITS.get(np.dtype(dtype).name) if dtype is not None else None
+
+
+def is_float(dtype) -> bool:
+    return dtype is not None and np.dtype(dtype).name in FLOAT_BITS
+
+
+def scalar(value) -> float | None:
+    value = np.asarray(value)
+    return float(value.astype(np.float64).reshape(-1)[0]) if value.size == 1 else None
+
+
+def describe(value) -> str:
+    value = np.asarray(value)
+    return f"{scalar(value):g}" if value.size == 1 else f"a {list(value.shape)} tensor"
