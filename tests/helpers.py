@@ -89,3 +89,46 @@ def cuda_in_use() -> bool:
 FLOAT = TensorProto.FLOAT
 FLOAT16 = TensorProto.FLOAT16
 INT64 = TensorProto.INT64
+
+
+NP_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64,
+            TensorProto.INT32: np.int32, TensorProto.INT64: np.int64,
+            TensorProto.BFLOAT16: helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16)}
+
+
+class GraphBuilder:
+    """A tiny graph under construction: fresh names, constants (initializers, or Constant nodes
+    with ``constants="node"``), ReduceMean with axes as attribute (opset < 18) or input."""
+
+    def __init__(self, opset=17, dtype=TensorProto.FLOAT, constants="initializer"):
+        self.opset, self.dtype, self.constants = opset, dtype, constants
+        self.nodes, self.inits, self.count = [], {}, 0
+
+    def name(self, base):
+        self.count += 1
+        return f"{base}{self.count}"
+
+    def const(self, value, dtype=None):
+        """``dtype``: a TensorProto type (default: the builder's), "int" for int64, "raw" as given."""
+        if dtype == "raw":
+            value = np.asarray(value)
+        elif dtype == "int":
+            value = np.asarray(value, np.int64)
+        else:
+            value = np.asarray(value, NP_TYPES[dtype or self.dtype])
+        name = self.name("c")
+        if self.constants == "node":
+            self.nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value)))
+        else:
+            self.inits[name] = value
+        return name
+
+    def op(self, op_type, *inputs, **attrs):
+        out = self.name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=self.name(op_type), **attrs))
+        return out
+
+    def mean(self, x, axes, **attrs):
+        if self.opset < 18:
+            return self.op("ReduceMean", x, axes=list(axes), **attrs)
+        return self.op("ReduceMean", x, self.const(list(axes), "int"), **attrs)

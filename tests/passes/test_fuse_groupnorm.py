@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import assert_equivalent, make_model, op_counts, run_pass, run_pipeline
+from helpers import GraphBuilder, assert_equivalent, make_model, op_counts, run_pass, run_pipeline
 from normopt import registry
 
 PASS = "fuse-groupnorm"
@@ -23,35 +23,10 @@ NP = {F32: np.float32, F16: np.float16}
 BATCH = 2
 
 
-class Net:
-    """A tiny graph under construction: fresh names; constants as Constant nodes or initializers."""
-
+class Net(GraphBuilder):
     def __init__(self, rng, opset=17, dtype=F32, constants="node"):
-        self.rng, self.opset, self.dtype, self.constants = rng, opset, dtype, constants
-        self.nodes, self.inits, self.count = [], {}, 0
-
-    def name(self, base):
-        self.count += 1
-        return f"{base}{self.count}"
-
-    def const(self, value, dtype=None):
-        value = np.asarray(value, dtype=NP[dtype or self.dtype] if dtype != "int" else np.int64)
-        name = self.name("c")
-        if self.constants == "node":
-            self.nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value)))
-        else:
-            self.inits[name] = value
-        return name
-
-    def op(self, op_type, *inputs, **attrs):
-        out = self.name(op_type.lower())
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=self.name(op_type), **attrs))
-        return out
-
-    def mean(self, x, axes):
-        if self.opset < 18:
-            return self.op("ReduceMean", x, axes=list(axes))
-        return self.op("ReduceMean", x, self.const(list(axes), "int"))
+        super().__init__(opset, dtype, constants)
+        self.rng = rng
 
     def dims(self, x, indices):
         """Concat(Unsqueeze(Gather(Shape(x), i)) ...): TorchScript's dynamic shape arithmetic."""

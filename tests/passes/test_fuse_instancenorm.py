@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import assert_equivalent, make_model, op_counts, run_pass, run_pipeline
+from helpers import GraphBuilder, assert_equivalent, make_model, op_counts, run_pass, run_pipeline
 
 PASS = "fuse-instancenorm"
 IN = "InstanceNormalization"
@@ -16,30 +16,10 @@ NP = {F32: np.float32, F16: np.float16}
 BATCH, C = 2, 6
 
 
-class Net:
-    """A tiny graph under construction (initializers; ReduceMean axes per opset)."""
-
+class Net(GraphBuilder):
     def __init__(self, rng, opset=14, dtype=F32):
-        self.rng, self.opset, self.dtype, self.nodes, self.inits, self.count = rng, opset, dtype, [], {}, 0
-
-    def name(self, base):
-        self.count += 1
-        return f"{base}{self.count}"
-
-    def const(self, value, dtype=None):
-        name = self.name("c")
-        self.inits[name] = np.asarray(value, dtype=np.int64 if dtype == "int" else NP[dtype or self.dtype])
-        return name
-
-    def op(self, op_type, *inputs, **attrs):
-        out = self.name(op_type.lower())
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=self.name(op_type), **attrs))
-        return out
-
-    def mean(self, x, axes):
-        if self.opset < 18:
-            return self.op("ReduceMean", x, axes=list(axes))
-        return self.op("ReduceMean", x, self.const(list(axes), "int"))
+        super().__init__(opset, dtype)
+        self.rng = rng
 
 
 def instance_norm(net, x, rank, *, axes=None, var_axes=None, square="pow", inverse="div", exponent=2.0,

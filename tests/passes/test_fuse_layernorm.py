@@ -7,7 +7,7 @@ import onnx.inliner
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import assert_equivalent, make_model, op_counts, run_pass, run_pipeline
+from helpers import GraphBuilder, assert_equivalent, make_model, op_counts, run_pass, run_pipeline
 
 F32, F16, F64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE
 NP = {F32: np.float32, F16: np.float16, F64: np.float64, TensorProto.INT32: np.int32}
@@ -15,30 +15,12 @@ LN = "LayerNormalization"
 SHAPE = [2, 5, 8]
 
 
-class Net:
-    """A tiny graph under construction: fresh names, initializers, ReduceMean axes per opset."""
-
+class Net(GraphBuilder):
     def __init__(self, opset=13, dtype=F32):
-        self.opset, self.dtype, self.nodes, self.inits, self.count = opset, dtype, [], {}, 0
-
-    def name(self, base):
-        self.count += 1
-        return f"{base}{self.count}"
-
-    def const(self, value, dtype=None):
-        name = self.name("c")
-        self.inits[name] = np.asarray(value, dtype=NP[dtype or self.dtype] if dtype != "raw" else None)
-        return name
-
-    def op(self, op_type, *inputs, **attrs):
-        out = self.name(op_type.lower())
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=self.name(op_type), **attrs))
-        return out
+        super().__init__(opset, dtype)
 
     def mean(self, x, axes, keepdims=1):
-        if self.opset < 18:
-            return self.op("ReduceMean", x, axes=list(axes), keepdims=keepdims)
-        return self.op("ReduceMean", x, self.const(list(axes), "raw"), keepdims=keepdims)
+        return super().mean(x, axes, keepdims=keepdims)
 
     def model(self, out, shape=SHAPE, in_dtype=None, out_dtype=None, inputs=(), outputs=()):
         self.nodes.append(helper.make_node("Identity", [out], ["y"]))

@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import assert_equivalent, make_model, op_counts, run_pass, run_pipeline
+from helpers import GraphBuilder, assert_equivalent, make_model, op_counts, run_pass, run_pipeline
 
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
 NP = {F32: np.float32, F16: np.float16, TensorProto.DOUBLE: np.float64,
@@ -15,32 +15,9 @@ RMS = "RMSNormalization"
 SHAPE = [2, 5, 8]
 
 
-class Net:
-    """A tiny graph under construction: fresh names, initializers, ReduceMean axes per opset."""
-
+class Net(GraphBuilder):
     def __init__(self, opset=14, dtype=F32):
-        self.opset, self.dtype, self.nodes, self.inits, self.count = opset, dtype, [], {}, 0
-
-    def name(self, base):
-        self.count += 1
-        return f"{base}{self.count}"
-
-    def const(self, value, dtype=None):
-        name = self.name("c")
-        self.inits[name] = np.asarray(value, dtype=NP[dtype or self.dtype])
-        return name
-
-    def op(self, op_type, *inputs, **attrs):
-        out = self.name(op_type.lower())
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=self.name(op_type), **attrs))
-        return out
-
-    def mean(self, x, axes):
-        if self.opset < 18:
-            return self.op("ReduceMean", x, axes=list(axes))
-        name = self.name("axes")
-        self.inits[name] = np.asarray(axes, np.int64)
-        return self.op("ReduceMean", x, name)
+        super().__init__(opset, dtype)
 
     def model(self, out, in_dtype=None, out_dtype=None, shape=SHAPE, inputs=(), outputs=()):
         self.nodes.append(helper.make_node("Identity", [out], ["y"]))
