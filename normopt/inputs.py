@@ -74,6 +74,8 @@ def make_feeds(model: onnx.ModelProto, seed: int, shapes=None, ranges=None, npz:
     for name in list(shapes) + list(ranges):
         if name not in known:
             raise UsageError(f"model has no input '{name}'; inputs: {', '.join(sorted(known))}")
+    if npz:
+        _check_npz_names(npz, loaded, known, {vi.name for vi in model.graph.input})
     feeds, specs, dims = {}, [], {}
     for vi in graph_inputs(model):
         tt = vi.type.tensor_type
@@ -81,7 +83,12 @@ def make_feeds(model: onnx.ModelProto, seed: int, shapes=None, ranges=None, npz:
             raise UsageError(f"input '{vi.name}' is not a tensor; pass its value with --inputs FILE.npz")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         if vi.name in loaded:
-            value = np.asarray(loaded[vi.name]).astype(dtype, copy=False)
+            value = np.asarray(loaded[vi.name])
+            # Only same-kind casts (float64 -> float32): strings or floats fed to an integer
+            # input would be silently mangled, or fail deep inside numpy.
+            if not np.can_cast(value.dtype, dtype, casting="same_kind"):
+                raise UsageError(f"inputs '{npz}': array '{vi.name}' is {value.dtype}, the model expects {dtype}")
+            value = value.astype(dtype, copy=False)
             feeds[vi.name] = value
             specs.append(InputSpec(vi.name, str(dtype), list(value.shape), f"file {npz}"))
             continue
@@ -172,6 +179,17 @@ def _gather_bounds(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
             if rows > 0:
                 bounds[name] = (0, min(rows, bounds.get(name, (0, rows))[1]))
     return bounds
+
+
+def _check_npz_names(path: str, loaded: dict, needed: set[str], accepted: set[str]) -> None:
+    """Real inputs are all or nothing: a missing array would silently become random data, and
+    an array no input takes is a misspelt name."""
+    missing, unknown = sorted(needed - set(loaded)), sorted(set(loaded) - accepted)
+    if missing:
+        raise UsageError(f"inputs '{path}' has no array for input(s) {', '.join(missing)}")
+    if unknown:
+        raise UsageError(f"inputs '{path}': model has no input(s) {', '.join(unknown)}; "
+                         f"inputs: {', '.join(sorted(needed))}")
 
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:

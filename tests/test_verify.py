@@ -200,3 +200,31 @@ def test_attention_mask_dim_named_as_a_sum_verifies(mask_dim, length):
     report = verify.compare(_decoder_with_past(mask_dim), _decoder_with_past(mask_dim), provider="cpu")
     assert report.passed
     assert [s.shape for s in report.inputs][2] == [1, length]
+
+
+def _two_input_model():
+    model = make_model([helper.make_node("Gather", ["table", "ids"], ["g"]), helper.make_node("Add", ["g", "x"], ["y"])],
+                       [helper.make_tensor_value_info("ids", INT64, [1, 3]),
+                        helper.make_tensor_value_info("x", FLOAT, [1, 3, 4])],
+                       [helper.make_tensor_value_info("y", FLOAT, [1, 3, 4])],
+                       {"table": np.zeros((50, 4), np.float32)}, opset=13)
+    return model
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(ids=np.array([[1, 2, 3]])), "no array for input(s) x"),
+    (dict(ids=np.array([[1, 2, 3]]), x=np.zeros((1, 3, 4)), idz=np.zeros(1)), "model has no input(s) idz"),
+    (dict(ids=np.array([["a", "b", "c"]]), x=np.zeros((1, 3, 4))), "array 'ids' is <U1, the model expects int64"),
+    (dict(ids=np.array([[1.5, 2, 3]]), x=np.zeros((1, 3, 4))), "array 'ids' is float64, the model expects int64"),
+])
+def test_feeds_npz_missing_unknown_or_wrong_kind_is_usage_error(tmp_path, arrays, message):
+    np.savez(tmp_path / "in.npz", **arrays)
+    with pytest.raises(UsageError) as err:
+        inputs.make_feeds(_two_input_model(), seed=0, npz=str(tmp_path / "in.npz"))
+    assert message in str(err.value)
+
+
+def test_feeds_npz_float64_is_cast_to_the_input_dtype(tmp_path):
+    np.savez(tmp_path / "in.npz", ids=np.array([[1, 2, 3]], np.int32), x=np.ones((1, 3, 4)))
+    feeds, _ = inputs.make_feeds(_two_input_model(), seed=0, npz=str(tmp_path / "in.npz"))
+    assert feeds["x"].dtype == np.float32 and feeds["ids"].dtype == np.int64
