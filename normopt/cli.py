@@ -101,24 +101,27 @@ def fold(ctx, model, output, pass_list, skip_list, dry_run, no_verify, force, st
         raise UsageError(f"output '{out_path}' is the input file; choose another -o")
     if not dry_run and not out_path.parent.is_dir():
         raise UsageError(f"cannot write '{out_path}': folder '{out_path.parent}' does not exist")
+    _check_report_path(report_path)
     options = FoldOptions(passes=names, allow_opset_upgrade=not no_opset_upgrade, verify=not no_verify,
                           provider=provider, seed=seed, trials=trials, input_shapes=parse_shapes(input_shapes),
                           input_ranges=parse_ranges(input_ranges), inputs_file=inputs_file, atol=atol, rtol=rtol,
                           strict=strict)
     source = model_io.load(model)
     full_ok = model_io.passes_full_check(source)
-    result = optimize(source, options, source=model)
+    try:
+        result = optimize(source, options, source=model)
+    except VerificationError as err:  # --strict and a rollback: the report still says which
+        if report_path and getattr(err, "result", None) is not None:
+            _write_fold_report(report_path, model, None, err.result, "rolled_back_strict")
+        raise
     verified = result.verified
     write = not dry_run and (verified or force)
     if write:
         _check_output(result.model, full_ok)
         model_io.save(result.model, out_path, external_data=True if external_data else None)
     if report_path:
-        _write_report(report_path, input=str(model), output=str(out_path) if write else None, written=write,
-                      status="ok" if verified else "verification_failed", passes=result.pipeline.passes,
-                      opset_upgrades=result.pipeline.upgrades, nodes_before=result.pipeline.nodes_before,
-                      nodes_after=result.pipeline.nodes_after, seconds=result.pipeline.seconds,
-                      verification=result.verification, rollbacks=result.rollbacks)
+        _write_fold_report(report_path, model, out_path if write else None, result,
+                           "ok" if verified else "verification_failed")
     if not quiet:
         for line in report.pipeline_lines(result.pipeline, verbose):
             click.echo(line)
@@ -144,6 +147,7 @@ def verify(ctx, reference, candidate, provider, seed, trials, input_shapes, inpu
            report_path, verbose, quiet):
     """Compare two models with the same inputs and outputs (exit 0 equal, 1 different)."""
     ctx.meta["normopt.verbose"] = verbose
+    _check_report_path(report_path)
     for path in (reference, candidate):
         model_io.load(path)  # clear errors for unreadable files
     result = compare(reference, candidate, provider=provider, seed=seed, trials=trials,
@@ -181,6 +185,19 @@ def _check_output(model, full: bool) -> None:
         from normopt.errors import ModelSaveError
         raise ModelSaveError(f"the rewritten model fails the ONNX checker: {' '.join(str(err).split())[:200]}; "
                              "output NOT written") from err
+
+
+def _check_report_path(path: str | None) -> None:
+    """Before any work: a report that cannot be written must not fail the run after the model was."""
+    if path and not Path(path).parent.is_dir():
+        raise UsageError(f"cannot write report '{path}': folder '{Path(path).parent}' does not exist")
+
+
+def _write_fold_report(path: str, model: str, output: Path | None, result, status: str) -> None:
+    _write_report(path, input=str(model), output=str(output) if output else None, written=output is not None,
+                  status=status, passes=result.pipeline.passes, opset_upgrades=result.pipeline.upgrades,
+                  nodes_before=result.pipeline.nodes_before, nodes_after=result.pipeline.nodes_after,
+                  seconds=result.pipeline.seconds, verification=result.verification, rollbacks=result.rollbacks)
 
 
 def _write_report(path: str, **parts) -> None:

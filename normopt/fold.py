@@ -76,8 +76,9 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
             return FoldResult(out, result, None, rollbacks)
         report = _verify(reference, out, options, choice)
         if report.passed:
-            _strict_check(options, rollbacks)
-            return FoldResult(out, result, report, rollbacks)
+            done = FoldResult(out, result, report, rollbacks)
+            _strict_check(options, done)
+            return done
         if round_ == MAX_ROLLBACK_ROUNDS:
             break
         if round_ == 0:
@@ -156,8 +157,10 @@ def _downstream(model: onnx.ModelProto, starts: set[str]) -> set[str]:
     return seen
 
 
-def _strict_check(options: FoldOptions, rollbacks: list[Rollback]) -> None:
-    if options.strict and rollbacks:
-        first = rollbacks[0]
-        raise VerificationError(f"{len(rollbacks)} rewrite(s) rolled back (first: {first.pass_name} at "
+def _strict_check(options: FoldOptions, done: FoldResult) -> None:
+    if options.strict and done.rollbacks:
+        first = done.rollbacks[0]
+        err = VerificationError(f"{len(done.rollbacks)} rewrite(s) rolled back (first: {first.pass_name} at "
                                 f"{first.anchor}: {first.reason}); --strict makes this an error")
+        err.result = done  # what was found, for the report
+        raise err

@@ -113,7 +113,10 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
         raise ModelSaveError(f"cannot write '{dest}': folder '{dest.parent}' does not exist")
     if external_data is None:
         external_data = needs_external_data(model)
-    tmpdir = Path(tempfile.mkdtemp(prefix=".normopt-", dir=dest.parent))
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=".normopt-", dir=dest.parent))
+    except OSError as err:  # a folder we may not write to (permissions, read-only file system)
+        raise ModelSaveError(f"cannot write '{dest}': {err.strerror or err}") from err
     written: list[Path] = []
     try:
         tmp_model = tmpdir / dest.name

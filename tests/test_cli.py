@@ -153,9 +153,14 @@ def test_cli_verification_failure_exit_1_output_not_written(model_path, tmp_path
 def test_cli_rollback_reported_and_strict(model_path, broken_pass):  # noqa: F811
     res = invoke("fold", model_path, "--passes", BROKEN)
     assert res.exit_code == 0 and f"rolled back {BROKEN} at bn2" in res.output
-    strict = invoke("fold", model_path, "--passes", BROKEN, "--strict", "-o", model_path.with_name("s.onnx"))
+    rep = model_path.with_name("s.json")
+    strict = invoke("fold", model_path, "--passes", BROKEN, "--strict", "-o", model_path.with_name("s.onnx"),
+                    "--report", rep)
     assert strict.exit_code == 1 and "--strict" in strict.output
     assert not model_path.with_name("s.onnx").exists()
+    data = json.loads(rep.read_text())  # the rollback that failed the run is in the report
+    assert data["status"] == "rolled_back_strict" and data["written"] is False and data["output"] is None
+    assert [rb["anchor"] for rb in data["rollbacks"]] == ["bn2"] and data["verification"]["passed"] is True
 
 
 def test_cli_verify_same_and_different(model_path, tmp_path):
@@ -194,3 +199,21 @@ def test_cli_nondeterministic_input_model_is_named_not_blamed_on_a_rewrite(tmp_p
     assert res.exit_code == 1 and "the input model is not deterministic: output 'dropped'" in res.output
     assert "rolled back" not in res.output and not (tmp_path / "dropout.normopt.onnx").exists()
     assert invoke("fold", path, "--no-verify").exit_code == 0
+
+
+def test_cli_report_folder_missing_fails_before_work(model_path, tmp_path):
+    out = tmp_path / "out.onnx"
+    res = invoke("fold", model_path, "-o", out, "--report", tmp_path / "nope" / "r.json")
+    assert res.exit_code == 2 and "cannot write report" in res.output and "does not exist" in res.output
+    assert not out.exists()  # no output next to an error: the run failed before any work
+    res = invoke("verify", model_path, model_path, "--report", tmp_path / "nope" / "v.json")
+    assert res.exit_code == 2 and "cannot write report" in res.output and "verify:" not in res.output
+
+
+def test_cli_unwritable_output_folder_is_one_line_exit_2(model_path, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr("normopt.model_io.tempfile.mkdtemp", refuse)
+    res = invoke("fold", model_path, "-o", tmp_path / "out.onnx")
+    assert res.exit_code == 2 and "internal error" not in res.output
+    assert f"error: cannot write '{tmp_path / 'out.onnx'}': Permission denied" in res.output
