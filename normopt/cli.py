@@ -96,6 +96,7 @@ def fold(ctx, model, output, pass_list, skip_list, dry_run, no_verify, force, st
     """
     ctx.meta["normopt.verbose"] = verbose
     names = registry.resolve(_split(pass_list), _split(skip_list))
+    source = model_io.load(model)  # first: a missing input is named as such, not as a missing output folder
     out_path = Path(output) if output else model_io.default_output(model)
     if not dry_run and Path(model).exists() and out_path.exists() and out_path.resolve() == Path(model).resolve():
         raise UsageError(f"output '{out_path}' is the input file; choose another -o")
@@ -106,7 +107,6 @@ def fold(ctx, model, output, pass_list, skip_list, dry_run, no_verify, force, st
                           provider=provider, seed=seed, trials=trials, input_shapes=parse_shapes(input_shapes),
                           input_ranges=parse_ranges(input_ranges), inputs_file=inputs_file, atol=atol, rtol=rtol,
                           strict=strict)
-    source = model_io.load(model)
     full_ok = model_io.passes_full_check(source)
     try:
         result = optimize(source, options, source=model)

@@ -197,6 +197,9 @@ def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trial
     """
     if trials < 1:
         raise UsageError("--trials must be at least 1")
+    for flag, value in (("--atol", atol), ("--rtol", rtol)):
+        if value is not None and not value >= 0:  # NaN too: nothing would compare equal, not even a model to itself
+            raise UsageError(f"{flag} must be a number >= 0, got {value}")
     choice = choice or select_provider(provider)
     ref_header, new_header = load_header(original), load_header(rewritten)
     _same_interface(ref_header, new_header)

@@ -217,3 +217,15 @@ def test_cli_unwritable_output_folder_is_one_line_exit_2(model_path, tmp_path, m
     res = invoke("fold", model_path, "-o", tmp_path / "out.onnx")
     assert res.exit_code == 2 and "internal error" not in res.output
     assert f"error: cannot write '{tmp_path / 'out.onnx'}': Permission denied" in res.output
+
+
+def test_cli_missing_input_in_missing_folder_is_named_as_input(tmp_path):
+    res = invoke("fold", tmp_path / "nope" / "net.onnx")
+    assert res.exit_code == 2 and f"error: cannot read '{tmp_path / 'nope' / 'net.onnx'}': no such file" in res.output
+
+
+@pytest.mark.parametrize("flag, value", [("--atol", "-1"), ("--rtol", "-0.5"), ("--atol", "nan")])
+def test_cli_negative_or_nan_tolerance_is_usage_error_not_blamed_on_the_model(model_path, flag, value):
+    res = invoke("fold", model_path, flag, value, "--dry-run")
+    assert res.exit_code == 2 and f"error: {flag} must be a number >= 0" in res.output
+    assert "not deterministic" not in res.output
