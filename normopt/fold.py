@@ -106,7 +106,10 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
 def _require_deterministic(reference, options: FoldOptions, choice: ProviderChoice) -> None:
     """A model whose outputs differ between two runs on the same inputs (Dropout left in
     training mode, random ops) cannot be verified: no rewrite is to blame."""
-    selfcheck = _verify(reference, reference, options, choice)
+    selfcheck = compare(reference, reference, seed=options.seed, trials=options.trials,
+                        input_shapes=options.input_shapes, input_ranges=options.input_ranges,
+                        inputs_file=options.inputs_file, atol=options.atol, rtol=options.rtol, choice=choice,
+                        repeat=True)
     if not selfcheck.passed:
         bad = selfcheck.failures[0]
         raise VerificationError(

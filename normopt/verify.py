@@ -93,8 +93,11 @@ def run_model(model: onnx.ModelProto | str | os.PathLike, feeds_list: list[dict]
         try:
             results = [dict(zip(names, session.run(names, feeds))) for feeds in feeds_list]
         except Exception as err:
-            raise ModelRunError(f"onnxruntime failed to run the model: {' '.join(str(err).split())[:240]}; "
-                                "set dynamic dims with --input-shape or pass --inputs") from err
+            text = " ".join(str(err).split())
+            hint = ("this provider has no kernel for one of its ops (bfloat16 on CPU?): try --provider cuda, "
+                    "or --no-verify" if "Could not find an implementation" in text
+                    else "set dynamic dims with --input-shape or pass real inputs with --inputs")
+            raise ModelRunError(f"onnxruntime failed to run the model: {text[:240]}; {hint}") from err
         del session
     return results
 
@@ -189,11 +192,12 @@ def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, atol: float | No
 def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trials: int = 1,
             input_shapes=None, input_ranges=None, inputs_file: str | None = None,
             atol: float | None = None, rtol: float | None = None, extra_outputs: list[str] | None = None,
-            choice: ProviderChoice | None = None) -> VerifyReport:
+            choice: ProviderChoice | None = None, repeat: bool = False) -> VerifyReport:
     """Run ``original`` and ``rewritten`` (ModelProto or path) on the same inputs and compare.
 
     ``extra_outputs`` are intermediate tensors exposed in both models and compared too
-    (used to find which rewrite broke equivalence).
+    (used to find which rewrite broke equivalence). ``repeat`` compares ``original`` with a
+    second run of itself in the same session instead: random ops draw new numbers there.
     """
     if trials < 1:
         raise UsageError("--trials must be at least 1")
@@ -215,13 +219,16 @@ def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trial
                        for t in range(trials)]
         feeds_list, specs = [f for f, _ in trial_feeds], trial_feeds[0][1]
         try:
-            ref_out = run_model(ref_model, feeds_list, choice.name, names)
+            ref_out = run_model(ref_model, feeds_list * (2 if repeat else 1), choice.name, names)
             break
         except ModelRunError:
             # Only sizes we chose may be wrong for the model; try a larger one.
             if not any(spec.defaulted for spec in specs) or size == sizes[-1]:
                 raise
-    new_out = run_model(new_model, feeds_list, choice.name, names)
+    if repeat:
+        ref_out, new_out = ref_out[:trials], ref_out[trials:]
+    else:
+        new_out = run_model(new_model, feeds_list, choice.name, names)
     report = VerifyReport(choice.name, choice.note, choice.tf32, seed, trials, specs)
     compute = compute_dtype(ref_header)
     for name in names:

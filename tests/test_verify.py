@@ -228,3 +228,10 @@ def test_feeds_npz_float64_is_cast_to_the_input_dtype(tmp_path):
     np.savez(tmp_path / "in.npz", ids=np.array([[1, 2, 3]], np.int32), x=np.ones((1, 3, 4)))
     feeds, _ = inputs.make_feeds(_two_input_model(), seed=0, npz=str(tmp_path / "in.npz"))
     assert feeds["x"].dtype == np.float32 and feeds["ids"].dtype == np.int64
+
+
+def test_model_without_cpu_kernels_gets_a_provider_hint():
+    bf16 = make_model([helper.make_node("Sub", ["x", "x"], ["y"])], [("x", TensorProto.BFLOAT16, [4])],
+                      [("y", TensorProto.BFLOAT16, [4])], opset=14)
+    with pytest.raises(verify.ModelRunError, match="no kernel for one of its ops .* --no-verify"):
+        verify.compare(bf16, bf16, provider="cpu")
