@@ -85,7 +85,7 @@ def run_model(model: onnx.ModelProto | str | os.PathLike, feeds_list: list[dict]
         try:
             session = ort.InferenceSession(source, session_options(), providers=providers(provider))
         except Exception as err:
-            raise UsageError(f"onnxruntime cannot load the model: {' '.join(str(err).split())[:240]}") from err
+            raise UsageError(_ort_failure("cannot load the model", err)) from err
         if provider == "cuda" and session.get_providers()[0] != CUDA:
             # The probe ran on CUDA but this session fell back: never report CPU results as CUDA.
             raise ProviderUnavailableError("CUDA provider did not start for this model; rerun with --provider cpu")
@@ -93,13 +93,17 @@ def run_model(model: onnx.ModelProto | str | os.PathLike, feeds_list: list[dict]
         try:
             results = [dict(zip(names, session.run(names, feeds))) for feeds in feeds_list]
         except Exception as err:
-            text = " ".join(str(err).split())
-            hint = ("this provider has no kernel for one of its ops (bfloat16 on CPU?): try --provider cuda, "
-                    "or --no-verify" if "Could not find an implementation" in text
-                    else "set dynamic dims with --input-shape or pass real inputs with --inputs")
-            raise ModelRunError(f"onnxruntime failed to run the model: {text[:240]}; {hint}") from err
+            raise ModelRunError(_ort_failure("failed to run the model", err,
+                                             "set dynamic dims with --input-shape or pass real inputs with --inputs")) from err
         del session
     return results
+
+
+def _ort_failure(what: str, err: Exception, hint: str = "") -> str:
+    text = " ".join(str(err).split())
+    if "Could not find an implementation" in text:
+        hint = "this provider has no kernel for one of its ops (bfloat16 on CPU?): try --provider cuda, or --no-verify"
+    return f"onnxruntime {what}: {text[:240]}" + (f"; {hint}" if hint else "")
 
 
 @contextlib.contextmanager
