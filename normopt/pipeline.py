@@ -142,6 +142,7 @@ def run(model: onnx.ModelProto, passes: list[str] | None = None, options: Option
             _check_strict(export(graph, current), name)
     out = export(graph, current)
     annotations.restore(out, model)
+    _canonical_tensors(out.graph)
     result.nodes_after = count_nodes(out)
     result.seconds = time.perf_counter() - started
     return out, result
@@ -300,6 +301,32 @@ def _keep_value_info(source: onnx.GraphProto, converted: onnx.GraphProto) -> Non
             for i, sub in enumerate(attr.graphs):
                 has = old is not None and i < len(old.graphs)
                 _keep_value_info(old.graphs[i] if has else onnx.GraphProto(), sub)
+
+
+def _canonical_tensors(graph: onnx.GraphProto) -> None:
+    """Store every constant in raw_data, with its name field present. graphsurgeon re-encodes a
+    tensor whose values a pass read but passes through one it never touched, so a tensor kept in
+    typed fields (the version converter writes int64_data) or without a name field would change
+    encoding on a second run: the output must be a fixed point."""
+    tensors = list(graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                tensors.append(attr.t)
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                _canonical_tensors(attr.g)
+            for sub in attr.graphs:
+                _canonical_tensors(sub)
+    for t in tensors:
+        typed = not (t.HasField("raw_data") or t.data_location == onnx.TensorProto.EXTERNAL
+                     or t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED))
+        if typed:
+            name, doc = t.name, t.doc_string
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t), name))
+            if doc:
+                t.doc_string = doc
+        if not t.HasField("name"):
+            t.name = ""  # graphsurgeon writes the empty name explicitly when it re-encodes
 
 
 def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:

@@ -1,6 +1,7 @@
 """Pipeline, registry and model-level guarantees (metadata, determinism, opset upgrade)."""
 import sys
 
+import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper
@@ -209,3 +210,17 @@ def test_pipeline_opset_upgrade_keeps_shapes_after_reshape_to_shape():
     assert op_counts(out) == {"GroupNormalization": 2}
     assert not result.skipped
     assert_equivalent(model, out)
+
+
+def test_pipeline_output_is_a_fixed_point_for_typed_constants(double_relu_pass):
+    shape = helper.make_tensor("", onnx.TensorProto.INT64, [2], [3, 2])  # typed field, as converters write
+    shape.ClearField("name")
+    model = make_model([helper.make_node("Constant", [], ["s"], value=shape),
+                        helper.make_node("Reshape", ["x", "s"], ["r"]),
+                        helper.make_node("Relu", ["r"], ["a"]), helper.make_node("Relu", ["a"], ["y"])],
+                       [("x", FLOAT, [2, 3])], [("y", FLOAT, [3, 2])], opset=17)
+    first, _ = run_pipeline(model, [double_relu_pass])
+    assert first.graph.node[0].attribute[0].t.HasField("raw_data")
+    second, _ = run_pipeline(first, [double_relu_pass])
+    assert model_io.serialize(second) == model_io.serialize(first)
+    assert_equivalent(model, first)
