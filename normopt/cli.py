@@ -110,9 +110,9 @@ def fold(ctx, model, output, pass_list, skip_list, dry_run, no_verify, force, st
     full_ok = model_io.passes_full_check(source)
     try:
         result = optimize(source, options, source=model)
-    except VerificationError as err:  # --strict and a rollback: the report still says which
+    except VerificationError as err:  # --strict and a rollback, or a non-deterministic input: reported too
         if report_path and getattr(err, "result", None) is not None:
-            _write_fold_report(report_path, model, None, err.result, "rolled_back_strict")
+            _write_fold_report(report_path, model, None, err.result, err.status)
         raise
     verified = result.verified
     write = not dry_run and (verified or force)

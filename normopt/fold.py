@@ -82,7 +82,7 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
         if round_ == MAX_ROLLBACK_ROUNDS:
             break
         if round_ == 0:
-            _require_deterministic(reference, options, choice)
+            _require_deterministic(reference, options, choice, FoldResult(out, result, report, rollbacks))
         culprits = _localize(reference, out, result, options, choice)
         if culprits:
             for rewrite, reason in culprits:
@@ -103,7 +103,7 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
     return FoldResult(out, result, report, rollbacks)
 
 
-def _require_deterministic(reference, options: FoldOptions, choice: ProviderChoice) -> None:
+def _require_deterministic(reference, options: FoldOptions, choice: ProviderChoice, found: FoldResult) -> None:
     """A model whose outputs differ between two runs on the same inputs (Dropout left in
     training mode, random ops) cannot be verified: no rewrite is to blame."""
     selfcheck = compare(reference, reference, seed=options.seed, trials=options.trials,
@@ -112,10 +112,12 @@ def _require_deterministic(reference, options: FoldOptions, choice: ProviderChoi
                         repeat=True)
     if not selfcheck.passed:
         bad = selfcheck.failures[0]
-        raise VerificationError(
+        err = VerificationError(
             f"the input model is not deterministic: output '{bad.name}' differs between two runs on the same "
             f"inputs (max |diff| {bad.max_abs:.1e}; random ops or Dropout in training mode?); it cannot be "
             "verified: use --no-verify to fold without verification")
+        err.result, err.status = found, "input_not_deterministic"  # what was found, for the report
+        raise err
 
 
 def _verify(reference, out, options: FoldOptions, choice: ProviderChoice, extra=None) -> VerifyReport:
@@ -165,5 +167,5 @@ def _strict_check(options: FoldOptions, done: FoldResult) -> None:
         first = done.rollbacks[0]
         err = VerificationError(f"{len(done.rollbacks)} rewrite(s) rolled back (first: {first.pass_name} at "
                                 f"{first.anchor}: {first.reason}); --strict makes this an error")
-        err.result = done  # what was found, for the report
+        err.result, err.status = done, "rolled_back_strict"  # what was found, for the report
         raise err

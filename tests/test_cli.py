@@ -195,8 +195,9 @@ def test_cli_nondeterministic_input_model_is_named_not_blamed_on_a_rewrite(tmp_p
     model.graph.output[0].name = "dropped"
     path = tmp_path / "dropout.onnx"
     onnx.save(model, path)
-    res = invoke("fold", path)
+    res = invoke("fold", path, "--report", tmp_path / "r.json")
     assert res.exit_code == 1 and "the input model is not deterministic: output 'dropped'" in res.output
+    assert json.loads((tmp_path / "r.json").read_text())["status"] == "input_not_deterministic"
     assert "rolled back" not in res.output and not (tmp_path / "dropout.normopt.onnx").exists()
     assert invoke("fold", path, "--no-verify").exit_code == 0
 
