@@ -81,7 +81,7 @@ def _verify_options(fn):
 @click.option("--dry-run", is_flag=True, help="Rewrite and verify, but write no model.")
 @click.option("--no-verify", is_flag=True, help="Do not verify with onnxruntime.")
 @click.option("--force", is_flag=True, help="Write the output even when verification fails.")
-@click.option("--strict", is_flag=True, help="Fail (exit 1) when any rewrite had to be rolled back.")
+@click.option("--strict", is_flag=True, help="Fail (exit 1) when any rewrite had to be rolled back; also run the ONNX checker after every pass.")
 @click.option("--no-opset-upgrade", is_flag=True, help="Never raise the model's opset; skip fusions that need a newer one.")
 @click.option("--external-data", is_flag=True, help="Store weights in <output>.data beside the output.")
 @_verify_options
