@@ -61,8 +61,9 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
              source: str | os.PathLike | None = None) -> FoldResult:
     """Run the passes on ``model``; verify against ``source`` (the file it came from) or itself.
 
-    Raises VerificationError only with ``options.strict`` and a rollback; otherwise a result
-    whose ``verified`` is False tells the caller not to trust the model.
+    Raises VerificationError (carrying ``.result`` and ``.status`` for the report) with
+    ``options.strict`` and a rollback, or when the input model disagrees with itself on the same
+    inputs; otherwise a result whose ``verified`` is False tells the caller not to trust it.
     """
     options = options or FoldOptions()
     choice = select_provider(options.provider) if options.verify else None
