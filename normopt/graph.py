@@ -50,7 +50,7 @@ def const_value(tensor: gs.Tensor, graph: gs.Graph | None = None, _depth: int = 
     """The value of a tensor fixed at export time, else None.
 
     Initializers count, and so do outputs of Constant nodes, and Identity / Transpose / Cast /
-    Reshape / Expand / CastLike / Shape of those (exports made without constant folding keep
+    Flatten / Unsqueeze / Reshape / Expand / CastLike / Shape / Add of those (exports made without constant folding keep
     them: TorchScript writes a Linear weight as Transpose(W)).
     An initializer that is also a graph input (old exporters) does not count: the caller may
     feed another value at run time.
@@ -69,6 +69,8 @@ def const_value(tensor: gs.Tensor, graph: gs.Graph | None = None, _depth: int = 
         return None if inner is None else _VIEW_OPS[node.op](inner, node.attrs)
     if node.op in _SHAPE_OPS and len(node.inputs) == 2:
         return _SHAPE_OPS[node.op](node, graph, _depth + 1)
+    if node.op == "Unsqueeze" and node.inputs:
+        return _unsqueeze(node, graph, _depth + 1)
     if node.op == "Shape" and node.inputs:
         return _shape(node, graph, _depth + 1)
     return None
@@ -90,11 +92,19 @@ def _cast(value: np.ndarray, attrs: dict) -> np.ndarray:
     return value.astype(onnx.helper.tensor_dtype_to_np_dtype(int(attrs["to"])))
 
 
+def _flatten(value: np.ndarray, attrs: dict) -> np.ndarray:
+    axis = int(attrs.get("axis", 1))
+    axis = axis + value.ndim if axis < 0 else axis
+    return value.reshape(int(np.prod(value.shape[:axis], dtype=np.int64)), -1)
+
+
 # Ops that only re-present a constant; their result is as fixed as their input.
+# (Flatten: ONNX function bodies flatten LayerNormalization's scale.)
 _VIEW_OPS = {
     "Identity": lambda v, attrs: v,
     "Transpose": lambda v, attrs: np.transpose(v, attrs.get("perm")),
     "Cast": _cast,
+    "Flatten": _flatten,
 }
 
 
@@ -126,6 +136,27 @@ def _expand(node: gs.Node, graph, depth: int) -> np.ndarray | None:
     return np.array(np.broadcast_to(data, out)) if np.prod(out, dtype=np.int64) <= _MAX_EXPANDED else None
 
 
+def _unsqueeze(node: gs.Node, graph, depth: int) -> np.ndarray | None:
+    """Axes from the attribute (opset < 13) or the second input."""
+    value = const_value(node.inputs[0], graph, depth)
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) == 2:
+        axes = const_value(node.inputs[1], graph, depth)
+    if value is None or axes is None:
+        return None
+    axes = [int(a) for a in np.asarray(axes).reshape(-1)]
+    out_rank = value.ndim + len(axes)
+    for axis in sorted(a % out_rank for a in axes):
+        value = np.expand_dims(value, axis)
+    return value
+
+
+def _add(node: gs.Node, graph, depth: int) -> np.ndarray | None:
+    """Gemma's ``1 + w`` weight, which exports made without constant folding keep as an Add."""
+    a, b = (const_value(t, graph, depth) for t in node.inputs)
+    return None if a is None or b is None else np.add(a, b).astype(np.result_type(a, b))
+
+
 def _cast_like(node: gs.Node, graph, depth: int) -> np.ndarray | None:
     """Only the dtype of the second input is read: it may be any tensor of known type."""
     value, dtype = const_value(node.inputs[0], graph, depth), tensor_dtype(node.inputs[1])
@@ -146,7 +177,7 @@ def _shape(node: gs.Node, graph, depth: int) -> np.ndarray | None:
 # (dynamo with optimize=False) compute a bias-free Conv's zero bias as
 # Expand(CastLike(0, x), Expand(Shape(W)[0:1], [1])) and ReduceMean axes as
 # Reshape(Constant, Constant).
-_SHAPE_OPS = {"Reshape": _reshape, "Expand": _expand, "CastLike": _cast_like}
+_SHAPE_OPS = {"Reshape": _reshape, "Expand": _expand, "CastLike": _cast_like, "Add": _add}
 
 
 def scalar_value(tensor: gs.Tensor, graph: gs.Graph | None = None) -> float | None:

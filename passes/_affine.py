@@ -19,8 +19,6 @@ from normopt.pipeline import Context
 CAST = "Cast"
 # Significand bits of the float types a normalization may run in.
 FLOAT_BITS = {"bfloat16": 8, "float16": 11, "float32": 24, "float64": 53}
-# Ops on constants that ``param_value`` evaluates (Flatten: ONNX function bodies; Add: Gemma 1 + w).
-_FOLDABLE = ("Identity", "Cast", "Flatten", "Add", "Unsqueeze")
 
 
 @dataclass
@@ -39,7 +37,7 @@ def match_affine(t: gs.Tensor, ctx: Context, rank: int, norm_shape: tuple[int, .
     """Follow ``t`` down through [Cast] Mul(scale) [Cast] Add(bias); each step optional.
 
     A step is taken only when the tensor it consumes has no other user, its operand is a
-    constant (``param_value``), and that constant is the same for every non-normalized index
+    constant (``G.const_value``), and that constant is the same for every non-normalized index
     (it broadcasts to ``norm_shape`` without touching the leading axes). A positional [S, D]
     Add after a LayerNorm over D fails that test and stays outside.
     """
@@ -50,7 +48,7 @@ def match_affine(t: gs.Tensor, ctx: Context, rank: int, norm_shape: tuple[int, .
             continue
         node, passed, chain = found
         other = node.inputs[1] if node.inputs[0] is chain else node.inputs[0]
-        value = param_value(other, ctx.graph)
+        value = G.const_value(other, ctx.graph)
         if value is None:
             break
         shaped = broadcast_param(value, rank, norm_shape)
@@ -109,36 +107,6 @@ def broadcast_param(value: np.ndarray, rank: int, norm_shape: tuple[int, ...]) -
 
 
 # ------------------------------------------------------------------------------ small helpers
-
-def param_value(t: gs.Tensor, graph: gs.Graph, depth: int = 4) -> np.ndarray | None:
-    """The value of a constant, or of Identity/Cast/Flatten/Add/Unsqueeze of constants."""
-    value = G.const_value(t, graph)
-    node = G.producer(t)
-    if value is not None or depth == 0 or node is None or node.op not in _FOLDABLE \
-            or not G.in_default_domain(node) or G.is_graph_input(graph, t):
-        return value
-    args = [param_value(i, graph, depth - 1) if i.name else None for i in node.inputs]
-    if not args or args[0] is None:
-        return None
-    a = args[0]
-    if node.op == "Identity":
-        return a
-    if node.op == CAST:
-        return a.astype(cast_target(node))
-    if node.op == "Flatten":
-        axis = int(node.attrs.get("axis", 1))
-        axis = axis + a.ndim if axis < 0 else axis
-        return a.reshape(int(np.prod(a.shape[:axis], dtype=np.int64)), -1)
-    if node.op == "Add":
-        return None if len(args) < 2 or args[1] is None else np.add(a, args[1]).astype(a.dtype)
-    axes = node.attrs.get("axes", args[1] if len(args) > 1 else None)   # Unsqueeze
-    if axes is None:
-        return None
-    out_rank = a.ndim + len(np.asarray(axes).reshape(-1))
-    for axis in sorted(int(x) % out_rank for x in np.asarray(axes).reshape(-1)):
-        a = np.expand_dims(a, axis)
-    return a
-
 
 def cast_target(node: gs.Node):
     return onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"]))

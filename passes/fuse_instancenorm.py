@@ -29,7 +29,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from normopt.passes._norm import Affine, match_normalized, normalize_axes, param_value
+from normopt import graph as G
+from normopt.passes._norm import Affine, match_normalized, normalize_axes
 from normopt.passes.fuse_groupnorm import (INSTANCE_NORM, affine_params, channel_affine, emit_normalization,
                                           settle_dtype, static_dim)
 from normopt.pattern import Match
@@ -48,7 +49,7 @@ def varies_per_channel(tail: Affine, ctx: Context, channels: int | None, rank: i
         if node.op not in ("Mul", "Add"):
             continue
         for operand in node.inputs:
-            value = param_value(operand, ctx.graph)
+            value = G.const_value(operand, ctx.graph)
             if value is not None and rank - 1 <= value.ndim <= rank and value.shape[value.ndim - rank + 1] == channels:
                 return True
     return False

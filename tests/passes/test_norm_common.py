@@ -74,7 +74,7 @@ def test_norm_broadcast_param_positional_tensor_is_refused():
     assert "varies over non-normalized axes" in N.broadcast_param(np.ones((5, 8), np.float32), 3, (8,))
 
 
-def test_norm_param_value_folds_flatten_add_unsqueeze_cast():
+def test_norm_const_value_folds_flatten_add_unsqueeze_cast():
     w = gs.Constant("w", np.arange(6, dtype=np.float32).reshape(2, 3))
     one = gs.Constant("one", np.array(1.0, np.float32))
     axes = gs.Constant("axes", np.array([0], np.int64))
@@ -84,14 +84,14 @@ def test_norm_param_value_folds_flatten_add_unsqueeze_cast():
              gs.Node("Unsqueeze", inputs=[t["plus"], axes], outputs=[t["unsq"]]),
              gs.Node("Cast", attrs={"to": 10}, inputs=[t["unsq"]], outputs=[t["half"]])]
     graph = gs.Graph(nodes=nodes)
-    got = N.param_value(t["half"], graph)
+    got = G.const_value(t["half"], graph)
     expected = (1 + np.arange(6, dtype=np.float32)).reshape(1, 1, 6).astype(np.float16)
     assert got.dtype == np.float16 and got.shape == (1, 1, 6)
     np.testing.assert_array_equal(got, expected)
 
 
-def test_norm_param_value_of_graph_input_is_none():
+def test_norm_const_value_of_graph_input_is_none():
     x = gs.Variable("x", np.float32, [3])
     out = gs.Variable("y")
     graph = gs.Graph(nodes=[gs.Node("Identity", inputs=[x], outputs=[out])], inputs=[x])
-    assert N.param_value(out, graph) is None
+    assert G.const_value(out, graph) is None
