@@ -148,9 +148,11 @@ def verify(ctx, reference, candidate, provider, seed, trials, input_shapes, inpu
     """Compare two models with the same inputs and outputs (exit 0 equal, 1 different)."""
     ctx.meta["normopt.verbose"] = verbose
     _check_report_path(report_path)
-    for path in (reference, candidate):
-        model_io.load(path)  # clear errors for unreadable files
-    result = compare(reference, candidate, provider=provider, seed=seed, trials=trials,
+    # Loaded once, with clear errors for unreadable files; a model too large to serialize is
+    # handed to onnxruntime by path so that its external data loads.
+    models = [path if model_io.needs_external_data(m) else m for path, m in
+              ((p, model_io.load(p)) for p in (reference, candidate))]
+    result = compare(*models, provider=provider, seed=seed, trials=trials,
                      input_shapes=parse_shapes(input_shapes), input_ranges=parse_ranges(input_ranges),
                      inputs_file=inputs_file, atol=atol, rtol=rtol)
     if report_path:
