@@ -15,7 +15,7 @@ from normopt import model_io, registry, report
 from normopt.errors import NormoptError, UsageError, VerificationError
 from normopt.fold import FoldOptions, optimize
 from normopt.inputs import parse_ranges, parse_shapes
-from normopt.verify import compare
+from normopt.verify import Loaded, compare
 
 EXIT_CODES = "Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 requested provider unavailable."
 
@@ -148,11 +148,8 @@ def verify(ctx, reference, candidate, provider, seed, trials, input_shapes, inpu
     """Compare two models with the same inputs and outputs (exit 0 equal, 1 different)."""
     ctx.meta["normopt.verbose"] = verbose
     _check_report_path(report_path)
-    # Loaded once, with clear errors for unreadable files; a model too large to serialize is
-    # handed to onnxruntime by path so that its external data loads.
-    models = [path if model_io.needs_external_data(m) else m for path, m in
-              ((p, model_io.load(p)) for p in (reference, candidate))]
-    result = compare(*models, provider=provider, seed=seed, trials=trials,
+    # Read once, with clear errors for unreadable files; onnxruntime loads the files themselves.
+    result = compare(*(Loaded(p, model_io.load(p)) for p in (reference, candidate)), provider=provider, seed=seed, trials=trials,
                      input_shapes=parse_shapes(input_shapes), input_ranges=parse_ranges(input_ranges),
                      inputs_file=inputs_file, atol=atol, rtol=rtol)
     if report_path:

@@ -14,10 +14,9 @@ import onnx
 
 from normopt import pipeline
 from normopt.errors import VerificationError
-from normopt.model_io import needs_external_data
 from normopt.records import PipelineResult, Rewrite
 from normopt.providers import ProviderChoice, select_provider
-from normopt.verify import VerifyReport, compare
+from normopt.verify import Loaded, VerifyReport, compare
 
 MAX_ROLLBACK_ROUNDS = 6
 
@@ -68,9 +67,9 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
     """
     options = options or FoldOptions()
     choice = select_provider(options.provider) if options.verify else None
-    # The model in memory is the reference (sessions from its bytes; the file is not read again),
-    # unless protobuf cannot serialize it: then onnxruntime loads the file with its external data.
-    reference = source if source is not None and needs_external_data(model) else model
+    # onnxruntime loads the source file (faster than serializing the model, external data
+    # included); everything else reads the model already in memory.
+    reference = Loaded(source, model) if source is not None else model
     exclude: dict[str, str] = {}
     rollbacks: list[Rollback] = []
     allow_upgrade = options.allow_opset_upgrade

@@ -108,6 +108,8 @@ def _ort_failure(what: str, err: Exception, hint: str = "") -> str:
 
 @contextlib.contextmanager
 def _session_source(model):
+    if isinstance(model, Loaded):
+        model = model.path
     if not isinstance(model, onnx.ModelProto):
         yield str(model)
         return
@@ -120,11 +122,28 @@ def _session_source(model):
         yield str(path)
 
 
-def load_header(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
-    """The model without its weights' bytes loaded (enough for inputs and outputs)."""
+@dataclass(frozen=True)
+class Loaded:
+    """A model file already read into ``model``: onnxruntime loads ``path`` (fast, external data
+    included), everything else reads ``model`` instead of the file again."""
+
+    path: str | os.PathLike
+    model: onnx.ModelProto
+
+
+def load_header(model) -> onnx.ModelProto:
+    """The model (a path: without its weights' bytes, enough for inputs and outputs)."""
+    if isinstance(model, Loaded):
+        return model.model
     if isinstance(model, onnx.ModelProto):
         return model
     return onnx.load(str(model), load_external_data=False)
+
+
+def _full(model) -> onnx.ModelProto:
+    if isinstance(model, Loaded):
+        return model.model
+    return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
 
 
 # ----------------------------------------------------------------------------- comparing
@@ -197,7 +216,7 @@ def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trial
             input_shapes=None, input_ranges=None, inputs_file: str | None = None,
             atol: float | None = None, rtol: float | None = None, extra_outputs: list[str] | None = None,
             choice: ProviderChoice | None = None, repeat: bool = False) -> VerifyReport:
-    """Run ``original`` and ``rewritten`` (ModelProto or path) on the same inputs and compare.
+    """Run ``original`` and ``rewritten`` (ModelProto, path or Loaded) on the same inputs and compare.
 
     ``extra_outputs`` are intermediate tensors exposed in both models and compared too
     (used to find which rewrite broke equivalence). ``repeat`` compares ``original`` with a
@@ -214,8 +233,7 @@ def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trial
     names = [o.name for o in ref_header.graph.output]
     ref_model, new_model = original, rewritten
     if extra_outputs:
-        ref_model = expose(ref_header if isinstance(original, onnx.ModelProto) else onnx.load(str(original)), extra_outputs)
-        new_model = expose(new_header if isinstance(rewritten, onnx.ModelProto) else onnx.load(str(rewritten)), extra_outputs)
+        ref_model, new_model = expose(_full(original), extra_outputs), expose(_full(rewritten), extra_outputs)
         names = names + list(extra_outputs)
     sizes = (DEFAULT_DYNAMIC_DIM,) + FALLBACK_DYNAMIC_DIMS
     for size in sizes:
