@@ -9,18 +9,18 @@ their names and their meaning, so their value_info stays valid.
 """
 from __future__ import annotations
 
-from typing import Iterator
-
 import onnx
+
+from normopt.model_io import all_graphs
 
 
 def restore(out: onnx.ModelProto, source: onnx.ModelProto) -> None:
-    nodes = {_key(n): n for g in _graphs(source.graph) for n in g.node}
+    nodes = {_key(n): n for g in all_graphs(source.graph) for n in g.node}
     infos: dict[str, onnx.ValueInfoProto] = {}
-    for g in _graphs(source.graph):
+    for g in all_graphs(source.graph):
         for vi in list(g.value_info) + list(g.input) + list(g.output):
             infos.setdefault(vi.name, vi)
-    for g in _graphs(out.graph):
+    for g in all_graphs(out.graph):
         for node in g.node:
             old = nodes.get(_key(node))
             if old is not None:
@@ -60,13 +60,3 @@ def _compatible(a: onnx.ValueInfoProto, b: onnx.ValueInfoProto) -> bool:
 
 def _key(node: onnx.NodeProto) -> tuple:
     return node.op_type, node.domain, tuple(node.output)
-
-
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            for sub in attr.graphs:
-                yield from _graphs(sub)

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
@@ -145,12 +146,18 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
     return written
 
 
-def _initializers(graph: onnx.GraphProto):
-    yield from graph.initializer
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph in it (If/Loop/Scan bodies), depth first."""
+    yield graph
     for node in graph.node:
         for attr in node.attribute:
             for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs):
-                yield from _initializers(sub)
+                yield from all_graphs(sub)
+
+
+def _initializers(graph: onnx.GraphProto):
+    for g in all_graphs(graph):
+        yield from g.initializer
 
 
 # Initializers up to this many elements count as small (counted from dims: asking protobuf for

@@ -17,7 +17,7 @@ from onnx import version_converter
 
 from normopt import annotations, graph as G
 from normopt.errors import ModelLoadError, ModelSaveError
-from normopt.model_io import min_ir_version, without_weights
+from normopt.model_io import all_graphs, min_ir_version, without_weights
 from normopt.pattern import Match
 from normopt.records import OpsetUpgrade, PassRecord, PipelineResult, Rewrite, Skip
 from normopt.registry import available, resolve
@@ -258,16 +258,7 @@ def model_opset(model: onnx.ModelProto) -> int:
 
 
 def count_nodes(model: onnx.ModelProto) -> int:
-    def walk(g: onnx.GraphProto) -> int:
-        total = len(g.node)
-        for n in g.node:
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    total += walk(a.g)
-                for sub in a.graphs:
-                    total += walk(sub)
-        return total
-    return walk(model.graph)
+    return sum(len(g.node) for g in all_graphs(model.graph))
 
 
 def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
@@ -308,15 +299,9 @@ def _canonical_tensors(graph: onnx.GraphProto) -> None:
     tensor whose values a pass read but passes through one it never touched, so a tensor kept in
     typed fields (the version converter writes int64_data) or without a name field would change
     encoding on a second run: the output must be a fixed point."""
-    tensors = list(graph.initializer)
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                tensors.append(attr.t)
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                _canonical_tensors(attr.g)
-            for sub in attr.graphs:
-                _canonical_tensors(sub)
+    tensors = [t for g in all_graphs(graph) for t in g.initializer]
+    tensors += [a.t for g in all_graphs(graph) for n in g.node for a in n.attribute
+                if a.type == onnx.AttributeProto.TENSOR]
     for t in tensors:
         typed = not (t.HasField("raw_data") or t.data_location == onnx.TensorProto.EXTERNAL
                      or t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED))
@@ -368,8 +353,7 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, tuple | None]]:
     except Exception:  # inference is best effort: a pass that needs a shape skips without it
         return {}
     table: dict[str, tuple[int, tuple | None]] = {}
-
-    def collect(g: onnx.GraphProto) -> None:
+    for g in all_graphs(inferred.graph):
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             tt = vi.type.tensor_type
             if not vi.type.HasField("tensor_type"):
@@ -379,13 +363,6 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, tuple | None]]:
                 shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                               for d in tt.shape.dim)
             table[vi.name] = (tt.elem_type, shape)
-        for n in g.node:
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    collect(a.g)
-                for sub in a.graphs:
-                    collect(sub)
-    collect(inferred.graph)
     return table
 
 
