@@ -491,7 +491,7 @@ def assert_equivalent_both_branches(model, out, rng, tmp_path):
 @pytest.mark.parametrize("kind, weight_is_input, reason, skips", [
     ("if", True, "Conv weight 'W' is not a constant", 2),
     # folding would move the Conv into the branch, leaving the outer graph output without a producer
-    ("if_outer_conv", False, "producer Conv(outer) is in an outer graph", 1)])
+    ("if_outer_conv", False, "matched node Conv(outer) is in an outer graph", 1)])
 def test_fold_batchnorm_inside_subgraph_near_miss_is_left_unchanged(kind, weight_is_input, reason, skips, rng,
                                                                      tmp_path):
     model = subgraph_model(rng, kind, weight_is_input)
