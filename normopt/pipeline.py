@@ -161,6 +161,7 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, optio
         for path, graph in list(G.iter_graphs(root)):
             ctx = Context(graph=graph, root=root, opset=opset, names=names, shapes=shapes, path=path)
             gone: set[int] = set()
+            local = None if graph is root else {id(n) for n in graph.nodes}  # once per graph: no rescans
             for node in [n for n in graph.nodes if n.op in pass_.anchor_ops]:
                 if id(node) in gone or not node.outputs:
                     continue
@@ -171,7 +172,7 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, optio
                     skipped.append(Skip(pass_.name, G.node_label(found.node or node), found.reason, path))
                     continue
                 label = G.node_label(node)
-                outer = _outer_node(found, graph, root)
+                outer = _outer_node(found, local)
                 if outer is not None:
                     # Rewriting would move that node into this subgraph, away from the outer
                     # scope's other readers, which the fan-out checks on this graph cannot see.
@@ -189,8 +190,11 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, optio
                         skipped.append(Skip(pass_.name, label,
                                             f"needs opset {required} (model has {opset}); {upgrade_note}", path))
                     continue
+                count = len(graph.nodes)
                 record.applied.append(_apply(pass_, found, ctx, label))
                 gone.update(id(n) for n in found.matched)
+                if local is not None:
+                    local.update(id(n) for n in graph.nodes[count:])
         if need:
             return record, need
         if len(record.applied) == applied_before:
@@ -200,11 +204,11 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, optio
     return record, 0
 
 
-def _outer_node(m: Match, graph: gs.Graph, root: gs.Graph) -> gs.Node | None:
-    """A matched node that is not in ``graph`` (a subgraph's match that reached the outer scope)."""
-    if graph is root:
+def _outer_node(m: Match, local: set[int] | None) -> gs.Node | None:
+    """A matched node that is not one of this subgraph's ``local`` nodes (a match that reached
+    the outer scope); None in the main graph."""
+    if local is None:
         return None
-    local = {id(n) for n in graph.nodes}
     return next((n for n in m.matched if id(n) not in local), None)
 
 
