@@ -46,12 +46,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from normopt import graph as G
-from normopt.passes._norm import (Affine, float_bits, match_affine, match_normalized, normalize_axes,
-                                  precision_miss)
+from normopt.passes._emit import emit_fused, work_dtype
+from normopt.passes._norm import (Affine, float_bits, match_affine, match_normalized, normalize_axes)
 from normopt.pattern import Match
 from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
@@ -91,29 +90,10 @@ def static_dim(shape, axis: int) -> int | None:
 
 def settle_dtype(ctx: Context, x: gs.Tensor, out: gs.Tensor, compute_bits: int | None, op: str,
                  nodes: list[gs.Node], input_cast: gs.Node | None = None) -> np.dtype | Reject:
-    """The type the fused op runs in, so that nothing is rounded more than in the original.
-
-    GroupNormalization keeps its statistics in stash_type: the widest of input and output
-    suffices. InstanceNormalization has no stash type: it also needs the core's compute type.
-    Any of ``nodes`` computing in a type narrower than the output (float16 statistics in a
-    float32 model, a float16 round trip before the affine) would be computed more precisely
-    once fused, beyond the output's tolerance. A narrowing ``input_cast`` (float32 x rounded
-    to float16 before the statistics) sets the input type: the fused op sees rounded values.
-    """
-    x_type, out_type = ctx.dtype(x), ctx.dtype(out)
-    if float_bits(x_type) is None or float_bits(out_type) is None:
-        unknown = x if float_bits(x_type) is None else out
-        return Reject(f"dtype of '{unknown.name}' is unknown or not a float type")
-    miss = precision_miss(nodes, ctx, out_type)
-    if miss:
-        return miss
-    cast_type = ctx.dtype(input_cast.outputs[0]) if input_cast is not None else None
-    if float_bits(cast_type) is not None and float_bits(cast_type) < float_bits(x_type):
-        x_type = cast_type
-    types = [np.dtype(x_type), np.dtype(out_type)]
-    if op == INSTANCE_NORM and compute_bits in DTYPE_BY_BITS:
-        types.append(DTYPE_BY_BITS[compute_bits])
-    return max(types, key=float_bits)
+    """``work_dtype``: GroupNormalization keeps its statistics in stash_type, so input and output
+    suffice; InstanceNormalization has no stash type and also needs the core's compute type."""
+    extra = [DTYPE_BY_BITS[compute_bits]] if op == INSTANCE_NORM and compute_bits in DTYPE_BY_BITS else []
+    return work_dtype(ctx, x, out, nodes, extra, input_cast)
 
 
 def affine_params(tail: Affine, channels: int, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -126,28 +106,7 @@ def affine_params(tail: Affine, channels: int, dtype) -> tuple[np.ndarray, np.nd
 
 def emit_normalization(ctx: Context, op: str, attrs: dict, x: gs.Tensor, out: gs.Tensor,
                        scale: np.ndarray, bias: np.ndarray, work, base: str) -> list[gs.Node]:
-    """``op(x, scale, bias)`` computed in ``work``, producing ``out``: Casts are added where
-    ``x`` or ``out`` have another type."""
-    nodes = []
-    x_dtype, out_dtype = ctx.dtype(x), ctx.dtype(out)
-    if x_dtype != work:
-        cast_in = gs.Variable(ctx.names.fresh(f"{base}_input_cast"), dtype=work)
-        nodes.append(_cast(ctx, base, x, cast_in, work))
-        x = cast_in
-    result = out
-    if out_dtype != work:
-        result = gs.Variable(ctx.names.fresh(f"{base}_normalized"), dtype=work)
-    s = G.make_constant(ctx.names, f"{base}_scale", scale)
-    b = G.make_constant(ctx.names, f"{base}_bias", bias)
-    nodes.append(gs.Node(op, ctx.names.fresh(f"{base}/{op}"), attrs, [x, s, b], [result]))
-    if result is not out:
-        nodes.append(_cast(ctx, base, result, out, out_dtype))
-    return nodes
-
-
-def _cast(ctx: Context, base: str, src: gs.Tensor, dst: gs.Tensor, dtype) -> gs.Node:
-    to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    return gs.Node(CAST, ctx.names.fresh(f"{base}/Cast"), {"to": to}, [src], [dst])
+    return emit_fused(ctx, op, attrs, x, out, {"scale": scale, "bias": bias}, work, f"{base}/{op}")
 
 
 # ------------------------------------------------------------------------------ shapes

@@ -33,6 +33,7 @@ from normopt.pattern import AnyOf, Const, Match, Op, match
 from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
 from normopt.passes import _norm as N
+from normopt.passes._emit import emit_fused, work_dtype
 
 LAYER_NORMALIZATION = "LayerNormalization"
 
@@ -200,56 +201,21 @@ def static_dims(ctx: Context, x: gs.Tensor, axis: int) -> tuple[int, ...] | None
 
 
 def settle_dtype(m: Match, ctx: Context) -> Match | Reject:
-    """Pick the type T the fused op runs in: the widest of input, output, scale and bias.
-
-    Nothing is then rounded more than in the original graph: the input is only ever cast up,
-    and the fused op computes its statistics in float32 (stash_type) or better. That differs
-    from the original by less than the output type resolves only when every tensor of the
-    original was at least as precise as the output: float16 statistics feeding a float32
-    output (after a Cast up), or a float16 round trip before the affine, would not survive
-    verification, so that is a reject.
-    """
-    x, out = m.tensors["input"], m.output
-    x_type, out_type = ctx.dtype(x), ctx.dtype(out)
-    if not N.is_float(x_type) or not N.is_float(out_type):
-        unknown = x if not N.is_float(x_type) else out
-        return Reject(f"dtype of '{unknown.name}' is unknown or not a float type")
-    # The whole match counts: a Cast to float16 and back between the core and the affine rounds too.
-    miss = N.precision_miss(m.matched, ctx, out_type)
-    if miss:
-        return miss
+    """Pick the type T the fused op runs in (``work_dtype``): absorbed scale and bias count too."""
     params = [m.values[k].dtype for k in ("scale", "bias") if m.info.get(k)]   # absorbed ones only
-    dtype = max([np.dtype(x_type), np.dtype(out_type)] + params, key=N.float_bits)
+    dtype = work_dtype(ctx, m.tensors["input"], m.output, m.matched, params)
+    if isinstance(dtype, Reject):
+        return dtype
     m.info["dtype"] = dtype.name
     return m
 
 
 def emit(op: str, m: Match, ctx: Context, base: str) -> list[gs.Node]:
-    """[Cast x to T] -> op(x, scale[, bias]) in T -> [Cast to the output's type], writing m.output."""
     dtype = np.dtype(m.info["dtype"])
-    x = m.tensors["input"]
-    name = ctx.names.fresh(base)
-    nodes = []
-    if ctx.dtype(x) != dtype:
-        cast = gs.Variable(ctx.names.fresh(f"{x.name}_{dtype.name}"), dtype=dtype)
-        nodes.append(_cast_node(ctx, f"{name}_input_cast", x, cast, dtype))
-        x = cast
-    params = [G.make_constant(ctx.names, f"{name}_{k}", m.values[k].astype(dtype))
-              for k in ("scale", "bias") if k in m.values]
     attrs = {"axis": m.info["axis"], "epsilon": float(m.info["epsilon"]),
              "stash_type": onnx.TensorProto.DOUBLE if dtype == np.float64 else onnx.TensorProto.FLOAT}
-    out_type = ctx.dtype(m.output)
-    result = m.output if out_type == dtype else gs.Variable(ctx.names.fresh(f"{m.output.name}_{dtype.name}"),
-                                                           dtype=dtype)
-    nodes.append(gs.Node(op, name, attrs, [x, *params], [result]))
-    if result is not m.output:
-        nodes.append(_cast_node(ctx, f"{name}_output_cast", result, m.output, out_type))
-    return nodes
-
-
-def _cast_node(ctx: Context, base: str, src: gs.Tensor, dst: gs.Tensor, dtype) -> gs.Node:
-    to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    return gs.Node(N.CAST, ctx.names.fresh(base), {"to": to}, [src], [dst])
+    params = {k: m.values[k] for k in ("scale", "bias") if k in m.values}
+    return emit_fused(ctx, op, attrs, m.tensors["input"], m.output, params, dtype, base)
 
 
 def scope_of(node: gs.Node) -> str:
