@@ -5,14 +5,17 @@ unavailable. Errors are one line on stderr; ``-v`` adds the traceback.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
 import click
 
 from normopt import model_io, registry, report
-from normopt.errors import NormoptError, UsageError, VerificationError
+from normopt.errors import ModelSaveError, NormoptError, UsageError, VerificationError
 from normopt.fold import FoldOptions, optimize
 from normopt.inputs import parse_ranges, parse_shapes
 from normopt.verify import Loaded, compare
@@ -108,17 +111,28 @@ def fold(ctx, model, output, pass_list, skip_list, dry_run, no_verify, force, st
                           input_ranges=parse_ranges(input_ranges), inputs_file=inputs_file, atol=atol, rtol=rtol,
                           strict=strict)
     full_ok = model_io.passes_full_check(source)
+    options.external_data = True if external_data else None
+    # Candidates are written beside the output: the verified one is then renamed into place.
+    stage_dir = _stage_dir(out_path) if (options.verify and not dry_run) else None
     try:
-        result = optimize(source, options, source=model)
-    except VerificationError as err:  # --strict and a rollback, or a non-deterministic input: reported too
-        if report_path and getattr(err, "result", None) is not None:
-            _write_fold_report(report_path, model, None, err.result, err.status)
-        raise
-    verified = result.verified
-    write = not dry_run and (verified or force)
-    if write:
-        _check_output(result.model, full_ok)
-        model_io.save(result.model, out_path, external_data=True if external_data else None)
+        try:
+            result = optimize(source, options, source=model,
+                              stage=stage_dir / out_path.name if stage_dir is not None else None)
+        except VerificationError as err:  # --strict and a rollback, or a non-deterministic input: reported too
+            if report_path and getattr(err, "result", None) is not None:
+                _write_fold_report(report_path, model, None, err.result, err.status)
+            raise
+        verified = result.verified
+        write = not dry_run and (verified or force)
+        if write:
+            _check_output(result.rewritten.model, full_ok)
+            if result.staged is not None:
+                _commit_staged(result.staged, out_path)
+            else:
+                model_io.save(result.rewritten, out_path, external_data=options.external_data)
+    finally:
+        if stage_dir is not None:
+            shutil.rmtree(stage_dir, ignore_errors=True)
     if report_path:
         _write_fold_report(report_path, model, out_path if write else None, result,
                            "ok" if verified else "verification_failed")
@@ -184,6 +198,24 @@ def _check_output(model, full: bool) -> None:
         from normopt.errors import ModelSaveError
         raise ModelSaveError(f"the rewritten model fails the ONNX checker: {' '.join(str(err).split())[:200]}; "
                              "output NOT written") from err
+
+
+def _stage_dir(out_path: Path) -> Path:
+    try:
+        return Path(tempfile.mkdtemp(prefix=".normopt-", dir=out_path.parent))
+    except OSError as err:
+        raise ModelSaveError(f"cannot write '{out_path}': {err.strerror or err}") from err
+
+
+def _commit_staged(staged: Path, out_path: Path) -> None:
+    """Rename the verified candidate (and its data file) into place."""
+    data = staged.with_name(staged.name + ".data")
+    try:
+        if data.exists():
+            os.replace(data, out_path.with_name(out_path.name + ".data"))
+        os.replace(staged, out_path)
+    except OSError as err:
+        raise ModelSaveError(f"cannot write '{out_path}': {err.strerror or err}") from err
 
 
 def _check_report_path(path: str | None) -> None:

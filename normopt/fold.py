@@ -8,11 +8,14 @@ result is verified again.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import onnx
 
-from normopt import pipeline
+from normopt import ir, model_io, pipeline
 from normopt.errors import VerificationError
 from normopt.records import PipelineResult, Rewrite
 from normopt.providers import ProviderChoice, select_provider
@@ -35,6 +38,8 @@ class FoldOptions:
     atol: float | None = None
     rtol: float | None = None
     strict: bool = False
+    # Layout of the verified candidate written for onnxruntime (None: the input's; see model_io.save).
+    external_data: bool | None = None
 
 
 @dataclass
@@ -47,10 +52,19 @@ class Rollback:
 
 @dataclass
 class FoldResult:
-    model: onnx.ModelProto
+    rewritten: model_io.Skeleton
     pipeline: PipelineResult
     verification: VerifyReport | None = None
     rollbacks: list[Rollback] = field(default_factory=list)
+    # The verified candidate as written for onnxruntime (model file; its data file beside it).
+    staged: Path | None = None
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The rewritten model, complete (every weight's bytes in memory)."""
+        if "_model" not in self.__dict__:
+            self.__dict__["_model"] = self.rewritten.materialize()
+        return self.__dict__["_model"]
 
     @property
     def verified(self) -> bool:
@@ -58,8 +72,13 @@ class FoldResult:
 
 
 def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
-             source: str | os.PathLike | None = None) -> FoldResult:
+             source: str | os.PathLike | None = None, stage: str | os.PathLike | None = None) -> FoldResult:
     """Run the passes on ``model``; verify against ``source`` (the file it came from) or itself.
+
+    ``model`` may hold external-data headers (``model_io.load``): they are read from ``source``'s
+    folder only where a pass needs the values, and streamed when the candidate is written. Each
+    candidate is written to ``stage`` (a model path in a folder of the caller's; else a temporary
+    folder) and onnxruntime loads it from there; ``FoldResult.staged`` is the verified one.
 
     Raises VerificationError (carrying ``.result`` and ``.status`` for the report) with
     ``options.strict`` and a rollback, or when the input model disagrees with itself on the same
@@ -67,43 +86,55 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
     """
     options = options or FoldOptions()
     choice = select_provider(options.provider) if options.verify else None
+    base_dir = str(Path(source).resolve().parent) if source is not None else None
     # onnxruntime loads the source file (faster than serializing the model, external data
     # included); everything else reads the model already in memory.
-    reference = Loaded(source, model) if source is not None else model
+    reference = Loaded(source, model, ir.Weights(base_dir)) if source is not None else model
     exclude: dict[str, str] = {}
     rollbacks: list[Rollback] = []
     allow_upgrade = options.allow_opset_upgrade
-    for round_ in range(MAX_ROLLBACK_ROUNDS + 1):
-        out, result = pipeline.run(model, options.passes, pipeline.Options(allow_upgrade, dict(exclude), options.strict))
-        if choice is None:
-            return FoldResult(out, result, None, rollbacks)
-        report = _verify(reference, out, options, choice)
-        if report.passed:
-            done = FoldResult(out, result, report, rollbacks)
-            _strict_check(options, done)
-            return done
-        if round_ == MAX_ROLLBACK_ROUNDS:
-            break
-        if round_ == 0:
-            _require_deterministic(reference, options, choice, FoldResult(out, result, report, rollbacks))
-        culprits = _localize(reference, out, result, options, choice)
-        if culprits:
-            for rewrite, reason in culprits:
-                exclude[rewrite.output] = reason
-                rollbacks.append(Rollback(rewrite.pass_name, rewrite.anchor, rewrite.output, reason))
-        elif result.applied:
-            for rewrite in result.applied:
-                reason = "outputs differed and could not be traced to one rewrite"
-                exclude[rewrite.output] = reason
-                rollbacks.append(Rollback(rewrite.pass_name, rewrite.anchor, rewrite.output, reason))
-        elif result.upgrades and allow_upgrade:
-            allow_upgrade = False
-            for up in result.upgrades:
-                rollbacks.append(Rollback(up.for_pass, "opset", f"opset {up.to_version}",
-                                          f"opset upgrade {up.from_version} -> {up.to_version} changed the outputs"))
-        else:
-            break
-    return FoldResult(out, result, report, rollbacks)
+    own_stage = None
+    if choice is not None and stage is None:
+        own_stage = Path(tempfile.mkdtemp(prefix="normopt-verify-"))
+        stage = own_stage / "model.onnx"
+    try:
+        for round_ in range(MAX_ROLLBACK_ROUNDS + 1):
+            out, result = pipeline.run(model, options.passes, pipeline.Options(allow_upgrade, dict(exclude), options.strict),
+                                       base_dir=base_dir, lazy=True)
+            if choice is None:
+                return FoldResult(out, result, None, rollbacks)
+            model_io.save(out, stage, external_data=options.external_data)
+            candidate = Loaded(stage, out.model, out.weights)
+            report = _verify(reference, candidate, options, choice)
+            if report.passed:
+                done = FoldResult(out, result, report, rollbacks, None if own_stage else Path(stage))
+                _strict_check(options, done)
+                return done
+            if round_ == MAX_ROLLBACK_ROUNDS:
+                break
+            if round_ == 0:
+                _require_deterministic(reference, options, choice, FoldResult(out, result, report, rollbacks))
+            culprits = _localize(reference, candidate, result, options, choice)
+            if culprits:
+                for rewrite, reason in culprits:
+                    exclude[rewrite.output] = reason
+                    rollbacks.append(Rollback(rewrite.pass_name, rewrite.anchor, rewrite.output, reason))
+            elif result.applied:
+                for rewrite in result.applied:
+                    reason = "outputs differed and could not be traced to one rewrite"
+                    exclude[rewrite.output] = reason
+                    rollbacks.append(Rollback(rewrite.pass_name, rewrite.anchor, rewrite.output, reason))
+            elif result.upgrades and allow_upgrade:
+                allow_upgrade = False
+                for up in result.upgrades:
+                    rollbacks.append(Rollback(up.for_pass, "opset", f"opset {up.to_version}",
+                                              f"opset upgrade {up.from_version} -> {up.to_version} changed the outputs"))
+            else:
+                break
+        return FoldResult(out, result, report, rollbacks)
+    finally:
+        if own_stage is not None:
+            shutil.rmtree(own_stage, ignore_errors=True)
 
 
 def _require_deterministic(reference, options: FoldOptions, choice: ProviderChoice, found: FoldResult) -> None:
@@ -150,6 +181,7 @@ def _localize(reference, out, result: PipelineResult, options, choice) -> list[t
 def _downstream(model: onnx.ModelProto, starts: set[str]) -> set[str]:
     """Tensors computed (transitively) from any of ``starts``, excluding the starts themselves."""
     users: dict[str, list[onnx.NodeProto]] = {}
+    model = model.model if isinstance(model, Loaded) else model
     for node in model.graph.node:
         for name in node.input:
             users.setdefault(name, []).append(node)

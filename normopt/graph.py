@@ -7,6 +7,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from normopt import ir
+
 CONSTANT = "Constant"
 
 
@@ -58,7 +60,7 @@ def const_value(tensor: gs.Tensor, graph: gs.Graph | None = None, _depth: int = 
     if getattr(tensor, _INPUT_MARK, False) or (graph is not None and is_graph_input(graph, tensor)):
         return None
     if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
+        return ir.constant_array(tensor)
     node = producer(tensor)
     if node is None or not in_default_domain(node) or _depth > 4:
         return None
@@ -80,7 +82,7 @@ def _constant_attr(node: gs.Node) -> np.ndarray | None:
     attrs = node.attrs
     if "value" in attrs:
         value = attrs["value"]
-        return np.asarray(value.values if isinstance(value, gs.Constant) else value)
+        return ir.constant_array(value) if isinstance(value, gs.Constant) else np.asarray(value)
     for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
                        ("value_int", np.int64), ("value_ints", np.int64)):
         if key in attrs:
@@ -202,30 +204,26 @@ def other_uses(tensor: gs.Tensor, graph: gs.Graph, allowed: set[int]) -> list[st
 
 def iter_graphs(graph: gs.Graph, path: str = "") -> Iterator[tuple[str, gs.Graph]]:
     """The graph and every subgraph (If/Loop/Scan bodies), each with a readable path."""
-    yield path, graph
-    for node in graph.nodes:
-        for key, value in sorted(node.attrs.items()):
-            subs = value if isinstance(value, (list, tuple)) else [value]
-            for i, sub in enumerate(subs):
-                if isinstance(sub, gs.Graph):
-                    suffix = f"{key}[{i}]" if len(subs) > 1 else key
-                    yield from iter_graphs(sub, f"{path}/{node_label(node)}.{suffix}")
+    return ir.iter_graphs(graph, path, node_label)
 
 
 class NameScope:
-    """Fresh, deterministic tensor and node names, unique across the model and its subgraphs."""
+    """Fresh, deterministic tensor and node names, unique across the model and its subgraphs.
+    ``fresh`` costs O(1): each base name remembers the next suffix to try."""
 
     def __init__(self, graph: gs.Graph):
-        self.used: set[str] = set()
-        for _path, g in iter_graphs(graph):
-            self.used.update(g.tensors().keys())
-            self.used.update(n.name for n in g.nodes if n.name)
+        self.used: set[str] = ir.all_names(graph)
+        self._next: dict[str, int] = {}
 
     def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.used:
+        name = base
+        if name in self.used:
+            i = self._next.get(base, 1)
             name = f"{base}_{i}"
-            i += 1
+            while name in self.used:
+                i += 1
+                name = f"{base}_{i}"
+            self._next[base] = i + 1
         self.used.add(name)
         return name
 
@@ -236,8 +234,6 @@ def make_constant(names: NameScope, base: str, values: np.ndarray) -> gs.Constan
 
 def tensor_dtype(tensor: gs.Tensor):
     """numpy dtype of a tensor when known (constants always), else None."""
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values).dtype
     if tensor.dtype is None:
         return None
     if isinstance(tensor.dtype, int):

@@ -10,11 +10,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Iterator
 
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
 
+from normopt import ir
 from normopt.errors import ModelLoadError, ModelSaveError
 
 # Protobuf cannot serialize a message of 2 GiB or more; stay well under it.
@@ -37,7 +39,13 @@ def default_output(path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read an ONNX model (external data beside it included) or raise ModelLoadError."""
+    """Read an ONNX model or raise ModelLoadError.
+
+    External data is not read: its tensors stay headers (name, type, dims, location) that
+    passes and the writer resolve against the model's folder when they need the bytes. Files and
+    ranges are checked here, and tensors of up to KEEP_ELEMENTS elements are read in (shape
+    constants that inference and passes need as values).
+    """
     p = Path(path)
     where = f"cannot read '{p}'"
     if not p.exists():
@@ -57,14 +65,47 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.opset_import:
         raise ModelLoadError(f"{where}: model declares no opset_import")
     try:
-        onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
-    except (OSError, ValueError, onnx.checker.ValidationError) as err:
+        _check_external(model, str(p.resolve().parent))
+    except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"{where}: external data could not be loaded ({_short(err)})") from err
     try:
         check(model)
     except onnx.checker.ValidationError as err:
         raise ModelLoadError(f"{where}: the ONNX checker rejects it: {_short(err)}") from err
     return model
+
+
+def _check_external(model: onnx.ModelProto, base_dir: str) -> None:
+    """Every external tensor's file exists inside the model's folder and holds its range; small
+    ones are read in."""
+    weights = ir.Weights(base_dir)
+    root = os.path.realpath(base_dir)
+    sizes: dict[str, int] = {}
+    for t in _initializers(model.graph):
+        if not ir.is_header(t):
+            continue
+        info = ir.external_info(t)
+        location = info.get("location", "")
+        if not location or os.path.isabs(location):
+            raise ValueError(f"tensor '{t.name}' has external data location '{location}'")
+        path = os.path.realpath(os.path.join(base_dir, location))
+        if os.path.commonpath([root, path]) != root:
+            raise ValueError(f"tensor '{t.name}': external data '{location}' is outside the model's folder")
+        if path not in sizes:
+            if not os.path.isfile(path):
+                raise ValueError(f"tensor '{t.name}': external data file '{location}' not found")
+            sizes[path] = os.path.getsize(path)
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else sizes[path] - offset
+        expected = _nbytes(t)
+        if offset < 0 or length < 0 or offset + length > sizes[path] or (expected and length < expected):
+            raise ValueError(f"tensor '{t.name}': external data '{location}' is too short "
+                             f"(offset {offset}, length {length}, file {sizes[path]} bytes)")
+        if math.prod(t.dims) <= KEEP_ELEMENTS:
+            data = weights.raw_bytes(t)
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+            t.raw_data = data
 
 
 def check(model: onnx.ModelProto, full: bool = False) -> None:
@@ -100,20 +141,67 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
     return byte_size(model) >= PROTOBUF_LIMIT
 
 
-def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> list[Path]:
+@dataclass
+class Skeleton:
+    """A rewritten model whose large weights may still be headers (see normopt.ir);
+    ``weights`` says where their bytes are: the input model's tensors or its data files."""
+
+    model: onnx.ModelProto
+    weights: ir.Weights
+
+    def materialize(self) -> onnx.ModelProto:
+        """A complete, self-contained ModelProto: every weight's bytes inline."""
+        out = onnx.ModelProto()
+        out.CopyFrom(self.model)
+        for t in _initializers(out.graph):
+            if ir.is_header(t):
+                t.CopyFrom(self._whole(t))
+        return out
+
+    def _whole(self, header: onnx.TensorProto) -> onnx.TensorProto:
+        mem, path, offset, length = self.weights.source(header)
+        if mem is not None:
+            return mem
+        return ir.with_bytes(header, ir.read_range(path, offset, length))
+
+    def data_files(self) -> set[str]:
+        """The external data files the headers read from (resolved paths)."""
+        files = set()
+        for t in _initializers(self.model.graph):
+            if ir.is_header(t):
+                mem, path, _o, _l = self.weights.source(t)
+                if mem is None:
+                    files.add(os.path.realpath(path))
+        return files
+
+
+def as_skeleton(model) -> Skeleton:
+    return model if isinstance(model, Skeleton) else Skeleton(model, ir.Weights())
+
+
+def save(model: onnx.ModelProto | Skeleton, path: str | os.PathLike, external_data: bool | None = None,
+         ) -> list[Path]:
     """Write ``model`` atomically to ``path``; returns the files written.
 
-    ``external_data=None`` stores weights beside the model only when protobuf's 2 GB limit
-    demands it; True forces ``<name>.data`` beside the model. Either way tensors under
-    EXTERNAL_MIN_BYTES stay in the model file.
+    ``external_data=None`` keeps the input's layout: weights go to ``<name>.data`` beside the
+    model when the input had external data or protobuf's 2 GB limit demands it, else one file;
+    True forces ``<name>.data``. Tensors under EXTERNAL_MIN_BYTES stay in the model file.
+    Weights that no pass rewrote are streamed from where they are (the input's data files or
+    tensors) to the output, one tensor at a time: nothing holds a second copy of the model.
     """
+    skel = as_skeleton(model)
     dest = Path(path)
     if dest.is_dir():
         raise ModelSaveError(f"cannot write '{dest}': is a directory")
     if not dest.parent.exists():
         raise ModelSaveError(f"cannot write '{dest}': folder '{dest.parent}' does not exist")
+    sources = skel.data_files()
     if external_data is None:
-        external_data = needs_external_data(model)
+        external_data = bool(sources) or needs_external_data(skel.model)
+    data_name = dest.name + ".data"
+    if external_data and os.path.realpath(dest.parent / data_name) in sources:
+        raise ModelSaveError(f"cannot write '{dest}': its data file '{data_name}' is the input's own data file; "
+                             "choose another output name")
     try:
         tmpdir = Path(tempfile.mkdtemp(prefix=".normopt-", dir=dest.parent))
     except OSError as err:  # a folder we may not write to (permissions, read-only file system)
@@ -122,21 +210,13 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
     try:
         tmp_model = tmpdir / dest.name
         if external_data:
-            data_name = dest.name + ".data"
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            # Marked here rather than by onnx's converter, which refuses a location that exists
-            # relative to the current directory (a second run in the output's folder).
-            for tensor in _initializers(copy.graph):
-                if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_MIN_BYTES:
-                    onnx.external_data_helper.set_external_data(tensor, data_name)
-            onnx.save_model(copy, str(tmp_model))  # writes the marked tensors to tmpdir/data_name
+            _write_external(skel, tmp_model, tmpdir / data_name, data_name)
             if (tmpdir / data_name).exists():
-                os.chmod(tmpdir / data_name, tmp_model.stat().st_mode & 0o777)  # onnx creates it 0600
+                os.chmod(tmpdir / data_name, tmp_model.stat().st_mode & 0o777)
                 os.replace(tmpdir / data_name, dest.parent / data_name)
                 written.append(dest.parent / data_name)
         else:
-            tmp_model.write_bytes(serialize(model))
+            _write_single(skel, tmp_model)
         os.replace(tmp_model, dest)
         written.insert(0, dest)
     except OSError as err:
@@ -144,6 +224,148 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return written
+
+
+# Tensors of at least this many bytes start at a multiple of ALIGN in the data file (onnxruntime
+# can then map them instead of copying).
+ALIGN_MIN_BYTES = 1 << 20
+ALIGN = 4096
+_CHUNK = 16 << 20
+
+
+def _write_external(skel: Skeleton, model_path: Path, data_path: Path, data_name: str) -> None:
+    out = onnx.ModelProto()
+    out.CopyFrom(skel.model)  # headers and small tensors only
+    with open(data_path, "wb") as f:
+        for t in _initializers(out.graph):
+            if ir.is_header(t):
+                mem, path, offset, length = skel.weights.source(t)
+                if mem is not None:
+                    data = skel.weights.raw_bytes(mem)
+                    start = _pad(f, len(data))
+                    f.write(data)
+                    length = len(data)
+                    del data
+                else:
+                    start = _pad(f, length)
+                    _copy_range(path, offset, length, f)
+            elif t.data_type != onnx.TensorProto.STRING and _inline_nbytes(t) >= EXTERNAL_MIN_BYTES:
+                data = skel.weights.raw_bytes(t)
+                start = _pad(f, len(data))
+                f.write(data)
+                length = len(data)
+                t.ClearField("raw_data")
+                for typed in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                    t.ClearField(typed)
+            else:
+                continue
+            t.data_location = onnx.TensorProto.EXTERNAL
+            del t.external_data[:]
+            for key, value in (("location", data_name), ("offset", str(start)), ("length", str(length))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+        empty = f.tell() == 0
+    if empty:
+        data_path.unlink()
+    model_path.write_bytes(serialize(out))
+
+
+def _pad(f, size: int) -> int:
+    pos = f.tell()
+    align = ALIGN if size >= ALIGN_MIN_BYTES else 64
+    start = -(-pos // align) * align
+    if start > pos:
+        f.write(b"\0" * (start - pos))
+    return start
+
+
+def _copy_range(path: str, offset: int, length: int, dst) -> None:
+    """Copy ``length`` bytes at ``offset`` of ``path`` to the end of ``dst``, in bounded chunks
+    (in the kernel where it can)."""
+    dst.flush()
+    with open(path, "rb") as src:
+        done = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < length:
+                    n = os.copy_file_range(src.fileno(), dst.fileno(), min(_CHUNK, length - done),
+                                           offset + done)
+                    if n == 0:
+                        break
+                    done += n
+            except OSError:
+                pass
+        dst.seek(0, os.SEEK_END)
+        src.seek(offset + done)
+        while done < length:
+            chunk = src.read(min(_CHUNK, length - done))
+            if not chunk:
+                raise OSError(f"external data file '{path}' ends early")
+            dst.write(chunk)
+            done += len(chunk)
+
+
+def _inline_nbytes(t: onnx.TensorProto) -> int:
+    if t.HasField("raw_data"):
+        return len(t.raw_data)
+    return _nbytes(t)
+
+
+def _write_single(skel: Skeleton, model_path: Path) -> None:
+    """One file. The main graph's initializers are written one at a time after the rest of the
+    model, each as its own ``graph { initializer }`` record: protobuf merges repeated occurrences
+    of a message field, so readers see one graph with the initializers in their order."""
+    out = onnx.ModelProto()
+    out.CopyFrom(skel.model)
+    for g in list(all_graphs(out.graph))[1:]:  # subgraph weights (rare): resolved in place
+        for t in g.initializer:
+            if ir.is_header(t):
+                t.CopyFrom(skel._whole(t))
+    entries = []
+    for t in out.graph.initializer:
+        if ir.is_header(t):
+            h = onnx.TensorProto()
+            h.CopyFrom(t)
+            entries.append(h)
+        else:
+            entries.append(t.SerializeToString(deterministic=True))
+    del out.graph.initializer[:]
+    with open(model_path, "wb") as f:
+        f.write(serialize(out))
+        for entry in entries:
+            if isinstance(entry, bytes):
+                payload = entry
+            else:
+                payload = skel._whole(entry)
+                payload = payload.SerializeToString(deterministic=True) if payload.name == entry.name \
+                    else _renamed(payload, entry.name)
+            inner = _key(5) + _varint(len(payload))
+            f.write(_key(7) + _varint(len(inner) + len(payload)) + inner)
+            f.write(payload)
+            del payload
+
+
+def _renamed(t: onnx.TensorProto, name: str) -> bytes:  # pragma: no cover - passes never rename
+    copy = onnx.TensorProto()
+    copy.CopyFrom(t)
+    copy.name = name
+    return copy.SerializeToString(deterministic=True)
+
+
+def _key(field_number: int) -> bytes:
+    return _varint(field_number << 3 | 2)  # wire type 2: length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
 
 
 def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -196,6 +418,8 @@ def without_weights(model: onnx.ModelProto, keep_elements: int = KEEP_ELEMENTS, 
 
 
 def _large(init: onnx.TensorProto, keep_elements: int = KEEP_ELEMENTS) -> bool:
+    if init.data_location == onnx.TensorProto.EXTERNAL:
+        return True  # a header: its bytes are elsewhere
     return math.prod(init.dims) > keep_elements and init.data_type != onnx.TensorProto.STRING
 
 

@@ -1,4 +1,4 @@
-"""Run passes over a model: match -> check -> rewrite, cleanup and toposort once per pass.
+"""Run passes over a model: match -> check -> rewrite; cleanup and ordering once per run.
 
 A pass looks at one anchor node at a time and answers with a ``Match`` (rewrite it), a
 ``Reject`` (a candidate it must leave alone, with the reason) or None (not a candidate).
@@ -15,9 +15,9 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
 
-from normopt import annotations, graph as G
+from normopt import graph as G, ir
 from normopt.errors import ModelLoadError, ModelSaveError
-from normopt.model_io import all_graphs, min_ir_version, without_weights
+from normopt.model_io import Skeleton, all_graphs, min_ir_version, without_weights
 from normopt.pattern import Match
 from normopt.records import OpsetUpgrade, PassRecord, PipelineResult, Rewrite, Skip
 from normopt.registry import available, resolve
@@ -98,62 +98,82 @@ class Options:
     strict: bool = False
 
 
-def run(model: onnx.ModelProto, passes: list[str] | None = None, options: Options | None = None,
-        ) -> tuple[onnx.ModelProto, PipelineResult]:
-    """Apply ``passes`` (all by default, in registry order) to a copy of ``model``."""
+def run(model: onnx.ModelProto, passes: list[str] | None = None, options: Options | None = None, *,
+        base_dir: str | None = None, lazy: bool = False):
+    """Apply ``passes`` (all by default, in registry order) to ``model``, which is not modified.
+
+    Returns (rewritten model, PipelineResult). With ``lazy`` the model is a ``model_io.Skeleton``:
+    large weights are still headers that refer to ``model``'s tensors or to the external data
+    files in ``base_dir``, for ``model_io.save`` to stream; otherwise a complete ModelProto.
+    """
     options = options or Options()
     table = available()
     names = resolve(passes)
     started = time.perf_counter()
     result = PipelineResult(nodes_before=count_nodes(model))
+    weights = ir.Weights(base_dir or "")
     current = model
-    graph = _import(current)
-    shapes = infer_shapes(current)
+    graph = _import(current, weights)
+    shapes = Shapes(current)
+    scope = G.NameScope(graph)
     for name in names:
         pass_ = table[name]()
         t0 = time.perf_counter()
-        record, need = _run_pass(pass_, graph, current, shapes, options, upgrade_note=None)
+        record, need = _run_pass(pass_, graph, current, shapes, scope, options, upgrade_note=None)
         if need:
             # Rewrites that needed no upgrade may already be applied: keep them (and their
-            # records), and drop the nodes they detached before the model is exported.
+            # records) in the model that is upgraded.
             earlier = record.applied
-            graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort(recurse_subgraphs=True)
             opset = model_opset(current)
             note = None
             if not options.allow_opset_upgrade:
                 note = "opset upgrade disabled"
             else:
-                exported = export(graph, current)
+                ir.finish(graph)
+                exported = ir.export_model(graph, current, weights)
                 try:
                     upgraded = upgrade_opset(exported, need)
                 except Exception as err:  # the converter raises many types
                     note = f"opset upgrade {opset} -> {need} failed: {' '.join(str(err).split())[:160]}"
                 else:
                     current = upgraded
-                    graph = _import(current)
-                    shapes = infer_shapes(current)
+                    graph = _import(current, weights)
+                    shapes = Shapes(current)
+                    scope = G.NameScope(graph)
                     result.upgrades.append(OpsetUpgrade(opset, need, name))
-            record, _ = _run_pass(pass_, graph, current, shapes, options, upgrade_note=note)
+            record, _ = _run_pass(pass_, graph, current, shapes, scope, options, upgrade_note=note)
             record.applied[:0] = earlier
-        graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort(recurse_subgraphs=True)
         record.seconds = time.perf_counter() - t0
         result.passes.append(record)
         if options.strict:
-            _check_strict(export(graph, current), name)
-    out = export(graph, current)
-    annotations.restore(out, model)
-    _canonical_tensors(out.graph)
-    result.nodes_after = count_nodes(out)
+            ir.finish(graph)
+            _check_strict(ir.export_model(graph, current, weights), weights, name)
+    ir.finish(graph)
+    out = Skeleton(ir.export_model(graph, current, weights), weights)
+    result.nodes_after = count_nodes(out.model)
     result.seconds = time.perf_counter() - started
-    return out, result
+    return (out if lazy else out.materialize()), result
 
 
-def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, options: Options,
+class Shapes:
+    """name -> (elem_type, shape) from onnx shape inference, run once, on first use."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self._model = model
+        self._table: dict | None = None
+
+    def get(self, name: str, default=None):
+        if self._table is None:
+            self._table = infer_shapes(self._model)
+            self._model = None
+        return self._table.get(name, default)
+
+
+def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, names: G.NameScope, options: Options,
               upgrade_note: str | None) -> tuple[PassRecord, int]:
     """One pass over every graph, repeated until nothing more applies. Returns (record, opset needed)."""
     record = PassRecord(pass_.name)
     opset = model_opset(model)
-    names = G.NameScope(root)
     need = 0
     for _round in range(MAX_ROUNDS):
         skipped: list[Skip] = []
@@ -191,7 +211,7 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, optio
                                             f"needs opset {required} (model has {opset}); {upgrade_note}", path))
                     continue
                 count = len(graph.nodes)
-                record.applied.append(_apply(pass_, found, ctx, label))
+                record.applied.append(_apply(pass_, found, ctx, node, label, local))
                 gone.update(id(n) for n in found.matched)
                 if local is not None:
                     local.update(id(n) for n in graph.nodes[count:])
@@ -200,7 +220,6 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, optio
         if len(record.applied) == applied_before:
             record.skipped = skipped
             break
-        root.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort(recurse_subgraphs=True)
     return record, 0
 
 
@@ -221,37 +240,34 @@ def _safe_match(pass_: Pass, node: gs.Node, ctx: Context) -> Match | Reject | No
         return Reject(f"not analysed: {type(err).__name__}: {' '.join(str(err).split())[:160]}")
 
 
-def _apply(pass_: Pass, m: Match, ctx: Context, label: str) -> Rewrite:
+def _apply(pass_: Pass, m: Match, ctx: Context, anchor: gs.Node, label: str, local: set[int] | None) -> Rewrite:
     removed = tuple(G.node_label(n) for n in m.matched)
     # Detach outputs first so that the new producer of the kept tensor is its only one;
     # inputs stay attached until the pass has read them.
     for node in m.matched:
         node.outputs.clear()
     new_nodes = pass_.rewrite(m, ctx)
+    read = [t for node in m.matched for t in node.inputs]
     for node in m.matched:
         node.inputs.clear()
     ctx.graph.nodes.extend(new_nodes)
     if not any(m.output in n.outputs for n in new_nodes):  # pragma: no cover - a pass bug
         raise AssertionError(f"{pass_.name}: rewrite lost tensor '{m.output.name}'")
+    if any(n is anchor for n in m.matched):
+        ir.place(ctx.graph, anchor, new_nodes)  # the new nodes take the anchor's place in the order
+    else:
+        ctx.graph.__dict__["_dirty"] = True
+    ir.detach_dead_producers(read, ctx.graph, local)
     return Rewrite(pass_.name, label, m.output.name, removed,
                    tuple(G.node_label(n) for n in new_nodes), ctx.path, dict(m.info))
 
 
-def _import(model: onnx.ModelProto) -> gs.Graph:
+def _import(model: onnx.ModelProto, weights: ir.Weights) -> gs.Graph:
     try:
-        graph = gs.import_onnx(model)
-    except Exception as err:  # graphsurgeon raises many types for constructs it cannot read
+        return ir.import_model(model, weights)
+    except Exception as err:  # a construct the importer cannot read
         raise ModelLoadError(f"cannot process the model's graph: {type(err).__name__}: "
                              f"{' '.join(str(err).split())[:200]}") from err
-    # graphsurgeon drops initializers that are also graph inputs (old exporters) from
-    # graph.inputs: callers could no longer feed them, and passes would fold their default
-    # values as constants. Put them back (G.const_value refuses graph inputs).
-    inits = {init.name for init in model.graph.initializer}
-    if any(inp.name in inits for inp in model.graph.input):
-        tensors = graph.tensors()
-        graph.inputs = [tensors[inp.name] for inp in model.graph.input if inp.name in tensors]
-    G.mark_graph_inputs(graph)
-    return graph
 
 
 def model_opset(model: onnx.ModelProto) -> int:
@@ -298,49 +314,6 @@ def _keep_value_info(source: onnx.GraphProto, converted: onnx.GraphProto) -> Non
                 _keep_value_info(old.graphs[i] if has else onnx.GraphProto(), sub)
 
 
-def _canonical_tensors(graph: onnx.GraphProto) -> None:
-    """Store every constant in raw_data, with its name field present. graphsurgeon re-encodes a
-    tensor whose values a pass read but passes through one it never touched, so a tensor kept in
-    typed fields (the version converter writes int64_data) or without a name field would change
-    encoding on a second run: the output must be a fixed point."""
-    tensors = [t for g in all_graphs(graph) for t in g.initializer]
-    tensors += [a.t for g in all_graphs(graph) for n in g.node for a in n.attribute
-                if a.type == onnx.AttributeProto.TENSOR]
-    for t in tensors:
-        typed = not (t.HasField("raw_data") or t.data_location == onnx.TensorProto.EXTERNAL
-                     or t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED))
-        if typed:
-            name, doc = t.name, t.doc_string
-            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t), name))
-            if doc:
-                t.doc_string = doc
-        if not t.HasField("name"):
-            t.name = ""  # graphsurgeon writes the empty name explicitly when it re-encodes
-
-
-def export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    """gs graph -> ModelProto, carrying over the template's model-level fields unchanged."""
-    out = gs.export_onnx(graph, do_type_check=False)
-    opset = graph.opset or model_opset(template)
-    out.ir_version = template.ir_version
-    for key in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(out, key, getattr(template, key))
-    del out.metadata_props[:]
-    out.metadata_props.extend(template.metadata_props)
-    del out.training_info[:]
-    out.training_info.extend(template.training_info)
-    emitted = {imp.domain: imp.version for imp in out.opset_import}
-    del out.opset_import[:]
-    for imp in template.opset_import:
-        version = opset if imp.domain in DEFAULT_DOMAINS else imp.version
-        out.opset_import.append(onnx.helper.make_opsetid(imp.domain, version))
-    have = {imp.domain for imp in out.opset_import}
-    for domain, version in sorted(emitted.items()):
-        if domain not in have and not (domain in DEFAULT_DOMAINS and have & set(DEFAULT_DOMAINS)):
-            out.opset_import.append(onnx.helper.make_opsetid(domain, version))
-    return out
-
-
 def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, tuple | None]]:
     """name -> (elem_type, shape) for every tensor onnx shape inference can type."""
     light = without_weights(model)
@@ -370,8 +343,8 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, tuple | None]]:
     return table
 
 
-def _check_strict(model: onnx.ModelProto, pass_name: str) -> None:
+def _check_strict(model: onnx.ModelProto, weights: ir.Weights, pass_name: str) -> None:
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(without_weights(model, as_inputs=True))
     except onnx.checker.ValidationError as err:
         raise ModelSaveError(f"pass '{pass_name}' produced an invalid model: {' '.join(str(err).split())[:200]}") from err

@@ -19,7 +19,8 @@ import onnx
 
 from normopt.errors import ProviderUnavailableError, UsageError
 from normopt.inputs import DEFAULT_DYNAMIC_DIM, FALLBACK_DYNAMIC_DIMS, InputSpec, make_feeds
-from normopt.model_io import PROTOBUF_LIMIT, byte_size, save, without_weights
+from normopt.ir import Weights
+from normopt.model_io import PROTOBUF_LIMIT, Skeleton, byte_size, save, without_weights
 from normopt.providers import CUDA, ProviderChoice, providers, select_provider, session_options
 
 # Default tolerances per output dtype: |got - ref| <= atol + rtol * |ref|, element by element.
@@ -110,6 +111,12 @@ def _ort_failure(what: str, err: Exception, hint: str = "") -> str:
 def _session_source(model):
     if isinstance(model, Loaded):
         model = model.path
+    if isinstance(model, Skeleton):  # weights elsewhere: written (streamed) for onnxruntime to load
+        with tempfile.TemporaryDirectory(prefix="normopt-verify-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            save(model, path)
+            yield str(path)
+        return
     if not isinstance(model, onnx.ModelProto):
         yield str(model)
         return
@@ -125,10 +132,15 @@ def _session_source(model):
 @dataclass(frozen=True)
 class Loaded:
     """A model file already read into ``model``: onnxruntime loads ``path`` (fast, external data
-    included), everything else reads ``model`` instead of the file again."""
+    included), everything else reads ``model`` instead of the file again. ``model`` may hold
+    headers of weights that ``weights`` resolves (by default: the file's external data)."""
 
     path: str | os.PathLike
     model: onnx.ModelProto
+    weights: Weights | None = None
+
+    def skeleton(self) -> Skeleton:
+        return Skeleton(self.model, self.weights or Weights(str(Path(self.path).resolve().parent)))
 
 
 def load_header(model) -> onnx.ModelProto:
@@ -140,10 +152,14 @@ def load_header(model) -> onnx.ModelProto:
     return onnx.load(str(model), load_external_data=False)
 
 
-def _full(model) -> onnx.ModelProto:
+def _exposed(model, names: list[str]):
+    """``model`` with ``names`` added as graph outputs; weights stay where they are."""
+    if not isinstance(model, (Loaded, onnx.ModelProto)):
+        model = Loaded(model, onnx.load(str(model), load_external_data=False))
     if isinstance(model, Loaded):
-        return model.model
-    return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+        skel = model.skeleton()
+        return Skeleton(expose(skel.model, names), skel.weights)
+    return expose(model, names)
 
 
 # ----------------------------------------------------------------------------- comparing
@@ -233,7 +249,7 @@ def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trial
     names = [o.name for o in ref_header.graph.output]
     ref_model, new_model = original, rewritten
     if extra_outputs:
-        ref_model, new_model = expose(_full(original), extra_outputs), expose(_full(rewritten), extra_outputs)
+        ref_model, new_model = _exposed(original, extra_outputs), _exposed(rewritten, extra_outputs)
         names = names + list(extra_outputs)
     sizes = (DEFAULT_DYNAMIC_DIM,) + FALLBACK_DYNAMIC_DIMS
     for size in sizes:

@@ -1,0 +1,684 @@
+"""ONNX <-> graphsurgeon, at a cost that follows the rewrites rather than the model.
+
+graphsurgeon's own importer and exporter touch every attribute, tensor type and weight of the
+model (and copy each weight twice on export). Here:
+
+* import builds the same graphsurgeon objects (passes see ``gs.Node``, ``gs.Variable``,
+  ``gs.Constant``) but reads a node's attributes and a tensor's declared type only when a pass
+  asks for them, and never decodes a weight until a pass reads its values;
+* export reuses the source ``NodeProto`` of every node no pass touched and the source
+  ``TensorProto`` of every initializer, so untouched nodes keep their encoding, doc strings and
+  metadata exactly; large in-memory weights are not copied at all: the exported skeleton holds
+  a small header in their place, resolved by the writer (``model_io.save``) or by
+  ``Skeleton.materialize``;
+* dead nodes are dropped, replacement nodes take their anchor's place in the node order, and the
+  graph is re-sorted only when that order is not topological: once per run, not per pass.
+"""
+from __future__ import annotations
+
+import heapq
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter, get_onnx_tensor_dtype
+from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.util.misc import SynchronizedList
+
+# An in-memory initializer with more bytes than this leaves the exported skeleton: a header
+# stands in for it until the model is written (smaller ones are cheaper to copy).
+HEADER_MIN_BYTES = 64 * 1024
+# The location of a header whose bytes are an in-memory tensor (offset = its index).
+MEMORY = "<normopt-memory>"
+
+_GRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+_INPUT_MARK = "_normopt_graph_input"
+
+
+# ----------------------------------------------------------------------------- weights
+
+@dataclass
+class Weights:
+    """Where the bytes of headers live: the input's folder (its external data files) and the
+    in-memory tensors that the exported skeleton refers to by index."""
+
+    base_dir: str = ""
+    memory: list[onnx.TensorProto] = field(default_factory=list)
+    _index: dict[int, int] = field(default_factory=dict)
+
+    def header_for(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        """A bytes-free stand-in for an in-memory tensor (same name, type and dims)."""
+        key = id(tensor)
+        if key not in self._index:
+            self._index[key] = len(self.memory)
+            self.memory.append(tensor)
+        return header(tensor, MEMORY, self._index[key], 0)
+
+    def source(self, tensor: onnx.TensorProto) -> tuple[onnx.TensorProto | None, str | None, int, int]:
+        """(in-memory tensor, None, 0, 0) or (None, file path, offset, length) for a header."""
+        info = external_info(tensor)
+        location = info.get("location", "")
+        offset = int(info.get("offset", 0))
+        if location == MEMORY:
+            return self.memory[offset], None, 0, 0
+        path = os.path.join(self.base_dir, location)
+        length = int(info["length"]) if "length" in info else os.path.getsize(path) - offset
+        return None, path, offset, length
+
+    def array(self, tensor: onnx.TensorProto) -> np.ndarray:
+        """The values of ``tensor`` (inline, in memory, or in an external data file)."""
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            return numpy_helper.to_array(tensor)
+        mem, path, offset, length = self.source(tensor)
+        if mem is not None:
+            return self.array(mem)
+        return numpy_helper.to_array(with_bytes(tensor, read_range(path, offset, length)))
+
+    def raw_bytes(self, tensor: onnx.TensorProto) -> bytes:
+        """The raw little-endian bytes of a tensor's values, wherever they live."""
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            mem, path, offset, length = self.source(tensor)
+            return self.raw_bytes(mem) if mem is not None else read_range(path, offset, length)
+        if tensor.HasField("raw_data"):
+            return tensor.raw_data
+        return numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
+
+
+def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def header(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> onnx.TensorProto:
+    t = onnx.TensorProto()
+    t.name, t.data_type = tensor.name, tensor.data_type
+    t.dims.extend(tensor.dims)
+    if tensor.doc_string:
+        t.doc_string = tensor.doc_string
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
+def with_bytes(tensor: onnx.TensorProto, data: bytes) -> onnx.TensorProto:
+    t = onnx.TensorProto()
+    t.name, t.data_type = tensor.name, tensor.data_type
+    t.dims.extend(tensor.dims)
+    if tensor.doc_string:
+        t.doc_string = tensor.doc_string
+    t.raw_data = data
+    return t
+
+
+def read_range(path: str, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise OSError(f"external data file '{path}' ends before offset {offset} + length {length}")
+    return data
+
+
+def is_header(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+# ----------------------------------------------------------------------------- lazy gs objects
+
+_DTYPES: dict[int, object] = {}
+
+
+def _dtype(data_type: int):
+    """graphsurgeon's dtype for an ONNX element type (numpy dtype, or the enum where numpy has none)."""
+    if data_type not in _DTYPES:
+        probe = onnx.TensorProto()
+        probe.data_type = data_type
+        try:
+            _DTYPES[data_type] = get_onnx_tensor_dtype(probe)
+        except Exception:  # an element type graphsurgeon does not know
+            _DTYPES[data_type] = data_type
+    return _DTYPES[data_type]
+
+
+class ProtoValues(LazyValues):
+    """The values of an initializer, decoded only when read, never cached into the Constant (so
+    export still finds the source tensor). Small arrays are kept once decoded."""
+
+    CACHE_BYTES = 1 << 20
+
+    def __init__(self, tensor: onnx.TensorProto, weights: Weights):  # noqa: D107 - no LazyValues init: it decodes types eagerly
+        self.tensor = tensor
+        self.weights = weights
+        self.shape = tuple(tensor.dims)
+        self.dtype = _dtype(tensor.data_type)
+        self._array = None
+
+    @property
+    def nbytes(self) -> int:
+        size = onnx.helper.tensor_dtype_to_np_dtype(self.tensor.data_type).itemsize \
+            if self.tensor.data_type in _NP_SIZES else 1
+        return int(np.prod(self.shape, dtype=np.int64)) * size
+
+    def load(self) -> np.ndarray:
+        if self._array is not None:
+            return self._array
+        array = self.weights.array(self.tensor)
+        if array.nbytes <= self.CACHE_BYTES:
+            self._array = array
+        return array
+
+
+_NP_SIZES = {t for t in onnx.helper.get_all_tensor_dtypes()
+             if t not in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED)}
+
+
+def constant_array(tensor: gs.Constant) -> np.ndarray:
+    """A Constant's values without replacing its lazy source (graphsurgeon's ``.values`` would)."""
+    values = tensor._values
+    if isinstance(values, LazyValues) and not isinstance(values, ProtoValues):
+        return np.asarray(values.load())
+    if isinstance(values, ProtoValues):
+        return values.load()
+    return np.asarray(values)
+
+
+class ProtoNode(gs.Node):
+    """A node imported from a NodeProto: its attributes are decoded on first access. A node whose
+    attributes were never read and whose inputs and outputs are unchanged is exported as its
+    source proto."""
+
+    @property
+    def attrs(self):
+        d = self.__dict__
+        attrs = d.get("_attrs")
+        if attrs is None:
+            attrs = d["_attrs"] = OnnxImporter.import_attributes(d["_proto"].attribute, {}, {}, None, None)
+        return attrs
+
+    @attrs.setter
+    def attrs(self, value):
+        self.__dict__["_attrs"] = value
+
+
+class ProtoVariable(gs.Variable):
+    """A Variable whose declared type (value_info, graph input/output) is decoded on first access."""
+
+    def _decode(self) -> None:
+        d = self.__dict__
+        vi = d.pop("_vi", None)
+        dtype = shape = None
+        kind = "tensor_type"
+        if vi is not None and vi.type.ByteSize() > 0:
+            probe = OnnxImporter.import_tensor(vi)
+            dtype, shape, kind = probe.dtype, probe.shape, probe.type
+        d.setdefault("_dtype", dtype)
+        d.setdefault("_shape", shape)
+        d.setdefault("_type", kind)
+
+    def _get(self, key):
+        d = self.__dict__
+        if key not in d:
+            self._decode()
+        return d[key]
+
+    dtype = property(lambda self: self._get("_dtype"), lambda self, v: self.__dict__.__setitem__("_dtype", v))
+    shape = property(lambda self: self._get("_shape"), lambda self, v: self.__dict__.__setitem__("_shape", v))
+    type = property(lambda self: self._get("_type"), lambda self, v: self.__dict__.__setitem__("_type", v))
+
+
+def _sync_list(parent, field_name: str, items: list) -> SynchronizedList:
+    sl = SynchronizedList.__new__(SynchronizedList)
+    sl.parent_obj, sl.field_name = parent, field_name
+    list.extend(sl, items)
+    for item in items:
+        list.append(getattr(item, field_name), parent)
+    return sl
+
+
+def _new_tensor(cls, name: str):
+    t = object.__new__(cls)
+    d = t.__dict__
+    d["name"] = name
+    d["inputs"] = _sync_list(t, "outputs", [])
+    d["outputs"] = _sync_list(t, "inputs", [])
+    return t
+
+
+def _variable(name: str, vi: onnx.ValueInfoProto | None = None) -> ProtoVariable:
+    v = _new_tensor(ProtoVariable, name)
+    if vi is not None:
+        v.__dict__["_vi"] = vi
+    else:
+        v.__dict__.update(_dtype=None, _shape=None, _type="tensor_type")
+    return v
+
+
+def _constant(tensor: onnx.TensorProto, weights: Weights) -> gs.Constant:
+    c = _new_tensor(gs.Constant, tensor.name)
+    d = c.__dict__
+    d["_values"] = ProtoValues(tensor, weights)
+    d["data_location"] = int(tensor.data_location) if tensor.HasField("data_location") else None
+    d["_export_dtype"] = None
+    return c
+
+
+# ----------------------------------------------------------------------------- import
+
+def import_model(model: onnx.ModelProto, weights: Weights) -> gs.Graph:
+    """The model's main graph (and subgraphs) as graphsurgeon objects, lazily decoded."""
+    opset = next((imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")), None)
+    return _import_graph(model.graph, {}, weights, opset, list(model.opset_import))
+
+
+def _import_graph(gp: onnx.GraphProto, outer: dict, weights: Weights, opset, domains) -> gs.Graph:
+    local: dict[str, gs.Tensor] = {}
+    for init in gp.initializer:
+        local[init.name] = _constant(init, weights)
+    for sparse in gp.sparse_initializer:
+        local[sparse.values.name] = OnnxImporter.import_tensor(sparse)
+    for vi in gp.value_info:
+        if vi.name not in local:
+            local[vi.name] = _variable(vi.name, vi)
+    inputs = []
+    for vi in gp.input:
+        t = local.get(vi.name)
+        if t is None:
+            t = local[vi.name] = _variable(vi.name, vi)
+        elif isinstance(t, ProtoVariable) and "_vi" in t.__dict__:
+            t.__dict__["_vi"] = vi  # the interface's declaration wins over value_info
+        t.__dict__[_INPUT_MARK] = True
+        inputs.append(t)
+    outputs = []
+    for vi in gp.output:
+        t = local.get(vi.name)
+        if t is None:
+            t = local[vi.name] = _variable(vi.name, vi)
+        outputs.append(t)
+
+    def get(name: str, outer_ok: bool = True) -> gs.Tensor:
+        t = local.get(name)
+        if t is None and outer_ok:
+            t = outer.get(name)
+        if t is None:
+            if not name:
+                return _variable("")  # an omitted optional input or output
+            t = local[name] = _variable(name)
+        return t
+
+    nodes = []
+    for np_ in gp.node:
+        node = object.__new__(ProtoNode)
+        d = node.__dict__
+        d["op"], d["name"] = np_.op_type, np_.name
+        d["domain"] = np_.domain if np_.HasField("domain") else None
+        d["_proto"] = np_
+        if any(a.type in _GRAPH_ATTRS for a in np_.attribute):
+            scope = {**outer, **local}
+            d["_attrs"] = _import_graph_attrs(np_, scope, weights, opset, domains)
+            d["_has_graphs"] = True
+        d["inputs"] = _sync_list(node, "outputs", [get(n) for n in np_.input])
+        d["outputs"] = _sync_list(node, "inputs", [get(n, outer_ok=False) for n in np_.output])
+        nodes.append(node)
+
+    g = object.__new__(gs.Graph)
+    g.__dict__.update(nodes=nodes, inputs=inputs, outputs=outputs, name=gp.name, __name__=gp.name,
+                      doc_string=gp.doc_string, opset=opset, producer_name="", producer_version="",
+                      import_domains=domains, ir_version=None, name_idx=0, _functions=[], _src=gp)
+    return g
+
+
+def _import_graph_attrs(np_: onnx.NodeProto, scope: dict, weights: Weights, opset, domains) -> OrderedDict:
+    plain = [a for a in np_.attribute if a.type not in _GRAPH_ATTRS]
+    attrs = OnnxImporter.import_attributes(plain, {}, {}, None, None)
+    out = OrderedDict()
+    for a in np_.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out[a.name] = _import_graph(a.g, scope, weights, opset, domains)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out[a.name] = [_import_graph(sub, scope, weights, opset, domains) for sub in a.graphs]
+        elif a.name in attrs:
+            out[a.name] = attrs[a.name]
+    return out
+
+
+def iter_graphs(graph: gs.Graph, path: str = "", label=None) -> Iterator[tuple[str, gs.Graph]]:
+    """The graph and every subgraph (If/Loop/Scan bodies), each with a readable path; only nodes
+    that hold subgraphs have their attributes read."""
+    yield path, graph
+    for node in graph.nodes:
+        if "_proto" in node.__dict__ and not node.__dict__.get("_has_graphs"):
+            continue
+        for key, value in sorted(node.attrs.items()):
+            subs = value if isinstance(value, (list, tuple)) else [value]
+            for i, sub in enumerate(subs):
+                if isinstance(sub, gs.Graph):
+                    suffix = f"{key}[{i}]" if len(subs) > 1 else key
+                    name = label(node) if label else node.name
+                    yield from iter_graphs(sub, f"{path}/{name}.{suffix}", label)
+
+
+def all_names(graph: gs.Graph) -> set[str]:
+    """Every tensor and node name in the graph and its subgraphs (from the source protos where
+    the graph was imported, so nothing is decoded)."""
+    names: set[str] = set()
+    for _path, g in iter_graphs(graph):
+        src = g.__dict__.get("_src")
+        if src is not None:
+            names.update(t.name for t in src.initializer)
+            names.update(v.name for v in src.input)
+            names.update(v.name for v in src.output)
+            names.update(v.name for v in src.value_info)
+        for node in g.nodes:
+            if node.name:
+                names.add(node.name)
+            names.update(t.name for t in node.inputs)
+            names.update(t.name for t in node.outputs)
+    names.discard("")
+    return names
+
+
+# ----------------------------------------------------------------------------- finishing
+
+def place(graph: gs.Graph, anchor: gs.Node, new_nodes: list[gs.Node]) -> None:
+    """Record that ``new_nodes`` replace ``anchor``: they take its place in the node order."""
+    slots = graph.__dict__.setdefault("_slots", {})
+    slots[id(anchor)] = new_nodes
+    graph.__dict__.setdefault("_placed", set()).update(id(n) for n in new_nodes)
+
+
+def detach_dead_producers(tensors, graph: gs.Graph, local: set[int] | None = None) -> None:
+    """Detach the producers that only fed a rewritten subgraph (Constant nodes, shape chains),
+    so that they no longer count as consumers of their inputs. Local: walks up from ``tensors``;
+    ``local`` (ids of the graph's nodes, None for the main graph) keeps it inside this graph."""
+    outputs = {id(t) for t in graph.outputs}
+    stack = list(tensors)
+    while stack:
+        t = stack.pop()
+        if t.outputs or id(t) in outputs or not t.inputs:
+            continue
+        node = t.inputs[0]
+        if (local is not None and id(node) not in local) or node.__dict__.get("_has_graphs") or any(o.outputs or id(o) in outputs for o in node.outputs):
+            continue
+        ins = list(node.inputs)
+        node.outputs.clear()
+        node.inputs.clear()
+        stack.extend(ins)
+
+
+def finish(graph: gs.Graph) -> None:
+    """Replacement nodes at their anchors' places, dead nodes dropped, the order topological;
+    the same for every subgraph. Costs one walk over the nodes."""
+    for _path, g in list(iter_graphs(graph)):
+        _finish_one(g)
+
+
+def _finish_one(g: gs.Graph) -> None:
+    slots = g.__dict__.pop("_slots", {})
+    placed = g.__dict__.pop("_placed", set())
+    if not slots and not placed and not g.__dict__.pop("_dirty", False):
+        return
+    order: list[gs.Node] = []
+
+    def emit(node):
+        reps = slots.get(id(node))
+        if reps is not None:
+            for r in reps:
+                emit(r)
+        elif node.outputs:
+            order.append(node)
+
+    for node in g.nodes:
+        if id(node) not in placed:
+            emit(node)
+    order = _live(order, g)
+    if not _is_sorted(order):
+        order = _toposort(order)
+    g.nodes = order
+
+
+def _live(nodes: list[gs.Node], g: gs.Graph) -> list[gs.Node]:
+    """``nodes`` without those whose outputs nothing live uses (graph outputs are live)."""
+    users: dict[int, int] = {}
+    reads = [_reads(node) for node in nodes]
+    for rs in reads:
+        for t in rs:
+            users[id(t)] = users.get(id(t), 0) + 1
+    for t in g.outputs:
+        users[id(t)] = users.get(id(t), 0) + 1
+    alive = [True] * len(nodes)
+    producer = {id(t): i for i, node in enumerate(nodes) for t in node.outputs}
+    stack = [i for i, node in enumerate(nodes) if not any(users.get(id(t)) for t in node.outputs)]
+    while stack:
+        i = stack.pop()
+        if not alive[i]:
+            continue
+        alive[i] = False
+        for t in reads[i]:
+            users[id(t)] -= 1
+            j = producer.get(id(t))
+            if users[id(t)] == 0 and j is not None and alive[j] \
+                    and not any(users.get(id(o)) for o in nodes[j].outputs):
+                stack.append(j)
+    return [n for n, keep in zip(nodes, alive) if keep]
+
+
+def _reads(node: gs.Node) -> list[gs.Tensor]:
+    """The tensors a node reads, its subgraphs' reads of enclosing-scope tensors included."""
+    reads = [t for t in node.inputs if t.name]
+    if node.__dict__.get("_has_graphs") or "_proto" not in node.__dict__:
+        for sub in _subgraphs(node):
+            reads += _outer_reads(sub)
+    return reads
+
+
+def _subgraphs(node: gs.Node) -> list[gs.Graph]:
+    subs = []
+    for value in node.attrs.values():
+        for sub in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(sub, gs.Graph):
+                subs.append(sub)
+    return subs
+
+
+def _declared(g: gs.Graph) -> set[int]:
+    """The source initializers a graph declares (by identity of their TensorProto)."""
+    src = g.__dict__.get("_src")
+    return {id(init) for init in src.initializer} if src is not None else set()
+
+
+def _local_constant(t: gs.Constant, declared: set[int]) -> bool:
+    """A constant declared by this graph: one of its source initializers, or a new constant
+    (passes create them in the graph that reads them)."""
+    values = t._values
+    return not isinstance(values, ProtoValues) or id(values.tensor) in declared
+
+
+def _outer_reads(sub: gs.Graph) -> list[gs.Tensor]:
+    own = {id(t) for n in sub.nodes for t in n.outputs} | {id(t) for t in sub.inputs}
+    declared = _declared(sub)
+    out = []
+    for n in sub.nodes:
+        for t in _reads(n):
+            if id(t) in own or (isinstance(t, gs.Constant) and _local_constant(t, declared)):
+                continue
+            out.append(t)
+    return out
+
+
+def _is_sorted(nodes: list[gs.Node]) -> bool:
+    position = {id(t): i for i, n in enumerate(nodes) for t in n.outputs}
+    for i, node in enumerate(nodes):
+        for t in _reads(node):
+            j = position.get(id(t))
+            if j is not None and j >= i:
+                return False
+    return True
+
+
+def _toposort(nodes: list[gs.Node]) -> list[gs.Node]:
+    """Kahn's algorithm, ties broken by the current order (stable and deterministic). A cycle
+    keeps its nodes in their current order at the end."""
+    position = {id(t): i for i, n in enumerate(nodes) for t in n.outputs}
+    deps = [set() for _ in nodes]
+    users: list[list[int]] = [[] for _ in nodes]
+    for i, node in enumerate(nodes):
+        for t in _reads(node):
+            j = position.get(id(t))
+            if j is not None and j != i and j not in deps[i]:
+                deps[i].add(j)
+                users[j].append(i)
+    waiting = [len(d) for d in deps]
+    heap = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(heap)
+    out, done = [], [False] * len(nodes)
+    while heap:
+        i = heapq.heappop(heap)
+        out.append(nodes[i])
+        done[i] = True
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(heap, u)
+    out += [n for i, n in enumerate(nodes) if not done[i]]
+    return out
+
+
+def is_sorted(graph: gs.Graph) -> bool:
+    return _is_sorted(graph.nodes)
+
+
+# ----------------------------------------------------------------------------- export
+
+def export_graph(g: gs.Graph, weights: Weights) -> onnx.GraphProto:
+    """``g`` as a GraphProto: source protos for untouched nodes and initializers, headers for
+    large in-memory weights. Constants declared by an enclosing graph stay there."""
+    src: onnx.GraphProto | None = g.__dict__.get("_src")
+    gp = onnx.GraphProto()
+    gp.name = g.name or (src.name if src is not None else "")
+    doc = src.doc_string if src is not None else g.doc_string
+    if doc:
+        gp.doc_string = doc
+    gp.node.extend([_export_node(n, weights) for n in g.nodes])
+
+    declared = _declared(g)
+    used: dict[int, gs.Constant] = {}
+    for t in [t for n in g.nodes for t in _reads(n)] + list(g.inputs) + list(g.outputs):
+        if isinstance(t, gs.Constant) and _local_constant(t, declared) \
+                and not isinstance(t._values, gs.ir.tensor.SparseValues):
+            used.setdefault(id(t), t)
+    by_source = {id(c._values.tensor): c for c in used.values() if isinstance(c._values, ProtoValues)}
+    inits = []
+    if src is not None:  # source initializers first, in source order, while something reads them
+        inits += [_export_tensor(by_source[id(init)], weights) for init in src.initializer if id(init) in by_source]
+    inits += [_export_tensor(c, weights) for c in used.values() if not isinstance(c._values, ProtoValues)]
+    gp.initializer.extend(inits)
+
+    if src is not None:
+        gp.sparse_initializer.extend(src.sparse_initializer)
+        gp.input.extend(src.input)
+        gp.output.extend(src.output)
+        alive = {t.name for n in g.nodes for t in n.outputs} | {c.name for c in used.values()}
+        gp.value_info.extend(vi for vi in src.value_info if vi.name in alive)
+        known = {vi.name for vi in src.value_info} | {vi.name for vi in src.input} | {vi.name for vi in src.output}
+    else:  # pragma: no cover - every graph comes from an import
+        gp.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in g.inputs)
+        gp.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in g.outputs)
+        known = {t.name for t in g.inputs} | {t.name for t in g.outputs}
+    for node in g.nodes:  # value_info of tensors that rewrites created
+        if "_proto" in node.__dict__:
+            continue
+        for t in node.outputs:
+            if t.name and t.name not in known and isinstance(t, gs.Variable) \
+                    and (t.dtype is not None or t.shape is not None):
+                gp.value_info.append(OnnxExporter.export_value_info_proto(t, False))
+                known.add(t.name)
+    return gp
+
+
+def _export_tensor(c: gs.Constant, weights: Weights) -> onnx.TensorProto:
+    values = c._values
+    if isinstance(values, ProtoValues):
+        tensor = values.tensor
+        if tensor.name != c.name:  # pragma: no cover - passes never rename tensors
+            copy = onnx.TensorProto()
+            copy.CopyFrom(tensor)
+            copy.name = c.name
+            return copy
+        if not is_header(tensor) and _inline_bytes(tensor) >= HEADER_MIN_BYTES:
+            return weights.header_for(tensor)
+        return tensor
+    return OnnxExporter.export_tensor_proto(c)
+
+
+def _inline_bytes(tensor: onnx.TensorProto) -> int:
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data)
+    if tensor.data_type in _NP_SIZES:
+        try:
+            return int(np.prod(tensor.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except Exception:  # noqa: BLE001 - exotic type: count it as large
+            return HEADER_MIN_BYTES
+    return 0
+
+
+def _export_node(node: gs.Node, weights: Weights) -> onnx.NodeProto:
+    d = node.__dict__
+    src = d.get("_proto")
+    if src is not None and "_attrs" not in d and node.op == src.op_type and node.name == src.name \
+            and (node.domain or "") == src.domain \
+            and len(node.inputs) == len(src.input) and len(node.outputs) == len(src.output) \
+            and all(t.name == n for t, n in zip(node.inputs, src.input)) \
+            and all(t.name == n for t, n in zip(node.outputs, src.output)):
+        return src
+    proto = onnx.NodeProto()
+    proto.op_type = node.op
+    if node.name:
+        proto.name = node.name
+    if node.domain is not None:
+        proto.domain = node.domain
+    proto.input.extend(t.name for t in node.inputs)
+    proto.output.extend(t.name for t in node.outputs)
+    for key, value in node.attrs.items():
+        if isinstance(value, gs.Graph) or (isinstance(value, list) and value and isinstance(value[0], gs.Graph)):
+            attr = onnx.AttributeProto()
+            attr.name = key
+            if isinstance(value, gs.Graph):
+                attr.type = onnx.AttributeProto.GRAPH
+                attr.g.CopyFrom(export_graph(value, weights))
+            else:
+                attr.type = onnx.AttributeProto.GRAPHS
+                attr.graphs.extend(export_graph(v, weights) for v in value)
+            proto.attribute.append(attr)
+        else:
+            proto.attribute.extend(OnnxExporter.export_attributes({key: value}))
+    if src is not None:
+        if src.HasField("doc_string"):
+            proto.doc_string = src.doc_string
+        proto.metadata_props.extend(src.metadata_props)
+    return proto
+
+
+def export_model(graph: gs.Graph, template: onnx.ModelProto, weights: Weights) -> onnx.ModelProto:
+    """The rewritten model (a skeleton when it holds headers); model-level fields from ``template``."""
+    out = onnx.ModelProto()
+    for key in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        if template.HasField(key):
+            setattr(out, key, getattr(template, key))
+    out.opset_import.extend(template.opset_import)
+    out.metadata_props.extend(template.metadata_props)
+    out.training_info.extend(template.training_info)
+    out.functions.extend(template.functions)
+    out.graph.CopyFrom(export_graph(graph, weights))
+    return out
+
+
+def path_dir(path) -> str:
+    return str(Path(path).resolve().parent)
