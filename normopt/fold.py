@@ -16,6 +16,7 @@ from normopt import pipeline
 from normopt.errors import VerificationError
 from normopt.records import PipelineResult, Rewrite
 from normopt.providers import ProviderChoice, select_provider
+from normopt.targets import veto_for
 from normopt.verify import Loaded, VerifyReport, compare
 
 MAX_ROLLBACK_ROUNDS = 6
@@ -35,6 +36,7 @@ class FoldOptions:
     atol: float | None = None
     rtol: float | None = None
     strict: bool = False
+    target: str = "portable"  # or "onnxruntime": see normopt.targets
 
 
 @dataclass
@@ -56,6 +58,11 @@ class FoldResult:
     def verified(self) -> bool:
         return self.verification is None or self.verification.passed
 
+    @property
+    def records(self) -> list:
+        """One PassRecord per pass run: what it rewrote and what it skipped, with reasons."""
+        return self.pipeline.passes
+
 
 def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
              source: str | os.PathLike | None = None) -> FoldResult:
@@ -73,8 +80,9 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
     exclude: dict[str, str] = {}
     rollbacks: list[Rollback] = []
     allow_upgrade = options.allow_opset_upgrade
+    veto = veto_for(options.target)
     for round_ in range(MAX_ROLLBACK_ROUNDS + 1):
-        out, result = pipeline.run(model, options.passes, pipeline.Options(allow_upgrade, dict(exclude), options.strict))
+        out, result = pipeline.run(model, options.passes, pipeline.Options(allow_upgrade, dict(exclude), options.strict, veto))
         if choice is None:
             return FoldResult(out, result, None, rollbacks)
         report = _verify(reference, out, options, choice)
