@@ -268,8 +268,8 @@ def _fold_batch(models, output, settings: FoldSettings, jobs: int, report_path, 
     failed = [o for o in outcomes if o.exit_code]
     if report_path:
         _write_json(report_path, report.batch_document(
-            [o.report if o.report is not None else report.file_error(o.input, o.status, o.exit_code, o.error)
-             | {"exit_code": o.exit_code} for o in outcomes], seconds))
+            [{**o.report, "exit_code": o.exit_code} if o.report is not None
+             else report.file_error(o.input, o.status, o.exit_code, o.error) for o in outcomes], seconds))
     if not quiet:
         click.echo(f"{len(outcomes)} model(s): {len(outcomes) - len(failed)} ok, {len(failed)} failed; "
                    f"{seconds:.1f} s")
