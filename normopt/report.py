@@ -57,16 +57,22 @@ def pipeline_lines(result: PipelineResult, verbose: bool = False) -> list[str]:
 
 
 def group_reasons(items: list[tuple[str, str]]) -> list[tuple[int, str, list[str]]]:
-    """(count, reason, nodes) per reason, most frequent first; quoted names are merged as '…'
-    when a reason occurs with several of them, else the reason is kept word for word."""
+    """(count, reason, nodes) per kind of reason, most frequent first. Reasons that differ only in
+    quoted names, node names or numbers are one kind, shown with '…' in their place; a reason
+    that occurs with one wording only is shown word for word."""
     templates: dict[str, list[tuple[str, str]]] = {}
     for node, reason in items:
-        templates.setdefault(re.sub(r"'[^']*'", "'…'", reason), []).append((node, reason))
+        templates.setdefault(_template(reason), []).append((node, reason))
     out = []
     for template, members in templates.items():
         reasons = {r for _, r in members}
         out.append((len(members), members[0][1] if len(reasons) == 1 else template, [n for n, _ in members]))
     return sorted(out, key=lambda g: -g[0])
+
+
+def _template(reason: str) -> str:
+    reason = re.sub(r"'[^']*'", "'…'", reason)
+    return re.sub(r"[\w./:\[\]-]*\d[\w./:\[\]-]*", "…", reason)
 
 
 def verify_lines(report: VerifyReport | None, verbose: bool = False) -> list[str]:
