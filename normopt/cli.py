@@ -365,9 +365,11 @@ def inspect_cmd(ctx, model, fmt, pass_list, skip_list, target, no_opset_upgrade,
     for each site it leaves alone. Runs the passes' matching on the model, without verification;
     writes nothing."""
     ctx.meta["normopt.verbose"] = verbose
+    progress.enable(sys.stderr.isatty())
     started = time.perf_counter()
     names = registry.resolve(_split(pass_list), _split(skip_list))
-    source = model_io.load(model)
+    with progress.step(f"loading {model}"):
+        source = model_io.load(model)
     found = inspect_model(source, names, not no_opset_upgrade, target)
     if fmt == "json":
         click.echo(report.to_json(report.inspect_document(model=model, inspection=found, target=target,
