@@ -328,7 +328,7 @@ def _batch_outputs(files: list[Path], output, dry_run: bool) -> list[Path | None
     if output is None or dry_run:
         return [None] * len(files)
     folder = Path(output)
-    if folder.exists() and not folder.is_dir():
+    if (folder.exists() and not folder.is_dir()) or (not folder.exists() and folder.suffix == ".onnx"):
         raise UsageError(f"-o '{folder}' is a file; with several models -o names an output folder")
     if not folder.parent.is_dir():
         raise UsageError(f"cannot create output folder '{folder}': folder '{folder.parent}' does not exist")

@@ -14,7 +14,7 @@ import onnx
 
 from normopt import pipeline
 from normopt.errors import VerificationError
-from normopt.records import PipelineResult, Rewrite
+from normopt.records import PassRecord, PipelineResult, Rewrite
 from normopt.providers import ProviderChoice, select_provider
 from normopt.targets import veto_for
 from normopt.verify import Loaded, VerifyReport, compare
@@ -59,7 +59,7 @@ class FoldResult:
         return self.verification is None or self.verification.passed
 
     @property
-    def records(self) -> list:
+    def records(self) -> list[PassRecord]:
         """One PassRecord per pass run: what it rewrote and what it skipped, with reasons."""
         return self.pipeline.passes
 

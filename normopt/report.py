@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 import re
-import resource
 import sys
 from collections import Counter
 
@@ -134,6 +133,10 @@ def versions() -> dict:
 
 def peak_memory_bytes() -> int:
     """Peak resident memory of this process and of its finished child processes (batch -j)."""
+    try:
+        import resource
+    except ImportError:  # Windows: not measured
+        return 0
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss

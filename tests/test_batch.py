@@ -80,8 +80,10 @@ def test_fold_batch_usage_errors(models, tmp_path):
     res = run("fold", models, models / "a.onnx", "-o", tmp_path / "out")
     assert res.exit_code == 2 and "would both be written to" in res.output
     (tmp_path / "file").write_text("x")
-    res = run("fold", models, "-o", tmp_path / "file")
-    assert res.exit_code == 2 and "names an output folder" in res.output
+    for target in (tmp_path / "file", tmp_path / "new.onnx"):
+        res = run("fold", models, "-o", target)
+        assert res.exit_code == 2 and "names an output folder" in res.output
+    assert not (tmp_path / "new.onnx").exists()
     res = run("fold", models, "-o", models)
     assert res.exit_code == 2 and "is the input file" in res.output
 

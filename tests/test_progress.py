@@ -18,16 +18,18 @@ def enabled(monkeypatch):
 
 
 def test_slow_step_is_announced_with_its_time(enabled, capsys):
+    progress.DELAY = 0.01
     with progress.step("loading big.onnx"):
-        time.sleep(0.3)
+        time.sleep(0.5)
     err = capsys.readouterr().err
     assert err.startswith("loading big.onnx ... done in ") and err.endswith(" s\n")
 
 
 def test_fast_step_and_disabled_progress_print_nothing(enabled, capsys, monkeypatch):
+    progress.DELAY = 0.2
     with progress.step("quick"):
         pass
-    time.sleep(0.1)  # the timer was cancelled: nothing comes later either
+    time.sleep(0.4)  # the timer was cancelled: nothing comes later either
     monkeypatch.setattr(progress, "_enabled", False)
     with progress.step("slow but off"):
         time.sleep(0.1)
