@@ -139,7 +139,7 @@ def _native_site(node: onnx.NodeProto, label: str, path: str, ran: set[str]) -> 
     if "fold-batchnorm" not in ran:
         return Site(BATCH_NORM, "native", SKIP, [label], output, path, None, None, "fold-batchnorm was not run")
     return Site(BATCH_NORM, "native", KEEP, [label], output, path, "fold-batchnorm", None,
-                "not a fold candidate (not in the default ONNX domain)")
+                "not a fold candidate (fold-batchnorm did not consider it)")
 
 
 def _weight_norms(graph: onnx.GraphProto, path: str) -> Iterator[Site]:
