@@ -1,26 +1,35 @@
-"""Command line: ``normopt fold``, ``normopt verify``, ``normopt passes``.
+"""Command line: ``normopt fold``, ``normopt verify``, ``normopt inspect``, ``normopt passes``.
 
 Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 requested provider
-unavailable. Errors are one line on stderr; ``-v`` adds the traceback.
+unavailable, 4 ``fold --check`` found rewrites left to apply. Errors are one line on stderr;
+``-v`` adds the traceback.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
+import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 
-from normopt import model_io, registry, report
-from normopt.errors import ModelSaveError, NormoptError, UsageError, VerificationError
+from normopt import model_io, progress, registry, report
+from normopt.errors import (ModelSaveError, NormoptError, NotFoldedError, ProviderUnavailableError, UsageError,
+                            VerificationError)
 from normopt.fold import FoldOptions, optimize
 from normopt.inputs import parse_ranges, parse_shapes
+from normopt.sites import inspect_model, sites_from_records
+from normopt.targets import TARGETS
 from normopt.verify import Loaded, compare
 
-EXIT_CODES = "Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 requested provider unavailable."
+EXIT_CODES = ("Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 requested provider unavailable, "
+              "4 fold --check: rewrites left to apply.")
 
 
 class _Group(click.Group):
@@ -77,11 +86,21 @@ def _verify_options(fn):
 
 
 @cli.command(epilog=EXIT_CODES)
-@click.argument("model", type=click.Path())
-@click.option("-o", "--output", type=click.Path(), default=None, help="Output path (default: <stem>.normopt.onnx beside MODEL).")
+@click.argument("models", nargs=-1, required=True, type=click.Path(), metavar="MODEL...")
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Output path (default: <stem>.normopt.onnx beside MODEL); with several models or a folder, "
+                   "an output folder (created if missing).")
 @click.option("--passes", "pass_list", default=None, metavar="A,B", help="Run only these passes (see 'normopt passes').")
 @click.option("--skip", "skip_list", default=None, metavar="A,B", help="Do not run these passes.")
+@click.option("--target", type=click.Choice(TARGETS), default="portable", show_default=True,
+              help="portable: the single standard op for every site; onnxruntime: keep the forms onnxruntime "
+                   "runs best (no GroupNormalization).")
 @click.option("--dry-run", is_flag=True, help="Rewrite and verify, but write no model.")
+@click.option("--check", is_flag=True,
+              help="Rewrite and verify in memory, write nothing; exit 4 and list the sites when rewrites are "
+                   "left to apply, 0 when none.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Models folded in parallel (one process each).")
 @click.option("--no-verify", is_flag=True, help="Do not verify with onnxruntime.")
 @click.option("--force", is_flag=True, help="Write the output even when verification fails.")
 @click.option("--strict", is_flag=True, help="Fail (exit 1) when any rewrite had to be rolled back; also run the ONNX checker after every pass.")
@@ -89,67 +108,298 @@ def _verify_options(fn):
 @click.option("--external-data", is_flag=True, help="Store weights in <output>.data beside the output.")
 @_verify_options
 @click.pass_context
-def fold(ctx, model, output, pass_list, skip_list, dry_run, no_verify, force, strict, no_opset_upgrade,
-         external_data, provider, seed, trials, input_shapes, input_ranges, inputs_file, atol, rtol,
+def fold(ctx, models, output, pass_list, skip_list, target, dry_run, check, jobs, no_verify, force, strict,
+         no_opset_upgrade, external_data, provider, seed, trials, input_shapes, input_ranges, inputs_file, atol, rtol,
          report_path, verbose, quiet):
-    """Fold and fuse normalization layers of MODEL, verify, and write the result.
+    """Fold and fuse normalization layers of each MODEL (a file or a folder of .onnx files), verify,
+    and write the result.
 
     The input file is never modified; the output is written atomically and only when it
-    verifies (unless --force or --no-verify).
+    verifies (unless --force or --no-verify). With several models, each gets a status line and
+    the run a summary; the exit code is that of the first model that failed.
     """
     ctx.meta["normopt.verbose"] = verbose
+    progress.enable(sys.stderr.isatty() and not quiet)
     names = registry.resolve(_split(pass_list), _split(skip_list))
-    source = model_io.load(model)  # first: a missing input is named as such, not as a missing output folder
-    out_path = Path(output) if output else model_io.default_output(model)
-    if not dry_run and Path(model).exists() and out_path.exists() and out_path.resolve() == Path(model).resolve():
-        raise UsageError(f"output '{out_path}' is the input file; choose another -o")
-    if not dry_run and not out_path.parent.is_dir():
-        raise UsageError(f"cannot write '{out_path}': folder '{out_path.parent}' does not exist")
-    _check_report_path(report_path)
     options = FoldOptions(passes=names, allow_opset_upgrade=not no_opset_upgrade, verify=not no_verify,
                           provider=provider, seed=seed, trials=trials, input_shapes=parse_shapes(input_shapes),
                           input_ranges=parse_ranges(input_ranges), inputs_file=inputs_file, atol=atol, rtol=rtol,
-                          strict=strict)
+                          strict=strict, target=target)
+    settings = FoldSettings(options, dry_run=dry_run or check, force=force, external_data=external_data,
+                            check=check, verbose=verbose)
+    _check_report_path(report_path)
+    if len(models) > 1 or Path(models[0]).is_dir():
+        _fold_batch(models, output, settings, jobs, report_path, quiet)
+        return
+    outcome = fold_file(models[0], output, settings)
+    if report_path and outcome.report is not None:
+        _write_json(report_path, outcome.report)
+    if not quiet:
+        for line in outcome.lines:
+            click.echo(line)
+    if outcome.exit_code:
+        raise _error(outcome.exit_code, outcome.error)
+
+
+@dataclass
+class FoldSettings:
+    """What ``fold`` does with one model besides the passes (picklable: it goes to worker processes)."""
+
+    options: FoldOptions
+    dry_run: bool = False
+    force: bool = False
+    external_data: bool = False
+    check: bool = False
+    verbose: bool = False
+
+
+@dataclass
+class FileOutcome:
+    """One model's fold: the summary lines, the report document, and the exit code it earns."""
+
+    input: str
+    output: str | None = None
+    status: str = "ok"
+    exit_code: int = 0
+    error: str = ""
+    lines: list[str] = field(default_factory=list)
+    report: dict | None = None
+    brief: str = ""  # the batch status line's details
+    pending: list = field(default_factory=list)
+
+
+def fold_file(model: str, output: str | None, s: FoldSettings) -> FileOutcome:
+    """Fold one model: load, rewrite + verify, write. Bad input raises NormoptError; a model
+    that fails verification (or --check) is an outcome with a non-zero exit code."""
+    started = time.perf_counter()
+    with progress.step(f"loading {model}"):
+        source = model_io.load(model)  # first: a missing input is named as such, not as a missing output folder
+    out_path = Path(output) if output else model_io.default_output(model)
+    if not s.dry_run and Path(model).exists() and out_path.exists() and out_path.resolve() == Path(model).resolve():
+        raise UsageError(f"output '{out_path}' is the input file; choose another -o")
+    if not s.dry_run and not out_path.parent.is_dir():
+        raise UsageError(f"cannot write '{out_path}': folder '{out_path.parent}' does not exist")
     full_ok = model_io.passes_full_check(source)
-    options.external_data = True if external_data else None
+    s.options.external_data = True if s.external_data else None
     # Candidates are written beside the output: the verified one is then renamed into place.
-    stage_dir = _stage_dir(out_path) if (options.verify and not dry_run) else None
+    stage_dir = _stage_dir(out_path) if (s.options.verify and not s.dry_run) else None
     try:
-        try:
-            result = optimize(source, options, source=model,
-                              stage=stage_dir / out_path.name if stage_dir is not None else None)
-        except VerificationError as err:  # --strict and a rollback, or a non-deterministic input: reported too
-            if report_path and getattr(err, "result", None) is not None:
-                _write_fold_report(report_path, model, None, err.result, err.status)
-            raise
-        verified = result.verified
-        write = not dry_run and (verified or force)
-        if write:
-            _check_output(result.rewritten.model, full_ok)
-            if result.staged is not None:
-                _commit_staged(result.staged, out_path)
-            else:
-                model_io.save(result.rewritten, out_path, external_data=options.external_data)
+        return _fold_staged(model, source, out_path, full_ok, s, stage_dir, started)
     finally:
         if stage_dir is not None:
             shutil.rmtree(stage_dir, ignore_errors=True)
-    if report_path:
-        _write_fold_report(report_path, model, out_path if write else None, result,
-                           "ok" if verified else "verification_failed")
-    if not quiet:
-        for line in report.pipeline_lines(result.pipeline, verbose):
-            click.echo(line)
-        for line in report.verify_lines(result.verification, verbose):
-            click.echo(line)
-        for rb in result.rollbacks:
-            click.echo(f"rolled back {rb.pass_name} at {rb.anchor}: {rb.reason}")
-        if write:
-            click.echo(f"wrote {out_path}")
-        elif dry_run:
-            click.echo("dry run: no output written")
+
+
+def _fold_staged(model, source, out_path: Path, full_ok: bool, s: FoldSettings, stage_dir: Path | None,
+                 started: float) -> FileOutcome:
+    try:
+        result = optimize(source, s.options, source=model,
+                          stage=stage_dir / out_path.name if stage_dir is not None else None)
+    except VerificationError as err:  # --strict and a rollback, or a non-deterministic input: reported too
+        if getattr(err, "result", None) is None:
+            raise
+        doc = report.fold_document(input=model, output=None, status=err.status, result=err.result,
+                                   target=s.options.target, seconds=time.perf_counter() - started)
+        return FileOutcome(str(model), None, err.status, err.exit_code, str(err), [], doc, str(err))
+    verified = result.verified
+    write = not s.dry_run and (verified or s.force)
+    if write:
+        _check_output(result.rewritten.model, full_ok)
+        with progress.step(f"saving {out_path}"):
+            if result.staged is not None:  # the verified candidate, written beside the output
+                _commit_staged(result.staged, out_path)
+            else:
+                model_io.save(result.rewritten, out_path, external_data=s.options.external_data)
+    pending = sites_from_records(source, result.model, result.pipeline).pending if s.check else []
+    status = "ok" if verified else "verification_failed"
+    if verified and pending:
+        status = "not_folded"
+    seconds = time.perf_counter() - started
+    doc = report.fold_document(input=model, output=str(out_path) if write else None, status=status, result=result,
+                               target=s.options.target, seconds=seconds, pending=pending)
+    lines = report.pipeline_lines(result.pipeline, s.verbose) + report.verify_lines(result.verification, s.verbose)
+    lines += [f"rolled back {rb.pass_name} at {rb.anchor}: {rb.reason}" for rb in result.rollbacks]
+    if write:
+        lines.append(f"wrote {out_path}")
+    elif s.check:
+        lines.append(f"check: {len(pending)} rewrite(s) left to apply" + (":" if pending else "; nothing to do"))
+        lines += ["  " + line for line in report.site_lines(pending, s.verbose)]
+    elif s.dry_run:
+        lines.append("dry run: no output written")
+    lines.append(f"time: {seconds:.2f} s")
+    outcome = FileOutcome(str(model), str(out_path) if write else None, status, 0, "", lines, doc, pending=pending)
+    outcome.brief = _brief(result, pending if s.check else None)
     if not verified:
         suffix = "output written anyway (--force)" if write else "output NOT written (use --force to write it anyway)"
-        raise VerificationError(f"{report.failure_message(result.verification)}; {suffix}")
+        outcome.exit_code, outcome.error = 1, f"{report.failure_message(result.verification)}; {suffix}"
+    elif pending:
+        outcome.exit_code = NotFoldedError.exit_code
+        outcome.error = f"--check: {len(pending)} rewrite(s) left to apply; run 'normopt fold' on it"
+    return outcome
+
+
+def _brief(result, pending) -> str:
+    parts = [f"{len(result.pipeline.applied)} rewrite(s)", f"nodes {result.pipeline.nodes_before} -> "
+             f"{result.pipeline.nodes_after}"]
+    if pending is not None:
+        parts[0] = f"{len(pending)} rewrite(s) left" if pending else "nothing left to rewrite"
+    v = result.verification
+    if v is None:
+        parts.append("not verified")
+    elif v.passed:
+        worst = max((o.max_abs for o in v.outputs), default=0.0)
+        parts.append(f"verified on {v.provider.upper()} (max |diff| {worst:.1e})")
+    else:
+        parts.append("verification FAILED")
+    if result.rollbacks:
+        parts.append(f"{len(result.rollbacks)} rolled back")
+    return ", ".join(parts)
+
+
+def _error(code: int, message: str) -> NormoptError:
+    cls = {1: VerificationError, NotFoldedError.exit_code: NotFoldedError, 3: ProviderUnavailableError}.get(code)
+    err = cls(message) if cls else NormoptError(message)
+    err.exit_code = code
+    return err
+
+
+# ----------------------------------------------------------------------------- batch
+
+def _fold_batch(models, output, settings: FoldSettings, jobs: int, report_path, quiet: bool) -> None:
+    started = time.perf_counter()
+    files = _expand(models)
+    outputs = _batch_outputs(files, output, settings.dry_run)
+    tasks = [(str(f), str(o) if o else None, settings) for f, o in zip(files, outputs)]
+    if jobs == 1 or len(tasks) == 1:
+        results = map(_fold_task, tasks)
+        pool = None
+    else:
+        pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"))
+        results = pool.map(_fold_task, tasks)
+    outcomes = []
+    try:
+        for outcome in results:
+            outcomes.append(outcome)
+            _print_status(outcome, settings, quiet)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    seconds = time.perf_counter() - started
+    failed = [o for o in outcomes if o.exit_code]
+    if report_path:
+        _write_json(report_path, report.batch_document(
+            [{**o.report, "exit_code": o.exit_code} if o.report is not None
+             else report.file_error(o.input, o.status, o.exit_code, o.error) for o in outcomes], seconds))
+    if not quiet:
+        click.echo(f"{len(outcomes)} model(s): {len(outcomes) - len(failed)} ok, {len(failed)} failed; "
+                   f"{seconds:.1f} s")
+    if failed:
+        first = failed[0]
+        raise _error(first.exit_code, f"{len(failed)} of {len(outcomes)} model(s) failed (first: {first.input}: "
+                                      f"{first.error})")
+
+
+def _fold_task(task) -> FileOutcome:
+    """One model of a batch (in a worker process with -j): never raises."""
+    model, output, settings = task
+    try:
+        return fold_file(model, output, settings)
+    except NormoptError as err:
+        return FileOutcome(model, None, "error", err.exit_code, str(err))
+    except Exception as err:  # a bug: the other models still run
+        return FileOutcome(model, None, "error", 2, f"internal error: {type(err).__name__}: {err}")
+
+
+def _print_status(o: FileOutcome, settings: FoldSettings, quiet: bool) -> None:
+    if o.exit_code:
+        tag = "LEFT" if o.exit_code == NotFoldedError.exit_code else "FAILED"
+        click.echo(click.style(f"{tag:7}", fg="red", bold=True) + f" {o.input}: {o.error} (exit {o.exit_code})",
+                   err=True)
+        if o.pending and not quiet:
+            for line in report.site_lines(o.pending, settings.verbose):
+                click.echo(f"          {line}", err=True)
+        return
+    if quiet:
+        return
+    where = f" -> {o.output}" if o.output else ""
+    click.echo(click.style(f"{'ok':7}", fg="green") + f" {o.input}{where}: {o.brief}")
+    if settings.verbose:
+        for line in o.lines:
+            click.echo(f"          {line}")
+
+
+def _expand(models) -> list[Path]:
+    """Files as given; a folder stands for its .onnx files (not recursive; earlier outputs,
+    *.normopt.onnx, excluded), sorted by name."""
+    files: list[Path] = []
+    for item in models:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.glob("*.onnx") if f.is_file() and not f.name.endswith(".normopt.onnx"))
+            if not found:
+                raise UsageError(f"folder '{p}' has no .onnx models")
+            files.extend(found)
+        else:
+            files.append(p)
+    return files
+
+
+def _batch_outputs(files: list[Path], output, dry_run: bool) -> list[Path | None]:
+    if output is None or dry_run:
+        return [None] * len(files)
+    folder = Path(output)
+    if (folder.exists() and not folder.is_dir()) or (not folder.exists() and folder.suffix == ".onnx"):
+        raise UsageError(f"-o '{folder}' is a file; with several models -o names an output folder")
+    if not folder.parent.is_dir():
+        raise UsageError(f"cannot create output folder '{folder}': folder '{folder.parent}' does not exist")
+    outs = [folder / f.name for f in files]
+    seen: dict[Path, Path] = {}
+    for f, out in zip(files, outs):
+        if out in seen:
+            raise UsageError(f"'{seen[out]}' and '{f}' would both be written to '{out}'; fold them separately")
+        seen[out] = f
+        if f.exists() and out.exists() and out.resolve() == f.resolve():
+            raise UsageError(f"output '{out}' is the input file; choose another -o folder")
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create output folder '{folder}': {err.strerror or err}") from err
+    return outs
+
+
+# ----------------------------------------------------------------------------- inspect
+
+@cli.command("inspect", epilog=EXIT_CODES)
+@click.argument("model", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="text for people, json (see normopt/schema/report.schema.json) for tools.")
+@click.option("--passes", "pass_list", default=None, metavar="A,B", help="Run only these passes.")
+@click.option("--skip", "skip_list", default=None, metavar="A,B", help="Do not run these passes.")
+@click.option("--target", type=click.Choice(TARGETS), default="portable", show_default=True,
+              help="As for fold: which rewrites the target keeps.")
+@click.option("--no-opset-upgrade", is_flag=True, help="As for fold: report fusions that need a newer opset as skipped.")
+@click.option("-v", "--verbose", is_flag=True, help="Every node of each site; tracebacks on errors.")
+@click.pass_context
+def inspect_cmd(ctx, model, fmt, pass_list, skip_list, target, no_opset_upgrade, verbose):
+    """List every normalization site of MODEL and what 'fold' would do with it, with the reason
+    for each site it leaves alone. Runs the passes' matching on the model, without verification;
+    writes nothing."""
+    ctx.meta["normopt.verbose"] = verbose
+    progress.enable(sys.stderr.isatty())
+    started = time.perf_counter()
+    names = registry.resolve(_split(pass_list), _split(skip_list))
+    with progress.step(f"loading {model}"):
+        source = model_io.load(model)
+    found = inspect_model(source, names, not no_opset_upgrade, target)
+    if fmt == "json":
+        click.echo(report.to_json(report.inspect_document(model=model, inspection=found, target=target,
+                                                          seconds=time.perf_counter() - started)))
+        return
+    click.echo(report.inspect_summary(model, found))
+    for up in found.pipeline.upgrades:
+        click.echo(f"fold raises the opset {up.from_version} -> {up.to_version} (for {up.for_pass})")
+    for line in report.site_lines(found.sites, verbose):
+        click.echo(f"  {line}")
 
 
 @cli.command(epilog=EXIT_CODES)
@@ -161,14 +411,17 @@ def verify(ctx, reference, candidate, provider, seed, trials, input_shapes, inpu
            report_path, verbose, quiet):
     """Compare two models with the same inputs and outputs (exit 0 equal, 1 different)."""
     ctx.meta["normopt.verbose"] = verbose
+    progress.enable(sys.stderr.isatty() and not quiet)
+    started = time.perf_counter()
     _check_report_path(report_path)
     # Read once, with clear errors for unreadable files; onnxruntime loads the files themselves.
     result = compare(*(Loaded(p, model_io.load(p)) for p in (reference, candidate)), provider=provider, seed=seed, trials=trials,
                      input_shapes=parse_shapes(input_shapes), input_ranges=parse_ranges(input_ranges),
                      inputs_file=inputs_file, atol=atol, rtol=rtol)
     if report_path:
-        _write_report(report_path, reference=str(reference), candidate=str(candidate),
-                      status="ok" if result.passed else "verification_failed", verification=result)
+        _write_json(report_path, report.verify_document(
+            reference=reference, candidate=candidate, status="ok" if result.passed else "verification_failed",
+            verification=result, seconds=time.perf_counter() - started))
     if not quiet:
         for line in report.verify_lines(result, verbose):
             click.echo(line)
@@ -224,16 +477,9 @@ def _check_report_path(path: str | None) -> None:
         raise UsageError(f"cannot write report '{path}': folder '{Path(path).parent}' does not exist")
 
 
-def _write_fold_report(path: str, model: str, output: Path | None, result, status: str) -> None:
-    _write_report(path, input=str(model), output=str(output) if output else None, written=output is not None,
-                  status=status, passes=result.pipeline.passes, opset_upgrades=result.pipeline.upgrades,
-                  nodes_before=result.pipeline.nodes_before, nodes_after=result.pipeline.nodes_after,
-                  seconds=result.pipeline.seconds, verification=result.verification, rollbacks=result.rollbacks)
-
-
-def _write_report(path: str, **parts) -> None:
+def _write_json(path: str, doc: dict) -> None:
     try:
-        Path(path).write_text(report.to_json(**parts) + "\n")
+        Path(path).write_text(report.to_json(doc) + "\n")
     except OSError as err:
         raise UsageError(f"cannot write report '{path}': {err.strerror or err}") from err
 

@@ -33,3 +33,9 @@ class ProviderUnavailableError(NormoptError):
     """The execution provider the user asked for cannot really be used."""
 
     exit_code = 3
+
+
+class NotFoldedError(NormoptError):
+    """``fold --check``: the model still has rewrites to apply."""
+
+    exit_code = 4

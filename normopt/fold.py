@@ -17,8 +17,9 @@ import onnx
 
 from normopt import ir, model_io, pipeline
 from normopt.errors import VerificationError
-from normopt.records import PipelineResult, Rewrite
+from normopt.records import PassRecord, PipelineResult, Rewrite
 from normopt.providers import ProviderChoice, select_provider
+from normopt.targets import veto_for
 from normopt.verify import Loaded, VerifyReport, compare
 
 MAX_ROLLBACK_ROUNDS = 6
@@ -38,6 +39,7 @@ class FoldOptions:
     atol: float | None = None
     rtol: float | None = None
     strict: bool = False
+    target: str = "portable"  # or "onnxruntime": see normopt.targets
     # Layout of the verified candidate written for onnxruntime (None: the input's; see model_io.save).
     external_data: bool | None = None
 
@@ -70,6 +72,11 @@ class FoldResult:
     def verified(self) -> bool:
         return self.verification is None or self.verification.passed
 
+    @property
+    def records(self) -> list[PassRecord]:
+        """One PassRecord per pass run: what it rewrote and what it skipped, with reasons."""
+        return self.pipeline.passes
+
 
 def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
              source: str | os.PathLike | None = None, stage: str | os.PathLike | None = None) -> FoldResult:
@@ -93,13 +100,14 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
     exclude: dict[str, str] = {}
     rollbacks: list[Rollback] = []
     allow_upgrade = options.allow_opset_upgrade
+    veto = veto_for(options.target)
     own_stage = None
     if choice is not None and stage is None:
         own_stage = Path(tempfile.mkdtemp(prefix="normopt-verify-"))
         stage = own_stage / "model.onnx"
     try:
         for round_ in range(MAX_ROLLBACK_ROUNDS + 1):
-            out, result = pipeline.run(model, options.passes, pipeline.Options(allow_upgrade, dict(exclude), options.strict),
+            out, result = pipeline.run(model, options.passes, pipeline.Options(allow_upgrade, dict(exclude), options.strict, veto),
                                        base_dir=base_dir, lazy=True)
             if choice is None:
                 return FoldResult(out, result, None, rollbacks)

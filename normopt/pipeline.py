@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
 
-from normopt import graph as G, ir
+from normopt import graph as G, ir, progress
 from normopt.errors import ModelLoadError, ModelSaveError
 from normopt.model_io import Skeleton, all_graphs, min_ir_version, without_weights
 from normopt.pattern import Match
@@ -96,6 +96,8 @@ class Options:
     # Rolled-back rewrites: kept output tensor name -> why it was rolled back.
     exclude: dict[str, str] = field(default_factory=dict)
     strict: bool = False
+    # (pass name, match) -> why this rewrite must not be applied (a --target choice), or None.
+    veto: Callable[[str, Match], str | None] | None = None
 
 
 def run(model: onnx.ModelProto, passes: list[str] | None = None, options: Options | None = None, *,
@@ -119,6 +121,7 @@ def run(model: onnx.ModelProto, passes: list[str] | None = None, options: Option
     for name in names:
         pass_ = table[name]()
         t0 = time.perf_counter()
+        shown = progress.begin(f"pass {name}")
         record, need = _run_pass(pass_, graph, current, shapes, scope, options, upgrade_note=None)
         if need:
             # Rewrites that needed no upgrade may already be applied: keep them (and their
@@ -144,6 +147,7 @@ def run(model: onnx.ModelProto, passes: list[str] | None = None, options: Option
             record, _ = _run_pass(pass_, graph, current, shapes, scope, options, upgrade_note=note)
             record.applied[:0] = earlier
         record.seconds = time.perf_counter() - t0
+        progress.end(shown)
         result.passes.append(record)
         if options.strict:
             ir.finish(graph)
@@ -201,6 +205,10 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, names
                     continue
                 if found.output.name in options.exclude:
                     skipped.append(Skip(pass_.name, label, f"rolled back: {options.exclude[found.output.name]}", path))
+                    continue
+                vetoed = options.veto(pass_.name, found) if options.veto else None
+                if vetoed:
+                    skipped.append(Skip(pass_.name, label, vetoed, path))
                     continue
                 required = pass_.required_opset(found)
                 if required > opset:

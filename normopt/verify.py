@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from normopt import progress
 from normopt.errors import ProviderUnavailableError, UsageError
 from normopt.inputs import DEFAULT_DYNAMIC_DIM, FALLBACK_DYNAMIC_DIMS, InputSpec, make_feeds
 from normopt.ir import Weights
@@ -57,6 +58,14 @@ class OutputDiff:
 
 
 @dataclass
+class Session:
+    """One onnxruntime session: which model it ran and the providers ``get_providers()`` gave."""
+
+    model: str  # "reference" or "candidate"
+    providers: list[str]
+
+
+@dataclass
 class VerifyReport:
     provider: str
     provider_note: str
@@ -65,6 +74,7 @@ class VerifyReport:
     trials: int
     inputs: list[InputSpec] = field(default_factory=list)
     outputs: list[OutputDiff] = field(default_factory=list)
+    sessions: list[Session] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -78,8 +88,10 @@ class VerifyReport:
 # ----------------------------------------------------------------------------- running
 
 def run_model(model: onnx.ModelProto | str | os.PathLike, feeds_list: list[dict], provider: str,
-              outputs: list[str] | None = None) -> list[dict[str, np.ndarray]]:
-    """Outputs of ``model`` for each feed dict, in one session that is closed afterwards."""
+              outputs: list[str] | None = None, sessions: list[list[str]] | None = None,
+              ) -> list[dict[str, np.ndarray]]:
+    """Outputs of ``model`` for each feed dict, in one session that is closed afterwards.
+    ``sessions`` receives the session's ``get_providers()``."""
     import onnxruntime as ort
 
     with _session_source(model) as source:
@@ -87,6 +99,8 @@ def run_model(model: onnx.ModelProto | str | os.PathLike, feeds_list: list[dict]
             session = ort.InferenceSession(source, session_options(), providers=providers(provider))
         except Exception as err:
             raise UsageError(_ort_failure("cannot load the model", err)) from err
+        if sessions is not None:
+            sessions.append(list(session.get_providers()))
         if provider == "cuda" and session.get_providers()[0] != CUDA:
             # The probe ran on CUDA but this session fell back: never report CPU results as CUDA.
             raise ProviderUnavailableError("CUDA provider did not start for this model; rerun with --provider cpu")
@@ -252,12 +266,15 @@ def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trial
         ref_model, new_model = _exposed(original, extra_outputs), _exposed(rewritten, extra_outputs)
         names = names + list(extra_outputs)
     sizes = (DEFAULT_DYNAMIC_DIM,) + FALLBACK_DYNAMIC_DIMS
+    ref_sessions: list[list[str]] = []
+    new_sessions: list[list[str]] = []
     for size in sizes:
         trial_feeds = [make_feeds(ref_header, seed + t, input_shapes, input_ranges, inputs_file, size)
                        for t in range(trials)]
         feeds_list, specs = [f for f, _ in trial_feeds], trial_feeds[0][1]
         try:
-            ref_out = run_model(ref_model, feeds_list * (2 if repeat else 1), choice.name, names)
+            with progress.step("onnxruntime: running the reference model"):
+                ref_out = run_model(ref_model, feeds_list * (2 if repeat else 1), choice.name, names, ref_sessions)
             break
         except ModelRunError:
             # Only sizes we chose may be wrong for the model; try a larger one.
@@ -266,8 +283,11 @@ def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trial
     if repeat:
         ref_out, new_out = ref_out[:trials], ref_out[trials:]
     else:
-        new_out = run_model(new_model, feeds_list, choice.name, names)
-    report = VerifyReport(choice.name, choice.note, choice.tf32, seed, trials, specs)
+        with progress.step("onnxruntime: running the rewritten model"):
+            new_out = run_model(new_model, feeds_list, choice.name, names, new_sessions)
+    report = VerifyReport(choice.name, choice.note, choice.tf32, seed, trials, specs,
+                          sessions=[Session("reference", ref_sessions[-1])]
+                          + [Session("candidate", p) for p in new_sessions[-1:]])
     compute = compute_dtype(ref_header)
     for name in names:
         diffs = [compare_arrays(name, r[name], n[name], atol, rtol, compute) for r, n in zip(ref_out, new_out)]

@@ -1,5 +1,6 @@
 """The command line: exit codes, messages, outputs, reports."""
 import json
+import re
 import subprocess
 import sys
 
@@ -32,7 +33,7 @@ def test_cli_fold_writes_default_output_and_summary(model_path):
     assert res.exit_code == 0, res.output
     out = model_path.with_name("net.normopt.onnx")
     assert op_counts(onnx.load(out)) == {"Conv": 3, "Relu": 3}
-    assert "fold-batchnorm: 3 applied, 0 skipped" in res.output
+    assert re.search(r"^fold-batchnorm +3 +0$", res.output, re.M)  # pass, applied, skipped
     assert "nodes: 9 -> 6" in res.output and "verify: passed on" in res.output and f"wrote {out}" in res.output
     assert model_path.read_bytes() == before
 
@@ -50,7 +51,7 @@ def test_cli_fold_output_option_report_and_byte_identical_rerun(model_path, tmp_
                                                  "source": "normal(0, 1)", "defaulted": False}
     again = tmp_path / "c.onnx"
     res = invoke("fold", a, "-o", again)
-    assert "fold-batchnorm: 0 applied" in res.output and again.read_bytes() == a.read_bytes()
+    assert re.search(r"^fold-batchnorm +0 ", res.output, re.M) and again.read_bytes() == a.read_bytes()
 
 
 def test_cli_fold_dry_run_writes_nothing(model_path):
@@ -84,7 +85,6 @@ def _rejected(tmp_path, rng):
 
 @pytest.mark.parametrize("make, message", [
     (lambda tmp, m, rng: tmp / "missing.onnx", "no such file"),
-    (lambda tmp, m, rng: tmp, "is a directory"),
     (lambda tmp, m, rng: _write(tmp, "empty.onnx", b""), "file is empty"),
     (lambda tmp, m, rng: _write(tmp, "rand.onnx", np.random.default_rng(0).bytes(256)), "not an ONNX model"),
     (lambda tmp, m, rng: _truncated(tmp, m), "cannot read"),

@@ -1,0 +1,67 @@
+"""The Python API: optimize / verify / inspect on models in memory and on disk; the README example runs."""
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import normopt
+from helpers import op_counts
+from normopt.errors import ModelLoadError, UsageError
+from test_fold import conv_bn_chain
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_optimize_model_in_memory_and_path_with_external_data(tmp_path, rng):
+    model = conv_bn_chain(rng)
+    before = model.SerializeToString()
+    result = normopt.optimize(model, provider="cpu")
+    assert result.verified and op_counts(result.model) == {"Conv": 3, "Relu": 3}
+    assert [r.name for r in result.records][0] == "fold-batchnorm" and len(result.records[0].applied) == 3
+    assert model.SerializeToString() == before
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="ext.data",
+              size_threshold=0)
+    on_disk = normopt.optimize(path, provider="cpu", passes=["fold-batchnorm"])
+    assert on_disk.verified and op_counts(on_disk.model) == {"Conv": 3, "Relu": 3}
+    assert [s.model for s in on_disk.verification.sessions] == ["reference", "candidate"]
+    assert normopt.optimize(str(path), verify=False).verification is None
+
+
+def test_optimize_accepts_fold_options_and_rejects_bad_input(tmp_path, rng):
+    result = normopt.optimize(conv_bn_chain(rng), normopt.FoldOptions(provider="cpu", passes=["fuse-layernorm"]))
+    assert [r.name for r in result.records] == ["fuse-layernorm"]
+    with pytest.raises(ModelLoadError, match="no such file"):
+        normopt.optimize(tmp_path / "missing.onnx")
+    with pytest.raises(UsageError, match="unknown target"):
+        normopt.optimize(conv_bn_chain(rng), target="tensorrt")
+    with pytest.raises(UsageError, match="unknown pass"):
+        normopt.optimize(conv_bn_chain(rng), passes=["fold-bn"])
+    with pytest.raises(TypeError):
+        normopt.optimize(b"bytes")
+
+
+def test_verify_and_inspect(rng):
+    model = conv_bn_chain(rng)
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    w = onnx.numpy_helper.to_array(other.graph.initializer[0]) * 2
+    other.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w.astype(np.float32), "w1"))
+    assert normopt.verify(model, model, provider="cpu").passed
+    assert not normopt.verify(model, other, provider="cpu").passed
+    found = normopt.inspect(model)
+    assert [s.action for s in found.sites] == ["rewrite"] * 3 and len(found.pending) == 3
+    from normopt.verify import compare  # the module stays importable
+    assert compare(model, model, provider="cpu").passed
+
+
+def test_readme_python_example_runs(monkeypatch, capsys):
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Python API"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(ROOT)
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "fold-batchnorm: 5 applied, 0 skipped" in out and "BatchNormalization rewrite folded into Conv" in out
