@@ -72,6 +72,10 @@ class FoldResult:
     def verified(self) -> bool:
         return self.verification is None or self.verification.passed
 
+    def save(self, path: str | os.PathLike, external_data: bool | None = None) -> list[Path]:
+        """Write the rewritten model (weights streamed from where they are; see model_io.save)."""
+        return model_io.save(self.rewritten, path, external_data=external_data)
+
     @property
     def records(self) -> list[PassRecord]:
         """One PassRecord per pass run: what it rewrote and what it skipped, with reasons."""

@@ -234,12 +234,18 @@ class ProtoVariable(gs.Variable):
     type = property(lambda self: self._get("_type"), lambda self, v: self.__dict__.__setitem__("_type", v))
 
 
+_new_list = SynchronizedList.__new__
+
+
 def _sync_list(parent, field_name: str, items: list) -> SynchronizedList:
-    sl = SynchronizedList.__new__(SynchronizedList)
-    sl.parent_obj, sl.field_name = parent, field_name
-    list.extend(sl, items)
-    for item in items:
-        list.append(getattr(item, field_name), parent)
+    """graphsurgeon's SynchronizedList, built without its per-element Python overrides."""
+    sl = _new_list(SynchronizedList)
+    d = sl.__dict__
+    d["parent_obj"], d["field_name"] = parent, field_name
+    if items:
+        list.extend(sl, items)
+        for item in items:
+            list.append(item.__dict__[field_name], parent)
     return sl
 
 
@@ -247,9 +253,12 @@ def _new_tensor(cls, name: str):
     t = object.__new__(cls)
     d = t.__dict__
     d["name"] = name
-    d["inputs"] = _sync_list(t, "outputs", [])
-    d["outputs"] = _sync_list(t, "inputs", [])
+    d["inputs"] = _sync_list(t, "outputs", ())
+    d["outputs"] = _sync_list(t, "inputs", ())
     return t
+
+
+_UNTYPED = {"_dtype": None, "_shape": None, "_type": "tensor_type"}
 
 
 def _variable(name: str, vi: onnx.ValueInfoProto | None = None) -> ProtoVariable:
@@ -257,7 +266,7 @@ def _variable(name: str, vi: onnx.ValueInfoProto | None = None) -> ProtoVariable
     if vi is not None:
         v.__dict__["_vi"] = vi
     else:
-        v.__dict__.update(_dtype=None, _shape=None, _type="tensor_type")
+        v.__dict__.update(_UNTYPED)
     return v
 
 

@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import version_converter
 
-from normopt import graph as G, ir, progress
+from normopt import graph as G, ir, opset, progress
 from normopt.errors import ModelLoadError, ModelSaveError
 from normopt.model_io import Skeleton, all_graphs, min_ir_version, without_weights
 from normopt.pattern import Match
@@ -67,8 +67,17 @@ class Context:
             return dtype
         known = self.shapes.get(tensor.name)
         if known and known[0]:
-            return onnx.helper.tensor_dtype_to_np_dtype(known[0])
+            return _np_dtype(known[0])
         return None
+
+
+_NP_DTYPES: dict[int, np.dtype] = {}
+
+
+def _np_dtype(elem_type: int):
+    if elem_type not in _NP_DTYPES:
+        _NP_DTYPES[elem_type] = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+    return _NP_DTYPES[elem_type]
 
 
 class Pass:
@@ -160,17 +169,23 @@ def run(model: onnx.ModelProto, passes: list[str] | None = None, options: Option
 
 
 class Shapes:
-    """name -> (elem_type, shape) from onnx shape inference, run once, on first use."""
+    """name -> (elem_type, shape) from onnx shape inference: run once, on first use, and each
+    tensor's entry decoded when a pass first asks for it."""
 
     def __init__(self, model: onnx.ModelProto):
         self._model = model
-        self._table: dict | None = None
+        self._index: dict[str, onnx.ValueInfoProto] | None = None
+        self._decoded: dict[str, tuple[int, tuple | None] | None] = {}
 
     def get(self, name: str, default=None):
-        if self._table is None:
-            self._table = infer_shapes(self._model)
+        if self._index is None:
+            self._index = inferred_index(self._model)
             self._model = None
-        return self._table.get(name, default)
+        if name not in self._decoded:
+            vi = self._index.get(name)
+            self._decoded[name] = None if vi is None else _decode(vi)
+        found = self._decoded[name]
+        return default if found is None else found
 
 
 def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, names: G.NameScope, options: Options,
@@ -294,7 +309,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     (it would otherwise copy every weight in and out of C++ twice); the large initializers are
     put back by name afterwards. The result is verified like every rewrite."""
     light = without_weights(model)
-    upgraded = version_converter.convert_version(light, target)
+    upgraded = opset.convert(light, target)
     upgraded.ir_version = max(model.ir_version, min_ir_version(target))
     weights = {init.name: init for init in model.graph.initializer}
     for i, init in enumerate(upgraded.graph.initializer):
@@ -322,32 +337,45 @@ def _keep_value_info(source: onnx.GraphProto, converted: onnx.GraphProto) -> Non
                 _keep_value_info(old.graphs[i] if has else onnx.GraphProto(), sub)
 
 
-def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, tuple | None]]:
-    """name -> (elem_type, shape) for every tensor onnx shape inference can type."""
+def inferred_index(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """name -> ValueInfoProto from onnx shape inference (data propagation on), every graph."""
     light = without_weights(model)
     if model_opset(model) < SHAPE_VALUE_OPSET:
         # Reshape before opset 14 ignores shape values propagated from Shape: every tensor
         # after Reshape(t, Shape(u)) (each TorchScript GroupNorm) would lose its shape. A copy
         # converted to opset 14 keeps the tensor names; if conversion fails, infer as is.
         try:
-            light = version_converter.convert_version(light, SHAPE_VALUE_OPSET)
+            light = opset.convert(light, SHAPE_VALUE_OPSET)
         except Exception:  # the converter raises many types
             pass
     try:
         inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception:  # inference is best effort: a pass that needs a shape skips without it
         return {}
-    table: dict[str, tuple[int, tuple | None]] = {}
+    index: dict[str, onnx.ValueInfoProto] = {}
     for g in all_graphs(inferred.graph):
-        for vi in list(g.input) + list(g.output) + list(g.value_info):
-            tt = vi.type.tensor_type
-            if not vi.type.HasField("tensor_type"):
-                continue
-            shape = None
-            if tt.HasField("shape"):
-                shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                              for d in tt.shape.dim)
-            table[vi.name] = (tt.elem_type, shape)
+        for part in (g.input, g.output, g.value_info):
+            index.update((vi.name, vi) for vi in part)
+    return index
+
+
+def _decode(vi: onnx.ValueInfoProto) -> tuple[int, tuple | None] | None:
+    if not vi.type.HasField("tensor_type"):
+        return None
+    tt = vi.type.tensor_type
+    shape = None
+    if tt.HasField("shape"):
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+    return tt.elem_type, shape
+
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, tuple | None]]:
+    """name -> (elem_type, shape) for every tensor onnx shape inference can type."""
+    table = {}
+    for name, vi in inferred_index(model).items():
+        found = _decode(vi)
+        if found is not None:
+            table[name] = found
     return table
 
 

@@ -112,12 +112,22 @@ def cast_target(node: gs.Node):
     return onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"]))
 
 
+_DTYPE_NAMES: dict = {}
+
+
+def _dtype_name(dtype) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = np.dtype(dtype).name
+    return name
+
+
 def float_bits(dtype) -> int | None:
-    return FLOAT_BITS.get(np.dtype(dtype).name) if dtype is not None else None
+    return FLOAT_BITS.get(_dtype_name(dtype)) if dtype is not None else None
 
 
 def is_float(dtype) -> bool:
-    return dtype is not None and np.dtype(dtype).name in FLOAT_BITS
+    return dtype is not None and _dtype_name(dtype) in FLOAT_BITS
 
 
 def scalar(value) -> float | None:

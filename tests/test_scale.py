@@ -1,0 +1,216 @@
+"""Cost follows the work: weights no pass rewrites are never decoded nor copied, external data is
+streamed from the input's files to the output's, the output keeps the input's layout, and the
+input's files are never touched."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+from helpers import FLOAT, assert_equivalent, make_model, op_counts
+from normopt import ir, model_io, pipeline
+from normopt.cli import cli
+from normopt.errors import ModelSaveError
+
+
+def rms_decoder(rng, layers=2, d=64, ff=128, opset=17, scale=1.0):
+    """A LLaMA-like stack: decomposed RMSNorm (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul)
+    then an MLP whose weights no pass touches."""
+    nodes, inits, x = [], {"two": np.array(2.0, np.float32), "eps": np.array(1e-6, np.float32)}, "x"
+    for i in range(layers):
+        nodes += [helper.make_node("Pow", [x, "two"], [f"p{i}"]),
+                  helper.make_node("ReduceMean", [f"p{i}"], [f"ms{i}"], axes=[-1]),
+                  helper.make_node("Add", [f"ms{i}", "eps"], [f"mse{i}"]),
+                  helper.make_node("Sqrt", [f"mse{i}"], [f"rs{i}"]),
+                  helper.make_node("Reciprocal", [f"rs{i}"], [f"r{i}"]),
+                  helper.make_node("Mul", [x, f"r{i}"], [f"xn{i}"]),
+                  helper.make_node("Mul", [f"nw{i}", f"xn{i}"], [f"xw{i}"]),
+                  helper.make_node("MatMul", [f"xw{i}", f"up{i}"], [f"u{i}"]),
+                  helper.make_node("Relu", [f"u{i}"], [f"ur{i}"]),
+                  helper.make_node("MatMul", [f"ur{i}", f"dn{i}"], [f"dd{i}"]),
+                  helper.make_node("Add", [x, f"dd{i}"], [f"h{i}"])]
+        inits.update({f"nw{i}": rng.uniform(0.5, 1.5, d).astype(np.float32),
+                      f"up{i}": (rng.standard_normal((d, ff)) * scale / np.sqrt(d)).astype(np.float32),
+                      f"dn{i}": (rng.standard_normal((ff, d)) * scale / np.sqrt(ff)).astype(np.float32)})
+        x = f"h{i}"
+    return make_model(nodes, [("x", FLOAT, [1, 4, d])], [(x, FLOAT, [1, 4, d])], inits, opset=opset)
+
+
+def save_external(model, path: Path, location: str) -> None:
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=location,
+              size_threshold=1024)
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def tensors(path: Path) -> dict[str, bytes]:
+    model = onnx.load(path)
+    return {t.name: numpy_helper.to_array(t).tobytes() for t in model.graph.initializer}
+
+
+def test_external_data_in_means_external_data_out(tmp_path, rng):
+    src_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    src_dir.mkdir(), out_dir.mkdir()
+    model = rms_decoder(rng)
+    save_external(model, src_dir / "m.onnx", "m.weights")
+    before = digests(src_dir)
+    res = CliRunner().invoke(cli, ["fold", str(src_dir / "m.onnx"), "-o", str(out_dir / "f.onnx"), "--provider", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert digests(src_dir) == before  # the input's files, data file included, are untouched
+    assert sorted(p.name for p in out_dir.iterdir()) == ["f.onnx", "f.onnx.data"]
+    header = onnx.load(out_dir / "f.onnx", load_external_data=False)
+    locations = {e.value for t in header.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"f.onnx.data"}  # relative, beside the output
+    assert op_counts(header) == {"RMSNormalization": 2, "MatMul": 4, "Relu": 2, "Add": 2}
+    # Untouched tensors come out byte for byte.
+    old, new = tensors(src_dir / "m.onnx"), tensors(out_dir / "f.onnx")
+    for name in ("up0", "dn0", "up1", "dn1"):
+        assert new[name] == old[name]
+    assert_equivalent(src_dir / "m.onnx", out_dir / "f.onnx")
+
+
+def test_single_file_stays_a_single_file(tmp_path, rng):
+    model = rms_decoder(rng)
+    onnx.save(model, tmp_path / "m.onnx")
+    out = tmp_path / "f.onnx"
+    res = CliRunner().invoke(cli, ["fold", str(tmp_path / "m.onnx"), "-o", str(out), "--no-verify", "-q"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.onnx", "m.onnx"]
+    onnx.checker.check_model(str(out), full_check=True)
+    loaded = onnx.load(out)
+    assert [t.name for t in loaded.graph.initializer][:4] == ["up0", "dn0", "up1", "dn1"]
+    assert_equivalent(model, loaded)
+    # The streamed file is deterministic and a fixed point.
+    again = tmp_path / "g.onnx"
+    CliRunner().invoke(cli, ["fold", str(out), "-o", str(again), "--no-verify", "-q"])
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_untouched_weights_are_never_decoded_nor_copied(rng, monkeypatch):
+    model = rms_decoder(rng, d=128, ff=256)
+    read = []
+    real = ir.Weights.array
+    monkeypatch.setattr(ir.Weights, "array", lambda self, t: read.append(t.name) or real(self, t))
+    out, result = pipeline.run(model, lazy=True)
+    assert len(result.applied) == 2
+    assert not {"up0", "dn0", "up1", "dn1"} & set(read)  # only the norm weights are read
+    headers = {t.name for t in out.model.graph.initializer if ir.is_header(t)}
+    assert headers == {"up0", "dn0", "up1", "dn1"}  # the skeleton holds no copy of their bytes
+    assert all(out.weights.memory[i] is model.graph.initializer[j]
+               for i, j in zip(range(4), [k for k, t in enumerate(model.graph.initializer) if t.name in headers]))
+
+
+def test_output_data_file_never_overwrites_the_inputs(tmp_path, rng):
+    model = rms_decoder(rng)
+    save_external(model, tmp_path / "m.onnx", "f.onnx.data")
+    before = digests(tmp_path)
+    res = CliRunner().invoke(cli, ["fold", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "f.onnx"), "--no-verify"])
+    assert res.exit_code == 2
+    assert "input's own data file" in res.output
+    assert digests(tmp_path) == before
+
+
+def test_external_data_outside_the_models_folder_is_refused(tmp_path, rng):
+    (tmp_path / "a").mkdir()
+    save_external(rms_decoder(rng), tmp_path / "a" / "m.onnx", "w.bin")
+    model = onnx.load(tmp_path / "a" / "m.onnx", load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../w.bin"
+    os.replace(tmp_path / "a" / "w.bin", tmp_path / "w.bin")
+    onnx.save(model, tmp_path / "a" / "m.onnx")
+    res = CliRunner().invoke(cli, ["fold", str(tmp_path / "a" / "m.onnx"), "--no-verify"])
+    assert res.exit_code == 2 and "outside the model's folder" in res.output
+
+
+def test_outer_initializers_stay_in_the_outer_graph(rng):
+    """A weight that If branches read is declared once, in the graph that holds it."""
+    w = rng.standard_normal((8, 8)).astype(np.float32)
+    branch = lambda name: helper.make_graph([helper.make_node("MatMul", ["x", "w"], [f"{name}_y"])], name, [],
+                                             [helper.make_tensor_value_info(f"{name}_y", FLOAT, [2, 8])])
+    model = make_model([helper.make_node("If", ["c"], ["y"], then_branch=branch("then"), else_branch=branch("else"))],
+                       [("x", FLOAT, [2, 8]), ("c", onnx.TensorProto.BOOL, [])], [("y", FLOAT, [2, 8])], {"w": w},
+                       opset=17)
+    out, _ = pipeline.run(model)
+    assert [t.name for t in out.graph.initializer] == ["w"]
+    assert all(not a.g.initializer for a in out.graph.node[0].attribute)
+    assert out == model
+
+
+# The peak of this process alone: ru_maxrss would carry over the forking test process's peak.
+MEMORY_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from normopt.cli import main
+    code = 0
+    try:
+        main(sys.argv[1:])
+    except SystemExit as e:
+        code = e.code
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({"code": code, "peak": int(hwm.split()[1]) * 1024}))
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak from /proc")
+def test_fold_of_an_external_data_model_stays_in_a_fraction_of_its_size(tmp_path, rng):
+    """A 400 MB external-data decoder folds (without verification) in less memory than half its
+    size: its weights are streamed, not loaded."""
+    model = rms_decoder(rng, layers=4, d=2048, ff=6144, scale=0.0)  # zeros: cheap to make
+    save_external(model, tmp_path / "m.onnx", "m.onnx.data")
+    size = (tmp_path / "m.onnx.data").stat().st_size
+    assert size > 380e6
+    del model
+    run = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, "fold", str(tmp_path / "m.onnx"), "-o",
+                          str(tmp_path / "f.onnx"), "--no-verify", "-q"], capture_output=True, text=True, timeout=300)
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["code"] in (0, None), run.stderr
+    assert found["peak"] < 0.5 * size, f"peak RSS {found['peak'] / 1e6:.0f} MB for a {size / 1e6:.0f} MB model"
+    assert (tmp_path / "f.onnx.data").stat().st_size >= size - 4096
+
+
+@pytest.mark.slow
+def test_model_over_2gb_folds_with_external_data_in_and_out(tmp_path, rng):
+    """Over protobuf's 2 GB limit: external data in and out, outputs verified, untouched tensors
+    byte-identical, input files unchanged."""
+    model = rms_decoder(rng, layers=5, d=4096, ff=14336, scale=0.02)
+    save_external(model, tmp_path / "m.onnx", "m.onnx.data")
+    del model
+    assert (tmp_path / "m.onnx.data").stat().st_size > 2**31
+    before = digests(tmp_path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    res = CliRunner().invoke(cli, ["fold", str(tmp_path / "m.onnx"), "-o", str(out_dir / "f.onnx"), "--provider", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "verify: passed" in res.output
+    assert digests(tmp_path) == before
+    src = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    dst = onnx.load(out_dir / "f.onnx", load_external_data=False)
+    assert op_counts(dst)["RMSNormalization"] == 5
+    where = {t.name: {e.key: e.value for e in t.external_data} for t in dst.graph.initializer}
+    for t in src.graph.initializer:
+        if t.name.startswith(("up", "dn")):
+            a, b = {e.key: e.value for e in t.external_data}, where[t.name]
+            with open(tmp_path / a["location"], "rb") as f1, open(out_dir / b["location"], "rb") as f2:
+                f1.seek(int(a["offset"]))
+                f2.seek(int(b["offset"]))
+                assert f1.read(int(a["length"])) == f2.read(int(b["length"]))
+
+
+def test_save_refuses_nothing_on_a_plain_model(tmp_path, rng):
+    """A plain in-memory model saves as one file, with its initializers in order."""
+    model = rms_decoder(rng)
+    model_io.save(model, tmp_path / "m.onnx")
+    assert onnx.load(tmp_path / "m.onnx") == model
+    with pytest.raises(ModelSaveError):
+        model_io.save(model, tmp_path / "missing" / "m.onnx")
