@@ -638,6 +638,11 @@ def _inline_bytes(tensor: onnx.TensorProto) -> int:
     return 0
 
 
+def node_proto(node: gs.Node) -> onnx.NodeProto:
+    """The node as a NodeProto (its source proto when untouched); subgraphs are not exported."""
+    return _export_node(node, Weights())
+
+
 def _export_node(node: gs.Node, weights: Weights) -> onnx.NodeProto:
     d = node.__dict__
     src = d.get("_proto")

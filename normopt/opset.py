@@ -128,3 +128,68 @@ def _unique(base: str, used: set[str]) -> str:
         i += 1
     used.add(name)
     return name
+
+
+def upgrade_graph(graph, source: int, target: int, elem_type, names) -> bool:
+    """Raise the opset of an imported graph (normopt.ir) in place, node by node, without the
+    export / convert / import round trip. ``elem_type(tensor)`` gives an ONNX element type or
+    None; ``names`` makes fresh names. Returns False, having changed nothing, when the
+    whole-graph converter is needed instead (subgraphs, a form that fails on its own)."""
+    import onnx_graphsurgeon as gs
+
+    from normopt import ir
+
+    nodes = [n for n in graph.nodes if n.outputs]
+    if any(n.__dict__.get("_has_graphs") for n in nodes):
+        return False
+    same: dict[tuple, bool] = {}
+    plans = []
+    for node in nodes:
+        if node.domain not in (None, *DEFAULT_DOMAINS):
+            continue
+        proto = ir.node_proto(node)
+        key = (proto.op_type, tuple(sorted(a.name for a in proto.attribute)), len(proto.input), len(proto.output))
+        if key not in same:
+            probe = _convert_one(proto, source, target, {}, require_types=False)
+            if probe is None:
+                return False
+            same[key] = len(probe.graph.node) == 1 and not probe.graph.initializer and probe.graph.node[0] == proto
+        if same[key]:
+            continue
+        types = {t.name: elem_type(t) for t in node.inputs if t.name}
+        converted = _convert_one(proto, source, target, {k: v for k, v in types.items() if v}, require_types=True)
+        if converted is None:
+            return False
+        plans.append((node, converted))
+    for node, converted in plans:
+        g = converted.graph
+        renames = {}
+        keep = {t.name for t in node.inputs} | {t.name for t in node.outputs}
+        base = node.outputs[0].name
+        for name in [t.name for t in g.initializer] + [o for n in g.node for o in n.output]:
+            if name and name not in keep and name not in renames:
+                renames[name] = names.fresh(f"{base}_{name.strip('_')}")
+        tensors = {t.name: t for t in list(node.inputs) + list(node.outputs)}
+        for t in g.initializer:
+            tensors[renames[t.name]] = gs.Constant(renames[t.name], onnx.numpy_helper.to_array(t))
+        outputs = list(node.outputs)
+        node.outputs.clear()
+        new_nodes = []
+        for n in g.node:
+            def get(name):
+                name = renames.get(name, name)
+                if not name:
+                    return gs.Variable.empty()
+                if name not in tensors:
+                    tensors[name] = gs.Variable(name)
+                return tensors[name]
+            attrs = ir.OnnxImporter.import_attributes(n.attribute, {}, {}, None, None)
+            new_nodes.append(gs.Node(n.op_type, node.name if n.op_type == node.op else names.fresh(f"{base}_{n.op_type}"),
+                                     attrs, [get(x) for x in n.input], [get(x) for x in n.output],
+                                     n.domain or node.domain))
+        node.inputs.clear()
+        if not all(any(o is t for n in new_nodes for o in n.outputs) for t in outputs):
+            raise AssertionError(f"opset conversion of {node.op} lost an output")  # pragma: no cover
+        graph.nodes.extend(new_nodes)
+        ir.place(graph, node, new_nodes)
+    return True

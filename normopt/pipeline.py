@@ -140,6 +140,9 @@ def run(model: onnx.ModelProto, passes: list[str] | None = None, options: Option
             note = None
             if not options.allow_opset_upgrade:
                 note = "opset upgrade disabled"
+            elif opset_in_place(graph, current, need, shapes, scope):
+                current = with_opset(current, need)
+                result.upgrades.append(OpsetUpgrade(opset, need, name))
             else:
                 ir.finish(graph)
                 exported = ir.export_model(graph, current, weights)
@@ -302,6 +305,49 @@ def model_opset(model: onnx.ModelProto) -> int:
 
 def count_nodes(model: onnx.ModelProto) -> int:
     return sum(len(g.node) for g in all_graphs(model.graph))
+
+
+def opset_in_place(graph: gs.Graph, model: onnx.ModelProto, target: int, shapes, names: G.NameScope) -> bool:
+    """Raise the imported graph's opset node by node (normopt.opset.upgrade_graph); False when
+    the whole model must go through the converter."""
+    def elem_type(t: gs.Tensor) -> int | None:
+        if isinstance(t, gs.Constant):
+            values = t._values
+            if isinstance(values, ir.ProtoValues):
+                return values.tensor.data_type
+        dtype = t.dtype
+        if dtype is not None:
+            try:
+                return dtype if isinstance(dtype, int) else onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+            except (KeyError, TypeError, ValueError):
+                return None
+        known = shapes.get(t.name)
+        return known[0] if known and known[0] else None
+
+    if model.functions:
+        return False
+    try:
+        return opset.upgrade_graph(graph, model_opset(model), target, elem_type, names)
+    except Exception:  # noqa: BLE001 - any surprise: the converter's whole-model path decides
+        return False
+
+
+def with_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """The model-level fields of ``model`` (no graph) at default-domain opset ``target``: the
+    template the rewritten graph is exported with."""
+    out = onnx.ModelProto()
+    for key in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        if model.HasField(key):
+            setattr(out, key, getattr(model, key))
+    out.opset_import.extend(model.opset_import)
+    out.metadata_props.extend(model.metadata_props)
+    out.training_info.extend(model.training_info)
+    out.functions.extend(model.functions)
+    for imp in out.opset_import:
+        if imp.domain in DEFAULT_DOMAINS:
+            imp.version = target
+    out.ir_version = max(model.ir_version, min_ir_version(target))
+    return out
 
 
 def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
