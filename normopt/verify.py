@@ -109,12 +109,45 @@ def run_model(model: onnx.ModelProto | str | os.PathLike, feeds_list: list[dict]
             # The probe ran on CUDA but this session fell back: never report CPU results as CUDA.
             raise ProviderUnavailableError("CUDA provider did not start for this model; rerun with --provider cpu")
         names = outputs or [o.name for o in session.get_outputs()]
+        bf16 = any(o.type == "tensor(bfloat16)" for o in session.get_outputs() if o.name in names) or any(
+            _is_bf16(v) for feeds in feeds_list for v in feeds.values())
         try:
-            results = [dict(zip(names, session.run(names, feeds))) for feeds in feeds_list]
+            results = [dict(zip(names, _run_bf16(session, names, feeds) if bf16 else session.run(names, feeds)))
+                       for feeds in feeds_list]
         except Exception as err:
             raise ModelRunError(_ort_failure("failed to run the model", err,
                                              "set dynamic dims with --input-shape or pass real inputs with --inputs")) from err
         del session
+    return results
+
+
+_BF16 = onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.BFLOAT16)
+
+
+def _is_bf16(value) -> bool:
+    return getattr(value, "dtype", None) == _BF16
+
+
+def _run_bf16(session, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """onnxruntime's Python API has no numpy type for bfloat16: feed and fetch such tensors as
+    OrtValues holding their 16-bit patterns."""
+    import ctypes
+
+    import onnxruntime as ort
+
+    ort_feeds = {k: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+        np.ascontiguousarray(v).view(np.uint16), onnx.TensorProto.BFLOAT16) if _is_bf16(v) else ort.OrtValue.ortvalue_from_numpy(v)
+        for k, v in feeds.items()}
+    results = []
+    for value in session.run_with_ort_values(names, ort_feeds):
+        if value.data_type() != "tensor(bfloat16)":
+            results.append(value.numpy())
+            continue
+        shape = value.shape()
+        count = int(np.prod(shape))
+        bits = np.ctypeslib.as_array((ctypes.c_uint16 * count).from_address(value.data_ptr())) if count else \
+            np.zeros(0, np.uint16)
+        results.append(bits.copy().view(_BF16).reshape(shape))
     return results
 
 
