@@ -24,6 +24,7 @@ DEFAULT_INT_RANGE = (0, 2)
 # for bfloat16. ``degenerate``: blocks of all-zero and of constant values, where 0/0 and the
 # epsilon decide the result.
 NORMAL, OFFSET, DEGENERATE = "normal", "offset", "degenerate"
+FILE = "file"  # the arrays of --inputs, run alone
 OFFSET_MEAN = {"float16": 100.0, "float32": 1000.0, "float64": 1000.0}
 
 
@@ -46,7 +47,7 @@ class InputSet:
 
     @property
     def label(self) -> str:
-        return f"{self.kind} inputs (seed {self.seed})"
+        return "inputs from file" if self.kind == FILE else f"{self.kind} inputs (seed {self.seed})"
 
 
 def parse_shapes(items: list[str] | tuple[str, ...]) -> dict[str, list[int]]:

@@ -94,8 +94,10 @@ def verify_lines(report: VerifyReport | None, verbose: bool = False) -> list[str
 
 def input_sets(report: VerifyReport) -> str:
     """``"2 normal input set(s) + offset + degenerate"``: the distributions that ran."""
+    if "file" in report.input_sets:
+        return "inputs from file"
     extra = [k for k in report.input_sets if k != "normal"]
-    return " + ".join([f"{report.trials} normal input set(s)"] + extra)
+    return " + ".join([f"{report.input_sets.count('normal') or report.trials} normal input set(s)"] + extra)
 
 
 def failure_message(report: VerifyReport) -> str:

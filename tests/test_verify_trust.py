@@ -13,6 +13,7 @@ from normopt import inputs, verify
 from normopt.cli import cli
 from normopt.fold import FoldOptions, optimize
 from normopt.inputs import DEGENERATE, NORMAL, OFFSET
+from test_fold import broken_pass, conv_bn_chain  # noqa: F401  (fixture reuse)
 
 DOUBLE, FLOAT16, BFLOAT16 = TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16
 
@@ -297,4 +298,13 @@ def test_verify_bfloat16_cannot_hold_a_1e3_change_and_fails_the_smallest_one(tmp
     assert res.exit_code == 1 and "error: output 'y' differs" in res.output
 
 
-from test_fold import broken_pass, conv_bn_chain  # noqa: E402,F401  (fixture reuse)
+
+def test_real_inputs_run_alone_and_are_named_so(tmp_path):
+    model = _embedding_and_features()
+    np.savez(tmp_path / "in.npz", ids=np.zeros((1, 6), np.int64), x=np.ones((1, 6, 4), np.float32))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    res = CliRunner().invoke(cli, ["verify", str(path), str(path), "--provider", "cpu", "--inputs",
+                                   str(tmp_path / "in.npz"), "-v"])
+    assert res.exit_code == 0, res.output
+    assert "seed 0, inputs from file; inputs" in res.output and "on inputs from file" in res.output
