@@ -423,7 +423,7 @@ def reference_outputs(original, *, choice: ProviderChoice, seed: int = 0, trials
         names = names + [n for n in extra_outputs if n not in names]
     kinds = [FILE if inputs_file else NORMAL] * trials + stress_kinds(header, input_ranges, inputs_file)
     if input_sets is not None:
-        kinds = [k for k in kinds if k in input_sets]
+        kinds = [k for k in kinds if k in input_sets or k == FILE]  # real inputs always run
     seeds = [seed + t for t in range(trials)] + [seed] * (len(kinds) - trials)
     widths = _input_widths(header)
     compute = compute_dtypes(header, names)
