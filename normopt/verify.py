@@ -457,9 +457,11 @@ def reference_outputs(original, *, choice: ProviderChoice, seed: int = 0, trials
             # Only sizes we chose may be wrong for the model; try a larger one.
             if not any(spec.defaulted for spec in made[0][1]) or size == sizes[-1]:
                 raise
+    # Rounding-level differences between two runs (GPU kernels that sum in varying order) still
+    # count as deterministic; Dropout or random ops move outputs far more.
     stable = len(out) == n + len(stressed) or all(
-        _max_change(out[0][name], out[-1][name]) == 0.0 and _same_nonfinite(out[0][name], out[-1][name])
-        for name in names)
+        _max_change(out[0][name], out[-1][name]) <= _magnitude_term(out[0][name], compute.get(name))
+        and _same_nonfinite(out[0][name], out[-1][name]) for name in names)
     sensitivity = [{name: 0.0 for name in names} for _ in kinds]
     for j, i in enumerate(stressed):
         if stable:

@@ -308,3 +308,19 @@ def test_real_inputs_run_alone_and_are_named_so(tmp_path):
                                    str(tmp_path / "in.npz"), "-v"])
     assert res.exit_code == 0, res.output
     assert "seed 0, inputs from file; inputs" in res.output and "on inputs from file" in res.output
+
+
+def test_sensitivity_is_not_taken_from_a_model_that_is_not_deterministic():
+    """Dropout in training mode moves outputs between two runs: what moved with the inputs is
+    not rounding, and must not widen the bound."""
+    d = 16
+    norm = _decomposed_layernorm("x", "n", "eps")
+    inits = {"eps": np.asarray(1e-5, np.float32), "ratio": np.asarray(0.5, np.float32), "train": np.asarray(True)}
+    dropout = make_model(norm + [helper.make_node("Dropout", ["n", "ratio", "train"], ["y"])],
+                         [("x", FLOAT, [1, 4, d])], [("y", FLOAT, [1, 4, d])], inits, opset=13)
+    plain = make_model(norm + [helper.make_node("Identity", ["n"], ["y"])],
+                       [("x", FLOAT, [1, 4, d])], [("y", FLOAT, [1, 4, d])], {"eps": inits["eps"]}, opset=13)
+    choice = verify.select_provider("cpu")
+    offset = [s.kind for s in verify.reference_outputs(plain, choice=choice).sets].index(OFFSET)
+    assert verify.reference_outputs(plain, choice=choice).sensitivity[offset]["y"] > 1e-5  # x - mean at 1000
+    assert all(s["y"] == 0.0 for s in verify.reference_outputs(dropout, choice=choice).sensitivity)
