@@ -20,7 +20,7 @@ from normopt.errors import VerificationError
 from normopt.records import PassRecord, PipelineResult, Rewrite
 from normopt.providers import ProviderChoice, select_provider
 from normopt.targets import veto_for
-from normopt.verify import Loaded, VerifyReport, compare
+from normopt.verify import Loaded, Reference, VerifyReport, compare, reference_outputs
 
 MAX_ROLLBACK_ROUNDS = 6
 
@@ -101,6 +101,8 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
     # onnxruntime loads the source file (faster than serializing the model, external data
     # included); everything else reads the model already in memory.
     reference = Loaded(source, model, ir.Weights(base_dir)) if source is not None else model
+    # The original runs once per set of compared tensors; every round compares against that.
+    reference = _References(reference, options, choice)
     exclude: dict[str, str] = {}
     rollbacks: list[Rollback] = []
     allow_upgrade = options.allow_opset_upgrade
@@ -149,13 +151,31 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
             shutil.rmtree(own_stage, ignore_errors=True)
 
 
-def _require_deterministic(reference, options: FoldOptions, choice: ProviderChoice, found: FoldResult) -> None:
+class _References:
+    """The original model and its outputs, computed on first use and kept for every round."""
+
+    def __init__(self, model, options: FoldOptions, choice: ProviderChoice | None):
+        self.model, self.options, self.choice = model, options, choice
+        self._runs: dict[tuple[str, ...], Reference] = {}
+
+    def outputs(self, extra=None) -> Reference:
+        key = tuple(extra or ())
+        if key not in self._runs:
+            o = self.options
+            self._runs[key] = reference_outputs(self.model, choice=self.choice, seed=o.seed, trials=o.trials,
+                                                input_shapes=o.input_shapes, input_ranges=o.input_ranges,
+                                                inputs_file=o.inputs_file, extra_outputs=list(extra or ()))
+        return self._runs[key]
+
+
+def _require_deterministic(reference: _References, options: FoldOptions, choice: ProviderChoice,
+                           found: FoldResult) -> None:
     """A model whose outputs differ between two runs on the same inputs (Dropout left in
     training mode, random ops) cannot be verified: no rewrite is to blame."""
-    selfcheck = compare(reference, reference, seed=options.seed, trials=options.trials,
+    selfcheck = compare(reference.model, reference.model, seed=options.seed, trials=options.trials,
                         input_shapes=options.input_shapes, input_ranges=options.input_ranges,
                         inputs_file=options.inputs_file, atol=options.atol, rtol=options.rtol, choice=choice,
-                        repeat=True)
+                        repeat=True, reference=reference.outputs())
     if not selfcheck.passed:
         bad = selfcheck.failures[0]
         err = VerificationError(
@@ -166,10 +186,10 @@ def _require_deterministic(reference, options: FoldOptions, choice: ProviderChoi
         raise err
 
 
-def _verify(reference, out, options: FoldOptions, choice: ProviderChoice, extra=None) -> VerifyReport:
-    return compare(reference, out, seed=options.seed, trials=options.trials, input_shapes=options.input_shapes,
+def _verify(reference: _References, out, options: FoldOptions, choice: ProviderChoice, extra=None) -> VerifyReport:
+    return compare(reference.model, out, seed=options.seed, trials=options.trials, input_shapes=options.input_shapes,
                    input_ranges=options.input_ranges, inputs_file=options.inputs_file, atol=options.atol,
-                   rtol=options.rtol, extra_outputs=extra, choice=choice)
+                   rtol=options.rtol, extra_outputs=extra, choice=choice, reference=reference.outputs(extra))
 
 
 def _localize(reference, out, result: PipelineResult, options, choice) -> list[tuple[Rewrite, str]]:
@@ -186,7 +206,8 @@ def _localize(reference, out, result: PipelineResult, options, choice) -> list[t
         if name in downstream:  # explained by a differing rewrite upstream of it
             continue
         d = diffs[name]
-        culprits.append((rewrite, f"changed '{name}' by max |diff| {d.max_abs:.2e} > atol {d.atol:g} (rtol {d.rtol:g})"))
+        what = f"by {d.problem}" if d.problem else f"by max |diff| {d.max_abs:.2e} > atol {d.atol:g} (rtol {d.rtol:g})"
+        culprits.append((rewrite, f"changed '{name}' {what} on {d.inputs}"))
     return culprits
 
 

@@ -17,6 +17,16 @@ DEFAULT_DYNAMIC_DIM = 8
 FALLBACK_DYNAMIC_DIMS = (32, 224, 1)
 DEFAULT_INT_RANGE = (0, 2)
 
+# The input sets verification runs: ``normal`` once per trial, then one of each other kind.
+# ``offset``: float inputs with a large mean against a spread of 1, where rewrites that are exact
+# in math but not in floating point show (E[x^2] - E[x]^2 variance, cancellation). Only where
+# the input type resolves a spread of 1 at that mean: float16 at 100, float32/64 at 1000, none
+# for bfloat16. ``degenerate``: blocks of all-zero and of constant values, where 0/0 and the
+# epsilon decide the result.
+NORMAL, OFFSET, DEGENERATE = "normal", "offset", "degenerate"
+FILE = "file"  # the arrays of --inputs, run alone
+OFFSET_MEAN = {"float16": 100.0, "float32": 1000.0, "float64": 1000.0}
+
 
 @dataclass
 class InputSpec:
@@ -25,6 +35,19 @@ class InputSpec:
     shape: list[int]
     source: str
     defaulted: bool = False  # some dynamic dim took the default size
+
+
+@dataclass
+class InputSet:
+    """One set of feeds: its kind (normal, offset, degenerate), seed, and what each input got."""
+
+    kind: str
+    seed: int
+    specs: list[InputSpec]
+
+    @property
+    def label(self) -> str:
+        return "inputs from file" if self.kind == FILE else f"{self.kind} inputs (seed {self.seed})"
 
 
 def parse_shapes(items: list[str] | tuple[str, ...]) -> dict[str, list[int]]:
@@ -63,9 +86,11 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def make_feeds(model: onnx.ModelProto, seed: int, shapes=None, ranges=None, npz: str | None = None,
-               dynamic_dim: int = DEFAULT_DYNAMIC_DIM) -> tuple[dict[str, np.ndarray], list[InputSpec]]:
+               dynamic_dim: int = DEFAULT_DYNAMIC_DIM, kind: str = NORMAL,
+               ) -> tuple[dict[str, np.ndarray], list[InputSpec]]:
     """Seeded random inputs for every graph input (or those read from ``npz``). Dynamic dims the
-    user did not set are 1 on the first axis and ``dynamic_dim`` elsewhere."""
+    user did not set are 1 on the first axis and ``dynamic_dim`` elsewhere. ``kind`` changes the
+    float inputs without a user range (see OFFSET, DEGENERATE); integer inputs keep their ranges."""
     shapes, ranges = shapes or {}, ranges or {}
     rng = np.random.default_rng(seed)
     loaded = _load_npz(npz) if npz else {}
@@ -104,11 +129,65 @@ def make_feeds(model: onnx.ModelProto, seed: int, shapes=None, ranges=None, npz:
             low = high = None
             source = ""
         feeds[vi.name] = _random(rng, dtype, shape, low, high)
-        kind = "uniform" if low is not None else "normal(0, 1)" if dtype.kind == "f" else "random"
+        what = "uniform" if low is not None else "normal(0, 1)" if dtype.kind == "f" else "random"
+        if low is None and kind != NORMAL and _is_float(dtype):
+            feeds[vi.name], what = _stress(feeds[vi.name], kind, str(dtype))
         specs.append(InputSpec(vi.name, str(dtype), list(shape),
-                               f"{kind} [{low:g}, {high:g}) {source}".strip() if low is not None else kind,
+                               f"{what} [{low:g}, {high:g}) {source}".strip() if low is not None else what,
                                defaulted))
     return feeds, specs
+
+
+def stress_kinds(model: onnx.ModelProto, ranges=None, npz: str | None = None) -> list[str]:
+    """The extra input sets that change something for this model: none with real inputs, none
+    when no float input is left to random values."""
+    if npz:
+        return []
+    ranges = ranges or {}
+    types = [str(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+             for vi in graph_inputs(model) if vi.name not in ranges and vi.type.HasField("tensor_type")
+             and vi.type.tensor_type.elem_type in _FLOAT_ELEM]
+    kinds = []
+    if any(t in OFFSET_MEAN for t in types):
+        kinds.append(OFFSET)
+    if types:
+        kinds.append(DEGENERATE)
+    return kinds
+
+
+_FLOAT_ELEM = {onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+def _is_float(dtype) -> bool:
+    return np.dtype(dtype).kind == "f" or str(dtype) == "bfloat16"
+
+
+def _stress(value: np.ndarray, kind: str, dtype: str) -> tuple[np.ndarray, str]:
+    """``value`` (normal(0, 1) draws) turned into an offset or degenerate input."""
+    if kind == OFFSET:
+        if dtype not in OFFSET_MEAN:
+            return value, "normal(0, 1) (no offset: too few mantissa bits)"
+        mean = OFFSET_MEAN[dtype]
+        return (value.astype(np.float64) + mean).astype(value.dtype), f"normal({mean:g}, 1)"
+    # Degenerate: along the first axis after the batch axis with 2+ entries that is not the last
+    # one (sequence positions of [B, S, D], channels of [N, C, H, W]): every third block is all
+    # zeros, the next one constant; with no such axis the whole tensor is constant.
+    out = np.array(value, copy=True)
+    shape = out.shape
+    axes = [a for a in range(1, len(shape) - 1) if shape[a] >= 2]
+    if not axes and len(shape) >= 2 and shape[0] >= 2:
+        axes = [0]
+    if not axes:
+        out[...] = 0.75
+        return out, "constant 0.75"
+    axis = axes[0]
+    view = np.moveaxis(out, axis, 0)
+    for i in range(view.shape[0]):
+        if i % 3 == 0:
+            view[i] = 0
+        elif i % 3 == 1:
+            view[i] = 0.25 * (i + 1)
+    return out, f"degenerate: along axis {axis} every third block zero, the next constant, else normal(0, 1)"
 
 
 def _resolve_dims(vi: onnx.ValueInfoProto, dims: dict, dynamic_dim: int) -> list[int]:

@@ -82,22 +82,31 @@ def verify_lines(report: VerifyReport | None, verbose: bool = False) -> list[str
     if report.provider != "cuda" and report.provider_note:
         where += f"; {report.provider_note}"
     status = click.style("passed", fg="green") if report.passed else click.style("FAILED", fg="red", bold=True)
-    lines = [f"verify: {status} on {where}; seed {report.seed}, {report.trials} trial(s); inputs "
+    lines = [f"verify: {status} on {where}; seed {report.seed}, {input_sets(report)}; inputs "
              + ", ".join(f"{i.name}:{'x'.join(map(str, i.shape)) or 'scalar'} {i.dtype}" for i in report.inputs)]
     for o in report.outputs:
         verdict = click.style("ok", fg="green") if o.passed else click.style("DIFFERS", fg="red", bold=True)
         lines.append(f"  output '{o.name}': {verdict}; max |diff| {o.max_abs:.2e}, max rel {o.max_rel:.2e}, "
-                     f"{o.mismatched:.2%} out of tolerance (atol {o.atol:g}, rtol {o.rtol:g})"
-                     + (f"; {o.problem}" if o.problem else ""))
+                     f"{o.mismatched:.2%} out of tolerance (atol {o.atol:g} from {o.atol_rule}, rtol {o.rtol:g})"
+                     + (f" on {o.inputs}" if o.inputs else "") + (f"; {o.problem}" if o.problem else ""))
     return lines
+
+
+def input_sets(report: VerifyReport) -> str:
+    """``"2 normal input set(s) + offset + degenerate"``: the distributions that ran."""
+    if "file" in report.input_sets:
+        return "inputs from file"
+    extra = [k for k in report.input_sets if k != "normal"]
+    return " + ".join([f"{report.input_sets.count('normal') or report.trials} normal input set(s)"] + extra)
 
 
 def failure_message(report: VerifyReport) -> str:
     o = report.failures[0]
+    where = f" on {o.inputs}" if o.inputs else ""
     if o.problem:
-        return f"output '{o.name}' differs: {o.problem}"
+        return f"output '{o.name}' differs: {o.problem}{where}"
     return (f"output '{o.name}' differs: max |diff| {o.max_abs:.1e} > atol {o.atol:g} (rtol {o.rtol:g}), "
-            f"{o.mismatched:.2%} of elements")
+            f"{o.mismatched:.2%} of elements{where}")
 
 
 # ----------------------------------------------------------------------------- text: inspect

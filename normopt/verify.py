@@ -19,7 +19,8 @@ import onnx
 
 from normopt import progress
 from normopt.errors import ProviderUnavailableError, UsageError
-from normopt.inputs import DEFAULT_DYNAMIC_DIM, FALLBACK_DYNAMIC_DIMS, InputSpec, make_feeds
+from normopt.inputs import (DEFAULT_DYNAMIC_DIM, DEGENERATE, FALLBACK_DYNAMIC_DIMS, FILE, NORMAL, OFFSET, InputSet,
+                            InputSpec, make_feeds, stress_kinds)
 from normopt.ir import Weights
 from normopt.model_io import PROTOBUF_LIMIT, Skeleton, byte_size, save, without_weights
 from normopt.providers import CUDA, ProviderChoice, providers, select_provider, session_options
@@ -51,6 +52,8 @@ class OutputDiff:
     rtol: float
     needed_atol: float  # smallest atol that would have passed at this rtol
     problem: str = ""
+    atol_rule: str = "dtype default"  # what set atol: dtype default, --atol, output magnitude, input sensitivity
+    inputs: str = ""  # the input set of the worst result, e.g. "offset inputs (seed 0)"
 
     @property
     def passed(self) -> bool:
@@ -72,9 +75,10 @@ class VerifyReport:
     tf32: bool | None
     seed: int
     trials: int
-    inputs: list[InputSpec] = field(default_factory=list)
+    inputs: list[InputSpec] = field(default_factory=list)  # of the first normal set
     outputs: list[OutputDiff] = field(default_factory=list)
     sessions: list[Session] = field(default_factory=list)
+    input_sets: list[str] = field(default_factory=list)  # kinds that ran: normal per trial, offset, degenerate
 
     @property
     def passed(self) -> bool:
@@ -88,10 +92,11 @@ class VerifyReport:
 # ----------------------------------------------------------------------------- running
 
 def run_model(model: onnx.ModelProto | str | os.PathLike, feeds_list: list[dict], provider: str,
-              outputs: list[str] | None = None, sessions: list[list[str]] | None = None,
+              outputs: list[str] | None = None, sessions: list[list[str]] | None = None, more=None,
               ) -> list[dict[str, np.ndarray]]:
     """Outputs of ``model`` for each feed dict, in one session that is closed afterwards.
-    ``sessions`` receives the session's ``get_providers()``."""
+    ``sessions`` receives the session's ``get_providers()``; ``more(results)`` may return further
+    feed dicts to run in the same session (appended)."""
     import onnxruntime as ort
 
     with _session_source(model) as source:
@@ -105,12 +110,54 @@ def run_model(model: onnx.ModelProto | str | os.PathLike, feeds_list: list[dict]
             # The probe ran on CUDA but this session fell back: never report CPU results as CUDA.
             raise ProviderUnavailableError("CUDA provider did not start for this model; rerun with --provider cpu")
         names = outputs or [o.name for o in session.get_outputs()]
+        bf16 = any(o.type == "tensor(bfloat16)" for o in session.get_outputs() if o.name in names) or any(
+            _is_bf16(v) for feeds in feeds_list for v in feeds.values())
+        def run(feeds):
+            return dict(zip(names, _run_bf16(session, names, feeds) if bf16 else session.run(names, feeds)))
+
         try:
-            results = [dict(zip(names, session.run(names, feeds))) for feeds in feeds_list]
+            results = [run(feeds) for feeds in feeds_list]
+            results += [run(feeds) for feeds in (more(results) if more else [])]
         except Exception as err:
             raise ModelRunError(_ort_failure("failed to run the model", err,
                                              "set dynamic dims with --input-shape or pass real inputs with --inputs")) from err
         del session
+    return results
+
+
+_BF16 = onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.BFLOAT16)
+
+
+def _is_bf16(value) -> bool:
+    return getattr(value, "dtype", None) == _BF16
+
+
+def _run_bf16(session, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """onnxruntime's Python API has no numpy type for bfloat16: feed and fetch such tensors as
+    OrtValues holding their 16-bit patterns."""
+    import ctypes
+
+    import onnxruntime as ort
+
+    ort_feeds = {k: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+        np.ascontiguousarray(v).view(np.uint16), onnx.TensorProto.BFLOAT16) if _is_bf16(v) else ort.OrtValue.ortvalue_from_numpy(v)
+        for k, v in feeds.items()}
+    binding = session.io_binding()
+    for name, value in ort_feeds.items():
+        binding.bind_ortvalue_input(name, value)
+    for name in names:
+        binding.bind_output(name, "cpu")  # host memory: the bits are read from there
+    session.run_with_iobinding(binding)
+    results = []
+    for value in binding.get_outputs():
+        if value.data_type() != "tensor(bfloat16)":
+            results.append(value.numpy())
+            continue
+        shape = value.shape()
+        count = int(np.prod(shape))
+        bits = np.ctypeslib.as_array((ctypes.c_uint16 * count).from_address(value.data_ptr())) if count else \
+            np.zeros(0, np.uint16)
+        results.append(bits.copy().view(_BF16).reshape(shape))
     return results
 
 
@@ -178,54 +225,141 @@ def _exposed(model, names: list[str]):
 
 # ----------------------------------------------------------------------------- comparing
 
+# The absolute bound of an output grows with the computation (see the README, "Verification"):
+# MAGNITUDE_EPS machine epsilons of the output's largest |value| (rounding noise grows with the
+# sums behind it, not with each element), and SENSITIVITY_FACTOR times how far the original's
+# output moves when its float inputs move by one or two ulps (cancellation: a mean of 1000
+# against a spread of 1 leaves the original itself only that precise). A model whose outputs
+# change between two runs on the same inputs gets no sensitivity term: its moves are not rounding.
+MAGNITUDE_EPS = 8.0
+SENSITIVITY_FACTOR = 4.0
+
+
 def tolerance(dtype, atol: float | None = None, rtol: float | None = None, compute: str | None = None,
               ) -> tuple[float, float]:
     """Explicit values win; else the defaults of the output's float dtype, or of ``compute`` (the
-    narrowest float type the model computes in) when that one is looser: an fp16 model whose
-    output is Cast to fp32 cannot be held to fp32 precision."""
-    name = "bfloat16" if str(dtype) == "bfloat16" else str(np.dtype(dtype))
+    narrowest float type on the path that computes the output) when that one is looser: an fp16
+    computation whose result is Cast to fp32 cannot be held to fp32 precision."""
+    name = _dtype_name(dtype)
     default = TOLERANCES.get(name, (0.0, 0.0))
     if name in TOLERANCES and compute in TOLERANCES:
         default = max(default, TOLERANCES[compute])
     return (default[0] if atol is None else atol, default[1] if rtol is None else rtol)
 
 
+def _dtype_name(dtype) -> str:
+    return "bfloat16" if str(dtype) == "bfloat16" else str(np.dtype(dtype))
+
+
+def _eps(name: str | None) -> float:
+    if name == "bfloat16":
+        return 2.0 ** -7
+    return float(np.finfo(name).eps) if name in TOLERANCES else 0.0
+
+
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16",
                 onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64"}
 
 
-def compute_dtype(model: onnx.ModelProto) -> str | None:
-    """The float type with the loosest default tolerance among the model's weights, inputs and
-    Cast targets (main graph): the precision its results are only as good as."""
-    found = [t.data_type for t in model.graph.initializer]
-    found += [vi.type.tensor_type.elem_type for vi in model.graph.input]
-    for node in model.graph.node:
-        if node.op_type == "Cast":
-            found += [a.i for a in node.attribute if a.name == "to"]
-        elif node.op_type == "Constant":
-            found += [a.t.data_type for a in node.attribute if a.name == "value"]
-    names = {_FLOAT_TYPES[t] for t in found if t in _FLOAT_TYPES}
-    return max(names, key=lambda n: TOLERANCES[n], default=None)
+def compute_dtypes(model: onnx.ModelProto, names: list[str]) -> dict[str, str | None]:
+    """Per tensor name: the float type with the loosest default tolerance on the path that
+    computes it (main graph, walked backwards): Cast targets, Constant values, initializers and
+    graph inputs reached; a node with subgraphs brings everything inside them and the outer
+    tensors they read. An fp16 round trip on another branch does not count."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output if o}
+    leaves = {t.name: {t.data_type} for t in g.initializer}
+    for vi in g.input:
+        leaves.setdefault(vi.name, set()).add(vi.type.tensor_type.elem_type)
+    node_info: dict[int, tuple[set[int], list[str]]] = {}
+    result = {}
+    for name in names:
+        found: set[int] = set()
+        seen: set[str] = set()
+        stack = [name]
+        while stack:
+            t = stack.pop()
+            if not t or t in seen:
+                continue
+            seen.add(t)
+            found |= leaves.get(t, set())
+            node = producer.get(t)
+            if node is None:
+                continue
+            if id(node) not in node_info:
+                node_info[id(node)] = _node_types(node)
+            types, reads = node_info[id(node)]
+            found |= types
+            stack.extend(reads)
+        kinds = {_FLOAT_TYPES[t] for t in found if t in _FLOAT_TYPES}
+        result[name] = max(kinds, key=lambda n: TOLERANCES[n], default=None)
+    return result
+
+
+def compute_dtype(model: onnx.ModelProto, name: str | None = None) -> str | None:
+    """The narrowest float type on the path to ``name`` (default: to any graph output)."""
+    names = [name] if name else [o.name for o in model.graph.output]
+    kinds = [k for k in compute_dtypes(model, names).values() if k]
+    return max(kinds, key=lambda n: TOLERANCES[n], default=None)
+
+
+def _node_types(node: onnx.NodeProto) -> tuple[set[int], list[str]]:
+    """Element types a node brings in (Cast targets, tensor attributes, subgraph contents) and
+    the tensors it reads (inputs, outer-scope names its subgraphs use)."""
+    types: set[int] = set()
+    reads = list(node.input)
+    for a in node.attribute:
+        if a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT:
+            types.add(a.i)
+        elif a.type == onnx.AttributeProto.TENSOR:
+            types.add(a.t.data_type)
+        elif a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                inner_types, inner_reads = _graph_types(sub)
+                types |= inner_types
+                reads += inner_reads
+    return types, reads
+
+
+def _graph_types(graph: onnx.GraphProto) -> tuple[set[int], list[str]]:
+    types = {t.data_type for t in graph.initializer}
+    types |= {vi.type.tensor_type.elem_type for vi in graph.input}
+    local = {t.name for t in graph.initializer} | {vi.name for vi in graph.input}
+    local |= {o for n in graph.node for o in n.output}
+    reads = []
+    for node in graph.node:
+        node_types, node_reads = _node_types(node)
+        types |= node_types
+        reads += [r for r in node_reads if r not in local]
+    reads += [o.name for o in graph.output if o.name not in local]
+    return types, reads
 
 
 def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, atol: float | None = None,
-                   rtol: float | None = None, compute: str | None = None) -> OutputDiff:
+                   rtol: float | None = None, compute: str | None = None, sensitivity=0.0,
+                   ) -> OutputDiff:
+    """``|got - ref| <= atol + rtol * |ref|`` element by element. Without an explicit ``atol``
+    the absolute bound grows with the computation: at least MAGNITUDE_EPS epsilons (of the
+    output's compute type) of max |ref|, and SENSITIVITY_FACTOR times ``sensitivity`` (how far
+    the reference moved when its inputs moved by an ulp; a number, or an array that broadcasts)."""
     ref, got = np.asarray(ref), np.asarray(got)
     a, r = tolerance(ref.dtype, atol, rtol, compute)
-    base = dict(name=name, dtype=str(ref.dtype), shape=list(ref.shape), atol=a, rtol=r)
+    is_float = ref.dtype.kind in "fc" or str(ref.dtype) == "bfloat16"
+    base = dict(name=name, dtype=str(ref.dtype), shape=list(ref.shape), rtol=r,
+                atol_rule="--atol" if atol is not None else "dtype default")
     if ref.shape != got.shape:
-        return OutputDiff(**base, max_abs=float("inf"), max_rel=float("inf"), mismatched=1.0, needed_atol=float("inf"),
-                          problem=f"shape {list(got.shape)} != {list(ref.shape)}")
+        return OutputDiff(**base, atol=a, max_abs=float("inf"), max_rel=float("inf"), mismatched=1.0,
+                          needed_atol=float("inf"), problem=f"shape {list(got.shape)} != {list(ref.shape)}")
     if ref.dtype != got.dtype:
-        return OutputDiff(**base, max_abs=float("inf"), max_rel=float("inf"), mismatched=1.0, needed_atol=float("inf"),
-                          problem=f"dtype {got.dtype} != {ref.dtype}")
+        return OutputDiff(**base, atol=a, max_abs=float("inf"), max_rel=float("inf"), mismatched=1.0,
+                          needed_atol=float("inf"), problem=f"dtype {got.dtype} != {ref.dtype}")
     if ref.size == 0:
-        return OutputDiff(**base, max_abs=0.0, max_rel=0.0, mismatched=0.0, needed_atol=0.0)
-    if ref.dtype.kind not in "fc" and str(ref.dtype) != "bfloat16":
+        return OutputDiff(**base, atol=a, max_abs=0.0, max_rel=0.0, mismatched=0.0, needed_atol=0.0)
+    if not is_float:
         bad = ref != got
         err = np.abs(ref.astype(np.float64) - got.astype(np.float64)) if ref.dtype.kind in "iub" else bad * 1.0
-        return OutputDiff(**base, max_abs=float(err.max()), max_rel=float(err.max()), mismatched=float(bad.mean()),
-                          needed_atol=float(err.max()))
+        return OutputDiff(**base, atol=a, max_abs=float(err.max()), max_rel=float(err.max()),
+                          mismatched=float(bad.mean()), needed_atol=float(err.max()))
     r64, g64 = ref.astype(np.float64), got.astype(np.float64)
     finite = np.isfinite(r64) & np.isfinite(g64)
     # NaN and Inf must sit at the same positions with the same values (Inf sign included).
@@ -233,24 +367,189 @@ def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, atol: float | No
     with np.errstate(invalid="ignore", over="ignore"):
         diff = np.where(finite, np.abs(r64 - g64), 0.0)
     scale = np.abs(np.where(finite, r64, 0.0))
-    bad = (diff > a + r * scale) | nonfinite_bad
+    bound = np.full(ref.shape, float(a))
+    rules = np.zeros(ref.shape, np.int8)  # 0 dtype default or --atol, 1 output magnitude, 2 input sensitivity
+    if atol is None:
+        magnitude = _magnitude_term(ref, compute)
+        spread = SENSITIVITY_FACTOR * np.broadcast_to(np.nan_to_num(np.asarray(sensitivity, np.float64),
+                                                                    nan=0.0, posinf=0.0), ref.shape)
+        rules = np.where(spread > max(a, magnitude), 2, np.where(magnitude > a, 1, 0)).astype(np.int8)
+        bound = np.maximum(np.maximum(bound, magnitude), spread)
+    excess = np.where(finite, diff - (bound + r * scale), -np.inf)
+    bad = (excess > 0) | nonfinite_bad
+    worst = np.unravel_index(int(np.argmax(excess if bad.any() or not diff.any() else diff)), ref.shape)
     with np.errstate(over="ignore"):
         rel = diff / np.maximum(scale, np.finfo(np.float64).tiny)
     rel = np.where(diff == 0.0, 0.0, rel)
     needed = np.max(np.maximum(diff - r * scale, 0.0)) if finite.any() else 0.0
-    return OutputDiff(**base, max_abs=float(diff.max()), max_rel=float(rel.max()), mismatched=float(bad.mean()),
-                      needed_atol=float("inf") if nonfinite_bad.any() else float(needed))
+    problem = f"NaN/Inf at {int(nonfinite_bad.sum())} position(s) where the reference differs" \
+        if nonfinite_bad.any() else ""
+    base["atol_rule"] = ("--atol" if atol is not None else "dtype default", "output magnitude",
+                         "input sensitivity")[int(rules[worst])]
+    return OutputDiff(**base, atol=float(bound[worst]), max_abs=float(diff.max()), max_rel=float(rel.max()),
+                      mismatched=float(bad.mean()), needed_atol=float("inf") if nonfinite_bad.any() else float(needed),
+                      problem=problem)
+
+
+@dataclass
+class Reference:
+    """The original model's outputs on every input set, computed once and reused for every
+    comparison against it (trials, rollback rounds, the determinism check)."""
+
+    names: list[str]
+    seed: int
+    trials: int
+    sets: list[InputSet]
+    feeds: list[dict[str, np.ndarray]]
+    outputs: list[dict[str, np.ndarray]]
+    sensitivity: list[dict[str, float]]  # per set, per output: max |ref - ref on ulp-moved inputs|
+    compute: dict[str, str | None]
+    provider: str
+    sessions: list[list[str]]  # get_providers() of the session(s) that ran it
+
+
+def reference_outputs(original, *, choice: ProviderChoice, seed: int = 0, trials: int = 1, input_shapes=None,
+                      input_ranges=None, inputs_file: str | None = None,
+                      extra_outputs: list[str] | None = None, input_sets=None) -> Reference:
+    """Run ``original`` once on every input set: ``trials`` normal sets (seeds seed..), then one
+    offset and one degenerate set where the model has float inputs left to random values; those
+    two also on a copy whose float inputs moved by an ulp or two (the sensitivity). ``input_sets``:
+    only the kinds named there."""
+    header = load_header(original)
+    names = [o.name for o in header.graph.output]
+    model = original
+    if extra_outputs:
+        model = _exposed(original, extra_outputs)
+        names = names + [n for n in extra_outputs if n not in names]
+    kinds = [FILE if inputs_file else NORMAL] * trials + stress_kinds(header, input_ranges, inputs_file)
+    if input_sets is not None:
+        kinds = [k for k in kinds if k in input_sets or k == FILE]  # real inputs always run
+    seeds = [seed + t for t in range(trials)] + [seed] * (len(kinds) - trials)
+    widths = _input_widths(header)
+    compute = compute_dtypes(header, names)
+    # Sensitivity is measured on the offset and degenerate sets (where inputs are ill-conditioned
+    # on purpose); on normal inputs the magnitude term covers rounding.
+    stressed = [i for i, kind in enumerate(kinds) if kind in (OFFSET, DEGENERATE)]
+    sizes = (DEFAULT_DYNAMIC_DIM,) + FALLBACK_DYNAMIC_DIMS
+    sessions: list[list[str]] = []
+    for size in sizes:
+        made = [make_feeds(header, s, input_shapes, input_ranges, inputs_file, size, kind)
+                for kind, s in zip(kinds, seeds)]
+        feeds = [f for f, _ in made]
+        moved = [_move_by_ulps(feeds[i], seeds[i], widths) for i in stressed]
+        n = len(feeds)
+
+        def probe(results):
+            # Sensitivity above rounding level is trusted only from a deterministic model: then
+            # the first set runs once more, and must give the same outputs.
+            changes = [{name: _max_change(results[i][name], results[n + j][name]) for name in names}
+                       for j, i in enumerate(stressed)]
+            probe.changes = changes
+            big = any(SENSITIVITY_FACTOR * c[name] > _magnitude_term(results[i][name], compute.get(name))
+                      for c, i in zip(changes, stressed) for name in names)
+            return feeds[:1] if big else []
+
+        try:
+            with progress.step("onnxruntime: running the reference model"):
+                out = run_model(model, feeds + moved, choice.name, names, sessions, more=probe)
+            break
+        except ModelRunError:
+            # Only sizes we chose may be wrong for the model; try a larger one.
+            if not any(spec.defaulted for spec in made[0][1]) or size == sizes[-1]:
+                raise
+    # Rounding-level differences between two runs (GPU kernels that sum in varying order) still
+    # count as deterministic; Dropout or random ops move outputs far more.
+    stable = len(out) == n + len(stressed) or all(
+        _max_change(out[0][name], out[-1][name]) <= _magnitude_term(out[0][name], compute.get(name))
+        and _same_nonfinite(out[0][name], out[-1][name]) for name in names)
+    sensitivity = [{name: 0.0 for name in names} for _ in kinds]
+    for j, i in enumerate(stressed):
+        if stable:
+            sensitivity[i] = probe.changes[j]
+    sets = [InputSet(kind, s, specs) for kind, s, (_, specs) in zip(kinds, seeds, made)]
+    return Reference(names, seed, trials, sets, feeds, out[:n], sensitivity, compute, choice.name, sessions)
+
+
+def _magnitude_term(ref: np.ndarray, compute: str | None) -> float:
+    """MAGNITUDE_EPS epsilons (of the wider of the output's dtype and ``compute``) of max |ref|."""
+    ref = np.asarray(ref)
+    if not (ref.dtype.kind == "f" or str(ref.dtype) == "bfloat16") or not ref.size:
+        return 0.0
+    with np.errstate(invalid="ignore", over="ignore"):
+        r64 = np.abs(ref.astype(np.float64))
+    finite = r64[np.isfinite(r64)]
+    width = max(_eps(_dtype_name(ref.dtype)), _eps(compute))
+    return MAGNITUDE_EPS * width * float(finite.max()) if finite.size else 0.0
+
+
+def _move_by_ulps(feeds: dict[str, np.ndarray], seed: int, widths: dict[str, str]) -> dict[str, np.ndarray]:
+    """Float inputs times (1 +- 1.5 eps), element by element: each moves by one or two ulps of
+    the narrowest float type it is computed in (``widths``, else its own type)."""
+    rng = np.random.default_rng([seed, 0x5EED])
+    moved = {}
+    for name, value in feeds.items():
+        kind = _dtype_name(value.dtype) if value.dtype.kind in "fV" else ""
+        if kind not in TOLERANCES:
+            moved[name] = value
+            continue
+        width = max(_eps(kind), _eps(widths.get(name)))
+        sign = rng.choice([-1.0, 1.0], size=value.shape)
+        moved[name] = (value.astype(np.float64) * (1.0 + 1.5 * width * sign)).astype(value.dtype)
+    return moved
+
+
+def _input_widths(model: onnx.ModelProto) -> dict[str, str]:
+    """Per graph input: the narrowest float type among the Cast targets reachable from it (main
+    graph): an fp32 input rounded to fp16 on its way is only as precise as fp16."""
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    widths = {}
+    for vi in model.graph.input:
+        seen, stack, found = set(), [vi.name], set()
+        while stack:
+            for node in users.get(stack.pop(), ()):
+                if id(node) in seen:
+                    continue
+                seen.add(id(node))
+                if node.op_type == "Cast":
+                    found |= {_FLOAT_TYPES[a.i] for a in node.attribute if a.name == "to" and a.i in _FLOAT_TYPES}
+                stack.extend(o for o in node.output if o)
+        widths[vi.name] = max(found, key=lambda n: TOLERANCES[n], default=None)
+    return widths
+
+
+def _same_nonfinite(a: np.ndarray, b: np.ndarray) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or not (a.dtype.kind == "f" or str(a.dtype) == "bfloat16"):
+        return bool(np.array_equal(a, b))
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    return bool(np.array_equal(np.isfinite(a64), np.isfinite(b64)))
+
+
+def _max_change(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or not a.size or not (a.dtype.kind == "f" or str(a.dtype) == "bfloat16"):
+        return 0.0
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    finite = np.isfinite(a64) & np.isfinite(b64)
+    return float(np.abs(a64 - b64)[finite].max()) if finite.any() else 0.0
 
 
 def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trials: int = 1,
             input_shapes=None, input_ranges=None, inputs_file: str | None = None,
             atol: float | None = None, rtol: float | None = None, extra_outputs: list[str] | None = None,
-            choice: ProviderChoice | None = None, repeat: bool = False) -> VerifyReport:
-    """Run ``original`` and ``rewritten`` (ModelProto, path or Loaded) on the same inputs and compare.
+            choice: ProviderChoice | None = None, repeat: bool = False,
+            reference: Reference | None = None, input_sets=None) -> VerifyReport:
+    """Run ``rewritten`` (ModelProto, path or Loaded) on the input sets of ``original`` and
+    compare with the original's outputs on them. ``input_sets``: only these kinds (default:
+    normal per trial, then offset and degenerate where they apply).
 
-    ``extra_outputs`` are intermediate tensors exposed in both models and compared too
-    (used to find which rewrite broke equivalence). ``repeat`` compares ``original`` with a
-    second run of itself in the same session instead: random ops draw new numbers there.
+    ``reference``: the original's outputs from ``reference_outputs`` (same options), reused
+    instead of running the original again. ``extra_outputs`` are intermediate tensors exposed in
+    both models and compared too (used to find which rewrite broke equivalence). ``repeat``
+    compares the original with a second run of itself: random ops draw new numbers there.
     """
     if trials < 1:
         raise UsageError("--trials must be at least 1")
@@ -258,39 +557,28 @@ def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trial
         if value is not None and not value >= 0:  # NaN too: nothing would compare equal, not even a model to itself
             raise UsageError(f"{flag} must be a number >= 0, got {value}")
     choice = choice or select_provider(provider)
-    ref_header, new_header = load_header(original), load_header(rewritten)
-    _same_interface(ref_header, new_header)
-    names = [o.name for o in ref_header.graph.output]
-    ref_model, new_model = original, rewritten
+    _same_interface(load_header(original), load_header(rewritten))
+    if reference is None:
+        reference = reference_outputs(original, choice=choice, seed=seed, trials=trials, input_shapes=input_shapes,
+                                      input_ranges=input_ranges, inputs_file=inputs_file, extra_outputs=extra_outputs,
+                                      input_sets=input_sets)
+    names = reference.names
+    candidate = original if repeat else rewritten
     if extra_outputs:
-        ref_model, new_model = _exposed(original, extra_outputs), _exposed(rewritten, extra_outputs)
-        names = names + list(extra_outputs)
-    sizes = (DEFAULT_DYNAMIC_DIM,) + FALLBACK_DYNAMIC_DIMS
-    ref_sessions: list[list[str]] = []
+        candidate = _exposed(candidate, extra_outputs)
     new_sessions: list[list[str]] = []
-    for size in sizes:
-        trial_feeds = [make_feeds(ref_header, seed + t, input_shapes, input_ranges, inputs_file, size)
-                       for t in range(trials)]
-        feeds_list, specs = [f for f, _ in trial_feeds], trial_feeds[0][1]
-        try:
-            with progress.step("onnxruntime: running the reference model"):
-                ref_out = run_model(ref_model, feeds_list * (2 if repeat else 1), choice.name, names, ref_sessions)
-            break
-        except ModelRunError:
-            # Only sizes we chose may be wrong for the model; try a larger one.
-            if not any(spec.defaulted for spec in specs) or size == sizes[-1]:
-                raise
-    if repeat:
-        ref_out, new_out = ref_out[:trials], ref_out[trials:]
-    else:
-        with progress.step("onnxruntime: running the rewritten model"):
-            new_out = run_model(new_model, feeds_list, choice.name, names, new_sessions)
-    report = VerifyReport(choice.name, choice.note, choice.tf32, seed, trials, specs,
-                          sessions=[Session("reference", ref_sessions[-1])]
-                          + [Session("candidate", p) for p in new_sessions[-1:]])
-    compute = compute_dtype(ref_header)
+    with progress.step("onnxruntime: running the rewritten model"):
+        new_out = run_model(candidate, reference.feeds, choice.name, names, new_sessions)
+    report = VerifyReport(choice.name, choice.note, choice.tf32, reference.seed, reference.trials,
+                          reference.sets[0].specs, sessions=[Session("reference", reference.sessions[-1])]
+                          + [Session("candidate", p) for p in new_sessions[-1:]],
+                          input_sets=[s.kind for s in reference.sets])
     for name in names:
-        diffs = [compare_arrays(name, r[name], n[name], atol, rtol, compute) for r, n in zip(ref_out, new_out)]
+        diffs = []
+        for input_set, ref_out, got, sens in zip(reference.sets, reference.outputs, new_out, reference.sensitivity):
+            diff = compare_arrays(name, ref_out[name], got[name], atol, rtol, reference.compute.get(name), sens[name])
+            diff.inputs = input_set.label
+            diffs.append(diff)
         report.outputs.append(max(diffs, key=lambda d: (not d.passed, d.needed_atol)))
     return report
 

@@ -116,3 +116,15 @@ def test_schema_rejects_a_report_without_its_version(validator, model_path, tmp_
     assert not validator.is_valid(doc)
     doc["schema_version"], doc["status"] = 1, "fine"
     assert not validator.is_valid(doc)
+
+
+def test_verify_report_names_its_input_sets_and_atol_rules(validator, model_path, tmp_path):
+    report = tmp_path / "r.json"
+    assert run("verify", model_path, model_path, "--report", report).exit_code == 0
+    doc = valid(validator, report)
+    assert doc["verification"]["input_sets"] == ["normal", "offset", "degenerate"]
+    (out,) = doc["verification"]["outputs"]
+    assert out["atol_rule"] in ("dtype default", "output magnitude", "input sensitivity")
+    assert out["inputs"].endswith("inputs (seed 0)")
+    out["atol_rule"] = "guessed"
+    assert list(validator.iter_errors(doc))

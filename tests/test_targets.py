@@ -7,6 +7,7 @@ from onnx import helper
 from helpers import FLOAT, assert_equivalent, make_model, op_counts
 from normopt.cli import cli
 from normopt.fold import FoldOptions, optimize
+from normopt.inputs import DEGENERATE, NORMAL
 from normopt.pattern import Match
 from normopt.pipeline import model_opset
 from normopt.targets import GROUP_NORM_REASON, veto_for
@@ -33,9 +34,12 @@ def test_target_onnxruntime_keeps_the_instancenorm_form_of_groupnorm(rng):
     assert op_counts(result.model) == op_counts(model) and model_opset(result.model) == 17
     (skip,) = result.pipeline.skipped
     assert skip.pass_name == "fuse-groupnorm" and skip.reason == GROUP_NORM_REASON and result.verified
-    portable = optimize(model, FoldOptions(provider="cpu"))
+    # Inputs in a range the user vouches for: on the default offset set (mean 1000) onnxruntime's
+    # function body of GroupNormalization loses precision and verification rolls the fusion back
+    # (test_fuse_groupnorm_precision_loss_at_an_offset_is_rolled_back).
+    portable = optimize(model, FoldOptions(provider="cpu", input_ranges={"x": (-3.0, 3.0)}))
     assert op_counts(portable.model) == {"GroupNormalization": 1} and model_opset(portable.model) == 21
-    assert_equivalent(model, portable.model)
+    assert_equivalent(model, portable.model, input_sets=(NORMAL, DEGENERATE))
 
 
 def test_target_onnxruntime_still_emits_instancenormalization_when_groups_equal_channels(rng):

@@ -1,0 +1,326 @@
+"""The verifier cannot be fooled: per-output tolerances, inputs that stress precision, bounds
+that follow the computation, and perturbed models that must fail for every dtype."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from helpers import FLOAT, INT64, make_model, op_counts
+from normopt import inputs, verify
+from normopt.cli import cli
+from normopt.fold import FoldOptions, optimize
+from normopt.inputs import DEGENERATE, NORMAL, OFFSET
+from test_fold import broken_pass, conv_bn_chain  # noqa: F401  (fixture reuse)
+
+DOUBLE, FLOAT16, BFLOAT16 = TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16
+
+
+def _decomposed_layernorm(x, y, eps_name, prefix=""):
+    p = prefix
+    return [helper.make_node("ReduceMean", [x], [p + "mu"], axes=[-1]),
+            helper.make_node("Sub", [x, p + "mu"], [p + "d"]),
+            helper.make_node("Mul", [p + "d", p + "d"], [p + "d2"]),
+            helper.make_node("ReduceMean", [p + "d2"], [p + "var"], axes=[-1]),
+            helper.make_node("Add", [p + "var", eps_name], [p + "ve"]),
+            helper.make_node("Sqrt", [p + "ve"], [p + "sd"]),
+            helper.make_node("Div", [p + "d", p + "sd"], [y])]
+
+
+# ----------------------------------------------------------------------------- per-output tolerances
+
+def _layernorm_beside_fp16_round_trip(epsilon):
+    """y = LayerNorm(x) in float32; w = z rounded through float16 on its own branch."""
+    d = 16
+    nodes = [helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"], axis=-1, epsilon=epsilon),
+             helper.make_node("Cast", ["z"], ["h"], to=FLOAT16), helper.make_node("Cast", ["h"], ["w"], to=FLOAT)]
+    inits = {"s": np.ones(d, np.float32), "b": np.zeros(d, np.float32)}
+    return make_model(nodes, [("x", FLOAT, [2, 4, d]), ("z", FLOAT, [2, 4, d])],
+                      [("y", FLOAT, [2, 4, d]), ("w", FLOAT, [2, 4, d])], inits, opset=17)
+
+
+def test_tolerance_of_an_output_ignores_an_fp16_round_trip_on_another_branch():
+    model, wrong = _layernorm_beside_fp16_round_trip(1e-5), _layernorm_beside_fp16_round_trip(5e-3)
+    assert verify.compute_dtypes(model, ["y", "w"]) == {"y": "float32", "w": "float16"}
+    assert verify.compute_dtype(model) == "float16"  # the model as a whole still has an fp16 path
+    report = verify.compare(model, wrong, provider="cpu")
+    assert [o.name for o in report.failures] == ["y"]
+    y = report.failures[0]
+    assert (y.atol, y.rtol) == verify.TOLERANCES["float32"] and y.atol_rule == "dtype default"
+    # Held to float16 bounds (one fp16 Cast anywhere loosening every output), the wrong epsilon passed.
+    assert verify.compare(model, wrong, provider="cpu", atol=1e-2, rtol=1e-2).passed
+
+
+def test_tolerance_follows_casts_and_initializers_on_the_path_only():
+    nodes = [helper.make_node("Cast", ["x"], ["h"], to=FLOAT16), helper.make_node("Mul", ["h", "k16"], ["m"]),
+             helper.make_node("Cast", ["m"], ["a"], to=FLOAT), helper.make_node("Relu", ["x"], ["b"])]
+    model = make_model(nodes, [("x", FLOAT, [4])], [("a", FLOAT, [4]), ("b", FLOAT, [4])],
+                       {"k16": np.ones(4, np.float16)}, opset=13)
+    assert verify.compute_dtypes(model, ["a", "b", "m", "x"]) == {"a": "float16", "b": "float32", "m": "float16",
+                                                                  "x": "float32"}
+
+
+# ----------------------------------------------------------------------------- input sets
+
+def _embedding_and_features():
+    table = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["g"]), helper.make_node("Add", ["g", "x"], ["y"])]
+    return make_model(nodes, [("ids", INT64, [1, 6]), ("x", FLOAT, [1, 6, 4])], [("y", FLOAT, [1, 6, 4])],
+                      {"table": table}, opset=13)
+
+
+def test_offset_and_degenerate_sets_change_float_inputs_only():
+    model = _embedding_and_features()
+    assert inputs.stress_kinds(model) == [OFFSET, DEGENERATE]
+    offset, specs = inputs.make_feeds(model, seed=0, kind=OFFSET)
+    assert offset["ids"].min() >= 0 and offset["ids"].max() < 50  # token ids keep their safe range
+    assert abs(offset["x"].mean() - 1000) < 2 and 0.5 < offset["x"].std() < 2
+    assert specs[1].source == "normal(1000, 1)" and "embedding index" in specs[0].source
+    degenerate, specs = inputs.make_feeds(model, seed=0, kind=DEGENERATE)
+    x = degenerate["x"][0]
+    assert (x[0] == 0).all() and (x[3] == 0).all() and len(set(x[1])) == 1 and len(set(x[4])) == 1
+    assert x[2].std() > 0 and degenerate["ids"].max() < 50
+
+
+@pytest.mark.parametrize("elem, kinds, mean", [(FLOAT16, [OFFSET, DEGENERATE], 100.0),
+                                               (DOUBLE, [OFFSET, DEGENERATE], 1000.0),
+                                               (BFLOAT16, [DEGENERATE], None)])
+def test_offset_follows_what_the_input_type_resolves(elem, kinds, mean):
+    model = make_model([helper.make_node("Identity", ["x"], ["y"])], [("x", elem, [2, 3, 8])], [("y", elem, [2, 3, 8])],
+                       opset=13)
+    assert inputs.stress_kinds(model) == kinds
+    feeds, specs = inputs.make_feeds(model, seed=0, kind=OFFSET)
+    centre = float(np.asarray(feeds["x"], np.float64).mean())
+    assert abs(centre - (mean or 0.0)) < 1.0
+    assert ("no offset" in specs[0].source) == (mean is None)
+
+
+def test_no_stress_sets_for_real_inputs_user_ranges_or_integer_models(tmp_path):
+    model = _embedding_and_features()
+    assert inputs.stress_kinds(model, ranges={"x": (0, 1)}) == []
+    assert inputs.stress_kinds(model, npz=str(tmp_path / "in.npz")) == []
+    ints = make_model([helper.make_node("Identity", ["i"], ["o"])], [("i", INT64, [3])], [("o", INT64, [3])], opset=13)
+    assert inputs.stress_kinds(ints) == []
+
+
+def test_report_lists_the_input_sets_that_ran(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(_embedding_and_features(), path)
+    res = CliRunner().invoke(cli, ["verify", str(path), str(path), "--provider", "cpu", "--trials", "2",
+                                   "--report", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert "seed 0, 2 normal input set(s) + offset + degenerate; inputs" in res.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["verification"]["input_sets"] == [NORMAL, NORMAL, OFFSET, DEGENERATE]
+
+
+# ----------------------------------------------------------------------------- degenerate inputs
+
+def _double_layernorm(epsilon_op):
+    shape = [1, 6, 8]
+    if epsilon_op is None:  # the decomposed original, epsilon 1e-50
+        nodes = _decomposed_layernorm("x", "y", "eps")
+        inits = {"eps": np.asarray(1e-50, np.float64)}
+        opset = 13
+    else:  # what a rewrite emitting a float32 epsilon attribute makes of it: 0.0
+        nodes = [helper.make_node("LayerNormalization", ["x", "s"], ["y"], axis=-1, epsilon=epsilon_op)]
+        inits = {"s": np.ones(8, np.float64)}
+        opset = 17
+    return make_model(nodes, [("x", DOUBLE, shape)], [("y", DOUBLE, shape)], inits, opset=opset)
+
+
+def test_degenerate_inputs_catch_an_epsilon_lost_to_float32():
+    original, rewritten = _double_layernorm(None), _double_layernorm(float(np.float32(1e-50)))
+    assert float(np.float32(1e-50)) == 0.0
+    assert verify.compare(original, rewritten, provider="cpu", input_sets=(NORMAL, OFFSET)).passed  # random inputs miss it
+    report = verify.compare(original, rewritten, provider="cpu")
+    assert not report.passed
+    bad = report.failures[0]
+    assert bad.inputs == "degenerate inputs (seed 0)" and "NaN/Inf" in bad.problem
+
+
+# ----------------------------------------------------------------------------- bounds that follow the computation
+
+def _conv_bn_large_sums(rng):
+    """Conv over 32 channels x 3x3 (288-term sums), then BatchNormalization scaling by ~40:
+    outputs in the hundreds."""
+    c = 32
+    inits = {"w": rng.standard_normal((c, c, 3, 3)).astype(np.float32),
+             "g": rng.uniform(30, 45, c).astype(np.float32), "b": rng.standard_normal(c).astype(np.float32),
+             "m": (rng.standard_normal(c) * 0.1).astype(np.float32), "v": rng.uniform(0.9, 1.1, c).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn")]
+    return make_model(nodes, [("x", FLOAT, [1, c, 8, 8])], [("y", FLOAT, [1, c, 8, 8])], inits, opset=15)
+
+
+def _conv_float64(x, w):
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    out = np.zeros((x.shape[0], w.shape[0], x.shape[2], x.shape[3]))
+    for i in range(3):
+        for j in range(3):
+            out += np.einsum("nchw,oc->nohw", xp[:, :, i:i + x.shape[2], j:j + x.shape[3]], w[:, :, i, j].astype(np.float64))
+    return out
+
+
+def test_correct_fold_with_large_sums_verifies_and_a_small_real_error_fails(rng):
+    model = _conv_bn_large_sums(rng)
+    result = optimize(model, FoldOptions(passes=["fold-batchnorm"], provider="cpu"))
+    assert result.verified and not result.rollbacks and op_counts(result.model) == {"Conv": 1}
+    # Both models are about equally far from float64 math; a constant atol of 1e-5 would have
+    # rolled the fold back.
+    feeds, _ = inputs.make_feeds(model, seed=0)
+    ref, folded = (verify.run_model(m, [feeds], "cpu")[0]["y"] for m in (model, result.model))
+    p = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    exact = (_conv_float64(feeds["x"], p["w"]) - p["m"][:, None, None]) \
+        * (p["g"] / np.sqrt(p["v"] + 1e-5))[:, None, None] + p["b"][:, None, None]
+    err_ref, err_fold, diff = (float(np.abs(a - b).max()) for a, b in ((ref, exact), (folded, exact), (ref, folded)))
+    assert np.abs(ref).max() > 500 and diff > 1e-5 and max(err_ref, err_fold) > 0.4 * diff
+    assert not verify.compare(model, result.model, provider="cpu", atol=1e-5).passed
+    # One folded weight changed by 1e-3 relative: caught.
+    w = next(t for t in result.model.graph.initializer if t.name == result.model.graph.node[0].input[1])
+    arr = onnx.numpy_helper.to_array(w).copy()
+    arr[3, 5, 1, 1] *= 1.001
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+    report = verify.compare(model, result.model, provider="cpu")
+    assert not report.passed and report.failures[0].inputs == "normal inputs (seed 0)"
+
+
+def test_original_precision_loss_at_an_offset_is_not_blamed_on_a_more_precise_rewrite():
+    """The decomposed layer norm loses digits at a mean of 1000 (x - mean in float32); the fused
+    op loses fewer. The difference is within what the original itself moves by there."""
+    d = 64
+    original = make_model(_decomposed_layernorm("x", "y", "eps"), [("x", FLOAT, [1, 4, d])], [("y", FLOAT, [1, 4, d])],
+                          {"eps": np.asarray(1e-5, np.float32)}, opset=13)
+    fused = make_model([helper.make_node("LayerNormalization", ["x", "s"], ["y"], axis=-1, epsilon=1e-5)],
+                       [("x", FLOAT, [1, 4, d])], [("y", FLOAT, [1, 4, d])], {"s": np.ones(d, np.float32)}, opset=17)
+    report = verify.compare(original, fused, provider="cpu", input_sets=(OFFSET,))
+    assert report.passed and report.outputs[0].atol_rule == "input sensitivity"
+    assert report.outputs[0].max_abs > verify.TOLERANCES["float32"][0]  # a constant atol would have failed it
+
+
+def test_the_original_runs_once_across_rollback_rounds(rng, monkeypatch, broken_pass):
+    import normopt.fold as fold
+
+    calls = []
+    real = fold.reference_outputs
+
+    def counting(model, **kwargs):
+        calls.append((model, tuple(kwargs.get("extra_outputs") or ())))
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(fold, "reference_outputs", counting)
+    model = conv_bn_chain(rng)
+    result = optimize(model, FoldOptions(passes=[broken_pass], provider="cpu"))
+    assert result.rollbacks and result.verified
+    assert all(m is model for m, _ in calls)  # never a rewritten model as the reference
+    assert [extra for _, extra in calls] == [(), ("n1", "n2", "n3")]  # once each, though verified twice
+
+
+# ----------------------------------------------------------------------------- perturbed models fail, per dtype
+
+def _verify_cli(tmp_path, a, b):
+    paths = [tmp_path / "a.onnx", tmp_path / "b.onnx"]
+    for model, path in zip((a, b), paths):
+        onnx.save(model, path)
+    return CliRunner().invoke(cli, ["verify", *map(str, paths), "--provider", "cpu"])
+
+
+def _perturbed(model, name, index=None, factor=1.001):
+    """A copy of ``model`` with one element of initializer ``name`` times ``factor`` (rounded to
+    its dtype); by default its largest weight, the one a wrong fold of it would move most."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    t = next(t for t in out.graph.initializer if t.name == name)
+    arr = onnx.numpy_helper.to_array(t).copy()
+    if index is None:
+        index = int(np.argmax(np.abs(arr.astype(np.float64))))
+    arr.flat[index] = float(arr.flat[index]) * factor
+    t.CopyFrom(onnx.numpy_helper.from_array(arr, name))
+    return out
+
+
+def test_verify_fails_a_weight_perturbed_by_1e3_float32(tmp_path, rng):
+    model = conv_bn_chain(rng)
+    res = _verify_cli(tmp_path, model, _perturbed(model, "w2"))
+    assert res.exit_code == 1 and "error: output 'r3' differs" in res.output
+
+
+def test_verify_fails_a_weight_perturbed_by_1e3_float64(tmp_path, rng):
+    d = 8
+    inits = {"W": rng.standard_normal((d, d)), "B": rng.standard_normal(d), "S": np.ones(d)}
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["m", "B"], ["a"]),
+             helper.make_node("LayerNormalization", ["a", "S"], ["y"], axis=-1, epsilon=1e-5)]
+    model = make_model(nodes, [("x", DOUBLE, [1, 4, d])], [("y", DOUBLE, [1, 4, d])], inits, opset=17)
+    assert verify.compare(model, model, provider="cpu").passed
+    res = _verify_cli(tmp_path, model, _perturbed(model, "W", 10))
+    assert res.exit_code == 1 and "error: output 'y' differs" in res.output
+
+
+def _embedding_layernorm(rng, elem):
+    """Token embeddings (mean 100, spread 1) and a layer norm: a weight's change reaches the
+    outputs at 100 times its size relative to them, and token ids give the original no input
+    rounding to hide it in."""
+    np_type = helper.tensor_dtype_to_np_dtype(elem)
+    d = 16
+    table = (100 + rng.standard_normal((20, d))).astype(np_type)
+    inits = {"table": table, "S": np.ones(d, np_type), "B": np.zeros(d, np_type)}
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]),
+             helper.make_node("LayerNormalization", ["e", "S", "B"], ["y"], axis=-1, epsilon=1e-5)]
+    return make_model(nodes, [helper.make_tensor_value_info("ids", INT64, [1, 12])],
+                      [helper.make_tensor_value_info("y", elem, [1, 12, d])], inits, opset=17)
+
+
+def test_verify_fails_a_weight_perturbed_by_1e3_float16(tmp_path, rng):
+    """float16 has 11 significant bits: 1e-3 relative is one or two ulps of the weight, the size of
+    float16 rounding itself. It shows where the weight is large against the outputs it feeds."""
+    model = _embedding_layernorm(rng, FLOAT16)
+    perturbed = _perturbed(model, "table", 3)
+    assert onnx.numpy_helper.to_array(perturbed.graph.initializer[0]).flat[3] != \
+        onnx.numpy_helper.to_array(model.graph.initializer[0]).flat[3]
+    assert verify.compare(model, model, provider="cpu").passed
+    res = _verify_cli(tmp_path, model, perturbed)
+    assert res.exit_code == 1 and "error: output 'y' differs" in res.output
+
+
+def test_verify_bfloat16_cannot_hold_a_1e3_change_and_fails_the_smallest_one(tmp_path, rng):
+    """bfloat16 rounds a 1e-3 relative change of any weight back to the weight (half an ulp is
+    at least 2^-9 relative): the perturbed model is the same model and passes. The smallest
+    change it can hold, one ulp (2^-7 relative at most), fails. onnxruntime's CPU provider runs
+    Gather and LayerNormalization in bfloat16 (not Add, Mul, MatMul or Conv)."""
+    model = _embedding_layernorm(rng, BFLOAT16)
+    same = _perturbed(model, "table", 3)
+    assert same.SerializeToString() == model.SerializeToString()
+    assert _verify_cli(tmp_path, model, same).exit_code == 0
+    one_ulp = _perturbed(model, "table", 3, factor=1 + 2 ** -7)
+    res = _verify_cli(tmp_path, model, one_ulp)
+    assert res.exit_code == 1 and "error: output 'y' differs" in res.output
+
+
+
+def test_real_inputs_run_alone_and_are_named_so(tmp_path):
+    model = _embedding_and_features()
+    np.savez(tmp_path / "in.npz", ids=np.zeros((1, 6), np.int64), x=np.ones((1, 6, 4), np.float32))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    res = CliRunner().invoke(cli, ["verify", str(path), str(path), "--provider", "cpu", "--inputs",
+                                   str(tmp_path / "in.npz"), "-v"])
+    assert res.exit_code == 0, res.output
+    assert "seed 0, inputs from file; inputs" in res.output and "on inputs from file" in res.output
+
+
+def test_sensitivity_is_not_taken_from_a_model_that_is_not_deterministic():
+    """Dropout in training mode moves outputs between two runs: what moved with the inputs is
+    not rounding, and must not widen the bound."""
+    d = 16
+    norm = _decomposed_layernorm("x", "n", "eps")
+    inits = {"eps": np.asarray(1e-5, np.float32), "ratio": np.asarray(0.5, np.float32), "train": np.asarray(True)}
+    dropout = make_model(norm + [helper.make_node("Dropout", ["n", "ratio", "train"], ["y"])],
+                         [("x", FLOAT, [1, 4, d])], [("y", FLOAT, [1, 4, d])], inits, opset=13)
+    plain = make_model(norm + [helper.make_node("Identity", ["n"], ["y"])],
+                       [("x", FLOAT, [1, 4, d])], [("y", FLOAT, [1, 4, d])], {"eps": inits["eps"]}, opset=13)
+    choice = verify.select_provider("cpu")
+    offset = [s.kind for s in verify.reference_outputs(plain, choice=choice).sets].index(OFFSET)
+    assert verify.reference_outputs(plain, choice=choice).sensitivity[offset]["y"] > 1e-5  # x - mean at 1000
+    assert all(s["y"] == 0.0 for s in verify.reference_outputs(dropout, choice=choice).sensitivity)
