@@ -106,7 +106,7 @@ def _verify_options(fn):
 @click.option("--force", is_flag=True, help="Write the output even when verification fails.")
 @click.option("--strict", is_flag=True, help="Fail (exit 1) when any rewrite had to be rolled back; also run the ONNX checker after every pass.")
 @click.option("--no-opset-upgrade", is_flag=True, help="Never raise the model's opset; skip fusions that need a newer one.")
-@click.option("--external-data", is_flag=True, help="Store weights in <output>.data beside the output.")
+@click.option("--external-data", is_flag=True, help="Store weights in <output>.data beside the output (default: as the input did; one file unless over 2 GB).")
 @_verify_options
 @click.pass_context
 def fold(ctx, models, output, pass_list, skip_list, target, dry_run, check, jobs, no_verify, force, strict,
