@@ -229,7 +229,9 @@ class NameScope:
 
 
 def make_constant(names: NameScope, base: str, values: np.ndarray) -> gs.Constant:
-    return gs.Constant(names.fresh(base), np.ascontiguousarray(values))
+    """A new initializer under a fresh name. Its values are encoded once, here: the array is not
+    kept, and a large one leaves the exported skeleton as a header like any weight."""
+    return ir.new_constant(names.fresh(base), np.ascontiguousarray(values))
 
 
 def tensor_dtype(tensor: gs.Tensor):

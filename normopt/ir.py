@@ -270,6 +270,20 @@ def _variable(name: str, vi: onnx.ValueInfoProto | None = None) -> ProtoVariable
     return v
 
 
+_IN_MEMORY = Weights()
+
+
+def new_constant(name: str, values: np.ndarray) -> gs.Constant:
+    """A Constant held as a TensorProto (encoded once), exported like a source initializer."""
+    try:
+        tensor = numpy_helper.from_array(values, name)
+    except Exception:  # noqa: BLE001 - a dtype onnx cannot encode here: graphsurgeon's way
+        return gs.Constant(name, values)
+    const = _constant(tensor, _IN_MEMORY)
+    const._values._array = values if values.nbytes <= ProtoValues.CACHE_BYTES else None
+    return const
+
+
 def _constant(tensor: onnx.TensorProto, weights: Weights) -> gs.Constant:
     c = _new_tensor(gs.Constant, tensor.name)
     d = c.__dict__
@@ -507,7 +521,7 @@ def _local_constant(t: gs.Constant, declared: set[int]) -> bool:
     """A constant declared by this graph: one of its source initializers, or a new constant
     (passes create them in the graph that reads them)."""
     values = t._values
-    return not isinstance(values, ProtoValues) or id(values.tensor) in declared
+    return not isinstance(values, ProtoValues) or values.weights is _IN_MEMORY or id(values.tensor) in declared
 
 
 def _outer_reads(sub: gs.Graph) -> list[gs.Tensor]:
@@ -583,11 +597,13 @@ def export_graph(g: gs.Graph, weights: Weights) -> onnx.GraphProto:
         if isinstance(t, gs.Constant) and _local_constant(t, declared) \
                 and not isinstance(t._values, gs.ir.tensor.SparseValues):
             used.setdefault(id(t), t)
-    by_source = {id(c._values.tensor): c for c in used.values() if isinstance(c._values, ProtoValues)}
+    by_source = {id(c._values.tensor): c for c in used.values()
+                 if isinstance(c._values, ProtoValues) and c._values.weights is not _IN_MEMORY}
     inits = []
     if src is not None:  # source initializers first, in source order, while something reads them
         inits += [_export_tensor(by_source[id(init)], weights) for init in src.initializer if id(init) in by_source]
-    inits += [_export_tensor(c, weights) for c in used.values() if not isinstance(c._values, ProtoValues)]
+    inits += [_export_tensor(c, weights) for c in used.values()
+              if not isinstance(c._values, ProtoValues) or c._values.weights is _IN_MEMORY]
     gp.initializer.extend(inits)
 
     if src is not None:
@@ -628,13 +644,13 @@ def _export_tensor(c: gs.Constant, weights: Weights) -> onnx.TensorProto:
 
 
 def _inline_bytes(tensor: onnx.TensorProto) -> int:
-    if tensor.HasField("raw_data"):
-        return len(tensor.raw_data)
+    """Bytes of an inline tensor's values, from its dims (``len(raw_data)`` would copy them)."""
     if tensor.data_type in _NP_SIZES:
         try:
-            return int(np.prod(tensor.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        except Exception:  # noqa: BLE001 - exotic type: count it as large
+            size = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except Exception:  # noqa: BLE001 - a packed or exotic type: count it as large
             return HEADER_MIN_BYTES
+        return int(np.prod(tensor.dims, dtype=np.int64)) * size
     return 0
 
 

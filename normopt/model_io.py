@@ -233,37 +233,58 @@ ALIGN = 4096
 _CHUNK = 16 << 20
 
 
-def _write_external(skel: Skeleton, model_path: Path, data_path: Path, data_name: str) -> None:
+def _shell(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without its main graph's initializers (the large part of a model)."""
     out = onnx.ModelProto()
-    out.CopyFrom(skel.model)  # headers and small tensors only
+    graph = model.graph
+    for key in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        if model.HasField(key):
+            setattr(out, key, getattr(model, key))
+    for part in ("opset_import", "metadata_props", "training_info", "functions"):
+        getattr(out, part).extend(getattr(model, part))
+    g = out.graph
+    for key in ("name", "doc_string"):
+        if graph.HasField(key):
+            setattr(g, key, getattr(graph, key))
+    for part in ("node", "sparse_initializer", "input", "output", "value_info", "quantization_annotation",
+                 "metadata_props"):
+        getattr(g, part).extend(getattr(graph, part))
+    return out
+
+
+def _write_external(skel: Skeleton, model_path: Path, data_path: Path, data_name: str) -> None:
+    out = _shell(skel.model)
     with open(data_path, "wb") as f:
-        for t in _initializers(out.graph):
+        def place(t: onnx.TensorProto, data_range: tuple[int, int]) -> onnx.TensorProto:
+            h = ir.header(t, data_name, *data_range)
+            return h
+
+        def write_tensor(t: onnx.TensorProto) -> onnx.TensorProto | None:
+            """The tensor as stored in the output model: a header into the data file, or None to keep it."""
             if ir.is_header(t):
                 mem, path, offset, length = skel.weights.source(t)
-                if mem is not None:
-                    data = skel.weights.raw_bytes(mem)
-                    start = _pad(f, len(data))
-                    f.write(data)
-                    length = len(data)
-                    del data
-                else:
+                if mem is None:
                     start = _pad(f, length)
                     _copy_range(path, offset, length, f)
+                    return place(t, (start, length))
+                t_bytes = skel.weights.raw_bytes(mem)
             elif t.data_type != onnx.TensorProto.STRING and _inline_nbytes(t) >= EXTERNAL_MIN_BYTES:
-                data = skel.weights.raw_bytes(t)
-                start = _pad(f, len(data))
-                f.write(data)
-                length = len(data)
-                t.ClearField("raw_data")
-                for typed in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                    t.ClearField(typed)
+                t_bytes = skel.weights.raw_bytes(t)
             else:
-                continue
-            t.data_location = onnx.TensorProto.EXTERNAL
-            del t.external_data[:]
-            for key, value in (("location", data_name), ("offset", str(start)), ("length", str(length))):
-                entry = t.external_data.add()
-                entry.key, entry.value = key, value
+                return None
+            start = _pad(f, len(t_bytes))
+            f.write(t_bytes)
+            return place(t, (start, len(t_bytes)))
+
+        for t in skel.model.graph.initializer:  # one at a time: no second copy of the weights
+            stored = write_tensor(t)
+            out.graph.initializer.append(t if stored is None else stored)
+            del stored
+        for g in list(all_graphs(out.graph))[1:]:  # subgraph weights (rare)
+            for i, t in enumerate(g.initializer):
+                stored = write_tensor(t)
+                if stored is not None:
+                    g.initializer[i].CopyFrom(stored)
         empty = f.tell() == 0
     if empty:
         data_path.unlink()
@@ -306,43 +327,27 @@ def _copy_range(path: str, offset: int, length: int, dst) -> None:
 
 
 def _inline_nbytes(t: onnx.TensorProto) -> int:
-    if t.HasField("raw_data"):
-        return len(t.raw_data)
-    return _nbytes(t)
+    return _nbytes(t)  # from dims: len(raw_data) would copy the bytes
 
 
 def _write_single(skel: Skeleton, model_path: Path) -> None:
     """One file. The main graph's initializers are written one at a time after the rest of the
     model, each as its own ``graph { initializer }`` record: protobuf merges repeated occurrences
     of a message field, so readers see one graph with the initializers in their order."""
-    out = onnx.ModelProto()
-    out.CopyFrom(skel.model)
+    out = _shell(skel.model)
     for g in list(all_graphs(out.graph))[1:]:  # subgraph weights (rare): resolved in place
         for t in g.initializer:
             if ir.is_header(t):
                 t.CopyFrom(skel._whole(t))
-    entries = []
-    for t in out.graph.initializer:
-        if ir.is_header(t):
-            h = onnx.TensorProto()
-            h.CopyFrom(t)
-            entries.append(h)
-        else:
-            entries.append(t.SerializeToString(deterministic=True))
-    del out.graph.initializer[:]
     with open(model_path, "wb") as f:
         f.write(serialize(out))
-        for entry in entries:
-            if isinstance(entry, bytes):
-                payload = entry
-            else:
-                payload = skel._whole(entry)
-                payload = payload.SerializeToString(deterministic=True) if payload.name == entry.name \
-                    else _renamed(payload, entry.name)
+        for t in skel.model.graph.initializer:
+            whole = skel._whole(t) if ir.is_header(t) else t
+            payload = whole.SerializeToString(deterministic=True) if whole.name == t.name else _renamed(whole, t.name)
             inner = _key(5) + _varint(len(payload))
             f.write(_key(7) + _varint(len(inner) + len(payload)) + inner)
             f.write(payload)
-            del payload
+            del payload, whole
 
 
 def _renamed(t: onnx.TensorProto, name: str) -> bytes:  # pragma: no cover - passes never rename
