@@ -216,9 +216,19 @@ class ProtoVariable(gs.Variable):
         vi = d.pop("_vi", None)
         dtype = shape = None
         kind = "tensor_type"
-        if vi is not None and vi.type.ByteSize() > 0:
-            probe = OnnxImporter.import_tensor(vi)
-            dtype, shape, kind = probe.dtype, probe.shape, probe.type
+        if vi is not None:
+            t = vi.type
+            which = t.WhichOneof("value")
+            if which == "tensor_type":
+                tt = t.tensor_type
+                if tt.elem_type:
+                    dtype = _dtype(tt.elem_type)
+                if tt.HasField("shape"):
+                    shape = [dim.dim_param if dim.HasField("dim_param") else dim.dim_value if dim.HasField("dim_value")
+                             else None for dim in tt.shape.dim]
+            elif which is not None:  # sequences, maps, optionals: graphsurgeon's own reading
+                probe = OnnxImporter.import_tensor(vi)
+                dtype, shape, kind = probe.dtype, probe.shape, probe.type
         d.setdefault("_dtype", dtype)
         d.setdefault("_shape", shape)
         d.setdefault("_type", kind)

@@ -147,8 +147,16 @@ def upgrade_graph(graph, source: int, target: int, elem_type, names) -> bool:
     for node in nodes:
         if node.domain not in (None, *DEFAULT_DOMAINS):
             continue
-        proto = ir.node_proto(node)
-        key = (proto.op_type, tuple(sorted(a.name for a in proto.attribute)), len(proto.input), len(proto.output))
+        src = node.__dict__.get("_proto")
+        if src is not None and "_attrs" not in node.__dict__:
+            key = (src.op_type, tuple(sorted(a.name for a in src.attribute)), len(node.inputs), len(node.outputs))
+            proto = None
+        else:
+            proto = ir.node_proto(node)
+            key = (proto.op_type, tuple(sorted(a.name for a in proto.attribute)), len(proto.input), len(proto.output))
+        if key in same and same[key]:
+            continue
+        proto = proto or ir.node_proto(node)
         if key not in same:
             probe = _convert_one(proto, source, target, {}, require_types=False)
             if probe is None:
