@@ -50,7 +50,8 @@ import onnx_graphsurgeon as gs
 
 from normopt import graph as G
 from normopt.passes._emit import emit_fused, work_dtype
-from normopt.passes._norm import (Affine, float_bits, match_affine, match_normalized, normalize_axes)
+from normopt.passes._norm import (Affine, cast_target, float_bits, is_float, match_affine, match_normalized,
+                                  normalize_axes)
 from normopt.pattern import Match
 from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
@@ -228,6 +229,9 @@ class Core:
     axes: tuple[int, ...] | None = None
     compute_bits: int | None = None
     variant: list[str] = field(default_factory=list)
+    # InstanceNormalization's own per-group scale and bias ([G]) when they are not ones / zeros.
+    group_scale: np.ndarray | None = None
+    group_bias: np.ndarray | None = None
 
 
 def group_core(t: gs.Tensor, ctx: Context) -> Core | Reject | None:
@@ -245,14 +249,47 @@ def _instance_norm_core(node: gs.Node, ctx: Context) -> Core | Reject:
     """InstanceNormalization of the grouped tensor: statistics over every axis from 2, in its type."""
     # The per-group scale/bias multiply before the per-channel affine: fusing anything but an
     # identity would drop them (folding them is exact only in real arithmetic, not in float).
-    for index, name, identity in ((1, "scale", 1.0), (2, "bias", 0.0)):
+    params = []
+    for index, name in ((1, "scale"), (2, "bias")):
         value = G.const_value(node.inputs[index], ctx.graph)
         if value is None:
             return Reject(f"InstanceNormalization {name} '{node.inputs[index].name}' is not a constant", node)
-        if not np.all(value == identity):
-            return Reject(f"InstanceNormalization {name} is not all {identity:g} (cannot be dropped)", node)
+        if not is_float(value.dtype):
+            return Reject(f"InstanceNormalization {name} has non-float dtype {value.dtype}", node)
+        params.append(np.asarray(value))
     eps = float(node.attrs.get("epsilon", DEFAULT_EPSILON))
-    return Core(node.inputs[0], eps, [node], None, float_bits(ctx.dtype(node.inputs[0])), ["InstanceNormalization"])
+    core = Core(node.inputs[0], eps, [node], None, float_bits(ctx.dtype(node.inputs[0])), ["InstanceNormalization"])
+    scale, bias = params
+    if not (np.all(scale == 1.0) and np.all(bias == 0.0)):
+        core.group_scale, core.group_bias = scale, bias
+        core.variant.append("per-group scale/bias")
+    return core
+
+
+def _not_float_cast(cast: gs.Node | None, ctx: Context) -> Reject | None:
+    """A Cast inside the match must be float to float: a Cast to an integer type rounds the
+    normalized values, which the fused op would not."""
+    if cast is None:
+        return None
+    source, target = ctx.dtype(cast.inputs[0]), cast_target(cast)
+    for what, dtype in (("to", target), ("from", source)):
+        if dtype is not None and not is_float(dtype):
+            return Reject(f"Cast {G.node_label(cast)} {what} {np.dtype(dtype).name} inside the group "
+                          "normalization is not a float cast", cast)
+    return None
+
+
+def _fold_group_params(core: Core, tail: Affine, channels: int, groups: int, work) -> tuple[np.ndarray, np.ndarray]:
+    """[C] scale and bias of the fused op: the per-channel affine after the reshape back, with
+    InstanceNormalization's per-group scale s[g] and bias b[g] folded in (float64 math):
+    gamma[c] * (s[g(c)] * n + b[g(c)]) + beta[c], channel c in group g(c) = c // (C / G)."""
+    gamma, beta = affine_params(tail, channels, np.float64)
+    if core.group_scale is None:
+        return gamma.astype(work), beta.astype(work)
+    per_group = channels // groups
+    widen = (lambda v: np.repeat(np.broadcast_to(np.asarray(v, np.float64).reshape(-1), (groups,)), per_group))
+    s, b = widen(core.group_scale), widen(core.group_bias)
+    return (gamma * s).astype(work), (gamma * b + beta).astype(work)
 
 
 def through_cast(t: gs.Tensor) -> tuple[gs.Tensor, gs.Node | None]:
@@ -281,6 +318,12 @@ class FuseGroupNorm(Pass):
         if core is None or isinstance(core, Reject):
             return core
         grouped, cast_in = through_cast(core.x)
+        if cast_in is not None and G.producer(grouped) is not None and G.producer(grouped).op == CAST:
+            above, inner = through_cast(grouped)
+            if G.producer(above) is not None and G.producer(above).op == RESHAPE:
+                return _not_float_cast(inner, ctx) or _not_float_cast(cast_in, ctx) or Reject(
+                    f"two Casts ({G.node_label(inner)}, {G.node_label(cast_in)}) between the reshape to groups "
+                    "and the statistics", inner)
         split = G.producer(grouped)
         if split is None or split.op != RESHAPE or not G.in_default_domain(split):
             return None
@@ -289,9 +332,16 @@ class FuseGroupNorm(Pass):
         if found is None or isinstance(found, Reject):
             return found
         channels, groups, rank = found
+        if core.group_scale is not None and {core.group_scale.size, core.group_bias.size} != {groups}:
+            return Reject(f"InstanceNormalization scale/bias have {core.group_scale.size}/{core.group_bias.size} "
+                          f"elements, not one per group ({groups})", core.nodes[0])
+        for cast in (cast_in, cast_out):
+            miss = _not_float_cast(cast, ctx)
+            if miss:
+                return miss
+        # A Mul / Add that is not per channel (a positional or spatial tensor) stays after the
+        # fused op, as it was (tail.kept says which).
         tail = channel_affine(back.outputs[0], ctx, channels, rank)
-        if tail.kept:
-            return Reject(f"{tail.kept}: not per channel")
         op = INSTANCE_NORM if groups == channels else GROUP_NORM
         m = Match(output=tail.output)
         for n in [split, cast_in, *core.nodes, cast_out, back, *tail.nodes]:
@@ -304,7 +354,9 @@ class FuseGroupNorm(Pass):
         if escapes:
             return Reject(f"intermediate {escapes[0]}")
         m.tensors["x"] = x
-        m.values["scale"], m.values["bias"] = affine_params(tail, channels, work)
+        m.values["scale"], m.values["bias"] = _fold_group_params(core, tail, channels, groups, work)
+        if tail.kept:
+            m.info["kept"] = tail.kept
         m.info.update(op=op, groups=groups, channels=channels, rank=rank, epsilon=core.epsilon, dtype=work.name,
                       stash_type=STASH_DOUBLE if core.compute_bits == float_bits(np.float64) else STASH_FLOAT,
                       variant=core.variant + [f"{n.op} affine" for n in tail.nodes if n.op in ("Mul", "Add")])

@@ -315,6 +315,40 @@ def test_fuse_groupnorm_layernorm_of_flattened_rows_is_not_a_candidate(rng):
     assert op_counts(out) == op_counts(model) and not rec.applied and not rec.skipped
 
 
+@pytest.mark.parametrize("kwargs", [
+    dict(in_scale=[2.0, -0.5]), dict(in_bias=[0.5, -1.0]), dict(in_scale=[1.5, 0.25], in_bias=[-0.3, 2.0]),
+    dict(in_scale=[0.5, 2.0, -1.0], in_bias=[1.0, 0.0, -2.0], c=12, g=3, affine="none"),
+    dict(in_scale=[3.0, 0.5], in_bias=[1.0, -1.0], affine="scale"),
+], ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_fuse_groupnorm_instancenorm_scale_bias_are_folded_per_group_channel(kwargs, rng):
+    """InstanceNormalization's per-group s[g], b[g] before the per-channel gamma, beta:
+    gamma[c] * (s[g] * n + b[g]) + beta[c], with channel c in group c // (C / G)."""
+    model = gn_model(rng, **kwargs)
+    out, result, _ = fuse(model, FUSED)
+    assert "per-group scale/bias" in result.applied[0].info["variant"]
+    c, g = kwargs.get("c", 8), kwargs.get("g", 2)
+    scale = np.repeat(np.full(g, kwargs.get("in_scale", 1.0)), c // g)
+    fused = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    node = next(n for n in out.graph.node if n.op_type == GN)
+    gamma = fused[node.input[1]]
+    if kwargs.get("affine") == "none":
+        np.testing.assert_allclose(gamma, scale, rtol=1e-6)
+    else:
+        assert not np.allclose(gamma, scale)
+
+
+@pytest.mark.parametrize("affine, expected", [
+    ("scale_spatial", {GN: 1, "Mul": 1, "Add": 1, "Constant": 2, "Identity": 1}),
+    ("bias_spatial", {GN: 1, "Add": 1, "Constant": 1, "Identity": 1}),
+])
+def test_fuse_groupnorm_tail_not_per_channel_stays_outside(affine, expected, rng):
+    """A Mul / Add by a tensor that varies over spatial axes is not a GroupNorm affine: the
+    fused op takes what is per channel, and the rest stays after it."""
+    model = gn_model(rng, affine=affine)
+    out, result, _ = fuse(model, expected)
+    assert "kept outside" in result.applied[0].info["kept"]
+
+
 # ----------------------------------------------------------------------------- near misses
 
 def escaping_instancenorm(rng):
@@ -322,6 +356,31 @@ def escaping_instancenorm(rng):
     inorm = next(n for n in model.graph.node if n.op_type == IN)
     model.graph.output.append(helper.make_tensor_value_info(inorm.output[0], F32, [BATCH, 2, 16]))
     return model
+
+
+def int_cast_gn(rng, where):
+    """InstanceNormalization -> Cast(int32) -> Reshape -> Cast(float): the Cast rounds the
+    normalized values to integers (or the grouped input, before the statistics)."""
+    net = Net(rng, 17)
+    t = net.op("Reshape", "X", net.const([0, 2, -1], "int"))
+    if where == "in":
+        t = net.op("Cast", net.op("Cast", t, to=TensorProto.INT32), to=F32)
+    t = net.op("InstanceNormalization", t, net.const(np.ones(2)), net.const(np.zeros(2)))
+    if where == "out":
+        t = net.op("Cast", t, to=TensorProto.INT32)
+    t = net.op("Reshape", t, net.op("Shape", "X"))
+    if where == "out":
+        t = net.op("Cast", t, to=F32)
+    t = net.op("Add", net.op("Mul", t, net.const(rng.standard_normal((8, 1, 1)))), net.const(rng.standard_normal((8, 1, 1))))
+    return net.model(t, [BATCH, 8, 4, 4])
+
+
+def in_scale_input(rng):
+    net = Net(rng, 17)
+    t = net.op("Reshape", "X", net.const([0, 2, -1], "int"))
+    t = net.op("InstanceNormalization", t, "s", net.const(np.zeros(2)))
+    t = net.op("Reshape", t, net.op("Shape", "X"))
+    return net.model(t, [BATCH, 8, 4, 4], extra_inputs=[("s", F32, [2])])
 
 
 def channels_unknown(rng):
@@ -339,10 +398,9 @@ def eps_as_input(rng):
 @pytest.mark.parametrize("build, reason", [
     (lambda rng: gn_model(rng, split="wrong_axis"), "does not split the channels"),
     (lambda rng: gn_model(rng, c=6, g=4, spatial=(2, 2)), "4 groups do not divide 6 channels"),
-    (lambda rng: gn_model(rng, in_scale=2.0), "InstanceNormalization scale is not all 1"),
-    (lambda rng: gn_model(rng, in_bias=0.5), "InstanceNormalization bias is not all 0"),
-    (lambda rng: gn_model(rng, affine="scale_spatial"), "not per channel"),
-    (lambda rng: gn_model(rng, affine="bias_spatial"), "not per channel"),
+    (lambda rng: int_cast_gn(rng, "out"), "Cast Cast9 to int32 inside the group normalization is not a float cast"),
+    (lambda rng: int_cast_gn(rng, "in"), "Cast Cast5 to int32 inside the group normalization"),
+    (in_scale_input, "InstanceNormalization scale 's' is not a constant"),
     (escaping_instancenorm, "is also used by graph output"),
     (eps_as_input, "epsilon 'eps' is not a constant"),
     (channels_unknown, "channel count of 'X' is unknown"),
@@ -353,7 +411,7 @@ def eps_as_input(rng):
                           dtype=F32, compute=F16), "narrower than the output's float32"),
     (lambda rng: mixed_gn(rng, F32, cast_out=F16, tail_cast=F32), "is computed in float16, narrower than the output's"),
     (lambda rng: mixed_gn(rng, F16, cast_out=F32, out=F32), "is computed in float16, narrower than the output's"),
-], ids=["wrong_axis", "g_not_dividing_c", "in_scale", "in_bias", "gamma_spatial", "beta_spatial",
+], ids=["wrong_axis", "g_not_dividing_c", "int_cast_after_norm", "int_cast_before_norm", "in_scale_input",
         "intermediate_output", "eps_input", "channels_unknown", "partial_group_axes", "not_restored_rank",
         "not_restored_dims", "fp16_statistics", "fp16_rounding_before_affine", "fp16_statistics_fp32_output"])
 def test_fuse_groupnorm_near_miss_is_left_unchanged(build, reason, rng):
