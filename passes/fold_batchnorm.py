@@ -193,7 +193,12 @@ def _matmul(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:
         return w
     if w.ndim != 2:
         return f"MatMul weight '{matmul.inputs[1].name}' is {w.ndim}-D, not 2-D"
-    rank = ctx.rank(m["bn"].inputs[0]) or ctx.rank(matmul.inputs[0])
+    rank = None
+    for tensor in (m["bn"].inputs[0], matmul.inputs[0]):
+        shape = ctx.checked_shape(tensor)
+        if isinstance(shape, Reject):
+            return shape.reason
+        rank = rank or (None if shape is None else len(shape))
     if rank is None:
         return "rank of the MatMul output is unknown: cannot tell which axis BatchNormalization normalizes"
     if rank != 2:

@@ -112,6 +112,17 @@ def emit_normalization(ctx: Context, op: str, attrs: dict, x: gs.Tensor, out: gs
 
 # ------------------------------------------------------------------------------ shapes
 
+def _known_shape(t: gs.Tensor, ctx: Context) -> tuple | None:
+    """The shape of ``t``; None when unknown, or when its declaration contradicts inference."""
+    shape = ctx.checked_shape(t)
+    return None if isinstance(shape, Reject) else shape
+
+
+def _rank(t: gs.Tensor, ctx: Context) -> int | None:
+    shape = _known_shape(t, ctx)
+    return None if shape is None else len(shape)
+
+
 @dataclass(frozen=True, eq=False)
 class DimOf:
     """Dimension ``axis`` of ``tensor``, read at run time (Shape, Gather, a Reshape 0 entry)."""
@@ -130,7 +141,7 @@ def shape_terms(t: gs.Tensor, ctx: Context, depth: int = 0) -> list | None:
         return None
     inner = (lambda i: shape_terms(node.inputs[i], ctx, depth + 1))
     if node.op == "Shape":
-        rank = ctx.rank(node.inputs[0])
+        rank = _rank(node.inputs[0], ctx)
         if rank is None:
             return None
         dims = [DimOf(node.inputs[0], i) for i in range(rank)]
@@ -168,7 +179,7 @@ def reshape_dims(reshape: gs.Node, in_dims: list, ctx: Context) -> list | None:
     """A Reshape's output dims as terms (ints, -1, DimOf, symbolic names), given its input's."""
     terms = shape_terms(reshape.inputs[1], ctx)
     if terms is None:  # fall back on shape inference (data propagation) for the result
-        shape = ctx.shape(reshape.outputs[0])
+        shape = _known_shape(reshape.outputs[0], ctx)
         return None if shape is None else list(shape)
     if int(reshape.attrs.get("allowzero", 0)):
         return terms
@@ -179,7 +190,7 @@ def reshape_dims(reshape: gs.Node, in_dims: list, ctx: Context) -> list | None:
 def _resolve(term, ctx: Context):
     """A DimOf as the static int or symbolic name shape inference knows, else unchanged."""
     if isinstance(term, DimOf):
-        shape = ctx.shape(term.tensor)
+        shape = _known_shape(term.tensor, ctx)
         if shape is not None and term.axis < len(shape) and shape[term.axis] is not None:
             return shape[term.axis]
     return term
@@ -190,7 +201,7 @@ def same_dim(term, x: gs.Tensor, axis: int, ctx: Context) -> bool:
     if isinstance(term, DimOf) and term.tensor is x and term.axis == axis:
         return True
     term = _resolve(term, ctx)
-    shape = ctx.shape(x)
+    shape = _known_shape(x, ctx)
     dim = shape[axis] if shape is not None and axis < len(shape) else None
     if isinstance(term, DimOf) or term is None or dim is None or term == -1:
         return False
@@ -202,7 +213,7 @@ def keeps_batch(grouped: list, x: gs.Tensor, ctx: Context) -> bool:
         return True
     # [-1, G, ...] with every other dim static: the -1 is N when the sizes per sample agree.
     rest = [_resolve(d, ctx) for d in grouped[1:]]
-    shape = ctx.shape(x) or ()
+    shape = _known_shape(x, ctx) or ()
     per_sample = [static_dim(shape, i) for i in range(1, len(shape))]
     return (grouped[0] == -1 and all(isinstance(d, int) and d > 0 for d in rest) and
             None not in per_sample and int(np.prod(rest)) == int(np.prod(per_sample)))
@@ -210,7 +221,7 @@ def keeps_batch(grouped: list, x: gs.Tensor, ctx: Context) -> bool:
 
 def restores(dims: list | None, x: gs.Tensor, ctx: Context) -> bool:
     """Whether a reshape to ``dims`` gives x's shape (one -1 may stand for one dim)."""
-    rank = ctx.rank(x)
+    rank = _rank(x, ctx)
     if dims is None or len(dims) != rank:
         return False
     misses = [i for i, d in enumerate(dims) if not same_dim(d, x, i, ctx)]
@@ -366,7 +377,9 @@ class FuseGroupNorm(Pass):
     def _groups(x: gs.Tensor, split: gs.Node, back: gs.Node, core: Core, ctx: Context):
         """(channels, groups, rank) when split / back really group x's channels, else a Reject
         (or None: not a grouping reshape at all)."""
-        shape = ctx.shape(x)
+        shape = ctx.checked_shape(x)
+        if isinstance(shape, Reject):
+            return Reject(shape.reason, split)
         rank = None if shape is None else len(shape)
         if rank is None or rank < 2:
             return Reject(f"rank of '{x.name}' is unknown" if rank is None else f"'{x.name}' has rank {rank}", split)

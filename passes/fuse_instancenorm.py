@@ -30,7 +30,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from normopt import graph as G
-from normopt.passes._norm import Affine, match_normalized, normalize_axes
+from normopt.passes._norm import Affine, Normalized, match_normalized, normalize_axes
 from normopt.passes.fuse_groupnorm import (INSTANCE_NORM, affine_params, channel_affine, emit_normalization,
                                           settle_dtype, static_dim)
 from normopt.pattern import Match
@@ -66,10 +66,14 @@ class FuseInstanceNorm(Pass):
 
     def match(self, node: gs.Node, ctx: Context) -> Match | Reject | None:
         t = node.outputs[0]
-        rank = ctx.rank(t)
+        shape = ctx.checked_shape(t)
+        if isinstance(shape, Reject):
+            # Only a candidate when the core matches: then the axes cannot be placed.
+            return shape if isinstance(match_normalized(t, ctx), Normalized) else None
+        rank = None if shape is None else len(shape)
         if rank is None or rank < 3:
             return None
-        channels = static_dim(ctx.shape(t), 1)
+        channels = static_dim(shape, 1)
         tail = channel_affine(t, ctx, channels, rank)
         evidence = varies_per_channel(tail, ctx, channels, rank)
         if not evidence and (rank < 4 or tail.kept):

@@ -370,6 +370,13 @@ def _bn_reads(name, between=None):
     return mutate
 
 
+def _declared(name, dims):
+    """A value_info for ``name`` that contradicts what the graph computes (no checker sees it)."""
+    def mutate(model):
+        model.graph.value_info.append(helper.make_tensor_value_info(name, FLOAT, dims))
+    return mutate
+
+
 NEAR_MISSES = {  # id: (bn_model kwargs, mutation, reason, onnxruntime can run it)
     "training_mode": (dict(opset=15, bn_attrs=dict(training_mode=1)), None, "training mode (training_mode=1)", False),
     "running_stats_used": (dict(opset=15), _bn_outputs("run_mean", "run_var", saved=False),
@@ -400,6 +407,9 @@ NEAR_MISSES = {  # id: (bn_model kwargs, mutation, reason, onnxruntime can run i
                                         "ConvTranspose input channels 3 are not divisible by group 2", False),
     # on [N, L, F] BatchNormalization normalizes L; L == F here so that only the axis is wrong
     "matmul_rank_3": (dict(producer="matmul", bias="right", rows=(6,)), None, "axis 1 of a rank-3 MatMul output", True),
+    # the MatMul output is [N, L, F], declared [N*L, F]: the declaration must not place the axis
+    "matmul_declared_rank_contradicts": (dict(producer="matmul", rows=(6,)), _declared("p", [12, 6]),
+                                         "declared shape [12, 6] of 'p' contradicts the inferred [2, 6, 6]", True),
     "no_producer": (dict(cin=4, cout=4), _bn_reads("X"), "is a graph input: no producer", True),
     "producer_cannot_absorb": ({}, _bn_reads("p", between="Relu"), "(Relu) cannot absorb", True),
 }

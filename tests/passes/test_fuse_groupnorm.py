@@ -419,3 +419,18 @@ def test_fuse_groupnorm_near_miss_is_left_unchanged(build, reason, rng):
     out, rec = run_pass(PASS, model)
     assert op_counts(out) == op_counts(model)
     assert not rec.applied and any(reason in s.reason for s in rec.skipped), [s.reason for s in rec.skipped]
+
+
+def test_fuse_groupnorm_declared_shape_contradicting_inference_is_skipped(rng):
+    """x = Reshape(X, Shape(S)) is [N, C, H, W] at run time but declared [N, C, H*W]: the
+    declaration is not trusted to place the channel and spatial axes."""
+    net = Net(rng, 17)
+    x = net.op("Reshape", "X", net.op("Shape", "S"))
+    y = group_norm(net, x, 8, 2, [4, 4])
+    model = net.model(y, [BATCH, 8, 16], [BATCH, 8, 4, 4], extra_inputs=[("S", F32, [BATCH, 8, 4, 4])])
+    model.graph.value_info.append(helper.make_tensor_value_info(x, F32, [BATCH, 8, 16]))
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert [s.reason for s in rec.skipped] == [
+        f"declared shape [2, 8, 16] of '{x}' contradicts the inferred [2, 8, 4, 4]"]
+    assert_equivalent(model, out)

@@ -164,3 +164,16 @@ def test_fuse_instancenorm_near_miss_is_left_unchanged(kwargs, reason, rng):
     out, rec = run_pass(PASS, model)
     assert op_counts(out) == op_counts(model)
     assert not rec.applied and any(reason in s.reason for s in rec.skipped), [s.reason for s in rec.skipped]
+
+
+def test_fuse_instancenorm_declared_shape_contradicting_inference_is_skipped(rng):
+    """The core's output declared [N, C, H*W] while the graph computes [N, C, H, W]: the
+    declaration cannot place the spatial axes, and it is not trusted."""
+    model = in_model(rng)
+    div = next(n for n in model.graph.node if n.op_type == "Div")
+    model.graph.value_info.append(helper.make_tensor_value_info(div.output[0], F32, [BATCH, C, 16]))
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert [s.reason for s in rec.skipped] == [
+        f"declared shape [2, 6, 16] of '{div.output[0]}' contradicts the inferred [2, 6, 4, 4]"]
+    assert_equivalent(model, out)
