@@ -317,13 +317,16 @@ def through_cast(t: gs.Tensor) -> tuple[gs.Tensor, gs.Node | None]:
 class FuseGroupNorm(Pass):
     """Fuse decomposed group normalization (reshape to groups, normalize, reshape back) into GroupNormalization."""
 
-    anchor_ops = (RESHAPE,)  # the reshape back to x's shape
+    # The reshape back to x's shape; InstanceNormalization for the form without one.
+    anchor_ops = (RESHAPE, INSTANCE_NORM)
     opset = GROUP_NORM_OPSET
 
     def required_opset(self, m: Match) -> int:
         return GROUP_NORM_OPSET if m.info["op"] == GROUP_NORM else INSTANCE_NORM_OPSET
 
     def match(self, back: gs.Node, ctx: Context) -> Match | Reject | None:
+        if back.op == INSTANCE_NORM:
+            return self._match_unwrapped(back, ctx)
         normalized, cast_out = through_cast(back.inputs[0])
         core = group_core(normalized, ctx)
         if core is None or isinstance(core, Reject):
@@ -342,6 +345,34 @@ class FuseGroupNorm(Pass):
         found = self._groups(x, split, back, core, ctx)
         if found is None or isinstance(found, Reject):
             return found
+        return self._complete(ctx, x, split, cast_in, core, cast_out, back, found)
+
+    def _match_unwrapped(self, inorm: gs.Node, ctx: Context) -> Match | Reject | None:
+        """GroupNorm(C, C) with the reshape back dropped: onnxscript's optimizer (dynamo's
+        default) removes Reshape(y, Shape(x)) when the reshape to groups [0, C, -1] left a
+        rank-3 x as it was (wav2vec2's feature extractor), leaving Reshape -> InstanceNormalization
+        -> per-channel Mul / Add."""
+        out = inorm.outputs[0]
+        for user in out.outputs:
+            after = user.outputs[0] if user.op == CAST and user.outputs else None
+            if user.op == RESHAPE or (after is not None and any(n.op == RESHAPE for n in after.outputs)):
+                return None  # the reshape back is the anchor
+        grouped, cast_in = through_cast(inorm.inputs[0])
+        split = G.producer(grouped)
+        if split is None or split.op != RESHAPE or not G.in_default_domain(split):
+            return None
+        core = _instance_norm_core(inorm, ctx)
+        if isinstance(core, Reject):
+            return core
+        x = split.inputs[0]
+        found = self._groups(x, split, None, core, ctx)
+        if found is None or isinstance(found, Reject):
+            return found
+        return self._complete(ctx, x, split, cast_in, core, None, None, found)
+
+    def _complete(self, ctx: Context, x: gs.Tensor, split: gs.Node, cast_in, core: Core, cast_out, back,
+                  found: tuple[int, int, int]) -> Match | Reject:
+        """The checks and the match common to both forms (``back`` None: no reshape back)."""
         channels, groups, rank = found
         if core.group_scale is not None and {core.group_scale.size, core.group_bias.size} != {groups}:
             return Reject(f"InstanceNormalization scale/bias have {core.group_scale.size}/{core.group_bias.size} "
@@ -352,7 +383,7 @@ class FuseGroupNorm(Pass):
                 return miss
         # A Mul / Add that is not per channel (a positional or spatial tensor) stays after the
         # fused op, as it was (tail.kept says which).
-        tail = channel_affine(back.outputs[0], ctx, channels, rank)
+        tail = channel_affine((back or core.nodes[-1]).outputs[0], ctx, channels, rank)
         op = INSTANCE_NORM if groups == channels else GROUP_NORM
         m = Match(output=tail.output)
         for n in [split, cast_in, *core.nodes, cast_out, back, *tail.nodes]:
@@ -401,6 +432,9 @@ class FuseGroupNorm(Pass):
         if core.axes is not None and normalize_axes(core.axes, len(grouped)) != whole:
             return Reject(f"statistics are taken over axes {list(core.axes)} of the grouped tensor, "
                           f"not over each whole group {list(whole)}", split)
+        if back is None:
+            # No reshape back: only a reshape that leaves x as it was (G == C, rank 3) is one.
+            return (channels, groups, rank) if groups == channels and restores(grouped, x, ctx) else None
         if not restores(reshape_dims(back, grouped, ctx), x, ctx):
             return Reject(f"reshape {G.node_label(back)} does not restore the shape of '{x.name}'", back)
         return channels, groups, rank

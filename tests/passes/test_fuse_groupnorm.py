@@ -434,3 +434,32 @@ def test_fuse_groupnorm_declared_shape_contradicting_inference_is_skipped(rng):
     assert [s.reason for s in rec.skipped] == [
         f"declared shape [2, 8, 16] of '{x}' contradicts the inferred [2, 8, 4, 4]"]
     assert_equivalent(model, out)
+
+
+def unwrapped_gn(rng, c=8, spatial=(19,), target=None, in_scale=1.0, affine=True, opset=18):
+    """dynamo (opset 18, default optimizer) export of wav2vec2's GroupNorm(C, C) on [N, C, T]:
+    the reshape back is gone (the reshape to [0, C, -1] left x as it was)."""
+    net = Net(rng, opset, constants="init")
+    t = net.op("Reshape", "X", net.const(target or [0, c, -1], "int"))
+    t = net.op("InstanceNormalization", t, net.const(np.full(c, in_scale)), net.const(np.zeros(c)), epsilon=1e-5)
+    if affine:
+        t = net.op("Add", net.op("Mul", t, net.const(rng.uniform(0.5, 1.5, (c, 1)))), net.const(rng.standard_normal((c, 1))))
+    shape = [BATCH, c, *spatial]
+    out = [BATCH, c, int(np.prod(spatial))] if target is None and len(spatial) > 1 else shape
+    return net.model(t, shape, out)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(affine=False), dict(in_scale=2.0), dict(opset=17)],
+                         ids=["affine", "no_affine", "in_scale", "opset17"])
+def test_fuse_groupnorm_dynamo_groups_equal_channels_without_reshape_back_is_fused(kwargs, rng):
+    model = unwrapped_gn(rng, **kwargs)
+    out, result, _ = fuse(model, {IN: 1, "Identity": 1})
+    assert result.applied[0].info["op"] == IN and not result.upgrades
+
+
+def test_fuse_groupnorm_flattening_reshape_before_instancenorm_is_not_a_candidate(rng):
+    """[N, C, H, W] -> [N, C, H*W] -> InstanceNormalization, no reshape back: the output keeps
+    the flattened shape, so it is no normalization of x's shape."""
+    model = unwrapped_gn(rng, spatial=(4, 5))
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied and not rec.skipped
