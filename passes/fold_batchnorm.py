@@ -89,9 +89,13 @@ class FoldBatchNorm(Pass):
                 return Reject(f"BatchNormalization output '{extra.name}' (running statistics) is used")
         if len(bn.inputs) < 5:
             return Reject("BatchNormalization has fewer than 5 inputs")
-        params = {}
+        params, readers = {}, []  # readers: nodes that compute a parameter from x's type or shape
         for key, tensor in zip(PARAMETERS, bn.inputs[1:5]):
             value = G.const_value(tensor, ctx.graph)
+            if value is None:
+                filled = shape_filled(tensor, ctx)
+                value = None if filled is None else filled[0]
+                readers += [] if filled is None else filled[1]
             if value is None:
                 return Reject(f"BatchNormalization {key} '{tensor.name}' is not a constant (graph input or computed)")
             params[key] = value
@@ -101,7 +105,11 @@ class FoldBatchNorm(Pass):
         prod = G.producer(x)
         if prod is None:
             return Reject(f"input '{x.name}' is a graph input: no producer to fold into")
-        uses = G.other_uses(x, graph, {id(bn)})
+        inside = {id(bn)} | {id(n) for n in readers}
+        uses = G.other_uses(x, graph, inside)
+        leaks = [use for n in readers for out in n.outputs for use in G.other_uses(out, graph, inside)]
+        if leaks:
+            return Reject(f"a computed parameter of the BatchNormalization is also used by {', '.join(sorted(set(leaks)))}")
         if uses:
             return Reject(f"{G.node_label(prod)} output also feeds {', '.join(sorted(set(uses)))}")
         m = Match(output=bn.outputs[0], nodes={"bn": bn})
@@ -135,6 +143,59 @@ class FoldBatchNorm(Pass):
         add_name = prod.name if prod.op == "Add" and prod.name else ctx.names.fresh(f"{matmul.name or 'MatMul'}_bias")
         return [gs.Node("MatMul", matmul.name, dict(matmul.attrs), [x, weight], [hidden]),
                 gs.Node("Add", add_name, {}, [hidden, bias], [m.output])]
+
+
+def shape_filled(t: gs.Tensor, ctx: Context) -> tuple[np.ndarray, list[gs.Node]] | None:
+    """A tensor filled with one constant to a shape read from a tensor whose shape is known:
+    dynamo with optimize=False writes an affine-free BatchNormalization's scale and bias as
+    Expand(CastLike(1.0, y), Shape(y, start=1, end=2)) (or ConstantOfShape) of the producer's
+    output y. (value, the nodes that compute it) when the value and the shape are both fixed.
+
+    Those nodes read y only for its type and shape, which folding keeps: they are not uses of
+    y's values, and they go once the BatchNormalization does."""
+    node = G.producer(t)
+    if node is None or not G.in_default_domain(node) or not node.inputs:
+        return None
+    nodes = [node]
+    if node.op == "Expand" and len(node.inputs) == 2:
+        value, dims = _fill_value(node.inputs[0], ctx, nodes), _shape_value(node.inputs[1], ctx, nodes)
+    elif node.op == "ConstantOfShape":
+        attr = node.attrs.get("value")
+        value = np.zeros(1, np.float32) if attr is None else np.asarray(getattr(attr, "values", attr))
+        dims = _shape_value(node.inputs[0], ctx, nodes)
+    else:
+        return None
+    if value is None or dims is None or value.size != 1 or np.prod(dims) > (1 << 20):
+        return None
+    try:
+        return np.array(np.broadcast_to(value, np.broadcast_shapes(value.shape, tuple(dims)))), nodes
+    except ValueError:
+        return None
+
+
+def _fill_value(t: gs.Tensor, ctx: Context, nodes: list) -> np.ndarray | None:
+    node = G.producer(t)
+    if node is not None and node.op == "CastLike" and G.in_default_domain(node):
+        inner, dtype = G.const_value(node.inputs[0], ctx.graph), ctx.dtype(node.inputs[1])
+        nodes.append(node)
+        return None if inner is None or dtype is None else inner.astype(dtype)
+    return G.const_value(t, ctx.graph)
+
+
+def _shape_value(t: gs.Tensor, ctx: Context, nodes: list) -> list[int] | None:
+    """A 1-D shape tensor's value: a constant, or Shape(u)[start:end] of static dims of u."""
+    value = G.const_value(t, ctx.graph)
+    if value is not None:
+        return [int(d) for d in value.reshape(-1)]
+    node = G.producer(t)
+    if node is None or node.op != "Shape" or not G.in_default_domain(node):
+        return None
+    shape = ctx.checked_shape(node.inputs[0])
+    if shape is None or isinstance(shape, Reject):
+        return None
+    dims = list(shape)[node.attrs.get("start", 0):node.attrs.get("end")]
+    nodes.append(node)
+    return dims if all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims) else None
 
 
 def _conv(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:

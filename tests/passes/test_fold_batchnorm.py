@@ -205,6 +205,49 @@ def test_fold_batchnorm_dynamo_unoptimized_computed_conv_bias_is_folded(rng):
     assert_folded(model, CONV)
 
 
+def _affine_free(model, form="expand", leak=False):
+    """dynamo with optimize=False writes BatchNorm(affine=False)'s ones and zeros as
+    Expand(CastLike([1.0], p), Shape(p, start=1, end=2)) of the producer's output p (or a
+    ConstantOfShape of that shape)."""
+    nodes = []
+    for key, fill in (("gamma", 1.0), ("beta", 0.0)):
+        model.graph.initializer.remove(next(i for i in model.graph.initializer if i.name == key))
+        nodes.append(helper.make_node("Shape", ["p"], [f"{key}_shape"], start=1, end=2))
+        if form == "expand":
+            nodes.append(helper.make_node("Constant", [], [f"{key}_fill"], value_floats=[fill]))
+            nodes.append(helper.make_node("CastLike", [f"{key}_fill", "p"], [f"{key}_like"]))
+            nodes.append(helper.make_node("Expand", [f"{key}_like", f"{key}_shape"], [key]))
+        else:
+            nodes.append(helper.make_node("ConstantOfShape", [f"{key}_shape"], [key],
+                                          value=numpy_helper.from_array(np.array([fill], np.float32))))
+    bn = model.graph.node[-1]
+    del model.graph.node[-1]
+    model.graph.node.extend(nodes + [bn])
+    if leak:
+        model.graph.output.append(helper.make_tensor_value_info("gamma_shape", onnx.TensorProto.INT64, [1]))
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("form", ["expand", "constant_of_shape"])
+def test_fold_batchnorm_dynamo_unoptimized_affine_free_parameters_are_folded(form, rng):
+    model = _affine_free(bn_model(rng, opset=18), form)
+    out, rec = assert_folded(model, CONV)
+    w, b = folded_weights(out)
+    p = initializers(model)
+    s = 1.0 / np.sqrt(p["var"].astype(np.float64) + 1e-5)
+    np.testing.assert_allclose(b, (p["B"] - p["mean"]) * s, rtol=1e-6)
+
+
+def test_fold_batchnorm_shape_computed_parameter_used_elsewhere_is_left_unchanged(rng):
+    model = _affine_free(bn_model(rng, opset=18), leak=True)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert [s.reason for s in rec.skipped] == [
+        "a computed parameter of the BatchNormalization is also used by graph output"]
+    assert_equivalent(model, out)
+
+
 @pytest.mark.parametrize("producer, dtype, param_dtype, opset", [
     ("conv", np.float16, None, 17),
     ("conv", np.float16, np.float32, 15),  # mixed: fp16 weights, fp32 BatchNormalization parameters
