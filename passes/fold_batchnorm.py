@@ -26,6 +26,7 @@ and initializers that are also inputs of the main graph are not constants there 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from normopt import graph as G
@@ -67,11 +68,13 @@ def _is_float(dtype) -> bool:
 class FoldBatchNorm(Pass):
     """Fold eval-mode BatchNormalization into the preceding Conv, ConvTranspose, Gemm or MatMul."""
 
-    anchor_ops = (BATCHNORM,)
+    anchor_ops = (BATCHNORM, "Add")
 
     def match(self, bn: gs.Node, ctx: Context) -> Match | Reject | None:
         if not G.in_default_domain(bn):
             return None
+        if bn.op == "Add":
+            return self._match_algebra(bn, ctx)
         graph = ctx.graph
         if int(bn.attrs.get("training_mode", 0)) == 1:
             return Reject("BatchNormalization is in training mode (training_mode=1)")
@@ -113,6 +116,7 @@ class FoldBatchNorm(Pass):
         if uses:
             return Reject(f"{G.node_label(prod)} output also feeds {', '.join(sorted(set(uses)))}")
         m = Match(output=bn.outputs[0], nodes={"bn": bn})
+        m.tensors["bn_input"] = x
         m.info.update(epsilon=eps, channels=int(s.size))
         fold = _FOLDERS.get(prod.op)
         if fold is None or not G.in_default_domain(prod):
@@ -125,12 +129,90 @@ class FoldBatchNorm(Pass):
             m.add(node)
         return m
 
+    def _match_algebra(self, add: gs.Node, ctx: Context) -> Match | Reject | None:
+        """Keras / TensorFlow's batch_normalization as arithmetic, ``x * a + b`` with
+        ``a = gamma * rsqrt(var + eps)`` and ``b = beta - mean * a`` computed from constants
+        (tf2onnx writes rsqrt as Reciprocal(Sqrt)). Folded into the producer of x when a and b
+        are per output channel of it: axis 1 of a Conv, the last axis of a Gemm / MatMul (a
+        Dense layer: any rank), or the axis a Transpose moves a Conv's channels to (NHWC)."""
+        found = _affine_operands(add, ctx)
+        if found is None:
+            return None
+        mul, x, a, b = found
+        if G.producer(x) is None:
+            return Reject(f"input '{x.name}' is a graph input: no producer to fold into", mul)
+        rank = ctx.checked_shape(x)
+        if isinstance(rank, Reject):
+            return Reject(rank.reason, mul)
+        if rank is None:
+            return Reject(f"rank of '{x.name}' is unknown: cannot tell the channel axis", mul)
+        rank = len(rank)
+        axis = _varying_axis([a, b], rank)
+        if isinstance(axis, str):
+            return Reject(f"batch-norm arithmetic after '{x.name}': {axis}", mul)
+        prod, transpose = G.producer(x), None
+        if prod.op == "Transpose" and G.in_default_domain(prod):
+            transpose = prod
+            perm = [int(p) for p in prod.attrs.get("perm", range(rank - 1, -1, -1))]  # no perm: reversed
+            uses = G.other_uses(x, ctx.graph, {id(mul)})
+            if uses:
+                return Reject(f"{G.node_label(prod)} output also feeds {', '.join(sorted(set(uses)))}", mul)
+            x_inner = prod.inputs[0]
+            prod = G.producer(x_inner)
+            if prod is None or prod.op not in ("Conv", "ConvTranspose") or axis not in (None, perm.index(1)):
+                return Reject(f"batch-norm arithmetic on axis {axis} after {G.node_label(transpose)}: not the channel "
+                              "axis of a Conv", mul)
+            axis, x = (None if axis is None else 1), x_inner
+        elif prod.op in ("Conv", "ConvTranspose"):
+            if axis not in (None, 1):
+                return Reject(f"batch-norm arithmetic varies over axis {axis} of the {prod.op} output, not its "
+                              "channels (axis 1)", mul)
+        elif prod.op in ("Gemm", "MatMul", "Add"):
+            if axis not in (None, rank - 1):
+                return Reject(f"batch-norm arithmetic varies over axis {axis} of the {prod.op} output, not its "
+                              f"features (axis {rank - 1})", mul)
+        else:
+            return Reject(f"producer {G.node_label(prod)} ({prod.op}) cannot absorb the batch-norm arithmetic", mul)
+        # Scalars a and b: one per output channel all the same (the folders check the count).
+        channels = max(np.asarray(a).size, np.asarray(b).size)
+        if channels == 1:
+            out_shape = ctx.shape(x) or ()
+            channels = out_shape[-1 if _last_axis_producer(prod) else 1] if out_shape else None
+            if not isinstance(channels, int) or channels < 1:
+                return Reject(f"channel count of '{x.name}' is unknown", mul)
+        s = np.broadcast_to(np.asarray(a, np.float64).reshape(-1), (channels,)).copy()
+        t = np.broadcast_to(np.asarray(b, np.float64).reshape(-1), (channels,)).copy()
+        uses = G.other_uses(x, ctx.graph, {id(transpose or mul)})
+        if uses:
+            return Reject(f"{G.node_label(prod)} output also feeds {', '.join(sorted(set(uses)))}", mul)
+        m = Match(output=add.outputs[0], nodes={"mul": mul, "add": add})
+        m.tensors["bn_input"] = x
+        m.info.update(channels=int(channels), last_axis=_last_axis_producer(prod), form="x * a + b")
+        fold = _FOLDERS[prod.op]
+        if not G.in_default_domain(prod):
+            return None
+        reason = fold(prod, m, s, t, ctx)
+        if reason:
+            return Reject(reason, prod)
+        m.info["producer"] = prod.op
+        if transpose is not None:
+            m.nodes["transpose"] = transpose
+        for node in [mul, add, transpose, *m.nodes.values()]:
+            if node is not None:
+                m.add(node)
+        return m
+
     def rewrite(self, m: Match, ctx: Context) -> list[gs.Node]:
         prod = m["producer"]
         w = m.tensors["weight"]
         weight = G.make_constant(ctx.names, f"{w.name}_bnfolded", m.values["weight"])
         bias = G.make_constant(ctx.names, f"{prod.name or weight.name}_bias_bnfolded", m.values["bias"])
         x = m.tensors["x"]
+        if m.has("transpose"):  # NHWC: the folded Conv, then the Transpose it fed
+            inner = gs.Variable(ctx.names.fresh(f"{m.output.name}_conv"), dtype=m.output.dtype)
+            transpose = m["transpose"]
+            return [gs.Node(prod.op, prod.name, dict(prod.attrs), [x, weight, bias], [inner]),
+                    gs.Node("Transpose", transpose.name, dict(transpose.attrs), [inner], [m.output])]
         if prod.op in ("Conv", "ConvTranspose"):
             return [gs.Node(prod.op, prod.name, dict(prod.attrs), [x, weight, bias], [m.output])]
         if prod.op == "Gemm":
@@ -143,6 +225,76 @@ class FoldBatchNorm(Pass):
         add_name = prod.name if prod.op == "Add" and prod.name else ctx.names.fresh(f"{matmul.name or 'MatMul'}_bias")
         return [gs.Node("MatMul", matmul.name, dict(matmul.attrs), [x, weight], [hidden]),
                 gs.Node("Add", add_name, {}, [hidden, bias], [m.output])]
+
+
+# Elementwise ops a batch-norm parameter may be computed with from constants (float64 here).
+_ARITHMETIC = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}
+_UNARY = {"Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Neg": np.negative, "Identity": lambda v: v,
+          "Cast": lambda v: v}
+
+
+def _evaluate(t: gs.Tensor, ctx: Context, seen: set, depth: int = 0) -> np.ndarray | None:
+    """The value of a tensor computed from constants with Add/Sub/Mul/Div/Sqrt/Reciprocal/Neg
+    (float64 math); ``seen`` collects the op types met. None if anything is not constant."""
+    value = G.const_value(t, ctx.graph)
+    if value is not None:
+        return np.asarray(value, np.float64) if _is_float(value.dtype) else None
+    node = G.producer(t)
+    if node is None or depth > 8 or not G.in_default_domain(node):
+        return None
+    if node.op in _UNARY and node.inputs:
+        if node.op == "Cast" and not _is_float(onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"]))):
+            return None
+        inner = _evaluate(node.inputs[0], ctx, seen, depth + 1)
+        seen.add(node.op)
+        return None if inner is None else _UNARY[node.op](inner)
+    if node.op in _ARITHMETIC and len(node.inputs) == 2:
+        left, right = (_evaluate(i, ctx, seen, depth + 1) for i in node.inputs)
+        seen.add(node.op)
+        return None if left is None or right is None else _ARITHMETIC[node.op](left, right)
+    return None
+
+
+def _affine_operands(add: gs.Node, ctx: Context):
+    """(Mul node, x, a, b) for ``add = x * a + b`` with a and b computed from constants, a
+    through a square root (rsqrt: the batch-norm algebra); None otherwise."""
+    if len(add.inputs) != 2:
+        return None
+    for i in (0, 1):
+        mul = G.producer(add.inputs[i])
+        if mul is None or mul.op != "Mul" or not G.in_default_domain(mul) or len(mul.inputs) != 2:
+            continue
+        seen_b: set = set()
+        b = _evaluate(add.inputs[1 - i], ctx, seen_b)
+        if b is None:
+            continue
+        for j in (0, 1):
+            seen: set = set()
+            a = _evaluate(mul.inputs[1 - j], ctx, seen)
+            if a is not None and "Sqrt" in seen and G.const_value(mul.inputs[j], ctx.graph) is None:
+                if G.other_uses(add.inputs[i], ctx.graph, {id(add)}):
+                    return None
+                return mul, mul.inputs[j], a, b
+    return None
+
+
+def _varying_axis(values, rank: int):
+    """The one axis of a rank-``rank`` tensor along which ``values`` vary (None: scalars), or why
+    there is no such axis."""
+    axes = set()
+    for value in values:
+        value = np.asarray(value)
+        if value.ndim > rank:
+            return f"a parameter of shape {list(value.shape)} has more axes than the input's {rank}"
+        axes.update(rank - value.ndim + k for k, d in enumerate(value.shape) if d != 1)
+    if len(axes) > 1:
+        return f"the parameters vary over axes {sorted(axes)}, not over one channel axis"
+    return next(iter(axes), None)
+
+
+def _last_axis_producer(prod: gs.Node) -> bool:
+    """Whether ``prod``'s output channels are its last axis (Gemm, MatMul, MatMul + bias)."""
+    return prod.op in ("Gemm", "MatMul", "Add")
 
 
 def shape_filled(t: gs.Tensor, ctx: Context) -> tuple[np.ndarray, list[gs.Node]] | None:
@@ -255,14 +407,14 @@ def _matmul(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:
     if w.ndim != 2:
         return f"MatMul weight '{matmul.inputs[1].name}' is {w.ndim}-D, not 2-D"
     rank = None
-    for tensor in (m["bn"].inputs[0], matmul.inputs[0]):
+    for tensor in (m.tensors["bn_input"], matmul.inputs[0]):
         shape = ctx.checked_shape(tensor)
         if isinstance(shape, Reject):
             return shape.reason
         rank = rank or (None if shape is None else len(shape))
     if rank is None:
         return "rank of the MatMul output is unknown: cannot tell which axis BatchNormalization normalizes"
-    if rank != 2:
+    if rank != 2 and not m.info.get("last_axis"):
         return f"BatchNormalization normalizes axis 1 of a rank-{rank} MatMul output, not its feature axis"
     if w.shape[1] != s.size:
         return f"MatMul has {w.shape[1]} output features but BatchNormalization has {s.size} channels"

@@ -609,3 +609,92 @@ def test_fold_batchnorm_scale_output_channels_property(op, group, cin_g, cout_g,
     got = scale_output_channels(w, s, op, group, trans_b)
     want = np.array([w[i] * s[_channel_of(op, i, w.shape, group, trans_b)] for i in np.ndindex(w.shape)])
     np.testing.assert_array_equal(got, want.reshape(w.shape))
+
+
+# ----------------------------------------------------------------------------- Keras / TF arithmetic
+
+def keras_bn(rng, producer="conv", *, param_shape=None, gamma=True, spelling="reciprocal", consumer=None):
+    """Keras' batch_normalization as tf2onnx writes it without constant folding:
+    x * a + (beta - mean * a), a = gamma * rsqrt(var + eps), rsqrt as Reciprocal(Sqrt) or 1 / Sqrt.
+    producer: "conv" (NCHW, [C, 1, 1] parameters), "nhwc" (Conv -> Transpose to NHWC, [C]),
+    "dense" (MatMul on [N, L, K], [F]), "gemm" ([N, K], [F]), "relu" (nothing to fold into)."""
+    c = 6
+    nodes, inits = [], {}
+    if producer in ("conv", "nhwc", "relu"):
+        inits["W"] = floats(rng, c, 4, 3, 3)
+        nodes.append(helper.make_node("Conv", ["X", "W"], ["conv"], pads=[1, 1, 1, 1]))
+        x_shape, y_shape = [BATCH, 4, SIZE, SIZE], [BATCH, c, SIZE, SIZE]
+        x, shape = "conv", param_shape or [c, 1, 1]
+        if producer == "nhwc":
+            nodes.append(helper.make_node("Transpose", ["conv"], ["nhwc"], perm=[0, 2, 3, 1]))
+            x, shape, y_shape = "nhwc", param_shape or [c], [BATCH, SIZE, SIZE, c]
+        if producer == "relu":
+            nodes.append(helper.make_node("Relu", ["conv"], ["relu"]))
+            x = "relu"
+    elif producer == "dense":
+        inits["W"] = floats(rng, 5, c)
+        nodes.append(helper.make_node("MatMul", ["X", "W"], ["dense"]))
+        x_shape, y_shape, x, shape = [BATCH, 3, 5], [BATCH, 3, c], "dense", param_shape or [c]
+    else:
+        inits.update(W=floats(rng, 5, c), C=floats(rng, c))
+        nodes.append(helper.make_node("Gemm", ["X", "W", "C"], ["gemm"]))
+        x_shape, y_shape, x, shape = [BATCH, 5], [BATCH, c], "gemm", param_shape or [c]
+    inits.update(gamma=floats(rng, *shape, low=0.5, high=1.5), beta=floats(rng, *shape),
+                 mean=floats(rng, *shape), var=floats(rng, *shape, low=0.5, high=2.0), eps=np.array(1e-3, np.float32))
+    nodes.append(helper.make_node("Add", ["var", "eps"], ["var_eps"]))
+    nodes.append(helper.make_node("Sqrt", ["var_eps"], ["std"]))
+    if spelling == "reciprocal":
+        nodes.append(helper.make_node("Reciprocal", ["std"], ["rsqrt"]))
+    else:
+        inits["one"] = np.array(1.0, np.float32)
+        nodes.append(helper.make_node("Div", ["one", "std"], ["rsqrt"]))
+    nodes.append(helper.make_node("Mul", ["rsqrt", "gamma"] if gamma else ["rsqrt"], ["a"])
+                 if gamma else helper.make_node("Identity", ["rsqrt"], ["a"]))
+    nodes.append(helper.make_node("Mul", ["mean", "a"], ["mean_a"]))
+    nodes.append(helper.make_node("Sub", ["beta", "mean_a"], ["b"]))
+    nodes.append(helper.make_node("Mul", [x, "a"], ["xa"]))
+    nodes.append(helper.make_node("Add", ["xa", "b"], ["Y"]))
+    outputs = [("Y", FLOAT, y_shape)]
+    if consumer:
+        nodes.append(helper.make_node("Relu", [x], ["extra"]))
+        outputs.append(("extra", FLOAT, y_shape if producer != "nhwc" else [BATCH, SIZE, SIZE, 6]))
+    return make_model(nodes, [("X", FLOAT, x_shape)], outputs, inits, opset=17)
+
+
+@pytest.mark.parametrize("producer, kwargs, expected", [
+    ("conv", {}, {"Conv": 1}),
+    ("conv", dict(spelling="div", gamma=False), {"Conv": 1}),
+    ("nhwc", {}, {"Conv": 1, "Transpose": 1}),
+    ("dense", {}, {"MatMul": 1, "Add": 1}),
+    ("gemm", {}, {"Gemm": 1}),
+], ids=["conv_nchw", "conv_no_gamma_div", "conv_then_transpose_nhwc", "dense_rank3", "gemm"])
+def test_fold_batchnorm_keras_arithmetic_is_folded_into_the_producer(producer, kwargs, expected, rng):
+    model = keras_bn(rng, producer, **kwargs)
+    out, rec = assert_folded(model, expected)
+    assert rec.applied[0].info["form"] == "x * a + b"
+
+
+@pytest.mark.parametrize("producer, kwargs, reason", [
+    ("conv", dict(param_shape=[1, 1, SIZE]), "varies over axis 3 of the Conv output, not its channels"),
+    ("conv", dict(param_shape=[6, 1, SIZE]), "the parameters vary over axes [1, 3]"),
+    ("relu", {}, "producer Relu"),
+    ("conv", dict(consumer=True), "output also feeds Relu"),
+    ("nhwc", dict(consumer=True), "output also feeds Relu"),
+    ("dense", dict(param_shape=[3, 1]), "varies over axis 1 of the MatMul output, not its features (axis 2)"),
+], ids=["spatial", "two_axes", "relu", "conv_other_consumer", "transpose_other_consumer", "dense_rows"])
+def test_fold_batchnorm_keras_arithmetic_near_miss_is_left_unchanged(producer, kwargs, reason, rng):
+    model = keras_bn(rng, producer, **kwargs)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert any(reason in s.reason for s in rec.skipped), [s.reason for s in rec.skipped]
+    assert_equivalent(model, out)
+
+
+def test_fold_batchnorm_plain_affine_without_rsqrt_is_not_a_candidate(rng):
+    """x * a + b with constant a, b but no square root is not batch-norm arithmetic: no record."""
+    inits = {"W": floats(rng, 6, 4, 3, 3), "a": floats(rng, 6, 1, 1), "b": floats(rng, 6, 1, 1)}
+    nodes = [helper.make_node("Conv", ["X", "W"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["conv", "a"], ["xa"]), helper.make_node("Add", ["xa", "b"], ["Y"])]
+    model = make_model(nodes, [("X", FLOAT, [BATCH, 4, SIZE, SIZE])], [("Y", FLOAT, [BATCH, 6, SIZE, SIZE])], inits)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied and not rec.skipped
