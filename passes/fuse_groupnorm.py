@@ -50,9 +50,9 @@ import onnx_graphsurgeon as gs
 
 from normopt import graph as G
 from normopt.passes._emit import emit_fused, work_dtype
-from normopt.passes._norm import (Affine, cast_target, float_bits, is_float, match_affine, match_normalized,
-                                  normalize_axes)
-from normopt.pattern import Match
+from normopt.passes._norm import (EPSILON, MEAN, VARIANCE, XC, Affine, broadcast_param, cast_target, check_core,
+                                  float_bits, is_float, match_affine, match_normalized, normalize_axes)
+from normopt.pattern import AnyOf, Const, Match, Op, match
 from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
 
@@ -230,6 +230,22 @@ def restores(dims: list | None, x: gs.Tensor, ctx: Context) -> bool:
 
 # ------------------------------------------------------------------------------ the statistics
 
+# TF / Keras (tf.nn.batch_normalization on the grouped tensor): s = gamma * 1/sqrt(var + eps)
+# applied to x and to the mean separately, y = x*s + (beta - mean*s); Keras 3 writes
+# x*s + ((-mean)*s + beta). gamma and beta are [1, ..., G, C/G] (or absent).
+_STD = Op("Sqrt", [Op("Add", [VARIANCE, EPSILON], name="add_eps")], name="sqrt")
+_INV = AnyOf(Op("Reciprocal", [_STD], name="recip"), Op("Div", [Const("one"), _STD], name="recip_div"))
+_S = AnyOf(Op("Mul", [_INV, Const("gamma")], name="mul_gamma"), _INV)
+_XS = Op("Mul", [XC, _S], name="mul_x")
+_MS = Op("Mul", [MEAN, _S], name="mul_mean")
+_NEG_MS = Op("Mul", [Op("Neg", [MEAN]), _S], name="mul_mean")
+TF_NORMALIZED = AnyOf(
+    Op("Add", [_XS, Op("Sub", [Const("beta"), _MS])]),
+    Op("Add", [_XS, Op("Add", [_NEG_MS, Const("beta")])]),
+    Op("Add", [_XS, AnyOf(_NEG_MS, Op("Neg", [_MS]))]),
+    Op("Sub", [_XS, _MS]),
+)
+
 @dataclass
 class Core:
     """Normalization of the grouped tensor ``x`` over ``axes`` (None: every axis from 2)."""
@@ -243,6 +259,9 @@ class Core:
     # InstanceNormalization's own per-group scale and bias ([G]) when they are not ones / zeros.
     group_scale: np.ndarray | None = None
     group_bias: np.ndarray | None = None
+    # TF / Keras form: gamma and beta of the grouped tensor (None where absent), else None.
+    tf_params: dict | None = None
+    tf_names: dict = field(default_factory=dict)
 
 
 def group_core(t: gs.Tensor, ctx: Context) -> Core | Reject | None:
@@ -254,6 +273,24 @@ def group_core(t: gs.Tensor, ctx: Context) -> Core | Reject | None:
         return found
     return Core(found.x, found.epsilon, list(found.match.matched), found.axes, found.compute_bits,
                 found.variant)
+
+
+def tf_group_core(t: gs.Tensor, ctx: Context) -> Core | Reject | None:
+    """The TF / Keras statistics of a grouped tensor, with its grouped gamma / beta."""
+    m = match(TF_NORMALIZED, t, ctx.graph)
+    if m is None:
+        return None
+    s = m["mul_gamma" if m.has("mul_gamma") else "recip" if m.has("recip") else "recip_div"].outputs[0]
+    if not all(any(i is s for i in m[k].inputs) for k in ("mul_x", "mul_mean")):
+        return None  # x and the mean scaled by different tensors: not one normalization
+    norm = check_core(m, ctx, "mean")
+    if isinstance(norm, Reject):
+        return norm
+    core = Core(norm.x, norm.epsilon, list(norm.match.matched), norm.axes, norm.compute_bits,
+                norm.variant + ["TF/Keras"])
+    core.tf_params = {k: m.values.get(k) for k in ("gamma", "beta")}
+    core.tf_names = {k: m.tensors[k].name for k in ("gamma", "beta") if k in m.tensors}
+    return core
 
 
 def _instance_norm_core(node: gs.Node, ctx: Context) -> Core | Reject:
@@ -329,6 +366,8 @@ class FuseGroupNorm(Pass):
             return self._match_unwrapped(back, ctx)
         normalized, cast_out = through_cast(back.inputs[0])
         core = group_core(normalized, ctx)
+        if core is None:
+            core = tf_group_core(normalized, ctx)
         if core is None or isinstance(core, Reject):
             return core
         grouped, cast_in = through_cast(core.x)
@@ -342,10 +381,71 @@ class FuseGroupNorm(Pass):
         if split is None or split.op != RESHAPE or not G.in_default_domain(split):
             return None
         x = split.inputs[0]
+        if core.tf_params is not None:
+            return self._match_channels_last(ctx, x, split, cast_in, core, cast_out, back)
         found = self._groups(x, split, back, core, ctx)
         if found is None or isinstance(found, Reject):
             return found
         return self._complete(ctx, x, split, cast_in, core, cast_out, back, found)
+
+    def _match_channels_last(self, ctx: Context, x, split, cast_in, core: Core, cast_out, back):
+        """Keras GroupNormalization (axis=-1): x [N, ..., C] reshaped to [N, ..., G, C/G],
+        statistics over every axis but N and G, gamma / beta [G, C/G] on the grouped tensor,
+        reshaped back. Fused as Transpose to channels first -> the op -> Transpose back."""
+        shape = ctx.checked_shape(x)
+        if isinstance(shape, Reject):
+            return Reject(shape.reason, split)
+        if shape is None or len(shape) < 3:
+            return Reject(f"rank of '{x.name}' is unknown" if shape is None else f"'{x.name}' has rank {len(shape)}",
+                          split)
+        rank = len(shape)
+        channels = static_dim(shape, rank - 1)
+        if channels is None:
+            return Reject(f"channel count (last axis) of '{x.name}' is unknown", split)
+        grouped = reshape_dims(split, [DimOf(x, i) for i in range(rank)], ctx)
+        if grouped is None:
+            return Reject(f"target shape of reshape {G.node_label(split)} is unknown", split)
+        groups, per = (_resolve(d, ctx) for d in grouped[-2:]) if len(grouped) == rank + 1 else (None, None)
+        lead_ok = len(grouped) == rank + 1 and all(same_dim(grouped[i], x, i, ctx) for i in range(1, rank - 1)) and (
+            same_dim(grouped[0], x, 0, ctx) or grouped[0] == -1)
+        if not lead_ok or not isinstance(groups, int) or not isinstance(per, int) or groups * per != channels:
+            return Reject(f"reshape {G.node_label(split)} does not split the last axis of '{x.name}' into "
+                          f"[G, C/G] ([N, ..., G, C/G] expected)", split)
+        wanted = tuple(range(1, rank - 1)) + (rank,)
+        if normalize_axes(core.axes, rank + 1) != wanted:
+            return Reject(f"statistics are taken over axes {list(core.axes)} of the grouped tensor, not over each "
+                          f"whole group {list(wanted)}", split)
+        if not restores(reshape_dims(back, grouped, ctx), x, ctx):
+            return Reject(f"reshape {G.node_label(back)} does not restore the shape of '{x.name}'", back)
+        for cast in (cast_in, cast_out):
+            miss = _not_float_cast(cast, ctx)
+            if miss:
+                return miss
+        params = {}
+        for key, fill in (("gamma", 1.0), ("beta", 0.0)):
+            value = core.tf_params.get(key)
+            shaped = np.full((groups, per), fill) if value is None else broadcast_param(value, rank + 1, (groups, per))
+            if isinstance(shaped, str):
+                return Reject(f"{key} '{core.tf_names[key]}' {shaped}", back)
+            params[key] = np.asarray(shaped, np.float64).reshape(-1)
+        op = INSTANCE_NORM if groups == channels else GROUP_NORM
+        out = back.outputs[0]
+        m = Match(output=out)
+        for n in [split, cast_in, *core.nodes, cast_out, back]:
+            if n is not None:
+                m.add(n)
+        work = settle_dtype(ctx, x, out, core.compute_bits, op, m.matched, cast_in)
+        if isinstance(work, Reject):
+            return work
+        escapes = m.escapes(ctx.graph)
+        if escapes:
+            return Reject(f"intermediate {escapes[0]}")
+        m.tensors["x"] = x
+        m.values["scale"], m.values["bias"] = params["gamma"].astype(work), params["beta"].astype(work)
+        m.info.update(op=op, groups=groups, channels=channels, rank=rank, epsilon=core.epsilon, dtype=work.name,
+                      stash_type=STASH_DOUBLE if core.compute_bits == float_bits(np.float64) else STASH_FLOAT,
+                      layout="channels last", variant=core.variant)
+        return m
 
     def _match_unwrapped(self, inorm: gs.Node, ctx: Context) -> Match | Reject | None:
         """GroupNorm(C, C) with the reshape back dropped: onnxscript's optimizer (dynamo's
@@ -443,5 +543,17 @@ class FuseGroupNorm(Pass):
         attrs = {"epsilon": float(m.info["epsilon"])}
         if m.info["op"] == GROUP_NORM:
             attrs.update(num_groups=int(m.info["groups"]), stash_type=int(m.info["stash_type"]))
-        return emit_normalization(ctx, m.info["op"], attrs, m.tensors["x"], m.output, m.values["scale"],
-                                  m.values["bias"], np.dtype(m.info["dtype"]), m.output.name)
+        x, out = m.tensors["x"], m.output
+        if m.info.get("layout") != "channels last":
+            return emit_normalization(ctx, m.info["op"], attrs, x, out, m.values["scale"], m.values["bias"],
+                                      np.dtype(m.info["dtype"]), out.name)
+        rank = int(m.info["rank"])
+        first = gs.Variable(ctx.names.fresh(f"{x.name}_channels_first"), dtype=ctx.dtype(x))
+        normed = gs.Variable(ctx.names.fresh(f"{out.name}_channels_first"), dtype=ctx.dtype(out))
+        to_first = [0, rank - 1, *range(1, rank - 1)]
+        to_last = [0, *range(2, rank), 1]
+        return [gs.Node("Transpose", ctx.names.fresh(f"{out.name}/to_channels_first"), {"perm": to_first}, [x], [first]),
+                *emit_normalization(ctx, m.info["op"], attrs, first, normed, m.values["scale"], m.values["bias"],
+                                    np.dtype(m.info["dtype"]), out.name),
+                gs.Node("Transpose", ctx.names.fresh(f"{out.name}/to_channels_last"), {"perm": to_last}, [normed],
+                        [out])]

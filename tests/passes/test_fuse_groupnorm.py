@@ -463,3 +463,55 @@ def test_fuse_groupnorm_flattening_reshape_before_instancenorm_is_not_a_candidat
     model = unwrapped_gn(rng, spatial=(4, 5))
     out, rec = run_pass(PASS, model)
     assert op_counts(out) == op_counts(model) and not rec.applied and not rec.skipped
+
+
+def keras_gn(rng, c=8, g=2, spatial=(4, 4), keras3=False, axes=None, gamma_shape=None, opset=17):
+    """Keras GroupNormalization (axis=-1) as tf2onnx writes it: x [N, ..., C] reshaped to
+    [-1, ..., G, C/G], tf.nn.moments (SquaredDifference as Sub, Mul) or Keras 3's
+    E[x^2] - E[x]^2, then tf.nn.batch_normalization's x*s + (beta - mean*s) (Keras 3:
+    x*s + ((-mean)*s + beta)) with gamma, beta [1, ..., G, C/G], reshaped back to Shape(x)."""
+    net = Net(rng, opset, constants="init")
+    rank = 2 + len(spatial)
+    xg = net.op("Reshape", "X", net.const([-1, *spatial, g, c // g], "int"))
+    axes = axes or [*range(1, rank - 1), rank]
+    mean = net.mean(xg, axes)
+    if keras3:
+        var = net.op("Sub", net.mean(net.op("Mul", xg, xg), axes), net.op("Mul", mean, mean))
+    else:
+        d = net.op("Sub", xg, mean)
+        var = net.mean(net.op("Mul", d, d), axes)
+    inv = net.op("Reciprocal", net.op("Sqrt", net.op("Add", var, net.const(1e-3))))
+    pshape = gamma_shape or [1] * (rank - 1) + [g, c // g]
+    s = net.op("Mul", inv, net.const(rng.uniform(0.5, 1.5, pshape)))
+    beta = net.const(rng.standard_normal([1] * (rank - 1) + [g, c // g]))
+    if keras3:
+        shift = net.op("Add", net.op("Mul", net.op("Neg", mean), s), beta)
+    else:
+        shift = net.op("Sub", beta, net.op("Mul", mean, s))
+    y = net.op("Add", net.op("Mul", xg, s), shift)
+    y = net.op("Reshape", y, net.op("Shape", "X"))
+    return net.model(y, [BATCH, *spatial, c])
+
+
+@pytest.mark.parametrize("kwargs, op", [
+    (dict(), GN), (dict(keras3=True), GN), (dict(spatial=(6,)), GN), (dict(c=12, g=3, spatial=(2, 3, 2)), GN),
+    (dict(c=4, g=4), IN), (dict(opset=18), GN),
+], ids=["tf_nn_moments", "keras3", "rank3", "rank5", "groups_equal_channels", "opset18"])
+def test_fuse_groupnorm_keras_channels_last_is_fused_between_transposes(kwargs, op, rng):
+    model = keras_gn(rng, **kwargs)
+    out, result, _ = fuse(model, {op: 1, "Transpose": 2, "Identity": 1})
+    info = result.applied[0].info
+    assert info["layout"] == "channels last" and "TF/Keras" in info["variant"]
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    (dict(axes=[1, 2, 3, 4]), "not over each whole group [1, 2, 4]"),
+    (dict(axes=[1, 2]), "not over each whole group [1, 2, 4]"),
+    (dict(gamma_shape=[1, 4, 1, 2, 4]), "gamma 'c"),
+], ids=["over_groups_too", "spatial_only", "gamma_spatial"])
+def test_fuse_groupnorm_keras_channels_last_near_miss_is_left_unchanged(kwargs, reason, rng):
+    model = keras_gn(rng, **kwargs)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert any(reason in s.reason for s in rec.skipped), [s.reason for s in rec.skipped]
+    assert_equivalent(model, out)
