@@ -212,3 +212,16 @@ def test_fold_weightnorm_norm_of_an_activation_is_not_a_candidate(rng):
     out, rec = run_pass(PASS, model)
     assert op_counts(out) == op_counts(model) and not rec.applied and not rec.skipped
     onnx.checker.check_model(out)
+
+
+def test_fold_weightnorm_norm_of_a_constant_used_otherwise_is_skipped_with_reason(rng):
+    """Every ReduceL2 of a constant ends with a record: here the norm is added, not divided by."""
+    b = GraphBuilder(18)
+    v = b.const(rng.standard_normal((6, 4)))
+    n = b.op("ReduceL2", v, b.const([1], "int"))
+    b.nodes.append(helper.make_node("Add", ["X", n], ["Y"]))
+    model = make_model(b.nodes, [("X", F32, [6, 1])], [("Y", F32, [6, 1])], b.inits, opset=18)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert [s.reason for s in rec.skipped] == [f"the norm of '{v}' does not divide it into a weight g * v / ||v||"]
+    assert_equivalent(model, out)
