@@ -14,7 +14,8 @@ step). The result is a Constant node writing w's tensor, so the passes after thi
 
 Accepted spellings:
 * the norm as ``ReduceL2(v, axes)`` (axes as attribute or input, also computed from constants:
-  dynamo's ``Reshape(Constant, Constant)``), ``Sqrt(ReduceSum(v^2))`` (Pow or Mul square), or
+  dynamo's ``Reshape(Constant, Constant)``), ``Sqrt(ReduceSum(v^2))`` (Pow or Mul square),
+  ``Sqrt(ReduceSumSquare(v))``, or
   ``LpNormalization(v, axis, p=2)`` (a norm over one axis: all axes but ``dim`` of a 2-D v);
 * the product in any order and association of Mul, Div and Reciprocal: ``(v / n) * g``,
   ``v * (g / n)``, ``(v * g) / n``, ``v * g * Reciprocal(n)``, ...;
@@ -110,8 +111,18 @@ def find_norm(node: gs.Node, ctx: Context) -> Norm | Reject | None:
         return Norm(v, value, axes, [node], node.outputs[0], keepdims=bool(int(node.attrs.get("keepdims", 1))))
     if node.op == SQRT:
         total = G.producer(node.inputs[0])
-        if total is None or total.op != "ReduceSum" or not G.in_default_domain(total):
+        if total is None or total.op not in ("ReduceSum", "ReduceSumSquare") or not G.in_default_domain(total):
             return None
+        if total.op == "ReduceSumSquare":
+            v = total.inputs[0]
+            value = G.const_value(v, ctx.graph)
+            if value is None:
+                return None
+            axes = _axes(total, ctx, value.ndim)
+            if axes is None:
+                return Reject(f"ReduceSumSquare of '{v.name}' has no constant axes")
+            return Norm(v, value, axes, [total, node], node.outputs[0],
+                        keepdims=bool(int(total.attrs.get("keepdims", 1))))
         sq = G.producer(total.inputs[0])
         if sq is None or not G.in_default_domain(sq) or not sq.inputs:
             return None

@@ -32,6 +32,8 @@ def weight_norm(b, v, g, *, dim=0, norm="reducel2", product="div_mul", axes=None
         n = b.op("ReduceL2", v, b.op("Reshape", b.const(axes, "int"), b.const([-1], "int")), keepdims=keepdims)
     elif norm == "reducel2_attr":
         n = b.op("ReduceL2", v, axes=axes, keepdims=keepdims)
+    elif norm == "sqrt_sumsquare":
+        n = b.op("Sqrt", b.op("ReduceSumSquare", v, b.const(axes, "int"), keepdims=keepdims))
     elif norm in ("sqrt_pow", "sqrt_mul"):
         sq = b.op("Pow", v, b.const(exponent)) if norm == "sqrt_pow" else b.op("Mul", v, v)
         n = b.op("Sqrt", b.op("ReduceSum", sq, b.const(axes, "int"), keepdims=keepdims))
@@ -95,7 +97,7 @@ def folded_weight(out):
     dict(),                                                   # TorchScript, do_constant_folding=False
     dict(norm="reducel2_reshape"),                            # dynamo, optimize=False
     dict(norm="reducel2_attr", opset=13),
-    dict(norm="sqrt_pow"), dict(norm="sqrt_mul"),
+    dict(norm="sqrt_pow"), dict(norm="sqrt_mul"), dict(norm="sqrt_sumsquare"),
     dict(product="g_first"), dict(product="v_times_g_over_n"), dict(product="mul_div"), dict(product="reciprocal"),
     dict(dim=2),                                              # wav2vec2's positional conv: dim=2
     dict(dim=1), dict(dim=2, norm="sqrt_pow", product="mul_div"),
