@@ -229,8 +229,7 @@ class FoldBatchNorm(Pass):
 
 # Elementwise ops a batch-norm parameter may be computed with from constants (float64 here).
 _ARITHMETIC = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}
-_UNARY = {"Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Neg": np.negative, "Identity": lambda v: v,
-          "Cast": lambda v: v}
+_UNARY = {"Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Neg": np.negative, "Identity": lambda v: v}
 
 
 def _evaluate(t: gs.Tensor, ctx: Context, seen: set, depth: int = 0) -> np.ndarray | None:
@@ -242,9 +241,12 @@ def _evaluate(t: gs.Tensor, ctx: Context, seen: set, depth: int = 0) -> np.ndarr
     node = G.producer(t)
     if node is None or depth > 8 or not G.in_default_domain(node):
         return None
+    if node.op == "Cast" and node.inputs:
+        # The rounding to the target type is part of the value (a float16 parameter stays one).
+        target = onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"]))
+        inner = _evaluate(node.inputs[0], ctx, seen, depth + 1) if _is_float(target) else None
+        return None if inner is None else inner.astype(target).astype(np.float64)
     if node.op in _UNARY and node.inputs:
-        if node.op == "Cast" and not _is_float(onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"]))):
-            return None
         inner = _evaluate(node.inputs[0], ctx, seen, depth + 1)
         seen.add(node.op)
         return None if inner is None else _UNARY[node.op](inner)

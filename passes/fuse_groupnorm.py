@@ -411,6 +411,10 @@ class FuseGroupNorm(Pass):
         if not lead_ok or not isinstance(groups, int) or not isinstance(per, int) or groups * per != channels:
             return Reject(f"reshape {G.node_label(split)} does not split the last axis of '{x.name}' into "
                           f"[G, C/G] ([N, ..., G, C/G] expected)", split)
+        declared = ctx.checked_shape(core.x)
+        if isinstance(declared, Reject) or (declared is not None and len(declared) != rank + 1):
+            return Reject(declared.reason if isinstance(declared, Reject) else
+                          f"grouped tensor '{core.x.name}' has rank {len(declared)}, not {rank + 1}", split)
         wanted = tuple(range(1, rank - 1)) + (rank,)
         if normalize_axes(core.axes, rank + 1) != wanted:
             return Reject(f"statistics are taken over axes {list(core.axes)} of the grouped tensor, not over each "
