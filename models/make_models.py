@@ -490,6 +490,20 @@ class WeightNormConvNet(nn.Module):
         return self.proj(h.transpose(1, 2))
 
 
+class WeightNormPosConv(nn.Module):
+    """wav2vec2's positional convolution at a size the dynamo optimizer does not constant-fold
+    (weights above 8192 elements): parametrizations.weight_norm(dim=2), plus a weight_norm conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos_conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(64, 64, 16, padding=8, groups=4),
+                                                              name="weight", dim=2)
+        self.conv = nn.utils.weight_norm(nn.Conv1d(64, 64, 3, padding=1))
+
+    def forward(self, x):
+        return self.conv(x + F.gelu(self.pos_conv(x)[:, :, :-1]))
+
+
 # --------------------------------------------------------------------------------------
 # 9. InstanceNorm style-transfer network (nn.InstanceNorm2d and hand-decomposed)
 # --------------------------------------------------------------------------------------
@@ -984,6 +998,9 @@ def specs() -> list[Spec]:
         Spec("wav2vec_weightnorm_dynamo_noopt_op18.onnx", WeightNormConvNet, wn_in, DYNAMO, 18,
              "same net, dynamo optimize=False (ReduceL2 axes as Reshape(Constant, Constant); BN(affine) kept)",
              optimize=False, expect={"ReduceL2": 3, "BatchNormalization": 1}),
+        Spec("wav2vec_posconv_weightnorm_dynamo_op18.onnx", WeightNormPosConv, lambda: (randn(2, 64, 20),), DYNAMO, 18,
+             "wav2vec2 positional conv (64->64, k16, groups 4, weight_norm dim=2) and a weight_norm Conv1d 64->64; "
+             "dynamo default optimize: weights above 8192 elements are not constant-folded", expect={"ReduceL2": 2}),
         Spec("conv1d_bn_dynamo_noopt_op18.onnx", SmallCNN1d, lambda: (randn(2, 8, 32),), DYNAMO, 18,
              "Conv1d+BN1d model, dynamo optimize=False (BN(affine=False) scale/bias as "
              "Expand(CastLike(1, y), Shape(y)[1:2]))", optimize=False, expect={"BatchNormalization": 4}),

@@ -45,6 +45,7 @@ EXPECTED = {
     # Weight norm folded to constant weights (no ReduceL2 left), then the BN folded into them.
     "wav2vec_weightnorm_ts_op14.onnx": {},
     "wav2vec_weightnorm_dynamo_noopt_op18.onnx": {},
+    "wav2vec_posconv_weightnorm_dynamo_op18.onnx": {},
     # Affine-free BN whose ones/zeros are computed from the Conv output's shape.
     "conv1d_bn_dynamo_noopt_op18.onnx": {},
     "unet_resblock_gn_ts_op14.onnx": {"GroupNormalization": 2},
