@@ -314,6 +314,16 @@ def _instance_norm_core(node: gs.Node, ctx: Context) -> Core | Reject:
     return core
 
 
+def epsilon_miss(eps: float) -> Reject | None:
+    """The fused op's epsilon attribute is a float32: an epsilon that float32 rounds to 0 or
+    moves by more than a relative 1e-6 (a float64 model's 1e-50) would change the results (a
+    constant row normalized by sqrt(0 + 0) is NaN where the original gives 0)."""
+    held = float(np.float32(eps))
+    if eps != 0.0 and (held == 0.0 or abs(held - eps) > 1e-6 * abs(eps)):
+        return Reject(f"epsilon {eps:g} is not representable as the op's float32 attribute (it would be {held:g})")
+    return None
+
+
 def _not_float_cast(cast: gs.Node | None, ctx: Context) -> Reject | None:
     """A Cast inside the match must be float to float: a Cast to an integer type rounds the
     normalized values, which the fused op would not."""
@@ -425,6 +435,9 @@ class FuseGroupNorm(Pass):
             miss = _not_float_cast(cast, ctx)
             if miss:
                 return miss
+        miss = epsilon_miss(core.epsilon)
+        if miss:
+            return Reject(miss.reason, split)
         params = {}
         for key, fill in (("gamma", 1.0), ("beta", 0.0)):
             value = core.tf_params.get(key)
@@ -478,6 +491,9 @@ class FuseGroupNorm(Pass):
                   found: tuple[int, int, int]) -> Match | Reject:
         """The checks and the match common to both forms (``back`` None: no reshape back)."""
         channels, groups, rank = found
+        miss = epsilon_miss(core.epsilon)
+        if miss:
+            return Reject(miss.reason, split)
         if core.group_scale is not None and {core.group_scale.size, core.group_bias.size} != {groups}:
             return Reject(f"InstanceNormalization scale/bias have {core.group_scale.size}/{core.group_bias.size} "
                           f"elements, not one per group ({groups})", core.nodes[0])

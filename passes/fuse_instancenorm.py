@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 from normopt import graph as G
 from normopt.passes._norm import Affine, Normalized, match_normalized, normalize_axes
 from normopt.passes.fuse_groupnorm import (INSTANCE_NORM, affine_params, channel_affine, emit_normalization,
-                                          settle_dtype, static_dim)
+                                          epsilon_miss, settle_dtype, static_dim)
 from normopt.pattern import Match
 from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
@@ -93,6 +93,9 @@ class FuseInstanceNorm(Pass):
                           f"not over all spatial axes {list(spatial)}", core.match["mean"])
         if tail.kept:
             return Reject(f"{tail.kept}: not per channel")
+        miss = epsilon_miss(core.epsilon)
+        if miss:
+            return miss
         if channels is None:
             return Reject(f"channel count of '{core.x.name}' is unknown")
         m = Match(output=tail.output)

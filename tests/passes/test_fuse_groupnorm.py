@@ -515,3 +515,14 @@ def test_fuse_groupnorm_keras_channels_last_near_miss_is_left_unchanged(kwargs, 
     assert op_counts(out) == op_counts(model) and not rec.applied
     assert any(reason in s.reason for s in rec.skipped), [s.reason for s in rec.skipped]
     assert_equivalent(model, out)
+
+
+def test_fuse_groupnorm_epsilon_float32_cannot_hold_is_left_unchanged(rng):
+    """A float64 group norm with epsilon 1e-50: the op's float32 attribute would hold 0, and a
+    constant group would become NaN where the original gives 0."""
+    model = gn_model(rng, core="decomposed", dtype=TensorProto.DOUBLE, eps=1e-50)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert [s.reason for s in rec.skipped] == [
+        "epsilon 1e-50 is not representable as the op's float32 attribute (it would be 0)"]
+    assert_equivalent(model, out)

@@ -177,3 +177,18 @@ def test_fuse_instancenorm_declared_shape_contradicting_inference_is_skipped(rng
     assert [s.reason for s in rec.skipped] == [
         f"declared shape [2, 6, 16] of '{div.output[0]}' contradicts the inferred [2, 6, 4, 4]"]
     assert_equivalent(model, out)
+
+
+def test_fuse_instancenorm_epsilon_float32_cannot_hold_is_left_unchanged(rng):
+    net = Net(rng, 14, TensorProto.DOUBLE)
+    y = instance_norm(net, "X", 4)
+    eps = next(n for n in net.nodes if n.op_type == "Add" and any(i in net.inits for i in n.input))
+    net.inits[next(i for i in eps.input if i in net.inits)] = np.array(1e-50)
+    net.nodes.append(helper.make_node("Identity", [y], ["Y"]))
+    shape = [BATCH, C, 4, 4]
+    model = make_model(net.nodes, [("X", TensorProto.DOUBLE, shape)], [("Y", TensorProto.DOUBLE, shape)], net.inits)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert [s.reason for s in rec.skipped] == [
+        "epsilon 1e-50 is not representable as the op's float32 attribute (it would be 0)"]
+    assert_equivalent(model, out)
