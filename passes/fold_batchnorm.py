@@ -20,6 +20,16 @@ Where the output-channel slice lives (the only per-producer difference):
 All BatchNormalization versions: training_mode=0, legacy is_test=1 / spatial=1, a single output
 at opsets 7-13 (more outputs are training mode there), epsilon default 1e-5. Math runs in float64 and is cast back to the weight's dtype (fp16, bf16, fp32, fp64).
 New weights are new initializers: a weight shared with another node is never changed.
+
+Parameters may be computed: from constants (``G.const_value``), or, for the affine-free
+BatchNormalization of dynamo ``optimize=False`` exports, filled to the producer output's known
+channel count (``Expand(CastLike(1.0, y), Shape(y, 1, 2))``, ``ConstantOfShape``).
+
+Keras / TensorFlow write batch normalization as arithmetic (tf.nn.batch_normalization):
+``x * a + b`` with ``a = gamma * rsqrt(var + eps)`` and ``b = beta - mean * a`` computed from
+constants. The same fold applies with s = a, t = b when they are per output channel of the
+producer: axis 1 of a Conv, the last axis of a Gemm / MatMul of any rank (a Dense layer), or the
+axis a Transpose after a Conv moves its channels to (tf2onnx's NHWC).
 Inside If/Loop/Scan bodies the producer must sit in the same body as the BatchNormalization,
 and initializers that are also inputs of the main graph are not constants there either.
 """

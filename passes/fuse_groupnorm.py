@@ -11,21 +11,31 @@ When G == C it is InstanceNormalization(x, gamma, beta), which is emitted instea
 no upgrade, a native kernel in onnxruntime).
 
 Supported variants (alternatives of one match):
-* the group statistics as InstanceNormalization(ones[G], zeros[G]) (TorchScript export of
-  nn.GroupNorm at every opset, dynamo export below opset 21) or as the shared mean/variance core
-  of ``_norm`` (hand-written and diffusers-style GroupNorm: Pow or Mul square, Div or
-  Reciprocal, axes attribute or input), with an optional float Cast on either side of it;
+* the group statistics as InstanceNormalization(s[G], b[G]) (TorchScript export of nn.GroupNorm
+  at every opset, dynamo export below opset 21: s, b are ones / zeros; other constants are folded
+  per channel, gamma[c] * s[g] and gamma[c] * b[g] + beta[c] for channel c in group
+  g = c // (C/G)) or as the shared mean/variance core of ``_norm`` (hand-written and
+  diffusers-style GroupNorm: Pow or Mul square, Div or Reciprocal, axes attribute or input), with
+  an optional float Cast on either side of it;
+* GroupNorm(C, C) whose reshape back the dynamo optimizer dropped: Reshape [0, C, -1] of a rank-3
+  x (a no-op) -> InstanceNormalization -> per-channel Mul / Add (wav2vec2's feature extractor);
+* Keras GroupNormalization (axis=-1, tf2onnx): x [N, ..., C] reshaped to [N, ..., G, C/G],
+  statistics over every axis but N and G (tf.nn.moments, or Keras 3's E[x^2] - E[x]^2),
+  x*s + (beta - mean*s) with s = gamma / sqrt(var + eps), gamma / beta [G, C/G]; emitted between
+  a Transpose to channels first and one back;
 * the reshape to groups as [0, G, -1], [N, G, -1], [N, G, C/G, D1, ...], a Concat of
   Shape/Gather/Slice/Unsqueeze pieces, or [-1, G, ...] with static trailing dims;
 * the reshape back from Shape(x), a constant, a Concat of x's dims, or 0 / -1 entries;
 * gamma / beta per channel ([C, 1, ...], [1, C, 1, ...], a scalar, Unsqueeze of a [C] constant),
-  either or both absent; a SiLU (Sigmoid, Mul) after it stays outside as it was.
+  either or both absent; a SiLU (Sigmoid, Mul) after it stays outside as it was, and so does a
+  Mul / Add whose constant is not per channel (the per-channel part before it is absorbed).
 * input rank 3 (audio), 4 (images), 5 (video), and any G dividing C.
 
 Skipped with a reason: a reshape that does not keep the batch axis or does not make a constant
 number of groups, G not dividing C, a reshape back that does not restore x's shape,
-InstanceNormalization scale/bias that are not exactly ones/zeros, statistics not over whole
-groups, a constant scale or bias that is not per channel, intermediates used elsewhere.
+InstanceNormalization scale/bias that are not constants (or not one per group), statistics not
+over whole groups, a Cast to an integer type inside the match, an epsilon the float32 attribute
+cannot hold, a declared shape of x that contradicts inference, intermediates used elsewhere.
 
 Target op and opset: GroupNormalization-18 takes scale/bias per group and GroupNormalization-21
 per channel (onnx/onnx#5466). Only the opset-21 form is emitted, with ``required_opset`` 21 (the
