@@ -261,7 +261,8 @@ def _evaluate(t: gs.Tensor, ctx: Context, seen: set, depth: int = 0) -> np.ndarr
         seen.add(node.op)
         return None if inner is None else _UNARY[node.op](inner)
     if node.op in _ARITHMETIC and len(node.inputs) == 2:
-        left, right = (_evaluate(i, ctx, seen, depth + 1) for i in node.inputs)
+        left = _evaluate(node.inputs[0], ctx, seen, depth + 1)
+        right = None if left is None else _evaluate(node.inputs[1], ctx, seen, depth + 1)
         seen.add(node.op)
         return None if left is None or right is None else _ARITHMETIC[node.op](left, right)
     return None
