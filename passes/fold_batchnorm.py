@@ -146,8 +146,8 @@ class FoldBatchNorm(Pass):
         are per output channel of it: axis 1 of a Conv, the last axis of a Gemm / MatMul (a
         Dense layer: any rank), or the axis a Transpose moves a Conv's channels to (NHWC)."""
         found = _affine_operands(add, ctx)
-        if found is None:
-            return None
+        if found is None or isinstance(found, Reject):
+            return found
         mul, x, a, b = found
         if G.producer(x) is None:
             return Reject(f"input '{x.name}' is a graph input: no producer to fold into", mul)
@@ -285,8 +285,10 @@ def _affine_operands(add: gs.Node, ctx: Context):
             seen: set = set()
             a = _evaluate(mul.inputs[1 - j], ctx, seen)
             if a is not None and "Sqrt" in seen and G.const_value(mul.inputs[j], ctx.graph) is None:
-                if G.other_uses(add.inputs[i], ctx.graph, {id(add)}):
-                    return None
+                uses = G.other_uses(add.inputs[i], ctx.graph, {id(add)})
+                if uses:
+                    return Reject(f"'{add.inputs[i].name}' (x * a) is also used by {', '.join(sorted(set(uses)))}",
+                                  mul)
                 return mul, mul.inputs[j], a, b
     return None
 

@@ -655,7 +655,9 @@ def keras_bn(rng, producer="conv", *, param_shape=None, gamma=True, spelling="re
     nodes.append(helper.make_node("Mul", [x, "a"], ["xa"]))
     nodes.append(helper.make_node("Add", ["xa", "b"], ["Y"]))
     outputs = [("Y", FLOAT, y_shape)]
-    if consumer:
+    if consumer == "xa":
+        outputs.append(("xa", FLOAT, y_shape))
+    elif consumer:
         nodes.append(helper.make_node("Relu", [x], ["extra"]))
         outputs.append(("extra", FLOAT, y_shape if producer != "nhwc" else [BATCH, SIZE, SIZE, 6]))
     return make_model(nodes, [("X", FLOAT, x_shape)], outputs, inits, opset=17)
@@ -681,7 +683,8 @@ def test_fold_batchnorm_keras_arithmetic_is_folded_into_the_producer(producer, k
     ("conv", dict(consumer=True), "output also feeds Relu"),
     ("nhwc", dict(consumer=True), "output also feeds Relu"),
     ("dense", dict(param_shape=[3, 1]), "varies over axis 1 of the MatMul output, not its features (axis 2)"),
-], ids=["spatial", "two_axes", "relu", "conv_other_consumer", "transpose_other_consumer", "dense_rows"])
+    ("conv", dict(consumer="xa"), "'xa' (x * a) is also used by graph output"),
+], ids=["spatial", "two_axes", "relu", "conv_other_consumer", "transpose_other_consumer", "dense_rows", "xa_used"])
 def test_fold_batchnorm_keras_arithmetic_near_miss_is_left_unchanged(producer, kwargs, reason, rng):
     model = keras_bn(rng, producer, **kwargs)
     out, rec = run_pass(PASS, model)
