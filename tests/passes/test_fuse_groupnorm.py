@@ -465,7 +465,8 @@ def test_fuse_groupnorm_flattening_reshape_before_instancenorm_is_not_a_candidat
     assert op_counts(out) == op_counts(model) and not rec.applied and not rec.skipped
 
 
-def keras_gn(rng, c=8, g=2, spatial=(4, 4), keras3=False, axes=None, gamma_shape=None, opset=17):
+def keras_gn(rng, c=8, g=2, spatial=(4, 4), keras3=False, axes=None, gamma_shape=None, opset=17, scale=True,
+             center=True):
     """Keras GroupNormalization (axis=-1) as tf2onnx writes it: x [N, ..., C] reshaped to
     [-1, ..., G, C/G], tf.nn.moments (SquaredDifference as Sub, Mul) or Keras 3's
     E[x^2] - E[x]^2, then tf.nn.batch_normalization's x*s + (beta - mean*s) (Keras 3:
@@ -482,21 +483,24 @@ def keras_gn(rng, c=8, g=2, spatial=(4, 4), keras3=False, axes=None, gamma_shape
         var = net.mean(net.op("Mul", d, d), axes)
     inv = net.op("Reciprocal", net.op("Sqrt", net.op("Add", var, net.const(1e-3))))
     pshape = gamma_shape or [1] * (rank - 1) + [g, c // g]
-    s = net.op("Mul", inv, net.const(rng.uniform(0.5, 1.5, pshape)))
+    s = net.op("Mul", inv, net.const(rng.uniform(0.5, 1.5, pshape))) if scale else inv
     beta = net.const(rng.standard_normal([1] * (rank - 1) + [g, c // g]))
-    if keras3:
-        shift = net.op("Add", net.op("Mul", net.op("Neg", mean), s), beta)
+    if not center:  # tf.nn.batch_normalization without offset: x*s + (-mean*s)
+        y = net.op("Sub", net.op("Mul", xg, s), net.op("Mul", mean, s))
     else:
-        shift = net.op("Sub", beta, net.op("Mul", mean, s))
-    y = net.op("Add", net.op("Mul", xg, s), shift)
+        if keras3:
+            shift = net.op("Add", net.op("Mul", net.op("Neg", mean), s), beta)
+        else:
+            shift = net.op("Sub", beta, net.op("Mul", mean, s))
+        y = net.op("Add", net.op("Mul", xg, s), shift)
     y = net.op("Reshape", y, net.op("Shape", "X"))
     return net.model(y, [BATCH, *spatial, c])
 
 
 @pytest.mark.parametrize("kwargs, op", [
     (dict(), GN), (dict(keras3=True), GN), (dict(spatial=(6,)), GN), (dict(c=12, g=3, spatial=(2, 3, 2)), GN),
-    (dict(c=4, g=4), IN), (dict(opset=18), GN),
-], ids=["tf_nn_moments", "keras3", "rank3", "rank5", "groups_equal_channels", "opset18"])
+    (dict(c=4, g=4), IN), (dict(opset=18), GN), (dict(scale=False), GN), (dict(scale=False, center=False), GN),
+], ids=["tf_nn_moments", "keras3", "rank3", "rank5", "groups_equal_channels", "opset18", "no_gamma", "no_affine"])
 def test_fuse_groupnorm_keras_channels_last_is_fused_between_transposes(kwargs, op, rng):
     model = keras_gn(rng, **kwargs)
     out, result, _ = fuse(model, {op: 1, "Transpose": 2, "Identity": 1})
