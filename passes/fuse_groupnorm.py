@@ -169,6 +169,16 @@ def shape_terms(t: gs.Tensor, ctx: Context, depth: int = 0) -> list | None:
         return [data[int(i)] for i in index.reshape(-1)]
     if node.op == "Slice":
         return _slice_terms(node, inner(0), ctx)
+    if node.op in ("Div", "Mul") and len(node.inputs) == 2:
+        # tf.keras' C // G: integer arithmetic on dims known statically, by a constant.
+        data, by = inner(0), G.const_value(node.inputs[1], ctx.graph)
+        if data is None or by is None or by.dtype.kind not in "iu" or by.size != 1 or int(by.reshape(-1)[0]) <= 0:
+            return None
+        dims = [_resolve(d, ctx) for d in data]
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+            return None
+        k = int(by.reshape(-1)[0])
+        return [d // k if node.op == "Div" else d * k for d in dims]
     return None
 
 

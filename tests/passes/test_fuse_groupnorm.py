@@ -466,14 +466,23 @@ def test_fuse_groupnorm_flattening_reshape_before_instancenorm_is_not_a_candidat
 
 
 def keras_gn(rng, c=8, g=2, spatial=(4, 4), keras3=False, axes=None, gamma_shape=None, opset=17, scale=True,
-             center=True):
+             center=True, stack=False):
     """Keras GroupNormalization (axis=-1) as tf2onnx writes it: x [N, ..., C] reshaped to
     [-1, ..., G, C/G], tf.nn.moments (SquaredDifference as Sub, Mul) or Keras 3's
     E[x^2] - E[x]^2, then tf.nn.batch_normalization's x*s + (beta - mean*s) (Keras 3:
     x*s + ((-mean)*s + beta)) with gamma, beta [1, ..., G, C/G], reshaped back to Shape(x)."""
     net = Net(rng, opset, constants="init")
     rank = 2 + len(spatial)
-    xg = net.op("Reshape", "X", net.const([-1, *spatial, g, c // g], "int"))
+    if stack:  # tf.keras: tf.stack([shape[0], ..., shape[-1] // G]) with G inserted, from tf.shape(x)
+        shape = net.op("Shape", "X")
+        dims = [net.op("Gather", shape, net.const(i, "int"), axis=0) for i in range(rank)]
+        dims[-1] = net.op("Div", dims[-1], net.const(g, "int"))
+        pieces = [net.op("Unsqueeze", d, net.const([0], "int")) for d in dims]
+        pieces.insert(rank - 1, net.const([g], "int"))
+        target = net.op("Concat", *pieces, axis=0)
+    else:
+        target = net.const([-1, *spatial, g, c // g], "int")
+    xg = net.op("Reshape", "X", target)
     axes = axes or [*range(1, rank - 1), rank]
     mean = net.mean(xg, axes)
     if keras3:
@@ -500,7 +509,9 @@ def keras_gn(rng, c=8, g=2, spatial=(4, 4), keras3=False, axes=None, gamma_shape
 @pytest.mark.parametrize("kwargs, op", [
     (dict(), GN), (dict(keras3=True), GN), (dict(spatial=(6,)), GN), (dict(c=12, g=3, spatial=(2, 3, 2)), GN),
     (dict(c=4, g=4), IN), (dict(opset=18), GN), (dict(scale=False), GN), (dict(scale=False, center=False), GN),
-], ids=["tf_nn_moments", "keras3", "rank3", "rank5", "groups_equal_channels", "opset18", "no_gamma", "no_affine"])
+    (dict(stack=True), GN),
+], ids=["tf_nn_moments", "keras3", "rank3", "rank5", "groups_equal_channels", "opset18", "no_gamma", "no_affine",
+        "shape_stack"])
 def test_fuse_groupnorm_keras_channels_last_is_fused_between_transposes(kwargs, op, rng):
     model = keras_gn(rng, **kwargs)
     out, result, _ = fuse(model, {op: 1, "Transpose": 2, "Identity": 1})
