@@ -22,7 +22,8 @@ Supported variants (alternatives of one match):
 * Keras GroupNormalization (axis=-1, tf2onnx): x [N, ..., C] reshaped to [N, ..., G, C/G],
   statistics over every axis but N and G (tf.nn.moments, or Keras 3's E[x^2] - E[x]^2),
   x*s + (beta - mean*s) with s = gamma / sqrt(var + eps), gamma / beta [G, C/G]; emitted between
-  a Transpose to channels first and one back;
+  a Transpose to channels first and one back. With axis=1 ([N, G, C/G, ...], gamma / beta
+  [G, C/G, 1, ...]) it is the plain channels-first op;
 * the reshape to groups as [0, G, -1], [N, G, -1], [N, G, C/G, D1, ...], a Concat of
   Shape/Gather/Slice/Unsqueeze pieces, or [-1, G, ...] with static trailing dims;
 * the reshape back from Shape(x), a constant, a Concat of x's dims, or 0 / -1 entries;
@@ -282,6 +283,9 @@ class Core:
     # TF / Keras form: gamma and beta of the grouped tensor (None where absent), else None.
     tf_params: dict | None = None
     tf_names: dict = field(default_factory=dict)
+    # Per-channel scale and bias inside the reshapes ([C], float64), from the TF form's.
+    channel_scale: np.ndarray | None = None
+    channel_bias: np.ndarray | None = None
 
 
 def group_core(t: gs.Tensor, ctx: Context) -> Core | Reject | None:
@@ -362,11 +366,14 @@ def _fold_group_params(core: Core, tail: Affine, channels: int, groups: int, wor
     InstanceNormalization's per-group scale s[g] and bias b[g] folded in (float64 math):
     gamma[c] * (s[g(c)] * n + b[g(c)]) + beta[c], channel c in group g(c) = c // (C / G)."""
     gamma, beta = affine_params(tail, channels, np.float64)
-    if core.group_scale is None:
+    if core.channel_scale is not None:  # the TF form's gamma / beta, already per channel
+        s, b = core.channel_scale, core.channel_bias
+    elif core.group_scale is not None:
+        per_group = channels // groups
+        widen = (lambda v: np.repeat(np.broadcast_to(np.asarray(v, np.float64).reshape(-1), (groups,)), per_group))
+        s, b = widen(core.group_scale), widen(core.group_bias)
+    else:
         return gamma.astype(work), beta.astype(work)
-    per_group = channels // groups
-    widen = (lambda v: np.repeat(np.broadcast_to(np.asarray(v, np.float64).reshape(-1), (groups,)), per_group))
-    s, b = widen(core.group_scale), widen(core.group_bias)
     return (gamma * s).astype(work), (gamma * b + beta).astype(work)
 
 
@@ -412,11 +419,38 @@ class FuseGroupNorm(Pass):
             return None
         x = split.inputs[0]
         if core.tf_params is not None:
-            return self._match_channels_last(ctx, x, split, cast_in, core, cast_out, back)
+            first = self._tf_channels_first(ctx, x, split, back, core)
+            if first is None:
+                return self._match_channels_last(ctx, x, split, cast_in, core, cast_out, back)
+            if isinstance(first, Reject):
+                return first
+            return self._complete(ctx, x, split, cast_in, core, cast_out, back, first)
         found = self._groups(x, split, back, core, ctx)
         if found is None or isinstance(found, Reject):
             return found
         return self._complete(ctx, x, split, cast_in, core, cast_out, back, found)
+
+    def _tf_channels_first(self, ctx: Context, x, split, back, core: Core):
+        """Keras GroupNormalization(axis=1): x [N, C, ...] reshaped to [N, G, C/G, ...], gamma /
+        beta [G, C/G, 1, ...] on the grouped tensor. (channels, groups, rank) with the per-channel
+        parameters set on ``core``; None when the reshape does not group axis 1 (channels last)."""
+        found = self._groups(x, split, back, core, ctx)
+        if not isinstance(found, tuple):
+            return None
+        channels, groups, rank = found
+        grouped = reshape_dims(split, [DimOf(x, i) for i in range(rank)], ctx)
+        if len(grouped) != rank + 1 or _resolve(grouped[2], ctx) != channels // groups:
+            return None
+        norm_shape = (groups, channels // groups) + (1,) * (rank - 2)
+        params = {}
+        for key, fill in (("gamma", 1.0), ("beta", 0.0)):
+            value = core.tf_params.get(key)
+            shaped = np.full(norm_shape, fill) if value is None else broadcast_param(value, rank + 1, norm_shape)
+            if isinstance(shaped, str):
+                return Reject(f"{key} '{core.tf_names[key]}' {shaped}", back)
+            params[key] = np.asarray(shaped, np.float64).reshape(-1)
+        core.channel_scale, core.channel_bias = params["gamma"], params["beta"]
+        return found
 
     def _match_channels_last(self, ctx: Context, x, split, cast_in, core: Core, cast_out, back):
         """Keras GroupNormalization (axis=-1): x [N, ..., C] reshaped to [N, ..., G, C/G],

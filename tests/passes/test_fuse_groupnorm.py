@@ -466,7 +466,7 @@ def test_fuse_groupnorm_flattening_reshape_before_instancenorm_is_not_a_candidat
 
 
 def keras_gn(rng, c=8, g=2, spatial=(4, 4), keras3=False, axes=None, gamma_shape=None, opset=17, scale=True,
-             center=True, stack=False):
+             center=True, stack=False, channels_first=False):
     """Keras GroupNormalization (axis=-1) as tf2onnx writes it: x [N, ..., C] reshaped to
     [-1, ..., G, C/G], tf.nn.moments (SquaredDifference as Sub, Mul) or Keras 3's
     E[x^2] - E[x]^2, then tf.nn.batch_normalization's x*s + (beta - mean*s) (Keras 3:
@@ -480,10 +480,12 @@ def keras_gn(rng, c=8, g=2, spatial=(4, 4), keras3=False, axes=None, gamma_shape
         pieces = [net.op("Unsqueeze", d, net.const([0], "int")) for d in dims]
         pieces.insert(rank - 1, net.const([g], "int"))
         target = net.op("Concat", *pieces, axis=0)
+    elif channels_first:  # GroupNormalization(axis=1): groups inserted before the channels
+        target = net.const([-1, g, c // g, *spatial], "int")
     else:
         target = net.const([-1, *spatial, g, c // g], "int")
     xg = net.op("Reshape", "X", target)
-    axes = axes or [*range(1, rank - 1), rank]
+    axes = axes or ([*range(2, rank + 1)] if channels_first else [*range(1, rank - 1), rank])
     mean = net.mean(xg, axes)
     if keras3:
         var = net.op("Sub", net.mean(net.op("Mul", xg, xg), axes), net.op("Mul", mean, mean))
@@ -491,9 +493,10 @@ def keras_gn(rng, c=8, g=2, spatial=(4, 4), keras3=False, axes=None, gamma_shape
         d = net.op("Sub", xg, mean)
         var = net.mean(net.op("Mul", d, d), axes)
     inv = net.op("Reciprocal", net.op("Sqrt", net.op("Add", var, net.const(1e-3))))
-    pshape = gamma_shape or [1] * (rank - 1) + [g, c // g]
+    bshape = [1, g, c // g] + [1] * (rank - 2) if channels_first else [1] * (rank - 1) + [g, c // g]
+    pshape = gamma_shape or bshape
     s = net.op("Mul", inv, net.const(rng.uniform(0.5, 1.5, pshape))) if scale else inv
-    beta = net.const(rng.standard_normal([1] * (rank - 1) + [g, c // g]))
+    beta = net.const(rng.standard_normal(bshape))
     if not center:  # tf.nn.batch_normalization without offset: x*s + (-mean*s)
         y = net.op("Sub", net.op("Mul", xg, s), net.op("Mul", mean, s))
     else:
@@ -503,7 +506,24 @@ def keras_gn(rng, c=8, g=2, spatial=(4, 4), keras3=False, axes=None, gamma_shape
             shift = net.op("Sub", beta, net.op("Mul", mean, s))
         y = net.op("Add", net.op("Mul", xg, s), shift)
     y = net.op("Reshape", y, net.op("Shape", "X"))
-    return net.model(y, [BATCH, *spatial, c])
+    return net.model(y, [BATCH, c, *spatial] if channels_first else [BATCH, *spatial, c])
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(keras3=True), dict(spatial=(6,)), dict(scale=False)],
+                         ids=["tf_nn_moments", "keras3", "rank3", "no_gamma"])
+def test_fuse_groupnorm_keras_channels_first_is_fused(kwargs, rng):
+    model = keras_gn(rng, channels_first=True, **kwargs)
+    out, result, _ = fuse(model, FUSED)
+    assert "TF/Keras" in result.applied[0].info["variant"] and "layout" not in result.applied[0].info
+
+
+def test_fuse_groupnorm_keras_channels_first_gamma_over_spatial_is_left_unchanged(rng):
+    model = keras_gn(rng, channels_first=True, gamma_shape=[1, 2, 4, 4, 1])
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert any("of shape [1, 2, 4, 4, 1] does not broadcast to the normalized shape [2, 4, 1, 1]" in s.reason
+               for s in rec.skipped), [s.reason for s in rec.skipped]
+    assert_equivalent(model, out)
 
 
 @pytest.mark.parametrize("kwargs, op", [
