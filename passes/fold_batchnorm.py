@@ -29,7 +29,9 @@ Keras / TensorFlow write batch normalization as arithmetic (tf.nn.batch_normaliz
 ``x * a + b`` with ``a = gamma * rsqrt(var + eps)`` and ``b = beta - mean * a`` computed from
 constants. The same fold applies with s = a, t = b when they are per output channel of the
 producer: axis 1 of a Conv, the last axis of a Gemm / MatMul of any rank (a Dense layer), or the
-axis a Transpose after a Conv moves its channels to (tf2onnx's NHWC).
+axis a Transpose after a Conv moves its channels to (tf2onnx's NHWC). Where no producer absorbs
+it and a, b vary over axis 1 only, it becomes BatchNormalization(x, a, b, mean 0, var 1,
+epsilon 0), which is exactly that arithmetic.
 Inside If/Loop/Scan bodies the producer must sit in the same body as the BatchNormalization,
 and initializers that are also inputs of the main graph are not constants there either.
 """
@@ -160,50 +162,54 @@ class FoldBatchNorm(Pass):
         axis = _varying_axis([a, b], rank)
         if isinstance(axis, str):
             return Reject(f"batch-norm arithmetic after '{x.name}': {axis}", mul)
+        x0, axis0 = x, axis
+
+        def instead(reason: str) -> Match | Reject:
+            return _as_batchnorm(ctx, mul, add, x0, a, b, rank, axis0, reason)
+
         prod, transpose = G.producer(x), None
         if prod.op == "Transpose" and G.in_default_domain(prod):
             transpose = prod
             perm = [int(p) for p in prod.attrs.get("perm", range(rank - 1, -1, -1))]  # no perm: reversed
             uses = G.other_uses(x, ctx.graph, {id(mul)})
             if uses:
-                return Reject(f"{G.node_label(prod)} output also feeds {', '.join(sorted(set(uses)))}", mul)
+                return instead(f"{G.node_label(prod)} output also feeds {', '.join(sorted(set(uses)))}")
             x_inner = prod.inputs[0]
             prod = G.producer(x_inner)
             if prod is None or prod.op not in ("Conv", "ConvTranspose") or axis not in (None, perm.index(1)):
-                return Reject(f"batch-norm arithmetic on axis {axis} after {G.node_label(transpose)}: not the channel "
-                              "axis of a Conv", mul)
+                return instead(f"batch-norm arithmetic on axis {axis} after {G.node_label(transpose)}: not the "
+                               "channel axis of a Conv")
             axis, x = (None if axis is None else 1), x_inner
         elif prod.op in ("Conv", "ConvTranspose"):
             if axis not in (None, 1):
-                return Reject(f"batch-norm arithmetic varies over axis {axis} of the {prod.op} output, not its "
-                              "channels (axis 1)", mul)
+                return instead(f"batch-norm arithmetic varies over axis {axis} of the {prod.op} output, not its "
+                               "channels (axis 1)")
         elif prod.op in ("Gemm", "MatMul", "Add"):
             if axis not in (None, rank - 1):
-                return Reject(f"batch-norm arithmetic varies over axis {axis} of the {prod.op} output, not its "
-                              f"features (axis {rank - 1})", mul)
+                return instead(f"batch-norm arithmetic varies over axis {axis} of the {prod.op} output, not its "
+                               f"features (axis {rank - 1})")
         else:
-            return Reject(f"producer {G.node_label(prod)} ({prod.op}) cannot absorb the batch-norm arithmetic", mul)
+            return instead(f"producer {G.node_label(prod)} ({prod.op}) cannot absorb the batch-norm arithmetic")
         # Scalars a and b: one per output channel all the same (the folders check the count).
         channels = max(np.asarray(a).size, np.asarray(b).size)
         if channels == 1:
             out_shape = ctx.shape(x) or ()
             channels = out_shape[-1 if _last_axis_producer(prod) else 1] if out_shape else None
             if not isinstance(channels, int) or channels < 1:
-                return Reject(f"channel count of '{x.name}' is unknown", mul)
+                return instead(f"channel count of '{x.name}' is unknown")
         s = np.broadcast_to(np.asarray(a, np.float64).reshape(-1), (channels,)).copy()
         t = np.broadcast_to(np.asarray(b, np.float64).reshape(-1), (channels,)).copy()
         uses = G.other_uses(x, ctx.graph, {id(transpose or mul)})
         if uses:
-            return Reject(f"{G.node_label(prod)} output also feeds {', '.join(sorted(set(uses)))}", mul)
+            return instead(f"{G.node_label(prod)} output also feeds {', '.join(sorted(set(uses)))}")
         m = Match(output=add.outputs[0], nodes={"mul": mul, "add": add})
         m.tensors["bn_input"] = x
         m.info.update(channels=int(channels), last_axis=_last_axis_producer(prod), form="x * a + b")
-        fold = _FOLDERS[prod.op]
         if not G.in_default_domain(prod):
-            return None
-        reason = fold(prod, m, s, t, ctx)
+            return instead(f"producer {G.node_label(prod)} is not a standard {prod.op}")
+        reason = _FOLDERS[prod.op](prod, m, s, t, ctx)
         if reason:
-            return Reject(reason, prod)
+            return instead(reason)
         m.info["producer"] = prod.op
         if transpose is not None:
             m.nodes["transpose"] = transpose
@@ -213,6 +219,13 @@ class FoldBatchNorm(Pass):
         return m
 
     def rewrite(self, m: Match, ctx: Context) -> list[gs.Node]:
+        if m.info.get("producer") == BATCHNORM:  # x * a + b as BatchNormalization(mean 0, var 1, eps 0)
+            x, dtype = m.tensors["bn_input"], np.dtype(m.info["dtype"])
+            a, b = m.values["scale"], m.values["bias"]
+            params = [G.make_constant(ctx.names, f"{m.output.name}_bn_{key}", value.astype(dtype))
+                      for key, value in (("scale", a), ("bias", b), ("mean", np.zeros_like(a)), ("var", np.ones_like(a)))]
+            return [gs.Node(BATCHNORM, ctx.names.fresh(f"{m.output.name}/BatchNormalization"), {"epsilon": 0.0},
+                            [x, *params], [m.output])]
         prod = m["producer"]
         w = m.tensors["weight"]
         weight = G.make_constant(ctx.names, f"{w.name}_bnfolded", m.values["weight"])
@@ -305,6 +318,30 @@ def _varying_axis(values, rank: int):
     if len(axes) > 1:
         return f"the parameters vary over axes {sorted(axes)}, not over one channel axis"
     return next(iter(axes), None)
+
+
+def _as_batchnorm(ctx: Context, mul: gs.Node, add: gs.Node, x: gs.Tensor, a, b, rank: int, axis: int | None,
+                  reason: str) -> Match | Reject:
+    """``x * a + b`` that no producer absorbs, as one BatchNormalization when a and b vary over
+    axis 1 only: scale a, bias b, mean 0, var 1, epsilon 0 is exactly that arithmetic
+    (sqrt(1 + 0) = 1). Else the reason no producer absorbs it."""
+    shape = ctx.shape(x) or ()
+    channels = max(np.asarray(a).size, np.asarray(b).size)
+    if channels == 1 and len(shape) > 1:
+        channels = shape[1]
+    dtype = ctx.dtype(x)
+    if axis not in (None, 1) or rank < 2 or ctx.opset < 7 or not isinstance(channels, int) or channels < 1 \
+            or not _is_float(dtype) or (dtype is not None and "bfloat16" in str(dtype)):
+        return Reject(reason, mul)
+    m = Match(output=add.outputs[0], nodes={"mul": mul, "add": add})
+    m.add(mul)
+    m.add(add)
+    m.tensors["bn_input"] = x
+    m.values["scale"] = np.broadcast_to(np.asarray(a, np.float64).reshape(-1), (channels,)).copy()
+    m.values["bias"] = np.broadcast_to(np.asarray(b, np.float64).reshape(-1), (channels,)).copy()
+    m.info.update(channels=int(channels), form="x * a + b", producer=BATCHNORM, dtype=np.dtype(dtype).name,
+                  not_folded=reason)
+    return m
 
 
 def _last_axis_producer(prod: gs.Node) -> bool:

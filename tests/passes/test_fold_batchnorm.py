@@ -676,15 +676,33 @@ def test_fold_batchnorm_keras_arithmetic_is_folded_into_the_producer(producer, k
     assert rec.applied[0].info["form"] == "x * a + b"
 
 
+@pytest.mark.parametrize("producer, kwargs, expected, reason", [
+    ("relu", {}, {"Conv": 1, "Relu": 1, BN: 1}, "producer Relu(relu) (Relu) cannot absorb"),
+    ("conv", dict(consumer=True), {"Conv": 1, "Relu": 1, BN: 1}, "output also feeds Relu(extra)"),
+    # on [N, L, F] a and b vary over L (axis 1): a BatchNormalization with L channels, not the MatMul's
+    ("dense", dict(param_shape=[3, 1]), {"MatMul": 1, BN: 1}, "not its features (axis 2)"),
+], ids=["relu", "conv_other_consumer", "dense_rows"])
+def test_fold_batchnorm_keras_arithmetic_no_producer_takes_becomes_batchnormalization(producer, kwargs, expected,
+                                                                                      reason, rng):
+    """x * a + b over axis 1 that no producer absorbs is BatchNormalization(scale a, bias b,
+    mean 0, var 1, epsilon 0): exactly the arithmetic."""
+    model = keras_bn(rng, producer, **kwargs)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == expected and len(rec.applied) == 1
+    assert reason in rec.applied[0].info["not_folded"]
+    bn = next(n for n in out.graph.node if n.op_type == BN)
+    assert [a.f for a in bn.attribute if a.name == "epsilon"] == [0.0]
+    # The new BatchNormalization is a site of its own: left, with the same kind of reason.
+    assert len(rec.skipped) == 1 and rec.skipped[0].node in (bn.name, "MatMul(dense)")
+    assert_equivalent(model, out)
+
+
 @pytest.mark.parametrize("producer, kwargs, reason", [
     ("conv", dict(param_shape=[1, 1, SIZE]), "varies over axis 3 of the Conv output, not its channels"),
     ("conv", dict(param_shape=[6, 1, SIZE]), "the parameters vary over axes [1, 3]"),
-    ("relu", {}, "producer Relu"),
-    ("conv", dict(consumer=True), "output also feeds Relu"),
     ("nhwc", dict(consumer=True), "output also feeds Relu"),
-    ("dense", dict(param_shape=[3, 1]), "varies over axis 1 of the MatMul output, not its features (axis 2)"),
     ("conv", dict(consumer="xa"), "'xa' (x * a) is also used by graph output"),
-], ids=["spatial", "two_axes", "relu", "conv_other_consumer", "transpose_other_consumer", "dense_rows", "xa_used"])
+], ids=["spatial", "two_axes", "transpose_other_consumer", "xa_used"])
 def test_fold_batchnorm_keras_arithmetic_near_miss_is_left_unchanged(producer, kwargs, reason, rng):
     model = keras_bn(rng, producer, **kwargs)
     out, rec = run_pass(PASS, model)
