@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from helpers import GraphBuilder, assert_equivalent, make_model, op_counts, run_pass, run_pipeline
@@ -226,4 +228,26 @@ def test_fold_weightnorm_norm_of_a_constant_used_otherwise_is_skipped_with_reaso
     out, rec = run_pass(PASS, model)
     assert op_counts(out) == op_counts(model) and not rec.applied
     assert [s.reason for s in rec.skipped] == [f"the norm of '{v}' does not divide it into a weight g * v / ||v||"]
+    assert_equivalent(model, out)
+
+
+@settings(max_examples=20, deadline=None)
+@given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=4), data=st.data(),
+       product=st.sampled_from(["div_mul", "g_first", "v_times_g_over_n", "mul_div", "reciprocal"]),
+       norm=st.sampled_from(["reducel2", "reducel2_reshape", "sqrt_pow", "sqrt_mul", "sqrt_sumsquare"]))
+def test_fold_weightnorm_any_shape_and_dim_matches_onnxruntime(shape, data, product, norm):
+    """The folded weight is what onnxruntime computes from v and g, for any rank and dim."""
+    rank = len(shape)
+    dim = data.draw(st.one_of(st.none(), st.integers(0, rank - 1))) if rank > 1 else None
+    rng = np.random.default_rng(len(shape) * 7 + (dim or 0))
+    b = GraphBuilder(18)
+    v = b.const(rng.standard_normal(shape) + 0.1)
+    g_shape = [s if a == dim else 1 for a, s in enumerate(shape)]
+    axes = [a for a in range(rank) if a != dim]
+    w = weight_norm(b, v, b.const(rng.uniform(0.5, 1.5, g_shape)), axes=axes, norm=norm, product=product, rank=rank)
+    b.nodes.append(helper.make_node("Add", ["X", w], ["Y"]))
+    model = make_model(b.nodes, [("X", F32, shape)], [("Y", F32, shape)], b.inits, opset=18)
+    out, rec = run_pass(PASS, model)
+    assert len(rec.applied) == 1 and not rec.skipped and rec.applied[0].info["dim"] == dim
+    assert op_counts(out) == {"Constant": 1, "Add": 1}
     assert_equivalent(model, out)
