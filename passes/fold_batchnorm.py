@@ -331,7 +331,7 @@ def _as_batchnorm(ctx: Context, mul: gs.Node, add: gs.Node, x: gs.Tensor, a, b, 
         channels = shape[1]
     dtype = ctx.dtype(x)
     if axis not in (None, 1) or rank < 2 or ctx.opset < 7 or not isinstance(channels, int) or channels < 1 \
-            or not _is_float(dtype) or (dtype is not None and "bfloat16" in str(dtype)):
+            or dtype is None or np.dtype(dtype).name not in ("float32", "float64"):
         return Reject(reason, mul)
     m = Match(output=add.outputs[0], nodes={"mul": mul, "add": add})
     m.add(mul)
