@@ -471,6 +471,39 @@ class VideoGNBlock(nn.Module):
         return F.silu(self.gn2(self.conv2(x)))
 
 
+class WeightNormConvNet(nn.Module):
+    """wav2vec2-like weight normalization: a Conv1d with nn.utils.weight_norm (dim=0) then BN1d,
+    the positional convolution with parametrizations.weight_norm(dim=2) (grouped, padded, last
+    frame dropped, GELU, residual) and a weight-normed Linear projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.utils.weight_norm(nn.Conv1d(4, 16, 3, padding=1), dim=0)
+        self.bn = nn.BatchNorm1d(16)
+        self.pos_conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(16, 16, 8, padding=4, groups=4),
+                                                              name="weight", dim=2)
+        self.proj = nn.utils.parametrizations.weight_norm(nn.Linear(16, 8))
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.conv(x)))
+        h = h + F.gelu(self.pos_conv(h)[:, :, :-1])
+        return self.proj(h.transpose(1, 2))
+
+
+class WeightNormPosConv(nn.Module):
+    """wav2vec2's positional convolution at a size the dynamo optimizer does not constant-fold
+    (weights above 8192 elements): parametrizations.weight_norm(dim=2), plus a weight_norm conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos_conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(64, 64, 16, padding=8, groups=4),
+                                                              name="weight", dim=2)
+        self.conv = nn.utils.weight_norm(nn.Conv1d(64, 64, 3, padding=1))
+
+    def forward(self, x):
+        return self.conv(x + F.gelu(self.pos_conv(x)[:, :, :-1]))
+
+
 # --------------------------------------------------------------------------------------
 # 9. InstanceNorm style-transfer network (nn.InstanceNorm2d and hand-decomposed)
 # --------------------------------------------------------------------------------------
@@ -939,6 +972,9 @@ def specs() -> list[Spec]:
     S += [
         Spec("audio_gn_ts_op13.onnx", AudioGNEncoder, lambda: (randn(2, 1, 400),), TS, 13,
              "Conv1d encoder on [N,C,T]: GN(32,32), GN(8,32), GN(1,32), GELU", expect={"InstanceNormalization": 3}),
+        Spec("audio_gn_dynamo_op18.onnx", AudioGNEncoder, lambda: (randn(2, 1, 400),), DYNAMO, 18,
+             "same encoder, dynamo opset 18 (the optimizer drops GN(32,32)'s reshape back: Reshape -> "
+             "InstanceNormalization -> Mul -> Add)", expect={"InstanceNormalization": 3}),
         Spec("unet_resblock_gn_ts_op14.onnx", UNetResnetBlock, unet_in, TS, 14,
              "UNet ResnetBlock2D: GN(8,32,eps=1e-6)+SiLU+conv, +temb proj, GN(32,64,eps=1e-6)+SiLU+conv, 1x1 skip",
              **unet_names, expect={"InstanceNormalization": 2}),
@@ -952,6 +988,22 @@ def specs() -> list[Spec]:
              "same UNet block, dynamo opset 21", **unet_names, expect={"GroupNormalization": 2}),
         Spec("unet_resblock_gn_fp16_ts_op14.onnx", UNetResnetBlock, lambda: unet_in(True), TS, 14,
              "same UNet block in fp16", **unet_names, half=True),
+    ]
+    # 8b. Weight normalization (left in the graph without constant folding) -------------------------
+    wn_in = lambda: (randn(2, 4, 32),)
+    S += [
+        Spec("wav2vec_weightnorm_ts_op14.onnx", WeightNormConvNet, wn_in, TS, 14,
+             "weight_norm Conv1d(dim=0)+BN1d, positional conv parametrizations.weight_norm(dim=2), weight-normed "
+             "Linear; TS (PRESERVE, no const-fold)", keep_bn=True, expect={"ReduceL2": 3, "BatchNormalization": 1}),
+        Spec("wav2vec_weightnorm_dynamo_noopt_op18.onnx", WeightNormConvNet, wn_in, DYNAMO, 18,
+             "same net, dynamo optimize=False (ReduceL2 axes as Reshape(Constant, Constant); BN(affine) kept)",
+             optimize=False, expect={"ReduceL2": 3, "BatchNormalization": 1}),
+        Spec("wav2vec_posconv_weightnorm_dynamo_op18.onnx", WeightNormPosConv, lambda: (randn(2, 64, 20),), DYNAMO, 18,
+             "wav2vec2 positional conv (64->64, k16, groups 4, weight_norm dim=2) and a weight_norm Conv1d 64->64; "
+             "dynamo default optimize: weights above 8192 elements are not constant-folded", expect={"ReduceL2": 2}),
+        Spec("conv1d_bn_dynamo_noopt_op18.onnx", SmallCNN1d, lambda: (randn(2, 8, 32),), DYNAMO, 18,
+             "Conv1d+BN1d model, dynamo optimize=False (BN(affine=False) scale/bias as "
+             "Expand(CastLike(1, y), Shape(y)[1:2]))", optimize=False, expect={"BatchNormalization": 4}),
     ]
     # 9. InstanceNorm ------------------------------------------------------------------------------
     style_in = lambda: (randn(1, 3, 32, 32),)

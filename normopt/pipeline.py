@@ -57,6 +57,24 @@ class Context:
         known = self.shapes.get(tensor.name)
         return known[1] if known else None
 
+    def checked_shape(self, tensor: gs.Tensor) -> tuple | None | Reject:
+        """``shape``, or a Reject when the model's declaration (value_info) contradicts the
+        shape that inference computes from the graph itself (their ranks or static dims
+        differ): neither can then place axes safely. Graph inputs and constants are facts."""
+        declared = self.shape(tensor)
+        known = self.shapes.get(tensor.name)
+        inferred = known[1] if known else None
+        if declared is None or inferred is None or isinstance(tensor, gs.Constant) or \
+                G.is_graph_input(self.graph, tensor):
+            return declared if declared is not None else inferred
+        clash = len(declared) != len(inferred) or any(
+            isinstance(a, int) and isinstance(b, int) and a > 0 and b > 0 and a != b
+            for a, b in zip(declared, inferred))
+        if clash:
+            return Reject(f"declared shape {_dims(declared)} of '{tensor.name}' contradicts the inferred "
+                          f"{_dims(inferred)}")
+        return declared
+
     def rank(self, tensor: gs.Tensor) -> int | None:
         shape = self.shape(tensor)
         return None if shape is None else len(shape)
@@ -79,6 +97,10 @@ def _np_dtype(elem_type: int):
     if elem_type not in _NP_DTYPES:
         _NP_DTYPES[elem_type] = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
     return _NP_DTYPES[elem_type]
+
+
+def _dims(shape: tuple) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 class Pass:
@@ -409,6 +431,22 @@ def inferred_index(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
             light = opset.convert(light, SHAPE_VALUE_OPSET)
         except Exception:  # the converter raises many types
             pass
+    index = _inferred_index(light)
+    if any(g.value_info for g in all_graphs(light.graph)):
+        # Declared value_info is kept by inference even where the graph computes another shape
+        # (a Reshape by a run-time shape declared with the wrong rank). Shapes inferred without
+        # the declarations win where inference knows them: ``Context.shape`` still gives the
+        # declaration, and ``checked_shape`` compares the two.
+        bare = onnx.ModelProto()
+        bare.CopyFrom(light)
+        for g in all_graphs(bare.graph):
+            del g.value_info[:]
+        index.update((name, vi) for name, vi in _inferred_index(bare).items()
+                     if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"))
+    return index
+
+
+def _inferred_index(light: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     try:
         inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception:  # inference is best effort: a pass that needs a shape skips without it

@@ -7,7 +7,8 @@ Sites come from two places:
   it back, and a skipped candidate carries the pass's skip reason;
 * a walk over the model's nodes for what no pass rewrites: native normalization ops (already a
   single op), normalization ops inside model-local functions (passes do not enter function
-  bodies), and weight normalization (``g * v / ||v||`` of constant ``v``).
+  bodies), and weight normalization (``g * v / ||v||`` of constant ``v``) when fold-weightnorm,
+  which records every norm of a constant, was not run.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ BATCH_NORM = "BatchNormalization"
 NATIVE_OPS = (BATCH_NORM, "LayerNormalization", "GroupNormalization", "InstanceNormalization", "RMSNormalization")
 # Decomposed forms, named by the pass that fuses them.
 KIND_OF_PASS = {"fuse-layernorm": "LayerNorm", "fuse-groupnorm": "GroupNorm", "fuse-instancenorm": "InstanceNorm",
-                "fuse-rmsnorm": "RMSNorm"}
+                "fuse-rmsnorm": "RMSNorm", "fold-weightnorm": "WeightNorm"}
 HELPER_OPS = ("Cast", "Constant", "Identity")
 MEAN_CENTRED = "left to fuse-layernorm"  # fuse-rmsnorm's reason for a layer norm's variance
 
@@ -121,7 +122,8 @@ def sites_from_records(model: onnx.ModelProto, out: onnx.ModelProto, result: Pip
                 continue
             if node.op_type in NATIVE_OPS and (path, label) not in claimed:
                 sites.append(_native_site(node, label, path, ran))
-        sites.extend(_weight_norms(graph, path))
+        if "fold-weightnorm" not in ran:  # else its records name every norm of a constant
+            sites.extend(_weight_norms(graph, path))
     for fn in model.functions:
         where = f"function {fn.domain}:{fn.name}"
         for node in fn.node:
@@ -164,8 +166,7 @@ def _weight_norms(graph: onnx.GraphProto, path: str) -> Iterator[Site]:
             nodes.append(users[0])
             output = users[0].output[0]
         yield Site("WeightNorm", "decomposed", SKIP, [_label(n) for n in nodes], output, path, None, None,
-                   "weight normalization of constant weights: no pass rewrites it; constant-fold the weight "
-                   "(onnxsim, onnxscript's optimizer) or export after torch.nn.utils.remove_weight_norm")
+                   "weight normalization of constant weights: fold-weightnorm was not run")
 
 
 def _l2_norm_of(name: str, v: str, producers: dict[str, onnx.NodeProto]) -> list[onnx.NodeProto] | None:

@@ -20,12 +20,25 @@ Where the output-channel slice lives (the only per-producer difference):
 All BatchNormalization versions: training_mode=0, legacy is_test=1 / spatial=1, a single output
 at opsets 7-13 (more outputs are training mode there), epsilon default 1e-5. Math runs in float64 and is cast back to the weight's dtype (fp16, bf16, fp32, fp64).
 New weights are new initializers: a weight shared with another node is never changed.
+
+Parameters may be computed: from constants (``G.const_value``), or, for the affine-free
+BatchNormalization of dynamo ``optimize=False`` exports, filled to the producer output's known
+channel count (``Expand(CastLike(1.0, y), Shape(y, 1, 2))``, ``ConstantOfShape``).
+
+Keras / TensorFlow write batch normalization as arithmetic (tf.nn.batch_normalization):
+``x * a + b`` with ``a = gamma * rsqrt(var + eps)`` and ``b = beta - mean * a`` computed from
+constants. The same fold applies with s = a, t = b when they are per output channel of the
+producer: axis 1 of a Conv, the last axis of a Gemm / MatMul of any rank (a Dense layer), or the
+axis a Transpose after a Conv moves its channels to (tf2onnx's NHWC). Where no producer absorbs
+it and a, b vary over axis 1 only, it becomes BatchNormalization(x, a, b, mean 0, var 1,
+epsilon 0), which is exactly that arithmetic.
 Inside If/Loop/Scan bodies the producer must sit in the same body as the BatchNormalization,
 and initializers that are also inputs of the main graph are not constants there either.
 """
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from normopt import graph as G
@@ -67,11 +80,13 @@ def _is_float(dtype) -> bool:
 class FoldBatchNorm(Pass):
     """Fold eval-mode BatchNormalization into the preceding Conv, ConvTranspose, Gemm or MatMul."""
 
-    anchor_ops = (BATCHNORM,)
+    anchor_ops = (BATCHNORM, "Add")
 
     def match(self, bn: gs.Node, ctx: Context) -> Match | Reject | None:
         if not G.in_default_domain(bn):
             return None
+        if bn.op == "Add":
+            return self._match_algebra(bn, ctx)
         graph = ctx.graph
         if int(bn.attrs.get("training_mode", 0)) == 1:
             return Reject("BatchNormalization is in training mode (training_mode=1)")
@@ -89,9 +104,13 @@ class FoldBatchNorm(Pass):
                 return Reject(f"BatchNormalization output '{extra.name}' (running statistics) is used")
         if len(bn.inputs) < 5:
             return Reject("BatchNormalization has fewer than 5 inputs")
-        params = {}
+        params, readers = {}, []  # readers: nodes that compute a parameter from x's type or shape
         for key, tensor in zip(PARAMETERS, bn.inputs[1:5]):
             value = G.const_value(tensor, ctx.graph)
+            if value is None:
+                filled = shape_filled(tensor, ctx)
+                value = None if filled is None else filled[0]
+                readers += [] if filled is None else filled[1]
             if value is None:
                 return Reject(f"BatchNormalization {key} '{tensor.name}' is not a constant (graph input or computed)")
             params[key] = value
@@ -101,10 +120,15 @@ class FoldBatchNorm(Pass):
         prod = G.producer(x)
         if prod is None:
             return Reject(f"input '{x.name}' is a graph input: no producer to fold into")
-        uses = G.other_uses(x, graph, {id(bn)})
+        inside = {id(bn)} | {id(n) for n in readers}
+        uses = G.other_uses(x, graph, inside)
+        leaks = [use for n in readers for out in n.outputs for use in G.other_uses(out, graph, inside)]
+        if leaks:
+            return Reject(f"a computed parameter of the BatchNormalization is also used by {', '.join(sorted(set(leaks)))}")
         if uses:
             return Reject(f"{G.node_label(prod)} output also feeds {', '.join(sorted(set(uses)))}")
         m = Match(output=bn.outputs[0], nodes={"bn": bn})
+        m.tensors["bn_input"] = x
         m.info.update(epsilon=eps, channels=int(s.size))
         fold = _FOLDERS.get(prod.op)
         if fold is None or not G.in_default_domain(prod):
@@ -117,12 +141,101 @@ class FoldBatchNorm(Pass):
             m.add(node)
         return m
 
+    def _match_algebra(self, add: gs.Node, ctx: Context) -> Match | Reject | None:
+        """Keras / TensorFlow's batch_normalization as arithmetic, ``x * a + b`` with
+        ``a = gamma * rsqrt(var + eps)`` and ``b = beta - mean * a`` computed from constants
+        (tf2onnx writes rsqrt as Reciprocal(Sqrt)). Folded into the producer of x when a and b
+        are per output channel of it: axis 1 of a Conv, the last axis of a Gemm / MatMul (a
+        Dense layer: any rank), or the axis a Transpose moves a Conv's channels to (NHWC)."""
+        found = _affine_operands(add, ctx)
+        if found is None or isinstance(found, Reject):
+            return found
+        mul, x, a, b = found
+        if G.producer(x) is None:
+            return Reject(f"input '{x.name}' is a graph input: no producer to fold into", mul)
+        rank = ctx.checked_shape(x)
+        if isinstance(rank, Reject):
+            return Reject(rank.reason, mul)
+        if rank is None:
+            return Reject(f"rank of '{x.name}' is unknown: cannot tell the channel axis", mul)
+        rank = len(rank)
+        axis = _varying_axis([a, b], rank)
+        if isinstance(axis, str):
+            return Reject(f"batch-norm arithmetic after '{x.name}': {axis}", mul)
+        x0, axis0 = x, axis
+
+        def instead(reason: str) -> Match | Reject:
+            return _as_batchnorm(ctx, mul, add, x0, a, b, rank, axis0, reason)
+
+        prod, transpose = G.producer(x), None
+        if prod.op == "Transpose" and G.in_default_domain(prod):
+            transpose = prod
+            perm = [int(p) for p in prod.attrs.get("perm", range(rank - 1, -1, -1))]  # no perm: reversed
+            uses = G.other_uses(x, ctx.graph, {id(mul)})
+            if uses:
+                return instead(f"{G.node_label(prod)} output also feeds {', '.join(sorted(set(uses)))}")
+            x_inner = prod.inputs[0]
+            prod = G.producer(x_inner)
+            if prod is None or prod.op not in ("Conv", "ConvTranspose") or axis not in (None, perm.index(1)):
+                return instead(f"batch-norm arithmetic on axis {axis} after {G.node_label(transpose)}: not the "
+                               "channel axis of a Conv")
+            axis, x = (None if axis is None else 1), x_inner
+        elif prod.op in ("Conv", "ConvTranspose"):
+            if axis not in (None, 1):
+                return instead(f"batch-norm arithmetic varies over axis {axis} of the {prod.op} output, not its "
+                               "channels (axis 1)")
+        elif prod.op in ("Gemm", "MatMul", "Add"):
+            if axis not in (None, rank - 1):
+                return instead(f"batch-norm arithmetic varies over axis {axis} of the {prod.op} output, not its "
+                               f"features (axis {rank - 1})")
+        else:
+            return instead(f"producer {G.node_label(prod)} ({prod.op}) cannot absorb the batch-norm arithmetic")
+        # Scalars a and b: one per output channel all the same (the folders check the count).
+        channels = max(np.asarray(a).size, np.asarray(b).size)
+        if channels == 1:
+            out_shape = ctx.shape(x) or ()
+            channels = out_shape[-1 if _last_axis_producer(prod) else 1] if out_shape else None
+            if not isinstance(channels, int) or channels < 1:
+                return instead(f"channel count of '{x.name}' is unknown")
+        s = np.broadcast_to(np.asarray(a, np.float64).reshape(-1), (channels,)).copy()
+        t = np.broadcast_to(np.asarray(b, np.float64).reshape(-1), (channels,)).copy()
+        uses = G.other_uses(x, ctx.graph, {id(transpose or mul)})
+        if uses:
+            return instead(f"{G.node_label(prod)} output also feeds {', '.join(sorted(set(uses)))}")
+        m = Match(output=add.outputs[0], nodes={"mul": mul, "add": add})
+        m.tensors["bn_input"] = x
+        m.info.update(channels=int(channels), last_axis=_last_axis_producer(prod), form="x * a + b")
+        if not G.in_default_domain(prod):
+            return instead(f"producer {G.node_label(prod)} is not a standard {prod.op}")
+        reason = _FOLDERS[prod.op](prod, m, s, t, ctx)
+        if reason:
+            return instead(reason)
+        m.info["producer"] = prod.op
+        if transpose is not None:
+            m.nodes["transpose"] = transpose
+        for node in [mul, add, transpose, *m.nodes.values()]:
+            if node is not None:
+                m.add(node)
+        return m
+
     def rewrite(self, m: Match, ctx: Context) -> list[gs.Node]:
+        if m.info.get("producer") == BATCHNORM:  # x * a + b as BatchNormalization(mean 0, var 1, eps 0)
+            x, dtype = m.tensors["bn_input"], np.dtype(m.info["dtype"])
+            a, b = m.values["scale"], m.values["bias"]
+            params = [G.make_constant(ctx.names, f"{m.output.name}_bn_{key}", value.astype(dtype))
+                      for key, value in (("scale", a), ("bias", b), ("mean", np.zeros_like(a)), ("var", np.ones_like(a)))]
+            return [gs.Node(BATCHNORM, ctx.names.fresh(f"{m.output.name}/BatchNormalization"), {"epsilon": 0.0},
+                            [x, *params], [m.output])]
         prod = m["producer"]
         w = m.tensors["weight"]
         weight = G.make_constant(ctx.names, f"{w.name}_bnfolded", m.values["weight"])
         bias = G.make_constant(ctx.names, f"{prod.name or weight.name}_bias_bnfolded", m.values["bias"])
         x = m.tensors["x"]
+        if m.has("transpose"):  # NHWC: the folded Conv, then the Transpose it fed
+            inner = gs.Variable(ctx.names.fresh(f"{m.output.name}_conv"), dtype=m.output.dtype)
+            transpose = m["transpose"]
+            return [gs.Node(prod.op, prod.name, dict(prod.attrs), [x, weight, bias], [inner]),
+                    gs.Node("Transpose", transpose.name, dict(transpose.attrs), [inner], [m.output])]
         if prod.op in ("Conv", "ConvTranspose"):
             return [gs.Node(prod.op, prod.name, dict(prod.attrs), [x, weight, bias], [m.output])]
         if prod.op == "Gemm":
@@ -135,6 +248,158 @@ class FoldBatchNorm(Pass):
         add_name = prod.name if prod.op == "Add" and prod.name else ctx.names.fresh(f"{matmul.name or 'MatMul'}_bias")
         return [gs.Node("MatMul", matmul.name, dict(matmul.attrs), [x, weight], [hidden]),
                 gs.Node("Add", add_name, {}, [hidden, bias], [m.output])]
+
+
+# Elementwise ops a batch-norm parameter may be computed with from constants (float64 here).
+_ARITHMETIC = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}
+_UNARY = {"Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Neg": np.negative, "Identity": lambda v: v}
+
+
+def _evaluate(t: gs.Tensor, ctx: Context, seen: set, depth: int = 0) -> np.ndarray | None:
+    """The value of a tensor computed from constants with Add/Sub/Mul/Div/Sqrt/Reciprocal/Neg
+    (float64 math); ``seen`` collects the op types met. None if anything is not constant."""
+    value = G.const_value(t, ctx.graph)
+    if value is not None:
+        return np.asarray(value, np.float64) if _is_float(value.dtype) else None
+    node = G.producer(t)
+    if node is None or depth > 8 or not G.in_default_domain(node):
+        return None
+    if node.op == "Cast" and node.inputs:
+        # The rounding to the target type is part of the value (a float16 parameter stays one).
+        target = onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"]))
+        inner = _evaluate(node.inputs[0], ctx, seen, depth + 1) if _is_float(target) else None
+        return None if inner is None else inner.astype(target).astype(np.float64)
+    if node.op in _UNARY and node.inputs:
+        inner = _evaluate(node.inputs[0], ctx, seen, depth + 1)
+        seen.add(node.op)
+        return None if inner is None else _UNARY[node.op](inner)
+    if node.op in _ARITHMETIC and len(node.inputs) == 2:
+        left = _evaluate(node.inputs[0], ctx, seen, depth + 1)
+        right = None if left is None else _evaluate(node.inputs[1], ctx, seen, depth + 1)
+        seen.add(node.op)
+        return None if left is None or right is None else _ARITHMETIC[node.op](left, right)
+    return None
+
+
+def _affine_operands(add: gs.Node, ctx: Context):
+    """(Mul node, x, a, b) for ``add = x * a + b`` with a and b computed from constants, a
+    through a square root (rsqrt: the batch-norm algebra); None otherwise."""
+    if len(add.inputs) != 2:
+        return None
+    for i in (0, 1):
+        mul = G.producer(add.inputs[i])
+        if mul is None or mul.op != "Mul" or not G.in_default_domain(mul) or len(mul.inputs) != 2:
+            continue
+        seen_b: set = set()
+        b = _evaluate(add.inputs[1 - i], ctx, seen_b)
+        if b is None:
+            continue
+        for j in (0, 1):
+            seen: set = set()
+            a = _evaluate(mul.inputs[1 - j], ctx, seen)
+            if a is not None and "Sqrt" in seen and G.const_value(mul.inputs[j], ctx.graph) is None:
+                uses = G.other_uses(add.inputs[i], ctx.graph, {id(add)})
+                if uses:
+                    return Reject(f"'{add.inputs[i].name}' (x * a) is also used by {', '.join(sorted(set(uses)))}",
+                                  mul)
+                return mul, mul.inputs[j], a, b
+    return None
+
+
+def _varying_axis(values, rank: int):
+    """The one axis of a rank-``rank`` tensor along which ``values`` vary (None: scalars), or why
+    there is no such axis."""
+    axes = set()
+    for value in values:
+        value = np.asarray(value)
+        if value.ndim > rank:
+            return f"a parameter of shape {list(value.shape)} has more axes than the input's {rank}"
+        axes.update(rank - value.ndim + k for k, d in enumerate(value.shape) if d != 1)
+    if len(axes) > 1:
+        return f"the parameters vary over axes {sorted(axes)}, not over one channel axis"
+    return next(iter(axes), None)
+
+
+def _as_batchnorm(ctx: Context, mul: gs.Node, add: gs.Node, x: gs.Tensor, a, b, rank: int, axis: int | None,
+                  reason: str) -> Match | Reject:
+    """``x * a + b`` that no producer absorbs, as one BatchNormalization when a and b vary over
+    axis 1 only: scale a, bias b, mean 0, var 1, epsilon 0 is exactly that arithmetic
+    (sqrt(1 + 0) = 1). Else the reason no producer absorbs it."""
+    shape = ctx.shape(x) or ()
+    channels = max(np.asarray(a).size, np.asarray(b).size)
+    if channels == 1 and len(shape) > 1:
+        channels = shape[1]
+    dtype = ctx.dtype(x)
+    if axis not in (None, 1) or rank < 2 or ctx.opset < 7 or not isinstance(channels, int) or channels < 1 \
+            or dtype is None or np.dtype(dtype).name not in ("float32", "float64"):
+        return Reject(reason, mul)
+    m = Match(output=add.outputs[0], nodes={"mul": mul, "add": add})
+    m.add(mul)
+    m.add(add)
+    m.tensors["bn_input"] = x
+    m.values["scale"] = np.broadcast_to(np.asarray(a, np.float64).reshape(-1), (channels,)).copy()
+    m.values["bias"] = np.broadcast_to(np.asarray(b, np.float64).reshape(-1), (channels,)).copy()
+    m.info.update(channels=int(channels), form="x * a + b", producer=BATCHNORM, dtype=np.dtype(dtype).name,
+                  not_folded=reason)
+    return m
+
+
+def _last_axis_producer(prod: gs.Node) -> bool:
+    """Whether ``prod``'s output channels are its last axis (Gemm, MatMul, MatMul + bias)."""
+    return prod.op in ("Gemm", "MatMul", "Add")
+
+
+def shape_filled(t: gs.Tensor, ctx: Context) -> tuple[np.ndarray, list[gs.Node]] | None:
+    """A tensor filled with one constant to a shape read from a tensor whose shape is known:
+    dynamo with optimize=False writes an affine-free BatchNormalization's scale and bias as
+    Expand(CastLike(1.0, y), Shape(y, start=1, end=2)) (or ConstantOfShape) of the producer's
+    output y. (value, the nodes that compute it) when the value and the shape are both fixed.
+
+    Those nodes read y only for its type and shape, which folding keeps: they are not uses of
+    y's values, and they go once the BatchNormalization does."""
+    node = G.producer(t)
+    if node is None or not G.in_default_domain(node) or not node.inputs:
+        return None
+    nodes = [node]
+    if node.op == "Expand" and len(node.inputs) == 2:
+        value, dims = _fill_value(node.inputs[0], ctx, nodes), _shape_value(node.inputs[1], ctx, nodes)
+    elif node.op == "ConstantOfShape":
+        attr = node.attrs.get("value")
+        value = np.zeros(1, np.float32) if attr is None else np.asarray(getattr(attr, "values", attr))
+        dims = _shape_value(node.inputs[0], ctx, nodes)
+    else:
+        return None
+    if value is None or dims is None or value.size != 1 or np.prod(dims) > (1 << 20):
+        return None
+    try:
+        return np.array(np.broadcast_to(value, np.broadcast_shapes(value.shape, tuple(dims)))), nodes
+    except ValueError:
+        return None
+
+
+def _fill_value(t: gs.Tensor, ctx: Context, nodes: list) -> np.ndarray | None:
+    node = G.producer(t)
+    if node is not None and node.op == "CastLike" and G.in_default_domain(node):
+        inner, dtype = G.const_value(node.inputs[0], ctx.graph), ctx.dtype(node.inputs[1])
+        nodes.append(node)
+        return None if inner is None or dtype is None else inner.astype(dtype)
+    return G.const_value(t, ctx.graph)
+
+
+def _shape_value(t: gs.Tensor, ctx: Context, nodes: list) -> list[int] | None:
+    """A 1-D shape tensor's value: a constant, or Shape(u)[start:end] of static dims of u."""
+    value = G.const_value(t, ctx.graph)
+    if value is not None:
+        return [int(d) for d in value.reshape(-1)]
+    node = G.producer(t)
+    if node is None or node.op != "Shape" or not G.in_default_domain(node):
+        return None
+    shape = ctx.checked_shape(node.inputs[0])
+    if shape is None or isinstance(shape, Reject):
+        return None
+    dims = list(shape)[node.attrs.get("start", 0):node.attrs.get("end")]
+    nodes.append(node)
+    return dims if all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims) else None
 
 
 def _conv(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:
@@ -193,10 +458,15 @@ def _matmul(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:
         return w
     if w.ndim != 2:
         return f"MatMul weight '{matmul.inputs[1].name}' is {w.ndim}-D, not 2-D"
-    rank = ctx.rank(m["bn"].inputs[0]) or ctx.rank(matmul.inputs[0])
+    rank = None
+    for tensor in (m.tensors["bn_input"], matmul.inputs[0]):
+        shape = ctx.checked_shape(tensor)
+        if isinstance(shape, Reject):
+            return shape.reason
+        rank = rank or (None if shape is None else len(shape))
     if rank is None:
         return "rank of the MatMul output is unknown: cannot tell which axis BatchNormalization normalizes"
-    if rank != 2:
+    if rank != 2 and not m.info.get("last_axis"):
         return f"BatchNormalization normalizes axis 1 of a rank-{rank} MatMul output, not its feature axis"
     if w.shape[1] != s.size:
         return f"MatMul has {w.shape[1]} output features but BatchNormalization has {s.size} channels"

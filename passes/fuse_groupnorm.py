@@ -11,21 +11,32 @@ When G == C it is InstanceNormalization(x, gamma, beta), which is emitted instea
 no upgrade, a native kernel in onnxruntime).
 
 Supported variants (alternatives of one match):
-* the group statistics as InstanceNormalization(ones[G], zeros[G]) (TorchScript export of
-  nn.GroupNorm at every opset, dynamo export below opset 21) or as the shared mean/variance core
-  of ``_norm`` (hand-written and diffusers-style GroupNorm: Pow or Mul square, Div or
-  Reciprocal, axes attribute or input), with an optional float Cast on either side of it;
+* the group statistics as InstanceNormalization(s[G], b[G]) (TorchScript export of nn.GroupNorm
+  at every opset, dynamo export below opset 21: s, b are ones / zeros; other constants are folded
+  per channel, gamma[c] * s[g] and gamma[c] * b[g] + beta[c] for channel c in group
+  g = c // (C/G)) or as the shared mean/variance core of ``_norm`` (hand-written and
+  diffusers-style GroupNorm: Pow or Mul square, Div or Reciprocal, axes attribute or input), with
+  an optional float Cast on either side of it;
+* GroupNorm(C, C) whose reshape back the dynamo optimizer dropped: Reshape [0, C, -1] of a rank-3
+  x (a no-op) -> InstanceNormalization -> per-channel Mul / Add (wav2vec2's feature extractor);
+* Keras GroupNormalization (axis=-1, tf2onnx): x [N, ..., C] reshaped to [N, ..., G, C/G],
+  statistics over every axis but N and G (tf.nn.moments, or Keras 3's E[x^2] - E[x]^2),
+  x*s + (beta - mean*s) with s = gamma / sqrt(var + eps), gamma / beta [G, C/G]; emitted between
+  a Transpose to channels first and one back. With axis=1 ([N, G, C/G, ...], gamma / beta
+  [G, C/G, 1, ...]) it is the plain channels-first op;
 * the reshape to groups as [0, G, -1], [N, G, -1], [N, G, C/G, D1, ...], a Concat of
   Shape/Gather/Slice/Unsqueeze pieces, or [-1, G, ...] with static trailing dims;
 * the reshape back from Shape(x), a constant, a Concat of x's dims, or 0 / -1 entries;
 * gamma / beta per channel ([C, 1, ...], [1, C, 1, ...], a scalar, Unsqueeze of a [C] constant),
-  either or both absent; a SiLU (Sigmoid, Mul) after it stays outside as it was.
+  either or both absent; a SiLU (Sigmoid, Mul) after it stays outside as it was, and so does a
+  Mul / Add whose constant is not per channel (the per-channel part before it is absorbed).
 * input rank 3 (audio), 4 (images), 5 (video), and any G dividing C.
 
 Skipped with a reason: a reshape that does not keep the batch axis or does not make a constant
 number of groups, G not dividing C, a reshape back that does not restore x's shape,
-InstanceNormalization scale/bias that are not exactly ones/zeros, statistics not over whole
-groups, a constant scale or bias that is not per channel, intermediates used elsewhere.
+InstanceNormalization scale/bias that are not constants (or not one per group), statistics not
+over whole groups, a Cast to an integer type inside the match, an epsilon the float32 attribute
+cannot hold, a declared shape of x that contradicts inference, intermediates used elsewhere.
 
 Target op and opset: GroupNormalization-18 takes scale/bias per group and GroupNormalization-21
 per channel (onnx/onnx#5466). Only the opset-21 form is emitted, with ``required_opset`` 21 (the
@@ -50,8 +61,9 @@ import onnx_graphsurgeon as gs
 
 from normopt import graph as G
 from normopt.passes._emit import emit_fused, work_dtype
-from normopt.passes._norm import (Affine, float_bits, match_affine, match_normalized, normalize_axes)
-from normopt.pattern import Match
+from normopt.passes._norm import (EPSILON, MEAN, VARIANCE, XC, Affine, broadcast_param, cast_target, check_core,
+                                  float_bits, is_float, match_affine, match_normalized, normalize_axes)
+from normopt.pattern import AnyOf, Const, Match, Op, match
 from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
 
@@ -111,6 +123,17 @@ def emit_normalization(ctx: Context, op: str, attrs: dict, x: gs.Tensor, out: gs
 
 # ------------------------------------------------------------------------------ shapes
 
+def _known_shape(t: gs.Tensor, ctx: Context) -> tuple | None:
+    """The shape of ``t``; None when unknown, or when its declaration contradicts inference."""
+    shape = ctx.checked_shape(t)
+    return None if isinstance(shape, Reject) else shape
+
+
+def _rank(t: gs.Tensor, ctx: Context) -> int | None:
+    shape = _known_shape(t, ctx)
+    return None if shape is None else len(shape)
+
+
 @dataclass(frozen=True, eq=False)
 class DimOf:
     """Dimension ``axis`` of ``tensor``, read at run time (Shape, Gather, a Reshape 0 entry)."""
@@ -129,7 +152,7 @@ def shape_terms(t: gs.Tensor, ctx: Context, depth: int = 0) -> list | None:
         return None
     inner = (lambda i: shape_terms(node.inputs[i], ctx, depth + 1))
     if node.op == "Shape":
-        rank = ctx.rank(node.inputs[0])
+        rank = _rank(node.inputs[0], ctx)
         if rank is None:
             return None
         dims = [DimOf(node.inputs[0], i) for i in range(rank)]
@@ -147,6 +170,16 @@ def shape_terms(t: gs.Tensor, ctx: Context, depth: int = 0) -> list | None:
         return [data[int(i)] for i in index.reshape(-1)]
     if node.op == "Slice":
         return _slice_terms(node, inner(0), ctx)
+    if node.op in ("Div", "Mul") and len(node.inputs) == 2:
+        # tf.keras' C // G: integer arithmetic on dims known statically, by a constant.
+        data, by = inner(0), G.const_value(node.inputs[1], ctx.graph)
+        if data is None or by is None or by.dtype.kind not in "iu" or by.size != 1 or int(by.reshape(-1)[0]) <= 0:
+            return None
+        dims = [_resolve(d, ctx) for d in data]
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+            return None
+        k = int(by.reshape(-1)[0])
+        return [d // k if node.op == "Div" else d * k for d in dims]
     return None
 
 
@@ -167,7 +200,7 @@ def reshape_dims(reshape: gs.Node, in_dims: list, ctx: Context) -> list | None:
     """A Reshape's output dims as terms (ints, -1, DimOf, symbolic names), given its input's."""
     terms = shape_terms(reshape.inputs[1], ctx)
     if terms is None:  # fall back on shape inference (data propagation) for the result
-        shape = ctx.shape(reshape.outputs[0])
+        shape = _known_shape(reshape.outputs[0], ctx)
         return None if shape is None else list(shape)
     if int(reshape.attrs.get("allowzero", 0)):
         return terms
@@ -178,7 +211,7 @@ def reshape_dims(reshape: gs.Node, in_dims: list, ctx: Context) -> list | None:
 def _resolve(term, ctx: Context):
     """A DimOf as the static int or symbolic name shape inference knows, else unchanged."""
     if isinstance(term, DimOf):
-        shape = ctx.shape(term.tensor)
+        shape = _known_shape(term.tensor, ctx)
         if shape is not None and term.axis < len(shape) and shape[term.axis] is not None:
             return shape[term.axis]
     return term
@@ -189,7 +222,7 @@ def same_dim(term, x: gs.Tensor, axis: int, ctx: Context) -> bool:
     if isinstance(term, DimOf) and term.tensor is x and term.axis == axis:
         return True
     term = _resolve(term, ctx)
-    shape = ctx.shape(x)
+    shape = _known_shape(x, ctx)
     dim = shape[axis] if shape is not None and axis < len(shape) else None
     if isinstance(term, DimOf) or term is None or dim is None or term == -1:
         return False
@@ -201,7 +234,7 @@ def keeps_batch(grouped: list, x: gs.Tensor, ctx: Context) -> bool:
         return True
     # [-1, G, ...] with every other dim static: the -1 is N when the sizes per sample agree.
     rest = [_resolve(d, ctx) for d in grouped[1:]]
-    shape = ctx.shape(x) or ()
+    shape = _known_shape(x, ctx) or ()
     per_sample = [static_dim(shape, i) for i in range(1, len(shape))]
     return (grouped[0] == -1 and all(isinstance(d, int) and d > 0 for d in rest) and
             None not in per_sample and int(np.prod(rest)) == int(np.prod(per_sample)))
@@ -209,7 +242,7 @@ def keeps_batch(grouped: list, x: gs.Tensor, ctx: Context) -> bool:
 
 def restores(dims: list | None, x: gs.Tensor, ctx: Context) -> bool:
     """Whether a reshape to ``dims`` gives x's shape (one -1 may stand for one dim)."""
-    rank = ctx.rank(x)
+    rank = _rank(x, ctx)
     if dims is None or len(dims) != rank:
         return False
     misses = [i for i, d in enumerate(dims) if not same_dim(d, x, i, ctx)]
@@ -217,6 +250,22 @@ def restores(dims: list | None, x: gs.Tensor, ctx: Context) -> bool:
 
 
 # ------------------------------------------------------------------------------ the statistics
+
+# TF / Keras (tf.nn.batch_normalization on the grouped tensor): s = gamma * 1/sqrt(var + eps)
+# applied to x and to the mean separately, y = x*s + (beta - mean*s); Keras 3 writes
+# x*s + ((-mean)*s + beta). gamma and beta are [1, ..., G, C/G] (or absent).
+_STD = Op("Sqrt", [Op("Add", [VARIANCE, EPSILON], name="add_eps")], name="sqrt")
+_INV = AnyOf(Op("Reciprocal", [_STD], name="recip"), Op("Div", [Const("one"), _STD], name="recip_div"))
+_S = AnyOf(Op("Mul", [_INV, Const("gamma")], name="mul_gamma"), _INV)
+_XS = Op("Mul", [XC, _S], name="mul_x")
+_MS = Op("Mul", [MEAN, _S], name="mul_mean")
+_NEG_MS = Op("Mul", [Op("Neg", [MEAN]), _S], name="mul_mean")
+TF_NORMALIZED = AnyOf(
+    Op("Add", [_XS, Op("Sub", [Const("beta"), _MS])]),
+    Op("Add", [_XS, Op("Add", [_NEG_MS, Const("beta")])]),
+    Op("Add", [_XS, AnyOf(_NEG_MS, Op("Neg", [_MS]))]),
+    Op("Sub", [_XS, _MS]),
+)
 
 @dataclass
 class Core:
@@ -228,6 +277,15 @@ class Core:
     axes: tuple[int, ...] | None = None
     compute_bits: int | None = None
     variant: list[str] = field(default_factory=list)
+    # InstanceNormalization's own per-group scale and bias ([G]) when they are not ones / zeros.
+    group_scale: np.ndarray | None = None
+    group_bias: np.ndarray | None = None
+    # TF / Keras form: gamma and beta of the grouped tensor (None where absent), else None.
+    tf_params: dict | None = None
+    tf_names: dict = field(default_factory=dict)
+    # Per-channel scale and bias inside the reshapes ([C], float64), from the TF form's.
+    channel_scale: np.ndarray | None = None
+    channel_bias: np.ndarray | None = None
 
 
 def group_core(t: gs.Tensor, ctx: Context) -> Core | Reject | None:
@@ -241,18 +299,82 @@ def group_core(t: gs.Tensor, ctx: Context) -> Core | Reject | None:
                 found.variant)
 
 
+def tf_group_core(t: gs.Tensor, ctx: Context) -> Core | Reject | None:
+    """The TF / Keras statistics of a grouped tensor, with its grouped gamma / beta."""
+    m = match(TF_NORMALIZED, t, ctx.graph)
+    if m is None:
+        return None
+    s = m["mul_gamma" if m.has("mul_gamma") else "recip" if m.has("recip") else "recip_div"].outputs[0]
+    if not all(any(i is s for i in m[k].inputs) for k in ("mul_x", "mul_mean")):
+        return None  # x and the mean scaled by different tensors: not one normalization
+    norm = check_core(m, ctx, "mean")
+    if isinstance(norm, Reject):
+        return norm
+    core = Core(norm.x, norm.epsilon, list(norm.match.matched), norm.axes, norm.compute_bits,
+                norm.variant + ["TF/Keras"])
+    core.tf_params = {k: m.values.get(k) for k in ("gamma", "beta")}
+    core.tf_names = {k: m.tensors[k].name for k in ("gamma", "beta") if k in m.tensors}
+    return core
+
+
 def _instance_norm_core(node: gs.Node, ctx: Context) -> Core | Reject:
     """InstanceNormalization of the grouped tensor: statistics over every axis from 2, in its type."""
     # The per-group scale/bias multiply before the per-channel affine: fusing anything but an
     # identity would drop them (folding them is exact only in real arithmetic, not in float).
-    for index, name, identity in ((1, "scale", 1.0), (2, "bias", 0.0)):
+    params = []
+    for index, name in ((1, "scale"), (2, "bias")):
         value = G.const_value(node.inputs[index], ctx.graph)
         if value is None:
             return Reject(f"InstanceNormalization {name} '{node.inputs[index].name}' is not a constant", node)
-        if not np.all(value == identity):
-            return Reject(f"InstanceNormalization {name} is not all {identity:g} (cannot be dropped)", node)
+        if not is_float(value.dtype):
+            return Reject(f"InstanceNormalization {name} has non-float dtype {value.dtype}", node)
+        params.append(np.asarray(value))
     eps = float(node.attrs.get("epsilon", DEFAULT_EPSILON))
-    return Core(node.inputs[0], eps, [node], None, float_bits(ctx.dtype(node.inputs[0])), ["InstanceNormalization"])
+    core = Core(node.inputs[0], eps, [node], None, float_bits(ctx.dtype(node.inputs[0])), ["InstanceNormalization"])
+    scale, bias = params
+    if not (np.all(scale == 1.0) and np.all(bias == 0.0)):
+        core.group_scale, core.group_bias = scale, bias
+        core.variant.append("per-group scale/bias")
+    return core
+
+
+def epsilon_miss(eps: float) -> Reject | None:
+    """The fused op's epsilon attribute is a float32: an epsilon that float32 rounds to 0 or
+    moves by more than a relative 1e-6 (a float64 model's 1e-50) would change the results (a
+    constant row normalized by sqrt(0 + 0) is NaN where the original gives 0)."""
+    held = float(np.float32(eps))
+    if eps != 0.0 and (held == 0.0 or abs(held - eps) > 1e-6 * abs(eps)):
+        return Reject(f"epsilon {eps:g} is not representable as the op's float32 attribute (it would be {held:g})")
+    return None
+
+
+def _not_float_cast(cast: gs.Node | None, ctx: Context) -> Reject | None:
+    """A Cast inside the match must be float to float: a Cast to an integer type rounds the
+    normalized values, which the fused op would not."""
+    if cast is None:
+        return None
+    source, target = ctx.dtype(cast.inputs[0]), cast_target(cast)
+    for what, dtype in (("to", target), ("from", source)):
+        if dtype is not None and not is_float(dtype):
+            return Reject(f"Cast {G.node_label(cast)} {what} {np.dtype(dtype).name} inside the group "
+                          "normalization is not a float cast", cast)
+    return None
+
+
+def _fold_group_params(core: Core, tail: Affine, channels: int, groups: int, work) -> tuple[np.ndarray, np.ndarray]:
+    """[C] scale and bias of the fused op: the per-channel affine after the reshape back, with
+    InstanceNormalization's per-group scale s[g] and bias b[g] folded in (float64 math):
+    gamma[c] * (s[g(c)] * n + b[g(c)]) + beta[c], channel c in group g(c) = c // (C / G)."""
+    gamma, beta = affine_params(tail, channels, np.float64)
+    if core.channel_scale is not None:  # the TF form's gamma / beta, already per channel
+        s, b = core.channel_scale, core.channel_bias
+    elif core.group_scale is not None:
+        per_group = channels // groups
+        widen = (lambda v: np.repeat(np.broadcast_to(np.asarray(v, np.float64).reshape(-1), (groups,)), per_group))
+        s, b = widen(core.group_scale), widen(core.group_bias)
+    else:
+        return gamma.astype(work), beta.astype(work)
+    return (gamma * s).astype(work), (gamma * b + beta).astype(work)
 
 
 def through_cast(t: gs.Tensor) -> tuple[gs.Tensor, gs.Node | None]:
@@ -269,29 +391,173 @@ def through_cast(t: gs.Tensor) -> tuple[gs.Tensor, gs.Node | None]:
 class FuseGroupNorm(Pass):
     """Fuse decomposed group normalization (reshape to groups, normalize, reshape back) into GroupNormalization."""
 
-    anchor_ops = (RESHAPE,)  # the reshape back to x's shape
+    # The reshape back to x's shape; InstanceNormalization for the form without one.
+    anchor_ops = (RESHAPE, INSTANCE_NORM)
     opset = GROUP_NORM_OPSET
 
     def required_opset(self, m: Match) -> int:
         return GROUP_NORM_OPSET if m.info["op"] == GROUP_NORM else INSTANCE_NORM_OPSET
 
     def match(self, back: gs.Node, ctx: Context) -> Match | Reject | None:
+        if back.op == INSTANCE_NORM:
+            return self._match_unwrapped(back, ctx)
         normalized, cast_out = through_cast(back.inputs[0])
         core = group_core(normalized, ctx)
+        if core is None:
+            core = tf_group_core(normalized, ctx)
         if core is None or isinstance(core, Reject):
             return core
         grouped, cast_in = through_cast(core.x)
+        if cast_in is not None and G.producer(grouped) is not None and G.producer(grouped).op == CAST:
+            above, inner = through_cast(grouped)
+            if G.producer(above) is not None and G.producer(above).op == RESHAPE:
+                return _not_float_cast(inner, ctx) or _not_float_cast(cast_in, ctx) or Reject(
+                    f"two Casts ({G.node_label(inner)}, {G.node_label(cast_in)}) between the reshape to groups "
+                    "and the statistics", inner)
         split = G.producer(grouped)
         if split is None or split.op != RESHAPE or not G.in_default_domain(split):
             return None
         x = split.inputs[0]
+        if core.tf_params is not None:
+            first = self._tf_channels_first(ctx, x, split, back, core)
+            if first is None:
+                return self._match_channels_last(ctx, x, split, cast_in, core, cast_out, back)
+            if isinstance(first, Reject):
+                return first
+            return self._complete(ctx, x, split, cast_in, core, cast_out, back, first)
         found = self._groups(x, split, back, core, ctx)
         if found is None or isinstance(found, Reject):
             return found
+        return self._complete(ctx, x, split, cast_in, core, cast_out, back, found)
+
+    def _tf_channels_first(self, ctx: Context, x, split, back, core: Core):
+        """Keras GroupNormalization(axis=1): x [N, C, ...] reshaped to [N, G, C/G, ...], gamma /
+        beta [G, C/G, 1, ...] on the grouped tensor. (channels, groups, rank) with the per-channel
+        parameters set on ``core``; None when the reshape does not group axis 1 (channels last)."""
+        found = self._groups(x, split, back, core, ctx)
+        if not isinstance(found, tuple):
+            return None
         channels, groups, rank = found
-        tail = channel_affine(back.outputs[0], ctx, channels, rank)
-        if tail.kept:
-            return Reject(f"{tail.kept}: not per channel")
+        grouped = reshape_dims(split, [DimOf(x, i) for i in range(rank)], ctx)
+        if len(grouped) != rank + 1 or _resolve(grouped[2], ctx) != channels // groups:
+            return None
+        norm_shape = (groups, channels // groups) + (1,) * (rank - 2)
+        params = {}
+        for key, fill in (("gamma", 1.0), ("beta", 0.0)):
+            value = core.tf_params.get(key)
+            shaped = np.full(norm_shape, fill) if value is None else broadcast_param(value, rank + 1, norm_shape)
+            if isinstance(shaped, str):
+                return Reject(f"{key} '{core.tf_names[key]}' {shaped}", back)
+            params[key] = np.asarray(shaped, np.float64).reshape(-1)
+        core.channel_scale, core.channel_bias = params["gamma"], params["beta"]
+        return found
+
+    def _match_channels_last(self, ctx: Context, x, split, cast_in, core: Core, cast_out, back):
+        """Keras GroupNormalization (axis=-1): x [N, ..., C] reshaped to [N, ..., G, C/G],
+        statistics over every axis but N and G, gamma / beta [G, C/G] on the grouped tensor,
+        reshaped back. Fused as Transpose to channels first -> the op -> Transpose back."""
+        shape = ctx.checked_shape(x)
+        if isinstance(shape, Reject):
+            return Reject(shape.reason, split)
+        if shape is None or len(shape) < 3:
+            return Reject(f"rank of '{x.name}' is unknown" if shape is None else f"'{x.name}' has rank {len(shape)}",
+                          split)
+        rank = len(shape)
+        channels = static_dim(shape, rank - 1)
+        if channels is None:
+            return Reject(f"channel count (last axis) of '{x.name}' is unknown", split)
+        grouped = reshape_dims(split, [DimOf(x, i) for i in range(rank)], ctx)
+        if grouped is None:
+            return Reject(f"target shape of reshape {G.node_label(split)} is unknown", split)
+        groups, per = (_resolve(d, ctx) for d in grouped[-2:]) if len(grouped) == rank + 1 else (None, None)
+        lead_ok = len(grouped) == rank + 1 and all(same_dim(grouped[i], x, i, ctx) for i in range(1, rank - 1)) and (
+            same_dim(grouped[0], x, 0, ctx) or grouped[0] == -1)
+        if not lead_ok or not isinstance(groups, int) or not isinstance(per, int) or groups * per != channels:
+            return Reject(f"reshape {G.node_label(split)} does not split the last axis of '{x.name}' into "
+                          f"[G, C/G] ([N, ..., G, C/G] expected)", split)
+        declared = ctx.checked_shape(core.x)
+        if isinstance(declared, Reject) or (declared is not None and len(declared) != rank + 1):
+            return Reject(declared.reason if isinstance(declared, Reject) else
+                          f"grouped tensor '{core.x.name}' has rank {len(declared)}, not {rank + 1}", split)
+        wanted = tuple(range(1, rank - 1)) + (rank,)
+        if normalize_axes(core.axes, rank + 1) != wanted:
+            return Reject(f"statistics are taken over axes {list(core.axes)} of the grouped tensor, not over each "
+                          f"whole group {list(wanted)}", split)
+        if not restores(reshape_dims(back, grouped, ctx), x, ctx):
+            return Reject(f"reshape {G.node_label(back)} does not restore the shape of '{x.name}'", back)
+        for cast in (cast_in, cast_out):
+            miss = _not_float_cast(cast, ctx)
+            if miss:
+                return miss
+        miss = epsilon_miss(core.epsilon)
+        if miss:
+            return Reject(miss.reason, split)
+        params = {}
+        for key, fill in (("gamma", 1.0), ("beta", 0.0)):
+            value = core.tf_params.get(key)
+            shaped = np.full((groups, per), fill) if value is None else broadcast_param(value, rank + 1, (groups, per))
+            if isinstance(shaped, str):
+                return Reject(f"{key} '{core.tf_names[key]}' {shaped}", back)
+            params[key] = np.asarray(shaped, np.float64).reshape(-1)
+        op = INSTANCE_NORM if groups == channels else GROUP_NORM
+        out = back.outputs[0]
+        m = Match(output=out)
+        for n in [split, cast_in, *core.nodes, cast_out, back]:
+            if n is not None:
+                m.add(n)
+        work = settle_dtype(ctx, x, out, core.compute_bits, op, m.matched, cast_in)
+        if isinstance(work, Reject):
+            return work
+        escapes = m.escapes(ctx.graph)
+        if escapes:
+            return Reject(f"intermediate {escapes[0]}")
+        m.tensors["x"] = x
+        m.values["scale"], m.values["bias"] = params["gamma"].astype(work), params["beta"].astype(work)
+        m.info.update(op=op, groups=groups, channels=channels, rank=rank, epsilon=core.epsilon, dtype=work.name,
+                      stash_type=STASH_DOUBLE if core.compute_bits == float_bits(np.float64) else STASH_FLOAT,
+                      layout="channels last", variant=core.variant)
+        return m
+
+    def _match_unwrapped(self, inorm: gs.Node, ctx: Context) -> Match | Reject | None:
+        """GroupNorm(C, C) with the reshape back dropped: onnxscript's optimizer (dynamo's
+        default) removes Reshape(y, Shape(x)) when the reshape to groups [0, C, -1] left a
+        rank-3 x as it was (wav2vec2's feature extractor), leaving Reshape -> InstanceNormalization
+        -> per-channel Mul / Add."""
+        out = inorm.outputs[0]
+        for user in out.outputs:
+            after = user.outputs[0] if user.op == CAST and user.outputs else None
+            if user.op == RESHAPE or (after is not None and any(n.op == RESHAPE for n in after.outputs)):
+                return None  # the reshape back is the anchor
+        grouped, cast_in = through_cast(inorm.inputs[0])
+        split = G.producer(grouped)
+        if split is None or split.op != RESHAPE or not G.in_default_domain(split):
+            return None
+        core = _instance_norm_core(inorm, ctx)
+        if isinstance(core, Reject):
+            return core
+        x = split.inputs[0]
+        found = self._groups(x, split, None, core, ctx)
+        if found is None or isinstance(found, Reject):
+            return found
+        return self._complete(ctx, x, split, cast_in, core, None, None, found)
+
+    def _complete(self, ctx: Context, x: gs.Tensor, split: gs.Node, cast_in, core: Core, cast_out, back,
+                  found: tuple[int, int, int]) -> Match | Reject:
+        """The checks and the match common to both forms (``back`` None: no reshape back)."""
+        channels, groups, rank = found
+        miss = epsilon_miss(core.epsilon)
+        if miss:
+            return Reject(miss.reason, split)
+        if core.group_scale is not None and {core.group_scale.size, core.group_bias.size} != {groups}:
+            return Reject(f"InstanceNormalization scale/bias have {core.group_scale.size}/{core.group_bias.size} "
+                          f"elements, not one per group ({groups})", core.nodes[0])
+        for cast in (cast_in, cast_out):
+            miss = _not_float_cast(cast, ctx)
+            if miss:
+                return miss
+        # A Mul / Add that is not per channel (a positional or spatial tensor) stays after the
+        # fused op, as it was (tail.kept says which).
+        tail = channel_affine((back or core.nodes[-1]).outputs[0], ctx, channels, rank)
         op = INSTANCE_NORM if groups == channels else GROUP_NORM
         m = Match(output=tail.output)
         for n in [split, cast_in, *core.nodes, cast_out, back, *tail.nodes]:
@@ -304,7 +570,9 @@ class FuseGroupNorm(Pass):
         if escapes:
             return Reject(f"intermediate {escapes[0]}")
         m.tensors["x"] = x
-        m.values["scale"], m.values["bias"] = affine_params(tail, channels, work)
+        m.values["scale"], m.values["bias"] = _fold_group_params(core, tail, channels, groups, work)
+        if tail.kept:
+            m.info["kept"] = tail.kept
         m.info.update(op=op, groups=groups, channels=channels, rank=rank, epsilon=core.epsilon, dtype=work.name,
                       stash_type=STASH_DOUBLE if core.compute_bits == float_bits(np.float64) else STASH_FLOAT,
                       variant=core.variant + [f"{n.op} affine" for n in tail.nodes if n.op in ("Mul", "Add")])
@@ -314,7 +582,9 @@ class FuseGroupNorm(Pass):
     def _groups(x: gs.Tensor, split: gs.Node, back: gs.Node, core: Core, ctx: Context):
         """(channels, groups, rank) when split / back really group x's channels, else a Reject
         (or None: not a grouping reshape at all)."""
-        shape = ctx.shape(x)
+        shape = ctx.checked_shape(x)
+        if isinstance(shape, Reject):
+            return Reject(shape.reason, split)
         rank = None if shape is None else len(shape)
         if rank is None or rank < 2:
             return Reject(f"rank of '{x.name}' is unknown" if rank is None else f"'{x.name}' has rank {rank}", split)
@@ -336,6 +606,9 @@ class FuseGroupNorm(Pass):
         if core.axes is not None and normalize_axes(core.axes, len(grouped)) != whole:
             return Reject(f"statistics are taken over axes {list(core.axes)} of the grouped tensor, "
                           f"not over each whole group {list(whole)}", split)
+        if back is None:
+            # No reshape back: only a reshape that leaves x as it was (G == C, rank 3) is one.
+            return (channels, groups, rank) if groups == channels and restores(grouped, x, ctx) else None
         if not restores(reshape_dims(back, grouped, ctx), x, ctx):
             return Reject(f"reshape {G.node_label(back)} does not restore the shape of '{x.name}'", back)
         return channels, groups, rank
@@ -344,5 +617,17 @@ class FuseGroupNorm(Pass):
         attrs = {"epsilon": float(m.info["epsilon"])}
         if m.info["op"] == GROUP_NORM:
             attrs.update(num_groups=int(m.info["groups"]), stash_type=int(m.info["stash_type"]))
-        return emit_normalization(ctx, m.info["op"], attrs, m.tensors["x"], m.output, m.values["scale"],
-                                  m.values["bias"], np.dtype(m.info["dtype"]), m.output.name)
+        x, out = m.tensors["x"], m.output
+        if m.info.get("layout") != "channels last":
+            return emit_normalization(ctx, m.info["op"], attrs, x, out, m.values["scale"], m.values["bias"],
+                                      np.dtype(m.info["dtype"]), out.name)
+        rank = int(m.info["rank"])
+        first = gs.Variable(ctx.names.fresh(f"{x.name}_channels_first"), dtype=ctx.dtype(x))
+        normed = gs.Variable(ctx.names.fresh(f"{out.name}_channels_first"), dtype=ctx.dtype(out))
+        to_first = [0, rank - 1, *range(1, rank - 1)]
+        to_last = [0, *range(2, rank), 1]
+        return [gs.Node("Transpose", ctx.names.fresh(f"{out.name}/to_channels_first"), {"perm": to_first}, [x], [first]),
+                *emit_normalization(ctx, m.info["op"], attrs, first, normed, m.values["scale"], m.values["bias"],
+                                    np.dtype(m.info["dtype"]), out.name),
+                gs.Node("Transpose", ctx.names.fresh(f"{out.name}/to_channels_last"), {"perm": to_last}, [normed],
+                        [out])]

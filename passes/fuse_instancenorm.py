@@ -30,9 +30,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from normopt import graph as G
-from normopt.passes._norm import Affine, match_normalized, normalize_axes
+from normopt.passes._norm import Affine, Normalized, match_normalized, normalize_axes
 from normopt.passes.fuse_groupnorm import (INSTANCE_NORM, affine_params, channel_affine, emit_normalization,
-                                          settle_dtype, static_dim)
+                                          epsilon_miss, settle_dtype, static_dim)
 from normopt.pattern import Match
 from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
@@ -66,10 +66,14 @@ class FuseInstanceNorm(Pass):
 
     def match(self, node: gs.Node, ctx: Context) -> Match | Reject | None:
         t = node.outputs[0]
-        rank = ctx.rank(t)
+        shape = ctx.checked_shape(t)
+        if isinstance(shape, Reject):
+            # Only a candidate when the core matches: then the axes cannot be placed.
+            return shape if isinstance(match_normalized(t, ctx), Normalized) else None
+        rank = None if shape is None else len(shape)
         if rank is None or rank < 3:
             return None
-        channels = static_dim(ctx.shape(t), 1)
+        channels = static_dim(shape, 1)
         tail = channel_affine(t, ctx, channels, rank)
         evidence = varies_per_channel(tail, ctx, channels, rank)
         if not evidence and (rank < 4 or tail.kept):
@@ -89,6 +93,9 @@ class FuseInstanceNorm(Pass):
                           f"not over all spatial axes {list(spatial)}", core.match["mean"])
         if tail.kept:
             return Reject(f"{tail.kept}: not per channel")
+        miss = epsilon_miss(core.epsilon)
+        if miss:
+            return miss
         if channels is None:
             return Reject(f"channel count of '{core.x.name}' is unknown")
         m = Match(output=tail.output)

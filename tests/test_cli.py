@@ -45,7 +45,8 @@ def test_cli_fold_output_option_report_and_byte_identical_rerun(model_path, tmp_
     assert a.read_bytes() == b.read_bytes()
     data = json.loads(rep.read_text())
     assert data["status"] == "ok" and data["written"] is True
-    assert data["passes"][0]["name"] == "fold-batchnorm" and len(data["passes"][0]["applied"]) == 3
+    bn = next(p for p in data["passes"] if p["name"] == "fold-batchnorm")
+    assert [p["name"] for p in data["passes"]][:2] == ["fold-weightnorm", "fold-batchnorm"] and len(bn["applied"]) == 3
     assert data["verification"]["provider"] in ("cpu", "cuda") and data["verification"]["passed"] is True
     assert data["verification"]["inputs"][0] == {"name": "x", "dtype": "float32", "shape": [1, 4, 6, 6],
                                                  "source": "normal(0, 1)", "defaulted": False}
@@ -178,7 +179,7 @@ def test_cli_verify_same_and_different(model_path, tmp_path):
 
 def test_cli_passes_lists_registry():
     res = invoke("passes")
-    assert res.exit_code == 0 and res.output.startswith("fold-batchnorm")
+    assert res.exit_code == 0 and res.output.startswith("fold-weightnorm")
 
 
 def test_python_dash_m_normopt_works():

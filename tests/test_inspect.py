@@ -45,6 +45,12 @@ def zoo(rng):
                        ("native_out", FLOAT, seq), (wn_out, FLOAT, img)], net.inits, opset=OPSET)
 
 
+def test_inspect_weight_norm_without_its_pass_is_a_skip_that_says_so(rng):
+    found = inspect_model(zoo(rng), passes=["fold-batchnorm", "fuse-layernorm"])
+    weight_norm = by_kind(found)[("WeightNorm", "skip")]
+    assert weight_norm.reason == "weight normalization of constant weights: fold-weightnorm was not run"
+
+
 def by_kind(found):
     return {(s.kind, s.action): s for s in found.sites}
 
@@ -56,7 +62,7 @@ def test_inspect_lists_every_site_with_action_and_reason(rng):
     sites = by_kind(found)
     assert sorted(sites) == sorted([("BatchNormalization", "rewrite"), ("BatchNormalization", "skip"),
                                     ("LayerNorm", "rewrite"), ("LayerNorm", "skip"),
-                                    ("LayerNormalization", "keep"), ("WeightNorm", "skip")])
+                                    ("LayerNormalization", "keep"), ("WeightNorm", "rewrite")])
     assert len(found.sites) == 6
     folded = sites[("BatchNormalization", "rewrite")]
     assert folded.nodes == ["bn_foldable"] and folded.output == "bn_out" and folded.becomes == "folded into Conv"
@@ -66,10 +72,10 @@ def test_inspect_lists_every_site_with_action_and_reason(rng):
     assert fused.becomes == "LayerNormalization" and fused.pass_name == "fuse-layernorm" and len(fused.nodes) == 7
     assert "not its trailing axes" in sites[("LayerNorm", "skip")].reason
     assert sites[("LayerNormalization", "keep")].nodes == ["native_ln"]
-    weight_norm = sites[("WeightNorm", "skip")]
+    weight_norm = sites[("WeightNorm", "rewrite")]
     assert [n.split("(")[0].rstrip("0123456789") for n in weight_norm.nodes] == ["ReduceL", "Div", "Mul"]
-    assert "remove_weight_norm" in weight_norm.reason
-    assert len(found.pending) == 2
+    assert weight_norm.pass_name == "fold-weightnorm" and weight_norm.becomes == "Constant"
+    assert len(found.pending) == 3
     assert model.SerializeToString() == before  # nothing rewritten in the caller's model
 
 
@@ -118,11 +124,11 @@ def test_cli_inspect_text_and_json(rng, tmp_path):
     before = path.read_bytes()
     res = CliRunner().invoke(cli, ["inspect", str(path)])
     assert res.exit_code == 0, res.output
-    assert res.output.startswith(f"{path}: 6 normalization site(s): 2 to rewrite, 3 skipped, 1 already single ops")
+    assert res.output.startswith(f"{path}: 6 normalization site(s): 3 to rewrite, 2 skipped, 1 already single ops")
     assert "native BatchNormalization at bn_on_input -> 'bn2_out': skip: input 'x2' is a graph input" in res.output
     res = CliRunner().invoke(cli, ["inspect", str(path), "--format", "json"])
     data = json.loads(res.output)
-    assert data["kind"] == "inspect" and data["summary"] == {"rewrite": 2, "skip": 3, "keep": 1}
+    assert data["kind"] == "inspect" and data["summary"] == {"rewrite": 3, "skip": 2, "keep": 1}
     assert {s["kind"] for s in data["sites"]} == {"BatchNormalization", "LayerNorm", "LayerNormalization", "WeightNorm"}
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["zoo.onnx"]
 

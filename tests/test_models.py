@@ -9,7 +9,7 @@ from normopt.fold import FoldOptions, optimize
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 NORM_OPS = ("BatchNormalization", "GroupNormalization", "InstanceNormalization", "LayerNormalization",
-            "RMSNormalization")
+            "RMSNormalization", "ReduceL2")
 
 # Normalization ops expected after `normopt fold` (ops not listed: 0).
 EXPECTED = {
@@ -40,6 +40,14 @@ EXPECTED = {
     "convnext_ln_dynamo_op18.onnx": {"LayerNormalization": 3},
     # GroupNorm(32, 32) has one channel per group: it is an InstanceNormalization.
     "audio_gn_ts_op13.onnx": {"GroupNormalization": 2, "InstanceNormalization": 1},
+    # dynamo's optimizer dropped GN(32, 32)'s reshape back: still an InstanceNormalization.
+    "audio_gn_dynamo_op18.onnx": {"GroupNormalization": 2, "InstanceNormalization": 1},
+    # Weight norm folded to constant weights (no ReduceL2 left), then the BN folded into them.
+    "wav2vec_weightnorm_ts_op14.onnx": {},
+    "wav2vec_weightnorm_dynamo_noopt_op18.onnx": {},
+    "wav2vec_posconv_weightnorm_dynamo_op18.onnx": {},
+    # Affine-free BN whose ones/zeros are computed from the Conv output's shape.
+    "conv1d_bn_dynamo_noopt_op18.onnx": {},
     "unet_resblock_gn_ts_op14.onnx": {"GroupNormalization": 2},
     "unet_resblock_gn_ts_op17.onnx": {"GroupNormalization": 2},
     "video_gn_ts_op17.onnx": {"GroupNormalization": 2},
@@ -80,7 +88,48 @@ def test_models_fold_verifies_and_reaches_expected_ops(name):
     assert [i.name for i in result.model.graph.input] == [i.name for i in source.graph.input]
     assert [o.name for o in result.model.graph.output] == [o.name for o in source.graph.output]
     model_io.check(result.model, full=model_io.passes_full_check(source))
+    recorded = {label for rw in result.pipeline.applied for label in rw.removed}
+    recorded |= {s.node for s in result.pipeline.skipped}
+    assert [label for label in _must_have_records(source) if label not in recorded] == []
     # A second run changes nothing, byte for byte.
     again = optimize(result.model, FoldOptions(verify=False))
     assert not again.pipeline.applied and not again.pipeline.upgrades
     assert model_io.serialize(again.model) == model_io.serialize(result.model)
+
+
+def _must_have_records(model) -> list[str]:
+    """Sites that must end applied or skipped with a reason: each BatchNormalization, each
+    InstanceNormalization between Reshapes, each ReduceL2 of a constant (main graph)."""
+    graph = model.graph
+    producers = {out: n for n in graph.node for out in n.output}
+    consumers = {}
+    for n in graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    constants = {i.name for i in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+
+    def label(n):
+        return n.name or f"{n.op_type}({n.output[0]})"
+
+    def skip_cast(name, down):
+        node = None
+        if down:
+            users = consumers.get(name, [])
+            node = users[0] if len(users) == 1 else None
+        else:
+            node = producers.get(name)
+        if node is not None and node.op_type == "Cast":
+            return skip_cast(node.output[0] if down else node.input[0], down)
+        return node
+
+    sites = []
+    for n in graph.node:
+        if n.op_type == "BatchNormalization":
+            sites.append(label(n))
+        elif n.op_type == "ReduceL2" and n.input[0] in constants:
+            sites.append(label(n))
+        elif n.op_type == "InstanceNormalization":
+            up, down = skip_cast(n.input[0], False), skip_cast(n.output[0], True)
+            if up is not None and down is not None and up.op_type == down.op_type == "Reshape":
+                sites.append(label(n))
+    return sites

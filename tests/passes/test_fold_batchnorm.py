@@ -205,6 +205,49 @@ def test_fold_batchnorm_dynamo_unoptimized_computed_conv_bias_is_folded(rng):
     assert_folded(model, CONV)
 
 
+def _affine_free(model, form="expand", leak=False):
+    """dynamo with optimize=False writes BatchNorm(affine=False)'s ones and zeros as
+    Expand(CastLike([1.0], p), Shape(p, start=1, end=2)) of the producer's output p (or a
+    ConstantOfShape of that shape)."""
+    nodes = []
+    for key, fill in (("gamma", 1.0), ("beta", 0.0)):
+        model.graph.initializer.remove(next(i for i in model.graph.initializer if i.name == key))
+        nodes.append(helper.make_node("Shape", ["p"], [f"{key}_shape"], start=1, end=2))
+        if form == "expand":
+            nodes.append(helper.make_node("Constant", [], [f"{key}_fill"], value_floats=[fill]))
+            nodes.append(helper.make_node("CastLike", [f"{key}_fill", "p"], [f"{key}_like"]))
+            nodes.append(helper.make_node("Expand", [f"{key}_like", f"{key}_shape"], [key]))
+        else:
+            nodes.append(helper.make_node("ConstantOfShape", [f"{key}_shape"], [key],
+                                          value=numpy_helper.from_array(np.array([fill], np.float32))))
+    bn = model.graph.node[-1]
+    del model.graph.node[-1]
+    model.graph.node.extend(nodes + [bn])
+    if leak:
+        model.graph.output.append(helper.make_tensor_value_info("gamma_shape", onnx.TensorProto.INT64, [1]))
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("form", ["expand", "constant_of_shape"])
+def test_fold_batchnorm_dynamo_unoptimized_affine_free_parameters_are_folded(form, rng):
+    model = _affine_free(bn_model(rng, opset=18), form)
+    out, rec = assert_folded(model, CONV)
+    w, b = folded_weights(out)
+    p = initializers(model)
+    s = 1.0 / np.sqrt(p["var"].astype(np.float64) + 1e-5)
+    np.testing.assert_allclose(b, (p["B"] - p["mean"]) * s, rtol=1e-6)
+
+
+def test_fold_batchnorm_shape_computed_parameter_used_elsewhere_is_left_unchanged(rng):
+    model = _affine_free(bn_model(rng, opset=18), leak=True)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert [s.reason for s in rec.skipped] == [
+        "a computed parameter of the BatchNormalization is also used by graph output"]
+    assert_equivalent(model, out)
+
+
 @pytest.mark.parametrize("producer, dtype, param_dtype, opset", [
     ("conv", np.float16, None, 17),
     ("conv", np.float16, np.float32, 15),  # mixed: fp16 weights, fp32 BatchNormalization parameters
@@ -370,6 +413,13 @@ def _bn_reads(name, between=None):
     return mutate
 
 
+def _declared(name, dims):
+    """A value_info for ``name`` that contradicts what the graph computes (no checker sees it)."""
+    def mutate(model):
+        model.graph.value_info.append(helper.make_tensor_value_info(name, FLOAT, dims))
+    return mutate
+
+
 NEAR_MISSES = {  # id: (bn_model kwargs, mutation, reason, onnxruntime can run it)
     "training_mode": (dict(opset=15, bn_attrs=dict(training_mode=1)), None, "training mode (training_mode=1)", False),
     "running_stats_used": (dict(opset=15), _bn_outputs("run_mean", "run_var", saved=False),
@@ -400,6 +450,9 @@ NEAR_MISSES = {  # id: (bn_model kwargs, mutation, reason, onnxruntime can run i
                                         "ConvTranspose input channels 3 are not divisible by group 2", False),
     # on [N, L, F] BatchNormalization normalizes L; L == F here so that only the axis is wrong
     "matmul_rank_3": (dict(producer="matmul", bias="right", rows=(6,)), None, "axis 1 of a rank-3 MatMul output", True),
+    # the MatMul output is [N, L, F], declared [N*L, F]: the declaration must not place the axis
+    "matmul_declared_rank_contradicts": (dict(producer="matmul", rows=(6,)), _declared("p", [12, 6]),
+                                         "declared shape [12, 6] of 'p' contradicts the inferred [2, 6, 6]", True),
     "no_producer": (dict(cin=4, cout=4), _bn_reads("X"), "is a graph input: no producer", True),
     "producer_cannot_absorb": ({}, _bn_reads("p", between="Relu"), "(Relu) cannot absorb", True),
 }
@@ -556,3 +609,113 @@ def test_fold_batchnorm_scale_output_channels_property(op, group, cin_g, cout_g,
     got = scale_output_channels(w, s, op, group, trans_b)
     want = np.array([w[i] * s[_channel_of(op, i, w.shape, group, trans_b)] for i in np.ndindex(w.shape)])
     np.testing.assert_array_equal(got, want.reshape(w.shape))
+
+
+# ----------------------------------------------------------------------------- Keras / TF arithmetic
+
+def keras_bn(rng, producer="conv", *, param_shape=None, gamma=True, spelling="reciprocal", consumer=None):
+    """Keras' batch_normalization as tf2onnx writes it without constant folding:
+    x * a + (beta - mean * a), a = gamma * rsqrt(var + eps), rsqrt as Reciprocal(Sqrt) or 1 / Sqrt.
+    producer: "conv" (NCHW, [C, 1, 1] parameters), "nhwc" (Conv -> Transpose to NHWC, [C]),
+    "dense" (MatMul on [N, L, K], [F]), "gemm" ([N, K], [F]), "relu" (nothing to fold into)."""
+    c = 6
+    nodes, inits = [], {}
+    if producer in ("conv", "nhwc", "relu"):
+        inits["W"] = floats(rng, c, 4, 3, 3)
+        nodes.append(helper.make_node("Conv", ["X", "W"], ["conv"], pads=[1, 1, 1, 1]))
+        x_shape, y_shape = [BATCH, 4, SIZE, SIZE], [BATCH, c, SIZE, SIZE]
+        x, shape = "conv", param_shape or [c, 1, 1]
+        if producer == "nhwc":
+            nodes.append(helper.make_node("Transpose", ["conv"], ["nhwc"], perm=[0, 2, 3, 1]))
+            x, shape, y_shape = "nhwc", param_shape or [c], [BATCH, SIZE, SIZE, c]
+        if producer == "relu":
+            nodes.append(helper.make_node("Relu", ["conv"], ["relu"]))
+            x = "relu"
+    elif producer == "dense":
+        inits["W"] = floats(rng, 5, c)
+        nodes.append(helper.make_node("MatMul", ["X", "W"], ["dense"]))
+        x_shape, y_shape, x, shape = [BATCH, 3, 5], [BATCH, 3, c], "dense", param_shape or [c]
+    else:
+        inits.update(W=floats(rng, 5, c), C=floats(rng, c))
+        nodes.append(helper.make_node("Gemm", ["X", "W", "C"], ["gemm"]))
+        x_shape, y_shape, x, shape = [BATCH, 5], [BATCH, c], "gemm", param_shape or [c]
+    inits.update(gamma=floats(rng, *shape, low=0.5, high=1.5), beta=floats(rng, *shape),
+                 mean=floats(rng, *shape), var=floats(rng, *shape, low=0.5, high=2.0), eps=np.array(1e-3, np.float32))
+    nodes.append(helper.make_node("Add", ["var", "eps"], ["var_eps"]))
+    nodes.append(helper.make_node("Sqrt", ["var_eps"], ["std"]))
+    if spelling == "reciprocal":
+        nodes.append(helper.make_node("Reciprocal", ["std"], ["rsqrt"]))
+    else:
+        inits["one"] = np.array(1.0, np.float32)
+        nodes.append(helper.make_node("Div", ["one", "std"], ["rsqrt"]))
+    nodes.append(helper.make_node("Mul", ["rsqrt", "gamma"] if gamma else ["rsqrt"], ["a"])
+                 if gamma else helper.make_node("Identity", ["rsqrt"], ["a"]))
+    nodes.append(helper.make_node("Mul", ["mean", "a"], ["mean_a"]))
+    nodes.append(helper.make_node("Sub", ["beta", "mean_a"], ["b"]))
+    nodes.append(helper.make_node("Mul", [x, "a"], ["xa"]))
+    nodes.append(helper.make_node("Add", ["xa", "b"], ["Y"]))
+    outputs = [("Y", FLOAT, y_shape)]
+    if consumer == "xa":
+        outputs.append(("xa", FLOAT, y_shape))
+    elif consumer:
+        nodes.append(helper.make_node("Relu", [x], ["extra"]))
+        outputs.append(("extra", FLOAT, y_shape if producer != "nhwc" else [BATCH, SIZE, SIZE, 6]))
+    return make_model(nodes, [("X", FLOAT, x_shape)], outputs, inits, opset=17)
+
+
+@pytest.mark.parametrize("producer, kwargs, expected", [
+    ("conv", {}, {"Conv": 1}),
+    ("conv", dict(spelling="div", gamma=False), {"Conv": 1}),
+    ("nhwc", {}, {"Conv": 1, "Transpose": 1}),
+    ("dense", {}, {"MatMul": 1, "Add": 1}),
+    ("gemm", {}, {"Gemm": 1}),
+], ids=["conv_nchw", "conv_no_gamma_div", "conv_then_transpose_nhwc", "dense_rank3", "gemm"])
+def test_fold_batchnorm_keras_arithmetic_is_folded_into_the_producer(producer, kwargs, expected, rng):
+    model = keras_bn(rng, producer, **kwargs)
+    out, rec = assert_folded(model, expected)
+    assert rec.applied[0].info["form"] == "x * a + b"
+
+
+@pytest.mark.parametrize("producer, kwargs, expected, reason", [
+    ("relu", {}, {"Conv": 1, "Relu": 1, BN: 1}, "producer Relu(relu) (Relu) cannot absorb"),
+    ("conv", dict(consumer=True), {"Conv": 1, "Relu": 1, BN: 1}, "output also feeds Relu(extra)"),
+    # on [N, L, F] a and b vary over L (axis 1): a BatchNormalization with L channels, not the MatMul's
+    ("dense", dict(param_shape=[3, 1]), {"MatMul": 1, BN: 1}, "not its features (axis 2)"),
+], ids=["relu", "conv_other_consumer", "dense_rows"])
+def test_fold_batchnorm_keras_arithmetic_no_producer_takes_becomes_batchnormalization(producer, kwargs, expected,
+                                                                                      reason, rng):
+    """x * a + b over axis 1 that no producer absorbs is BatchNormalization(scale a, bias b,
+    mean 0, var 1, epsilon 0): exactly the arithmetic."""
+    model = keras_bn(rng, producer, **kwargs)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == expected and len(rec.applied) == 1
+    assert reason in rec.applied[0].info["not_folded"]
+    bn = next(n for n in out.graph.node if n.op_type == BN)
+    assert [a.f for a in bn.attribute if a.name == "epsilon"] == [0.0]
+    # The new BatchNormalization is a site of its own: left, with the same kind of reason.
+    assert len(rec.skipped) == 1 and rec.skipped[0].node in (bn.name, "MatMul(dense)")
+    assert_equivalent(model, out)
+
+
+@pytest.mark.parametrize("producer, kwargs, reason", [
+    ("conv", dict(param_shape=[1, 1, SIZE]), "varies over axis 3 of the Conv output, not its channels"),
+    ("conv", dict(param_shape=[6, 1, SIZE]), "the parameters vary over axes [1, 3]"),
+    ("nhwc", dict(consumer=True), "output also feeds Relu"),
+    ("conv", dict(consumer="xa"), "'xa' (x * a) is also used by graph output"),
+], ids=["spatial", "two_axes", "transpose_other_consumer", "xa_used"])
+def test_fold_batchnorm_keras_arithmetic_near_miss_is_left_unchanged(producer, kwargs, reason, rng):
+    model = keras_bn(rng, producer, **kwargs)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert any(reason in s.reason for s in rec.skipped), [s.reason for s in rec.skipped]
+    assert_equivalent(model, out)
+
+
+def test_fold_batchnorm_plain_affine_without_rsqrt_is_not_a_candidate(rng):
+    """x * a + b with constant a, b but no square root is not batch-norm arithmetic: no record."""
+    inits = {"W": floats(rng, 6, 4, 3, 3), "a": floats(rng, 6, 1, 1), "b": floats(rng, 6, 1, 1)}
+    nodes = [helper.make_node("Conv", ["X", "W"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["conv", "a"], ["xa"]), helper.make_node("Add", ["xa", "b"], ["Y"])]
+    model = make_model(nodes, [("X", FLOAT, [BATCH, 4, SIZE, SIZE])], [("Y", FLOAT, [BATCH, 6, SIZE, SIZE])], inits)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied and not rec.skipped

@@ -315,6 +315,40 @@ def test_fuse_groupnorm_layernorm_of_flattened_rows_is_not_a_candidate(rng):
     assert op_counts(out) == op_counts(model) and not rec.applied and not rec.skipped
 
 
+@pytest.mark.parametrize("kwargs", [
+    dict(in_scale=[2.0, -0.5]), dict(in_bias=[0.5, -1.0]), dict(in_scale=[1.5, 0.25], in_bias=[-0.3, 2.0]),
+    dict(in_scale=[0.5, 2.0, -1.0], in_bias=[1.0, 0.0, -2.0], c=12, g=3, affine="none"),
+    dict(in_scale=[3.0, 0.5], in_bias=[1.0, -1.0], affine="scale"),
+], ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_fuse_groupnorm_instancenorm_scale_bias_are_folded_per_group_channel(kwargs, rng):
+    """InstanceNormalization's per-group s[g], b[g] before the per-channel gamma, beta:
+    gamma[c] * (s[g] * n + b[g]) + beta[c], with channel c in group c // (C / G)."""
+    model = gn_model(rng, **kwargs)
+    out, result, _ = fuse(model, FUSED)
+    assert "per-group scale/bias" in result.applied[0].info["variant"]
+    c, g = kwargs.get("c", 8), kwargs.get("g", 2)
+    scale = np.repeat(np.full(g, kwargs.get("in_scale", 1.0)), c // g)
+    fused = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    node = next(n for n in out.graph.node if n.op_type == GN)
+    gamma = fused[node.input[1]]
+    if kwargs.get("affine") == "none":
+        np.testing.assert_allclose(gamma, scale, rtol=1e-6)
+    else:
+        assert not np.allclose(gamma, scale)
+
+
+@pytest.mark.parametrize("affine, expected", [
+    ("scale_spatial", {GN: 1, "Mul": 1, "Add": 1, "Constant": 2, "Identity": 1}),
+    ("bias_spatial", {GN: 1, "Add": 1, "Constant": 1, "Identity": 1}),
+])
+def test_fuse_groupnorm_tail_not_per_channel_stays_outside(affine, expected, rng):
+    """A Mul / Add by a tensor that varies over spatial axes is not a GroupNorm affine: the
+    fused op takes what is per channel, and the rest stays after it."""
+    model = gn_model(rng, affine=affine)
+    out, result, _ = fuse(model, expected)
+    assert "kept outside" in result.applied[0].info["kept"]
+
+
 # ----------------------------------------------------------------------------- near misses
 
 def escaping_instancenorm(rng):
@@ -322,6 +356,31 @@ def escaping_instancenorm(rng):
     inorm = next(n for n in model.graph.node if n.op_type == IN)
     model.graph.output.append(helper.make_tensor_value_info(inorm.output[0], F32, [BATCH, 2, 16]))
     return model
+
+
+def int_cast_gn(rng, where):
+    """InstanceNormalization -> Cast(int32) -> Reshape -> Cast(float): the Cast rounds the
+    normalized values to integers (or the grouped input, before the statistics)."""
+    net = Net(rng, 17)
+    t = net.op("Reshape", "X", net.const([0, 2, -1], "int"))
+    if where == "in":
+        t = net.op("Cast", net.op("Cast", t, to=TensorProto.INT32), to=F32)
+    t = net.op("InstanceNormalization", t, net.const(np.ones(2)), net.const(np.zeros(2)))
+    if where == "out":
+        t = net.op("Cast", t, to=TensorProto.INT32)
+    t = net.op("Reshape", t, net.op("Shape", "X"))
+    if where == "out":
+        t = net.op("Cast", t, to=F32)
+    t = net.op("Add", net.op("Mul", t, net.const(rng.standard_normal((8, 1, 1)))), net.const(rng.standard_normal((8, 1, 1))))
+    return net.model(t, [BATCH, 8, 4, 4])
+
+
+def in_scale_input(rng):
+    net = Net(rng, 17)
+    t = net.op("Reshape", "X", net.const([0, 2, -1], "int"))
+    t = net.op("InstanceNormalization", t, "s", net.const(np.zeros(2)))
+    t = net.op("Reshape", t, net.op("Shape", "X"))
+    return net.model(t, [BATCH, 8, 4, 4], extra_inputs=[("s", F32, [2])])
 
 
 def channels_unknown(rng):
@@ -339,10 +398,9 @@ def eps_as_input(rng):
 @pytest.mark.parametrize("build, reason", [
     (lambda rng: gn_model(rng, split="wrong_axis"), "does not split the channels"),
     (lambda rng: gn_model(rng, c=6, g=4, spatial=(2, 2)), "4 groups do not divide 6 channels"),
-    (lambda rng: gn_model(rng, in_scale=2.0), "InstanceNormalization scale is not all 1"),
-    (lambda rng: gn_model(rng, in_bias=0.5), "InstanceNormalization bias is not all 0"),
-    (lambda rng: gn_model(rng, affine="scale_spatial"), "not per channel"),
-    (lambda rng: gn_model(rng, affine="bias_spatial"), "not per channel"),
+    (lambda rng: int_cast_gn(rng, "out"), "Cast Cast9 to int32 inside the group normalization is not a float cast"),
+    (lambda rng: int_cast_gn(rng, "in"), "Cast Cast5 to int32 inside the group normalization"),
+    (in_scale_input, "InstanceNormalization scale 's' is not a constant"),
     (escaping_instancenorm, "is also used by graph output"),
     (eps_as_input, "epsilon 'eps' is not a constant"),
     (channels_unknown, "channel count of 'X' is unknown"),
@@ -353,7 +411,7 @@ def eps_as_input(rng):
                           dtype=F32, compute=F16), "narrower than the output's float32"),
     (lambda rng: mixed_gn(rng, F32, cast_out=F16, tail_cast=F32), "is computed in float16, narrower than the output's"),
     (lambda rng: mixed_gn(rng, F16, cast_out=F32, out=F32), "is computed in float16, narrower than the output's"),
-], ids=["wrong_axis", "g_not_dividing_c", "in_scale", "in_bias", "gamma_spatial", "beta_spatial",
+], ids=["wrong_axis", "g_not_dividing_c", "int_cast_after_norm", "int_cast_before_norm", "in_scale_input",
         "intermediate_output", "eps_input", "channels_unknown", "partial_group_axes", "not_restored_rank",
         "not_restored_dims", "fp16_statistics", "fp16_rounding_before_affine", "fp16_statistics_fp32_output"])
 def test_fuse_groupnorm_near_miss_is_left_unchanged(build, reason, rng):
@@ -361,3 +419,145 @@ def test_fuse_groupnorm_near_miss_is_left_unchanged(build, reason, rng):
     out, rec = run_pass(PASS, model)
     assert op_counts(out) == op_counts(model)
     assert not rec.applied and any(reason in s.reason for s in rec.skipped), [s.reason for s in rec.skipped]
+
+
+def test_fuse_groupnorm_declared_shape_contradicting_inference_is_skipped(rng):
+    """x = Reshape(X, Shape(S)) is [N, C, H, W] at run time but declared [N, C, H*W]: the
+    declaration is not trusted to place the channel and spatial axes."""
+    net = Net(rng, 17)
+    x = net.op("Reshape", "X", net.op("Shape", "S"))
+    y = group_norm(net, x, 8, 2, [4, 4])
+    model = net.model(y, [BATCH, 8, 16], [BATCH, 8, 4, 4], extra_inputs=[("S", F32, [BATCH, 8, 4, 4])])
+    model.graph.value_info.append(helper.make_tensor_value_info(x, F32, [BATCH, 8, 16]))
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert [s.reason for s in rec.skipped] == [
+        f"declared shape [2, 8, 16] of '{x}' contradicts the inferred [2, 8, 4, 4]"]
+    assert_equivalent(model, out)
+
+
+def unwrapped_gn(rng, c=8, spatial=(19,), target=None, in_scale=1.0, affine=True, opset=18):
+    """dynamo (opset 18, default optimizer) export of wav2vec2's GroupNorm(C, C) on [N, C, T]:
+    the reshape back is gone (the reshape to [0, C, -1] left x as it was)."""
+    net = Net(rng, opset, constants="init")
+    t = net.op("Reshape", "X", net.const(target or [0, c, -1], "int"))
+    t = net.op("InstanceNormalization", t, net.const(np.full(c, in_scale)), net.const(np.zeros(c)), epsilon=1e-5)
+    if affine:
+        t = net.op("Add", net.op("Mul", t, net.const(rng.uniform(0.5, 1.5, (c, 1)))), net.const(rng.standard_normal((c, 1))))
+    shape = [BATCH, c, *spatial]
+    out = [BATCH, c, int(np.prod(spatial))] if target is None and len(spatial) > 1 else shape
+    return net.model(t, shape, out)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(affine=False), dict(in_scale=2.0), dict(opset=17)],
+                         ids=["affine", "no_affine", "in_scale", "opset17"])
+def test_fuse_groupnorm_dynamo_groups_equal_channels_without_reshape_back_is_fused(kwargs, rng):
+    model = unwrapped_gn(rng, **kwargs)
+    out, result, _ = fuse(model, {IN: 1, "Identity": 1})
+    assert result.applied[0].info["op"] == IN and not result.upgrades
+
+
+def test_fuse_groupnorm_flattening_reshape_before_instancenorm_is_not_a_candidate(rng):
+    """[N, C, H, W] -> [N, C, H*W] -> InstanceNormalization, no reshape back: the output keeps
+    the flattened shape, so it is no normalization of x's shape."""
+    model = unwrapped_gn(rng, spatial=(4, 5))
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied and not rec.skipped
+
+
+def keras_gn(rng, c=8, g=2, spatial=(4, 4), keras3=False, axes=None, gamma_shape=None, opset=17, scale=True,
+             center=True, stack=False, channels_first=False):
+    """Keras GroupNormalization (axis=-1) as tf2onnx writes it: x [N, ..., C] reshaped to
+    [-1, ..., G, C/G], tf.nn.moments (SquaredDifference as Sub, Mul) or Keras 3's
+    E[x^2] - E[x]^2, then tf.nn.batch_normalization's x*s + (beta - mean*s) (Keras 3:
+    x*s + ((-mean)*s + beta)) with gamma, beta [1, ..., G, C/G], reshaped back to Shape(x)."""
+    net = Net(rng, opset, constants="init")
+    rank = 2 + len(spatial)
+    if stack:  # tf.keras: tf.stack([shape[0], ..., shape[-1] // G]) with G inserted, from tf.shape(x)
+        shape = net.op("Shape", "X")
+        dims = [net.op("Gather", shape, net.const(i, "int"), axis=0) for i in range(rank)]
+        dims[-1] = net.op("Div", dims[-1], net.const(g, "int"))
+        pieces = [net.op("Unsqueeze", d, net.const([0], "int")) for d in dims]
+        pieces.insert(rank - 1, net.const([g], "int"))
+        target = net.op("Concat", *pieces, axis=0)
+    elif channels_first:  # GroupNormalization(axis=1): groups inserted before the channels
+        target = net.const([-1, g, c // g, *spatial], "int")
+    else:
+        target = net.const([-1, *spatial, g, c // g], "int")
+    xg = net.op("Reshape", "X", target)
+    axes = axes or ([*range(2, rank + 1)] if channels_first else [*range(1, rank - 1), rank])
+    mean = net.mean(xg, axes)
+    if keras3:
+        var = net.op("Sub", net.mean(net.op("Mul", xg, xg), axes), net.op("Mul", mean, mean))
+    else:
+        d = net.op("Sub", xg, mean)
+        var = net.mean(net.op("Mul", d, d), axes)
+    inv = net.op("Reciprocal", net.op("Sqrt", net.op("Add", var, net.const(1e-3))))
+    bshape = [1, g, c // g] + [1] * (rank - 2) if channels_first else [1] * (rank - 1) + [g, c // g]
+    pshape = gamma_shape or bshape
+    s = net.op("Mul", inv, net.const(rng.uniform(0.5, 1.5, pshape))) if scale else inv
+    beta = net.const(rng.standard_normal(bshape))
+    if not center:  # tf.nn.batch_normalization without offset: x*s + (-mean*s)
+        y = net.op("Sub", net.op("Mul", xg, s), net.op("Mul", mean, s))
+    else:
+        if keras3:
+            shift = net.op("Add", net.op("Mul", net.op("Neg", mean), s), beta)
+        else:
+            shift = net.op("Sub", beta, net.op("Mul", mean, s))
+        y = net.op("Add", net.op("Mul", xg, s), shift)
+    y = net.op("Reshape", y, net.op("Shape", "X"))
+    return net.model(y, [BATCH, c, *spatial] if channels_first else [BATCH, *spatial, c])
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(keras3=True), dict(spatial=(6,)), dict(scale=False)],
+                         ids=["tf_nn_moments", "keras3", "rank3", "no_gamma"])
+def test_fuse_groupnorm_keras_channels_first_is_fused(kwargs, rng):
+    model = keras_gn(rng, channels_first=True, **kwargs)
+    out, result, _ = fuse(model, FUSED)
+    assert "TF/Keras" in result.applied[0].info["variant"] and "layout" not in result.applied[0].info
+
+
+def test_fuse_groupnorm_keras_channels_first_gamma_over_spatial_is_left_unchanged(rng):
+    model = keras_gn(rng, channels_first=True, gamma_shape=[1, 2, 4, 4, 1])
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert any("of shape [1, 2, 4, 4, 1] does not broadcast to the normalized shape [2, 4, 1, 1]" in s.reason
+               for s in rec.skipped), [s.reason for s in rec.skipped]
+    assert_equivalent(model, out)
+
+
+@pytest.mark.parametrize("kwargs, op", [
+    (dict(), GN), (dict(keras3=True), GN), (dict(spatial=(6,)), GN), (dict(c=12, g=3, spatial=(2, 3, 2)), GN),
+    (dict(c=4, g=4), IN), (dict(opset=18), GN), (dict(scale=False), GN), (dict(scale=False, center=False), GN),
+    (dict(stack=True), GN),
+], ids=["tf_nn_moments", "keras3", "rank3", "rank5", "groups_equal_channels", "opset18", "no_gamma", "no_affine",
+        "shape_stack"])
+def test_fuse_groupnorm_keras_channels_last_is_fused_between_transposes(kwargs, op, rng):
+    model = keras_gn(rng, **kwargs)
+    out, result, _ = fuse(model, {op: 1, "Transpose": 2, "Identity": 1})
+    info = result.applied[0].info
+    assert info["layout"] == "channels last" and "TF/Keras" in info["variant"]
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    (dict(axes=[1, 2, 3, 4]), "not over each whole group [1, 2, 4]"),
+    (dict(axes=[1, 2]), "not over each whole group [1, 2, 4]"),
+    (dict(gamma_shape=[1, 4, 1, 2, 4]), "gamma 'c"),
+], ids=["over_groups_too", "spatial_only", "gamma_spatial"])
+def test_fuse_groupnorm_keras_channels_last_near_miss_is_left_unchanged(kwargs, reason, rng):
+    model = keras_gn(rng, **kwargs)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert any(reason in s.reason for s in rec.skipped), [s.reason for s in rec.skipped]
+    assert_equivalent(model, out)
+
+
+def test_fuse_groupnorm_epsilon_float32_cannot_hold_is_left_unchanged(rng):
+    """A float64 group norm with epsilon 1e-50: the op's float32 attribute would hold 0, and a
+    constant group would become NaN where the original gives 0."""
+    model = gn_model(rng, core="decomposed", dtype=TensorProto.DOUBLE, eps=1e-50)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert [s.reason for s in rec.skipped] == [
+        "epsilon 1e-50 is not representable as the op's float32 attribute (it would be 0)"]
+    assert_equivalent(model, out)

@@ -164,3 +164,31 @@ def test_fuse_instancenorm_near_miss_is_left_unchanged(kwargs, reason, rng):
     out, rec = run_pass(PASS, model)
     assert op_counts(out) == op_counts(model)
     assert not rec.applied and any(reason in s.reason for s in rec.skipped), [s.reason for s in rec.skipped]
+
+
+def test_fuse_instancenorm_declared_shape_contradicting_inference_is_skipped(rng):
+    """The core's output declared [N, C, H*W] while the graph computes [N, C, H, W]: the
+    declaration cannot place the spatial axes, and it is not trusted."""
+    model = in_model(rng)
+    div = next(n for n in model.graph.node if n.op_type == "Div")
+    model.graph.value_info.append(helper.make_tensor_value_info(div.output[0], F32, [BATCH, C, 16]))
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert [s.reason for s in rec.skipped] == [
+        f"declared shape [2, 6, 16] of '{div.output[0]}' contradicts the inferred [2, 6, 4, 4]"]
+    assert_equivalent(model, out)
+
+
+def test_fuse_instancenorm_epsilon_float32_cannot_hold_is_left_unchanged(rng):
+    net = Net(rng, 14, TensorProto.DOUBLE)
+    y = instance_norm(net, "X", 4)
+    eps = next(n for n in net.nodes if n.op_type == "Add" and any(i in net.inits for i in n.input))
+    net.inits[next(i for i in eps.input if i in net.inits)] = np.array(1e-50)
+    net.nodes.append(helper.make_node("Identity", [y], ["Y"]))
+    shape = [BATCH, C, 4, 4]
+    model = make_model(net.nodes, [("X", TensorProto.DOUBLE, shape)], [("Y", TensorProto.DOUBLE, shape)], net.inits)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert [s.reason for s in rec.skipped] == [
+        "epsilon 1e-50 is not representable as the op's float32 attribute (it would be 0)"]
+    assert_equivalent(model, out)
