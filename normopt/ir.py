@@ -590,9 +590,11 @@ def is_sorted(graph: gs.Graph) -> bool:
 
 # ----------------------------------------------------------------------------- export
 
-def export_graph(g: gs.Graph, weights: Weights) -> onnx.GraphProto:
+def export_graph(g: gs.Graph, weights: Weights, main: bool = True) -> onnx.GraphProto:
     """``g`` as a GraphProto: source protos for untouched nodes and initializers, headers for
-    large in-memory weights. Constants declared by an enclosing graph stay there."""
+    large in-memory weights of the main graph (a subgraph's stay whole: they are rare, and the
+    checker could not read headers there). Constants declared by an enclosing graph stay there."""
+    header_ok = main
     src: onnx.GraphProto | None = g.__dict__.get("_src")
     gp = onnx.GraphProto()
     gp.name = g.name or (src.name if src is not None else "")
@@ -611,8 +613,9 @@ def export_graph(g: gs.Graph, weights: Weights) -> onnx.GraphProto:
                  if isinstance(c._values, ProtoValues) and c._values.weights is not _IN_MEMORY}
     inits = []
     if src is not None:  # source initializers first, in source order, while something reads them
-        inits += [_export_tensor(by_source[id(init)], weights) for init in src.initializer if id(init) in by_source]
-    inits += [_export_tensor(c, weights) for c in used.values()
+        inits += [_export_tensor(by_source[id(init)], weights, header_ok) for init in src.initializer
+                  if id(init) in by_source]
+    inits += [_export_tensor(c, weights, header_ok) for c in used.values()
               if not isinstance(c._values, ProtoValues) or c._values.weights is _IN_MEMORY]
     gp.initializer.extend(inits)
 
@@ -638,7 +641,7 @@ def export_graph(g: gs.Graph, weights: Weights) -> onnx.GraphProto:
     return gp
 
 
-def _export_tensor(c: gs.Constant, weights: Weights) -> onnx.TensorProto:
+def _export_tensor(c: gs.Constant, weights: Weights, header_ok: bool = True) -> onnx.TensorProto:
     values = c._values
     if isinstance(values, ProtoValues):
         tensor = values.tensor
@@ -647,7 +650,7 @@ def _export_tensor(c: gs.Constant, weights: Weights) -> onnx.TensorProto:
             copy.CopyFrom(tensor)
             copy.name = c.name
             return copy
-        if not is_header(tensor) and _inline_bytes(tensor) >= HEADER_MIN_BYTES:
+        if header_ok and not is_header(tensor) and _inline_bytes(tensor) >= HEADER_MIN_BYTES:
             return weights.header_for(tensor)
         return tensor
     return OnnxExporter.export_tensor_proto(c)
@@ -692,10 +695,10 @@ def _export_node(node: gs.Node, weights: Weights) -> onnx.NodeProto:
             attr.name = key
             if isinstance(value, gs.Graph):
                 attr.type = onnx.AttributeProto.GRAPH
-                attr.g.CopyFrom(export_graph(value, weights))
+                attr.g.CopyFrom(export_graph(value, weights, main=False))
             else:
                 attr.type = onnx.AttributeProto.GRAPHS
-                attr.graphs.extend(export_graph(v, weights) for v in value)
+                attr.graphs.extend(export_graph(v, weights, main=False) for v in value)
             proto.attribute.append(attr)
         else:
             proto.attribute.extend(OnnxExporter.export_attributes({key: value}))

@@ -81,6 +81,7 @@ def _check_external(model: onnx.ModelProto, base_dir: str) -> None:
     weights = ir.Weights(base_dir)
     root = os.path.realpath(base_dir)
     sizes: dict[str, int] = {}
+    in_subgraph = {id(t) for g in list(all_graphs(model.graph))[1:] for t in g.initializer}
     for t in _initializers(model.graph):
         if not ir.is_header(t):
             continue
@@ -101,7 +102,7 @@ def _check_external(model: onnx.ModelProto, base_dir: str) -> None:
         if offset < 0 or length < 0 or offset + length > sizes[path] or (expected and length < expected):
             raise ValueError(f"tensor '{t.name}': external data '{location}' is too short "
                              f"(offset {offset}, length {length}, file {sizes[path]} bytes)")
-        if math.prod(t.dims) <= KEEP_ELEMENTS:
+        if math.prod(t.dims) <= KEEP_ELEMENTS or id(t) in in_subgraph:  # small, or a subgraph's (rare)
             data = weights.raw_bytes(t)
             t.data_location = onnx.TensorProto.DEFAULT
             del t.external_data[:]

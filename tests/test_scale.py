@@ -219,3 +219,32 @@ def test_save_refuses_nothing_on_a_plain_model(tmp_path, rng):
     assert onnx.load(tmp_path / "m.onnx") == model
     with pytest.raises(ModelSaveError):
         model_io.save(model, tmp_path / "missing" / "m.onnx")
+
+
+def test_large_weights_inside_subgraphs_fold_in_both_layouts(tmp_path, rng):
+    """Weights of If branches (kept whole: the checker reads them there) with a LayerNorm in each
+    branch, in one file and with external data, in and out."""
+    def branch(name):
+        nodes = [helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_m"]),
+                 helper.make_node("ReduceMean", [f"{name}_m"], [f"{name}_mu"], axes=[-1]),
+                 helper.make_node("Sub", [f"{name}_m", f"{name}_mu"], [f"{name}_d"]),
+                 helper.make_node("Pow", [f"{name}_d", f"{name}_two"], [f"{name}_sq"]),
+                 helper.make_node("ReduceMean", [f"{name}_sq"], [f"{name}_v"], axes=[-1]),
+                 helper.make_node("Add", [f"{name}_v", f"{name}_eps"], [f"{name}_ve"]),
+                 helper.make_node("Sqrt", [f"{name}_ve"], [f"{name}_s"]),
+                 helper.make_node("Div", [f"{name}_d", f"{name}_s"], [f"{name}_y"])]
+        inits = [numpy_helper.from_array(rng.standard_normal((512, 64)).astype(np.float32), f"{name}_w"),
+                 numpy_helper.from_array(np.array(2.0, np.float32), f"{name}_two"),
+                 numpy_helper.from_array(np.array(1e-5, np.float32), f"{name}_eps")]
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"{name}_y", FLOAT, [2, 64])], inits)
+    model = make_model([helper.make_node("If", ["c"], ["y"], then_branch=branch("t"), else_branch=branch("e"))],
+                       [("x", FLOAT, [2, 512]), ("c", onnx.TensorProto.BOOL, [])], [("y", FLOAT, [2, 64])], opset=17)
+    onnx.save(model, tmp_path / "m.onnx")
+    for flags, name in (([], "one.onnx"), (["--external-data"], "ext.onnx")):
+        res = CliRunner().invoke(cli, ["fold", str(tmp_path / "m.onnx"), "-o", str(tmp_path / name), "--provider", "cpu",
+                                       "--strict", *flags])
+        assert res.exit_code == 0, res.output
+        assert op_counts(onnx.load(tmp_path / name)) == {"If": 1, "MatMul": 2, "LayerNormalization": 2}
+    res = CliRunner().invoke(cli, ["fold", str(tmp_path / "ext.onnx"), "-o", str(tmp_path / "again.onnx"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "again.onnx.data").exists()
