@@ -77,36 +77,39 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
 
 def _check_external(model: onnx.ModelProto, base_dir: str) -> None:
     """Every external tensor's file exists inside the model's folder and holds its range; small
-    ones are read in."""
+    ones, and those of subgraphs (rare; the checker reads them there), are read in."""
     weights = ir.Weights(base_dir)
     root = os.path.realpath(base_dir)
     sizes: dict[str, int] = {}
-    in_subgraph = {id(t) for g in list(all_graphs(model.graph))[1:] for t in g.initializer}
-    for t in _initializers(model.graph):
-        if not ir.is_header(t):
-            continue
-        info = ir.external_info(t)
-        location = info.get("location", "")
-        if not location or os.path.isabs(location):
-            raise ValueError(f"tensor '{t.name}' has external data location '{location}'")
-        path = os.path.realpath(os.path.join(base_dir, location))
-        if os.path.commonpath([root, path]) != root:
-            raise ValueError(f"tensor '{t.name}': external data '{location}' is outside the model's folder")
-        if path not in sizes:
-            if not os.path.isfile(path):
-                raise ValueError(f"tensor '{t.name}': external data file '{location}' not found")
-            sizes[path] = os.path.getsize(path)
-        offset = int(info.get("offset", 0))
-        length = int(info["length"]) if "length" in info else sizes[path] - offset
-        expected = _nbytes(t)
-        if offset < 0 or length < 0 or offset + length > sizes[path] or (expected and length < expected):
-            raise ValueError(f"tensor '{t.name}': external data '{location}' is too short "
-                             f"(offset {offset}, length {length}, file {sizes[path]} bytes)")
-        if math.prod(t.dims) <= KEEP_ELEMENTS or id(t) in in_subgraph:  # small, or a subgraph's (rare)
-            data = weights.raw_bytes(t)
-            t.data_location = onnx.TensorProto.DEFAULT
-            del t.external_data[:]
-            t.raw_data = data
+    for index, g in enumerate(all_graphs(model.graph)):
+        for t in g.initializer:
+            if ir.is_header(t):
+                _check_range(t, base_dir, root, sizes)
+                if math.prod(t.dims) <= KEEP_ELEMENTS or index > 0:
+                    data = weights.raw_bytes(t)
+                    t.data_location = onnx.TensorProto.DEFAULT
+                    del t.external_data[:]
+                    t.raw_data = data
+
+
+def _check_range(t: onnx.TensorProto, base_dir: str, root: str, sizes: dict[str, int]) -> None:
+    info = ir.external_info(t)
+    location = info.get("location", "")
+    if not location or os.path.isabs(location):
+        raise ValueError(f"tensor '{t.name}' has external data location '{location}'")
+    path = os.path.realpath(os.path.join(base_dir, location))
+    if os.path.commonpath([root, path]) != root:
+        raise ValueError(f"tensor '{t.name}': external data '{location}' is outside the model's folder")
+    if path not in sizes:
+        if not os.path.isfile(path):
+            raise ValueError(f"tensor '{t.name}': external data file '{location}' not found")
+        sizes[path] = os.path.getsize(path)
+    offset = int(info.get("offset", 0))
+    length = int(info["length"]) if "length" in info else sizes[path] - offset
+    expected = _nbytes(t)
+    if offset < 0 or length < 0 or offset + length > sizes[path] or (expected and length < expected):
+        raise ValueError(f"tensor '{t.name}': external data '{location}' is too short "
+                         f"(offset {offset}, length {length}, file {sizes[path]} bytes)")
 
 
 def check(model: onnx.ModelProto, full: bool = False) -> None:
