@@ -77,15 +77,15 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
 
 def _check_external(model: onnx.ModelProto, base_dir: str) -> None:
     """Every external tensor's file exists inside the model's folder and holds its range; small
-    ones, and those of subgraphs (rare; the checker reads them there), are read in."""
+    ones are read in."""
     weights = ir.Weights(base_dir)
     root = os.path.realpath(base_dir)
     sizes: dict[str, int] = {}
-    for index, g in enumerate(all_graphs(model.graph)):
+    for g in all_graphs(model.graph):
         for t in g.initializer:
             if ir.is_header(t):
                 _check_range(t, base_dir, root, sizes)
-                if math.prod(t.dims) <= KEEP_ELEMENTS or index > 0:
+                if math.prod(t.dims) <= KEEP_ELEMENTS:
                     data = weights.raw_bytes(t)
                     t.data_location = onnx.TensorProto.DEFAULT
                     del t.external_data[:]
@@ -415,6 +415,10 @@ def without_weights(model: onnx.ModelProto, keep_elements: int = KEEP_ELEMENTS, 
     g.name = src.name
     for part in ("node", "input", "output", "value_info", "sparse_initializer"):
         getattr(g, part).extend(getattr(src, part))
+    for sub in list(all_graphs(g))[1:]:
+        for t in sub.initializer:
+            if ir.is_header(t):  # a subgraph's weight whose bytes are elsewhere: zeros stand in
+                t.CopyFrom(_zeros(t))
     inputs = {vi.name for vi in src.input}
     for init in src.initializer:
         if not _large(init, keep_elements):
@@ -438,6 +442,14 @@ def _nbytes(init: onnx.TensorProto) -> int:
     except (KeyError, TypeError, ValueError):
         itemsize = 8
     return math.prod(init.dims) * itemsize
+
+
+def _zeros(t: onnx.TensorProto) -> onnx.TensorProto:
+    z = onnx.TensorProto()
+    z.name, z.data_type = t.name, t.data_type
+    z.dims.extend(t.dims)
+    z.raw_data = bytes(_nbytes(t))
+    return z
 
 
 def _header(init: onnx.TensorProto) -> onnx.TensorProto:
