@@ -227,7 +227,7 @@ def _fold_staged(model, source, out_path: Path, full_ok: bool, s: FoldSettings, 
         lines += ["  " + line for line in report.site_lines(pending, s.verbose)]
     elif s.dry_run:
         lines.append("dry run: no output written")
-    lines.append(f"time: {seconds:.2f} s")
+    lines.append(f"time: {seconds:.2f} s; peak memory {report.peak_memory_bytes() / 2**20:.0f} MiB")
     outcome = FileOutcome(str(model), str(out_path) if write else None, status, 0, "", lines, doc, pending=pending)
     outcome.brief = _brief(result, pending if s.check else None)
     if not verified:
