@@ -709,16 +709,20 @@ def _export_node(node: gs.Node, weights: Weights) -> onnx.NodeProto:
     return proto
 
 
-def export_model(graph: gs.Graph, template: onnx.ModelProto, weights: Weights) -> onnx.ModelProto:
-    """The rewritten model (a skeleton when it holds headers); model-level fields from ``template``."""
+def model_fields(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A ModelProto with ``model``'s model-level fields and no graph."""
     out = onnx.ModelProto()
     for key in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        if template.HasField(key):
-            setattr(out, key, getattr(template, key))
-    out.opset_import.extend(template.opset_import)
-    out.metadata_props.extend(template.metadata_props)
-    out.training_info.extend(template.training_info)
-    out.functions.extend(template.functions)
+        if model.HasField(key):
+            setattr(out, key, getattr(model, key))
+    for part in ("opset_import", "metadata_props", "training_info", "functions"):
+        getattr(out, part).extend(getattr(model, part))
+    return out
+
+
+def export_model(graph: gs.Graph, template: onnx.ModelProto, weights: Weights) -> onnx.ModelProto:
+    """The rewritten model (a skeleton when it holds headers); model-level fields from ``template``."""
+    out = model_fields(template)
     out.graph.CopyFrom(export_graph(graph, weights))
     return out
 

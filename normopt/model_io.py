@@ -239,13 +239,8 @@ _CHUNK = 16 << 20
 
 def _shell(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` without its main graph's initializers (the large part of a model)."""
-    out = onnx.ModelProto()
+    out = ir.model_fields(model)
     graph = model.graph
-    for key in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        if model.HasField(key):
-            setattr(out, key, getattr(model, key))
-    for part in ("opset_import", "metadata_props", "training_info", "functions"):
-        getattr(out, part).extend(getattr(model, part))
     g = out.graph
     for key in ("name", "doc_string"):
         if graph.HasField(key):

@@ -371,14 +371,7 @@ def opset_in_place(graph: gs.Graph, model: onnx.ModelProto, target: int, shapes,
 def with_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     """The model-level fields of ``model`` (no graph) at default-domain opset ``target``: the
     template the rewritten graph is exported with."""
-    out = onnx.ModelProto()
-    for key in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        if model.HasField(key):
-            setattr(out, key, getattr(model, key))
-    out.opset_import.extend(model.opset_import)
-    out.metadata_props.extend(model.metadata_props)
-    out.training_info.extend(model.training_info)
-    out.functions.extend(model.functions)
+    out = ir.model_fields(model)
     for imp in out.opset_import:
         if imp.domain in DEFAULT_DOMAINS:
             imp.version = target
