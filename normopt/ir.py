@@ -20,7 +20,6 @@ import heapq
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -584,10 +583,6 @@ def _toposort(nodes: list[gs.Node]) -> list[gs.Node]:
     return out
 
 
-def is_sorted(graph: gs.Graph) -> bool:
-    return _is_sorted(graph.nodes)
-
-
 # ----------------------------------------------------------------------------- export
 
 def export_graph(g: gs.Graph, weights: Weights, main: bool = True) -> onnx.GraphProto:
@@ -725,7 +720,3 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto, weights: Weights) -
     out = model_fields(template)
     out.graph.CopyFrom(export_graph(graph, weights))
     return out
-
-
-def path_dir(path) -> str:
-    return str(Path(path).resolve().parent)
