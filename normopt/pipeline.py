@@ -49,31 +49,52 @@ class Context:
     path: str = ""
 
     def shape(self, tensor: gs.Tensor) -> tuple | None:
-        """Static-or-symbolic shape (ints, strings or None per dim), when known."""
+        """Static-or-symbolic shape (ints, strings or None per dim), when known.
+
+        Inferred from the operations first (``infer_shapes`` ignores declared value_info); a
+        declaration only fills what inference left open: a dim it could not tell, or a tensor it
+        could not type (a rewrite's new tensors carry their shape themselves)."""
         if isinstance(tensor, gs.Constant):
             return tuple(tensor.shape)
-        if tensor.shape is not None:
-            return tuple(tensor.shape)
+        declared = tuple(tensor.shape) if tensor.shape is not None else None
         known = self.shapes.get(tensor.name)
-        return known[1] if known else None
+        inferred = known[1] if known else None
+        if inferred is None or declared is None or len(declared) != len(inferred):
+            return inferred if inferred is not None else declared
+        return tuple(i if isinstance(i, int) and i > 0 else d if isinstance(d, int) and d > 0 else i or d
+                     for i, d in zip(inferred, declared))
+
+    def shape_conflict(self, tensor: gs.Tensor) -> str | None:
+        """How the declared shape of ``tensor`` (value_info) contradicts the inferred one, if it does."""
+        known = self.shapes.get(tensor.name)
+        if isinstance(tensor, gs.Constant) or tensor.shape is None or not known or known[1] is None:
+            return None
+        declared, inferred = tuple(tensor.shape), known[1]
+        static = lambda d: isinstance(d, int) and d > 0  # noqa: E731
+        if len(declared) != len(inferred) or any(static(a) and static(b) and a != b
+                                                 for a, b in zip(declared, inferred)):
+            return (f"declared shape {_dims(declared)} of '{tensor.name}' contradicts the shape "
+                    f"{_dims(inferred)} inferred from its computation")
+        return None
 
     def checked_shape(self, tensor: gs.Tensor) -> tuple | None | Reject:
         """``shape``, or a Reject when the model's declaration (value_info) contradicts the
         shape that inference computes from the graph itself (their ranks or static dims
         differ): neither can then place axes safely. Graph inputs and constants are facts."""
-        declared = self.shape(tensor)
+        shape = self.shape(tensor)
+        declared = tuple(tensor.shape) if tensor.shape is not None else None
         known = self.shapes.get(tensor.name)
         inferred = known[1] if known else None
         if declared is None or inferred is None or isinstance(tensor, gs.Constant) or \
                 G.is_graph_input(self.graph, tensor):
-            return declared if declared is not None else inferred
+            return shape
         clash = len(declared) != len(inferred) or any(
             isinstance(a, int) and isinstance(b, int) and a > 0 and b > 0 and a != b
             for a, b in zip(declared, inferred))
         if clash:
             return Reject(f"declared shape {_dims(declared)} of '{tensor.name}' contradicts the inferred "
                           f"{_dims(inferred)}")
-        return declared
+        return shape
 
     def rank(self, tensor: gs.Tensor) -> int | None:
         shape = self.shape(tensor)
@@ -99,7 +120,7 @@ def _np_dtype(elem_type: int):
     return _NP_DTYPES[elem_type]
 
 
-def _dims(shape: tuple) -> str:
+def _dims(shape) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
@@ -415,6 +436,11 @@ def _keep_value_info(source: onnx.GraphProto, converted: onnx.GraphProto) -> Non
 def inferred_index(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """name -> ValueInfoProto from onnx shape inference (data propagation on), every graph."""
     light = without_weights(model)
+    # Facts from the operations only: a declared value_info would be merged into the result as
+    # if it were one (a Reshape by a run-time shape declared rank 3 that really gives rank 4).
+    # ``Context.shape`` still reads declarations where inference has nothing.
+    for g in all_graphs(light.graph):
+        del g.value_info[:]
     if model_opset(model) < SHAPE_VALUE_OPSET and any(n.op_type == "Reshape" for g in all_graphs(light.graph)
                                                       for n in g.node):
         # Reshape before opset 14 ignores shape values propagated from Shape: every tensor

@@ -179,6 +179,9 @@ def check_core(m: Match, ctx: Context, kind: str) -> Normalized | Reject:
     if isinstance(eps, Reject):
         return eps
     x = m.tensors["x"]
+    conflict = ctx.shape_conflict(x)
+    if conflict:
+        return Reject(conflict, m["var"])
     rank = ctx.rank(x)
     axes = _common_axes(m, ctx, rank)
     if isinstance(axes, Reject):
@@ -245,7 +248,26 @@ def _epsilon(m: Match) -> float | Reject:
     eps = scalar(value)
     if not np.isfinite(eps):
         return Reject(f"epsilon is {eps}", m["add_eps"])
+    held = held_epsilon(eps)
+    if held is not None:
+        return Reject(held, m["add_eps"])
     return eps
+
+
+# Relative error a float32 epsilon may carry: float32 holds every normal value within 2^-24.
+EPSILON_RTOL = 1e-6
+
+
+def held_epsilon(eps: float) -> str | None:
+    """Why the fused op's float32 ``epsilon`` attribute cannot hold ``eps``, else None.
+
+    A float64 normalization may add an epsilon below float32's range (1e-50 becomes 0, and a
+    row of equal values then gives 0/0 = NaN where the original gives 0) or in its subnormal
+    range (held with a few bits only)."""
+    f32 = float(np.float32(eps))
+    if eps == 0.0 or (np.isfinite(f32) and abs(f32 - eps) <= EPSILON_RTOL * abs(eps)):
+        return None
+    return f"epsilon {eps:g} cannot be held by the op's float32 epsilon attribute (it would be {f32:g})"
 
 
 def _duplicated_casts(m: Match, ctx: Context) -> Reject | None:

@@ -1,0 +1,103 @@
+"""fuse-layernorm / fuse-rmsnorm: traps found in review, chained norms, shapes computed at run
+time, dynamo's variance forms, and the record every normalization-shaped site gets."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from helpers import GraphBuilder, assert_equivalent, make_model, op_counts, run_pipeline
+
+F32, F64 = TensorProto.FLOAT, TensorProto.DOUBLE
+LN, RMS = "LayerNormalization", "RMSNormalization"
+
+
+def run_ort(model, feeds):
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def layernorm(net, x, axes=(-1,), eps=1e-5):
+    mean = net.mean(x, axes)
+    d = net.op("Sub", x, mean)
+    var = net.mean(net.op("Pow", d, net.const(2.0)), axes)
+    return net.op("Div", d, net.op("Sqrt", net.op("Add", var, net.const(eps))))
+
+
+def rmsnorm(net, x, axes=(-1,), eps=1e-6):
+    var = net.mean(net.op("Pow", x, net.const(2.0)), axes)
+    return net.op("Div", x, net.op("Sqrt", net.op("Add", var, net.const(eps))))
+
+
+def finish(net, out, x_shape, y_shape=None, dtype=F32, inputs=(), outputs=()):
+    net.nodes.append(helper.make_node("Identity", [out], ["y"]))
+    return make_model(net.nodes, [("x", dtype, x_shape), *inputs], [("y", dtype, y_shape or x_shape), *outputs],
+                      net.inits, opset=net.opset)
+
+
+def reasons(result):
+    return [s.reason for r in result.passes for s in r.skipped]
+
+
+def left_alone(model, reason, passes):
+    out, result = run_pipeline(model, list(passes))
+    assert op_counts(out) == op_counts(model)
+    assert any(reason in r for r in reasons(result)), reasons(result)
+    return out
+
+
+# ----------------------------------------------------------------------------- epsilon
+
+@pytest.mark.parametrize("family, build", [("fuse-layernorm", layernorm), ("fuse-rmsnorm", rmsnorm)])
+def test_double_epsilon_below_float32_range_is_left_unchanged(family, build):
+    """The fused op's epsilon is a float32 attribute: 1e-50 would become 0, and a row of equal
+    values (all zeros for RMS) would give 0/0 = NaN where the original gives 0."""
+    net = GraphBuilder(opset=18, dtype=F64)
+    model = finish(net, build(net, "x", eps=1e-50), [2, 3, 8], dtype=F64)
+    row = np.zeros((2, 3, 8))
+    assert not np.isnan(run_ort(model, {"x": row})[0]).any()
+    left_alone(model, "epsilon 1e-50 cannot be held by the op's float32 epsilon attribute (it would be 0)",
+               [family])
+
+
+def test_double_epsilon_in_float32_subnormal_range_is_left_unchanged():
+    net = GraphBuilder(opset=18, dtype=F64)
+    model = finish(net, layernorm(net, "x", eps=3.3e-44), [2, 3, 8], dtype=F64)
+    left_alone(model, "epsilon 3.3e-44 cannot be held", ["fuse-layernorm"])
+
+
+def test_double_epsilon_float32_can_hold_is_fused(rng):
+    net = GraphBuilder(opset=18, dtype=F64)
+    model = finish(net, layernorm(net, "x", eps=1e-30), [2, 3, 8], dtype=F64)
+    out, result = run_pipeline(model, ["fuse-layernorm"])
+    assert op_counts(out) == {LN: 1, "Identity": 1} and not reasons(result)
+    assert result.passes[0].applied[0].info["epsilon"] == 1e-30
+    assert_equivalent(model, out)
+
+
+# ----------------------------------------------------------------------------- declared shapes
+
+def _reshaped(declared):
+    """x [2, 5, 8] -> Reshape(x, s) with s a run-time [4] shape, LayerNorm over axis 2."""
+    net = GraphBuilder(opset=17)
+    r = net.op("Reshape", "x", "s")
+    model = finish(net, layernorm(net, r, axes=(2,)), [2, 5, 8], ["p", "q", "r", "t"],
+                   inputs=[("s", TensorProto.INT64, [4])])
+    if declared is not None:
+        model.graph.value_info.append(helper.make_tensor_value_info(r, F32, declared))
+    return model
+
+
+def test_declared_rank_contradicting_inference_is_left_unchanged():
+    """Declared rank 3, really rank 4: trusting it would fuse axis 2 as axis -1 (wrong)."""
+    left_alone(_reshaped([2, 5, 8]), "declared shape [2, 5, 8] of 'reshape1' contradicts the shape", ["fuse-layernorm"])
+
+
+def test_rank_from_inference_places_a_positive_axis():
+    """Without the wrong declaration, inference gives rank 4: axis 2 is axis -2, not trailing."""
+    out, result = run_pipeline(_reshaped(None), ["fuse-layernorm"])
+    assert op_counts(out) == op_counts(_reshaped(None))
+    assert any("normalizes axes [2] of a rank-4 input" in r for r in reasons(result)), reasons(result)
