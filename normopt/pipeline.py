@@ -436,11 +436,6 @@ def _keep_value_info(source: onnx.GraphProto, converted: onnx.GraphProto) -> Non
 def inferred_index(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """name -> ValueInfoProto from onnx shape inference (data propagation on), every graph."""
     light = without_weights(model)
-    # Facts from the operations only: a declared value_info would be merged into the result as
-    # if it were one (a Reshape by a run-time shape declared rank 3 that really gives rank 4).
-    # ``Context.shape`` still reads declarations where inference has nothing.
-    for g in all_graphs(light.graph):
-        del g.value_info[:]
     if model_opset(model) < SHAPE_VALUE_OPSET and any(n.op_type == "Reshape" for g in all_graphs(light.graph)
                                                       for n in g.node):
         # Reshape before opset 14 ignores shape values propagated from Shape: every tensor
@@ -454,8 +449,8 @@ def inferred_index(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     if any(g.value_info for g in all_graphs(light.graph)):
         # Declared value_info is kept by inference even where the graph computes another shape
         # (a Reshape by a run-time shape declared with the wrong rank). Shapes inferred without
-        # the declarations win where inference knows them: ``Context.shape`` still gives the
-        # declaration, and ``checked_shape`` compares the two.
+        # the declarations win where inference knows them: ``Context.shape`` fills from the
+        # declarations only what inference left open, and ``checked_shape`` compares the two.
         bare = onnx.ModelProto()
         bare.CopyFrom(light)
         for g in all_graphs(bare.graph):

@@ -40,21 +40,41 @@ def work_dtype(ctx: Context, x: gs.Tensor, out: gs.Tensor, nodes: list[gs.Node],
 
 def emit_fused(ctx: Context, op: str, attrs: dict, x: gs.Tensor, out: gs.Tensor,
                params: dict[str, np.ndarray], work, base: str) -> list[gs.Node]:
-    """[Cast x to ``work``] -> ``op(x, *params)`` in ``work`` -> [Cast to out's type], writing ``out``."""
+    """[Cast x to ``work``] -> ``op(x, *params)`` in ``work`` -> [Cast to out's type], writing ``out``.
+
+    Every tensor written here carries its shape and dtype (a normalization keeps its input's
+    shape), so that the passes that follow (an RMSNorm after a LayerNorm) still know them
+    where shape inference could not tell."""
     work = np.dtype(work)
     name = ctx.names.fresh(base)
     nodes = []
+    shape = ctx.shape(out) or ctx.shape(x)
     if ctx.dtype(x) != work:
-        cast = gs.Variable(ctx.names.fresh(f"{x.name}_{work.name}"), dtype=work)
+        cast = gs.Variable(ctx.names.fresh(f"{x.name}_{work.name}"), dtype=work, shape=_dims(ctx.shape(x)))
         nodes.append(cast_node(ctx, f"{name}_input_cast", x, cast, work))
         x = cast
     constants = [G.make_constant(ctx.names, f"{name}_{key}", value.astype(work)) for key, value in params.items()]
     out_type = ctx.dtype(out)
-    result = out if out_type == work else gs.Variable(ctx.names.fresh(f"{out.name}_{work.name}"), dtype=work)
+    result = out if out_type == work else gs.Variable(ctx.names.fresh(f"{out.name}_{work.name}"), dtype=work,
+                                                       shape=_dims(shape))
+    keep_facts(out, shape, out_type)
     nodes.append(gs.Node(op, name, attrs, [x, *constants], [result]))
     if result is not out:
         nodes.append(cast_node(ctx, f"{name}_output_cast", result, out, out_type))
     return nodes
+
+
+def keep_facts(tensor: gs.Tensor, shape, dtype) -> None:
+    """Give a kept tensor the shape and dtype known before the rewrite, where it declares none."""
+    if tensor.shape is None and shape is not None:
+        tensor.shape = _dims(shape)
+    if tensor.dtype is None and dtype is not None:
+        tensor.dtype = np.dtype(dtype)
+
+
+def _dims(shape) -> list | None:
+    """A shape as graphsurgeon writes it: unknown dims as None."""
+    return None if shape is None else [d if isinstance(d, (int, str)) and d != "" else None for d in shape]
 
 
 def cast_node(ctx: Context, base: str, src: gs.Tensor, dst: gs.Tensor, dtype) -> gs.Node:

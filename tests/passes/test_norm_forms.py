@@ -101,3 +101,53 @@ def test_rank_from_inference_places_a_positive_axis():
     out, result = run_pipeline(_reshaped(None), ["fuse-layernorm"])
     assert op_counts(out) == op_counts(_reshaped(None))
     assert any("normalizes axes [2] of a rank-4 input" in r for r in reasons(result)), reasons(result)
+
+
+# ----------------------------------------------------------------------------- chained norms
+
+def _chained(opset, dtype=F32, contrib=False):
+    """LayerNorm then RMSNorm. ``contrib``: x comes from an op shape inference does not know
+    (com.microsoft Gelu), its shape only declared."""
+    net = GraphBuilder(opset=opset, dtype=dtype)
+    x = "x"
+    if contrib:
+        x = "g"
+        net.nodes.append(helper.make_node("Gelu", ["x"], [x], domain="com.microsoft"))
+    if dtype != F32:
+        x = net.op("Cast", x, to=F32)
+        net.dtype = F32
+    t = layernorm(net, x)
+    if dtype != F32:
+        t = net.op("Cast", net.op("Cast", t, to=dtype), to=F32)
+    t = rmsnorm(net, t)
+    if dtype != F32:
+        t = net.op("Cast", t, to=dtype)
+    net.nodes.append(helper.make_node("Identity", [t], ["y"]))
+    model = make_model(net.nodes, [("x", dtype, ["b", 5, 8])], [("y", dtype, ["b", 5, 8])], net.inits,
+                       opset=opset, extra_opsets=[("com.microsoft", 1)] if contrib else ())
+    if contrib:
+        model.graph.value_info.append(helper.make_tensor_value_info("g", dtype, ["b", 5, 8]))
+    return model
+
+
+@pytest.mark.parametrize("opset, dtype, contrib", [(17, F32, False), (17, F32, True), (23, F32, True),
+                                                   (17, TensorProto.FLOAT16, True)])
+def test_layernorm_then_rmsnorm_both_fuse(opset, dtype, contrib):
+    model = _chained(opset, dtype, contrib)
+    out, result = run_pipeline(model, ["fuse-layernorm", "fuse-rmsnorm"])
+    assert not reasons(result)
+    counts = op_counts(out)
+    assert counts[LN] == 1 and counts[RMS] == 1 and "ReduceMean" not in counts
+    assert_equivalent(model, out)
+
+
+def test_fused_outputs_declare_the_shape_and_dtype_of_what_they_replace():
+    """A float16 LayerNorm computed in float32 gains Casts: each new tensor and the kept output
+    are declared with the input's shape, for the passes that follow."""
+    model = _chained(23, TensorProto.FLOAT16, True)
+    out, _ = run_pipeline(model, ["fuse-layernorm"])
+    declared = {vi.name: vi for vi in out.graph.value_info}
+    ln = next(n for n in out.graph.node if n.op_type == LN)
+    for name in (ln.input[0], ln.output[0]):
+        dims = [d.dim_value or d.dim_param for d in declared[name].type.tensor_type.shape.dim]
+        assert dims == ["b", 5, 8] and declared[name].type.tensor_type.elem_type == F32
