@@ -48,7 +48,8 @@ def mark_graph_inputs(root: gs.Graph) -> None:
             setattr(tensor, _INPUT_MARK, True)
 
 
-def const_value(tensor: gs.Tensor, graph: gs.Graph | None = None, _depth: int = 0) -> np.ndarray | None:
+def const_value(tensor: gs.Tensor, graph: gs.Graph | None = None, _depth: int = 0,
+                facts=None) -> np.ndarray | None:
     """The value of a tensor fixed at export time, else None.
 
     Initializers count, and so do outputs of Constant nodes, and Identity / Transpose / Cast /
@@ -56,26 +57,54 @@ def const_value(tensor: gs.Tensor, graph: gs.Graph | None = None, _depth: int = 
     them: TorchScript writes a Linear weight as Transpose(W)).
     An initializer that is also a graph input (old exporters) does not count: the caller may
     feed another value at run time.
+
+    ``facts`` (a pass's context: ``shape(tensor)``, and a ``_values`` cache) adds what statically
+    known shapes and ranks determine: ``Shape`` of a tensor of static dims, ``Size``, and the
+    integer shape arithmetic of ONNX function bodies (``Range(axis, rank, 1)``, Gather / Slice /
+    Concat / ConstantOfShape / Squeeze / Neg / Sub / Mul / Div / Equal / Where / Min / Max).
+    Each tensor is evaluated once per context.
     """
+    if facts is None:
+        return _evaluate(tensor, graph, _depth, None)
+    hit = facts._values.get(id(tensor))
+    if hit is not None and hit[0] is tensor:
+        return hit[1]
+    value = _evaluate(tensor, graph, _depth, facts)
+    facts._values[id(tensor)] = (tensor, value)
+    return value
+
+
+def _evaluate(tensor: gs.Tensor, graph, depth: int, facts) -> np.ndarray | None:
     if getattr(tensor, _INPUT_MARK, False) or (graph is not None and is_graph_input(graph, tensor)):
         return None
     if isinstance(tensor, gs.Constant):
         return ir.constant_array(tensor)
     node = producer(tensor)
-    if node is None or not in_default_domain(node) or _depth > 4:
+    if node is None or not in_default_domain(node) or depth > (_MAX_DEPTH if facts is not None else 4):
         return None
+    depth += 1
     if node.op == CONSTANT:
         return _constant_attr(node)
     if node.op in _VIEW_OPS and node.inputs:
-        inner = const_value(node.inputs[0], graph, _depth + 1)
+        inner = const_value(node.inputs[0], graph, depth, facts)
         return None if inner is None else _VIEW_OPS[node.op](inner, node.attrs)
     if node.op in _SHAPE_OPS and len(node.inputs) == 2:
-        return _SHAPE_OPS[node.op](node, graph, _depth + 1)
+        return _SHAPE_OPS[node.op](node, graph, depth, facts)
     if node.op == "Unsqueeze" and node.inputs:
-        return _unsqueeze(node, graph, _depth + 1)
+        return _unsqueeze(node, graph, depth, facts)
     if node.op == "Shape" and node.inputs:
-        return _shape(node, graph, _depth + 1)
+        dims = _shape_dims(node, graph, depth, facts)
+        return None if dims is None or any(d is None for d in dims) else np.asarray(dims, dtype=np.int64)
+    if facts is not None and node.op in _SHAPE_ARITHMETIC and node.inputs:
+        try:
+            return _SHAPE_ARITHMETIC[node.op](node, graph, depth, facts)
+        except (ValueError, IndexError, TypeError, ZeroDivisionError, OverflowError):
+            return None  # an ill-formed expression is not a constant; the model will say so at run time
     return None
+
+
+# Deepest shape expression evaluated with shape facts (Reshape(x, Concat(Slice(Shape(x)), ...))).
+_MAX_DEPTH = 12
 
 
 def _constant_attr(node: gs.Node) -> np.ndarray | None:
@@ -114,8 +143,22 @@ _VIEW_OPS = {
 _MAX_EXPANDED = 1 << 20
 
 
-def _reshape(node: gs.Node, graph, depth: int) -> np.ndarray | None:
-    data, shape = (const_value(t, graph, depth) for t in node.inputs)
+def _inputs(node: gs.Node, graph, depth: int, facts, count: int | None = None) -> list | None:
+    """Values of the node's first ``count`` inputs (all by default), or None at the first unknown."""
+    values = []
+    for t in node.inputs[:count]:
+        value = None if not t.name else const_value(t, graph, depth, facts)
+        if value is None:
+            return None
+        values.append(value)
+    return values
+
+
+def _reshape(node: gs.Node, graph, depth: int, facts=None) -> np.ndarray | None:
+    found = _inputs(node, graph, depth, facts)
+    if found is None:
+        return None
+    data, shape = found
     if data is None or shape is None:
         return None
     shape = [int(d) for d in shape.reshape(-1)]
@@ -127,10 +170,11 @@ def _reshape(node: gs.Node, graph, depth: int) -> np.ndarray | None:
         return None
 
 
-def _expand(node: gs.Node, graph, depth: int) -> np.ndarray | None:
-    data, shape = (const_value(t, graph, depth) for t in node.inputs)
-    if data is None or shape is None:
+def _expand(node: gs.Node, graph, depth: int, facts=None) -> np.ndarray | None:
+    found = _inputs(node, graph, depth, facts)
+    if found is None:
         return None
+    data, shape = found
     try:
         out = np.broadcast_shapes(data.shape, tuple(int(d) for d in shape.reshape(-1)))
     except ValueError:
@@ -138,12 +182,12 @@ def _expand(node: gs.Node, graph, depth: int) -> np.ndarray | None:
     return np.array(np.broadcast_to(data, out)) if np.prod(out, dtype=np.int64) <= _MAX_EXPANDED else None
 
 
-def _unsqueeze(node: gs.Node, graph, depth: int) -> np.ndarray | None:
+def _unsqueeze(node: gs.Node, graph, depth: int, facts=None) -> np.ndarray | None:
     """Axes from the attribute (opset < 13) or the second input."""
-    value = const_value(node.inputs[0], graph, depth)
+    value = const_value(node.inputs[0], graph, depth, facts)
     axes = node.attrs.get("axes")
     if axes is None and len(node.inputs) == 2:
-        axes = const_value(node.inputs[1], graph, depth)
+        axes = const_value(node.inputs[1], graph, depth, facts)
     if value is None or axes is None:
         return None
     axes = [int(a) for a in np.asarray(axes).reshape(-1)]
@@ -153,26 +197,38 @@ def _unsqueeze(node: gs.Node, graph, depth: int) -> np.ndarray | None:
     return value
 
 
-def _add(node: gs.Node, graph, depth: int) -> np.ndarray | None:
+def _add(node: gs.Node, graph, depth: int, facts=None) -> np.ndarray | None:
     """Gemma's ``1 + w`` weight, which exports made without constant folding keep as an Add."""
-    a, b = (const_value(t, graph, depth) for t in node.inputs)
-    return None if a is None or b is None else np.add(a, b).astype(np.result_type(a, b))
+    found = _inputs(node, graph, depth, facts)
+    return None if found is None else np.add(*found).astype(np.result_type(*found))
 
 
-def _cast_like(node: gs.Node, graph, depth: int) -> np.ndarray | None:
+def _cast_like(node: gs.Node, graph, depth: int, facts=None) -> np.ndarray | None:
     """Only the dtype of the second input is read: it may be any tensor of known type."""
-    value, dtype = const_value(node.inputs[0], graph, depth), tensor_dtype(node.inputs[1])
+    value, dtype = const_value(node.inputs[0], graph, depth, facts), tensor_dtype(node.inputs[1])
     return None if value is None or dtype is None else value.astype(dtype)
 
 
-def _shape(node: gs.Node, graph, depth: int) -> np.ndarray | None:
-    """Shape(c)[start:end] of a constant c (not of a tensor merely declared static)."""
+def _shape_dims(node: gs.Node, graph, depth: int, facts) -> list | None:
+    """Shape(t)[start:end], one int per static dim and None per other, when the rank is known.
+
+    Without ``facts`` only the shape of a constant counts (not of a tensor merely declared
+    static); with them, the context's shapes (inferred first: ``Context.shape``)."""
     src = node.inputs[0]
-    value = None if isinstance(src, gs.Constant) else const_value(src, graph, depth)
-    dims = src.shape if isinstance(src, gs.Constant) else None if value is None else value.shape
-    if dims is None:
+    value = None if isinstance(src, gs.Constant) else const_value(src, graph, depth, facts)
+    if isinstance(src, gs.Constant):
+        dims = list(src.shape)
+    elif value is not None:
+        dims = list(value.shape)
+    elif facts is not None and facts.shape(src) is not None:
+        dims = [d if isinstance(d, int) and d >= 0 else None for d in facts.shape(src)]
+    else:
         return None
-    return np.asarray(dims, dtype=np.int64)[node.attrs.get("start", 0):node.attrs.get("end")]
+    rank = len(dims)
+    start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
+    start = min(max(start + rank if start < 0 else start, 0), rank)
+    end = rank if end is None else min(max(int(end) + rank if int(end) < 0 else int(end), 0), rank)
+    return dims[start:end]
 
 
 # Ops whose result is fixed when their inputs are: exports made without constant folding
@@ -180,6 +236,173 @@ def _shape(node: gs.Node, graph, depth: int) -> np.ndarray | None:
 # Expand(CastLike(0, x), Expand(Shape(W)[0:1], [1])) and ReduceMean axes as
 # Reshape(Constant, Constant).
 _SHAPE_OPS = {"Reshape": _reshape, "Expand": _expand, "CastLike": _cast_like, "Add": _add}
+
+
+# ------------------------------------------------------------------------------ shape arithmetic
+# Evaluated only with a context that knows shapes: ONNX function bodies (LayerNormalization-17,
+# RMSNormalization-23, GroupNormalization-21) compute axes and shapes from Shape(x) at run time.
+
+def _size(node: gs.Node, graph, depth: int, facts) -> np.ndarray | None:
+    src = node.inputs[0]
+    dims = _shape_dims(producer(src), graph, depth, facts) if _is_shape(src) else None
+    if dims is not None:  # Size(Shape(x)) is the rank, whatever the dims are
+        return np.asarray(len(dims), dtype=np.int64)
+    value = const_value(src, graph, depth, facts)
+    shape = list(value.shape) if value is not None else facts.shape(src)
+    if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return None
+    return np.asarray(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
+
+
+def _is_shape(tensor: gs.Tensor) -> bool:
+    node = producer(tensor)
+    return node is not None and node.op == "Shape" and in_default_domain(node) and bool(node.inputs)
+
+
+def _dims_of(tensor: gs.Tensor, graph, depth: int, facts) -> list | None:
+    """A 1-D integer tensor as a list, None for each element not known: a Shape's symbolic
+    dims stay None, so that Gather / Slice may still pick the static ones."""
+    if _is_shape(tensor):
+        return _shape_dims(producer(tensor), graph, depth, facts)
+    value = const_value(tensor, graph, depth, facts)
+    return None if value is None or value.ndim != 1 else [int(v) for v in value]
+
+
+def _gather(node: gs.Node, graph, depth: int, facts) -> np.ndarray | None:
+    indices = const_value(node.inputs[1], graph, depth, facts)
+    if indices is None or len(node.inputs) != 2:
+        return None
+    axis = int(node.attrs.get("axis", 0))
+    if _is_shape(node.inputs[0]) and axis == 0:
+        dims = _dims_of(node.inputs[0], graph, depth, facts)
+        if dims is None:
+            return None
+        picked = np.take(np.asarray([-1 if d is None else d for d in dims], dtype=np.int64), indices)
+        chosen = np.take(np.asarray([d is None for d in dims]), indices)
+        return None if np.any(chosen) else picked.astype(np.int64)
+    data = const_value(node.inputs[0], graph, depth, facts)
+    return None if data is None else np.take(data, indices.astype(np.int64), axis=axis)
+
+
+def _slice(node: gs.Node, graph, depth: int, facts) -> np.ndarray | None:
+    if len(node.inputs) >= 3:   # opset >= 10: starts, ends, axes, steps as inputs
+        parts = [const_value(t, graph, depth, facts) if t.name else None for t in node.inputs[1:5]]
+        if parts[0] is None or parts[1] is None or any(p is None for p, t in zip(parts, node.inputs[1:5])
+                                                       if t.name):
+            return None
+        starts, ends = parts[0].reshape(-1), parts[1].reshape(-1)
+        axes = parts[2].reshape(-1) if len(parts) > 2 and parts[2] is not None else range(len(starts))
+        steps = parts[3].reshape(-1) if len(parts) > 3 and parts[3] is not None else [1] * len(starts)
+    else:
+        starts, ends = node.attrs.get("starts"), node.attrs.get("ends")
+        if starts is None or ends is None:
+            return None
+        axes, steps = node.attrs.get("axes", range(len(starts))), [1] * len(starts)
+    if _is_shape(node.inputs[0]):
+        dims = _dims_of(node.inputs[0], graph, depth, facts)
+        if dims is None or list(axes) not in ([0], [-1]):
+            return None
+        picked = dims[slice(*_clamp(int(starts[0]), int(ends[0]), int(steps[0]), len(dims)))]
+        return None if any(d is None for d in picked) else np.asarray(picked, dtype=np.int64)
+    data = const_value(node.inputs[0], graph, depth, facts)
+    if data is None:
+        return None
+    index = [slice(None)] * data.ndim
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        a = int(a) + data.ndim if int(a) < 0 else int(a)
+        index[a] = slice(*_clamp(int(s), int(e), int(st), data.shape[a]))
+    return data[tuple(index)]
+
+
+def _clamp(start: int, end: int, step: int, n: int) -> tuple[int, int | None, int]:
+    """ONNX Slice bounds (negative from the end, clamped; INT_MAX-style ends) as Python's."""
+    if step == 0:
+        raise ValueError("Slice step 0")
+    start = start + n if start < 0 else start
+    end = end + n if end < 0 else end
+    if step > 0:
+        return min(max(start, 0), n), min(max(end, 0), n), step
+    start = min(max(start, -1), n - 1)
+    end = min(max(end, -1), n - 1)
+    return start, (None if end < 0 else end), step
+
+
+def _concat(node: gs.Node, graph, depth: int, facts) -> np.ndarray | None:
+    found = _inputs(node, graph, depth, facts)
+    if found is None:
+        return None
+    return np.concatenate([np.asarray(v) for v in found], axis=int(node.attrs.get("axis", 0)))
+
+
+def _constant_of_shape(node: gs.Node, graph, depth: int, facts) -> np.ndarray | None:
+    shape = const_value(node.inputs[0], graph, depth, facts)
+    if shape is None:
+        return None
+    shape = tuple(int(d) for d in shape.reshape(-1))
+    if any(d < 0 for d in shape) or np.prod(shape, dtype=np.int64) > _MAX_EXPANDED:
+        return None
+    fill = node.attrs.get("value")
+    fill = np.zeros(1, np.float32) if fill is None else np.asarray(getattr(fill, "values", fill))
+    return np.full(shape, fill.reshape(-1)[0], dtype=fill.dtype)
+
+
+def _squeeze(node: gs.Node, graph, depth: int, facts) -> np.ndarray | None:
+    value = const_value(node.inputs[0], graph, depth, facts)
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) == 2 and node.inputs[1].name:
+        axes = const_value(node.inputs[1], graph, depth, facts)
+        if axes is None:
+            return None
+    if value is None:
+        return None
+    axes = None if axes is None else tuple(int(a) for a in np.asarray(axes).reshape(-1))
+    return np.squeeze(value, axis=axes)
+
+
+def _range(node: gs.Node, graph, depth: int, facts) -> np.ndarray | None:
+    found = _inputs(node, graph, depth, facts)
+    if found is None or any(v.size != 1 for v in found):
+        return None
+    start, limit, delta = (v.reshape(()) for v in found)
+    out = np.arange(start, limit, delta, dtype=np.result_type(start, limit, delta))
+    return out if out.size <= _MAX_EXPANDED else None
+
+
+def _integer_division(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """ONNX Div: integers truncate toward zero (numpy's // floors)."""
+    if np.issubdtype(np.result_type(a, b), np.integer):
+        if np.any(b == 0):
+            raise ZeroDivisionError("integer division by zero")
+        return (np.trunc(a / b)).astype(np.result_type(a, b))
+    return np.divide(a, b).astype(np.result_type(a, b))
+
+
+def _elementwise(fn):
+    def evaluate(node: gs.Node, graph, depth: int, facts) -> np.ndarray | None:
+        found = _inputs(node, graph, depth, facts)
+        if found is None or any(np.size(v) > _MAX_EXPANDED for v in found):
+            return None  # arithmetic on weights is a pass's business, not the evaluator's
+        return np.asarray(fn(*found))
+    return evaluate
+
+
+_SHAPE_ARITHMETIC = {
+    "Size": _size,
+    "Gather": _gather,
+    "Slice": _slice,
+    "Concat": _concat,
+    "ConstantOfShape": _constant_of_shape,
+    "Squeeze": _squeeze,
+    "Range": _range,
+    "Neg": _elementwise(lambda a: np.negative(a)),
+    "Sub": _elementwise(lambda a, b: np.subtract(a, b).astype(np.result_type(a, b))),
+    "Mul": _elementwise(lambda a, b: np.multiply(a, b).astype(np.result_type(a, b))),
+    "Div": _elementwise(_integer_division),
+    "Equal": _elementwise(np.equal),
+    "Where": _elementwise(np.where),
+    "Min": _elementwise(lambda *v: np.minimum.reduce(np.broadcast_arrays(*v))),
+    "Max": _elementwise(lambda *v: np.maximum.reduce(np.broadcast_arrays(*v))),
+}
 
 
 def scalar_value(tensor: gs.Tensor, graph: gs.Graph | None = None) -> float | None:

@@ -108,9 +108,13 @@ class Match:
         return found
 
 
-def match(pattern: Pattern, tensor: gs.Tensor, graph: gs.Graph) -> Match | None:
-    """The first way ``pattern`` explains ``tensor``, or None."""
-    for state in _match(pattern, tensor, graph, _State()):
+def match(pattern: Pattern, tensor: gs.Tensor, graph: gs.Graph, const=None) -> Match | None:
+    """The first way ``pattern`` explains ``tensor``, or None.
+
+    ``const``: tensor -> value fixed at export time, or None (default ``G.const_value``); a
+    pass's ``Context.const`` also evaluates what statically known shapes and ranks determine."""
+    const = const or (lambda t: G.const_value(t, graph))
+    for state in _match(pattern, tensor, graph, _State(const=const)):
         m = Match(output=tensor, nodes=dict(state.nodes), tensors=dict(state.tensors),
                   values=dict(state.values))
         for node in state.order:
@@ -125,9 +129,10 @@ class _State:
     tensors: dict = field(default_factory=dict)
     values: dict = field(default_factory=dict)
     order: tuple = ()
+    const: object = None
 
     def copy(self) -> "_State":
-        return _State(dict(self.nodes), dict(self.tensors), dict(self.values), self.order)
+        return _State(dict(self.nodes), dict(self.tensors), dict(self.values), self.order, self.const)
 
 
 def _match(p: Pattern, t: gs.Tensor, graph: gs.Graph, st: _State) -> Iterator[_State]:
@@ -140,7 +145,7 @@ def _match(p: Pattern, t: gs.Tensor, graph: gs.Graph, st: _State) -> Iterator[_S
         elif bound is t:
             yield st
     elif isinstance(p, Const):
-        value = G.const_value(t, graph)
+        value = st.const(t)
         if value is None:
             return
         st = st.copy()

@@ -47,6 +47,13 @@ class Context:
     names: G.NameScope
     shapes: dict[str, tuple[int, tuple | None]] = field(default_factory=dict)
     path: str = ""
+    # id(tensor) -> (tensor, value or None): each tensor evaluated once per context.
+    _values: dict = field(default_factory=dict, repr=False)
+
+    def const(self, tensor: gs.Tensor):
+        """The value of ``tensor`` fixed at export time (``G.const_value``), including what
+        statically known shapes and ranks determine (``Size(Shape(x))``, ``Range(axis, rank, 1)``)."""
+        return G.const_value(tensor, self.graph, facts=self)
 
     def shape(self, tensor: gs.Tensor) -> tuple | None:
         """Static-or-symbolic shape (ints, strings or None per dim), when known.

@@ -48,7 +48,7 @@ def match_affine(t: gs.Tensor, ctx: Context, rank: int, norm_shape: tuple[int, .
             continue
         node, passed, chain = found
         other = node.inputs[1] if node.inputs[0] is chain else node.inputs[0]
-        value = G.const_value(other, ctx.graph)
+        value = ctx.const(other)
         if value is None:
             break
         shaped = broadcast_param(value, rank, norm_shape)

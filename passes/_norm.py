@@ -98,7 +98,7 @@ def reduce_axes(node: gs.Node, ctx: Context) -> tuple[int, ...] | None:
     if "axes" in node.attrs:
         axes = np.asarray(node.attrs["axes"])
     elif len(node.inputs) > 1 and node.inputs[1].name:
-        axes = G.const_value(node.inputs[1], ctx.graph)
+        axes = ctx.const(node.inputs[1])
         if axes is None:
             return None
     else:
@@ -155,13 +155,13 @@ class Normalized:
 
 def match_normalized(t: gs.Tensor, ctx: Context) -> Normalized | Reject | None:
     """``t = (x - mean(x)) / sqrt(var(x) + eps)``, checked exact; None if ``t`` is not one."""
-    m = match(MEAN_CORE, t, ctx.graph)
+    m = match(MEAN_CORE, t, ctx.graph, ctx.const)
     return None if m is None else check_core(m, ctx, "mean")
 
 
 def match_rms_normalized(t: gs.Tensor, ctx: Context) -> Normalized | Reject | None:
     """``t = x / sqrt(mean(x^2) + eps)``, checked exact; None if ``t`` is not one."""
-    m = match(RMS_CORE, t, ctx.graph)
+    m = match(RMS_CORE, t, ctx.graph, ctx.const)
     return None if m is None else check_core(m, ctx, "rms")
 
 
@@ -365,7 +365,7 @@ def _drop_constant_nodes(m: Match, ctx: Context) -> None:
     """Casts of constants (epsilon, exponent) stay in the graph: others may share them, and
     cleanup removes them once unused."""
     keep = [n for n in m.matched
-            if not all(G.const_value(i, ctx.graph) is not None for i in n.inputs if i.name)]
+            if not all(ctx.const(i) is not None for i in n.inputs if i.name)]
     m.matched[:] = keep
 
 

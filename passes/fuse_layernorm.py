@@ -84,7 +84,7 @@ class FuseLayerNorm(Pass):
 
 
 def _match_tf(node: gs.Node, ctx: Context):
-    m = match(TF_LAYERNORM, node.outputs[0], ctx.graph)
+    m = match(TF_LAYERNORM, node.outputs[0], ctx.graph, ctx.const)
     if m is None:
         return None
     s = m["mul_gamma" if m.has("mul_gamma") else "recip" if m.has("recip") else "recip_div"].outputs[0]
@@ -145,7 +145,7 @@ def _is_shape_of(shape: gs.Tensor, x: gs.Tensor, ctx: Context) -> bool:
     node = G.producer(shape)
     if node is not None and node.op == "Shape" and G.in_default_domain(node):
         return node.inputs[0] is x and int(node.attrs.get("start", 0)) == 0 and "end" not in node.attrs
-    value = G.const_value(shape, ctx.graph)
+    value = ctx.const(shape)
     dims = ctx.shape(x)
     return value is not None and dims is not None and all(isinstance(d, int) for d in dims) \
         and [int(v) for v in value.reshape(-1)] == list(dims)

@@ -151,3 +151,74 @@ def test_fused_outputs_declare_the_shape_and_dtype_of_what_they_replace():
     for name in (ln.input[0], ln.output[0]):
         dims = [d.dim_value or d.dim_param for d in declared[name].type.tensor_type.shape.dim]
         assert dims == ["b", 5, 8] and declared[name].type.tensor_type.elem_type == F32
+
+
+# ----------------------------------------------------------------------------- shapes computed at run time
+
+def _expanded(op, opset, axis, x_shape, inputs, rng):
+    """``op`` expanded by ONNX's own inliner: RMSNormalization-23's body computes its axes as
+    Range(rank + axis, rank, 1) with rank = Size(Shape(x))."""
+    d = tuple(x_shape[axis:])
+    inits = {name: rng.uniform(0.5, 1.5, d).astype(np.float32) for name in inputs[1:]}
+    node = helper.make_node(op, inputs, ["y"], axis=axis, epsilon=1e-4)
+    model = make_model([node], [("x", F32, x_shape)], [("y", F32, x_shape)], inits, opset=opset)
+    model.graph.value_info.extend(helper.make_tensor_value_info(k, F32, v.shape) for k, v in inits.items())
+    import onnx.inliner
+    out = onnx.inliner.inline_selected_functions(model, [("", op)], inline_schema_functions=True)
+    assert op not in op_counts(out) and "Range" in op_counts(out) | op_counts(model) or op == LN
+    return out
+
+
+@pytest.mark.parametrize("axis, x_shape", [(-1, ["b", 5, 8]), (-2, ["b", 5, 8]), (-1, [2, 5, 8])])
+def test_rmsnorm_function_body_with_range_axes_is_fused(axis, x_shape, rng):
+    model = _expanded(RMS, 23, axis, x_shape, ["x", "S"], rng)
+    assert {"Shape", "Size", "Range"} <= set(op_counts(model))
+    out, result = run_pipeline(model, ["fuse-rmsnorm"])
+    assert op_counts(out) == {RMS: 1} and not reasons(result)
+    node = out.graph.node[0]
+    assert node.input[0] == "x" and helper.get_attribute_value(node.attribute[0]) == axis
+    assert_equivalent(model, out)
+
+
+def _range_axes(net, x, first):
+    """ReduceMean axes computed from x's rank: Range(first (+ rank when negative), rank, 1)."""
+    rank = net.op("Size", net.op("Shape", x))
+    start = net.op("Add", rank, net.const(first, "int")) if first < 0 else net.const(first, "int")
+    return net.op("Range", start, rank, net.const(1, "int"))
+
+
+def _computed_layernorm(x_shape, first, slice_shape=False, runtime_shape=False):
+    net = GraphBuilder(opset=18)
+    x = net.op("Reshape", "x", "s") if runtime_shape else "x"
+    if slice_shape:   # x reshaped to Concat(Shape(x)[0:2], [2, 4]) (a split of the last axis)
+        shape = net.op("Concat", net.op("Slice", net.op("Shape", "x"), net.const([0], "int"), net.const([2], "int")),
+                       net.const([2, 4], "int"), axis=0)
+        x = net.op("Reshape", "x", shape)
+    axes = _range_axes(net, x, first)
+    mean = net.op("ReduceMean", x, axes)
+    d = net.op("Sub", x, mean)
+    var = net.op("ReduceMean", net.op("Mul", d, d), axes)
+    t = net.op("Div", d, net.op("Sqrt", net.op("Add", var, net.const(1e-5))))
+    t = net.op("Add", net.op("Mul", t, net.const(np.linspace(0.5, 1.5, 4 if slice_shape else 8))),
+               net.const(np.linspace(-1, 1, 4 if slice_shape else 8)))
+    if slice_shape:
+        t = net.op("Reshape", t, net.op("Shape", "x"))
+    if runtime_shape:
+        return finish(net, t, x_shape, ["p", "q", "r"], inputs=[("s", TensorProto.INT64, ["n"])])
+    return finish(net, t, x_shape)
+
+
+@pytest.mark.parametrize("x_shape, first, slice_shape", [(["b", 5, 8], -1, False), ([2, 5, 8], 2, False),
+                                                         (["b", "s", 8], -1, True)])
+def test_layernorm_with_axes_computed_from_the_rank_is_fused(x_shape, first, slice_shape):
+    model = _computed_layernorm(x_shape, first, slice_shape)
+    out, result = run_pipeline(model, ["fuse-layernorm"])
+    assert not reasons(result)
+    assert op_counts(out).get(LN) == 1 and "ReduceMean" not in op_counts(out) and "Range" not in op_counts(out)
+    assert_equivalent(model, out)
+
+
+def test_axes_computed_from_a_rank_not_known_statically_are_left_unchanged():
+    """x reshaped by a run-time shape of unknown length: Size(Shape(x)) is not known before run time."""
+    model = _computed_layernorm([2, 5, 8], -1, runtime_shape=True)
+    left_alone(model, "has no constant axes (computed, or absent)", ["fuse-layernorm"])

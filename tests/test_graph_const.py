@@ -1,0 +1,57 @@
+"""graph.const_value with shape facts: the integer shape arithmetic of ONNX function bodies."""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import helper
+
+from helpers import GraphBuilder, make_model
+from normopt import pipeline
+
+
+def _context(net, x_shape, out):
+    net.nodes.append(helper.make_node("Identity", [out], ["y"]))
+    model = make_model(net.nodes, [("x", 1, x_shape)], [("y", 7, ["n"])], net.inits, opset=18)
+    graph = gs.import_onnx(model)
+    ctx = pipeline.Context(graph=graph, root=graph, opset=18, names=None, shapes=pipeline.infer_shapes(model))
+    return ctx, graph.tensors()
+
+
+def _value(build, x_shape=("b", 5, 8)):
+    net = GraphBuilder(opset=18)
+    out = net.op("Reshape", build(net, net.op("Shape", "x")), net.const([-1], "int"))
+    ctx, tensors = _context(net, list(x_shape), out)
+    value = ctx.const(tensors[out])
+    assert ctx.const(tensors[out]) is value  # evaluated once per context
+    return value
+
+
+@pytest.mark.parametrize("build, expected", [
+    (lambda n, s: n.op("Size", s), 3),
+    (lambda n, s: n.op("Range", n.op("Add", n.op("Size", s), n.const(-2, "int")), n.op("Size", s), n.const(1, "int")),
+     [1, 2]),
+    (lambda n, s: n.op("Gather", s, n.const([2, 1], "int"), axis=0), [8, 5]),
+    (lambda n, s: n.op("Gather", s, n.const(-1, "int"), axis=0), 8),
+    (lambda n, s: n.op("Slice", s, n.const([1], "int"), n.const([9223372036854775807], "int")), [5, 8]),
+    (lambda n, s: n.op("Slice", s, n.const([-1], "int"), n.const([-3], "int"), n.const([0], "int"),
+                       n.const([-1], "int")), [8, 5]),
+    (lambda n, s: n.op("Concat", n.op("ConstantOfShape", n.op("Neg", n.const([-2], "int")),
+                                      value=helper.make_tensor("v", 7, [1], [1])), n.const([4], "int"), axis=0),
+     [1, 1, 4]),
+    (lambda n, s: n.op("Div", n.const([-7, 7], "int"), n.const([2, 2], "int")), [-3, 3]),
+    (lambda n, s: n.op("Squeeze", n.op("Slice", s, n.const([2], "int"), n.const([3], "int")), n.const([0], "int")), 8),
+])
+def test_shape_arithmetic_is_evaluated(build, expected):
+    value = _value(build)
+    assert value is not None and np.array_equal(value.reshape(-1), np.asarray(expected, np.int64).reshape(-1))
+
+
+@pytest.mark.parametrize("build", [
+    lambda n, s: s,                                                 # the symbolic batch dim
+    lambda n, s: n.op("Gather", s, n.const(0, "int"), axis=0),
+    lambda n, s: n.op("Slice", s, n.const([0], "int"), n.const([2], "int")),
+    lambda n, s: n.op("Div", n.const([1], "int"), n.const([0], "int")),
+])
+def test_what_depends_on_a_symbolic_dim_is_not_a_constant(build):
+    assert _value(build) is None
