@@ -4,6 +4,9 @@
 scale and ``Add`` of a constant bias (with float Casts or Identities between), absorbing each
 only when it is constant per normalized element (broadcast-equivalent to the normalized shape).
 A positional [S, D] Add after a LayerNorm over D is not per normalized element: it stays outside.
+With ``tensors=True`` a scale or bias computed at run time (a graph input, another node's
+output) is absorbed too, as a tensor input of the fused op, when its shape is known to be
+exactly the normalized shape (leading 1s aside).
 """
 from __future__ import annotations
 
@@ -32,8 +35,17 @@ class Affine:
     kept: str = ""                    # why a following Mul/Add was left outside
 
 
-def match_affine(t: gs.Tensor, ctx: Context, rank: int, norm_shape: tuple[int, ...],
-                 with_bias: bool = True) -> Affine:
+@dataclass
+class TensorParam:
+    """A scale or bias computed at run time: ``tensor`` of the normalized shape after dropping
+    ``lead`` leading axes of size 1."""
+
+    tensor: gs.Tensor
+    lead: int
+
+
+def match_affine(t: gs.Tensor, ctx: Context, rank: int, norm_shape: tuple,
+                 with_bias: bool = True, tensors: bool = False) -> Affine:
     """Follow ``t`` down through [Cast] Mul(scale) [Cast] Add(bias); each step optional.
 
     A step is taken only when the tensor it consumes has no other user, its operand is a
@@ -49,9 +61,10 @@ def match_affine(t: gs.Tensor, ctx: Context, rank: int, norm_shape: tuple[int, .
         node, passed, chain = found
         other = node.inputs[1] if node.inputs[0] is chain else node.inputs[0]
         value = ctx.const(other)
-        if value is None:
+        if value is None and not tensors:
             break
-        shaped = broadcast_param(value, rank, norm_shape)
+        shaped = broadcast_param(value, rank, norm_shape) if value is not None else \
+            tensor_param(other, ctx, rank, norm_shape)
         if isinstance(shaped, str):
             tail.kept = f"{op} {G.node_label(node)} kept outside: '{other.name}' {shaped}"
             break
@@ -88,9 +101,12 @@ def sole_consumer(t: gs.Tensor, ctx: Context) -> gs.Node | None:
     return t.outputs[0]
 
 
-def broadcast_param(value: np.ndarray, rank: int, norm_shape: tuple[int, ...]) -> np.ndarray | str:
+def broadcast_param(value: np.ndarray, rank: int, norm_shape: tuple) -> np.ndarray | str:
     """``value`` as an array of ``norm_shape`` when multiplying/adding it is per normalized
-    element (size 1 on every other axis, no rank growth); else why not."""
+    element (size 1 on every other axis, no rank growth); else why not.
+
+    A symbolic normalized dim takes the value's size there (the model only runs when they
+    agree); a value of size 1 there would have to be broadcast to a size unknown until run time."""
     value = np.asarray(value)
     n = len(norm_shape)
     if not is_float(value.dtype):
@@ -101,9 +117,44 @@ def broadcast_param(value: np.ndarray, rank: int, norm_shape: tuple[int, ...]) -
     if any(d != 1 for d in lead):
         return f"of shape {list(value.shape)} varies over non-normalized axes"
     aligned = (1,) * (n - len(tail)) + tuple(tail)
-    if any(d not in (1, full) for d, full in zip(aligned, norm_shape)):
-        return f"of shape {list(value.shape)} does not broadcast to the normalized shape {list(norm_shape)}"
-    return np.broadcast_to(value.reshape(aligned), norm_shape).copy()
+    if any(not _static(full) and d == 1 for d, full in zip(aligned, norm_shape)):
+        return (f"of shape {list(value.shape)} would broadcast over a normalized dim of unknown size "
+                f"{_show(norm_shape)}")
+    if any(_static(full) and d not in (1, full) for d, full in zip(aligned, norm_shape)):
+        return f"of shape {list(value.shape)} does not broadcast to the normalized shape {_show(norm_shape)}"
+    resolved = tuple(full if _static(full) else d for d, full in zip(aligned, norm_shape))
+    return np.broadcast_to(value.reshape(aligned), resolved).copy()
+
+
+def tensor_param(t: gs.Tensor, ctx: Context, rank: int, norm_shape: tuple) -> TensorParam | str:
+    """``t``, a tensor known only at run time, as a scale/bias input of the fused op: its shape
+    must be the normalized shape exactly (each dim the same number or the same symbol), after
+    leading axes of size 1; else why not."""
+    shape, dtype = ctx.shape(t), ctx.dtype(t)
+    if shape is None or dtype is None:
+        return f"is computed at run time and its {'shape' if shape is None else 'dtype'} is unknown"
+    if not is_float(dtype):
+        return f"has non-float dtype {np.dtype(dtype)}"
+    n = len(norm_shape)
+    if len(shape) > rank:
+        return f"has rank {len(shape)}, more than the input's {rank}"
+    lead, tail = shape[:max(0, len(shape) - n)], shape[max(0, len(shape) - n):]
+    if any(d != 1 for d in lead):
+        return f"of shape {_show(shape)} varies over non-normalized axes"
+    same = len(tail) == n and all(a == b and (_static(a) or (isinstance(a, str) and a))
+                                  for a, b in zip(tail, norm_shape))
+    if not same:
+        return (f"is computed at run time with shape {_show(shape)}, not known to be the normalized "
+                f"shape {_show(norm_shape)}")
+    return TensorParam(t, len(lead))
+
+
+def _static(d) -> bool:
+    return isinstance(d, int) and d > 0
+
+
+def _show(shape) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 # ------------------------------------------------------------------------------ small helpers

@@ -39,7 +39,7 @@ def work_dtype(ctx: Context, x: gs.Tensor, out: gs.Tensor, nodes: list[gs.Node],
 
 
 def emit_fused(ctx: Context, op: str, attrs: dict, x: gs.Tensor, out: gs.Tensor,
-               params: dict[str, np.ndarray], work, base: str) -> list[gs.Node]:
+               params: dict[str, np.ndarray | gs.Tensor], work, base: str) -> list[gs.Node]:
     """[Cast x to ``work``] -> ``op(x, *params)`` in ``work`` -> [Cast to out's type], writing ``out``.
 
     Every tensor written here carries its shape and dtype (a normalization keeps its input's
@@ -53,7 +53,16 @@ def emit_fused(ctx: Context, op: str, attrs: dict, x: gs.Tensor, out: gs.Tensor,
         cast = gs.Variable(ctx.names.fresh(f"{x.name}_{work.name}"), dtype=work, shape=_dims(ctx.shape(x)))
         nodes.append(cast_node(ctx, f"{name}_input_cast", x, cast, work))
         x = cast
-    constants = [G.make_constant(ctx.names, f"{name}_{key}", value.astype(work)) for key, value in params.items()]
+    constants = []
+    for key, value in params.items():
+        if not isinstance(value, gs.Tensor):
+            constants.append(G.make_constant(ctx.names, f"{name}_{key}", value.astype(work)))
+        elif ctx.dtype(value) != work:   # a scale/bias computed at run time, in another float type
+            cast = gs.Variable(ctx.names.fresh(f"{value.name}_{work.name}"), dtype=work, shape=_dims(ctx.shape(value)))
+            nodes.append(cast_node(ctx, f"{name}_{key}_cast", value, cast, work))
+            constants.append(cast)
+        else:
+            constants.append(value)
     out_type = ctx.dtype(out)
     result = out if out_type == work else gs.Variable(ctx.names.fresh(f"{out.name}_{work.name}"), dtype=work,
                                                        shape=_dims(shape))

@@ -37,8 +37,8 @@ import onnx_graphsurgeon as gs
 
 from normopt import graph as G
 from normopt.passes._affine import (  # noqa: F401  (re-exported: the passes use them as _norm's)
-    CAST, FLOAT_BITS, Affine, broadcast_param, cast_target, describe, float_bits, is_float, match_affine,
-    scalar, sole_consumer)
+    CAST, FLOAT_BITS, Affine, TensorParam, broadcast_param, cast_target, describe, float_bits, is_float,
+    match_affine, scalar, sole_consumer)
 from normopt.pattern import AnyOf, Const, Match, Op, Opt, Pattern, Var, match
 from normopt.pipeline import Context, Reject
 

@@ -70,7 +70,7 @@ class FuseLayerNorm(Pass):
             if isinstance(where, Reject):
                 return where
             axis, shape = where
-            m = plan(norm, ctx, axis, N.match_affine(norm.output, ctx, norm.rank, shape))
+            m = plan(norm, ctx, axis, N.match_affine(norm.output, ctx, norm.rank, shape, tensors=True))
             _unflatten(m, ctx)
         else:
             found = _match_tf(node, ctx)
@@ -128,7 +128,8 @@ def _unflatten(m: Match, ctx: Context) -> None:
     a = a + rank if a < 0 else a
     shape = static_dims(ctx, x, a - rank) if 0 <= a < rank else None
     inside = {id(n) for n in m.matched}
-    if shape is None or int(np.prod(shape)) != m.values["scale"].size or G.other_uses(x2d, ctx.graph, inside):
+    if shape is None or "scale" not in m.values or int(np.prod(shape)) != m.values["scale"].size \
+            or "bias" in m.tensors or G.other_uses(x2d, ctx.graph, inside):
         return
     for node in [flatten, *passed, reshape]:
         m.add(node)
@@ -153,8 +154,10 @@ def _is_shape_of(shape: gs.Tensor, x: gs.Tensor, ctx: Context) -> bool:
 
 # ------------------------------------------------------------------------------ the fused op (fuse-rmsnorm too)
 
-def trailing(norm: N.Normalized, ctx: Context) -> tuple[int, tuple[int, ...]] | Reject:
-    """(negative first axis, static normalized dims) when ``norm`` is over the trailing axes."""
+def trailing(norm: N.Normalized, ctx: Context) -> tuple[int, tuple] | Reject:
+    """(negative first axis, normalized dims) when ``norm`` is over the trailing axes.
+
+    The dims may be symbolic: the fused op normalizes whatever size they have at run time."""
     x, rank = norm.x, norm.rank
     if rank is None:
         return Reject(f"rank of input '{x.name}' is unknown")
@@ -162,10 +165,7 @@ def trailing(norm: N.Normalized, ctx: Context) -> tuple[int, tuple[int, ...]] | 
     if axis is None:
         return Reject(f"normalizes axes {list(norm.axes)} of a rank-{rank} input, not its trailing axes "
                       "(channels-first layout)", norm.match["mean" if norm.match.has("mean") else "var"])
-    shape = static_dims(ctx, x, axis)
-    if shape is None:
-        return Reject(f"normalized dims of input '{x.name}' are not static: {ctx.shape(x)}")
-    return axis, shape
+    return axis, tuple(ctx.shape(x)[axis:])
 
 
 def plan(norm: N.Normalized, ctx: Context, axis: int, tail: N.Affine) -> Match:
@@ -181,9 +181,15 @@ def plan(norm: N.Normalized, ctx: Context, axis: int, tail: N.Affine) -> Match:
         m.add(node)
     m.output = tail.output
     m.tensors["input"] = x
-    m.values["scale"] = tail.scale if tail.scale is not None else np.ones(shape, np.float32)
-    if tail.bias is not None:
-        m.values["bias"] = tail.bias
+    for key, param in (("scale", tail.scale), ("bias", tail.bias)):
+        if isinstance(param, N.TensorParam):
+            m.tensors[key] = param.tensor
+            m.info[f"{key}_lead"] = param.lead
+        elif param is not None:
+            m.values[key] = param
+    if tail.scale is None and shape is not None:
+        m.values["scale"] = np.ones(shape, np.float32)
+    # else: no scale and normalized dims known only at run time: ones of Shape(x)[axis:] (``emit``)
     m.info.update(epsilon=norm.epsilon, axis=axis, scale=tail.scale is not None, bias=tail.bias is not None)
     if norm.variant:
         m.info["variant"] = ", ".join(norm.variant)
@@ -202,7 +208,8 @@ def static_dims(ctx: Context, x: gs.Tensor, axis: int) -> tuple[int, ...] | None
 
 def settle_dtype(m: Match, ctx: Context) -> Match | Reject:
     """Pick the type T the fused op runs in (``work_dtype``): absorbed scale and bias count too."""
-    params = [m.values[k].dtype for k in ("scale", "bias") if m.info.get(k)]   # absorbed ones only
+    params = [m.values[k].dtype if k in m.values else ctx.dtype(m.tensors[k])
+              for k in ("scale", "bias") if m.info.get(k)]   # absorbed ones only
     dtype = work_dtype(ctx, m.tensors["input"], m.output, m.matched, params)
     if isinstance(dtype, Reject):
         return dtype
@@ -214,8 +221,36 @@ def emit(op: str, m: Match, ctx: Context, base: str) -> list[gs.Node]:
     dtype = np.dtype(m.info["dtype"])
     attrs = {"axis": m.info["axis"], "epsilon": float(m.info["epsilon"]),
              "stash_type": onnx.TensorProto.DOUBLE if dtype == np.float64 else onnx.TensorProto.FLOAT}
-    params = {k: m.values[k] for k in ("scale", "bias") if k in m.values}
-    return emit_fused(ctx, op, attrs, m.tensors["input"], m.output, params, dtype, base)
+    x, axis, nodes, params = m.tensors["input"], m.info["axis"], [], {}
+    for key in ("scale", "bias"):
+        if key in m.values:
+            params[key] = m.values[key]
+        elif key in m.tensors:
+            params[key] = _squeezed(m.tensors[key], m.info.get(f"{key}_lead", 0), ctx, base, nodes)
+        elif key == "scale":
+            params[key] = _runtime_ones(x, axis, dtype, ctx, base, nodes)
+    return nodes + emit_fused(ctx, op, attrs, x, m.output, params, dtype, base)
+
+
+def _squeezed(t: gs.Tensor, lead: int, ctx: Context, base: str, nodes: list) -> gs.Tensor:
+    """``t`` without its ``lead`` leading axes of size 1 (the fused op wants the normalized shape)."""
+    if not lead:
+        return t
+    shape = ctx.shape(t)
+    out = gs.Variable(ctx.names.fresh(f"{t.name}_squeezed"), dtype=ctx.dtype(t), shape=list(shape[lead:]))
+    axes = G.make_constant(ctx.names, f"{base}_squeeze_axes", np.arange(lead, dtype=np.int64))
+    nodes.append(gs.Node("Squeeze", ctx.names.fresh(f"{base}_squeeze"), {}, [t, axes], [out]))
+    return out
+
+
+def _runtime_ones(x: gs.Tensor, axis: int, dtype, ctx: Context, base: str, nodes: list) -> gs.Tensor:
+    """A scale of ones over normalized dims known only at run time: ConstantOfShape(Shape(x)[axis:])."""
+    dims = gs.Variable(ctx.names.fresh(f"{base}_normalized_shape"), dtype=np.int64, shape=[-axis])
+    ones = gs.Variable(ctx.names.fresh(f"{base}_ones"), dtype=np.dtype(dtype), shape=list(ctx.shape(x)[axis:]))
+    nodes.append(gs.Node("Shape", ctx.names.fresh(f"{base}_shape"), {"start": axis}, [x], [dims]))
+    nodes.append(gs.Node("ConstantOfShape", ctx.names.fresh(f"{base}_ones"),
+                         {"value": gs.Constant("value", np.ones(1, np.dtype(dtype)))}, [dims], [ones]))
+    return ones
 
 
 def scope_of(node: gs.Node) -> str:

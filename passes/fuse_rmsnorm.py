@@ -55,7 +55,7 @@ class FuseRmsNorm(Pass):
         if isinstance(where, Reject):
             return where
         axis, shape = where
-        tail = N.match_affine(norm.output, ctx, norm.rank, shape, with_bias=False)
+        tail = N.match_affine(norm.output, ctx, norm.rank, shape, with_bias=False, tensors=True)
         return settle_dtype(plan(norm, ctx, axis, tail), ctx)
 
     def rewrite(self, m: Match, ctx: Context) -> list[gs.Node]:

@@ -413,8 +413,6 @@ NEAR_MISSES = {
     "axes_not_constant": (_constant_axes_missing, "has no constant axes"),
     "exponent_rank_4": (lambda rng: _rank_growing(rng, "Pow"), "exponent has rank 4, more than the input's 3"),
     "one_over_std_rank_4": (lambda rng: _rank_growing(rng, "Div"), "1 of 1 / std has rank 4, more than the input's 3"),
-    "dynamic_normalized_dim": (lambda rng: _model(rng, shape=[2, 5, "D"], gamma=None, beta=None)[1],
-                               "are not static"),
 }
 
 

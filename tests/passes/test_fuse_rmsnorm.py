@@ -157,11 +157,21 @@ def test_fuse_rmsnorm_gemma_one_plus_weight_is_folded(rng):
     assert_equivalent(model, out)
 
 
-def test_fuse_rmsnorm_variable_weight_stays_outside(rng):
+def test_fuse_rmsnorm_weight_fed_at_run_time_is_the_scale_input(rng):
+    """A weight that is a graph input is exact as the op's scale input when its shape is [D]."""
     net = Net(opset=23)
     model = net.model(net.op("Mul", rms(net), "w"), inputs=[("w", F32, [8])])
     out, _ = fused(model)
+    assert op_counts(out) == {RMS: 1, "Identity": 1} and rms_node(out).input[1] == "w"
+    assert_equivalent(model, out)
+
+
+def test_fuse_rmsnorm_variable_weight_over_other_axes_stays_outside(rng):
+    net = Net(opset=23)
+    model = net.model(net.op("Mul", rms(net), "w"), inputs=[("w", F32, [5, 8])])
+    out, result = fused(model)
     assert op_counts(out) == {RMS: 1, "Mul": 1, "Identity": 1}
+    assert "'w' of shape [5, 8] varies over non-normalized axes" in result.passes[-1].applied[0].info["kept"]
     assert_equivalent(model, out)
 
 

@@ -222,3 +222,73 @@ def test_axes_computed_from_a_rank_not_known_statically_are_left_unchanged():
     """x reshaped by a run-time shape of unknown length: Size(Shape(x)) is not known before run time."""
     model = _computed_layernorm([2, 5, 8], -1, runtime_shape=True)
     left_alone(model, "has no constant axes (computed, or absent)", ["fuse-layernorm"])
+
+
+# ----------------------------------------------------------------------------- scale and bias at run time
+
+def _affine_layernorm(x_shape, gamma=None, beta=None, inputs=(), opset=18):
+    """LayerNorm over the last axis, then Mul(gamma) and Add(beta): constants (arrays), names of
+    graph inputs, or None."""
+    net = GraphBuilder(opset=opset)
+    t = layernorm(net, "x")
+    for op, param in (("Mul", gamma), ("Add", beta)):
+        if param is not None:
+            t = net.op(op, t, net.const(param) if isinstance(param, np.ndarray) else param)
+    return finish(net, t, x_shape, inputs=inputs)
+
+
+def _fused_ln(model):
+    out, result = run_pipeline(model, ["fuse-layernorm"])
+    assert not reasons(result), reasons(result)
+    return out, result.passes[0].applied[0], next(n for n in out.graph.node if n.op_type == LN)
+
+
+def test_symbolic_normalized_dim_without_gamma_gets_ones_at_run_time():
+    """[M, N] with N symbolic: ones of Shape(x)[-1:] as the scale."""
+    model = _affine_layernorm(["M", "N"])
+    out, rec, node = _fused_ln(model)
+    assert op_counts(out) == {LN: 1, "Shape": 1, "ConstantOfShape": 1, "Identity": 1}
+    assert rec.info["scale"] is False and node.input[0] == "x"
+    assert_equivalent(model, out)
+    assert_equivalent(model, out, input_shapes={"x": [3, 16]})
+
+
+def test_symbolic_normalized_dim_takes_its_size_from_a_constant_gamma(rng):
+    model = _affine_layernorm(["M", "N"], rng.uniform(0.5, 1.5, 8).astype(np.float32),
+                              rng.standard_normal(8).astype(np.float32))
+    out, rec, node = _fused_ln(model)
+    assert op_counts(out) == {LN: 1, "Identity": 1} and len(node.input) == 3
+    assert_equivalent(model, out)
+
+
+def test_gamma_and_beta_fed_at_run_time_are_the_op_inputs():
+    model = _affine_layernorm([2, 5, 8], "g", "b", inputs=[("g", F32, [8]), ("b", F32, [8])])
+    out, rec, node = _fused_ln(model)
+    assert op_counts(out) == {LN: 1, "Identity": 1} and list(node.input) == ["x", "g", "b"]
+    assert_equivalent(model, out)
+
+
+def test_computed_gamma_with_leading_ones_is_squeezed():
+    """gamma = g * 2 of shape [1, 1, D] (a computed tensor), beta a graph input of symbolic [N]."""
+    net = GraphBuilder(opset=18)
+    t = layernorm(net, "x")
+    g = net.op("Mul", "g", net.const(2.0))
+    t = net.op("Add", net.op("Mul", t, g), "b")
+    model = finish(net, t, ["B", "S", "N"], inputs=[("g", F32, [1, 1, "N"]), ("b", F32, ["N"])])
+    out, rec, node = _fused_ln(model)
+    assert op_counts(out) == {LN: 1, "Mul": 1, "Squeeze": 1, "Identity": 1}
+    assert rec.info["scale"] and rec.info["bias"] and node.input[2] == "b"
+    assert_equivalent(model, out)
+
+
+@pytest.mark.parametrize("gamma, inputs, reason", [
+    (np.array([1.5], np.float32), (), "of shape [1] would broadcast over a normalized dim of unknown size [N]"),
+    ("g", [("g", F32, ["K"])], "'g' is computed at run time with shape [K], not known to be the normalized shape [N]"),
+    ("g", [("g", F32, ["M", "N"])], "'g' of shape [M, N] varies over non-normalized axes"),
+])
+def test_scale_not_known_to_be_per_normalized_element_stays_outside(gamma, inputs, reason):
+    model = _affine_layernorm(["M", "N"], gamma, inputs=inputs)
+    out, rec, node = _fused_ln(model)
+    assert op_counts(out) == {LN: 1, "Shape": 1, "ConstantOfShape": 1, "Mul": 1, "Identity": 1}
+    assert reason in rec.info["kept"], rec.info["kept"]
+    assert_equivalent(model, out)
