@@ -39,7 +39,8 @@ def work_dtype(ctx: Context, x: gs.Tensor, out: gs.Tensor, nodes: list[gs.Node],
 
 
 def emit_fused(ctx: Context, op: str, attrs: dict, x: gs.Tensor, out: gs.Tensor,
-               params: dict[str, np.ndarray | gs.Tensor], work, base: str) -> list[gs.Node]:
+               params: dict[str, np.ndarray | gs.Tensor], work, base: str,
+               statistics: tuple = (), stash=None) -> list[gs.Node]:
     """[Cast x to ``work``] -> ``op(x, *params)`` in ``work`` -> [Cast to out's type], writing ``out``.
 
     Every tensor written here carries its shape and dtype (a normalization keeps its input's
@@ -67,10 +68,21 @@ def emit_fused(ctx: Context, op: str, attrs: dict, x: gs.Tensor, out: gs.Tensor,
     result = out if out_type == work else gs.Variable(ctx.names.fresh(f"{out.name}_{work.name}"), dtype=work,
                                                        shape=_dims(shape))
     keep_facts(out, shape, out_type)
-    nodes.append(gs.Node(op, name, attrs, [x, *constants], [result]))
+    outputs, casts = [result], []
+    for i, stat in enumerate(statistics):   # LayerNormalization's Mean, InvStdDev (in ``stash``)
+        if stat is None:
+            outputs.append(gs.Variable.empty())
+        elif ctx.dtype(stat) == np.dtype(stash):
+            outputs.append(stat)
+        else:
+            raw = gs.Variable(ctx.names.fresh(f"{stat.name}_{np.dtype(stash).name}"), dtype=np.dtype(stash),
+                              shape=_dims(ctx.shape(stat)))
+            outputs.append(raw)
+            casts.append(cast_node(ctx, f"{name}_statistic_cast", raw, stat, ctx.dtype(stat)))
+    nodes.append(gs.Node(op, name, attrs, [x, *constants], outputs))
     if result is not out:
         nodes.append(cast_node(ctx, f"{name}_output_cast", result, out, out_type))
-    return nodes
+    return nodes + casts
 
 
 def keep_facts(tensor: gs.Tensor, shape, dtype) -> None:

@@ -153,10 +153,13 @@ class Normalized:
         return self.match.output
 
 
-def match_normalized(t: gs.Tensor, ctx: Context) -> Normalized | Reject | None:
-    """``t = (x - mean(x)) / sqrt(var(x) + eps)``, checked exact; None if ``t`` is not one."""
+def match_normalized(t: gs.Tensor, ctx: Context, statistics: bool = False) -> Normalized | Reject | None:
+    """``t = (x - mean(x)) / sqrt(var(x) + eps)``, checked exact; None if ``t`` is not one.
+
+    ``statistics``: the mean and 1/std may be used outside (LayerNormalization's optional
+    outputs Mean and InvStdDev give them); see ``check_core``."""
     m = match(MEAN_CORE, t, ctx.graph, ctx.const)
-    return None if m is None else check_core(m, ctx, "mean")
+    return None if m is None else check_core(m, ctx, "mean", statistics)
 
 
 def match_rms_normalized(t: gs.Tensor, ctx: Context) -> Normalized | Reject | None:
@@ -165,8 +168,12 @@ def match_rms_normalized(t: gs.Tensor, ctx: Context) -> Normalized | Reject | No
     return None if m is None else check_core(m, ctx, "rms")
 
 
-def check_core(m: Match, ctx: Context, kind: str) -> Normalized | Reject:
-    """Every exactness check of a matched core (also used by the TF LayerNorm form)."""
+def check_core(m: Match, ctx: Context, kind: str, statistics: bool = False) -> Normalized | Reject:
+    """Every exactness check of a matched core (also used by the TF LayerNorm form).
+
+    With ``statistics``, the mean (``m.tensors["stat_mean"]``) and 1/std
+    (``m.tensors["stat_inv_std"]``) may have users outside the match: the fused op then writes
+    them as its Mean and InvStdDev outputs."""
     found = _structural_misses(m) or _duplicated_casts(m, ctx)
     if found:
         return found
@@ -193,13 +200,36 @@ def check_core(m: Match, ctx: Context, kind: str) -> Normalized | Reject:
         const_rank = np.asarray(m.values[key]).ndim if key in m.values else 0
         if rank is not None and const_rank > rank:
             return Reject(f"{what} has rank {const_rank}, more than the input's {rank}", m[node])
-    escapes = live_escapes(m, ctx.graph)
+    allowed = statistic_tensors(m) if statistics else {}
+    escapes = live_escapes(m, ctx.graph, set(allowed.values()))
     if escapes:
         return Reject(f"intermediate {escapes[0]}", m["var"])
+    used = [key for key, name in allowed.items() if live_escapes(m, ctx.graph, set(allowed.values()) - {name})]
+    for key in used:
+        m.tensors[key] = next(o for n in m.matched for o in n.outputs if o.name == allowed[key])
     return Normalized(x, axes, eps, m, rank, kind, bits, _variant(m))
 
 
-def live_escapes(m: Match, graph: gs.Graph) -> list[str]:
+def statistic_tensors(m: Match) -> dict[str, str]:
+    """Names of the matched tensors that are LayerNormalization's Mean and InvStdDev outputs:
+    the mean, and 1/std when written as Reciprocal(std) or Div(1, std)."""
+    found = {}
+    if m.has("mean"):
+        found["stat_mean"] = m["mean"].outputs[0].name
+    sqrt = m["sqrt"].outputs[0] if m.has("sqrt") else None
+    for node in m.matched:
+        reciprocal = node.op == "Reciprocal" or (node.op == "Div" and (node is m.nodes.get("recip_div")))
+        if reciprocal and sqrt is not None and _through_cast(node.inputs[-1]) is sqrt:
+            found["stat_inv_std"] = node.outputs[0].name
+    return found
+
+
+def _through_cast(t: gs.Tensor) -> gs.Tensor:
+    node = G.producer(t)
+    return node.inputs[0] if node is not None and node.op == CAST and node.inputs else t
+
+
+def live_escapes(m: Match, graph: gs.Graph, allowed: set[str] = frozenset()) -> list[str]:
     """``Match.escapes``, except that a consumer whose outputs nobody uses is dead code, not a
     use: the ONNX inliner leaves LayerNormalization's unused InvStdDev Reciprocal behind."""
     inside = {id(n) for n in m.matched}
@@ -213,7 +243,7 @@ def live_escapes(m: Match, graph: gs.Graph) -> list[str]:
     found = []
     for node in m.matched:
         for out in node.outputs:
-            uses = [] if out is m.output else G.other_uses(out, graph, inside)
+            uses = [] if out is m.output or out.name in allowed else G.other_uses(out, graph, inside)
             if uses:
                 found.append(f"'{out.name}' is also used by {', '.join(sorted(set(uses)))}")
     return found

@@ -63,7 +63,7 @@ class FuseLayerNorm(Pass):
         if not G.in_default_domain(node):
             return None
         if node.op in ("Div", "Mul"):
-            norm = N.match_normalized(node.outputs[0], ctx)
+            norm = N.match_normalized(node.outputs[0], ctx, statistics=True)
             if norm is None or isinstance(norm, Reject):
                 return norm
             where = trailing(norm, ctx)
@@ -72,6 +72,9 @@ class FuseLayerNorm(Pass):
             axis, shape = where
             m = plan(norm, ctx, axis, N.match_affine(norm.output, ctx, norm.rank, shape, tensors=True))
             _unflatten(m, ctx)
+            cycle = _statistics_feed_params(m)
+            if cycle:
+                return cycle
         else:
             found = _match_tf(node, ctx)
             if found is None or isinstance(found, Reject):
@@ -90,7 +93,7 @@ def _match_tf(node: gs.Node, ctx: Context):
     s = m["mul_gamma" if m.has("mul_gamma") else "recip" if m.has("recip") else "recip_div"].outputs[0]
     if not all(any(i is s for i in m[k].inputs) for k in ("mul_x", "mul_mean")):
         return None  # x and the mean scaled by different tensors: not one normalization
-    norm = N.check_core(m, ctx, "mean")
+    norm = N.check_core(m, ctx, "mean", statistics=True)
     if isinstance(norm, Reject):
         return norm
     norm.variant.append("TF/Keras")
@@ -112,6 +115,8 @@ def _unflatten(m: Match, ctx: Context) -> None:
     """ONNX's function body normalizes Flatten(x, a) over axis 1 and reshapes back to Shape(x):
     take x itself, axis a, and the Reshape's output."""
     x2d = m.tensors["input"]
+    if "stat_mean" in m.tensors or "stat_inv_std" in m.tensors:
+        return  # they are 2-D here: the LayerNormalization stays over the flattened input
     flatten = G.producer(x2d)
     if flatten is None or flatten.op != "Flatten" or not G.in_default_domain(flatten) \
             or m.info["axis"] != -1 or ctx.rank(x2d) != 2:
@@ -191,6 +196,9 @@ def plan(norm: N.Normalized, ctx: Context, axis: int, tail: N.Affine) -> Match:
         m.values["scale"] = np.ones(shape, np.float32)
     # else: no scale and normalized dims known only at run time: ones of Shape(x)[axis:] (``emit``)
     m.info.update(epsilon=norm.epsilon, axis=axis, scale=tail.scale is not None, bias=tail.bias is not None)
+    outputs = [name for key, name in (("stat_mean", "Mean"), ("stat_inv_std", "InvStdDev")) if key in m.tensors]
+    if outputs:
+        m.info["outputs"] = outputs
     if norm.variant:
         m.info["variant"] = ", ".join(norm.variant)
     if tail.kept:
@@ -229,7 +237,37 @@ def emit(op: str, m: Match, ctx: Context, base: str) -> list[gs.Node]:
             params[key] = _squeezed(m.tensors[key], m.info.get(f"{key}_lead", 0), ctx, base, nodes)
         elif key == "scale":
             params[key] = _runtime_ones(x, axis, dtype, ctx, base, nodes)
-    return nodes + emit_fused(ctx, op, attrs, x, m.output, params, dtype, base)
+    stats = tuple(m.tensors.get(k) for k in ("stat_mean", "stat_inv_std"))
+    stats = stats if stats[1] is not None else stats[:1] if stats[0] is not None else ()
+    stash = np.float64 if dtype == np.float64 else np.float32
+    return nodes + emit_fused(ctx, op, attrs, x, m.output, params, dtype, base, stats, stash)
+
+
+# Producers visited when checking that a scale/bias computed at run time does not read the
+# mean or 1/std the fused op itself is to write (a cycle).
+_ANCESTOR_LIMIT = 256
+
+
+def _statistics_feed_params(m: Match) -> Reject | None:
+    stats = [m.tensors[k] for k in ("stat_mean", "stat_inv_std") if k in m.tensors]
+    params = [m.tensors[k] for k in ("scale", "bias") if k in m.tensors]
+    if not stats or not params:
+        return None
+    seen, todo = set(), list(params)
+    while todo:
+        t = todo.pop()
+        if any(t is s for s in stats):
+            return Reject(f"a scale or bias computed at run time reads the normalization's own statistic "
+                          f"'{t.name}'", m["mean"])
+        node = G.producer(t)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if len(seen) > _ANCESTOR_LIMIT:
+            return Reject("a scale or bias computed at run time has too many producers to check that it does not "
+                          "read the normalization's own mean or 1/std", m["mean"])
+        todo.extend(node.inputs)
+    return None
 
 
 def _squeezed(t: gs.Tensor, lead: int, ctx: Context, base: str, nodes: list) -> gs.Tensor:

@@ -292,3 +292,66 @@ def test_scale_not_known_to_be_per_normalized_element_stays_outside(gamma, input
     assert op_counts(out) == {LN: 1, "Shape": 1, "ConstantOfShape": 1, "Mul": 1, "Identity": 1}
     assert reason in rec.info["kept"], rec.info["kept"]
     assert_equivalent(model, out)
+
+
+# ----------------------------------------------------------------------------- Mean and InvStdDev outputs
+
+def _ln_with_statistics(uses, divide="reciprocal", dtype=F32, cast=False):
+    """A LayerNorm whose mean and/or 1/std ("mean", "inv", "mean_output") are also used outside."""
+    net = GraphBuilder(opset=18, dtype=dtype)
+    x = net.op("Cast", "x", to=F32) if cast else "x"
+    if cast:
+        net.dtype = F32
+    mean = net.mean(x, [-1])
+    d = net.op("Sub", x, mean)
+    var = net.mean(net.op("Mul", d, d), [-1])
+    std = net.op("Sqrt", net.op("Add", var, net.const(1e-5)))
+    inv = net.op("Reciprocal", std) if divide == "reciprocal" else net.op("Div", net.const(1.0), std)
+    t = net.op("Mul", d, inv)
+    if cast:
+        t = net.op("Cast", t, to=dtype)
+    t = net.op("Add", net.op("Mul", t, net.const(np.linspace(0.5, 1.5, 8), dtype)), net.const(np.linspace(-1, 1, 8), dtype))
+    outputs = []
+    if "mean" in uses:
+        t = net.op("Add", t, net.op("Cast", mean, to=dtype) if cast else mean)
+    if "inv" in uses:
+        t = net.op("Mul", t, net.op("Cast", inv, to=dtype) if cast else inv)
+    if "mean_output" in uses:
+        net.nodes.append(helper.make_node("Identity", [mean], ["m"]))
+        outputs.append(("m", F32, [2, 5, 1]))
+    net.dtype = dtype
+    return finish(net, t, [2, 5, 8], dtype=dtype, outputs=outputs)
+
+
+@pytest.mark.parametrize("uses, divide, outputs", [
+    (("mean",), "reciprocal", ["Mean"]),
+    (("inv",), "div_one", ["InvStdDev"]),
+    (("mean", "inv"), "reciprocal", ["Mean", "InvStdDev"]),
+    (("mean_output",), "reciprocal", ["Mean"]),
+])
+def test_mean_and_inv_std_used_elsewhere_are_the_op_outputs(uses, divide, outputs):
+    model = _ln_with_statistics(uses, divide)
+    out, result = run_pipeline(model, ["fuse-layernorm"])
+    assert not reasons(result), reasons(result)
+    node = next(n for n in out.graph.node if n.op_type == LN)
+    assert len(node.output) == 1 + (2 if "InvStdDev" in outputs else 1)
+    assert result.passes[0].applied[0].info["outputs"] == outputs
+    assert "ReduceMean" not in op_counts(out) and "Reciprocal" not in op_counts(out)
+    assert_equivalent(model, out)
+
+
+def test_float16_statistics_are_cast_from_the_stash_type():
+    """x float16 cast to float32 for the statistics: the op's float32 Mean is the model's mean."""
+    model = _ln_with_statistics(("mean", "inv"), dtype=TensorProto.FLOAT16, cast=True)
+    out, result = run_pipeline(model, ["fuse-layernorm"])
+    assert not reasons(result), reasons(result)
+    assert op_counts(out)[LN] == 1 and "ReduceMean" not in op_counts(out)
+    assert_equivalent(model, out)
+
+
+def test_standard_deviation_used_elsewhere_is_left_unchanged():
+    net = GraphBuilder(opset=18)
+    t = layernorm(net, "x")
+    std = next(n.output[0] for n in net.nodes if n.op_type == "Sqrt")
+    model = finish(net, net.op("Mul", t, std), [2, 5, 8])
+    left_alone(model, "is also used by Mul", ["fuse-layernorm"])
