@@ -13,7 +13,10 @@ Accepted spellings (alternatives inside one pattern):
   or ``mean(x*x) - mean(x)^2`` (ONNX's LayerNormalization function body);
 * epsilon on either Add input, a scalar or 1-element constant of any float type, or a Cast of one;
   no Add is epsilon 0 (what onnxscript's optimizer leaves of an epsilon of 1e-8 or less);
-* ReduceMean axes as attribute (opset < 18) or constant input (opset >= 18), negative or not;
+* ReduceMean axes as attribute (opset < 18) or constant input (opset >= 18), negative or not,
+  or computed from the input's rank (``Range(rank + axis, rank, 1)``, ONNX function bodies);
+  the mean as ``GlobalAveragePool`` (tf2onnx: a mean over axes 2.., the last axis of a rank-3
+  tensor), seen through an Identity (TF's stop_gradient) where it centres x;
 * Cast to a float type on the input, on the centred tensor and on the standard deviation
   (mixed precision: the statistics computed in float32 for a float16 model); the input cast
   twice to the same type (TorchScript T5LayerNorm in float16);
@@ -43,6 +46,10 @@ from normopt.pattern import AnyOf, Const, Match, Op, Opt, Pattern, Var, match
 from normopt.pipeline import Context, Reject
 
 REDUCE_MEAN = "ReduceMean"
+GLOBAL_AVERAGE_POOL = "GlobalAveragePool"
+# A mean over chosen axes: tf2onnx's optimizer writes a ReduceMean over axes 2.. (the last
+# axis of a rank-3 tensor) as GlobalAveragePool.
+MEAN_OPS = (REDUCE_MEAN, GLOBAL_AVERAGE_POOL)
 
 # ------------------------------------------------------------------------------ patterns
 
@@ -51,12 +58,12 @@ X = Var("x")
 # is TorchScript's T5LayerNorm in float16, which casts x once for the variance and once for
 # the product; ``_duplicated_casts`` checks that they cast to the same type.
 XC = AnyOf(Op(CAST, [X], name="cast_x"), Op(CAST, [X]), X)
-MEAN = Op(REDUCE_MEAN, [XC], name="mean")
+MEAN = Op(MEAN_OPS, [XC], name="mean")
 # Unnamed: a duplicated Sub still matches. A second ReduceMean of the same input (TorchScript's
 # torch.var_mean) is the same mean once its axes agree (``_common_axes``). The mean of another
 # tensor is a near miss to report.
-CENTERED = Op("Sub", [XC, AnyOf(MEAN, Op(REDUCE_MEAN, [XC], name="mean_dup"),
-                                Op(REDUCE_MEAN, [Var("other_mean")], name="other_mean"))])
+CENTERED = Op("Sub", [XC, AnyOf(MEAN, Op("Identity", [MEAN]), Op(MEAN_OPS, [XC], name="mean_dup"),
+                                Op(MEAN_OPS, [Var("other_mean")], name="other_mean"))])
 EXPONENT = Opt(CAST, Const("exponent"))
 EPSILON = AnyOf(Const("eps"), Op(CAST, [Const("eps")]), Var("eps_tensor"))
 
@@ -79,12 +86,12 @@ def scaled_by_inverse_std(numerator: Pattern, variance: Pattern) -> Pattern:
 # The variance operand: the centred tensor (maybe cast), else anything (a near miss to report).
 CENTERED_SQUARED = square(AnyOf(Opt(CAST, CENTERED), Var("other_centered")))
 VARIANCE = AnyOf(
-    Op(REDUCE_MEAN, [CENTERED_SQUARED], name="var"),
+    Op(MEAN_OPS, [CENTERED_SQUARED], name="var"),
     # ONNX's LayerNormalization function body: mean(x*x) - mean(x)*mean(x).
-    Op("Sub", [Op(REDUCE_MEAN, [square(XC)], name="var"), Op("Mul", [MEAN, MEAN])], name="var_sub"),
+    Op("Sub", [Op(MEAN_OPS, [square(XC)], name="var"), Op("Mul", [MEAN, MEAN])], name="var_sub"),
 )
 MEAN_CORE = scaled_by_inverse_std(Opt(CAST, CENTERED), VARIANCE)
-RMS_CORE = scaled_by_inverse_std(XC, Op(REDUCE_MEAN, [square(XC)], name="var"))
+RMS_CORE = scaled_by_inverse_std(XC, Op(MEAN_OPS, [square(XC)], name="var"))
 
 
 # ------------------------------------------------------------------------------ axes
@@ -95,6 +102,9 @@ def reduce_axes(node: gs.Node, ctx: Context) -> tuple[int, ...] | None:
     None when they are not constant, or absent (reduce all, or a no-op with
     noop_with_empty_axes=1): neither is a normalization over chosen axes.
     """
+    if node.op == GLOBAL_AVERAGE_POOL:
+        rank = ctx.rank(node.inputs[0])
+        return tuple(range(2, rank)) if rank is not None and rank >= 3 else None
     if "axes" in node.attrs:
         axes = np.asarray(node.attrs["axes"])
     elif len(node.inputs) > 1 and node.inputs[1].name:
@@ -342,7 +352,9 @@ def _common_axes(m: Match, ctx: Context, rank: int | None) -> tuple[int, ...] | 
             return Reject(f"ReduceMean {G.node_label(node)} has keepdims=0", node)
         axes = reduce_axes(node, ctx)
         if axes is None:
-            return Reject(f"ReduceMean {G.node_label(node)} has no constant axes (computed, or absent)", node)
+            what = "an input of unknown rank, or of rank below 3" if node.op == GLOBAL_AVERAGE_POOL \
+                else "no constant axes (computed, or absent)"
+            return Reject(f"{node.op} {G.node_label(node)} has {what}", node)
         norm = normalize_axes(axes, rank)
         if norm is None:
             return Reject(f"ReduceMean {G.node_label(node)} axes {list(axes)} cannot be placed "

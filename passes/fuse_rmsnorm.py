@@ -67,6 +67,6 @@ def _mean_centred(x: gs.Tensor) -> str | None:
     for t in (x, *(p.inputs[0] for p in [G.producer(x)] if p is not None and p.op == N.CAST)):
         sub = G.producer(t)
         mean = G.producer(sub.inputs[1]) if sub is not None and sub.op == "Sub" and len(sub.inputs) == 2 else None
-        if mean is not None and mean.op == N.REDUCE_MEAN and mean.inputs[0] is sub.inputs[0]:
+        if mean is not None and mean.op in N.MEAN_OPS and mean.inputs[0] is sub.inputs[0]:
             return t.name
     return None

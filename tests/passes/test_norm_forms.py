@@ -355,3 +355,39 @@ def test_standard_deviation_used_elsewhere_is_left_unchanged():
     std = next(n.output[0] for n in net.nodes if n.op_type == "Sqrt")
     model = finish(net, net.op("Mul", t, std), [2, 5, 8])
     left_alone(model, "is also used by Mul", ["fuse-layernorm"])
+
+
+# ----------------------------------------------------------------------------- tf2onnx / Keras
+
+def _keras_layernorm(form, rank_known=True):
+    """Keras LayerNormalization through tf2onnx at opset 13 on [N, T, C]: moments' means over
+    the last axis written as GlobalAveragePool (tf2onnx's optimizer), SquaredDifference as Sub
+    and Mul, then tf.nn.batch_normalization's x*s + (beta - mean*s) or the plain core."""
+    net = GraphBuilder(opset=13)
+    x = "x" if rank_known else net.op("Reshape", "x", "s")
+    mean = net.op("GlobalAveragePool", x)
+    d = net.op("Sub", x, net.op("Identity", mean) if form == "tf" else mean)   # stop_gradient
+    var = net.op("GlobalAveragePool", net.op("Mul", d, d))
+    r = net.op("Reciprocal", net.op("Sqrt", net.op("Add", var, net.const(1e-3))))
+    if form == "tf":
+        s = net.op("Mul", r, net.const(np.linspace(0.5, 1.5, 8)))
+        t = net.op("Add", net.op("Mul", x, s), net.op("Sub", net.const(np.linspace(-1, 1, 8)), net.op("Mul", mean, s)))
+    else:
+        t = net.op("Mul", net.op("Sub", x, mean), r)
+    if not rank_known:
+        return finish(net, t, [2, 5, 8], ["p", "q", "r"], inputs=[("s", TensorProto.INT64, ["n"])])
+    return finish(net, t, ["N", "T", 8])
+
+
+@pytest.mark.parametrize("form", ["tf", "core"])
+def test_keras_layernorm_with_global_average_pool_means_is_fused(form):
+    model = _keras_layernorm(form)
+    out, result = run_pipeline(model, ["fuse-layernorm"])
+    assert not reasons(result), reasons(result)
+    assert op_counts(out) == {LN: 1, "Identity": 1}
+    assert_equivalent(model, out)
+
+
+def test_global_average_pool_of_unknown_rank_is_left_unchanged():
+    left_alone(_keras_layernorm("core", rank_known=False),
+               "has an input of unknown rank, or of rank below 3", ["fuse-layernorm"])
