@@ -402,7 +402,87 @@ _SHAPE_ARITHMETIC = {
     "Where": _elementwise(np.where),
     "Min": _elementwise(lambda *v: np.minimum.reduce(np.broadcast_arrays(*v))),
     "Max": _elementwise(lambda *v: np.maximum.reduce(np.broadcast_arrays(*v))),
+    "ReduceProd": lambda node, graph, depth, facts: _reduce_prod(node, graph, depth, facts),
 }
+
+
+def _reduce_prod(node: gs.Node, graph, depth: int, facts) -> np.ndarray | None:
+    """The product of a shape's dims (dynamo's N of torch.var); all axes, or constant ones."""
+    value = const_value(node.inputs[0], graph, depth, facts)
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1].name:
+        axes = const_value(node.inputs[1], graph, depth, facts)
+        if axes is None:
+            return None
+    if value is None:
+        return None
+    axes = None if axes is None or np.size(axes) == 0 else tuple(int(a) for a in np.asarray(axes).reshape(-1))
+    keep = bool(int(node.attrs.get("keepdims", 1)))
+    return np.prod(value, axis=axes, keepdims=keep).astype(value.dtype)
+
+
+# ------------------------------------------------------------------------------ symbolic shape values
+
+def dims_value(tensor: gs.Tensor, graph, facts, known: dict | None = None, _depth: int = 0) -> list | None:
+    """A 1-D shape tensor as a list of dims: ints, and symbols (str) for the sizes known only at
+    run time, else None.
+
+    A symbol is the dim's name in the context's shapes, or ``'t[i]'`` for dim i of tensor t when
+    unnamed, so two reads of one dim compare equal. ``known`` (id(tensor) -> dims) gives the
+    symbolic shape of tensors the caller tracks itself. Follows what exporters write to rebuild
+    a shape: Shape (start/end), Concat, Gather and Slice by constants, Reshape to 1-D, Squeeze,
+    Unsqueeze, Cast, Identity; constants give their ints.
+    """
+    value = const_value(tensor, graph, 0, facts)
+    if value is not None:
+        return [int(v) for v in np.asarray(value).reshape(-1)] if value.ndim <= 1 else None
+    node = producer(tensor)
+    if node is None or not in_default_domain(node) or _depth > _MAX_DEPTH or not node.inputs:
+        return None
+    inner = lambda t: dims_value(t, graph, facts, known, _depth + 1)  # noqa: E731
+    if node.op == "Shape":
+        dims = symbolic_shape(node.inputs[0], facts, known)
+        if dims is None:
+            return None
+        rank = len(dims)
+        start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
+        start = min(max(start + rank if start < 0 else start, 0), rank)
+        end = rank if end is None else min(max(int(end) + rank if int(end) < 0 else int(end), 0), rank)
+        return dims[start:end]
+    if node.op in ("Identity", "Cast", "Squeeze", "Unsqueeze", "Reshape"):
+        # A scalar and its 1-element 1-D views hold the same dims.
+        return inner(node.inputs[0])
+    if node.op == "Concat" and int(node.attrs.get("axis", 0)) in (0, -1):
+        parts = [inner(t) for t in node.inputs]
+        return None if any(p is None for p in parts) else [d for p in parts for d in p]
+    if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0 and len(node.inputs) == 2:
+        dims, index = inner(node.inputs[0]), const_value(node.inputs[1], graph, 0, facts)
+        if dims is None or index is None:
+            return None
+        try:
+            return [dims[int(i)] for i in np.asarray(index).reshape(-1)]
+        except IndexError:
+            return None
+    if node.op == "Slice" and len(node.inputs) >= 3:
+        dims = inner(node.inputs[0])
+        parts = [const_value(t, graph, 0, facts) if t.name else None for t in node.inputs[1:5]]
+        if dims is None or parts[0] is None or parts[1] is None or parts[0].size != 1 or \
+                any(p is None for p, t in zip(parts[2:], node.inputs[3:5]) if t.name):
+            return None
+        step = int(parts[3].reshape(-1)[0]) if len(parts) > 3 and parts[3] is not None else 1
+        return dims[slice(*_clamp(int(parts[0].reshape(-1)[0]), int(parts[1].reshape(-1)[0]), step, len(dims)))]
+    return None
+
+
+def symbolic_shape(tensor: gs.Tensor, facts, known: dict | None = None) -> list | None:
+    """The shape of ``tensor`` with every dim an int or a symbol (see ``dims_value``)."""
+    if known and id(tensor) in known:
+        return list(known[id(tensor)])
+    shape = facts.shape(tensor) if facts is not None else None
+    if shape is None:
+        return None
+    return [d if (isinstance(d, int) and d >= 0) or (isinstance(d, str) and d) else f"{tensor.name}[{i}]"
+            for i, d in enumerate(shape)]
 
 
 def scalar_value(tensor: gs.Tensor, graph: gs.Graph | None = None) -> float | None:

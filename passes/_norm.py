@@ -50,6 +50,26 @@ GLOBAL_AVERAGE_POOL = "GlobalAveragePool"
 # A mean over chosen axes: tf2onnx's optimizer writes a ReduceMean over axes 2.. (the last
 # axis of a rank-3 tensor) as GlobalAveragePool.
 MEAN_OPS = (REDUCE_MEAN, GLOBAL_AVERAGE_POOL)
+REDUCE_SUM = "ReduceSum"
+REDUCTIONS = MEAN_OPS + (REDUCE_SUM,)
+# What may follow a reduction before its result is used (checked by ``_restored``): dynamo
+# writes torch.var_mean and keepdim=False reductions as ReduceMean/ReduceSum with keepdims=0,
+# Reshape or Unsqueeze back, Expand ("broadcast_in_dim"), and ReduceSum divided by N;
+# torch.var's Bessel correction is a Mul by N and a Div by N - 1 (a near miss to report).
+CHAIN_OPS = ("Reshape", "Unsqueeze", "Expand", "Identity", "Div", "Mul")
+CHAIN_DEPTH = 4
+
+
+def reduction(inner: Pattern, name: str) -> Pattern:
+    """A mean of ``inner`` (named ``name``), then up to CHAIN_DEPTH ops of CHAIN_OPS (named
+    ``name_c1``, ``name_c2``, ... from the reduction on)."""
+    p = Op(REDUCTIONS, [inner], name=name)
+    alternatives = [p]
+    for i in range(1, CHAIN_DEPTH + 1):
+        p = Op(CHAIN_OPS, [p], name=f"{name}_c{i}")
+        alternatives.append(p)
+    return AnyOf(*reversed(alternatives))
+
 
 # ------------------------------------------------------------------------------ patterns
 
@@ -58,12 +78,11 @@ X = Var("x")
 # is TorchScript's T5LayerNorm in float16, which casts x once for the variance and once for
 # the product; ``_duplicated_casts`` checks that they cast to the same type.
 XC = AnyOf(Op(CAST, [X], name="cast_x"), Op(CAST, [X]), X)
-MEAN = Op(MEAN_OPS, [XC], name="mean")
+MEAN = reduction(XC, "mean")
 # Unnamed: a duplicated Sub still matches. A second ReduceMean of the same input (TorchScript's
 # torch.var_mean) is the same mean once its axes agree (``_common_axes``). The mean of another
 # tensor is a near miss to report.
-CENTERED = Op("Sub", [XC, AnyOf(MEAN, Op("Identity", [MEAN]), Op(MEAN_OPS, [XC], name="mean_dup"),
-                                Op(MEAN_OPS, [Var("other_mean")], name="other_mean"))])
+CENTERED = Op("Sub", [XC, AnyOf(MEAN, reduction(XC, "mean_dup"), reduction(Var("other_mean"), "other_mean"))])
 EXPONENT = Opt(CAST, Const("exponent"))
 EPSILON = AnyOf(Const("eps"), Op(CAST, [Const("eps")]), Var("eps_tensor"))
 
@@ -86,12 +105,12 @@ def scaled_by_inverse_std(numerator: Pattern, variance: Pattern) -> Pattern:
 # The variance operand: the centred tensor (maybe cast), else anything (a near miss to report).
 CENTERED_SQUARED = square(AnyOf(Opt(CAST, CENTERED), Var("other_centered")))
 VARIANCE = AnyOf(
-    Op(MEAN_OPS, [CENTERED_SQUARED], name="var"),
+    reduction(CENTERED_SQUARED, "var"),
     # ONNX's LayerNormalization function body: mean(x*x) - mean(x)*mean(x).
-    Op("Sub", [Op(MEAN_OPS, [square(XC)], name="var"), Op("Mul", [MEAN, MEAN])], name="var_sub"),
+    Op("Sub", [reduction(square(XC), "var"), Op("Mul", [MEAN, MEAN])], name="var_sub"),
 )
 MEAN_CORE = scaled_by_inverse_std(Opt(CAST, CENTERED), VARIANCE)
-RMS_CORE = scaled_by_inverse_std(XC, Op(MEAN_OPS, [square(XC)], name="var"))
+RMS_CORE = scaled_by_inverse_std(XC, reduction(square(XC), "var"))
 
 
 # ------------------------------------------------------------------------------ axes
@@ -253,10 +272,37 @@ def live_escapes(m: Match, graph: gs.Graph, allowed: set[str] = frozenset()) -> 
     found = []
     for node in m.matched:
         for out in node.outputs:
-            uses = [] if out is m.output or out.name in allowed else G.other_uses(out, graph, inside)
+            if out is m.output or out.name in allowed:
+                continue
+            uses = [G.node_label(u) for u in out.outputs if id(u) not in inside
+                    and not _feeds_only(u, inside, graph)] + (["graph output"] if G.is_graph_output(graph, out) else [])
             if uses:
                 found.append(f"'{out.name}' is also used by {', '.join(sorted(set(uses)))}")
     return found
+
+
+# Nodes followed when checking that a side computation only feeds the match.
+_SIDE_LIMIT = 32
+
+
+def _feeds_only(node: gs.Node, inside: set[int], graph: gs.Graph) -> bool:
+    """Whether everything ``node`` computes ends in the match (or nowhere): dynamo rebuilds a
+    reduced shape with Shape(var) -> Reshape -> Concat -> Reshape(var, ...), a use of the
+    variance that disappears with it."""
+    local = {id(n) for n in graph.nodes}
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if id(n) in inside or id(n) in seen:
+            continue
+        if id(n) not in local or len(seen) >= _SIDE_LIMIT:
+            return False
+        seen.add(id(n))
+        for out in n.outputs:
+            if G.is_graph_output(graph, out):
+                return False
+            todo.extend(out.outputs)
+    return True
 
 
 def _structural_misses(m: Match) -> Reject | None:
@@ -345,11 +391,10 @@ def _trim_input_cast(m: Match, ctx: Context) -> None:
 
 
 def _common_axes(m: Match, ctx: Context, rank: int | None) -> tuple[int, ...] | Reject:
-    reductions = [m[k] for k in ("mean", "mean_dup", "var") if m.has(k)]
+    keys = [k for k in ("mean", "mean_dup", "var") if m.has(k)]
+    reductions = [m[k] for k in keys]
     found = []
-    for node in reductions:
-        if int(node.attrs.get("keepdims", 1)) != 1:
-            return Reject(f"ReduceMean {G.node_label(node)} has keepdims=0", node)
+    for key, node in zip(keys, reductions):
         axes = reduce_axes(node, ctx)
         if axes is None:
             what = "an input of unknown rank, or of rank below 3" if node.op == GLOBAL_AVERAGE_POOL \
@@ -357,13 +402,135 @@ def _common_axes(m: Match, ctx: Context, rank: int | None) -> tuple[int, ...] | 
             return Reject(f"{node.op} {G.node_label(node)} has {what}", node)
         norm = normalize_axes(axes, rank)
         if norm is None:
-            return Reject(f"ReduceMean {G.node_label(node)} axes {list(axes)} cannot be placed "
+            return Reject(f"{node.op} {G.node_label(node)} axes {list(axes)} cannot be placed "
                           f"(input rank {rank if rank is not None else 'unknown'})", node)
+        restored = _restored(m, key, node, ctx, norm)
+        if restored is not None:
+            return restored
         found.append(norm)
     for node, axes in zip(reductions[1:], found[1:]):
         if axes != found[0]:
             return Reject(f"the ReduceMeans reduce different axes ({list(found[0])} and {list(axes)})", node)
     return found[0]
+
+
+def _restored(m: Match, key: str, node: gs.Node, ctx: Context, axes: tuple[int, ...]) -> Reject | None:
+    """Why the reduction ``node`` and the ops after it (``key_c1``...) do not compute
+    mean(t) over ``axes`` with the reduced axes kept as size 1, if they do not.
+
+    Followed symbolically: keepdims=0 drops the axes, Reshape (only inserting or removing axes
+    of size 1) and Unsqueeze put them back, Expand broadcasts, Identity passes; a ReduceSum must
+    be divided by the number of elements it sums (known statically), a ReduceMean by nothing.
+    """
+    chain = [m.nodes[f"{key}_c{i}"] for i in range(1, CHAIN_DEPTH + 1) if m.has(f"{key}_c{i}")]
+    keep = int(node.attrs.get("keepdims", 1)) == 1
+    label = f"{node.op} {G.node_label(node)}"
+    if not chain and keep and node.op != REDUCE_SUM:
+        return None
+    in_dims = G.symbolic_shape(node.inputs[0], ctx)
+    if in_dims is None or any(not 0 <= a < len(in_dims) for a in axes):
+        what = "has keepdims=0 and the" if not keep else "is reshaped, and the"
+        return Reject(f"{label} {what} shape of its input is unknown", node)
+    dims = [1 if i in axes else d for i, d in enumerate(in_dims)] if keep else \
+        [d for i, d in enumerate(in_dims) if i not in axes]
+    scale, t = 1.0, node.outputs[0]
+    for step in chain:
+        new = _chain_step(step, t, dims, ctx)
+        if isinstance(new, str):
+            return Reject(f"{label} is followed by {G.node_label(step)}, which {new}", step)
+        if isinstance(new, float):
+            scale *= new
+        else:
+            dims = new
+        t = step.outputs[0]
+    expected = [1 if i in axes else d for i, d in enumerate(in_dims)]
+    if dims != expected:
+        kept = " has keepdims=0 and" if not keep else ""
+        return Reject(f"{label}{kept} gives shape {_show(dims)}, not the input's with the reduced axes as 1 "
+                      f"{_show(expected)}", node)
+    count = [in_dims[a] for a in axes]
+    n = int(np.prod(count)) if all(isinstance(d, int) for d in count) else None
+    if node.op == REDUCE_SUM and n is None:
+        return Reject(f"{label} sums dims {_show(count)} of unknown size: its divisor cannot be checked", node)
+    want = 1.0 / n if node.op == REDUCE_SUM else 1.0
+    if abs(scale - want) <= 1e-6 * want:
+        return None
+    if key == "var" and n is not None and n > 1 and abs(scale - want * n / (n - 1)) <= 1e-6 * want:
+        return Reject(f"the variance is multiplied by N/(N-1) = {n}/{n - 1}: Bessel's correction (torch.var with "
+                      "correction=1), not the biased variance a normalization uses", node)
+    what = "mean" if node.op != REDUCE_SUM else f"sum of {n} elements"
+    return Reject(f"{label} is a {what} scaled by {scale:g}, not a mean", node)
+
+
+def _chain_step(step: gs.Node, t: gs.Tensor, dims: list, ctx: Context):
+    """The dims after ``step`` (a list), its constant scale factor (a float), or why it is
+    not a step that keeps a mean a mean (a str)."""
+    if step.inputs[0] is not t:
+        return "does not read it first"
+    if step.op == "Identity":
+        return list(dims)
+    if step.op in ("Div", "Mul"):
+        value = ctx.const(step.inputs[1]) if len(step.inputs) == 2 else None
+        if value is None or value.size != 1 or not is_float(value.dtype):
+            return "is not a division or product by a float constant"
+        if value.ndim > len(dims):
+            return f"has a constant of rank {value.ndim}, more than the {len(dims)} of what it scales"
+        factor = scalar(value)
+        if step.op == "Div" and factor == 0:
+            return "divides by 0"
+        return 1.0 / factor if step.op == "Div" else factor
+    if step.op == "Unsqueeze":
+        axes = step.attrs.get("axes")
+        if axes is None and len(step.inputs) == 2:
+            axes = ctx.const(step.inputs[1])
+        if axes is None:
+            return "has axes unknown before run time"
+        rank = len(dims) + np.size(axes)
+        out = list(dims)
+        for a in sorted(int(a) % rank for a in np.asarray(axes).reshape(-1)):
+            out.insert(a, 1)
+        return out
+    target = G.dims_value(step.inputs[1], ctx.graph, ctx, {id(t): dims}) if len(step.inputs) == 2 else None
+    if target is None:
+        return "has a target shape unknown before run time"
+    if step.op == "Expand":
+        out = _broadcast(dims, target)
+        return out if out is not None else f"expands to {_show(target)}, which need not broadcast with {_show(dims)}"
+    out = _reshaped(dims, target, int(step.attrs.get("allowzero", 0)))
+    if out is None or [d for d in out if d != 1] != [d for d in dims if d != 1]:
+        return f"reshapes {_show(dims)} to {_show(target)}, not only adding or removing axes of size 1"
+    return out
+
+
+def _broadcast(a: list, b: list) -> list | None:
+    n = max(len(a), len(b))
+    a, b = [1] * (n - len(a)) + list(a), [1] * (n - len(b)) + list(b)
+    out = []
+    for x, y in zip(a, b):
+        if x == y or y == 1:
+            out.append(x)
+        elif x == 1:
+            out.append(y)
+        else:
+            return None
+    return out
+
+
+def _reshaped(dims: list, target: list, allowzero: int) -> list | None:
+    out = [dims[i] if d == 0 and not allowzero and i < len(dims) else d for i, d in enumerate(target)]
+    if out.count(-1) == 1:
+        rest = [d for d in out if d != -1]
+        if not all(isinstance(d, int) for d in rest + list(dims)):
+            return None
+        total, known = int(np.prod(dims)), int(np.prod(rest))
+        if known == 0 or total % known:
+            return None
+        out = [total // known if d == -1 else d for d in out]
+    return None if any(isinstance(d, int) and d < 0 for d in out) else out
+
+
+def _show(dims) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
 
 
 def _compute_bits(m: Match, ctx: Context) -> int | None | Reject:

@@ -391,3 +391,72 @@ def test_keras_layernorm_with_global_average_pool_means_is_fused(form):
 def test_global_average_pool_of_unknown_rank_is_left_unchanged():
     left_alone(_keras_layernorm("core", rank_known=False),
                "has an input of unknown rank, or of rank below 3", ["fuse-layernorm"])
+
+
+# ----------------------------------------------------------------------------- dynamo's variance forms
+
+def _keepdims0(net, op, t, axes=(-1,)):
+    return net.op(op, t, net.const(list(axes), "int"), keepdims=0)
+
+
+def _broadcast_in_dim(net, t, reduced):
+    """dynamo's keepdim restore: Reshape(t, Concat(Shape(t)[0:1], [5], [1])) then
+    Expand(.., Concat(Shape(x)[0:1], [5], [1]))."""
+    head = net.op("Reshape", net.op("Shape", reduced, start=0, end=1), net.const([-1], "int"))
+    shape = net.op("Concat", head, net.const([5], "int"), net.const([1], "int"), axis=0)
+    target = net.op("Concat", net.op("Shape", "x", start=0, end=1), net.const([5], "int"), net.const([1], "int"),
+                    axis=0)
+    return net.op("Expand", net.op("Reshape", t, shape), target)
+
+
+def _dynamo_var(form, divisor=16.0, reshape_to=None):
+    """torch.var_mean(x, -1, keepdim=True, correction=0) as dynamo exports it (opset 18), on [b, 5, 16]:
+    var = broadcast_in_dim(ReduceMean(d*d, keepdims=0)), mean = broadcast_in_dim(ReduceSum(x, keepdims=0)) / 16.
+    form "unsqueeze": keepdim=False then unsqueeze(-1); "bessel": var * 16 / 15 (correction=1)."""
+    net = GraphBuilder(opset=18)
+    d = net.op("Sub", "x", net.op("ReduceMean", "x", net.const([-1], "int"), keepdims=1))
+    var = _keepdims0(net, "ReduceMean", net.op("Mul", d, d))
+    total = _keepdims0(net, "ReduceSum", "x")
+    if form == "unsqueeze":
+        var = net.op("Unsqueeze", var, net.const([-1], "int"))
+        mean = net.op("Unsqueeze", net.op("Div", total, net.const(divisor)), net.const([-1], "int"))
+    else:
+        if form == "bessel":
+            var = net.op("Div", net.op("Mul", var, net.const(16.0)), net.const(15.0))
+        var = _broadcast_in_dim(net, var, var)
+        if reshape_to is not None:
+            total = net.op("Reshape", total, net.const(reshape_to, "int"))
+        mean = net.op("Div", _broadcast_in_dim(net, total, total), net.const(divisor))
+    t = net.op("Div", net.op("Sub", "x", mean), net.op("Sqrt", net.op("Add", var, net.const(1e-5))))
+    t = net.op("Add", net.op("Mul", t, net.const(np.linspace(0.5, 1.5, 16))), net.const(np.linspace(-1, 1, 16)))
+    return finish(net, t, ["b", 5, 16] if reshape_to is None else [2, 5, 16])
+
+
+@pytest.mark.parametrize("form", ["broadcast_in_dim", "unsqueeze"])
+def test_dynamo_var_mean_with_keepdims_0_and_reduce_sum_is_fused(form):
+    model = _dynamo_var(form)
+    out, result = run_pipeline(model, ["fuse-layernorm"])
+    assert not reasons(result), reasons(result)
+    assert op_counts(out) == {LN: 1, "Identity": 1}
+    assert_equivalent(model, out)
+
+
+@pytest.mark.parametrize("build, reason", [
+    (lambda: _dynamo_var("bessel"), "the variance is multiplied by N/(N-1) = 16/15: Bessel's correction"),
+    (lambda: _dynamo_var("broadcast_in_dim", divisor=8.0), "is a sum of 16 elements scaled by 0.125, not a mean"),
+    (lambda: _dynamo_var("broadcast_in_dim", reshape_to=[5, 2]),
+     "reshapes [2, 5] to [5, 2], not only adding or removing axes of size 1"),
+])
+def test_dynamo_forms_that_are_not_a_mean_are_left_unchanged(build, reason):
+    left_alone(build(), reason, ["fuse-layernorm"])
+
+
+def test_rmsnorm_mean_of_squares_with_keepdims_0_and_unsqueeze_is_fused():
+    net = GraphBuilder(opset=18)
+    ms = net.op("Unsqueeze", _keepdims0(net, "ReduceMean", net.op("Mul", "x", "x")), net.const([-1], "int"))
+    t = net.op("Mul", "x", net.op("Reciprocal", net.op("Sqrt", net.op("Add", ms, net.const(1e-6)))))
+    model = finish(net, net.op("Mul", t, net.const(np.linspace(0.5, 1.5, 8))), ["b", 5, 8])
+    out, result = run_pipeline(model, ["fuse-rmsnorm"])
+    assert not reasons(result), reasons(result)
+    assert op_counts(out) == {RMS: 1, "Identity": 1}
+    assert_equivalent(model, out)
