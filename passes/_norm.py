@@ -258,6 +258,69 @@ def _through_cast(t: gs.Tensor) -> gs.Tensor:
     return node.inputs[0] if node is not None and node.op == CAST and node.inputs else t
 
 
+# ------------------------------------------------------------------------------ sites
+
+# How far below a normalization-shaped site its fused-op anchor may be (nodes visited).
+_SITE_REACH = 24
+
+
+def site_explained(site: gs.Node, anchors: tuple[str, ...], patterns, ctx: Context) -> bool:
+    """Whether one of ``patterns`` matched at an ``anchors`` node below ``site`` includes it:
+    that anchor then gets the site's record (applied, or skipped with a reason)."""
+    seen, todo = set(), [site]
+    while todo and len(seen) < _SITE_REACH:
+        node = todo.pop(0)
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node is not site and node.op in anchors and G.in_default_domain(node) and node.outputs:
+            for pattern in patterns:
+                found = match(pattern, node.outputs[0], ctx.graph, ctx.const)
+                if found is not None and any(n is site for n in found.matched):
+                    return True
+        for out in node.outputs:
+            todo.extend(out.outputs)
+    return False
+
+
+def centred_by(mean: gs.Node) -> gs.Node | None:
+    """The Sub that subtracts ``mean`` (through the ops of CHAIN_OPS) from the mean's own input."""
+    x, t = mean.inputs[0] if mean.inputs else None, mean.outputs[0] if mean.outputs else None
+    for _ in range(CHAIN_DEPTH + 1):
+        if t is None:
+            return None
+        sub = next((u for u in t.outputs if u.op == "Sub" and len(u.inputs) == 2 and u.inputs[1] is t
+                    and _through_cast(u.inputs[0]) is _through_cast(x)), None)
+        if sub is not None:
+            return sub
+        chain = [u for u in t.outputs if u.op in CHAIN_OPS and u.inputs and u.inputs[0] is t]
+        t = chain[0].outputs[0] if len(chain) == 1 and chain[0].outputs else None
+    return None
+
+
+def squared_into_mean(node: gs.Node) -> gs.Node | None:
+    """The ReduceMean that ``node`` (Pow(t, c) or Mul(t, t)) feeds, directly or through a Cast."""
+    if node.op == "Mul" and (len(node.inputs) != 2 or node.inputs[0] is not node.inputs[1]):
+        return None
+    if node.op not in ("Mul", "Pow") or not node.outputs:
+        return None
+    if node.op == "Pow" and (len(node.inputs) != 2 or scalar_or_none(node.inputs[1]) != 2.0):
+        return None
+    users = list(node.outputs[0].outputs)
+    users += [u for c in users if c.op == CAST for u in c.outputs[0].outputs]
+    return next((u for u in users if u.op in MEAN_OPS and G.in_default_domain(u)), None)
+
+
+def scalar_or_none(t: gs.Tensor) -> float | None:
+    """The one value of a constant (through Cast), else None."""
+    value = G.const_value(t)
+    return scalar(value) if value is not None else None
+
+
+def downstream_ops(t: gs.Tensor) -> str:
+    return ", ".join(sorted({G.node_label(u) for u in t.outputs})) or "nothing"
+
+
 def live_escapes(m: Match, graph: gs.Graph, allowed: set[str] = frozenset()) -> list[str]:
     """``Match.escapes``, except that a consumer whose outputs nobody uses is dead code, not a
     use: the ONNX inliner leaves LayerNormalization's unused InvStdDev Reciprocal behind."""

@@ -56,12 +56,14 @@ TF_LAYERNORM = AnyOf(
 class FuseLayerNorm(Pass):
     """Fuse decomposed LayerNorm subgraphs (PyTorch, TF/Keras, ONNX function body) into LayerNormalization."""
 
-    anchor_ops = ("Div", "Mul", "Add", "Sub")
+    anchor_ops = ("Div", "Mul", "Add", "Sub") + N.MEAN_OPS
     opset = 17
 
     def match(self, node: gs.Node, ctx: Context) -> Match | Reject | None:
         if not G.in_default_domain(node):
             return None
+        if node.op in N.MEAN_OPS:
+            return _unexplained_mean(node, ctx)
         if node.op in ("Div", "Mul"):
             norm = N.match_normalized(node.outputs[0], ctx, statistics=True)
             if norm is None or isinstance(norm, Reject):
@@ -84,6 +86,20 @@ class FuseLayerNorm(Pass):
 
     def rewrite(self, m: Match, ctx: Context) -> list[gs.Node]:
         return emit(LAYER_NORMALIZATION, m, ctx, scope_of(m["mean"]) + LAYER_NORMALIZATION)
+
+
+_ANCHORS = ("Div", "Mul", "Add", "Sub")
+
+
+def _unexplained_mean(mean: gs.Node, ctx: Context) -> Reject | None:
+    """A mean subtracted from its own input is normalization-shaped: when no LayerNorm this pass
+    knows (matched at a node below, which then gets the record) includes it, say so."""
+    sub = N.centred_by(mean)
+    if sub is None or N.site_explained(mean, _ANCHORS, (N.MEAN_CORE, TF_LAYERNORM), ctx):
+        return None
+    return Reject(f"{mean.op} {G.node_label(mean)} is subtracted from its input ({G.node_label(sub)}), but what "
+                  f"follows is no LayerNorm this pass knows: the centred tensor '{sub.outputs[0].name}' feeds "
+                  f"{N.downstream_ops(sub.outputs[0])}", mean)
 
 
 def _match_tf(node: gs.Node, ctx: Context):

@@ -38,14 +38,16 @@ RMS_NORMALIZATION = "RMSNormalization"
 class FuseRmsNorm(Pass):
     """Fuse decomposed RMSNorm subgraphs (LLaMA, T5, Gemma; Cast-wrapped fp16/bf16) into RMSNormalization."""
 
-    anchor_ops = ("Div", "Mul")
+    anchor_ops = ("Div", "Mul", "Pow")
     opset = 23
 
     def match(self, node: gs.Node, ctx: Context) -> Match | Reject | None:
         if not G.in_default_domain(node):
             return None
-        norm = N.match_rms_normalized(node.outputs[0], ctx)
-        if norm is None or isinstance(norm, Reject):
+        norm = N.match_rms_normalized(node.outputs[0], ctx) if node.op != "Pow" else None
+        if norm is None:
+            return _unexplained_square(node, ctx)
+        if isinstance(norm, Reject):
             return norm
         centred = _mean_centred(norm.match.tensors["x"])
         if centred:
@@ -60,6 +62,19 @@ class FuseRmsNorm(Pass):
 
     def rewrite(self, m: Match, ctx: Context) -> list[gs.Node]:
         return emit(RMS_NORMALIZATION, m, ctx, scope_of(m["var"]) + RMS_NORMALIZATION)
+
+
+def _unexplained_square(square: gs.Node, ctx: Context) -> Reject | None:
+    """A square feeding a mean is normalization-shaped: when no RMSNorm this pass knows (matched
+    at a node below, which then gets the record) includes it, say so. The square of a
+    mean-centred tensor is a variance: fuse-layernorm gives that site its record."""
+    mean = N.squared_into_mean(square)
+    if mean is None or _mean_centred(square.inputs[0]) or \
+            N.site_explained(square, ("Div", "Mul"), (N.RMS_CORE,), ctx):
+        return None
+    return Reject(f"{square.op} {G.node_label(square)} squares '{square.inputs[0].name}' into {mean.op} "
+                  f"{G.node_label(mean)}, but what follows is no RMSNorm this pass knows: the mean feeds "
+                  f"{N.downstream_ops(mean.outputs[0])}", square)
 
 
 def _mean_centred(x: gs.Tensor) -> str | None:

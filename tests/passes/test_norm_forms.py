@@ -460,3 +460,36 @@ def test_rmsnorm_mean_of_squares_with_keepdims_0_and_unsqueeze_is_fused():
     assert not reasons(result), reasons(result)
     assert op_counts(out) == {RMS: 1, "Identity": 1}
     assert_equivalent(model, out)
+
+
+# ----------------------------------------------------------------------------- no silent misses
+
+def test_mean_subtracted_from_its_input_in_no_known_layernorm_gets_a_record():
+    """(x - mean) / mean(|x - mean|): normalization-shaped, no LayerNorm."""
+    net = GraphBuilder(opset=18)
+    d = net.op("Sub", "x", net.mean("x", [-1]))
+    t = net.op("Div", d, net.op("Add", net.mean(net.op("Abs", d), [-1]), net.const(1e-5)))
+    model = finish(net, t, [2, 5, 8])
+    left_alone(model, "ReduceMean ReduceMean3 is subtracted from its input (Sub5), but what follows is no LayerNorm "
+               "this pass knows: the centred tensor 'sub4' feeds Abs7, Div15", ["fuse-layernorm"])
+
+
+def test_square_into_a_mean_in_no_known_rmsnorm_gets_a_record():
+    """x / (mean(x^2) + eps), no square root."""
+    net = GraphBuilder(opset=18)
+    ms = net.mean(net.op("Pow", "x", net.const(2.0)), [-1])
+    model = finish(net, net.op("Div", "x", net.op("Add", ms, net.const(1e-6))), [2, 5, 8])
+    left_alone(model, "Pow Pow3 squares 'x' into ReduceMean ReduceMean6, but what follows is no RMSNorm this pass "
+               "knows: the mean feeds Add9", ["fuse-rmsnorm"])
+
+
+def test_a_fused_or_skipped_site_gets_exactly_one_record(rng):
+    """The site's own anchor reports it: no second record from the site itself."""
+    net = GraphBuilder(opset=18)
+    model = finish(net, layernorm(net, "x", axes=(1,)), [2, 5, 8])    # not the trailing axis
+    out, result = run_pipeline(model, ["fuse-layernorm"])
+    assert len(reasons(result)) == 1 and "not its trailing axes" in reasons(result)[0]
+    net = GraphBuilder(opset=18)
+    fused_model = finish(net, rmsnorm(net, layernorm(net, "x")), [2, 5, 8])
+    out, result = run_pipeline(fused_model, ["fuse-layernorm", "fuse-rmsnorm"])
+    assert not reasons(result) and [len(p.applied) for p in result.passes] == [1, 1]
