@@ -246,6 +246,29 @@ class HandLayerNorm(nn.Module):
         return self.weight * x + self.bias
 
 
+class VarLayerNorm(nn.Module):
+    """LayerNorm over the last dim through torch's variance functions:
+    "var_mean" torch.var_mean(keepdim=True, correction=0); "var_nokeep" torch.var(unbiased=False)
+    and mean with keepdim=False, unsqueezed back; "bessel" torch.var with its default correction=1
+    (the unbiased variance: not a LayerNorm)."""
+
+    def __init__(self, d, form="var_mean", eps=1e-5):
+        super().__init__()
+        self.weight = rand_gamma(d)
+        self.bias = rand_beta(d)
+        self.form, self.eps = form, eps
+
+    def forward(self, x):
+        if self.form == "var_mean":
+            var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
+        elif self.form == "var_nokeep":
+            var = torch.var(x, dim=-1, unbiased=False).unsqueeze(-1)
+            mean = x.mean(-1).unsqueeze(-1)
+        else:
+            var, mean = torch.var(x, dim=-1, keepdim=True), x.mean(-1, keepdim=True)
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
 class FP32LayerNorm(nn.LayerNorm):
     """fairseq-style: compute LayerNorm in fp32 inside an fp16 model."""
 
@@ -938,6 +961,19 @@ def specs() -> list[Spec]:
         Spec("transformer_handln_dynamo_op18.onnx", lambda: TransformerEncoder(norm_cls=HandLayerNorm), seq,
              DYNAMO, 18, "same encoder, LayerNorm written by hand (mean/sub/pow/mean/add/sqrt/div/mul/add), dynamo",
              expect={"LayerNormalization": 0}),
+        Spec("transformer_varmean_dynamo_op18.onnx", lambda: TransformerEncoder(norm_cls=VarLayerNorm), seq,
+             DYNAMO, 18, "same encoder, LayerNorm via torch.var_mean(correction=0), dynamo",
+             expect={"LayerNormalization": 0}),
+        Spec("transformer_varmean_dynamo_noopt_op18.onnx", lambda: TransformerEncoder(norm_cls=VarLayerNorm), seq,
+             DYNAMO, 18, "same, dynamo `optimize=False`", optimize=False, expect={"LayerNormalization": 0}),
+        Spec("transformer_var_nokeep_dynamo_op18.onnx",
+             lambda: TransformerEncoder(norm_cls=lambda d: VarLayerNorm(d, "var_nokeep")), seq, DYNAMO, 18,
+             "same encoder, LayerNorm via torch.var(unbiased=False) and mean without keepdim, unsqueezed; dynamo",
+             expect={"LayerNormalization": 0}),
+        Spec("transformer_var_bessel_dynamo_op18.onnx",
+             lambda: TransformerEncoder(norm_cls=lambda d: VarLayerNorm(d, "bessel")), seq, DYNAMO, 18,
+             "same encoder, normalized by torch.var's unbiased (Bessel, correction=1) variance: not a LayerNorm; "
+             "dynamo", expect={"LayerNormalization": 0}),
     ]
     # 5. BERT-like and GPT-like ------------------------------------------------------------
     S += [
