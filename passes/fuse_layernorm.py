@@ -16,6 +16,18 @@ Supported spellings (the core's own variants are listed in ``_norm``):
 * ONNX's function body of LayerNormalization: ``Flatten(x, a)``, the core over axis 1 with
   ``mean(x*x) - mean(x)^2``, ``Mul(Flatten(gamma))``, ``Add(Flatten(beta))`` or Identity, then
   ``Reshape(Shape(x))``: fused over x itself with axis a.
+* dynamo's ``torch.var_mean`` / ``torch.var(unbiased=False)``: reductions with keepdims=0 put
+  back by Reshape / Unsqueeze / Expand, the mean as ReduceSum / N (``_norm``); Bessel's N/(N-1)
+  is a near miss.
+* Normalized dims known only at run time: a constant gamma gives their size; without one the
+  scale is ``ConstantOfShape(Shape(x)[axis:], 1)``. A gamma or beta computed at run time (a graph
+  input, another node's output) is the op's input when its shape is exactly the normalized one
+  (leading 1s squeezed).
+* A mean or 1/std also used outside the pattern (or a graph output) becomes the op's ``Mean`` /
+  ``InvStdDev`` output, cast from the stash type where the model's type differs.
+
+Every mean subtracted from its own input that no such LayerNorm includes gets a skip record
+naming what follows it.
 
 The fused op runs in the widest type among input, output, gamma and beta (Casts added around it
 where they differ), with stash_type float32 (float64 for float64), so mixed-precision exports

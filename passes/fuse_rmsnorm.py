@@ -10,7 +10,13 @@ Supported spellings (the core's own variants are listed in ``_norm``):
   ``Mul(x, Div(1, rms))`` (HF LLaMA/T5 ``x * torch.rsqrt(var + eps)`` in TorchScript and dynamo);
 * the weight Mul on either side, optional (the scale is then ones), reached through a Cast:
   ``[Cast] Mul(w)``; Gemma's ``(1 + w)`` with w constant is folded into a new constant;
-* Cast-wrapped float16/bfloat16 (statistics in float32, Cast back before or after the weight).
+* Cast-wrapped float16/bfloat16 (statistics in float32, Cast back before or after the weight);
+* the mean of squares with keepdims=0 put back (dynamo), axes computed from the rank (ONNX's
+  RMSNormalization-23 function body: ``Range(rank + axis, rank, 1)``), symbolic normalized dims,
+  a weight computed at run time of exactly the normalized shape.
+
+Every square feeding a mean that no such RMSNorm includes (and that is not a LayerNorm's
+variance) gets a skip record naming what follows it.
 
 The fused op runs in the widest type among input, output and weight, with stash_type float32
 (float64 for float64). RMSNormalization exists from opset 23 only (``SimplifiedLayerNormalization``
