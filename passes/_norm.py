@@ -233,6 +233,8 @@ def check_core(m: Match, ctx: Context, kind: str, statistics: bool = False) -> N
     escapes = live_escapes(m, ctx.graph, set(allowed.values()))
     if escapes:
         return Reject(f"intermediate {escapes[0]}", m["var"])
+    for node in side_computations(m, ctx.graph):
+        m.add(node)
     used = [key for key, name in allowed.items() if live_escapes(m, ctx.graph, set(allowed.values()) - {name})]
     for key in used:
         m.tensors[key] = next(o for n in m.matched for o in n.outputs if o.name == allowed[key])
@@ -348,12 +350,12 @@ def live_escapes(m: Match, graph: gs.Graph, allowed: set[str] = frozenset()) -> 
 _SIDE_LIMIT = 32
 
 
-def _feeds_only(node: gs.Node, inside: set[int], graph: gs.Graph) -> bool:
+def _feeds_only(node: gs.Node, inside: set[int], graph: gs.Graph, found: list | None = None) -> bool:
     """Whether everything ``node`` computes ends in the match (or nowhere): dynamo rebuilds a
     reduced shape with Shape(var) -> Reshape -> Concat -> Reshape(var, ...), a use of the
-    variance that disappears with it."""
+    variance that disappears with it. ``found`` collects those nodes."""
     local = {id(n) for n in graph.nodes}
-    seen, todo = set(), [node]
+    seen, todo, nodes = set(), [node], []
     while todo:
         n = todo.pop()
         if id(n) in inside or id(n) in seen:
@@ -361,11 +363,27 @@ def _feeds_only(node: gs.Node, inside: set[int], graph: gs.Graph) -> bool:
         if id(n) not in local or len(seen) >= _SIDE_LIMIT:
             return False
         seen.add(id(n))
+        nodes.append(n)
         for out in n.outputs:
             if G.is_graph_output(graph, out):
                 return False
             todo.extend(out.outputs)
+    if found is not None:
+        found.extend(nodes)
     return True
+
+
+def side_computations(m: Match, graph: gs.Graph) -> list[gs.Node]:
+    """Nodes outside the match that read its tensors only to feed it (``_feeds_only``): they go
+    with it."""
+    inside = {id(n) for n in m.matched}
+    found: list[gs.Node] = []
+    for node in list(m.matched):
+        for out in node.outputs:
+            for user in out.outputs:
+                if id(user) not in inside and all(u is not user for u in found):
+                    _feeds_only(user, inside, graph, found)
+    return found
 
 
 def _structural_misses(m: Match) -> Reject | None:
