@@ -68,7 +68,9 @@ class Context:
         inferred = known[1] if known else None
         if inferred is None or declared is None or len(declared) != len(inferred):
             return inferred if inferred is not None else declared
-        return tuple(i if isinstance(i, int) and i > 0 else d if isinstance(d, int) and d > 0 else i or d
+        # A dim inference names after a graph input's ('batch') is dynamic, whatever an export
+        # declared for it (an example's static size); only dims it could not tell are filled.
+        return tuple(d if (i is None or _unnamed(i)) and d not in (None, "") else i
                      for i, d in zip(inferred, declared))
 
     def shape_conflict(self, tensor: gs.Tensor) -> str | None:
@@ -125,6 +127,11 @@ def _np_dtype(elem_type: int):
     if elem_type not in _NP_DTYPES:
         _NP_DTYPES[elem_type] = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
     return _NP_DTYPES[elem_type]
+
+
+def _unnamed(dim) -> bool:
+    """A dim onnx shape inference made up for a size it does not know ('unk__3')."""
+    return isinstance(dim, str) and dim.startswith("unk__")
 
 
 def _dims(shape) -> str:

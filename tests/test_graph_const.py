@@ -55,3 +55,22 @@ def test_shape_arithmetic_is_evaluated(build, expected):
 ])
 def test_what_depends_on_a_symbolic_dim_is_not_a_constant(build):
     assert _value(build) is None
+
+
+def test_a_dim_inference_knows_is_dynamic_is_not_folded_from_a_declaration():
+    """x is [b, 5, 8]; an export declared t = Identity(x) as [2, 5, 8] (its example's batch):
+    Shape(t) is not a constant, Shape(t)[1:] is."""
+    net = GraphBuilder(opset=18)
+    t = net.op("Identity", "x")
+    whole = net.op("Shape", t)
+    tail = net.op("Shape", t, start=1)
+    out = net.op("Concat", whole, tail, axis=0)
+    net.nodes.append(helper.make_node("Identity", [out], ["y"]))
+    model = make_model(net.nodes, [("x", 1, ["b", 5, 8])], [("y", 7, ["n"])], net.inits, opset=18)
+    model.graph.value_info.append(helper.make_tensor_value_info(t, 1, [2, 5, 8]))
+    graph = gs.import_onnx(model)
+    ctx = pipeline.Context(graph=graph, root=graph, opset=18, names=None, shapes=pipeline.infer_shapes(model))
+    tensors = graph.tensors()
+    assert ctx.shape(tensors[t]) == ("b", 5, 8) and ctx.shape_conflict(tensors[t]) is None
+    assert ctx.const(tensors[whole]) is None
+    assert ctx.const(tensors[tail]).tolist() == [5, 8]
