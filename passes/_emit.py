@@ -67,8 +67,7 @@ def emit_fused(ctx: Context, op: str, attrs: dict, x: gs.Tensor, out: gs.Tensor,
     out_type = ctx.dtype(out)
     result = out if out_type == work else gs.Variable(ctx.names.fresh(f"{out.name}_{work.name}"), dtype=work,
                                                        shape=_dims(shape))
-    if (ctx.shapes.get(out.name) or (0, None))[1] is None:   # else inference knew it: passes read it there
-        keep_facts(out, shape, out_type)
+    keep_facts(out, shape, out_type)
     outputs, casts = [result], []
     for i, stat in enumerate(statistics):   # LayerNormalization's Mean, InvStdDev (in ``stash``)
         if stat is None:
