@@ -599,6 +599,9 @@ def _broadcast(a: list, b: list) -> list | None:
 
 def _reshaped(dims: list, target: list, allowzero: int) -> list | None:
     out = [dims[i] if d == 0 and not allowzero and i < len(dims) else d for i, d in enumerate(target)]
+    if out.count(-1) == 1 and len(out) == len(dims) and \
+            all(d == -1 or d == e for d, e in zip(out, dims)):
+        return list(dims)  # every other dim kept in place: the -1 is the one left
     if out.count(-1) == 1:
         rest = [d for d in out if d != -1]
         if not all(isinstance(d, int) for d in rest + list(dims)):

@@ -36,6 +36,12 @@ EXPECTED = {
     "transformer_var_nokeep_dynamo_op18.onnx": {"LayerNormalization": 5},
     # torch.var's default unbiased variance (correction=1) is not a LayerNorm: left decomposed.
     "transformer_var_bessel_dynamo_op18.onnx": {},
+    # Keras through tf2onnx: the moments' means as GlobalAveragePool (make_keras_models.py).
+    "keras_ln_tf2onnx_op13.onnx": {"LayerNormalization": 2},
+    # NHWC: tf2onnx moves the Conv's NCHW transposes through both LayerNorms; the one over C is
+    # then channels-first (axis 1 of NCHW) and the one over (H, W, C) scales a transposed x:
+    # both stay, with their reasons.
+    "keras_ln_nhwc_tf2onnx_op18.onnx": {},
     "bert_ln_eps1e-12_ts_op14.onnx": {"LayerNormalization": 5},
     "gpt_decoder_causal_ts_op14.onnx": {"LayerNormalization": 5},
     "transformer_ln_fp16_ts_op14.onnx": {"LayerNormalization": 5},
