@@ -327,6 +327,7 @@ def live_escapes(m: Match, graph: gs.Graph, allowed: set[str] = frozenset()) -> 
     """``Match.escapes``, except that a consumer whose outputs nobody uses is dead code, not a
     use: the ONNX inliner leaves LayerNormalization's unused InvStdDev Reciprocal behind."""
     inside = {id(n) for n in m.matched}
+    local = None
     unused = [user for node in m.matched for out in node.outputs for user in out.outputs
               if all(not o.outputs and not G.is_graph_output(graph, o) for o in user.outputs)]
     if unused:
@@ -339,8 +340,11 @@ def live_escapes(m: Match, graph: gs.Graph, allowed: set[str] = frozenset()) -> 
         for out in node.outputs:
             if out is m.output or out.name in allowed:
                 continue
-            uses = [G.node_label(u) for u in out.outputs if id(u) not in inside
-                    and not _feeds_only(u, inside, graph)] + (["graph output"] if G.is_graph_output(graph, out) else [])
+            outside = [u for u in out.outputs if id(u) not in inside]
+            if outside and local is None:
+                local = {id(n) for n in graph.nodes}
+            uses = [G.node_label(u) for u in outside if not _feeds_only(u, inside, graph, local)] + \
+                (["graph output"] if G.is_graph_output(graph, out) else [])
             if uses:
                 found.append(f"'{out.name}' is also used by {', '.join(sorted(set(uses)))}")
     return found
@@ -350,11 +354,12 @@ def live_escapes(m: Match, graph: gs.Graph, allowed: set[str] = frozenset()) -> 
 _SIDE_LIMIT = 32
 
 
-def _feeds_only(node: gs.Node, inside: set[int], graph: gs.Graph, found: list | None = None) -> bool:
+def _feeds_only(node: gs.Node, inside: set[int], graph: gs.Graph, local: set[int],
+                found: list | None = None) -> bool:
     """Whether everything ``node`` computes ends in the match (or nowhere): dynamo rebuilds a
     reduced shape with Shape(var) -> Reshape -> Concat -> Reshape(var, ...), a use of the
-    variance that disappears with it. ``found`` collects those nodes."""
-    local = {id(n) for n in graph.nodes}
+    variance that disappears with it. ``local``: ids of the graph's nodes; ``found`` collects
+    those nodes."""
     seen, todo, nodes = set(), [node], []
     while todo:
         n = todo.pop()
@@ -378,11 +383,15 @@ def side_computations(m: Match, graph: gs.Graph) -> list[gs.Node]:
     with it."""
     inside = {id(n) for n in m.matched}
     found: list[gs.Node] = []
+    local = None
     for node in list(m.matched):
         for out in node.outputs:
+            if out is m.output:
+                continue
             for user in out.outputs:
                 if id(user) not in inside and all(u is not user for u in found):
-                    _feeds_only(user, inside, graph, found)
+                    local = local if local is not None else {id(n) for n in graph.nodes}
+                    _feeds_only(user, inside, graph, local, found)
     return found
 
 
