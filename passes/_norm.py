@@ -229,6 +229,14 @@ def check_core(m: Match, ctx: Context, kind: str, statistics: bool = False) -> N
         const_rank = np.asarray(m.values[key]).ndim if key in m.values else 0
         if rank is not None and const_rank > rank:
             return Reject(f"{what} has rank {const_rank}, more than the input's {rank}", m[node])
+    if statistics and m.has("sqrt") and "stat_inv_std" not in statistic_tensors(m):
+        # 1/std computed beside a Div(d, std) (ONNX's function body writes InvStdDev that way):
+        # it goes with the match, as the InvStdDev output.
+        inside = {id(n) for n in m.matched}
+        for user in m["sqrt"].outputs[0].outputs:
+            if user.op == "Reciprocal" and G.in_default_domain(user) and id(user) not in inside:
+                m.add(user)
+                break
     allowed = statistic_tensors(m) if statistics else {}
     escapes = live_escapes(m, ctx.graph, set(allowed.values()))
     if escapes:

@@ -517,3 +517,23 @@ def test_rmsnorm_after_a_fused_layernorm_fuses_when_inference_loses_its_input(mo
     assert not reasons(result), reasons(result)
     assert op_counts(out) == {LN: 1, RMS: 1, "Identity": 1}
     assert_equivalent(model, out)
+
+
+def test_layernorm_function_body_with_mean_and_inv_std_outputs_is_fused(rng):
+    """LayerNormalization-17 with all three outputs, expanded by ONNX's inliner: its body
+    computes InvStdDev as Reciprocal(StdDev) beside Div(d, StdDev), and reshapes both statistics
+    back from 2-D. The fused op writes them over the flattened input."""
+    import onnx.inliner
+    inits = {"S": rng.uniform(0.5, 1.5, 8).astype(np.float32), "B": rng.standard_normal(8).astype(np.float32)}
+    node = helper.make_node(LN, ["x", "S", "B"], ["y", "mean", "inv"], axis=-1, epsilon=1e-4)
+    stats = ["b", 5, 1]
+    model = make_model([node], [("x", F32, ["b", 5, 8])], [("y", F32, ["b", 5, 8]), ("mean", F32, stats),
+                                                          ("inv", F32, stats)], inits, opset=18)
+    model.graph.value_info.extend(helper.make_tensor_value_info(k, F32, v.shape) for k, v in inits.items())
+    model = onnx.inliner.inline_selected_functions(model, [("", LN)], inline_schema_functions=True)
+    out, result = run_pipeline(model, ["fuse-layernorm"])
+    assert not reasons(result), reasons(result)
+    counts = op_counts(out)
+    assert counts[LN] == 1 and "ReduceMean" not in counts and "Reciprocal" not in counts and "Sqrt" not in counts
+    assert result.passes[0].applied[0].info["outputs"] == ["Mean", "InvStdDev"]
+    assert_equivalent(model, out)
