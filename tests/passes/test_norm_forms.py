@@ -454,9 +454,13 @@ def test_dynamo_forms_that_are_not_a_mean_are_left_unchanged(build, reason):
     left_alone(build(), reason, ["fuse-layernorm"])
 
 
-def test_rmsnorm_mean_of_squares_with_keepdims_0_and_unsqueeze_is_fused():
+@pytest.mark.parametrize("form", ["mean_unsqueeze", "sum_times_inverse_n"])
+def test_rmsnorm_mean_of_squares_with_keepdims_0_and_unsqueeze_is_fused(form):
     net = GraphBuilder(opset=18)
-    ms = net.op("Unsqueeze", _keepdims0(net, "ReduceMean", net.op("Mul", "x", "x")), net.const([-1], "int"))
+    if form == "mean_unsqueeze":
+        ms = net.op("Unsqueeze", _keepdims0(net, "ReduceMean", net.op("Mul", "x", "x")), net.const([-1], "int"))
+    else:   # sum(x^2, keepdims) * (1/8)
+        ms = net.op("Mul", net.op("ReduceSum", net.op("Mul", "x", "x"), net.const([-1], "int")), net.const(0.125))
     t = net.op("Mul", "x", net.op("Reciprocal", net.op("Sqrt", net.op("Add", ms, net.const(1e-6)))))
     model = finish(net, net.op("Mul", t, net.const(np.linspace(0.5, 1.5, 8))), ["b", 5, 8])
     out, result = run_pipeline(model, ["fuse-rmsnorm"])
