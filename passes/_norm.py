@@ -308,6 +308,24 @@ def centred_by(mean: gs.Node) -> gs.Node | None:
     return None
 
 
+def centring_mean(t: gs.Tensor) -> gs.Node | None:
+    """The reduction ``m`` when ``t`` is ``Sub(a, m)`` with ``m`` a mean of ``a`` (through the
+    ops of CHAIN_OPS, and Casts on either side), else None."""
+    sub = G.producer(t)
+    if sub is None or sub.op != "Sub" or len(sub.inputs) != 2:
+        return None
+    m = G.producer(sub.inputs[1])
+    for _ in range(CHAIN_DEPTH + 1):
+        if m is None or not m.inputs:
+            return None
+        if m.op in REDUCTIONS:
+            return m if _through_cast(m.inputs[0]) is _through_cast(sub.inputs[0]) else None
+        if m.op not in CHAIN_OPS + (CAST,):
+            return None
+        m = G.producer(m.inputs[0])
+    return None
+
+
 def squared_into_mean(node: gs.Node) -> gs.Node | None:
     """The ReduceMean that ``node`` (Pow(t, c) or Mul(t, t)) feeds, directly or through a Cast."""
     if node.op == "Mul" and (len(node.inputs) != 2 or node.inputs[0] is not node.inputs[1]):

@@ -84,10 +84,8 @@ def _unexplained_square(square: gs.Node, ctx: Context) -> Reject | None:
 
 
 def _mean_centred(x: gs.Tensor) -> str | None:
-    """The name of ``x`` (or of what a Cast made it from) when it is ``Sub(t, ReduceMean(t))``."""
+    """The name of ``x`` (or of what a Cast made it from) when it is ``x - mean(x)``."""
     for t in (x, *(p.inputs[0] for p in [G.producer(x)] if p is not None and p.op == N.CAST)):
-        sub = G.producer(t)
-        mean = G.producer(sub.inputs[1]) if sub is not None and sub.op == "Sub" and len(sub.inputs) == 2 else None
-        if mean is not None and mean.op in N.MEAN_OPS and mean.inputs[0] is sub.inputs[0]:
+        if N.centring_mean(t) is not None:
             return t.name
     return None

@@ -541,3 +541,13 @@ def test_layernorm_function_body_with_mean_and_inv_std_outputs_is_fused(rng):
     assert counts[LN] == 1 and "ReduceMean" not in counts and "Reciprocal" not in counts and "Sqrt" not in counts
     assert result.passes[0].applied[0].info["outputs"] == ["Mean", "InvStdDev"]
     assert_equivalent(model, out)
+
+
+def test_a_variance_site_gets_only_the_layernorm_record():
+    """The square of x - mean (the mean reshaped back, as dynamo writes it) is a LayerNorm's
+    variance: fuse-rmsnorm leaves its record to fuse-layernorm."""
+    model = _dynamo_var("bessel")
+    out, result = run_pipeline(model, ["fuse-layernorm", "fuse-rmsnorm"])
+    assert op_counts(out) == op_counts(model)
+    assert [len(p.skipped) for p in result.passes] == [1, 0], reasons(result)
+    assert "Bessel's correction" in reasons(result)[0]
