@@ -44,7 +44,7 @@ from normopt import graph as G
 from normopt.pattern import AnyOf, Const, Match, Op, match
 from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
-from normopt.passes import _norm as N
+from normopt.passes import _norm as N, _sites as S
 from normopt.passes._emit import emit_fused, work_dtype
 
 LAYER_NORMALIZATION = "LayerNormalization"
@@ -106,12 +106,12 @@ _ANCHORS = ("Div", "Mul", "Add", "Sub")
 def _unexplained_mean(mean: gs.Node, ctx: Context) -> Reject | None:
     """A mean subtracted from its own input is normalization-shaped: when no LayerNorm this pass
     knows (matched at a node below, which then gets the record) includes it, say so."""
-    sub = N.centred_by(mean)
-    if sub is None or N.site_explained(mean, _ANCHORS, (N.MEAN_CORE, TF_LAYERNORM), ctx):
+    sub = S.centred_by(mean)
+    if sub is None or S.site_explained(mean, _ANCHORS, (N.MEAN_CORE, TF_LAYERNORM), ctx):
         return None
     return Reject(f"{mean.op} {G.node_label(mean)} is subtracted from its input ({G.node_label(sub)}), but what "
                   f"follows is no LayerNorm this pass knows: the centred tensor '{sub.outputs[0].name}' feeds "
-                  f"{N.downstream_ops(sub.outputs[0])}", mean)
+                  f"{S.downstream_ops(sub.outputs[0])}", mean)
 
 
 def _match_tf(node: gs.Node, ctx: Context):

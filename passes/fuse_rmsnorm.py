@@ -34,7 +34,7 @@ from normopt import graph as G
 from normopt.pattern import Match
 from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
-from normopt.passes import _norm as N
+from normopt.passes import _norm as N, _sites as S
 from normopt.passes.fuse_layernorm import emit, plan, scope_of, settle_dtype, trailing
 
 RMS_NORMALIZATION = "RMSNormalization"
@@ -74,18 +74,18 @@ def _unexplained_square(square: gs.Node, ctx: Context) -> Reject | None:
     """A square feeding a mean is normalization-shaped: when no RMSNorm this pass knows (matched
     at a node below, which then gets the record) includes it, say so. The square of a
     mean-centred tensor is a variance: fuse-layernorm gives that site its record."""
-    mean = N.squared_into_mean(square)
+    mean = S.squared_into_mean(square)
     if mean is None or _mean_centred(square.inputs[0]) or \
-            N.site_explained(square, ("Div", "Mul"), (N.RMS_CORE,), ctx):
+            S.site_explained(square, ("Div", "Mul"), (N.RMS_CORE,), ctx):
         return None
     return Reject(f"{square.op} {G.node_label(square)} squares '{square.inputs[0].name}' into {mean.op} "
                   f"{G.node_label(mean)}, but what follows is no RMSNorm this pass knows: the mean feeds "
-                  f"{N.downstream_ops(mean.outputs[0])}", square)
+                  f"{S.downstream_ops(mean.outputs[0])}", square)
 
 
 def _mean_centred(x: gs.Tensor) -> str | None:
     """The name of ``x`` (or of what a Cast made it from) when it is ``x - mean(x)``."""
     for t in (x, *(p.inputs[0] for p in [G.producer(x)] if p is not None and p.op == N.CAST)):
-        if N.centring_mean(t) is not None:
+        if S.centring_mean(t) is not None:
             return t.name
     return None
