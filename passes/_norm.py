@@ -189,8 +189,10 @@ def check_core(m: Match, ctx: Context, kind: str, statistics: bool = False) -> N
         # 1/std computed beside a Div(d, std) (ONNX's function body writes InvStdDev that way):
         # it goes with the match, as the InvStdDev output.
         inside = {id(n) for n in m.matched}
-        for user in m["sqrt"].outputs[0].outputs:
-            if user.op == "Reciprocal" and G.in_default_domain(user) and id(user) not in inside:
+        users = [u for u in m["sqrt"].outputs[0].outputs if u.op == "Reciprocal" and id(u) not in inside]
+        local = {id(n) for n in ctx.graph.nodes} if users else set()
+        for user in users:   # one of this graph: a subgraph's reader of the outer std stays
+            if G.in_default_domain(user) and id(user) in local:
                 m.add(user)
                 break
     allowed = statistic_tensors(m) if statistics else {}

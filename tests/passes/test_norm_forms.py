@@ -551,3 +551,20 @@ def test_a_variance_site_gets_only_the_layernorm_record():
     assert op_counts(out) == op_counts(model)
     assert [len(p.skipped) for p in result.passes] == [1, 0], reasons(result)
     assert "Bessel's correction" in reasons(result)[0]
+
+
+def test_inv_std_computed_inside_a_subgraph_is_left_to_it():
+    """1/std computed by a node of an If branch (reading the main graph's std) cannot become the
+    fused op's output: the LayerNorm is left alone, the branch intact."""
+    net = GraphBuilder(opset=18)
+    t = layernorm(net, "x")
+    std = next(n.output[0] for n in net.nodes if n.op_type == "Sqrt")
+    mean = net.nodes[0].output[0]
+    branches = {k: helper.make_graph([helper.make_node(op, [read], [f"{k}_s"])], k, [],
+                                     [helper.make_tensor_value_info(f"{k}_s", F32, [2, 5, 1])])
+                for k, op, read in (("then", "Reciprocal", std), ("else", "Neg", mean))}
+    net.nodes.append(helper.make_node("If", ["cond"], ["side"], then_branch=branches["then"],
+                                      else_branch=branches["else"]))
+    model = finish(net, t, [2, 5, 8], inputs=[("cond", TensorProto.BOOL, [])], outputs=[("side", F32, [2, 5, 1])])
+    out = left_alone(model, "is also used by Reciprocal(then_s)", ["fuse-layernorm"])
+    assert_equivalent(model, out)
