@@ -58,9 +58,10 @@ class Context:
     def shape(self, tensor: gs.Tensor) -> tuple | None:
         """Static-or-symbolic shape (ints, strings or None per dim), when known.
 
-        Inferred from the operations first (``infer_shapes`` ignores declared value_info); a
-        declaration only fills what inference left open: a dim it could not tell, or a tensor it
-        could not type (a rewrite's new tensors carry their shape themselves)."""
+        Inferred from the operations first (``inferred_index`` prefers what inference computes
+        without the declared value_info); a declaration only fills what inference left open: a
+        dim it could not tell, or a tensor it could not type (a rewrite's new tensors carry their
+        shape themselves)."""
         if isinstance(tensor, gs.Constant):
             return tuple(tensor.shape)
         declared = tuple(tensor.shape) if tensor.shape is not None else None
@@ -72,19 +73,6 @@ class Context:
         # declared for it (an example's static size); only dims it could not tell are filled.
         return tuple(d if (i is None or _unnamed(i)) and d not in (None, "") else i
                      for i, d in zip(inferred, declared))
-
-    def shape_conflict(self, tensor: gs.Tensor) -> str | None:
-        """How the declared shape of ``tensor`` (value_info) contradicts the inferred one, if it does."""
-        known = self.shapes.get(tensor.name)
-        if isinstance(tensor, gs.Constant) or tensor.shape is None or not known or known[1] is None:
-            return None
-        declared, inferred = tuple(tensor.shape), known[1]
-        static = lambda d: isinstance(d, int) and d > 0  # noqa: E731
-        if len(declared) != len(inferred) or any(static(a) and static(b) and a != b
-                                                 for a, b in zip(declared, inferred)):
-            return (f"declared shape {_dims(declared)} of '{tensor.name}' contradicts the shape "
-                    f"{_dims(inferred)} inferred from its computation")
-        return None
 
     def checked_shape(self, tensor: gs.Tensor) -> tuple | None | Reject:
         """``shape``, or a Reject when the model's declaration (value_info) contradicts the

@@ -171,9 +171,9 @@ def check_core(m: Match, ctx: Context, kind: str, statistics: bool = False) -> N
     if isinstance(eps, Reject):
         return eps
     x = m.tensors["x"]
-    conflict = ctx.shape_conflict(x)
-    if conflict:
-        return Reject(conflict, m["var"])
+    checked = ctx.checked_shape(x)
+    if isinstance(checked, Reject):
+        return Reject(checked.reason, m["var"])
     rank = ctx.rank(x)
     axes = _common_axes(m, ctx, rank)
     if isinstance(axes, Reject):
@@ -341,7 +341,7 @@ def held_epsilon(eps: float) -> str | None:
     f32 = float(np.float32(eps))
     if eps == 0.0 or (np.isfinite(f32) and abs(f32 - eps) <= EPSILON_RTOL * abs(eps)):
         return None
-    return f"epsilon {eps:g} cannot be held by the op's float32 epsilon attribute (it would be {f32:g})"
+    return f"epsilon {eps:g} is not representable as the op's float32 attribute (it would be {f32:g})"
 
 
 def _duplicated_casts(m: Match, ctx: Context) -> Reject | None:

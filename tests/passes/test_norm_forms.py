@@ -59,14 +59,14 @@ def test_double_epsilon_below_float32_range_is_left_unchanged(family, build):
     model = finish(net, build(net, "x", eps=1e-50), [2, 3, 8], dtype=F64)
     row = np.zeros((2, 3, 8))
     assert not np.isnan(run_ort(model, {"x": row})[0]).any()
-    left_alone(model, "epsilon 1e-50 cannot be held by the op's float32 epsilon attribute (it would be 0)",
+    left_alone(model, "epsilon 1e-50 is not representable as the op's float32 attribute (it would be 0)",
                [family])
 
 
 def test_double_epsilon_in_float32_subnormal_range_is_left_unchanged():
     net = GraphBuilder(opset=18, dtype=F64)
     model = finish(net, layernorm(net, "x", eps=3.3e-44), [2, 3, 8], dtype=F64)
-    left_alone(model, "epsilon 3.3e-44 cannot be held", ["fuse-layernorm"])
+    left_alone(model, "epsilon 3.3e-44 is not representable", ["fuse-layernorm"])
 
 
 def test_double_epsilon_float32_can_hold_is_fused(rng):
@@ -93,7 +93,7 @@ def _reshaped(declared):
 
 def test_declared_rank_contradicting_inference_is_left_unchanged():
     """Declared rank 3, really rank 4: trusting it would fuse axis 2 as axis -1 (wrong)."""
-    left_alone(_reshaped([2, 5, 8]), "declared shape [2, 5, 8] of 'reshape1' contradicts the shape", ["fuse-layernorm"])
+    left_alone(_reshaped([2, 5, 8]), "declared shape [2, 5, 8] of 'reshape1' contradicts the inferred", ["fuse-layernorm"])
 
 
 def test_rank_from_inference_places_a_positive_axis():
