@@ -102,10 +102,36 @@ def test_models_fold_verifies_and_reaches_expected_ops(name):
     recorded = {label for rw in result.pipeline.applied for label in rw.removed}
     recorded |= {s.node for s in result.pipeline.skipped}
     assert [label for label in _must_have_records(source) if label not in recorded] == []
+    # Each mean still subtracted from its own input after the fold has a skip record of the
+    # norm passes (an LN/GN/IN/RMS-shaped site is never silently left).
+    norm_skips = [s for s in result.pipeline.skipped if s.pass_name.startswith("fuse-")]
+    assert len(_centring_means(result.model.graph)) <= len(norm_skips)
     # A second run changes nothing, byte for byte.
     again = optimize(result.model, FoldOptions(verify=False))
     assert not again.pipeline.applied and not again.pipeline.upgrades
     assert model_io.serialize(again.model) == model_io.serialize(result.model)
+
+
+def _centring_means(graph) -> set[str]:
+    """Inputs of the mean nodes (ReduceMean, GlobalAveragePool) whose result, directly or through
+    a Reshape / Unsqueeze / Expand / Identity, is subtracted from that input: one per
+    normalization (torch.var_mean's second mean of the same input is the same site)."""
+    consumers = {}
+    for n in graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    found = set()
+    for n in graph.node:
+        if n.op_type not in ("ReduceMean", "GlobalAveragePool"):
+            continue
+        frontier = [n.output[0]]
+        for _ in range(4):
+            users = [u for t in frontier for u in consumers.get(t, [])]
+            if any(u.op_type == "Sub" and u.input[0] == n.input[0] and u.input[1] in frontier for u in users):
+                found.add(n.input[0])
+                break
+            frontier = [u.output[0] for u in users if u.op_type in ("Reshape", "Unsqueeze", "Expand", "Identity")]
+    return found
 
 
 def _must_have_records(model) -> list[str]:
