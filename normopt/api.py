@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Mapping, Sequence, Union
 
 import onnx
@@ -17,8 +18,8 @@ Result = FoldResult  # .model, .records (one PassRecord per pass), .verification
 
 
 def _source(model: ModelLike) -> tuple[onnx.ModelProto, str | None]:
-    """(model, its path or None). A path is read with its external data; a bad file raises
-    ModelLoadError."""
+    """(model, its path or None). A path's external data stays on disk until a pass needs it; a
+    bad file raises ModelLoadError."""
     if isinstance(model, onnx.ModelProto):
         return model, None
     if isinstance(model, (str, os.PathLike)):
@@ -77,6 +78,7 @@ def inspect(model: ModelLike, *, passes: Sequence[str] | None = None, target: st
     from normopt.registry import resolve
 
     veto_for(target)
-    source, _ = _source(model)
+    source, path = _source(model)
     names = resolve(list(passes)) if passes is not None else None
-    return inspect_model(source, names, allow_opset_upgrade, target)
+    return inspect_model(source, names, allow_opset_upgrade, target,
+                         base_dir=str(Path(path).resolve().parent) if path else None)

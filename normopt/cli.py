@@ -210,7 +210,7 @@ def _fold_staged(model, source, out_path: Path, s: FoldSettings, stage_dir: Path
                 _commit_staged(result.staged, out_path)
             else:
                 model_io.save(result.rewritten, out_path, external_data=s.options.external_data)
-    pending = sites_from_records(source, result.model, result.pipeline).pending if s.check else []
+    pending = sites_from_records(source, result.rewritten.model, result.pipeline).pending if s.check else []
     status = "ok" if verified else "verification_failed"
     if verified and pending:
         status = "not_folded"
@@ -390,7 +390,7 @@ def inspect_cmd(ctx, model, fmt, pass_list, skip_list, target, no_opset_upgrade,
     names = registry.resolve(_split(pass_list), _split(skip_list))
     with progress.step(f"loading {model}"):
         source = model_io.load(model)
-    found = inspect_model(source, names, not no_opset_upgrade, target)
+    found = inspect_model(source, names, not no_opset_upgrade, target, base_dir=str(Path(model).resolve().parent))
     if fmt == "json":
         click.echo(report.to_json(report.inspect_document(model=model, inspection=found, target=target,
                                                           seconds=time.perf_counter() - started)))

@@ -68,14 +68,15 @@ class Inspection:
 
 
 def inspect_model(model: onnx.ModelProto, passes: list[str] | None = None, allow_opset_upgrade: bool = True,
-                  target: str = "portable") -> Inspection:
-    """The normalization sites of ``model``, found by running the passes without verification."""
+                  target: str = "portable", base_dir: str | None = None) -> Inspection:
+    """The normalization sites of ``model``, found by running the passes without verification.
+    ``base_dir``: where the model's external data is (the folder of its file)."""
     options = pipeline.Options(allow_opset_upgrade=allow_opset_upgrade)
     if target != "portable":
         from normopt.targets import veto_for
         options.veto = veto_for(target)
-    out, result = pipeline.run(model, passes, options)
-    return sites_from_records(model, out, result)
+    out, result = pipeline.run(model, passes, options, base_dir=base_dir, lazy=True)
+    return sites_from_records(model, out.model, result)
 
 
 def sites_from_records(model: onnx.ModelProto, out: onnx.ModelProto, result: PipelineResult) -> Inspection:

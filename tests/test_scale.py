@@ -248,3 +248,15 @@ def test_large_weights_inside_subgraphs_fold_in_both_layouts(tmp_path, rng):
     res = CliRunner().invoke(cli, ["fold", str(tmp_path / "ext.onnx"), "-o", str(tmp_path / "again.onnx"), "-q"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "again.onnx.data").exists()
+
+
+def test_inspect_and_check_read_external_data_from_the_models_folder(tmp_path, rng, monkeypatch):
+    """From another working directory, without reading the untouched weights."""
+    (tmp_path / "m").mkdir()
+    save_external(rms_decoder(rng), tmp_path / "m" / "m.onnx", "m.weights")
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(cli, ["inspect", "m/m.onnx", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert [s["action"] for s in json.loads(res.output)["sites"]].count("rewrite") == 2
+    res = CliRunner().invoke(cli, ["fold", "m/m.onnx", "--check", "--provider", "cpu"])
+    assert res.exit_code == 4, res.output
