@@ -52,9 +52,12 @@ class Op(Pattern):
     inputs: Sequence[Pattern] = ()
     name: str | None = None
 
+    def __post_init__(self):
+        object.__setattr__(self, "_types", frozenset((self.types,) if isinstance(self.types, str) else self.types))
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+
     def accepts(self, node: gs.Node) -> bool:
-        types = (self.types,) if isinstance(self.types, str) else self.types
-        return node.op in types and G.in_default_domain(node)
+        return node.op in self._types and G.in_default_domain(node)
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,6 +66,21 @@ class AnyOf(Pattern):
 
     def __init__(self, *alternatives: Pattern):
         object.__setattr__(self, "alternatives", tuple(alternatives))
+        # The producer op types any alternative can start with; None when one can match
+        # without a producer (a Var, a Const): then every tensor must be tried.
+        roots: set[str] | None = set()
+        for alt in self.alternatives:
+            first = _root_types(alt)
+            roots = None if roots is None or first is None else roots | first
+        object.__setattr__(self, "_roots", None if roots is None else frozenset(roots))
+
+
+def _root_types(p: Pattern) -> frozenset[str] | None:
+    if isinstance(p, Op):
+        return p._types
+    if isinstance(p, AnyOf):
+        return p._roots
+    return None
 
 
 def Opt(types: str | tuple[str, ...], inner: Pattern, name: str | None = None) -> Pattern:
@@ -125,43 +143,45 @@ def match(pattern: Pattern, tensor: gs.Tensor, graph: gs.Graph, const=None) -> M
 
 @dataclass
 class _State:
+    """Bindings so far. Never changed in place: a binding makes a new state (the dicts of the
+    old one are shared until then), so backtracking costs no copies."""
+
     nodes: dict = field(default_factory=dict)
     tensors: dict = field(default_factory=dict)
     values: dict = field(default_factory=dict)
     order: tuple = ()
     const: object = None
 
-    def copy(self) -> "_State":
-        return _State(dict(self.nodes), dict(self.tensors), dict(self.values), self.order, self.const)
-
 
 def _match(p: Pattern, t: gs.Tensor, graph: gs.Graph, st: _State) -> Iterator[_State]:
-    if isinstance(p, Var):
+    if isinstance(p, Op):
+        yield from _match_op(p, t, graph, st)
+    elif isinstance(p, AnyOf):
+        roots = p._roots
+        if roots is not None:
+            node = G.producer(t)
+            if node is None or node.op not in roots:
+                return
+        for alt in p.alternatives:
+            yield from _match(alt, t, graph, st)
+    elif isinstance(p, Var):
         bound = st.tensors.get(p.name)
         if bound is None:
-            st = st.copy()
-            st.tensors[p.name] = t
-            yield st
+            yield _State(st.nodes, {**st.tensors, p.name: t}, st.values, st.order, st.const)
         elif bound is t:
             yield st
     elif isinstance(p, Const):
+        if p.name and p.name in st.tensors and st.tensors[p.name] is not t:
+            return
         value = st.const(t)
         if value is None:
             return
-        st = st.copy()
-        if p.name:
-            if p.name in st.tensors and st.tensors[p.name] is not t:
-                return
-            st.tensors[p.name] = t
-            st.values[p.name] = value
-        # A Constant node is not part of the match: other users may share it, and cleanup
-        # drops it once nothing uses it.
-        yield st
-    elif isinstance(p, AnyOf):
-        for alt in p.alternatives:
-            yield from _match(alt, t, graph, st)
-    elif isinstance(p, Op):
-        yield from _match_op(p, t, graph, st)
+        if not p.name:
+            # A Constant node is not part of the match: other users may share it, and cleanup
+            # drops it once nothing uses it.
+            yield st
+            return
+        yield _State(st.nodes, {**st.tensors, p.name: t}, {**st.values, p.name: value}, st.order, st.const)
     else:  # pragma: no cover - a programming error in a pass
         raise TypeError(f"not a pattern element: {p!r}")
 
@@ -176,20 +196,16 @@ def _match_op(p: Op, t: gs.Tensor, graph: gs.Graph, st: _State) -> Iterator[_Sta
             return
     if len(node.inputs) < len(p.inputs):
         return
-    st = st.copy()
-    if p.name:
-        st.nodes[p.name] = node
-    st.order = st.order + (node,)
-    orders = [list(p.inputs)]
+    nodes = {**st.nodes, p.name: node} if p.name else st.nodes
+    st = _State(nodes, st.tensors, st.values, st.order + (node,), st.const)
+    yield from _match_inputs(p.inputs, node.inputs, 0, graph, st)
     if node.op in COMMUTATIVE and len(p.inputs) == 2:
-        orders.append(list(reversed(p.inputs)))
-    for inputs in orders:
-        yield from _match_inputs(inputs, node.inputs, graph, st)
+        yield from _match_inputs(p.inputs[::-1], node.inputs, 0, graph, st)
 
 
-def _match_inputs(pats: list[Pattern], tensors, graph, st: _State) -> Iterator[_State]:
-    if not pats:
+def _match_inputs(pats, tensors, i: int, graph, st: _State) -> Iterator[_State]:
+    if i == len(pats):
         yield st
         return
-    for st2 in _match(pats[0], tensors[0], graph, st):
-        yield from _match_inputs(pats[1:], tensors[1:], graph, st2)
+    for st2 in _match(pats[i], tensors[i], graph, st):
+        yield from _match_inputs(pats, tensors, i + 1, graph, st2)
