@@ -131,6 +131,10 @@ class Pass:
 
     name: ClassVar[str] = ""
     anchor_ops: ClassVar[tuple[str, ...]] = ()
+    # Anchors looked at after the others of their graph: ones that only ever answer with a
+    # Reject (a normalization-shaped site no match below explains). By then a fused match has
+    # taken their nodes, and they are not looked at at all.
+    late_ops: ClassVar[tuple[str, ...]] = ()
     # Default-domain opset that the ops this pass emits need.
     opset: ClassVar[int] = 1
 
@@ -263,7 +267,11 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, names
             ctx = Context(graph=graph, root=root, opset=opset, names=names, shapes=shapes, path=path)
             gone: set[int] = set()
             local = None if graph is root else {id(n) for n in graph.nodes}  # once per graph: no rescans
-            for node in [n for n in graph.nodes if n.op in pass_.anchor_ops]:
+            anchors = [n for n in graph.nodes if n.op in pass_.anchor_ops]
+            if pass_.late_ops:
+                anchors = [n for n in anchors if n.op not in pass_.late_ops] + \
+                          [n for n in anchors if n.op in pass_.late_ops]
+            for node in anchors:
                 if id(node) in gone or not node.outputs:
                     continue
                 found = _safe_match(pass_, node, ctx)

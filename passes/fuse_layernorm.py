@@ -69,6 +69,7 @@ class FuseLayerNorm(Pass):
     """Fuse decomposed LayerNorm subgraphs (PyTorch, TF/Keras, ONNX function body) into LayerNormalization."""
 
     anchor_ops = ("Div", "Mul", "Add", "Sub") + N.MEAN_OPS
+    late_ops = N.MEAN_OPS  # sites without a LayerNorm below them: only Rejects
     opset = 17
 
     def match(self, node: gs.Node, ctx: Context) -> Match | Reject | None:

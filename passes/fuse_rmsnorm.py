@@ -45,6 +45,7 @@ class FuseRmsNorm(Pass):
     """Fuse decomposed RMSNorm subgraphs (LLaMA, T5, Gemma; Cast-wrapped fp16/bf16) into RMSNormalization."""
 
     anchor_ops = ("Div", "Mul", "Pow")
+    late_ops = ("Pow",)  # a square no RMSNorm below explains: only Rejects
     opset = 23
 
     def match(self, node: gs.Node, ctx: Context) -> Match | Reject | None:
