@@ -17,13 +17,13 @@ ModelLike = Union[onnx.ModelProto, str, os.PathLike]
 Result = FoldResult  # .model, .records (one PassRecord per pass), .verification, .rollbacks, .verified
 
 
-def _source(model: ModelLike) -> tuple[onnx.ModelProto, str | None]:
-    """(model, its path or None). A path's external data stays on disk until a pass needs it; a
-    bad file raises ModelLoadError."""
+def _source(model: ModelLike, notes: list[str] | None = None) -> tuple[onnx.ModelProto, str | None]:
+    """(model, its path or None). A path's external data stays on disk until a pass needs it;
+    nodes out of order are sorted, with a line in ``notes``; a bad file raises ModelLoadError."""
     if isinstance(model, onnx.ModelProto):
         return model, None
     if isinstance(model, (str, os.PathLike)):
-        return model_io.load(model), os.fspath(model)
+        return model_io.load(model, notes), os.fspath(model)
     raise TypeError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
 
 
@@ -42,7 +42,8 @@ def optimize(model: ModelLike, options: FoldOptions | None = None, *, passes: Se
     an unusable ``provider="cuda"`` (``ProviderUnavailableError``) and, with ``strict=True`` or a
     model that is not deterministic, ``VerificationError``.
     """
-    source, path = _source(model)
+    notes: list[str] = []
+    source, path = _source(model, notes)
     if options is None:
         veto_for(target)  # an unknown target is a UsageError before any work
         options = FoldOptions(passes=list(passes) if passes is not None else None,
@@ -53,7 +54,9 @@ def optimize(model: ModelLike, options: FoldOptions | None = None, *, passes: Se
     if options.passes is not None:
         from normopt.registry import resolve
         options.passes = resolve(list(options.passes))
-    return _optimize(source, options, source=path)
+    result = _optimize(source, options, source=path)
+    result.pipeline.notes[:0] = notes
+    return result
 
 
 def verify(reference: ModelLike, candidate: ModelLike, *, provider: str = "auto", seed: int = 0, trials: int = 1,

@@ -173,8 +173,9 @@ def fold_file(model: str, output: str | None, s: FoldSettings) -> FileOutcome:
     """Fold one model: load, rewrite + verify, write. Bad input raises NormoptError; a model
     that fails verification (or --check) is an outcome with a non-zero exit code."""
     started = time.perf_counter()
+    notes: list[str] = []
     with progress.step(f"loading {model}"):
-        source = model_io.load(model)  # first: a missing input is named as such, not as a missing output folder
+        source = model_io.load(model, notes)  # first: a missing input is named as such, not as a missing output folder
     out_path = Path(output) if output else model_io.default_output(model)
     if not s.dry_run and Path(model).exists() and out_path.exists() and out_path.resolve() == Path(model).resolve():
         raise UsageError(f"output '{out_path}' is the input file; choose another -o")
@@ -184,23 +185,25 @@ def fold_file(model: str, output: str | None, s: FoldSettings) -> FileOutcome:
     # Candidates are written beside the output: the verified one is then renamed into place.
     stage_dir = _stage_dir(out_path) if (s.options.verify and not s.dry_run) else None
     try:
-        return _fold_staged(model, source, out_path, s, stage_dir, started)
+        return _fold_staged(model, source, out_path, s, stage_dir, started, notes)
     finally:
         if stage_dir is not None:
             shutil.rmtree(stage_dir, ignore_errors=True)
 
 
 def _fold_staged(model, source, out_path: Path, s: FoldSettings, stage_dir: Path | None,
-                 started: float) -> FileOutcome:
+                 started: float, notes: list[str]) -> FileOutcome:
     try:
         result = optimize(source, s.options, source=model,
                           stage=stage_dir / out_path.name if stage_dir is not None else None)
     except VerificationError as err:  # --strict and a rollback, or a non-deterministic input: reported too
         if getattr(err, "result", None) is None:
             raise
+        err.result.pipeline.notes[:0] = notes
         doc = report.fold_document(input=model, output=None, status=err.status, result=err.result,
                                    target=s.options.target, seconds=time.perf_counter() - started)
         return FileOutcome(str(model), None, err.status, err.exit_code, str(err), [], doc, str(err))
+    result.pipeline.notes[:0] = notes
     verified = result.verified
     write = not s.dry_run and (verified or s.force)
     if write:

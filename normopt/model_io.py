@@ -5,6 +5,7 @@ file in the destination folder and renamed into place, so a failure leaves nothi
 """
 from __future__ import annotations
 
+import heapq
 import math
 import os
 import shutil
@@ -38,13 +39,16 @@ def default_output(path: str | os.PathLike) -> Path:
     return p.with_name(f"{p.stem}.normopt{p.suffix or '.onnx'}")
 
 
-def load(path: str | os.PathLike) -> onnx.ModelProto:
+def load(path: str | os.PathLike, notes: list[str] | None = None) -> onnx.ModelProto:
     """Read an ONNX model or raise ModelLoadError.
 
     External data is not read: its tensors stay headers (name, type, dims, location) that
     passes and the writer resolve against the model's folder when they need the bytes. Files and
     ranges are checked here, and tensors of up to KEEP_ELEMENTS elements are read in (shape
     constants that inference and passes need as values).
+
+    Nodes out of topological order (onnxruntime sorts them on load) are sorted; a line saying
+    so is appended to ``notes``.
     """
     p = Path(path)
     where = f"cannot read '{p}'"
@@ -65,14 +69,145 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.opset_import:
         raise ModelLoadError(f"{where}: model declares no opset_import")
     try:
+        _check_versions(model)
+        _check_tensors(model)
+        moved = sort_nodes(model)
+    except ValueError as err:
+        raise ModelLoadError(f"{where}: {err}") from err
+    try:
         _check_external(model, str(p.resolve().parent))
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"{where}: external data could not be loaded ({_short(err)})") from err
     try:
         check(model)
-    except onnx.checker.ValidationError as err:
+    except (onnx.checker.ValidationError, ValueError) as err:
         raise ModelLoadError(f"{where}: the ONNX checker rejects it: {_short(err)}") from err
+    if notes is not None:
+        notes.extend(moved)
     return model
+
+
+def _check_versions(model: onnx.ModelProto) -> None:
+    """A default-domain opset this onnx does not know: the passes would assume the semantics of
+    ops they have no schema for."""
+    known = onnx.defs.onnx_opset_version()
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx") and imp.version > known:
+            raise ValueError(f"the model uses opset {imp.version} of the default domain; this onnx "
+                             f"({onnx.__version__}) knows opsets up to {known}")
+        if imp.domain in ("", "ai.onnx") and imp.version < 1:
+            raise ValueError(f"the model declares opset {imp.version} of the default domain")
+
+
+_DATA_TYPES = frozenset(v for v in onnx.TensorProto.DataType.values() if v != onnx.TensorProto.UNDEFINED)
+
+
+def _check_tensors(model: onnx.ModelProto) -> None:
+    """Every initializer has a known element type, dims >= 0 and, when its values are inline
+    raw bytes, enough of them (the checker is only shown large tensors' types and shapes)."""
+    for t in _initializers(model.graph):
+        if t.data_type not in _DATA_TYPES:
+            raise ValueError(f"initializer '{t.name}' has unknown element type {t.data_type}")
+        if any(d < 0 for d in t.dims):
+            raise ValueError(f"initializer '{t.name}' has a negative dimension {list(t.dims)}")
+        if t.data_location != onnx.TensorProto.EXTERNAL and t.HasField("raw_data") \
+                and t.data_type != onnx.TensorProto.STRING and t.ByteSize() < _nbytes(t):
+            raise ValueError(f"initializer '{t.name}' holds fewer bytes than its shape {list(t.dims)} needs")
+
+
+def sort_nodes(model: onnx.ModelProto) -> list[str]:
+    """Put the nodes of every graph in topological order (stable: ties keep the file's order),
+    as onnxruntime does on load; returns a note per graph that was reordered.
+
+    Raises ValueError for a node that reads a tensor nothing provides, or for a cycle. A name
+    produced twice is left to the checker (not single assignment)."""
+    notes: list[str] = []
+    _sort_graph(model.graph, set(), "", notes)
+    return notes
+
+
+def _graph_reads(g: onnx.GraphProto) -> set[str]:
+    """Names the nodes of ``g`` (and its subgraphs) read from an enclosing scope."""
+    own = {vi.name for vi in g.input} | {t.name for t in g.initializer} \
+        | {s.values.name for s in g.sparse_initializer} | {o for n in g.node for o in n.output}
+    return {name for n in g.node for name in _node_reads(n) if name not in own}
+
+
+def _node_reads(node: onnx.NodeProto) -> list[str]:
+    reads = [name for name in node.input if name]
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs):
+            reads.extend(_graph_reads(sub))
+    return reads
+
+
+def _label(node: onnx.NodeProto, index: int) -> str:
+    return f"'{node.name}' ({node.op_type})" if node.name else f"#{index} ({node.op_type})"
+
+
+def _sort_graph(g: onnx.GraphProto, outer: set[str], path: str, notes: list[str]) -> None:
+    nodes = list(g.node)
+    producer: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for name in node.output:
+            if name and name in producer:
+                return  # not single assignment: the checker names it
+            if name:
+                producer[name] = i
+    given = {vi.name for vi in g.input} | {t.name for t in g.initializer} \
+        | {s.values.name for s in g.sparse_initializer}
+    deps: list[set[int]] = []
+    for i, node in enumerate(nodes):
+        d = set()
+        for name in _node_reads(node):
+            j = producer.get(name)
+            if j is not None:
+                if j != i:
+                    d.add(j)
+            elif name not in given and name not in outer:
+                where = f" in {path}" if path else ""
+                raise ValueError(f"node {_label(node, i)}{where} reads '{name}', which no node, graph input or "
+                                 "initializer provides")
+        deps.append(d)
+    if all(j < i for i, d in enumerate(deps) for j in d):
+        order = nodes
+    else:
+        users: list[list[int]] = [[] for _ in nodes]
+        for i, d in enumerate(deps):
+            for j in d:
+                users[j].append(i)
+        waiting = [len(d) for d in deps]
+        heap = [i for i, w in enumerate(waiting) if w == 0]
+        heapq.heapify(heap)
+        done: list[int] = []
+        while heap:
+            i = heapq.heappop(heap)
+            done.append(i)
+            for u in users[i]:
+                waiting[u] -= 1
+                if waiting[u] == 0:
+                    heapq.heappush(heap, u)
+        if len(done) < len(nodes):
+            stuck = [_label(nodes[i], i) for i in range(len(nodes)) if waiting[i]][:3]
+            where = f" in {path}" if path else ""
+            raise ValueError(f"the nodes{where} form a cycle (through {', '.join(stuck)})")
+        order = [nodes[i] for i in done]
+        moved = sum(1 for k, i in enumerate(done) if k != i)
+        notes.append(f"nodes of {path or 'the main graph'} were not in topological order: sorted on load "
+                     f"({moved} of {len(nodes)} moved)")
+        copies = [onnx.NodeProto() for _ in order]
+        for c, n in zip(copies, order):
+            c.CopyFrom(n)
+        del g.node[:]
+        g.node.extend(copies)
+        order = list(g.node)
+    scope = outer | given | set(producer)
+    for i, node in enumerate(order):
+        for attr in node.attribute:
+            subs = ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs)
+            for k, sub in enumerate(subs):
+                suffix = f"{attr.name}[{k}]" if attr.type != onnx.AttributeProto.GRAPH else attr.name
+                _sort_graph(sub, scope, f"{path}/{node.name or node.op_type}.{suffix}", notes)
 
 
 def _check_external(model: onnx.ModelProto, base_dir: str) -> None:
@@ -104,8 +239,12 @@ def _check_range(t: onnx.TensorProto, base_dir: str, root: str, sizes: dict[str,
         if not os.path.isfile(path):
             raise ValueError(f"tensor '{t.name}': external data file '{location}' not found")
         sizes[path] = os.path.getsize(path)
-    offset = int(info.get("offset", 0))
-    length = int(info["length"]) if "length" in info else sizes[path] - offset
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else sizes[path] - offset
+    except ValueError:
+        raise ValueError(f"tensor '{t.name}': external data offset or length is not a number "
+                         f"({info.get('offset')!r}, {info.get('length')!r})") from None
     expected = _nbytes(t)
     if offset < 0 or length < 0 or offset + length > sizes[path] or (expected and length < expected):
         raise ValueError(f"tensor '{t.name}': external data '{location}' is too short "
@@ -122,7 +261,7 @@ def check(model: onnx.ModelProto, full: bool = False) -> None:
 def passes_full_check(model: onnx.ModelProto) -> bool:
     try:
         check(model, full=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, RuntimeError):
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, RuntimeError, ValueError):
         return False
     return True
 

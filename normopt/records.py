@@ -55,6 +55,8 @@ class PipelineResult:
     nodes_before: int = 0
     nodes_after: int = 0
     seconds: float = 0.0
+    # What was done to the input before the passes ran (e.g. nodes sorted on load).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def applied(self) -> list[Rewrite]:

@@ -29,7 +29,7 @@ MAX_NODES_SHOWN = 4
 def pipeline_lines(result: PipelineResult, verbose: bool = False) -> list[str]:
     """A table per pass: applied and skipped counts, then the skip reasons grouped and counted
     (names in quotes stand for any name: 'intermediate '…' is a graph output' counts all of them)."""
-    lines = []
+    lines = [f"note: {note}" for note in result.notes]
     for up in result.upgrades:
         lines.append(f"opset upgraded {up.from_version} -> {up.to_version} (for {up.for_pass})")
     width = max([len(rec.name) for rec in result.passes] + [4])
@@ -164,7 +164,8 @@ def fold_document(*, input: str, output: str | None, status: str, result, target
     doc.update(input=str(input), output=output, written=output is not None, status=status, target=target,
                passes=_plain(pipe.passes), opset_upgrades=_plain(pipe.upgrades), nodes_before=pipe.nodes_before,
                nodes_after=pipe.nodes_after, seconds=pipe.seconds, verification=_plain(result.verification),
-               rollbacks=_plain(result.rollbacks), pending=_plain(pending or []), wall_seconds=seconds,
+               rollbacks=_plain(result.rollbacks), pending=_plain(pending or []), notes=list(pipe.notes),
+               wall_seconds=seconds,
                peak_memory_bytes=peak_memory_bytes())
     return doc
 

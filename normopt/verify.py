@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +164,10 @@ def _run_bf16(session, names: list[str], feeds: dict[str, np.ndarray]) -> list[n
 
 def _ort_failure(what: str, err: Exception, hint: str = "") -> str:
     text = " ".join(str(err).split())
+    # The C++ source location and signature say nothing to a user: keep the message after them.
+    text = re.sub(r"/onnxruntime_src/\S+:\d+ .*?\) (?=[A-Z])", "", text)
+    if "Unsupported model IR version" in text:
+        hint = "this onnxruntime cannot read the model's IR version: use --no-verify, or export with an older one"
     if "Could not find an implementation" in text:
         hint = "this provider has no kernel for one of its ops (bfloat16 on CPU?): try --provider cuda, or --no-verify"
     return f"onnxruntime {what}: {text[:240]}" + (f"; {hint}" if hint else "")
