@@ -104,7 +104,13 @@ _DATA_TYPES = frozenset(v for v in onnx.TensorProto.DataType.values() if v != on
 
 def _check_tensors(model: onnx.ModelProto) -> None:
     """Every initializer has a known element type, dims >= 0 and, when its values are inline
-    raw bytes, enough of them (the checker is only shown large tensors' types and shapes)."""
+    raw bytes, enough of them (the checker is only shown large tensors' types and shapes); the
+    main graph's tensor inputs and outputs have a known element type (onnxruntime needs one)."""
+    for kind, vis in (("input", model.graph.input), ("output", model.graph.output)):
+        for vi in vis:
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type not in _DATA_TYPES:
+                raise ValueError(f"graph {kind} '{vi.name}' has an undefined or unknown element type "
+                                 f"{vi.type.tensor_type.elem_type}")
     for t in _initializers(model.graph):
         if t.data_type not in _DATA_TYPES:
             raise ValueError(f"initializer '{t.name}' has unknown element type {t.data_type}")
