@@ -40,6 +40,8 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except NormoptError as err:
             _fail(ctx, str(err), err.exit_code)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: temporary files are already removed
+            _fail(ctx, "interrupted (no partial output is left)", 130)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as err:  # a bug: still one line unless -v
@@ -96,6 +98,9 @@ def _verify_options(fn):
 @click.option("--target", type=click.Choice(TARGETS), default="portable", show_default=True,
               help="portable: the single standard op for every site; onnxruntime: keep the forms onnxruntime "
                    "runs best (no GroupNormalization).")
+@click.option("--in-place", is_flag=True,
+              help="Replace each MODEL by its folded form, atomically and only once it verifies (not with "
+                   "--no-verify or --force); new weights go to a new data file, the old one is left as is.")
 @click.option("--dry-run", is_flag=True, help="Rewrite and verify, but write no model.")
 @click.option("--check", is_flag=True,
               help="Rewrite and verify in memory, write nothing; exit 4 and list the sites when rewrites are "
@@ -109,7 +114,7 @@ def _verify_options(fn):
 @click.option("--external-data", is_flag=True, help="Store weights in <output>.data beside the output (default: as the input did; one file unless over 2 GB).")
 @_verify_options
 @click.pass_context
-def fold(ctx, models, output, pass_list, skip_list, target, dry_run, check, jobs, no_verify, force, strict,
+def fold(ctx, models, output, pass_list, skip_list, target, in_place, dry_run, check, jobs, no_verify, force, strict,
          no_opset_upgrade, external_data, provider, seed, trials, input_shapes, input_ranges, inputs_file, atol, rtol,
          report_path, verbose, quiet):
     """Fold and fuse normalization layers of each MODEL (a file or a folder of .onnx files), verify,
@@ -121,13 +126,19 @@ def fold(ctx, models, output, pass_list, skip_list, target, dry_run, check, jobs
     """
     ctx.meta["normopt.verbose"] = verbose
     progress.enable(sys.stderr.isatty() and not quiet)
+    _terminate_as_interrupt()
+    if in_place and output is not None:
+        raise UsageError("--in-place writes over each MODEL: it takes no -o")
+    if in_place and (no_verify or force):
+        raise UsageError("--in-place replaces the input only once the result verifies: it cannot be combined "
+                         f"with {'--no-verify' if no_verify else '--force'}; write to another file with -o")
     names = registry.resolve(_split(pass_list), _split(skip_list))
     options = FoldOptions(passes=names, allow_opset_upgrade=not no_opset_upgrade, verify=not no_verify,
                           provider=provider, seed=seed, trials=trials, input_shapes=parse_shapes(input_shapes),
                           input_ranges=parse_ranges(input_ranges), inputs_file=inputs_file, atol=atol, rtol=rtol,
                           strict=strict, target=target)
     settings = FoldSettings(options, dry_run=dry_run or check, force=force, external_data=external_data,
-                            check=check, verbose=verbose)
+                            check=check, verbose=verbose, in_place=in_place)
     _check_report_path(report_path)
     if len(models) > 1 or Path(models[0]).is_dir():
         _fold_batch(models, output, settings, jobs, report_path, quiet)
@@ -152,6 +163,7 @@ class FoldSettings:
     external_data: bool = False
     check: bool = False
     verbose: bool = False
+    in_place: bool = False
 
 
 @dataclass
@@ -176,26 +188,28 @@ def fold_file(model: str, output: str | None, s: FoldSettings) -> FileOutcome:
     notes: list[str] = []
     with progress.step(f"loading {model}"):
         source = model_io.load(model, notes)  # first: a missing input is named as such, not as a missing output folder
-    out_path = Path(output) if output else model_io.default_output(model)
-    if not s.dry_run and Path(model).exists() and out_path.exists() and out_path.resolve() == Path(model).resolve():
-        raise UsageError(f"output '{out_path}' is the input file; choose another -o")
+    out_path = Path(model) if s.in_place else Path(output) if output else model_io.default_output(model)
+    if not s.dry_run and not s.in_place and out_path.exists() and out_path.resolve() == Path(model).resolve():
+        raise UsageError(f"output '{out_path}' is the input file; choose another -o, or --in-place")
     if not s.dry_run and not out_path.parent.is_dir():
         raise UsageError(f"cannot write '{out_path}': folder '{out_path.parent}' does not exist")
     s.options.external_data = True if s.external_data else None
     # Candidates are written beside the output: the verified one is then renamed into place.
     stage_dir = _stage_dir(out_path) if (s.options.verify and not s.dry_run) else None
     try:
-        return _fold_staged(model, source, out_path, s, stage_dir, started, notes)
+        stage = None
+        if stage_dir is not None:
+            stage = stage_dir / (_in_place_name(out_path) if s.in_place else out_path.name)
+        return _fold_staged(model, source, out_path, s, stage, started, notes)
     finally:
         if stage_dir is not None:
             shutil.rmtree(stage_dir, ignore_errors=True)
 
 
-def _fold_staged(model, source, out_path: Path, s: FoldSettings, stage_dir: Path | None,
+def _fold_staged(model, source, out_path: Path, s: FoldSettings, stage: Path | None,
                  started: float, notes: list[str]) -> FileOutcome:
     try:
-        result = optimize(source, s.options, source=model,
-                          stage=stage_dir / out_path.name if stage_dir is not None else None)
+        result = optimize(source, s.options, source=model, stage=stage)
     except VerificationError as err:  # --strict and a rollback, or a non-deterministic input: reported too
         if getattr(err, "result", None) is None:
             raise
@@ -469,14 +483,43 @@ def _stage_dir(out_path: Path) -> Path:
 
 
 def _commit_staged(staged: Path, out_path: Path) -> None:
-    """Rename the verified candidate (and its data file) into place."""
+    """Rename the verified candidate's data file (named after the staged model file, as the model
+    refers to it), then the candidate itself, into place: the model's rename is the switch."""
     data = staged.with_name(staged.name + ".data")
     try:
         if data.exists():
-            os.replace(data, out_path.with_name(out_path.name + ".data"))
+            os.replace(data, out_path.with_name(data.name))
         os.replace(staged, out_path)
     except OSError as err:
         raise ModelSaveError(f"cannot write '{out_path}': {err.strerror or err}") from err
+
+
+def _in_place_name(out_path: Path) -> str:
+    """The name the in-place candidate is staged under; its data file, if any, is that name +
+    '.data', a file that does not exist yet (``m.onnx.data``, else ``m.1.onnx.data``, ...): the
+    input's own data file is never written over, and the switch is the model file's rename."""
+    name, n = out_path.name, 0
+    while (out_path.parent / (name + ".data")).exists():
+        n += 1
+        name = f"{out_path.stem}.{n}{out_path.suffix}"
+    return name
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` removes its temporary files."""
+
+
+def _terminate_as_interrupt() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _check_report_path(path: str | None) -> None:

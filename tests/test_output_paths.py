@@ -1,0 +1,228 @@
+"""Output-path problems: a clear error, no partial file, the input untouched; ``--in-place``
+replaces the input atomically, only once the result verifies, and never writes over the input's
+own data file."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from helpers import assert_equivalent, make_model, op_counts
+from normopt import model_io
+from normopt.cli import cli
+
+FLOAT = TensorProto.FLOAT
+
+
+def conv_bn(rng, c=32):
+    """Conv + BatchNormalization + Conv, weights of c*c*9 elements: large enough to stay in the
+    external data file when the model has one (the second Conv's is never rewritten)."""
+    inits = {"w": (rng.standard_normal((c, c, 3, 3)) * 0.1).astype(np.float32),
+             "w2": (rng.standard_normal((c, c, 3, 3)) * 0.1).astype(np.float32),
+             "g": rng.uniform(0.5, 1.5, c).astype(np.float32), "b": rng.standard_normal(c).astype(np.float32),
+             "m": rng.standard_normal(c).astype(np.float32), "v": rng.uniform(0.5, 2, c).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"], name="bn"),
+             helper.make_node("Conv", ["n", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    return make_model(nodes, [("x", FLOAT, [1, c, 5, 5])], [("y", FLOAT, [1, c, 5, 5])], inits, opset=15)
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def one_error_line(res, code: int, fragment: str) -> None:
+    assert res.exit_code == code, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], res.stderr
+    assert "Traceback" not in res.output
+
+
+@pytest.fixture
+def src(tmp_path, rng):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    onnx.save(conv_bn(rng), folder / "m.onnx")
+    return folder
+
+
+@pytest.fixture
+def src_external(tmp_path, rng):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    onnx.save(conv_bn(rng), folder / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.onnx.data", size_threshold=1024)
+    return folder
+
+
+def test_missing_output_folder(src, tmp_path):
+    before = digests(src)
+    res = invoke("fold", src / "m.onnx", "-o", tmp_path / "nowhere" / "o.onnx", "--provider", "cpu")
+    one_error_line(res, 2, "does not exist")
+    assert not (tmp_path / "nowhere").exists() and digests(src) == before
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_unwritable_output_folder(src, tmp_path, monkeypatch, verify):
+    """A folder we may not write to (as root, chmod does not stop writes: the refusal is injected
+    where the temporary folder is made)."""
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(out))
+
+    monkeypatch.setattr("tempfile.mkdtemp", refuse)
+    before = digests(src)
+    res = invoke("fold", src / "m.onnx", "-o", out / "o.onnx", *(["--provider", "cpu"] if verify else ["--no-verify"]))
+    one_error_line(res, 2, "Permission denied")
+    assert list(out.iterdir()) == [] and digests(src) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_read_only_output_folder(src, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        res = invoke("fold", src / "m.onnx", "-o", out / "o.onnx", "--provider", "cpu")
+        one_error_line(res, 2, "Permission denied")
+        assert list(out.iterdir()) == []
+    finally:
+        out.chmod(0o755)
+
+
+def test_output_equal_to_input_needs_in_place(src):
+    before = digests(src)
+    res = invoke("fold", src / "m.onnx", "-o", src / "m.onnx", "--provider", "cpu")
+    one_error_line(res, 2, "is the input file; choose another -o, or --in-place")
+    assert digests(src) == before
+
+
+@pytest.mark.parametrize("flag", ["--no-verify", "--force"])
+def test_in_place_only_after_verification(src, flag):
+    before = digests(src)
+    one_error_line(invoke("fold", src / "m.onnx", "--in-place", flag), 2, f"cannot be combined with {flag}")
+    one_error_line(invoke("fold", src / "m.onnx", "--in-place", "-o", src / "x.onnx"), 2, "takes no -o")
+    assert digests(src) == before
+
+
+def test_in_place_replaces_the_model(src, tmp_path):
+    original = onnx.load(src / "m.onnx")
+    res = invoke("fold", src / "m.onnx", "--in-place", "--provider", "cpu")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in src.iterdir()) == ["m.onnx"]  # nothing beside it, no temporary files
+    folded = onnx.load(src / "m.onnx")
+    assert op_counts(folded) == {"Conv": 2}
+    assert_equivalent(original, folded)
+
+
+def test_in_place_with_external_data_never_writes_over_the_inputs_data(src_external):
+    original = onnx.load(src_external / "m.onnx")  # with its weights
+    before = digests(src_external)
+    res = invoke("fold", src_external / "m.onnx", "--in-place", "--provider", "cpu")
+    assert res.exit_code == 0, res.output
+    # The old data file is left as it was; the new weights are in a new file the model refers to.
+    assert digests(src_external)["m.onnx.data"] == before["m.onnx.data"]
+    header = onnx.load(src_external / "m.onnx", load_external_data=False)
+    locations = {e.value for t in header.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"m.1.onnx.data"}
+    assert sorted(p.name for p in src_external.iterdir()) == ["m.1.onnx.data", "m.onnx", "m.onnx.data"]
+    folded = onnx.load(src_external / "m.onnx")
+    assert op_counts(folded) == {"Conv": 2}
+    assert_equivalent(original, folded)
+    # A second run goes the other way round without touching the data file in use.
+    in_use = digests(src_external)["m.1.onnx.data"]
+    assert invoke("fold", src_external / "m.onnx", "--in-place", "--provider", "cpu").exit_code == 0
+    assert digests(src_external)["m.1.onnx.data"] == in_use
+
+
+def _enospc(real):
+    def write(*args, **kwargs):
+        path = next(a for a in args if isinstance(a, Path))
+        path.write_bytes(b"\0" * 100)  # a partial file, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return write
+
+
+@pytest.mark.parametrize("external", [False, True])
+@pytest.mark.parametrize("verify", [True, False])
+def test_disk_full(tmp_path, rng, monkeypatch, external, verify, request):
+    src = request.getfixturevalue("src_external" if external else "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = "_write_external" if external else "_write_single"
+    monkeypatch.setattr(model_io, writer, _enospc(getattr(model_io, writer)))
+    before = digests(src)
+    res = invoke("fold", src / "m.onnx", "-o", out / "o.onnx", *(["--provider", "cpu"] if verify else ["--no-verify"]))
+    one_error_line(res, 2, "No space left on device")
+    assert list(out.iterdir()) == [] and digests(src) == before
+
+
+def test_disk_full_in_place_leaves_the_input(src_external, monkeypatch):
+    monkeypatch.setattr(model_io, "_write_external", _enospc(model_io._write_external))
+    before = digests(src_external)
+    res = invoke("fold", src_external / "m.onnx", "--in-place", "--provider", "cpu")
+    one_error_line(res, 2, "No space left on device")
+    assert digests(src_external) == before
+
+
+_INTERRUPTED_WRITE = textwrap.dedent("""
+    import os, signal, sys, time
+    from pathlib import Path
+    from normopt import model_io
+    from normopt.cli import main
+
+    real = model_io._write_single
+
+    def write(skel, path, *rest):
+        Path(path).write_bytes(b"partial")  # half-written, then the signal arrives
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+        time.sleep(30)
+        real(skel, path, *rest)
+
+    model_io._write_single = write
+    main(sys.argv[2:])
+""")
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("verify", [True, False])
+def test_signal_in_the_middle_of_a_write(src, tmp_path, sig, verify):
+    out = tmp_path / "out"
+    out.mkdir()
+    before = digests(src)
+    args = ["fold", str(src / "m.onnx"), "-o", str(out / "o.onnx")] + (["--provider", "cpu"] if verify
+                                                                        else ["--no-verify"])
+    proc = subprocess.run([sys.executable, "-c", _INTERRUPTED_WRITE, sig, *args], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: interrupted (no partial output is left)"]
+    assert list(out.iterdir()) == [] and digests(src) == before
+
+
+def test_signal_during_in_place_leaves_the_input(src_external):
+    before = digests(src_external)
+    script = _INTERRUPTED_WRITE.replace("_write_single", "_write_external")
+    proc = subprocess.run([sys.executable, "-c", script, "SIGTERM", "fold", str(src_external / "m.onnx"),
+                           "--in-place", "--provider", "cpu"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert digests(src_external) == before
+
+
+assert signal.SIGTERM  # the tests above need POSIX signals
