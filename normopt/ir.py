@@ -307,10 +307,18 @@ def _constant(tensor: onnx.TensorProto, weights: Weights) -> gs.Constant:
 def import_model(model: onnx.ModelProto, weights: Weights) -> gs.Graph:
     """The model's main graph (and subgraphs) as graphsurgeon objects, lazily decoded."""
     opset = next((imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")), None)
-    return _import_graph(model.graph, {}, weights, opset, list(model.opset_import))
+    legacy = model.ir_version < LISTED_INITIALIZERS_IR
+    return _import_graph(model.graph, {}, weights, opset, list(model.opset_import), legacy=legacy)
 
 
-def _import_graph(gp: onnx.GraphProto, outer: dict, weights: Weights, opset, domains) -> gs.Graph:
+# Below this IR version the format requires every initializer to be listed as a graph input:
+# the listing makes it a constant, not an input. From it on, a listed initializer is a default
+# value that callers may override.
+LISTED_INITIALIZERS_IR = 4
+
+
+def _import_graph(gp: onnx.GraphProto, outer: dict, weights: Weights, opset, domains, legacy: bool = False,
+                  ) -> gs.Graph:
     local: dict[str, gs.Tensor] = {}
     for init in gp.initializer:
         local[init.name] = _constant(init, weights)
@@ -320,7 +328,10 @@ def _import_graph(gp: onnx.GraphProto, outer: dict, weights: Weights, opset, dom
         if vi.name not in local:
             local[vi.name] = _variable(vi.name, vi)
     inputs = []
+    constants = {init.name for init in gp.initializer} if legacy else set()
     for vi in gp.input:
+        if vi.name in constants:
+            continue  # listed because the IR version requires it: a constant
         t = local.get(vi.name)
         if t is None:
             t = local[vi.name] = _variable(vi.name, vi)
@@ -364,6 +375,8 @@ def _import_graph(gp: onnx.GraphProto, outer: dict, weights: Weights, opset, dom
     g.__dict__.update(nodes=nodes, inputs=inputs, outputs=outputs, name=gp.name, __name__=gp.name,
                       doc_string=gp.doc_string, opset=opset, producer_name="", producer_version="",
                       import_domains=domains, ir_version=None, name_idx=0, _functions=[], _src=gp)
+    if legacy:
+        g.__dict__["_listed_initializers"] = True
     return g
 
 
@@ -719,4 +732,22 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto, weights: Weights) -
     """The rewritten model (a skeleton when it holds headers); model-level fields from ``template``."""
     out = model_fields(template)
     out.graph.CopyFrom(export_graph(graph, weights))
+    if graph.__dict__.get("_listed_initializers"):
+        src = graph.__dict__["_src"]
+        _list_initializers(out.graph, {t.name for t in src.initializer}, out.ir_version < LISTED_INITIALIZERS_IR)
     return out
+
+
+def _list_initializers(gp: onnx.GraphProto, source_inits: set[str], listed: bool) -> None:
+    """The graph inputs of a model whose initializers were constants listed as inputs (IR < 4):
+    every initializer listed, in order, when the output's IR version still requires it; none
+    when it does not (a listed initializer would become an input that callers may override)."""
+    inits = {t.name: t for t in gp.initializer}
+    declared = {vi.name: vi for vi in gp.input}
+    inputs = [vi for vi in gp.input if vi.name not in inits and vi.name not in source_inits]
+    if listed:
+        for t in gp.initializer:
+            vi = declared.get(t.name) or onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+            inputs.append(vi)
+    del gp.input[:]
+    gp.input.extend(inputs)

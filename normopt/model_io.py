@@ -64,6 +64,11 @@ def load(path: str | os.PathLike, notes: list[str] | None = None) -> onnx.ModelP
         raise ModelLoadError(f"{where}: file is not an ONNX model (protobuf parse failed: {_short(err)})") from err
     except OSError as err:
         raise ModelLoadError(f"{where}: {err.strerror or err}") from err
+    try:
+        _touch_text(model)
+    except UnicodeDecodeError as err:
+        raise ModelLoadError(f"{where}: file is not an ONNX model (a name or text field is not UTF-8: "
+                             f"{_short(err)})") from err
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise ModelLoadError(f"{where}: file is not an ONNX model (no graph)")
     if not model.opset_import:
@@ -85,6 +90,34 @@ def load(path: str | os.PathLike, notes: list[str] | None = None) -> onnx.ModelP
     if notes is not None:
         notes.extend(moved)
     return model
+
+
+def _touch_text(message) -> None:
+    """Decode every text field of the model's structure once (protobuf decodes them lazily, so
+    a flipped bit in a name would otherwise surface in the middle of a pass). Tensor values are
+    not touched: only a tensor's name, doc string and external data entries."""
+    if isinstance(message, onnx.TensorProto):
+        _ = message.name, message.doc_string
+        for entry in message.external_data:
+            _ = entry.key, entry.value
+        return
+    if isinstance(message, onnx.AttributeProto):  # string attributes are bytes that importers decode
+        message.s.decode("utf-8")
+        for s in message.strings:
+            s.decode("utf-8")
+    for field, value in message.ListFields():
+        if field.type != field.TYPE_MESSAGE:
+            continue
+        if _repeated(field):
+            for item in value:
+                _touch_text(item)
+        else:
+            _touch_text(value)
+
+
+def _repeated(field) -> bool:
+    flag = getattr(field, "is_repeated", None)  # protobuf >= 6; older ones have label
+    return bool(flag) if flag is not None else field.label == field.LABEL_REPEATED
 
 
 def _check_versions(model: onnx.ModelProto) -> None:

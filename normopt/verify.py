@@ -588,10 +588,17 @@ def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trial
     return report
 
 
+def _interface_inputs(m: onnx.ModelProto) -> list[str]:
+    if m.ir_version >= 4:
+        return [i.name for i in m.graph.input]
+    inits = {t.name for t in m.graph.initializer}
+    return [i.name for i in m.graph.input if i.name not in inits]
+
+
 def _same_interface(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
-    # Initializers that are also graph inputs count: a caller may feed them.
-    ins_a = [i.name for i in a.graph.input]
-    ins_b = [i.name for i in b.graph.input]
+    # Initializers that are also graph inputs count from IR version 4 on: a caller may feed them
+    # (below it, every initializer is listed and is a constant).
+    ins_a, ins_b = _interface_inputs(a), _interface_inputs(b)
     outs_a = [o.name for o in a.graph.output]
     outs_b = [o.name for o in b.graph.output]
     if sorted(ins_a) != sorted(ins_b):

@@ -146,6 +146,10 @@ def _elem_type(kind, value):
     return change
 
 
+def _bad_text(m):
+    m.graph.node[0].attribute.add().CopyFrom(onnx.helper.make_attribute("auto_pad", b"\xafNOTSET"))
+
+
 def _opset(version):
     def change(m):
         m.opset_import[0].version = version
@@ -224,6 +228,7 @@ CASES = [
      "graph input 'input' has an undefined or unknown element type 0"),
     ("undefined output type", lambda: {"m.onnx": _mutant(BASE, _elem_type("output", 0))}, 2,
      "has an undefined or unknown element type 0"),
+    ("string attribute not UTF-8", lambda: {"m.onnx": _mutant(BASE, _bad_text)}, 2, "is not UTF-8"),
     ("unsorted nodes", lambda: {"m.onnx": _mutant(BASE, _reverse)}, 0, ""),
     ("nodes without names", lambda: {"m.onnx": _mutant(BASE, _no_names)}, 0, ""),
 ]
