@@ -48,6 +48,15 @@ def mark_graph_inputs(root: gs.Graph) -> None:
             setattr(tensor, _INPUT_MARK, True)
 
 
+def not_constant(tensor: gs.Tensor, graph: gs.Graph | None = None) -> str:
+    """Why ``tensor`` has no value fixed at export time (for a skip reason)."""
+    if isinstance(tensor, gs.Constant) and (getattr(tensor, _INPUT_MARK, False)
+                                            or (graph is not None and is_graph_input(graph, tensor))):
+        return ("is an initializer also listed as a graph input: from IR version 4 on, a default that callers "
+                "may override, not a constant")
+    return "is not a constant (graph input or computed)"
+
+
 def const_value(tensor: gs.Tensor, graph: gs.Graph | None = None, _depth: int = 0,
                 facts=None) -> np.ndarray | None:
     """The value of a tensor fixed at export time, else None.

@@ -112,7 +112,7 @@ class FoldBatchNorm(Pass):
                 value = None if filled is None else filled[0]
                 readers += [] if filled is None else filled[1]
             if value is None:
-                return Reject(f"BatchNormalization {key} '{tensor.name}' is not a constant (graph input or computed)")
+                return Reject(f"BatchNormalization {key} '{tensor.name}' {G.not_constant(tensor, ctx.graph)}")
             params[key] = value
         eps = float(bn.attrs.get("epsilon", DEFAULT_EPSILON))
         s, t = bn_scale_shift(params["scale"], params["bias"], params["mean"], params["var"], eps)
@@ -498,7 +498,7 @@ def _weight(prod: gs.Node, m: Match, ctx: Context):
     tensor = prod.inputs[1]
     w = G.const_value(tensor, ctx.graph)
     if w is None:
-        return f"{prod.op} weight '{tensor.name}' is not a constant (graph input or computed)"
+        return f"{prod.op} weight '{tensor.name}' {G.not_constant(tensor, ctx.graph)}"
     if not _is_float(w.dtype):
         return f"{prod.op} weight '{tensor.name}' has non-float dtype {w.dtype}"
     m.tensors["weight"] = tensor
@@ -510,7 +510,7 @@ def _optional_const(prod: gs.Node, index: int, ctx: Context):
         return None
     value = G.const_value(prod.inputs[index], ctx.graph)
     if value is None:
-        return f"{prod.op} bias '{prod.inputs[index].name}' is not a constant"
+        return f"{prod.op} bias '{prod.inputs[index].name}' {G.not_constant(prod.inputs[index], ctx.graph)}"
     return value
 
 

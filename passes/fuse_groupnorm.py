@@ -325,7 +325,8 @@ def _instance_norm_core(node: gs.Node, ctx: Context) -> Core | Reject:
     for index, name in ((1, "scale"), (2, "bias")):
         value = G.const_value(node.inputs[index], ctx.graph)
         if value is None:
-            return Reject(f"InstanceNormalization {name} '{node.inputs[index].name}' is not a constant", node)
+            return Reject(f"InstanceNormalization {name} '{node.inputs[index].name}' "
+                          f"{G.not_constant(node.inputs[index], ctx.graph)}", node)
         if not is_float(value.dtype):
             return Reject(f"InstanceNormalization {name} has non-float dtype {value.dtype}", node)
         params.append(np.asarray(value))

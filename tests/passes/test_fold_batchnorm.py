@@ -431,12 +431,12 @@ NEAR_MISSES = {  # id: (bn_model kwargs, mutation, reason, onnxruntime can run i
     "is_test_0": (dict(opset=6, bn_attrs=dict(is_test=0)), None, "training mode (is_test=0)", False),
     "spatial_0": (dict(opset=7, bn_attrs=dict(spatial=0)), None, "per-activation statistics (spatial=0)", False),
     "param_is_graph_input": (dict(params="input"), None, "scale 'gamma' is not a constant", True),
-    "param_initializer_is_graph_input": ({}, _graph_input("mean", True), "mean 'mean' is not a constant", True),
+    "param_initializer_is_graph_input": ({}, _graph_input("mean", True), "mean 'mean' is an initializer also listed as a graph input", True),
     "weight_is_graph_input": ({}, _graph_input("W"), "Conv weight 'W' is not a constant", True),
-    "weight_initializer_is_graph_input": ({}, _graph_input("W", True), "Conv weight 'W' is not a constant", True),
+    "weight_initializer_is_graph_input": ({}, _graph_input("W", True), "Conv weight 'W' is an initializer also listed as a graph input", True),
     "conv_bias_is_graph_input": ({}, _graph_input("B"), "Conv bias 'B' is not a constant", True),
     "gemm_c_initializer_is_graph_input": (dict(producer="gemm", c_shape=(6,)), _graph_input("C", True),
-                                          "Gemm bias 'C' is not a constant", True),
+                                          "Gemm bias 'C' is an initializer also listed as a graph input", True),
     "matmul_weight_is_graph_input": (dict(producer="matmul"), _graph_input("W"),
                                      "MatMul weight 'W' is not a constant", True),
     "matmul_bias_is_graph_input": (dict(producer="matmul", bias="right"), _graph_input("b", True),
@@ -542,7 +542,7 @@ def assert_equivalent_both_branches(model, out, rng, tmp_path):
 
 
 @pytest.mark.parametrize("kind, weight_is_input, reason, skips", [
-    ("if", True, "Conv weight 'W' is not a constant", 2),
+    ("if", True, "Conv weight 'W' is an initializer also listed as a graph input", 2),
     # folding would move the Conv into the branch, leaving the outer graph output without a producer
     ("if_outer_conv", False, "matched node Conv(outer) is in an outer graph", 1)])
 def test_fold_batchnorm_inside_subgraph_near_miss_is_left_unchanged(kind, weight_is_input, reason, skips, rng,
