@@ -390,3 +390,43 @@ def test_fuzz_campaign(case, verify, tmp_path):
     """The long campaign: every seed model, one case in ten verified with onnxruntime."""
     files, _how = case
     _fuzz_once(tmp_path, files, verify=verify == 0)
+
+
+def test_unsorted_nodes_are_sorted_on_load_with_a_note(tmp_path):
+    """onnxruntime runs a model whose nodes are out of order (it sorts them): so does normopt,
+    and it says so in the summary and the report."""
+    import json
+
+    data = _mutant(BASE, _reverse)
+    (tmp_path / "m.onnx").write_bytes(data)
+    res = CliRunner().invoke(cli, ["fold", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "--provider",
+                                   "cpu", "--report", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    n = len(_seed_model(BASE).graph.node)
+    note = f"nodes of the main graph were not in topological order: sorted on load ({n - 1 if n % 2 else n} of {n} moved)"
+    assert f"note: {note}" in res.stdout.splitlines()
+    assert json.loads((tmp_path / "r.json").read_text())["notes"] == [note]
+    onnx.checker.check_model(str(tmp_path / "o.onnx"), full_check=True)
+    assert (tmp_path / "m.onnx").read_bytes() == data
+
+
+def test_unsorted_subgraph_is_sorted_on_load(tmp_path):
+    from normopt import model_io
+
+    vi = onnx.helper.make_tensor_value_info
+    body = onnx.helper.make_graph([onnx.helper.make_node("Neg", ["a"], ["b"], name="second"),
+                                   onnx.helper.make_node("Relu", ["x"], ["a"], name="first")], "then", [],
+                                  [vi("b", onnx.TensorProto.FLOAT, [2])])
+    other = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["c"], name="id")], "else", [],
+                                   [vi("c", onnx.TensorProto.FLOAT, [2])])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("If", ["cond"], ["y"], name="if", then_branch=body,
+                                                          else_branch=other)], "g",
+                                   [vi("x", onnx.TensorProto.FLOAT, [2]), vi("cond", onnx.TensorProto.BOOL, [])],
+                                   [vi("y", onnx.TensorProto.FLOAT, [2])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, tmp_path / "m.onnx")
+    notes: list[str] = []
+    loaded = model_io.load(tmp_path / "m.onnx", notes)
+    then = next(a.g for a in loaded.graph.node[0].attribute if a.name == "then_branch")
+    assert [n.name for n in then.node] == ["first", "second"]
+    assert notes == ["nodes of /if.then_branch were not in topological order: sorted on load (2 of 2 moved)"]
