@@ -97,15 +97,19 @@ def _touch_text(message) -> None:
     a flipped bit in a name would otherwise surface in the middle of a pass). Tensor values are
     not touched: only a tensor's name, doc string and external data entries."""
     if isinstance(message, onnx.TensorProto):
-        _ = message.name, message.doc_string
+        _text(message.name, "tensor name")
         for entry in message.external_data:
-            _ = entry.key, entry.value
+            _text(entry.key, "external data key")
+            _text(entry.value, "external data value")
         return
     if isinstance(message, onnx.AttributeProto):  # string attributes are bytes that importers decode
         message.s.decode("utf-8")
         for s in message.strings:
             s.decode("utf-8")
     for field, value in message.ListFields():
+        if field.type == field.TYPE_STRING:
+            for item in (value if _repeated(field) else [value]):
+                _text(item, field.name)
         if field.type != field.TYPE_MESSAGE:
             continue
         if _repeated(field):
@@ -113,6 +117,12 @@ def _touch_text(message) -> None:
                 _touch_text(item)
         else:
             _touch_text(value)
+
+
+def _text(value, what: str) -> None:
+    """protobuf hands a string field that is not valid UTF-8 back as bytes."""
+    if isinstance(value, bytes):
+        raise UnicodeDecodeError("utf-8", value[:40], 0, 1, f"{what} {value[:40]!r}")
 
 
 def _repeated(field) -> bool:

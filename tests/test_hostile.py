@@ -229,6 +229,8 @@ CASES = [
     ("undefined output type", lambda: {"m.onnx": _mutant(BASE, _elem_type("output", 0))}, 2,
      "has an undefined or unknown element type 0"),
     ("string attribute not UTF-8", lambda: {"m.onnx": _mutant(BASE, _bad_text)}, 2, "is not UTF-8"),
+    ("node name not UTF-8", lambda: {"m.onnx": (MODELS / BASE).read_bytes().replace(
+        b"\x1a\x18/up1/up1.0/ConvTranspose", b"\x1a\x18\xafup1/up1.0/ConvTranspose", 1)}, 2, "is not UTF-8"),
     ("unsorted nodes", lambda: {"m.onnx": _mutant(BASE, _reverse)}, 0, ""),
     ("nodes without names", lambda: {"m.onnx": _mutant(BASE, _no_names)}, 0, ""),
 ]
