@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from normopt.cli import cli
 
@@ -370,16 +370,19 @@ _counter = iter(range(10**9))
 def _fuzz_once(tmp_path: Path, files: dict[str, bytes], verify: bool) -> Outcome:
     folder = tmp_path / f"case{next(_counter)}"
     folder.mkdir()
-    return fold_hostile(folder, files, *(["--provider", "cpu"] if verify else []), verify=verify)
+    got = fold_hostile(folder, files, *(["--provider", "cpu"] if verify else []), verify=verify)
+    event(f"exit {got.exit_code}" + (" verified" if verify else ""))
+    return got
 
 
-@settings(max_examples=40, derandomize=True, deadline=None, database=None,
+@settings(max_examples=150, derandomize=True, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
 @given(case=hostile_files(seeds=("mlp_linear_bn1d_ts_op13.onnx", "deconv_bn_ts_op15.onnx",
                                  "transformer_ln_dynamo_op18.onnx")))
 def test_fuzz_bounded(case, tmp_path):
-    files, _how = case
+    files, how = case
+    event(how.split(":")[1])
     _fuzz_once(tmp_path, files, verify=False)
 
 
@@ -390,7 +393,8 @@ def test_fuzz_bounded(case, tmp_path):
 @given(case=hostile_files(), verify=st.integers(0, 9))
 def test_fuzz_campaign(case, verify, tmp_path):
     """The long campaign: every seed model, one case in ten verified with onnxruntime."""
-    files, _how = case
+    files, how = case
+    event(how.split(":")[1])
     _fuzz_once(tmp_path, files, verify=verify == 0)
 
 
