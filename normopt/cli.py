@@ -1,7 +1,8 @@
 """Command line: ``normopt fold``, ``normopt verify``, ``normopt inspect``, ``normopt passes``.
 
 Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 requested provider
-unavailable, 4 ``fold --check`` found rewrites left to apply. Errors are one line on stderr;
+unavailable, 4 ``fold --check`` found rewrites left to apply, 130 interrupted (Ctrl-C, SIGTERM).
+Errors are one line on stderr;
 ``-v`` adds the traceback.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from normopt.targets import TARGETS
 from normopt.verify import Loaded, compare
 
 EXIT_CODES = ("Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 requested provider unavailable, "
-              "4 fold --check: rewrites left to apply.")
+              "4 fold --check: rewrites left to apply, 130 interrupted (no partial output left).")
 
 
 class _Group(click.Group):

@@ -226,3 +226,19 @@ def test_signal_during_in_place_leaves_the_input(src_external):
 
 
 assert signal.SIGTERM  # the tests above need POSIX signals
+
+
+def test_in_place_batch(tmp_path, rng):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    originals = {}
+    for name in ("a.onnx", "b.onnx"):
+        originals[name] = conv_bn(rng, c=8)
+        onnx.save(originals[name], folder / name)
+    res = invoke("fold", folder, "--in-place", "--provider", "cpu")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in folder.iterdir()) == ["a.onnx", "b.onnx"]
+    for name, original in originals.items():
+        folded = onnx.load(folder / name)
+        assert op_counts(folded) == {"Conv": 2}
+        assert_equivalent(original, folded)
