@@ -256,15 +256,20 @@ def test_ir_version_newer_than_onnxruntime_reads(tmp_path):
 
 # ----------------------------------------------------------------------------- the fuzz
 
-def _mutate(m: onnx.ModelProto, draw) -> None:
-    """One structural mutation, chosen and placed by ``draw`` (hypothesis data)."""
+BENIGN = ["shuffle", "names", "symbolic", "listed"]
+
+
+def _mutate(m: onnx.ModelProto, draw, kinds=None) -> None:
+    """One structural mutation, chosen and placed by ``draw`` (hypothesis data); ``kinds``
+    limits the choice (BENIGN: models that stay valid)."""
     g = m.graph
     nodes = g.node
     names = sorted({n for node in nodes for n in list(node.input) + list(node.output) if n}
                    | {t.name for t in g.initializer} | {v.name for v in g.input})
-    kind = draw(st.sampled_from([
+    kind = draw(st.sampled_from(kinds or [
         "input", "output", "drop_node", "drop_init", "op", "domain", "ir", "opset", "dim", "init_dim",
-        "shuffle", "names", "attr", "elem_type", "external", "dup_node", "raw", "graph_output"]))
+        "shuffle", "names", "attr", "elem_type", "external", "dup_node", "raw", "graph_output", "symbolic",
+        "listed"]))
     pick = lambda seq: draw(st.integers(0, len(seq) - 1))  # noqa: E731
     if not nodes:
         return
@@ -332,16 +337,23 @@ def _mutate(m: onnx.ModelProto, draw) -> None:
     elif kind == "raw" and g.initializer:
         t = g.initializer[pick(g.initializer)]
         t.raw_data = draw(st.binary(max_size=64))
+    elif kind == "symbolic":  # every dim of an input symbolic
+        for d in g.input[pick(g.input)].type.tensor_type.shape.dim:
+            d.dim_param = draw(st.sampled_from(["N", "batch", "ü x"]))
+    elif kind == "listed" and g.initializer:  # an initializer listed as a graph input (overridable)
+        t = g.initializer[pick(g.initializer)]
+        if t.name not in {vi.name for vi in g.input}:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     elif kind == "graph_output" and g.output:
         g.output[pick(g.output)].name = draw(st.sampled_from(names + ["nowhere"]))
 
 
 @st.composite
-def hostile_files(draw, seeds=tuple(SEEDS)):
+def hostile_files(draw, seeds=tuple(SEEDS), hows=("bytes", "truncate", "flip", "mutate", "mutate", "benign")):
     """(files, how they were made): a model file, maybe a data file beside it."""
     name = draw(st.sampled_from(seeds))
     data = (MODELS / name).read_bytes()
-    how = draw(st.sampled_from(["bytes", "truncate", "flip", "mutate", "mutate", "mutate"]))
+    how = draw(st.sampled_from(hows))
     files = {}
     if how == "bytes":
         blob = draw(st.binary(max_size=600))
@@ -353,6 +365,11 @@ def hostile_files(draw, seeds=tuple(SEEDS)):
             pos = draw(st.integers(0, len(blob) - 1))
             blob[pos] ^= 1 << draw(st.integers(0, 7))
         blob = bytes(blob)
+    elif how == "benign":
+        m = onnx.load_from_string(data)
+        for _ in range(draw(st.integers(1, 3))):
+            _mutate(m, draw, BENIGN)
+        blob = m.SerializeToString()
     else:
         m = onnx.load_from_string(data)
         for _ in range(draw(st.integers(1, 3))):
@@ -384,6 +401,18 @@ def test_fuzz_bounded(case, tmp_path):
     files, how = case
     event(how.split(":")[1])
     _fuzz_once(tmp_path, files, verify=False)
+
+
+@settings(max_examples=15, derandomize=True, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(case=hostile_files(seeds=("mlp_linear_bn1d_ts_op13.onnx", "transformer_ln_dynamo_op18.onnx"),
+                          hows=("mutate", "benign", "benign")))
+def test_fuzz_bounded_verified(case, tmp_path):
+    """A sample with verification: exit 0 then means onnxruntime agrees with the original."""
+    files, how = case
+    event(how.split(":")[1])
+    _fuzz_once(tmp_path, files, verify=True)
 
 
 @pytest.mark.slow
