@@ -143,6 +143,9 @@ def _check_versions(model: onnx.ModelProto) -> None:
 
 
 _DATA_TYPES = frozenset(v for v in onnx.TensorProto.DataType.values() if v != onnx.TensorProto.UNDEFINED)
+# Types packed several to a byte: their raw data is shorter than one byte per element.
+_PACKED = frozenset(getattr(onnx.TensorProto, n) for n in ("UINT4", "INT4", "FLOAT4E2M1", "UINT2", "INT2",
+                                                            "FLOAT6E2M3", "FLOAT6E3M2") if hasattr(onnx.TensorProto, n))
 
 
 def _check_tensors(model: onnx.ModelProto) -> None:
@@ -160,7 +163,8 @@ def _check_tensors(model: onnx.ModelProto) -> None:
         if any(d < 0 for d in t.dims):
             raise ValueError(f"initializer '{t.name}' has a negative dimension {list(t.dims)}")
         if t.data_location != onnx.TensorProto.EXTERNAL and t.HasField("raw_data") \
-                and t.data_type != onnx.TensorProto.STRING and t.ByteSize() < _nbytes(t):
+                and t.data_type != onnx.TensorProto.STRING and t.data_type not in _PACKED \
+                and t.ByteSize() < _nbytes(t):
             raise ValueError(f"initializer '{t.name}' holds fewer bytes than its shape {list(t.dims)} needs")
 
 
