@@ -1,6 +1,7 @@
 """Inputs for verification: seeded random per dtype, user shapes and ranges, or an .npz file."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -118,6 +119,7 @@ def make_feeds(model: onnx.ModelProto, seed: int, shapes=None, ranges=None, npz:
             specs.append(InputSpec(vi.name, str(dtype), list(value.shape), f"file {npz}"))
             continue
         shape = shapes.get(vi.name) or _resolve_dims(vi, dims, dynamic_dim)
+        _check_size(vi.name, shape)
         defaulted = vi.name not in shapes and len(dims) > 0
         if vi.name in ranges:
             low, high = ranges[vi.name]
@@ -136,6 +138,19 @@ def make_feeds(model: onnx.ModelProto, seed: int, shapes=None, ranges=None, npz:
                                f"{what} [{low:g}, {high:g}) {source}".strip() if low is not None else what,
                                defaulted))
     return feeds, specs
+
+
+# Random inputs above this many elements are refused: a declared dim of 2**31 would otherwise
+# exhaust the machine's memory before onnxruntime could say anything (float64 draws: 1 GiB here).
+MAX_RANDOM_ELEMENTS = 2**27
+
+
+def _check_size(name: str, shape) -> None:
+    dims = [int(d) for d in shape]
+    if any(d < 0 for d in dims) or math.prod(dims) > MAX_RANDOM_ELEMENTS:
+        raise UsageError(f"input '{name}' has shape {dims}: {'a negative dim' if min(dims, default=0) < 0 else 'too large'}"
+                         " for random verification inputs; set its dims with --input-shape, pass real inputs with "
+                         "--inputs, or use --no-verify")
 
 
 def stress_kinds(model: onnx.ModelProto, ranges=None, npz: str | None = None) -> list[str]:

@@ -465,3 +465,14 @@ def test_unsorted_subgraph_is_sorted_on_load(tmp_path):
     then = next(a.g for a in loaded.graph.node[0].attribute if a.name == "then_branch")
     assert [n.name for n in then.node] == ["first", "second"]
     assert notes == ["nodes of /if.then_branch were not in topological order: sorted on load (2 of 2 moved)"]
+
+
+def test_huge_input_dim_is_refused_before_verification_allocates_it(tmp_path):
+    """A declared dim of 2**31 would make the random inputs hundreds of GiB (the fuzz campaign
+    ran the machine out of memory on it): one line instead, and --no-verify still folds it."""
+    data = _mutant("mlp_linear_bn1d_ts_op13.onnx", _first_dim(2**31))
+    (tmp_path / "a").mkdir()
+    got = fold_hostile(tmp_path / "a", {"m.onnx": data}, "--provider", "cpu", verify=True)
+    assert got.exit_code == 2 and "has shape [2147483648, 16]: too large for random verification inputs" in got.stderr
+    (tmp_path / "b").mkdir()
+    assert fold_hostile(tmp_path / "b", {"m.onnx": data}).exit_code == 0
