@@ -52,7 +52,7 @@ class _Group(click.Group):
 def _fail(ctx: click.Context, message: str, code: int):
     if ctx.meta.get("normopt.verbose"):
         traceback.print_exc()
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {one_line(message)}", err=True)
     ctx.exit(code)
 
 
@@ -331,7 +331,7 @@ def _fold_task(task) -> FileOutcome:
 def _print_status(o: FileOutcome, settings: FoldSettings, quiet: bool) -> None:
     if o.exit_code:
         tag = "LEFT" if o.exit_code == NotFoldedError.exit_code else "FAILED"
-        click.echo(click.style(f"{tag:7}", fg="red", bold=True) + f" {o.input}: {o.error} (exit {o.exit_code})",
+        click.echo(click.style(f"{tag:7}", fg="red", bold=True) + f" {o.input}: {one_line(o.error)} (exit {o.exit_code})",
                    err=True)
         if o.pending and not quiet:
             for line in report.site_lines(o.pending, settings.verbose):
@@ -452,6 +452,14 @@ def list_passes():
     """List the passes, in the order they run."""
     for name, cls in registry.available().items():
         click.echo(f"{name:18} {registry.describe(cls)}")
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped (a tensor name may hold
+    any of them): an error stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _split(value: str | None) -> list[str] | None:

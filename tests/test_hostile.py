@@ -477,3 +477,9 @@ def test_huge_input_dim_is_refused_before_verification_allocates_it(tmp_path):
     assert got.exit_code == 2 and "has shape [2147483648, 16]: too large for random verification inputs" in got.stderr
     (tmp_path / "b").mkdir()
     assert fold_hostile(tmp_path / "b", {"m.onnx": data}).exit_code == 0
+
+
+def test_error_with_a_line_break_in_a_name_stays_one_line(tmp_path):
+    """A bit flip can turn a byte of a name into a line break (found by the campaign)."""
+    got = fold_hostile(tmp_path, {"m.onnx": _mutant(BASE, _node_input(1, 0, "a\nb\tc"))})
+    assert got.exit_code == 2 and "reads 'a\\nb\\tc', which no node" in got.stderr
