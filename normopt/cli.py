@@ -194,7 +194,8 @@ def fold_file(model: str, output: str | None, s: FoldSettings) -> FileOutcome:
         raise UsageError(f"output '{out_path}' is the input file; choose another -o, or --in-place")
     if not s.dry_run and not out_path.parent.is_dir():
         raise UsageError(f"cannot write '{out_path}': folder '{out_path.parent}' does not exist")
-    s.options.external_data = True if s.external_data else None
+    # External data in means external data out, even when every weight was rewritten.
+    s.options.external_data = True if s.external_data or model_io.has_external_data(source) else None
     # Candidates are written beside the output: the verified one is then renamed into place.
     stage_dir = _stage_dir(out_path) if (s.options.verify and not s.dry_run) else None
     try:

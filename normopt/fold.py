@@ -60,6 +60,7 @@ class FoldResult:
     rollbacks: list[Rollback] = field(default_factory=list)
     # The verified candidate as written for onnxruntime (model file; its data file beside it).
     staged: Path | None = None
+    input_external: bool = False  # the input kept weights in external data: so does save() by default
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -73,7 +74,10 @@ class FoldResult:
         return self.verification is None or self.verification.passed
 
     def save(self, path: str | os.PathLike, external_data: bool | None = None) -> list[Path]:
-        """Write the rewritten model (weights streamed from where they are; see model_io.save)."""
+        """Write the rewritten model (weights streamed from where they are; see model_io.save).
+        By default a data file beside it when the input had external data."""
+        if external_data is None and self.input_external:
+            external_data = True
         return model_io.save(self.rewritten, path, external_data=external_data)
 
     @property
@@ -98,6 +102,7 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
     options = options or FoldOptions()
     choice = select_provider(options.provider) if options.verify else None
     base_dir = str(Path(source).resolve().parent) if source is not None else None
+    external_in = model_io.has_external_data(model)
     # onnxruntime loads the source file (faster than serializing the model, external data
     # included); everything else reads the model already in memory.
     reference = Loaded(source, model, ir.Weights(base_dir)) if source is not None else model
@@ -116,12 +121,12 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
             out, result = pipeline.run(model, options.passes, pipeline.Options(allow_upgrade, dict(exclude), options.strict, veto),
                                        base_dir=base_dir, lazy=True)
             if choice is None:
-                return FoldResult(out, result, None, rollbacks)
-            model_io.save(out, stage, external_data=options.external_data)
+                return FoldResult(out, result, None, rollbacks, input_external=external_in)
+            model_io.save(out, stage, external_data=options.external_data or external_in or None)
             candidate = Loaded(stage, out.model, out.weights)
             report = _verify(reference, candidate, options, choice)
             if report.passed:
-                done = FoldResult(out, result, report, rollbacks, None if own_stage else Path(stage))
+                done = FoldResult(out, result, report, rollbacks, None if own_stage else Path(stage), external_in)
                 _strict_check(options, done)
                 return done
             if round_ == MAX_ROLLBACK_ROUNDS:
@@ -145,7 +150,7 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
                                               f"opset upgrade {up.from_version} -> {up.to_version} changed the outputs"))
             else:
                 break
-        return FoldResult(out, result, report, rollbacks)
+        return FoldResult(out, result, report, rollbacks, input_external=external_in)
     finally:
         if own_stage is not None:
             shutil.rmtree(own_stage, ignore_errors=True)

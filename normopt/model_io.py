@@ -371,6 +371,12 @@ class Skeleton:
         return files
 
 
+def has_external_data(model: onnx.ModelProto) -> bool:
+    """Whether a loaded model keeps weights in external data files (headers to a file)."""
+    return any(ir.is_header(t) and ir.external_info(t).get("location") != ir.MEMORY
+               for t in _initializers(model.graph))
+
+
 def as_skeleton(model) -> Skeleton:
     return model if isinstance(model, Skeleton) else Skeleton(model, ir.Weights())
 

@@ -260,3 +260,15 @@ def test_inspect_and_check_read_external_data_from_the_models_folder(tmp_path, r
     assert [s["action"] for s in json.loads(res.output)["sites"]].count("rewrite") == 2
     res = CliRunner().invoke(cli, ["fold", "m/m.onnx", "--check", "--provider", "cpu"])
     assert res.exit_code == 4, res.output
+
+
+def test_external_data_out_even_when_every_weight_is_rewritten(tmp_path, rng):
+    from test_fold import conv_bn_chain
+    save_external(conv_bn_chain(rng, c=16), tmp_path / "m.onnx", "m.weights")
+    res = CliRunner().invoke(cli, ["fold", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "f.onnx"), "--provider", "cpu"])
+    assert res.exit_code == 0, res.output
+    header = onnx.load(tmp_path / "f.onnx", load_external_data=False)
+    assert op_counts(header) == {"Conv": 3, "Relu": 3}
+    folded = [t for t in header.graph.initializer if t.name.endswith("_bnfolded") and "bias" not in t.name]
+    assert len(folded) == 3 and all(t.external_data for t in folded)
+    assert (tmp_path / "f.onnx.data").exists()
