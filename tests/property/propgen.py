@@ -249,7 +249,7 @@ def core(net: Net, x: str, axes, sp: Spelling, kind: str, dtype: int, miss: str 
             parts = {"mean": mean, "centred": num, "square": square}
     else:
         num = numerator or x
-        square = sq(x)
+        square = sq(net.op("Cast", net.op("Cast", x, to=INT32), to=dtype) if miss == "int_cast" else x)
         var = None if miss == "bessel" else net.mean(square, var_axes if miss == "var_axes" else axes)
         parts = {"square": square}
     if miss == "bessel":  # the unbiased variance: N / (N - 1) times the mean of squares, or sum / (N - 1)

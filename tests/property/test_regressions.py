@@ -18,3 +18,12 @@ def test_bessel_corrected_variance_is_skipped_with_a_reason(pass_name, kind, for
     t = core(net, "x", [-1], PLAIN, kind, F32, miss="bessel", miss_value=form, n_elems=8)
     model = net.finish(t, ["N", 5, 8], F32, ["N", 5, 8], F32)
     prove_left_alone(Case(model, pass_name, reason="Bessel's correction", spec=dict(form=form, opset=opset)))
+
+
+def test_rmsnorm_squares_of_an_int32_round_trip_are_skipped_with_a_reason():
+    """x / sqrt(mean(float(int32(x))^2) + eps): the statistics of truncated values, not of x.
+    It was not a candidate at all: left alone, but with no skip record."""
+    net = Net(18, F32)
+    t = core(net, "x", [-1], PLAIN, "rms", F32, miss="int_cast")
+    model = net.finish(t, ["N", 8], F32, ["N", 8], F32)
+    prove_left_alone(Case(model, "fuse-rmsnorm", reason="mean of squares is taken of"))
