@@ -23,11 +23,13 @@ from helpers import GraphBuilder, assert_equivalent, make_model, op_counts, run_
 # One profile for the whole suite: seeded (derandomized) and bounded by default; the slow
 # campaign draws fresh examples, at least 1,000 per test.
 settings.register_profile(
-    "normopt-property", max_examples=20, derandomize=True, deadline=None, database=None, print_blob=True,
+    "normopt-property", max_examples=30, derandomize=True, deadline=None, database=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 PROFILE = settings.get_profile("normopt-property")
-NEAR_MISS = settings(PROFILE, max_examples=12)
-SLOW = settings(PROFILE, max_examples=int(os.environ.get("NORMOPT_PROPERTY_EXAMPLES", 1000)), derandomize=False)
+NEAR_MISS = settings(PROFILE, max_examples=3)   # per kind of near miss
+CAMPAIGN = int(os.environ.get("NORMOPT_PROPERTY_EXAMPLES", 1000))
+SLOW = settings(PROFILE, max_examples=CAMPAIGN, derandomize=False)
+SLOW_NEAR_MISS = settings(SLOW, max_examples=max(1, CAMPAIGN // 8))   # per kind: 8 kinds or more per pass
 
 F16, F32, F64 = TensorProto.FLOAT16, TensorProto.FLOAT, TensorProto.DOUBLE
 INT32, INT64 = TensorProto.INT32, TensorProto.INT64

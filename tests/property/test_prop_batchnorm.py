@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
-from propgen import (F16, F32, F64, INT32, NEAR_MISS, NP, PROFILE, SLOW, Case, prove_left_alone, prove_rewrite,
-                     seeds, typed_model)
+from propgen import (F16, F32, F64, INT32, NEAR_MISS, NP, PROFILE, SLOW, SLOW_NEAR_MISS, Case, prove_left_alone,
+                     prove_rewrite, seeds, typed_model)
 
 PASS = "fold-batchnorm"
 BN = "BatchNormalization"
@@ -199,7 +199,6 @@ def _runnable_reference(model: onnx.ModelProto, opset: int) -> onnx.ModelProto |
     return reference
 
 
-NEAR = st.sampled_from(sorted(MISSES)).flatmap(lambda m: batchnorm_cases(miss=m))
 
 
 @PROFILE
@@ -208,10 +207,11 @@ def test_batchnorm_positive_forms_fold_and_match_onnxruntime(case):
     prove_rewrite(case)
 
 
+@pytest.mark.parametrize("miss", sorted(MISSES))
 @NEAR_MISS
-@given(NEAR)
-def test_batchnorm_near_misses_are_left_alone_with_a_reason(case):
-    prove_left_alone(case)
+@given(data=st.data())
+def test_batchnorm_near_misses_are_left_alone_with_a_reason(miss, data):
+    prove_left_alone(data.draw(batchnorm_cases(miss=miss)))
 
 
 @pytest.mark.slow
@@ -222,7 +222,8 @@ def test_batchnorm_positive_forms_campaign(case):
 
 
 @pytest.mark.slow
-@SLOW
-@given(NEAR)
-def test_batchnorm_near_misses_campaign(case):
-    prove_left_alone(case)
+@pytest.mark.parametrize("miss", sorted(MISSES))
+@SLOW_NEAR_MISS
+@given(data=st.data())
+def test_batchnorm_near_misses_campaign(miss, data):
+    prove_left_alone(data.draw(batchnorm_cases(miss=miss)))

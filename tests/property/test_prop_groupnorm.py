@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from onnx import helper
 
-from propgen import (CORE_MISSES, F16, F32, F64, NEAR_MISS, PROFILE, SLOW, Case, Net, Tail, core, fused_counts,
-                     prove_left_alone, prove_rewrite, seeds, spellings)
+from propgen import (CORE_MISSES, F16, F32, F64, NEAR_MISS, PROFILE, SLOW, SLOW_NEAR_MISS, Case, Net, Tail, core,
+                     fused_counts, prove_left_alone, prove_rewrite, seeds, spellings)
 from test_prop_instancenorm import channel_param
 
 PASS = "fuse-groupnorm"
@@ -131,7 +131,6 @@ def groupnorm_cases(draw, miss: str | None = None) -> Case:
     return Case(model, PASS, fused_counts(fused, model_dtype, model_dtype, params, left), seed=seed, spec=spec)
 
 
-NEAR = st.sampled_from(sorted(MISSES)).flatmap(lambda m: groupnorm_cases(miss=m))
 
 
 @PROFILE
@@ -140,10 +139,11 @@ def test_groupnorm_positive_forms_fuse_and_match_onnxruntime(case):
     prove_rewrite(case)
 
 
+@pytest.mark.parametrize("miss", sorted(MISSES))
 @NEAR_MISS
-@given(NEAR)
-def test_groupnorm_near_misses_are_left_alone_with_a_reason(case):
-    prove_left_alone(case)
+@given(data=st.data())
+def test_groupnorm_near_misses_are_left_alone_with_a_reason(miss, data):
+    prove_left_alone(data.draw(groupnorm_cases(miss=miss)))
 
 
 @pytest.mark.slow
@@ -154,7 +154,8 @@ def test_groupnorm_positive_forms_campaign(case):
 
 
 @pytest.mark.slow
-@SLOW
-@given(NEAR)
-def test_groupnorm_near_misses_campaign(case):
-    prove_left_alone(case)
+@pytest.mark.parametrize("miss", sorted(MISSES))
+@SLOW_NEAR_MISS
+@given(data=st.data())
+def test_groupnorm_near_misses_campaign(miss, data):
+    prove_left_alone(data.draw(groupnorm_cases(miss=miss)))

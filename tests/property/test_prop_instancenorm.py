@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from propgen import (CORE_MISSES, F16, F32, NEAR_MISS, PROFILE, SLOW, Case, Net, Tail, core, fused_counts,
-                     prove_left_alone, prove_rewrite, seeds, spellings)
+from propgen import (CORE_MISSES, F16, F32, NEAR_MISS, PROFILE, SLOW, SLOW_NEAR_MISS, Case, Net, Tail, core,
+                     fused_counts, prove_left_alone, prove_rewrite, seeds, spellings)
 
 PASS = "fuse-instancenorm"
 IN = "InstanceNormalization"
@@ -80,7 +80,6 @@ def instancenorm_cases(draw, miss: str | None = None) -> Case:
                 spec=spec)
 
 
-NEAR = st.sampled_from(sorted(MISSES)).flatmap(lambda m: instancenorm_cases(miss=m))
 
 
 @PROFILE
@@ -89,10 +88,11 @@ def test_instancenorm_positive_forms_fuse_and_match_onnxruntime(case):
     prove_rewrite(case)
 
 
+@pytest.mark.parametrize("miss", sorted(MISSES))
 @NEAR_MISS
-@given(NEAR)
-def test_instancenorm_near_misses_are_left_alone_with_a_reason(case):
-    prove_left_alone(case)
+@given(data=st.data())
+def test_instancenorm_near_misses_are_left_alone_with_a_reason(miss, data):
+    prove_left_alone(data.draw(instancenorm_cases(miss=miss)))
 
 
 @pytest.mark.slow
@@ -103,7 +103,8 @@ def test_instancenorm_positive_forms_campaign(case):
 
 
 @pytest.mark.slow
-@SLOW
-@given(NEAR)
-def test_instancenorm_near_misses_campaign(case):
-    prove_left_alone(case)
+@pytest.mark.parametrize("miss", sorted(MISSES))
+@SLOW_NEAR_MISS
+@given(data=st.data())
+def test_instancenorm_near_misses_campaign(miss, data):
+    prove_left_alone(data.draw(instancenorm_cases(miss=miss)))

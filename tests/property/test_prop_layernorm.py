@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from propgen import (CORE_MISSES, F16, F32, F64, NEAR_MISS, PROFILE, SLOW, Case, Net, Tail, core,
+from propgen import (CORE_MISSES, F16, F32, F64, NEAR_MISS, PROFILE, SLOW, SLOW_NEAR_MISS, Case, Net, Tail, core,
                      fused_counts, param_shape, prove_left_alone, prove_rewrite, seeds, spellings, tails)
 
 PASS = "fuse-layernorm"
@@ -118,10 +118,11 @@ def test_layernorm_positive_forms_fuse_and_match_onnxruntime(case):
     prove_rewrite(case)
 
 
+@pytest.mark.parametrize("miss", sorted(MISSES))
 @NEAR_MISS
-@given(st.sampled_from(sorted(MISSES)).flatmap(lambda m: layernorm_cases(miss=m)))
-def test_layernorm_near_misses_are_left_alone_with_a_reason(case):
-    prove_left_alone(case)
+@given(data=st.data())
+def test_layernorm_near_misses_are_left_alone_with_a_reason(miss, data):
+    prove_left_alone(data.draw(layernorm_cases(miss=miss)))
 
 
 @pytest.mark.slow
@@ -132,7 +133,8 @@ def test_layernorm_positive_forms_campaign(case):
 
 
 @pytest.mark.slow
-@SLOW
-@given(st.sampled_from(sorted(MISSES)).flatmap(lambda m: layernorm_cases(miss=m)))
-def test_layernorm_near_misses_campaign(case):
-    prove_left_alone(case)
+@pytest.mark.parametrize("miss", sorted(MISSES))
+@SLOW_NEAR_MISS
+@given(data=st.data())
+def test_layernorm_near_misses_campaign(miss, data):
+    prove_left_alone(data.draw(layernorm_cases(miss=miss)))

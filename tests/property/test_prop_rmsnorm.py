@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from propgen import (CORE_MISSES, F16, F32, F64, NEAR_MISS, PROFILE, SLOW, Case, Net, Tail, core, fused_counts,
-                     param_shape, prove_left_alone, prove_rewrite, seeds, spellings)
+from propgen import (CORE_MISSES, F16, F32, F64, NEAR_MISS, PROFILE, SLOW, SLOW_NEAR_MISS, Case, Net, Tail, core,
+                     fused_counts, param_shape, prove_left_alone, prove_rewrite, seeds, spellings)
 from test_prop_layernorm import _axes, shapes
 
 PASS = "fuse-rmsnorm"
@@ -43,7 +43,8 @@ def rmsnorm_cases(draw, miss: str | None = None) -> Case:
         x = net.op("Sub", x, net.mean(x, axes))
     if core_dtype != model_dtype:
         x = net.op("Cast", x, to=core_dtype)
-        if miss != "narrow" and draw(st.booleans()):  # TorchScript T5LayerNorm in float16: x cast once more for the product
+        # TorchScript's T5LayerNorm in float16: x cast once more for the product
+        if miss != "narrow" and draw(st.booleans()):
             numerator = net.op("Cast", "x", to=core_dtype)
     t = core(net, x, axes, sp, "rms", core_dtype, miss, miss_value, int(np.prod(norm_shape)), numerator=numerator)
     tail = Tail()
@@ -66,7 +67,6 @@ def rmsnorm_cases(draw, miss: str | None = None) -> Case:
     return Case(model, PASS, fused_counts(RMS, model_dtype, out_dtype, params, left), seed=seed, spec=spec)
 
 
-NEAR = st.sampled_from(sorted(MISSES)).flatmap(lambda m: rmsnorm_cases(miss=m))
 
 
 @PROFILE
@@ -75,10 +75,11 @@ def test_rmsnorm_positive_forms_fuse_and_match_onnxruntime(case):
     prove_rewrite(case)
 
 
+@pytest.mark.parametrize("miss", sorted(MISSES))
 @NEAR_MISS
-@given(NEAR)
-def test_rmsnorm_near_misses_are_left_alone_with_a_reason(case):
-    prove_left_alone(case)
+@given(data=st.data())
+def test_rmsnorm_near_misses_are_left_alone_with_a_reason(miss, data):
+    prove_left_alone(data.draw(rmsnorm_cases(miss=miss)))
 
 
 @pytest.mark.slow
@@ -89,7 +90,8 @@ def test_rmsnorm_positive_forms_campaign(case):
 
 
 @pytest.mark.slow
-@SLOW
-@given(NEAR)
-def test_rmsnorm_near_misses_campaign(case):
-    prove_left_alone(case)
+@pytest.mark.parametrize("miss", sorted(MISSES))
+@SLOW_NEAR_MISS
+@given(data=st.data())
+def test_rmsnorm_near_misses_campaign(miss, data):
+    prove_left_alone(data.draw(rmsnorm_cases(miss=miss)))
