@@ -326,8 +326,10 @@ class Tail:
     """The steps after a normalization core, and what a fused op absorbs of them."""
 
     steps: list = field(default_factory=list)   # ("mul"|"add", shape, first) | ("cast", to) | ("identity",)
+    constant_nodes: bool = False                # parameters written as Constant nodes
 
     def build(self, net: Net, t: str, rng, dtype: int) -> tuple[str, int]:
+        self.constant_nodes = net.constants == "node"
         for step in self.steps:
             if step[0] in ("mul", "add"):
                 value = rng.uniform(0.5, 1.5, step[1]) if step[0] == "mul" else rng.standard_normal(step[1])
@@ -345,8 +347,10 @@ class Tail:
 
     def absorbed(self, core_dtype: int) -> tuple[int, list[int], dict[str, int]]:
         """(dtype of the fused op's output, dtypes of absorbed parameters, op counts left after it):
-        the fused op takes every step up to the last Mul/Add; Casts and Identities after it stay."""
-        last = max((i for i, s in enumerate(self.steps) if s[0] in ("mul", "add")), default=-1)
+        the fused op takes every step up to the last Mul/Add before the first one marked "outside"
+        (a parameter varying over other axes); everything after it stays."""
+        outside = next((i for i, s in enumerate(self.steps) if s[3:] == ("outside",)), len(self.steps))
+        last = max((i for i, s in enumerate(self.steps[:outside]) if s[0] in ("mul", "add")), default=-1)
         dtype, params, left = core_dtype, [], {}
         for i, step in enumerate(self.steps):
             if i <= last:
@@ -355,8 +359,10 @@ class Tail:
                 elif step[0] in ("mul", "add"):
                     params.append(dtype)
             else:
-                op = "Cast" if step[0] == "cast" else "Identity"
+                op = {"cast": "Cast", "identity": "Identity"}.get(step[0], step[0].capitalize())
                 left[op] = left.get(op, 0) + 1
+                if op in ("Mul", "Add") and self.constant_nodes:
+                    left["Constant"] = left.get("Constant", 0) + 1
         return dtype, params, left
 
 
@@ -376,9 +382,10 @@ def fused_counts(op: str, x_dtype: int, out_dtype: int, params: list[int], left:
 
 @st.composite
 def tails(draw, rank: int, norm_shape: tuple, model_dtype: int, core_dtype: int, with_bias: bool = True,
-          param_shapes=None) -> Tail:
+          param_shapes=None, positional: tuple | None = None) -> Tail:
     """[Mul gamma] [Identity | Cast] [Add beta], each optional, on either side; when the core
-    computes in a wider type than the model, one Cast back to the model's type somewhere."""
+    computes in a wider type than the model, one Cast back to the model's type somewhere;
+    sometimes a ``positional`` Add that must stay outside (in beta's place, or last)."""
     param_shapes = param_shapes or (lambda: param_shape(draw, rank, norm_shape))
     gamma, beta = param_shapes(), (param_shapes() if with_bias else None)
     steps = []
@@ -390,6 +397,14 @@ def tails(draw, rank: int, norm_shape: tuple, model_dtype: int, core_dtype: int,
         steps.append(("add", beta, draw(st.booleans())))
     if core_dtype != model_dtype:
         steps.insert(draw(st.integers(0, len(steps))), ("cast", model_dtype))
+    if positional is not None and draw(st.integers(0, 3)) == 0:
+        # a positional Add ([S, D] after a norm over D): not per normalized element, kept after the op
+        add = ("add", positional, draw(st.booleans()), "outside")
+        beta_at = next((i for i, s in enumerate(steps) if s[0] == "add"), None)
+        if beta_at is not None and draw(st.booleans()):
+            steps[beta_at] = add
+        else:
+            steps.append(add)
     return Tail(steps)
 
 

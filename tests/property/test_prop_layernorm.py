@@ -65,7 +65,9 @@ def layernorm_cases(draw, miss: str | None = None) -> Case:
     if tf:
         return _tf_case(draw, net, x, rng, spec, shape, norm_shape, axes, sp, model_dtype)
     t = core(net, x, axes, sp, "mean", core_dtype, miss, miss_value, int(np.prod(norm_shape)), var_axes)
-    tail = draw(tails(rank, norm_shape, model_dtype, core_dtype))
+    lead = shape[rank - n - 1] if n < rank else None
+    positional = (lead, *norm_shape) if isinstance(lead, int) and lead > 1 else None
+    tail = draw(tails(rank, norm_shape, model_dtype, core_dtype, positional=positional))
     if miss == "narrow":  # the Cast back is absorbed with the Mul that follows it
         tail = Tail([("cast", model_dtype), ("mul", norm_shape, False)])
     spec["tail"] = tail.steps

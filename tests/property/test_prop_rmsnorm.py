@@ -49,7 +49,11 @@ def rmsnorm_cases(draw, miss: str | None = None) -> Case:
     t = core(net, x, axes, sp, "rms", core_dtype, miss, miss_value, int(np.prod(norm_shape)), numerator=numerator)
     tail = Tail()
     weight = param_shape(draw, rank, norm_shape)
-    if weight is not None:
+    lead = shape[rank - n - 1] if n < rank else None
+    if weight is not None and isinstance(lead, int) and lead > 1 and draw(st.integers(0, 3)) == 0:
+        # a weight varying over a non-normalized axis: not per normalized element, kept after the op
+        tail.steps.append(("mul", (lead, *norm_shape), draw(st.booleans()), "outside"))
+    elif weight is not None:
         tail.steps.append(("mul", weight, draw(st.booleans()), *(("gemma",) if draw(st.booleans()) else ())))
     if draw(st.booleans()):
         tail.steps.insert(draw(st.integers(0, len(tail.steps))), ("identity",))
