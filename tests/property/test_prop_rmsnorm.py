@@ -42,10 +42,10 @@ def rmsnorm_cases(draw, miss: str | None = None) -> Case:
     if miss == "mean_centred":
         x = net.op("Sub", x, net.mean(x, axes))
     if core_dtype != model_dtype:
-        x = net.op("Cast", x, to=core_dtype)
+        source, x = x, net.op("Cast", x, to=core_dtype)
         # TorchScript's T5LayerNorm in float16: x cast once more for the product
         if miss != "narrow" and draw(st.booleans()):
-            numerator = net.op("Cast", "x", to=core_dtype)
+            numerator = net.op("Cast", source, to=core_dtype)
     t = core(net, x, axes, sp, "rms", core_dtype, miss, miss_value, int(np.prod(norm_shape)), numerator=numerator)
     tail = Tail()
     weight = param_shape(draw, rank, norm_shape)
