@@ -315,6 +315,28 @@ def param_shape(draw, rank: int, norm_shape: tuple, allow_absent: bool = True):
     return tuple([1] * lead + shape)
 
 
+@st.composite
+def shapes(draw, min_rank=2, min_norm=1):
+    """(x shape with symbolic or static leading dims, number of trailing normalized axes)."""
+    rank = draw(st.integers(min_rank, 4))
+    n = draw(st.integers(min_norm, rank))
+    lead = [draw(st.one_of(st.integers(1, 3), st.sampled_from(["N", "S"]))) for _ in range(rank - n)]
+    if len(set(d for d in lead if isinstance(d, str))) < sum(isinstance(d, str) for d in lead):
+        lead = [d if isinstance(d, int) else f"d{i}" for i, d in enumerate(lead)]
+    return lead + [draw(st.integers(2, 6)) for _ in range(n)], n
+
+
+def trailing_axes(first: int, n: int, rank: int, negative: bool) -> list[int]:
+    axes = list(range(first, first + n))
+    return [a - rank for a in axes] if negative else axes
+
+
+def channel_param(draw, rank: int, channels: int, per_channel: bool = False):
+    """A per-channel parameter shape: [C, 1, ...], [1, C, 1, ...], or a scalar / [1]."""
+    forms = [(channels,) + (1,) * (rank - 2), (1, channels) + (1,) * (rank - 2)]
+    return draw(st.sampled_from(forms if per_channel else forms + [(), (1,)]))
+
+
 def seeds() -> st.SearchStrategy[int]:
     return st.integers(0, 2 ** 31 - 1)
 

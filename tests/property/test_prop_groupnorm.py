@@ -7,11 +7,9 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from onnx import helper
 
-from propgen import (CORE_MISSES, F16, F32, F64, NEAR_MISS, PROFILE, SLOW, SLOW_NEAR_MISS, Case, Net, Tail, core,
-                     fused_counts, prove_left_alone, prove_rewrite, seeds, spellings)
-from test_prop_instancenorm import channel_param
+from propgen import (CORE_MISSES, F16, F32, F64, NEAR_MISS, PROFILE, SLOW, SLOW_NEAR_MISS, Case, Net, Tail,
+                     channel_param, core, fused_counts, prove_left_alone, prove_rewrite, seeds, spellings)
 
 PASS = "fuse-groupnorm"
 GN, IN = "GroupNormalization", "InstanceNormalization"

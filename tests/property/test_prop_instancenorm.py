@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from propgen import (CORE_MISSES, F16, F32, NEAR_MISS, PROFILE, SLOW, SLOW_NEAR_MISS, Case, Net, Tail, core,
-                     fused_counts, prove_left_alone, prove_rewrite, seeds, spellings)
+from propgen import (CORE_MISSES, F16, F32, NEAR_MISS, PROFILE, SLOW, SLOW_NEAR_MISS, Case, Net, Tail, channel_param,
+                     core, fused_counts, prove_left_alone, prove_rewrite, seeds, spellings)
 
 PASS = "fuse-instancenorm"
 IN = "InstanceNormalization"
@@ -17,12 +17,6 @@ IN = "InstanceNormalization"
 PRECISIONS = [(F32, F32), (F16, F16), (F16, F32)]
 MISSES = {k: v for k, v in CORE_MISSES.items() if k != "narrow"}
 MISSES.update(some_spatial="not over all spatial axes", spatial_param="not per channel")
-
-
-def channel_param(draw, rank: int, channels: int, per_channel: bool = False):
-    """A per-channel parameter shape: [C, 1, ...], [1, C, 1, ...], or a scalar / [1]."""
-    forms = [(channels,) + (1,) * (rank - 2), (1, channels) + (1,) * (rank - 2)]
-    return draw(st.sampled_from(forms if per_channel else forms + [(), (1,)]))
 
 
 @st.composite

@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from propgen import (CORE_MISSES, F16, F32, F64, NEAR_MISS, PROFILE, SLOW, SLOW_NEAR_MISS, Case, Net, Tail, core,
-                     fused_counts, param_shape, prove_left_alone, prove_rewrite, seeds, spellings, tails)
+                     fused_counts, param_shape, prove_left_alone, prove_rewrite, seeds, shapes, spellings, tails,
+                     trailing_axes)
 
 PASS = "fuse-layernorm"
 LN = "LayerNormalization"
@@ -18,20 +19,6 @@ PRECISIONS = [(F32, F32), (F64, F64), (F16, F16), (F16, F32)]
 MISSES = {**CORE_MISSES, "non_trailing": "not its trailing axes"}
 
 
-@st.composite
-def shapes(draw, min_rank=2, min_norm=1):
-    """(x shape with symbolic or static leading dims, number of trailing normalized axes)."""
-    rank = draw(st.integers(min_rank, 4))
-    n = draw(st.integers(min_norm, rank))
-    lead = [draw(st.one_of(st.integers(1, 3), st.sampled_from(["N", "S"]))) for _ in range(rank - n)]
-    if len(set(d for d in lead if isinstance(d, str))) < sum(isinstance(d, str) for d in lead):
-        lead = [d if isinstance(d, int) else f"d{i}" for i, d in enumerate(lead)]
-    return lead + [draw(st.integers(2, 6)) for _ in range(n)], n
-
-
-def _axes(first: int, n: int, rank: int, negative: bool) -> list[int]:
-    axes = list(range(first, first + n))
-    return [a - rank for a in axes] if negative else axes
 
 
 @st.composite
@@ -54,8 +41,8 @@ def layernorm_cases(draw, miss: str | None = None) -> Case:
     miss_value = draw(st.sampled_from([3.0, 1.0, 0.5, 4.0])) if miss == "exponent" else draw(st.integers(0, 9))
     norm_shape = tuple(shape[rank - n:])
     first = rank - n - 1 if miss == "non_trailing" else rank - n
-    axes = _axes(first, n, rank, sp.negative_axes)
-    var_axes = _axes(rank - n - 1, n + 1, rank, sp.negative_axes) if n < rank else _axes(rank - n + 1, n - 1, rank,
+    axes = trailing_axes(first, n, rank, sp.negative_axes)
+    var_axes = trailing_axes(rank - n - 1, n + 1, rank, sp.negative_axes) if n < rank else trailing_axes(rank - n + 1, n - 1, rank,
                                                                                              sp.negative_axes)
     tf = miss is None and sp.eps is not None and model_dtype == core_dtype and draw(st.integers(0, 4)) == 0
     net = Net(opset, core_dtype, draw(st.sampled_from(["initializer", "node"])))
