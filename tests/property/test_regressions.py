@@ -1,9 +1,12 @@
 """Examples the property suite found, kept as plain tests (each builds its model explicitly)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from onnx import helper
 
-from propgen import F32, Case, Net, Spelling, core, prove_left_alone
+from propgen import (F32, F64, Case, Net, Spelling, at_opset_7, core, prove_left_alone, prove_rewrite,
+                     typed_model)
 
 PLAIN = Spelling(square="pow", exponent="float", divide="div", mul_first=False, eps=1e-5, eps_first=False,
                  eps_shape=(), eps_cast=False, dup_sub=False, dup_mean=False, fn_body=False, negative_axes=True)
@@ -27,3 +30,43 @@ def test_rmsnorm_squares_of_an_int32_round_trip_are_skipped_with_a_reason():
     t = core(net, "x", [-1], PLAIN, "rms", F32, miss="int_cast")
     model = net.finish(t, ["N", 8], F32, ["N", 8], F32)
     prove_left_alone(Case(model, "fuse-rmsnorm", reason="mean of squares is taken of"))
+
+
+def _bn_after(producer_nodes, x_shape, inits, params, opset, dtype, bn_attrs=None):
+    nodes = [*producer_nodes, helper.make_node("BatchNormalization", ["p", "gamma", "beta", "mean", "var"], ["Y"],
+                                               name="bn", **(bn_attrs or {}))]
+    return typed_model(nodes, [("X", dtype, x_shape)], [("Y", dtype)], {**inits, **params}, opset)
+
+
+def test_batchnorm_default_epsilon_is_the_float32_attribute_default():
+    """Campaign example (float64 MatMul + BatchNormalization-9 without epsilon, var ~ 1e-5): the
+    fold used exactly 1e-5 where onnxruntime (and the float32 attribute) use 1e-5 rounded to
+    float32; the outputs differed by 4.7e-9 > float64's atol 1e-9, a correct fold rolled back."""
+    params = {"gamma": np.array([0.00177575, 0.0033003, 0.00368568]),
+              "beta": np.array([-0.32542284, 0.77380659, 0.28121067]),
+              "mean": np.array([-0.55382284, 0.97756745, -0.31055655]),
+              "var": np.array([8.39367712e-06, 1.05236757e-05, 8.30506206e-06])}
+    model = _bn_after([helper.make_node("MatMul", ["X", "W"], ["p"])], [1, 1],
+                      {"W": np.array([[0.18905338, -0.52274844, -0.41306354]])}, params, 9, F64)
+    prove_rewrite(Case(model, "fold-batchnorm", {"MatMul": 1, "Add": 1}, seed=2))
+
+
+@pytest.mark.parametrize("producer", ["Gemm", "MatMul"])
+def test_batchnorm_fold_below_opset_7_keeps_broadcasting(producer):
+    """Campaign example: at opset 6, Add broadcasts a [F] bias only with broadcast=1; the fold
+    wrote the MatMul's bias Add without it, which then no longer broadcasts (Gemm keeps its own)."""
+    rng = np.random.default_rng(0)
+    inits = {"W": rng.standard_normal((4, 3)), "C": rng.standard_normal(3)}
+    if producer == "Gemm":
+        nodes = [helper.make_node("Gemm", ["X", "W", "C"], ["p"], broadcast=1)]
+    else:
+        nodes = [helper.make_node("MatMul", ["X", "W"], ["mm"]), helper.make_node("Add", ["mm", "C"], ["p"],
+                                                                                      broadcast=1)]
+    params = {"gamma": rng.uniform(0.5, 1.5, 3), "beta": rng.standard_normal(3), "mean": rng.standard_normal(3),
+              "var": rng.uniform(0.5, 1.5, 3)}
+    model = _bn_after(nodes, [2, 4], {k: v.astype(np.float32) for k, v in inits.items()},
+                      {k: v.astype(np.float32) for k, v in params.items()}, 6, F32, {"is_test": 1})
+    out = prove_rewrite(Case(model, "fold-batchnorm", {producer: 1, **({"Add": 1} if producer == "MatMul" else {})},
+                             reference=at_opset_7(model), runnable=at_opset_7))
+    node = next(n for n in out.graph.node if n.op_type == ("Gemm" if producer == "Gemm" else "Add"))
+    assert {a.name: a.i for a in node.attribute}.get("broadcast") == 1
