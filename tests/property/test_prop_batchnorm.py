@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
-from propgen import (F16, F32, F64, INT32, NEAR_MISS, NP, PROFILE, SLOW, SLOW_NEAR_MISS, Case, prove_left_alone,
+from propgen import (at_opset_7, F16, F32, F64, INT32, NEAR_MISS, NP, PROFILE, SLOW, SLOW_NEAR_MISS, Case, prove_left_alone,
                      prove_rewrite, seeds, typed_model)
 
 PASS = "fold-batchnorm"
@@ -53,12 +53,14 @@ def conv_producer(draw, rng, op: str, dtype: int, miss):
         attrs["strides"] = strides
     else:
         strides = [1] * dims
+    pad_mode = draw(st.sampled_from(["pads", "none", "SAME_UPPER", "SAME_LOWER", "VALID"] if op == "Conv" else
+                                    ["pads", "none"]))
+    if pad_mode.startswith("SAME"):  # onnxruntime: no dilation with SAME padding
+        dilations = [1] * dims
     if draw(st.booleans()):
         attrs["dilations"] = dilations
     else:
         dilations = [1] * dims
-    pad_mode = draw(st.sampled_from(["pads", "none", "SAME_UPPER", "SAME_LOWER", "VALID"] if op == "Conv" else
-                                    ["pads", "none"]))
     pads = [0] * (2 * dims)
     if pad_mode == "pads":
         pads = [draw(st.integers(0, 1)) for _ in range(2 * dims)]
@@ -66,7 +68,7 @@ def conv_producer(draw, rng, op: str, dtype: int, miss):
     elif pad_mode != "none":
         attrs["auto_pad"] = pad_mode
     if op == "ConvTranspose" and draw(st.booleans()):
-        attrs["output_padding"] = [draw(st.integers(0, max(s, d) - 1)) for s, d in zip(strides, dilations)]
+        attrs["output_padding"] = [draw(st.integers(0, s - 1)) for s in strides]  # onnxruntime: < stride
     size = [(k - 1) * d + 1 + draw(st.integers(0, 2)) for k, d in zip(kernel, dilations)]
     if op == "ConvTranspose":  # output (size - 1) * stride + (k - 1) * d + 1 - pads stays >= 1
         size = [max(s, 3) for s in size]
@@ -80,10 +82,10 @@ def conv_producer(draw, rng, op: str, dtype: int, miss):
 
 
 @st.composite
-def gemm_producer(draw, rng, dtype: int):
+def gemm_producer(draw, rng, dtype: int, opset: int):
     m, k, n = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 6))
     trans_a, trans_b = draw(st.integers(0, 1)), draw(st.integers(0, 1))
-    attrs = {}
+    attrs = {"broadcast": 1} if opset < 7 else {}   # Gemm-6 broadcasts C only when told
     for key, value in (("transA", trans_a), ("transB", trans_b)):
         if value or draw(st.booleans()):
             attrs[key] = value
@@ -92,7 +94,7 @@ def gemm_producer(draw, rng, dtype: int):
     if draw(st.booleans()):
         attrs["beta"] = draw(st.sampled_from([0.0, 0.25, 1.0, 2.0, -1.0]))
     inits = {"W": _floats(rng, (n, k) if trans_b else (k, n), dtype)}
-    c_shape = draw(st.sampled_from([None, (n,), (1, n), (m, n), (), (1,), (m, 1)]))
+    c_shape = draw(st.sampled_from(([None] if opset >= 11 else []) + [(n,), (1, n), (m, n), (), (1,), (m, 1)]))
     if c_shape is not None:
         inits["C"] = _floats(rng, c_shape, dtype)
     node = helper.make_node("Gemm", ["X", *inits], ["p"], name="producer", **attrs)
@@ -100,14 +102,16 @@ def gemm_producer(draw, rng, dtype: int):
 
 
 @st.composite
-def matmul_producer(draw, rng, dtype: int, miss):
+def matmul_producer(draw, rng, dtype: int, opset: int, miss):
     m, k, f = draw(st.sampled_from([1, 3, "N"])), draw(st.integers(1, 4)), draw(st.integers(1, 6))
     inits = {"W": _floats(rng, (k, f), dtype)}
-    bias = draw(st.sampled_from([None, "right", "left", "scalar", "one"]))
+    # Add-6 broadcasts only its second input, and only with broadcast=1
+    bias = draw(st.sampled_from([None, "right", "scalar", "one"] + (["left"] if opset >= 7 else [])))
     nodes = [helper.make_node("MatMul", ["X", "W"], ["mm" if bias else "p"], name="producer")]
     if bias:
         inits["b"] = _floats(rng, {"right": (f,), "left": (1, f), "scalar": (), "one": (1,)}[bias], dtype)
-        nodes.append(helper.make_node("Add", ["mm", "b"] if bias != "left" else ["b", "mm"], ["p"], name="bias"))
+        nodes.append(helper.make_node("Add", ["mm", "b"] if bias != "left" else ["b", "mm"], ["p"], name="bias",
+                                      **({"broadcast": 1} if opset < 7 else {})))
     rows = [f] if miss == "matmul_rank3" else []   # [M, L, F] with L == F: only the axis is wrong
     return nodes, [m, *rows, k], inits, f, {"MatMul": 1, "Add": 1}
 
@@ -120,29 +124,30 @@ def batchnorm_cases(draw, miss: str | None = None) -> Case:
     op = {"matmul_rank3": "MatMul", "convt_group": "ConvTranspose"}.get(miss, op)
     dtype = draw(st.sampled_from(DTYPES[op]))
     opsets = [6, 7, 9, 13, 14, 15, 17, 21]
-    if op == "Gemm":
-        opsets = opsets[1:]   # Gemm-6 broadcasts C only with its legacy broadcast attribute
     if miss == "training_mode":
         opsets = [14, 15, 17, 21]
     if miss == "extra_outputs":
         opsets = [9, 13]
     opset = draw(st.sampled_from(opsets))
-    param_dtype = draw(st.sampled_from([dtype, F32])) if opset >= 15 else dtype
+    # BatchNormalization-15: scale/bias (T1) and mean/var (T2) may differ from X's type; onnxruntime
+    # runs float16 X with float32 parameters (T1 == T2), no other mix
+    param_dtype = draw(st.sampled_from([dtype, F32])) if opset >= 15 and dtype == F16 else dtype
+    stat_dtype = param_dtype
     if op in ("Conv", "ConvTranspose"):
         nodes, x_shape, inits, channels, expected = draw(conv_producer(rng, op, dtype, miss))
     elif op == "Gemm":
-        nodes, x_shape, inits, channels, expected = draw(gemm_producer(rng, dtype))
+        nodes, x_shape, inits, channels, expected = draw(gemm_producer(rng, dtype, opset))
     else:
-        nodes, x_shape, inits, channels, expected = draw(matmul_producer(rng, dtype, miss))
+        nodes, x_shape, inits, channels, expected = draw(matmul_producer(rng, dtype, opset, miss))
     # var sometimes ~ epsilon, so that epsilon matters; gamma shrinks alike to keep outputs ~1
     size = draw(st.sampled_from([1.0, 3e-3]))
     values = {"gamma": _floats(rng, channels, param_dtype, 0.5 * size, 1.5 * size),
-              "beta": _floats(rng, channels, param_dtype), "mean": _floats(rng, channels, param_dtype),
-              "var": _floats(rng, channels, param_dtype, 0.5 * size ** 2, 1.5 * size ** 2)}
+              "beta": _floats(rng, channels, param_dtype), "mean": _floats(rng, channels, stat_dtype),
+              "var": _floats(rng, channels, stat_dtype, 0.5 * size ** 2, 1.5 * size ** 2)}
     inputs = [("X", dtype, x_shape)]
     if miss == "param_input":
         name = draw(st.sampled_from(PARAMS))
-        inputs.append((name, param_dtype, [channels]))
+        inputs.append((name, param_dtype if name in ("gamma", "beta") else stat_dtype, [channels]))
         values.pop(name)
     if draw(st.booleans()):
         inits.update(values)
@@ -178,25 +183,14 @@ def batchnorm_cases(draw, miss: str | None = None) -> Case:
     elif miss == "graph_output":
         graph_outputs.append(("p", dtype))
     model = typed_model(nodes, inputs, graph_outputs, inits, opset)
-    spec = dict(seed=seed, op=op, dtype=dtype, param_dtype=param_dtype, opset=opset, x=x_shape, bn=attrs,
+    spec = dict(seed=seed, op=op, dtype=dtype, param_dtype=(param_dtype, stat_dtype), opset=opset, x=x_shape, bn=attrs,
                 producer=[helper.printable_node(n) for n in nodes if n.op_type != "Constant"], miss=miss)
     if miss:
         return Case(model, PASS, reason=MISSES[miss], seed=seed, spec=spec)
-    return Case(model, PASS, expected, seed=seed, spec=spec, reference=_runnable_reference(model, opset))
+    if opset < 7:
+        return Case(model, PASS, expected, seed=seed, spec=spec, reference=at_opset_7(model), runnable=at_opset_7)
+    return Case(model, PASS, expected, seed=seed, spec=spec)
 
-
-def _runnable_reference(model: onnx.ModelProto, opset: int) -> onnx.ModelProto | None:
-    """onnxruntime has no BatchNormalization-1/6 kernel: the reference is the same model at
-    opset 7 (same semantics for is_test=1, spatial=1); the folded model (opset 6) runs."""
-    if opset >= 7:
-        return None
-    reference = onnx.ModelProto()
-    reference.CopyFrom(model)
-    reference.opset_import[0].version = 7
-    bn = next(n for n in reference.graph.node if n.op_type == BN)
-    for attr in [a for a in bn.attribute if a.name == "is_test"]:
-        bn.attribute.remove(attr)
-    return reference
 
 
 
