@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -176,6 +176,14 @@ class Spelling:
     negative_axes: bool
 
 
+def _conditioned(sp: Spelling) -> Spelling:
+    """ONNX's function body computes the variance as mean(x*x) - mean(x)^2, which cancels
+    catastrophically in the original itself when a row's spread is small and epsilon ~ 0 (a
+    2-element row of near-equal values); the fused op is exact there. Against that original
+    only an epsilon >= 1e-3 keeps the comparison meaningful."""
+    return replace(sp, eps=max(sp.eps or 0.0, 1e-3)) if sp.fn_body else sp
+
+
 def spellings(kind: str = "mean") -> st.SearchStrategy[Spelling]:
     centred = kind == "mean"
     return st.builds(
@@ -192,7 +200,7 @@ def spellings(kind: str = "mean") -> st.SearchStrategy[Spelling]:
         dup_mean=st.booleans() if centred else st.just(False),
         fn_body=st.booleans() if centred else st.just(False),
         negative_axes=st.booleans(),
-    )
+    ).map(_conditioned)
 
 
 # Near misses of a core: one change that makes the math differ.
