@@ -51,7 +51,9 @@ def layernorm_cases(draw, miss: str | None = None) -> Case:
                 miss=miss, miss_value=miss_value)
     if tf:
         return _tf_case(draw, net, x, rng, spec, shape, norm_shape, axes, sp, model_dtype)
-    t = core(net, x, axes, sp, "mean", core_dtype, miss, miss_value, int(np.prod(norm_shape)), var_axes)
+    # LayerNormalization writes its Mean and InvStdDev: those used elsewhere are no escape
+    t = core(net, x, axes, sp, "mean", core_dtype, miss, miss_value, int(np.prod(norm_shape)), var_axes,
+             kept_outputs=("mean", "inverse"))
     lead = shape[rank - n - 1] if n < rank else None
     positional = (lead, *norm_shape) if isinstance(lead, int) and lead > 1 else None
     tail = draw(tails(rank, norm_shape, model_dtype, core_dtype, positional=positional))
