@@ -189,9 +189,9 @@ class Spelling:
 def _conditioned(sp: Spelling) -> Spelling:
     """ONNX's function body computes the variance as mean(x*x) - mean(x)^2, which cancels
     catastrophically in the original itself when a row's spread is small and epsilon ~ 0 (a
-    2-element row of near-equal values); the fused op is exact there. Against that original
-    only an epsilon >= 1e-3 keeps the comparison meaningful."""
-    return replace(sp, eps=max(sp.eps or 0.0, 1e-3)) if sp.fn_body else sp
+    2-element row of near-equal values: 6.5e-5 off at epsilon 1e-3); the fused op is exact there.
+    Against that original only an epsilon >= 0.1 keeps the comparison meaningful."""
+    return replace(sp, eps=max(sp.eps or 0.0, 0.1)) if sp.fn_body else sp
 
 
 def spellings(kind: str = "mean") -> st.SearchStrategy[Spelling]:
