@@ -280,6 +280,11 @@ def core(net: Net, x: str, axes, sp: Spelling, kind: str, dtype: int, miss: str 
         else:
             var = net.op("Div", net.reduce_sum(square, axes), c(n_elems - 1))
     parts["variance"] = var
+    eps = sp.eps
+    if eps is not None and dtype == F64:
+        # The fused ops' epsilon attribute is a float32: a float64 model's 0.1 becomes 0.1 + 1.5e-9,
+        # a difference float64 tolerances see where var << epsilon (verification rolls it back).
+        eps = float(np.float32(eps))
     if sp.eps is None and miss != "eps_input":
         std = net.op("Sqrt", var)
     else:
@@ -287,9 +292,9 @@ def core(net: Net, x: str, axes, sp: Spelling, kind: str, dtype: int, miss: str 
             e = net.name("eps")
             net.extra_inputs.append((e, dtype, list(sp.eps_shape)))
         elif sp.eps_cast:
-            e = net.op("Cast", net.const(np.full(sp.eps_shape, sp.eps, np.float64), "raw"), to=dtype)
+            e = net.op("Cast", net.const(np.full(sp.eps_shape, eps, np.float64), "raw"), to=dtype)
         else:
-            e = net.const(np.full(sp.eps_shape, sp.eps), dtype)
+            e = net.const(np.full(sp.eps_shape, eps), dtype)
         std = net.op("Sqrt", net.op("Add", *((e, var) if sp.eps_first else (var, e))))
     parts["std"] = std
     if miss == "swapped":

@@ -76,7 +76,7 @@ def _tf_case(draw, net, x, rng, spec, shape, norm_shape, axes, sp, dtype) -> Cas
     d = net.op("Sub", x, mean)
     square = net.op("Mul", d, d) if sp.square == "mul" else net.op("Pow", d, net.const(2.0))
     var = net.mean(square, axes)
-    eps = net.const(np.full(sp.eps_shape, sp.eps))
+    eps = net.const(np.full(sp.eps_shape, float(np.float32(sp.eps)) if dtype == F64 else sp.eps))  # float32 attribute
     std = net.op("Sqrt", net.op("Add", *((eps, var) if sp.eps_first else (var, eps))))
     s = net.op("Reciprocal", std) if sp.divide != "div_one" else net.op("Div", net.const(1.0), std)
     gamma = param_shape(draw, rank, norm_shape)
