@@ -116,3 +116,24 @@ def test_function_body_layernorm_at_epsilon_1e_3_fuses_closer_to_exact_math():
     # float32 LayerNormalization stays within 1e-5 of float64 math; the original is 3e-4 off
     assert np.abs(fused - truth).max() < 2e-5
     assert np.abs(original - truth).max() > 1e-4
+
+
+def test_float64_groupnorm_epsilon_is_rounded_to_the_float32_attribute():
+    """Campaign example (seed 76372803): a float64 group norm with epsilon 0.1 fused to
+    GroupNormalization(epsilon=float32(0.1)), 3.5e-9 from the original (float64 atol 1e-9).
+    Exactly the attribute's rounding: each model matches float64 math with its own epsilon.
+    Verification rolls such a fold back; generated float64 examples use float32-exact epsilons."""
+    net = Net(13, F64)
+    grouped = net.op("Reshape", "x", net.const([0, 1, -1], "int"))
+    t = core(net, grouped, [2], replace(PLAIN, eps=0.1, negative_axes=False), "mean", F64)
+    t = net.op("Reshape", t, net.op("Shape", "x"))
+    eps_name = next(k for k, v in net.inits.items() if v.dtype == np.float64 and v.size == 1 and 0.09 < v < 0.11)
+    net.inits[eps_name] = np.array(0.1)  # the generator now writes float32(0.1): the example had 0.1
+    model = net.finish(t, [1, 2, 2, 2], F64, [1, 2, 2, 2], F64)
+    out = run_pass("fuse-groupnorm", model)[0]
+    assert op_counts(out) == {"GroupNormalization": 1, "Identity": 1}
+    x = np.random.default_rng(76372803).standard_normal((1, 2, 2, 2)) * 0.05  # var << epsilon
+    d = x - x.mean()
+    for m, eps in ((model, 0.1), (out, float(np.float32(0.1)))):
+        y = run_model(m, [{"x": x}], "cpu")[0]["y"]
+        np.testing.assert_allclose(y, d / np.sqrt((d ** 2).mean() + eps), rtol=1e-12, atol=1e-14)
