@@ -18,7 +18,10 @@ Where the output-channel slice lives (the only per-producer difference):
                    input (on [N, L, F] BatchNormalization normalizes L, not F: left alone)
 
 All BatchNormalization versions: training_mode=0, legacy is_test=1 / spatial=1, a single output
-at opsets 7-13 (more outputs are training mode there), epsilon default 1e-5. Math runs in float64 and is cast back to the weight's dtype (fp16, bf16, fp32, fp64).
+at opsets 7-13 (more outputs are training mode there), epsilon default 1e-5 as a float32
+(what onnxruntime uses: exact 1e-5 differs beyond float64 tolerances when var ~ epsilon).
+Math runs in float64 and is cast back to the weight's dtype (fp16, bf16, fp32, fp64). Below
+opset 7 the bias Add after a MatMul gets broadcast=1, without which it does not broadcast.
 New weights are new initializers: a weight shared with another node is never changed.
 
 Parameters may be computed: from constants (``G.const_value``), or, for the affine-free
@@ -47,7 +50,7 @@ from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
 
 BATCHNORM = "BatchNormalization"
-DEFAULT_EPSILON = 1e-5
+DEFAULT_EPSILON = float(np.float32(1e-5))  # a float32 attribute: its default is 1e-5 rounded to float32
 PARAMETERS = ("scale", "bias", "mean", "var")
 FLOAT_KINDS = "f"  # numpy kind of float dtypes; bfloat16 is checked by name
 
@@ -242,12 +245,14 @@ class FoldBatchNorm(Pass):
             attrs = dict(prod.attrs)
             attrs["beta"] = 1.0
             return [gs.Node("Gemm", prod.name, attrs, [x, weight, bias], [m.output])]
+        # Below opset 7, Add broadcasts its second input only with broadcast=1.
+        legacy = {"broadcast": 1} if ctx.opset < 7 else {}
         # MatMul, with or without its bias Add: MatMul(x, W') + b'
         matmul = m["matmul"]
         hidden = gs.Variable(ctx.names.fresh(f"{m.output.name}_matmul"), dtype=m.output.dtype)
         add_name = prod.name if prod.op == "Add" and prod.name else ctx.names.fresh(f"{matmul.name or 'MatMul'}_bias")
         return [gs.Node("MatMul", matmul.name, dict(matmul.attrs), [x, weight], [hidden]),
-                gs.Node("Add", add_name, {}, [hidden, bias], [m.output])]
+                gs.Node("Add", add_name, legacy, [hidden, bias], [m.output])]
 
 
 # Elementwise ops a batch-norm parameter may be computed with from constants (float64 here).

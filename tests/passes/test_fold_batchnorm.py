@@ -180,7 +180,7 @@ def test_fold_batchnorm_missing_epsilon_uses_default(rng):
     model = bn_model(rng, small_var=True)
     assert not model.graph.node[-1].attribute
     _out, rec = assert_folded(model, CONV)
-    assert rec.applied[0].info["epsilon"] == 1e-5
+    assert rec.applied[0].info["epsilon"] == np.float32(1e-5)  # the attribute's type: float32
 
 
 def test_fold_batchnorm_constant_node_parameters_are_folded(rng):
@@ -276,7 +276,7 @@ def test_fold_batchnorm_conv_weights_match_float64_formula(dtype, opset, rng):
     out, _rec = fold_then_check(model, CONV)
     weight, bias = folded_weights(out)
     v = {k: a.astype(np.float64) for k, a in initializers(model).items()}
-    s = v["gamma"] / np.sqrt(v["var"] + 1e-5)
+    s = v["gamma"] / np.sqrt(v["var"] + float(np.float32(1e-5)))  # the default epsilon is a float32
     assert weight.dtype == bias.dtype == dtype
     np.testing.assert_array_equal(weight, (v["W"] * s[:, None, None, None]).astype(dtype))
     eps = float(ml_dtypes.finfo(dtype).eps)
