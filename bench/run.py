@@ -1,0 +1,403 @@
+"""normopt against the load+save floor and its peers, on generated models; writes bench/RESULTS.md.
+
+    pip install -e '.[bench]'
+    python bench/run.py --quick     # under 2 minutes: smaller models, 1 GB decoder, chains of 100 and 1,000
+    python bench/run.py             # under 15 minutes on 2 cores: 8 GB decoder, chains up to 10,000 blocks
+
+Models are generated in a temporary folder (suite_models.py) and deleted afterwards. Every tool runs
+in its own process (suite_worker.py), one after the other, side by side in the same run; its wall time
+and its own peak RSS (``os.wait4``'s ru_maxrss of that child) are given as multiples of the floor:
+``onnx.load`` + ``onnx.save`` of the same model in its own process (with external data in and out
+for an external-data model). Each output is then checked in another process: op counts, standard
+ops only, and outputs against the original's (onnxruntime CPU, ORT_DISABLE_ALL, seeded inputs,
+atol 1e-4 / rtol 1e-3). A tool that fails, times out or goes over the memory limit is recorded as
+such. Last, the gain of rewriting: onnxruntime CPU latency and session creation of each model in
+models/ against normopt's output of it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import suite_models  # noqa: E402
+import suite_report as report  # noqa: E402
+from suite_report import ModelResult, Run  # noqa: E402
+
+WORKER = str(HERE / "suite_worker.py")
+PEERS = ["onnxsim", "onnxslim", "onnxoptimizer", "onnxscript", "ort-extended", "ort-all"]
+PEER_PACKAGES = {"onnxsim": "onnxsim", "onnxslim": "onnxslim", "onnxoptimizer": "onnxoptimizer",
+                 "onnxscript": "onnxscript", "ort-extended": "onnxruntime-gpu", "ort-all": "onnxruntime-gpu"}
+TWO_GB = 2 ** 31
+FLOOR_TIMES = 10  # a run's time limit: --timeout, or this many times the floor's time when longer
+
+
+@dataclasses.dataclass
+class Spec:
+    name: str
+    make: object  # (path) -> ModelInfo
+    peers: bool = True
+    verify_row: bool = False  # also time normopt with verification on
+
+
+def plan(quick: bool) -> list[Spec]:
+    m = suite_models
+    if quick:
+        return [Spec("encoder", lambda p: m.encoder(p, layers=2), peers=False, verify_row=True),
+                Spec("cnn", lambda p: m.cnn(p, width=32), peers=False, verify_row=True),
+                Spec("decoder", lambda p: m.decoder(p, layers=5), peers=False),
+                Spec("chain-100", lambda p: m.chain(p, 100), verify_row=True),
+                Spec("chain-1000", lambda p: m.chain(p, 1000), peers=False)]
+    return [Spec("encoder", lambda p: m.encoder(p), verify_row=True),
+            Spec("cnn", lambda p: m.cnn(p), verify_row=True),
+            Spec("decoder", lambda p: m.decoder(p, layers=40)),
+            Spec("chain-100", lambda p: m.chain(p, 100), verify_row=True),
+            Spec("chain-1000", lambda p: m.chain(p, 1000), verify_row=True),
+            Spec("chain-10000", lambda p: m.chain(p, 10000))]
+
+
+# --- one process, measured ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Proc:
+    status: str  # ok, failed, timeout, killed
+    seconds: float
+    peak_rss: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> dict:
+        lines = self.stdout.strip().splitlines()
+        try:
+            return json.loads(lines[-1]) if lines else {}
+        except json.JSONDecodeError:
+            return {}
+
+    def why(self) -> str:
+        lines = [ln for ln in self.stderr.strip().splitlines() if ln.strip()]
+        return lines[-1][:200] if lines else f"exit status {self.status}"
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# Forks the measured command and reports its exit code and ru_maxrss. Linux carries the RSS high-water
+# mark of the forking process into the child's ru_maxrss, so the child is forked from this small
+# process (python -S), never from the benchmark's own, larger one.
+LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}")
+"""
+
+
+def _child(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = f.read().split()
+        return int(kids[0]) if kids else None
+    except OSError:
+        return None
+
+
+def measure(cmd: list[str], timeout: float, mem_limit: int) -> Proc:
+    """Run ``cmd``; wall time from start to its end, peak RSS from that process's own rusage. A watchdog
+    kills it past ``timeout`` seconds or ``mem_limit`` bytes of RSS (the machine is shared)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile("r", suffix=".rusage") as usage:
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, usage.name, *cmd], stdout=out, stderr=err,
+                                env={**os.environ, "PYTHONWARNINGS": "ignore"}, start_new_session=True)
+        verdict, done = [], threading.Event()
+
+        def watchdog():
+            while not done.wait(0.1):
+                if time.perf_counter() - start > timeout:
+                    verdict.append("timeout")
+                elif _rss(_child(proc.pid) or proc.pid) > mem_limit:
+                    verdict.append("killed")
+                else:
+                    continue
+                os.killpg(proc.pid, 9)
+                return
+
+        thread = threading.Thread(target=watchdog, daemon=True)
+        thread.start()
+        proc.wait()
+        seconds = time.perf_counter() - start
+        done.set()
+        thread.join()
+        fields = usage.read().split()
+        code, peak = (int(fields[0]), int(fields[1]) * 1024) if len(fields) == 2 else (proc.returncode, 0)
+        out.seek(0)
+        err.seek(0)
+        state = verdict[0] if verdict else ("ok" if code == 0 else "failed")
+        return Proc(state, seconds, peak, out.read(), err.read())
+
+
+def normopt_cmd() -> list[str]:
+    script = Path(sys.executable).parent / "normopt"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "normopt"]
+
+
+def tool_cmd(tool: str, src: str, out: str) -> list[str]:
+    if tool == "normopt":
+        return normopt_cmd() + ["fold", src, "-o", out, "--no-verify", "-q"]
+    if tool == "normopt-verify":
+        return normopt_cmd() + ["fold", src, "-o", out, "-q", "--provider", "cpu"]
+    return [sys.executable, WORKER, tool, src, out]
+
+
+# --- one model, every tool ----------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args, folder: str):
+        self.args, self.folder = args, folder
+        self.mem_limit = int(_meminfo("MemAvailable") * 0.8)
+        self.installed = {t: _version(p) is not None for t, p in PEER_PACKAGES.items()}
+        self.limit = args.timeout
+
+    def worker(self, *args) -> Proc:
+        return measure([sys.executable, WORKER, *args], self.limit, self.mem_limit)
+
+    def model(self, spec: Spec) -> ModelResult:
+        mdir = os.path.join(self.folder, spec.name)
+        os.makedirs(mdir)
+        info = spec.make(os.path.join(mdir, "model.onnx"))
+        npz = os.path.join(self.folder, f"{spec.name}.ref.npz")
+        self.limit = self.args.timeout * (10 if info.bytes > 1e9 else 1)
+        ref = self.worker("ref", info.path, npz)
+        orig = _op_counts(info.path)
+        result = ModelResult(spec.name, info.bytes, info.nodes, info.external, info.note, orig["ops"], [])
+        tools = ["floor", "normopt"] + (["normopt-verify"] if spec.verify_row else []) + PEERS
+        for tool in tools:
+            result.runs.append(self.tool(tool, spec, info, npz if ref.status == "ok" else None))
+            if tool == "floor" and result.runs[-1].status == "ok":  # a slow machine moves the limit too
+                self.limit = max(self.args.timeout, FLOOR_TIMES * result.runs[-1].seconds)
+            print(f"  {spec.name}: {tool}: {result.runs[-1].status}", file=sys.stderr, flush=True)
+        shutil.rmtree(mdir)
+        if os.path.exists(npz):
+            os.remove(npz)
+        return result
+
+    def tool(self, tool: str, spec: Spec, info, npz: str | None) -> Run:
+        if tool in PEER_PACKAGES and not self.installed[tool]:
+            return Run(tool, "skipped", note="not installed (pip install -e '.[bench]')")
+        if tool in PEER_PACKAGES and not spec.peers:
+            return Run(tool, "skipped", note="--quick runs the peers on chain-100 only")
+        if tool in PEER_PACKAGES and info.bytes >= TWO_GB and not tool.startswith("ort"):
+            return Run(tool, "skipped", note="model over 2 GB: the tool holds it in one protobuf")
+        tdir = os.path.join(self.folder, spec.name, tool)
+        os.makedirs(tdir)
+        out = os.path.join(tdir, "out.onnx")
+        proc = measure(tool_cmd(tool, info.path, out), self.limit, self.mem_limit)
+        run = Run(tool, proc.status, proc.seconds, proc.peak_rss)
+        if proc.status == "timeout":
+            run.note = f"killed after the {self.limit:.0f} s limit"
+        elif proc.status == "killed":
+            run.note = f"killed: RSS over the {report.fmt_bytes(self.mem_limit)} limit"
+        elif proc.status == "failed":
+            run.note = proc.why()
+        else:
+            run.note = proc.json().get("note", "")
+        if proc.status == "ok" and tool != "floor" and os.path.exists(out):
+            self.check(run, out, npz)
+        elif proc.status == "ok" and tool != "floor":
+            run.status, run.note = "failed", "wrote no output"
+        shutil.rmtree(tdir)
+        return run
+
+    def check(self, run: Run, out: str, npz: str | None) -> None:
+        if npz is None:
+            counts = _op_counts(out)
+            run.match = "not checked: the original does not run"
+        else:
+            proc = self.worker("check", out, npz)
+            counts = proc.json() if proc.status == "ok" else _op_counts(out)
+            run.match = counts.get("match", f"check {proc.status}: {proc.why()}")
+        run.nodes, run.ops, run.standard_only = counts["nodes"], counts["ops"], counts["standard_only"]
+        run.checker = counts.get("checker", "")
+
+
+def _op_counts(path: str) -> dict:
+    from suite_worker import op_counts
+    return op_counts(path)
+
+
+def _meminfo(key: str) -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# --- gain of rewriting on models/ ---------------------------------------------------------------
+
+# In --quick, one model per kind of normalization.
+QUICK_GAIN = ("cnn_bn_ts_op13", "transformer_ln_ts_op14", "unet_resblock_gn_ts_op14", "style_instnorm_ts_op14",
+              "llama_rms_ts_op14")
+
+
+def family(stem: str) -> str:
+    return re.split(r"_(?:ts|dynamo)(?:_|$)", stem)[0]
+
+
+def gain_models(quick: bool) -> list[Path]:
+    models = sorted((HERE.parent / "models").glob("*.onnx"))
+    if quick:
+        return [p for p in models if p.stem in QUICK_GAIN]
+    chosen = {}
+    for path in models:  # one per family, a TorchScript export when there is one
+        key = family(path.stem)
+        if key not in chosen or ("_ts_" in path.stem and "_ts_" not in chosen[key].stem):
+            chosen[key] = path
+    return sorted(chosen.values())
+
+
+def gain(bench: Bench, quick: bool) -> list[dict]:
+    rows = []
+    for path in gain_models(quick):
+        out = os.path.join(bench.folder, path.stem + ".normopt.onnx")
+        fold = measure(normopt_cmd() + ["fold", str(path), "-o", out, "-q", "--provider", "cpu"],
+                       bench.args.timeout, bench.mem_limit)
+        row = {"model": path.stem}
+        if fold.status != "ok":
+            row["error"] = f"normopt fold {fold.status}: {fold.why()}"
+        else:
+            row["rewrote"] = report.rewrote(_op_counts(str(path))["ops"], _op_counts(out)["ops"])
+            lat = bench.worker("latency", str(path), out, str(0.15 if quick else 0.6))
+            row.update(lat.json() if lat.status == "ok" else {"error": f"latency {lat.status}: {lat.why()}"})
+            os.remove(out)
+        rows.append(row)
+        print(f"  gain: {path.stem}: {row.get('error', 'ok')}", file=sys.stderr, flush=True)
+    return rows
+
+
+# --- RESULTS.md -----------------------------------------------------------------------------------
+
+def machine() -> list[str]:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    versions = ", ".join(f"{p} {_version(p) or 'not installed'}" for p in
+                         ("normopt", "onnx", "onnxruntime-gpu", "numpy", "onnx-graphsurgeon", "onnxsim", "onnxslim",
+                          "onnxoptimizer", "onnxscript", "onnx-ir"))
+    return [f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+            f"- Machine: {os.cpu_count()} cores ({cpu}), {_meminfo('MemTotal') / 2 ** 30:.0f} GiB RAM, "
+            f"shared with other work (times are noisy: a few tens of percent between runs)",
+            f"- Python {platform.python_version()}, {versions}; normopt at commit {commit}"]
+
+
+def render(models: list[ModelResult], gain_rows: list[dict], quick: bool, elapsed: float, timeout: float) -> str:
+    chains = [m for m in models if m.name.startswith("chain")]
+    lat_lines, slower = report.latency_table(gain_rows)
+    mode = "`python bench/run.py --quick`" if quick else "`python bench/run.py` (full run)"
+    text = ["# Benchmark results", "",
+            f"Written by {mode} in {elapsed / 60:.1f} minutes. Regenerate with `pip install -e '.[bench]'` and "
+            "`python bench/run.py` (`--quick` for the small run).", "", *machine(), "",
+            "## Targets", "", *report.targets_table(report.targets(models)), "",
+            "`normopt` is `normopt fold MODEL -o OUT --no-verify -q`; the floor is `onnx.load` + `onnx.save` of "
+            "the same model in its own process (external data in and out for the decoder). Times are wall "
+            "times of whole processes (interpreter start and imports included); peak RSS is each process's own "
+            "ru_maxrss.", "",
+            "## Per model", "",
+            f"Tools run one after the other in separate processes, each with a {timeout:.0f} s limit "
+            f"({FLOOR_TIMES}x the floor's time when that is longer). "
+            "`rewrote`: counts of norm ops and of ops outside the standard ONNX domain, before -> after "
+            "(BN BatchNormalization, LN LayerNormalization, RMS RMSNormalization, `com.microsoft:...` contrib "
+            "ops). `outputs match`: onnxruntime CPU, ORT_DISABLE_ALL, seeded inputs, atol 1e-4 / rtol 1e-3 "
+            "against the original. Peers: onnx-simplifier (`onnxsim.simplify`), onnxslim (`onnxslim.slim`), "
+            "onnxoptimizer (its default fuse and eliminate passes, `fuse_bn_into_conv` among them), onnxscript "
+            "(`optimizer.optimize`, whose default rewrite rules fold BatchNormalization, plus the rewriter's "
+            "LayerNormalization fusion on opset >= 17 and RMSNormalization fusion on opset 23), onnxruntime's "
+            "offline optimization (`optimized_model_filepath`) at ORT_ENABLE_EXTENDED and ORT_ENABLE_ALL.", ""]
+    for m in models:
+        text += report.model_table(m) + [""]
+    text += ["## Chains: time per node", "", "![chains](chains.png)", "", *report.chain_table(chains), "",
+             "![time and memory as multiples of the floor](ratios.png)", "",
+             "## Gain of rewriting: onnxruntime CPU, original against normopt's output", "",
+             "Models from models/: " + ("one per kind of normalization (--quick)" if quick else
+                                        "one per family (a TorchScript export where there is one)") +
+             " is folded by `normopt fold` (verification on), then both are timed in one process, one "
+             "thread, runs interleaved after 3 warm-up runs; medians. Session creation: median of 3.", "",
+             *lat_lines, ""]
+    if slower:
+        text += ["Where the rewrite makes onnxruntime slower (by more than "
+                 f"{(report.SLOWER - 1) * 100:.0f}%; note the shared machine's noise):", ""]
+        text += [f"- {s}" for s in slower] + [""]
+    else:
+        text += [f"No model ran more than {(report.SLOWER - 1) * 100:.0f}% slower after the rewrite.", ""]
+    return "\n".join(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller models and a 1 GB decoder (under 2 minutes)")
+    parser.add_argument("--out", default=str(HERE), help="folder for RESULTS.md and the PNGs (default: bench/)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per tool run (default 30, full 120)")
+    parser.add_argument("--only", default="", help="comma-separated model names to run (for debugging)")
+    args = parser.parse_args()
+    args.timeout = args.timeout or (30.0 if args.quick else 120.0)
+    start = time.perf_counter()
+    models = []
+    with tempfile.TemporaryDirectory(prefix="normopt-bench-") as folder:
+        bench = Bench(args, folder)
+        for spec in plan(args.quick):
+            if args.only and spec.name not in args.only.split(","):
+                continue
+            print(f"{spec.name} ...", file=sys.stderr, flush=True)
+            models.append(bench.model(spec))
+            print("\n".join(report.model_table(models[-1])) + "\n", flush=True)
+        gain_rows = [] if args.only else gain(bench, args.quick)
+    elapsed = time.perf_counter() - start
+    text = render(models, gain_rows, args.quick, elapsed, args.timeout)
+    os.makedirs(args.out, exist_ok=True)
+    files = report.plot_files(args.out)
+    report.plot_chains([m for m in models if m.name.startswith("chain")], files["chains"])
+    report.plot_ratios(models, files["ratios"])
+    Path(args.out, "RESULTS.md").write_text(text + "\n")
+    print(text[text.index("## Targets"):])
+    print(f"\nwrote {Path(args.out, 'RESULTS.md')}, {files['chains']}, {files['ratios']} "
+          f"({elapsed:.0f} s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
