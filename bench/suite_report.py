@@ -7,6 +7,12 @@ import os
 SHORT = {"BatchNormalization": "BN", "LayerNormalization": "LN", "GroupNormalization": "GN",
          "InstanceNormalization": "IN", "RMSNormalization": "RMS"}
 SLOWER = 1.05  # a rewritten model this much slower (median) is called slower
+TOOL_ORDER = ("floor", "normopt", "normopt-verify", "onnxsim", "onnxslim", "onnxoptimizer", "onnxscript",
+              "ort-extended", "ort-all")
+
+
+def _color(tool: str) -> str:
+    return f"C{TOOL_ORDER.index(tool) if tool in TOOL_ORDER else len(TOOL_ORDER)}"
 
 
 @dataclasses.dataclass
@@ -247,12 +253,13 @@ def plot_chains(chains: list[ModelResult], path: str) -> None:
                 xs.append(m.nodes)
                 ys.append(r.seconds / m.nodes * 1e6)
         if xs:
-            ax.plot(xs, ys, marker="o", label=tool, linewidth=2.5 if tool in ("normopt", "floor") else 1.2)
+            ax.plot(xs, ys, marker="o", label=tool, color=_color(tool),
+                    linewidth=2.5 if tool in ("normopt", "floor") else 1.2)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("nodes in the model (Conv+BN+LayerNorm blocks x 11)")
-    ax.set_ylabel("process time per node (us)")
-    ax.set_title("Chains: time per node (flat = linear in node count)")
+    ax.set_xlabel("nodes in the model (12 per Conv+BN+LayerNorm+Add block)")
+    ax.set_ylabel("process time per node (us), start-up included")
+    ax.set_title("Chains: time per node (flat = linear in node count)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -267,6 +274,7 @@ def plot_ratios(models: list[ModelResult], path: str) -> None:
     tools = []
     for m in models:
         tools += [r.tool for r in m.runs if r.tool not in tools and r.tool != "floor"]
+    tools.sort(key=lambda t: TOOL_ORDER.index(t) if t in TOOL_ORDER else len(TOOL_ORDER))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / max(len(tools), 1)
     for panel, (ax, attr, title) in enumerate(zip(axes, ("seconds", "peak_rss"), ("time", "peak RSS"))):
@@ -275,12 +283,12 @@ def plot_ratios(models: list[ModelResult], path: str) -> None:
             for m in models:
                 r, floor = m.run(tool), m.run("floor")
                 values.append(ratio(getattr(r, attr), getattr(floor, attr)) if _ok(r) and _ok(floor) else 0)
-            ax.bar([j + i * width for j in range(len(models))], values, width, label=tool)
+            ax.bar([j + i * width for j in range(len(models))], values, width, label=tool, color=_color(tool))
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], [m.name for m in models], fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel(f"{title} / floor's (load + save)")
-        ax.set_title(f"{title}, as a multiple of the floor (missing bar: not run or failed)")
+        ax.set_title(f"{title} / floor's (no bar: not run, failed or timed out)", fontsize=10)
         if panel == 0:
             ax.legend(fontsize=7)
     fig.tight_layout()
