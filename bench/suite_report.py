@@ -237,7 +237,7 @@ def latency_table(rows: list[dict]) -> tuple[list[str], list[str]]:
     return lines, slower
 
 
-def plot_chains(chains: list[ModelResult], path: str) -> None:
+def plot_chains(chains: list[ModelResult], path: str, dpi: int = 100) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -263,11 +263,11 @@ def plot_chains(chains: list[ModelResult], path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
-def plot_ratios(models: list[ModelResult], path: str) -> None:
+def plot_ratios(models: list[ModelResult], path: str, dpi: int = 100) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -292,7 +292,7 @@ def plot_ratios(models: list[ModelResult], path: str) -> None:
         if panel == 0:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
