@@ -92,7 +92,11 @@ def model_table(m: ModelResult) -> list[str]:
              "| tool | status | time | x floor | peak RSS | x floor's | x model size | rewrote | standard ops only "
              "| outputs match | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    skipped = {}
     for r in m.runs:
+        if r.status == "skipped":
+            skipped.setdefault(r.note, []).append(r.tool)
+            continue
         t = "-" if r.seconds is None else f"{r.seconds:.2f} s"
         std = "-" if r.standard_only is None else ("yes" if r.standard_only else "no")
         if r.checker and r.checker != "ok":
@@ -102,6 +106,9 @@ def model_table(m: ModelResult) -> list[str]:
             f"| {fmt_bytes(r.peak_rss)} | {fmt_ratio(ratio(r.peak_rss, floor and floor.peak_rss))} "
             f"| {fmt_ratio(ratio(r.peak_rss, m.bytes))} | {rewrote(m.ops, r.ops) if r.tool != 'floor' else ''} "
             f"| {std} | {r.match or '-'} | {r.note.replace('|', '/')} |")
+    if skipped:
+        lines.append("")
+        lines += [f"Not run: {', '.join(tools)} ({note})." for note, tools in skipped.items()]
     return lines
 
 

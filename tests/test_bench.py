@@ -96,6 +96,8 @@ def test_tables_and_plots_from_fake_numbers(tmp_path):
     lines = report.model_table(models[0])
     assert any(ln.startswith("| normopt | ok | 2.00 s | 2.00x |") and "BN 2->0" in ln for ln in lines)
     assert any(ln.startswith("| onnxslim | timeout |") and "30 s limit" in ln for ln in lines)
+    models[0].runs.append(Run("onnxoptimizer", "skipped", note="not installed"))
+    assert report.model_table(models[0])[-1] == "Not run: onnxoptimizer (not installed)."
     chain = report.chain_table(models)
     assert chain[2] == "| floor | 833.3 (1.00x) | 166.7 (1.00x) |"
     assert chain[4] == "| onnxslim | timeout | - |"
