@@ -203,7 +203,10 @@ def _peer_target(models: list[ModelResult], tool: str) -> Target:
             if same_rewrites(m, peer, ours):
                 compared.append(f"{peer.tool} on {m.name}")
                 if peer.seconds <= ours.seconds:
-                    slower.append(f"{peer.tool} on {m.name} ({peer.seconds:.2f} s vs {ours.seconds:.2f} s)")
+                    caveat = "" if peer.standard_only else "; its output has contrib ops"
+                    if peer.checker and peer.checker != "ok":
+                        caveat += "; its output fails onnx.checker"
+                    slower.append(f"{peer.tool} on {m.name} ({peer.seconds:.2f} s vs {ours.seconds:.2f} s{caveat})")
     if not compared:
         return Target("peers doing the same rewrites", "normopt faster", "no peer did the same rewrites", True)
     measured = ("faster than " + ", ".join(compared)) if not slower else "slower than " + ", ".join(slower)
