@@ -49,6 +49,7 @@ TWO_GB = 2 ** 31
 # A run's time limit: --timeout, or this many times the floor's time when longer (normopt gets more
 # room, at least 4x --timeout: its own numbers are the point of the benchmark).
 FLOOR_TIMES = {"peer": 5, "normopt": 50}
+LOAD_AT_START = os.getloadavg()[0]
 
 
 @dataclasses.dataclass
@@ -348,7 +349,8 @@ def machine() -> list[str]:
                           "onnxoptimizer", "onnxscript", "onnx-ir"))
     return [f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
             f"- Machine: {os.cpu_count()} cores ({cpu}), {_meminfo('MemTotal') / 2 ** 30:.0f} GiB RAM, "
-            f"shared with other work (times are noisy: a few tens of percent between runs)",
+            f"shared with other work (load average {LOAD_AT_START:.1f} when the run started; times are noisy, "
+            "a few tens of percent between runs)",
             f"- Python {platform.python_version()}, {versions}; normopt at commit {commit}",
             "- Peers left out: " + (", ".join(sorted({PEER_PACKAGES[t] for t in PEERS if _version(PEER_PACKAGES[t])
                                                        is None})) or "none (every peer installs from PyPI here)")]
@@ -360,7 +362,11 @@ def render(models: list[ModelResult], gain_rows: list[dict], quick: bool, elapse
     mode = "`python bench/run.py --quick`" if quick else "`python bench/run.py` (full run)"
     text = ["# Benchmark results", "",
             f"Written by {mode} in {elapsed / 60:.1f} minutes. Regenerate with `pip install -e '.[bench]'` and "
-            "`python bench/run.py` (`--quick` for the small run).", "", *machine(), "",
+            "`python bench/run.py` (`--quick` for the small run).", "",
+            *(["**This is a --quick run**: a 2-layer encoder, a ResNet-50 of half the width, a 1 GB decoder, no "
+               "10,000-block chain, peers on chain-100 only. The targets are meant for the full run's sizes.", ""]
+              if quick else []),
+            *machine(), "",
             "## Targets", "", *report.targets_table(report.targets(models)), "",
             "`normopt` is `normopt fold MODEL -o OUT --no-verify -q`; the floor is `onnx.load` + `onnx.save` of "
             "the same model in its own process (external data in and out for the decoder). Times are wall "
@@ -370,7 +376,8 @@ def render(models: list[ModelResult], gain_rows: list[dict], quick: bool, elapse
             f"Tools run one after the other in separate processes, each with a {timeout:.0f} s limit "
             f"({FLOOR_TIMES['peer']}x the floor's time when that is longer; normopt: 4x that limit or "
             f"{FLOOR_TIMES['normopt']}x the floor's). A peer is not run on chain-10000 when its time on chain-1000, "
-            "times 10, would pass its limit (likewise chain-1000 after chain-100). "
+            "times 10, would pass its limit (likewise chain-1000 after chain-100). `x model size`: peak RSS over "
+            "the model's size on disk, for models of 100 MB or more. "
             "`rewrote`: counts of norm ops and of ops outside the standard ONNX domain, before -> after "
             "(BN BatchNormalization, LN LayerNormalization, RMS RMSNormalization, `com.microsoft:...` contrib "
             "ops). `outputs match`: onnxruntime CPU, ORT_DISABLE_ALL, seeded inputs, atol 1e-4 / rtol 1e-3 "

@@ -104,7 +104,7 @@ def model_table(m: ModelResult) -> list[str]:
         lines.append(
             f"| {r.tool} | {r.status} | {t} | {fmt_ratio(ratio(r.seconds, floor and floor.seconds))} "
             f"| {fmt_bytes(r.peak_rss)} | {fmt_ratio(ratio(r.peak_rss, floor and floor.peak_rss))} "
-            f"| {fmt_ratio(ratio(r.peak_rss, m.bytes))} | {rewrote(m.ops, r.ops) if r.tool != 'floor' else ''} "
+            f"| {fmt_ratio(ratio(r.peak_rss, m.bytes)) if m.bytes >= 100e6 else '-'} | {rewrote(m.ops, r.ops) if r.tool != 'floor' else ''} "
             f"| {std} | {r.match or '-'} | {r.note.replace('|', '/')} |")
     if skipped:
         lines.append("")
