@@ -161,7 +161,11 @@ def measure(cmd: list[str], timeout: float, mem_limit: int) -> Proc:
 
         thread = threading.Thread(target=watchdog, daemon=True)
         thread.start()
-        proc.wait()
+        try:
+            proc.wait()
+        except BaseException:  # Ctrl-C: the child is in its own session and would not see it
+            os.killpg(proc.pid, 9)
+            raise
         seconds = time.perf_counter() - start
         done.set()
         thread.join()

@@ -111,9 +111,27 @@ def test_tables_and_plots_from_fake_numbers(tmp_path):
     assert "runs 2.00x the original's median latency" in slower[0]
 
 
+@pytest.mark.slow  # matplotlib's import and rendering take seconds
 def test_plots_from_fake_numbers(tmp_path):
     pytest.importorskip("matplotlib")  # in the bench extra
     models = [_fake("chain-100", 1200, 1.0, 2.0, 1), _fake("chain-1000", 12000, 2.0, 8.0, 1)]
     report.plot_chains(models, str(tmp_path / "c.png"), dpi=20)
     report.plot_ratios(models, str(tmp_path / "r.png"), dpi=20)
     assert (tmp_path / "c.png").stat().st_size > 500 and (tmp_path / "r.png").stat().st_size > 500
+
+
+def test_measure_reports_the_childs_own_peak_rss_and_enforces_limits():
+    import run  # bench/run.py
+    held = np.ones(200 * 2 ** 20 // 8)  # this process holds 200 MB; a forked child must not inherit it
+    small = run.measure([sys.executable, "-S", "-c", "pass"], 60, 2 ** 40)
+    big = run.measure([sys.executable, "-S", "-c", "b = bytearray(120 * 2 ** 20)"], 60, 2 ** 40)
+    assert held.sum() > 0
+    assert small.status == "ok" and 0 < small.peak_rss < 100 * 2 ** 20
+    assert big.status == "ok" and big.peak_rss >= 120 * 2 ** 20
+    failed = run.measure([sys.executable, "-S", "-c", "import sys; sys.exit('bad model')"], 60, 2 ** 40)
+    assert failed.status == "failed" and failed.why() == "bad model"
+    stuck = run.measure([sys.executable, "-S", "-c", "import time; time.sleep(30)"], 0.3, 2 ** 40)
+    assert stuck.status == "timeout"
+    greedy = run.measure([sys.executable, "-S", "-c", "import time; b = bytearray(200 * 2 ** 20); time.sleep(30)"],
+                         60, 100 * 2 ** 20)
+    assert greedy.status == "killed"
