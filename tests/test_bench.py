@@ -121,17 +121,17 @@ def test_plots_from_fake_numbers(tmp_path):
 
 
 def test_measure_reports_the_childs_own_peak_rss_and_enforces_limits():
-    import run  # bench/run.py
+    from suite_measure import measure
     held = np.ones(200 * 2 ** 20 // 8)  # this process holds 200 MB; a forked child must not inherit it
-    small = run.measure([sys.executable, "-S", "-c", "pass"], 60, 2 ** 40)
-    big = run.measure([sys.executable, "-S", "-c", "b = bytearray(120 * 2 ** 20)"], 60, 2 ** 40)
+    small = measure([sys.executable, "-S", "-c", "pass"], 60, 2 ** 40)
+    big = measure([sys.executable, "-S", "-c", "b = bytearray(120 * 2 ** 20)"], 60, 2 ** 40)
     assert held.sum() > 0
     assert small.status == "ok" and 0 < small.peak_rss < 100 * 2 ** 20
     assert big.status == "ok" and big.peak_rss >= 120 * 2 ** 20
-    failed = run.measure([sys.executable, "-S", "-c", "import sys; sys.exit('bad model')"], 60, 2 ** 40)
+    failed = measure([sys.executable, "-S", "-c", "import sys; sys.exit('bad model')"], 60, 2 ** 40)
     assert failed.status == "failed" and failed.why() == "bad model"
-    stuck = run.measure([sys.executable, "-S", "-c", "import time; time.sleep(30)"], 0.3, 2 ** 40)
+    stuck = measure([sys.executable, "-S", "-c", "import time; time.sleep(30)"], 0.3, 2 ** 40)
     assert stuck.status == "timeout"
-    greedy = run.measure([sys.executable, "-S", "-c", "import time; b = bytearray(200 * 2 ** 20); time.sleep(30)"],
+    greedy = measure([sys.executable, "-S", "-c", "import time; b = bytearray(200 * 2 ** 20); time.sleep(30)"],
                          60, 100 * 2 ** 20)
     assert greedy.status == "killed"
