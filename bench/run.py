@@ -100,6 +100,7 @@ class Bench:
         self.installed = {t: _version(p) is not None for t, p in PEER_PACKAGES.items()}
         self.limit = self.normopt_limit = args.timeout
         self.done: dict[str, ModelResult] = {}
+        self.done_floor = 0.0  # the floor's time on the model being measured
 
     def worker(self, *args) -> Proc:  # reference outputs, checks, latency: not measured, more room
         return measure([sys.executable, WORKER, *args], max(4 * self.args.timeout, self.limit), self.mem_limit)
@@ -119,6 +120,7 @@ class Bench:
         for tool in tools:
             result.runs.append(self.tool(tool, spec, info, npz if ref and ref.status == "ok" else None))
             if tool == "floor" and result.runs[-1].status == "ok":  # a slow machine moves the limit too
+                self.done_floor = result.runs[-1].seconds
                 self.limit = max(self.args.timeout, FLOOR_TIMES["peer"] * result.runs[-1].seconds)
                 self.normopt_limit = max(4 * self.args.timeout, FLOOR_TIMES["normopt"] * result.runs[-1].seconds)
             print(f"  {spec.name}: {tool}: {result.runs[-1].status}", file=sys.stderr, flush=True)
@@ -135,12 +137,9 @@ class Bench:
             return Run(tool, "skipped", note="--quick runs the peers on chain-100 only" if self.args.quick else
                        "model over 2 GB: most peers hold it in one protobuf (limit 2 GB); not run here, "
                        "see decoder-small")
-        smaller = self.done.get(spec.after)
-        if tool in PEER_PACKAGES and smaller and smaller.run(tool):
-            before = smaller.run(tool)
-            if before.status != "ok" or before.seconds * info.nodes / smaller.nodes > self.limit:
-                return Run(tool, "skipped", note=f"{before.status} in {before.seconds or 0:.0f} s on {spec.after}: "
-                           f"{info.nodes / smaller.nodes:.0f}x the nodes would pass the {self.limit:.0f} s limit")
+        skip = self.predicted_past_limit(tool, spec, info)
+        if skip:
+            return Run(tool, "skipped", note=skip)
         tdir = os.path.join(self.folder, spec.name, tool)
         os.makedirs(tdir)
         out = os.path.join(tdir, "out.onnx")
@@ -162,6 +161,25 @@ class Bench:
         shutil.rmtree(tdir)
         return run
 
+    def predicted_past_limit(self, tool: str, spec: Spec, info) -> str:
+        """Why a peer is not run on a chain: it failed on the smaller one, or its work there (its time
+        less the floor's, which is mostly start-up), times the growth in nodes, would pass the limit."""
+        smaller = self.done.get(spec.after)
+        before = smaller.run(tool) if smaller and tool in PEER_PACKAGES else None
+        if before is None:
+            return ""
+        if before.status == "skipped":
+            return f"not run on {spec.after} either"
+        if before.status != "ok":
+            return f"{before.status} on {spec.after}"
+        floor_before, floor_now = smaller.run("floor"), self.done_floor
+        work = before.seconds - (floor_before.seconds if _ok(floor_before) else 0)
+        predicted = work * info.nodes / smaller.nodes + floor_now
+        if predicted <= self.limit:
+            return ""
+        return (f"{before.seconds:.1f} s on {spec.after}: at {info.nodes / smaller.nodes:.0f}x the nodes about "
+                f"{predicted:.0f} s, past the {self.limit:.0f} s limit")
+
     def check(self, run: Run, out: str, npz: str | None) -> None:
         if npz is None:
             counts = _op_counts(out)
@@ -172,6 +190,10 @@ class Bench:
             run.match = counts.get("match", f"check {proc.status}: {proc.why()}")
         run.nodes, run.ops, run.standard_only = counts["nodes"], counts["ops"], counts["standard_only"]
         run.checker = counts.get("checker", "")
+
+
+def _ok(run: Run | None) -> bool:
+    return run is not None and run.status == "ok" and run.seconds is not None
 
 
 def _op_counts(path: str) -> dict:
@@ -280,8 +302,9 @@ def render(models: list[ModelResult], gain_rows: list[dict], quick: bool, elapse
             "## Per model", "",
             f"Tools run one after the other in separate processes, each with a {timeout:.0f} s limit "
             f"({FLOOR_TIMES['peer']}x the floor's time when that is longer; normopt: 4x that limit or "
-            f"{FLOOR_TIMES['normopt']}x the floor's). A peer is not run on chain-10000 when its time on chain-1000, "
-            "times 10, would pass its limit (likewise chain-1000 after chain-100). `x model size`: peak RSS over "
+            f"{FLOOR_TIMES['normopt']}x the floor's). A peer is not run on chain-10000 when its work on "
+            "chain-1000 (its time less the floor's), times 10, would pass its limit (likewise chain-1000 after "
+            "chain-100). `x model size`: peak RSS over "
             "the model's size on disk, for models of 100 MB or more. "
             "`rewrote`: counts of norm ops and of ops outside the standard ONNX domain, before -> after "
             "(BN BatchNormalization, LN LayerNormalization, RMS RMSNormalization, `com.microsoft:...` contrib "

@@ -135,3 +135,22 @@ def test_measure_reports_the_childs_own_peak_rss_and_enforces_limits():
     greedy = measure([sys.executable, "-S", "-c", "import time; b = bytearray(200 * 2 ** 20); time.sleep(30)"],
                          60, 100 * 2 ** 20)
     assert greedy.status == "killed"
+
+
+def test_peers_are_not_run_on_a_chain_they_cannot_finish_in_time():
+    import argparse
+
+    import run  # bench/run.py
+    bench = run.Bench(argparse.Namespace(timeout=30.0, quick=False), folder="")
+    bench.done["chain-1000"] = ModelResult("chain-1000", 1, 12000, False, "", {}, [
+        Run("floor", "ok", 1.0), Run("onnxsim", "ok", 3.0), Run("onnxoptimizer", "ok", 5.0),
+        Run("onnxslim", "timeout", 30.0), Run("onnxscript", "skipped")])
+    bench.done_floor, bench.limit = 2.0, 30.0
+    spec = run.Spec("chain-10000", None, after="chain-1000")
+    info = suite_models.ModelInfo("chain-10000", "", 1, 120000, False, {})
+    assert bench.predicted_past_limit("onnxsim", spec, info) == ""  # (3 - 1) * 10 + 2 = 22 s
+    assert bench.predicted_past_limit("onnxoptimizer", spec, info) == \
+        "5.0 s on chain-1000: at 10x the nodes about 42 s, past the 30 s limit"
+    assert bench.predicted_past_limit("onnxslim", spec, info) == "timeout on chain-1000"
+    assert bench.predicted_past_limit("onnxscript", spec, info) == "not run on chain-1000 either"
+    assert bench.predicted_past_limit("normopt", spec, info) == ""
