@@ -249,7 +249,9 @@ def gain_row(bench: Bench, path: Path, quick: bool, target: str = "portable") ->
     else:
         row["rewrote"] = report.rewrote(_op_counts(str(path))["ops"], _op_counts(out)["ops"])
         lat = bench.worker("latency", str(path), out, str(0.15 if quick else 0.4))
-        row.update(lat.json() if lat.status == "ok" else {"error": f"latency {lat.status}: {lat.why()}"})
+        result = lat.json() if lat.status == "ok" else {}
+        row.update(result if "ORT_ENABLE_ALL" in result or "error" in result else
+                   {"error": f"latency {lat.status}: {lat.why()}"})
         os.remove(out)
     print(f"  gain: {row['model']}: {row.get('error', 'ok')}", file=sys.stderr, flush=True)
     return row
