@@ -260,7 +260,11 @@ def gain_row(bench: Bench, path: Path, quick: bool, target: str = "portable") ->
 def gain(bench: Bench, quick: bool) -> list[dict]:
     rows = []
     for path in gain_models(quick):
-        rows.append(gain_row(bench, path, quick))
+        try:
+            rows.append(gain_row(bench, path, quick))
+        except Exception as err:  # recorded; the other models still run
+            rows.append({"model": path.stem, "error": f"benchmark error: {err!r}"})
+            continue
         # Slower with the portable rewrite: try the forms onnxruntime runs best.
         if report.latency_table(rows[-1:])[1]:
             rows.append(gain_row(bench, path, quick, "onnxruntime"))
@@ -353,7 +357,11 @@ def main() -> None:
             if args.only and spec.name not in args.only.split(","):
                 continue
             print(f"{spec.name} ...", file=sys.stderr, flush=True)
-            models.append(bench.model(spec))
+            try:
+                models.append(bench.model(spec))
+            except Exception as err:  # recorded; the other models still run
+                models.append(ModelResult(spec.name, 0, 0, False, f"benchmark error: {err!r}", {}, []))
+                shutil.rmtree(os.path.join(folder, spec.name), ignore_errors=True)
             print("\n".join(report.model_table(models[-1])) + "\n", flush=True)
         gain_rows = [] if args.only else gain(bench, args.quick)
     elapsed = time.perf_counter() - start
