@@ -570,10 +570,17 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+# Default-domain ops with graph attributes; any op of another domain may have them too.
+SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
 def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """``graph`` and every subgraph in it (If/Loop/Scan bodies), depth first."""
+    """``graph`` and every subgraph in it (If/Loop/Scan bodies), depth first. Only nodes that
+    can hold a subgraph have their attributes read."""
     yield graph
     for node in graph.node:
+        if node.op_type not in SUBGRAPH_OPS and node.domain in ("", "ai.onnx"):
+            continue
         for attr in node.attribute:
             for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs):
                 yield from all_graphs(sub)
