@@ -102,6 +102,18 @@ def _touch_text(message) -> None:
             _text(entry.key, "external data key")
             _text(entry.value, "external data value")
         return
+    if isinstance(message, onnx.NodeProto):  # the bulk of a graph: its own fields read directly
+        for text in (message.name, message.op_type, message.domain, *message.input, *message.output):
+            if text.__class__ is bytes:
+                _text(text, "node field")
+        if message.attribute or message.doc_string or message.metadata_props or message.overload:
+            for attr in message.attribute:
+                _touch_text(attr)
+            _text(message.doc_string, "doc_string")
+            _text(message.overload, "overload")
+            for entry in message.metadata_props:
+                _touch_text(entry)
+        return
     if isinstance(message, onnx.AttributeProto):  # string attributes are bytes that importers decode
         message.s.decode("utf-8")
         for s in message.strings:
@@ -198,7 +210,28 @@ def _label(node: onnx.NodeProto, index: int) -> str:
     return f"'{node.name}' ({node.op_type})" if node.name else f"#{index} ({node.op_type})"
 
 
+def _sorted_already(g: onnx.GraphProto, outer: set[str]) -> bool:
+    """One walk: every name a node reads is provided before it, and no name is produced twice
+    (the common case, with no per-node dependency sets)."""
+    given = {vi.name for vi in g.input} | {t.name for t in g.initializer} | {s.values.name for s in g.sparse_initializer}
+    seen: set[str] = set()
+    for node in g.node:
+        subgraphs = node.op_type in SUBGRAPH_OPS or node.domain not in ("", "ai.onnx")
+        for name in (_node_reads(node) if subgraphs else node.input):
+            if name and name not in seen and name not in given and name not in outer:
+                return False
+        for name in node.output:
+            if name in seen:
+                return False
+            if name:
+                seen.add(name)
+    return True
+
+
 def _sort_graph(g: onnx.GraphProto, outer: set[str], path: str, notes: list[str]) -> None:
+    if _sorted_already(g, outer):
+        _sort_subgraphs(g, outer, path, notes)
+        return
     nodes = list(g.node)
     producer: dict[str, int] = {}
     for i, node in enumerate(nodes):
@@ -254,8 +287,16 @@ def _sort_graph(g: onnx.GraphProto, outer: set[str], path: str, notes: list[str]
         del g.node[:]
         g.node.extend(copies)
         order = list(g.node)
-    scope = outer | given | set(producer)
-    for i, node in enumerate(order):
+    _sort_subgraphs(g, outer, path, notes)
+
+
+def _sort_subgraphs(g: onnx.GraphProto, outer: set[str], path: str, notes: list[str]) -> None:
+    subgraph_nodes = [n for n in g.node if n.op_type in SUBGRAPH_OPS or n.domain not in ("", "ai.onnx")]
+    if not subgraph_nodes:
+        return
+    scope = outer | {vi.name for vi in g.input} | {t.name for t in g.initializer} \
+        | {s.values.name for s in g.sparse_initializer} | {o for n in g.node for o in n.output if o}
+    for node in subgraph_nodes:
         for attr in node.attribute:
             subs = ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs)
             for k, sub in enumerate(subs):
