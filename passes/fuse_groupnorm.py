@@ -62,7 +62,7 @@ import onnx_graphsurgeon as gs
 from normopt import graph as G
 from normopt.passes._emit import emit_fused, work_dtype
 from normopt.passes._norm import (EPSILON, MEAN, VARIANCE, XC, Affine, broadcast_param, cast_target, check_core,
-                                  float_bits, is_float, match_affine, match_normalized, normalize_axes)
+                                  float_bits, held_epsilon, is_float, match_affine, match_normalized, normalize_axes)
 from normopt.pattern import AnyOf, Const, Match, Op, match
 from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
@@ -340,13 +340,9 @@ def _instance_norm_core(node: gs.Node, ctx: Context) -> Core | Reject:
 
 
 def epsilon_miss(eps: float) -> Reject | None:
-    """The fused op's epsilon attribute is a float32: an epsilon that float32 rounds to 0 or
-    moves by more than a relative 1e-6 (a float64 model's 1e-50) would change the results (a
-    constant row normalized by sqrt(0 + 0) is NaN where the original gives 0)."""
-    held = float(np.float32(eps))
-    if eps != 0.0 and (held == 0.0 or abs(held - eps) > 1e-6 * abs(eps)):
-        return Reject(f"epsilon {eps:g} is not representable as the op's float32 attribute (it would be {held:g})")
-    return None
+    """``_norm.held_epsilon`` as a Reject: the fused op's epsilon attribute is a float32."""
+    reason = held_epsilon(eps)
+    return Reject(reason) if reason else None
 
 
 def _not_float_cast(cast: gs.Node | None, ctx: Context) -> Reject | None:
