@@ -493,10 +493,6 @@ def _shell(model: onnx.ModelProto) -> onnx.ModelProto:
 def _write_external(skel: Skeleton, model_path: Path, data_path: Path, data_name: str) -> None:
     out = _shell(skel.model)
     with open(data_path, "wb") as f:
-        def place(t: onnx.TensorProto, data_range: tuple[int, int]) -> onnx.TensorProto:
-            h = ir.header(t, data_name, *data_range)
-            return h
-
         def write_tensor(t: onnx.TensorProto) -> onnx.TensorProto | None:
             """The tensor as stored in the output model: a header into the data file, or None to keep it."""
             if ir.is_header(t):
@@ -504,15 +500,15 @@ def _write_external(skel: Skeleton, model_path: Path, data_path: Path, data_name
                 if mem is None:
                     start = _pad(f, length)
                     _copy_range(path, offset, length, f)
-                    return place(t, (start, length))
+                    return ir.header(t, data_name, start, length)
                 t_bytes = skel.weights.raw_bytes(mem)
-            elif t.data_type != onnx.TensorProto.STRING and _inline_nbytes(t) >= EXTERNAL_MIN_BYTES:
+            elif t.data_type != onnx.TensorProto.STRING and _nbytes(t) >= EXTERNAL_MIN_BYTES:
                 t_bytes = skel.weights.raw_bytes(t)
             else:
                 return None
             start = _pad(f, len(t_bytes))
             f.write(t_bytes)
-            return place(t, (start, len(t_bytes)))
+            return ir.header(t, data_name, start, len(t_bytes))
 
         for t in skel.model.graph.initializer:  # one at a time: no second copy of the weights
             stored = write_tensor(t)
@@ -562,10 +558,6 @@ def _copy_range(path: str, offset: int, length: int, dst) -> None:
                 raise OSError(f"external data file '{path}' ends early")
             dst.write(chunk)
             done += len(chunk)
-
-
-def _inline_nbytes(t: onnx.TensorProto) -> int:
-    return _nbytes(t)  # from dims: len(raw_data) would copy the bytes
 
 
 def _write_single(skel: Skeleton, model_path: Path) -> None:
@@ -659,13 +651,13 @@ def without_weights(model: onnx.ModelProto, keep_elements: int = KEEP_ELEMENTS, 
     for sub in list(all_graphs(g))[1:]:
         for t in sub.initializer:
             if ir.is_header(t):  # a subgraph's weight whose bytes are elsewhere: zeros stand in
-                t.CopyFrom(_zeros(t))
+                t.CopyFrom(ir.with_bytes(t, bytes(_nbytes(t))))
     inputs = {vi.name for vi in src.input}
     for init in src.initializer:
         if not _large(init, keep_elements):
             g.initializer.append(init)
         elif not as_inputs:
-            g.initializer.append(_header(init))
+            g.initializer.append(ir.header(init, "weights.bin", 0, _nbytes(init)))
         elif init.name not in inputs:
             g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     return light
@@ -683,24 +675,6 @@ def _nbytes(init: onnx.TensorProto) -> int:
     except (KeyError, TypeError, ValueError):
         itemsize = 8
     return math.prod(init.dims) * itemsize
-
-
-def _zeros(t: onnx.TensorProto) -> onnx.TensorProto:
-    z = onnx.TensorProto()
-    z.name, z.data_type = t.name, t.data_type
-    z.dims.extend(t.dims)
-    z.raw_data = bytes(_nbytes(t))
-    return z
-
-
-def _header(init: onnx.TensorProto) -> onnx.TensorProto:
-    t = onnx.TensorProto()
-    t.name, t.data_type = init.name, init.data_type
-    t.dims.extend(init.dims)
-    t.data_location = onnx.TensorProto.EXTERNAL
-    entry = t.external_data.add()
-    entry.key, entry.value = "location", "weights.bin"
-    return t
 
 
 def _short(err: BaseException) -> str:
