@@ -496,24 +496,10 @@ class FuseGroupNorm(Pass):
             if isinstance(shaped, str):
                 return Reject(f"{key} '{core.tf_names[key]}' {shaped}", back)
             params[key] = np.asarray(shaped, np.float64).reshape(-1)
-        op = INSTANCE_NORM if groups == channels else GROUP_NORM
-        out = back.outputs[0]
-        m = Match(output=out)
-        for n in [split, cast_in, *core.nodes, cast_out, back]:
-            if n is not None:
-                m.add(n)
-        work = settle_dtype(ctx, x, out, core.compute_bits, op, m.matched, cast_in)
-        if isinstance(work, Reject):
-            return work
-        escapes = m.escapes(ctx.graph)
-        if escapes:
-            return Reject(f"intermediate {escapes[0]}")
-        m.tensors["x"] = x
-        m.values["scale"], m.values["bias"] = params["gamma"].astype(work), params["beta"].astype(work)
-        m.info.update(op=op, groups=groups, channels=channels, rank=rank, epsilon=core.epsilon, dtype=work.name,
-                      stash_type=STASH_DOUBLE if core.compute_bits == float_bits(np.float64) else STASH_FLOAT,
-                      layout="channels last", variant=core.variant)
-        return m
+        return _grouped_match(ctx, x, back.outputs[0], core, [split, cast_in, *core.nodes, cast_out, back], cast_in,
+                              (groups, channels, rank),
+                              lambda work: (params["gamma"].astype(work), params["beta"].astype(work)),
+                              {}, {"layout": "channels last", "variant": core.variant})
 
     def _match_unwrapped(self, inorm: gs.Node, ctx: Context) -> Match | Reject | None:
         """GroupNorm(C, C) with the reshape back dropped: onnxscript's optimizer (dynamo's
@@ -555,25 +541,12 @@ class FuseGroupNorm(Pass):
         # A Mul / Add that is not per channel (a positional or spatial tensor) stays after the
         # fused op, as it was (tail.kept says which).
         tail = channel_affine((back or core.nodes[-1]).outputs[0], ctx, channels, rank)
-        op = INSTANCE_NORM if groups == channels else GROUP_NORM
-        m = Match(output=tail.output)
-        for n in [split, cast_in, *core.nodes, cast_out, back, *tail.nodes]:
-            if n is not None:
-                m.add(n)
-        work = settle_dtype(ctx, x, tail.output, core.compute_bits, op, m.matched, cast_in)
-        if isinstance(work, Reject):
-            return work
-        escapes = m.escapes(ctx.graph)
-        if escapes:
-            return Reject(f"intermediate {escapes[0]}")
-        m.tensors["x"] = x
-        m.values["scale"], m.values["bias"] = _fold_group_params(core, tail, channels, groups, work)
-        if tail.kept:
-            m.info["kept"] = tail.kept
-        m.info.update(op=op, groups=groups, channels=channels, rank=rank, epsilon=core.epsilon, dtype=work.name,
-                      stash_type=STASH_DOUBLE if core.compute_bits == float_bits(np.float64) else STASH_FLOAT,
-                      variant=core.variant + [f"{n.op} affine" for n in tail.nodes if n.op in ("Mul", "Add")])
-        return m
+        return _grouped_match(ctx, x, tail.output, core, [split, cast_in, *core.nodes, cast_out, back, *tail.nodes],
+                              cast_in, (groups, channels, rank),
+                              lambda work: _fold_group_params(core, tail, channels, groups, work),
+                              {"kept": tail.kept} if tail.kept else {},
+                              {"variant": core.variant + [f"{n.op} affine" for n in tail.nodes if n.op in ("Mul", "Add")]})
+
 
     @staticmethod
     def _groups(x: gs.Tensor, split: gs.Node, back: gs.Node, core: Core, ctx: Context):
@@ -628,3 +601,28 @@ class FuseGroupNorm(Pass):
                                     np.dtype(m.info["dtype"]), out.name),
                 gs.Node("Transpose", ctx.names.fresh(f"{out.name}/to_channels_last"), {"perm": to_last}, [normed],
                         [out])]
+
+
+def _grouped_match(ctx: Context, x: gs.Tensor, out: gs.Tensor, core: Core, nodes: list, cast_in,
+                   sizes: tuple[int, int, int], params, before: dict, after: dict) -> Match | Reject:
+    """The match every grouped form ends with: its nodes, the work dtype, no intermediate used
+    elsewhere, and ``params(work)`` as (scale, bias)."""
+    groups, channels, rank = sizes
+    op = INSTANCE_NORM if groups == channels else GROUP_NORM
+    m = Match(output=out)
+    for n in nodes:
+        if n is not None:
+            m.add(n)
+    work = settle_dtype(ctx, x, out, core.compute_bits, op, m.matched, cast_in)
+    if isinstance(work, Reject):
+        return work
+    escapes = m.escapes(ctx.graph)
+    if escapes:
+        return Reject(f"intermediate {escapes[0]}")
+    m.tensors["x"] = x
+    m.values["scale"], m.values["bias"] = params(work)
+    m.info.update(before)
+    m.info.update(op=op, groups=groups, channels=channels, rank=rank, epsilon=core.epsilon, dtype=work.name,
+                  stash_type=STASH_DOUBLE if core.compute_bits == float_bits(np.float64) else STASH_FLOAT)
+    m.info.update(after)
+    return m
