@@ -111,8 +111,9 @@ def test_untouched_weights_are_never_decoded_nor_copied(rng, monkeypatch):
     assert not {"up0", "dn0", "up1", "dn1"} & set(read)  # only the norm weights are read
     headers = {t.name for t in out.model.graph.initializer if ir.is_header(t)}
     assert headers == {"up0", "dn0", "up1", "dn1"}  # the skeleton holds no copy of their bytes
-    assert all(out.weights.memory[i] is model.graph.initializer[j]
-               for i, j in zip(range(4), [k for k, t in enumerate(model.graph.initializer) if t.name in headers]))
+    # Their bytes are the input model's own tensors, referenced, not copied.
+    referenced = {id(t) for t in out.weights.memory}
+    assert all(id(t) in referenced for t in model.graph.initializer if t.name in headers)
 
 
 def test_output_data_file_never_overwrites_the_inputs(tmp_path, rng):
@@ -212,8 +213,9 @@ def test_model_over_2gb_folds_with_external_data_in_and_out(tmp_path, rng):
                 assert f1.read(int(a["length"])) == f2.read(int(b["length"]))
 
 
-def test_save_refuses_nothing_on_a_plain_model(tmp_path, rng):
-    """A plain in-memory model saves as one file, with its initializers in order."""
+def test_plain_model_saves_as_one_file_in_order(tmp_path, rng):
+    """A plain in-memory model saves as one file, with its initializers in order; a missing folder
+    is a save error."""
     model = rms_decoder(rng)
     model_io.save(model, tmp_path / "m.onnx")
     assert onnx.load(tmp_path / "m.onnx") == model
