@@ -194,8 +194,7 @@ def fold_file(model: str, output: str | None, s: FoldSettings) -> FileOutcome:
         raise UsageError(f"output '{out_path}' is the input file; choose another -o, or --in-place")
     if not s.dry_run and not out_path.parent.is_dir():
         raise UsageError(f"cannot write '{out_path}': folder '{out_path.parent}' does not exist")
-    # External data in means external data out, even when every weight was rewritten.
-    s.options.external_data = True if s.external_data or model_io.has_external_data(source) else None
+    s.options.external_data = True if s.external_data else None
     # Candidates are written beside the output: the verified one is then renamed into place.
     stage_dir = _stage_dir(out_path) if (s.options.verify and not s.dry_run) else None
     try:
@@ -228,7 +227,7 @@ def _fold_staged(model, source, out_path: Path, s: FoldSettings, stage: Path | N
             if result.staged is not None:  # the verified candidate, written beside the output
                 _commit_staged(result.staged, out_path)
             else:
-                model_io.save(result.rewritten, out_path, external_data=s.options.external_data)
+                result.save(out_path, external_data=s.options.external_data)  # the input's layout unless forced
     pending = sites_from_records(source, result.rewritten.model, result.pipeline).pending if s.check else []
     status = "ok" if verified else "verification_failed"
     if verified and pending:
