@@ -195,10 +195,12 @@ def _run(model, table, names, options: Options, base_dir: str | None, lazy: bool
         t0 = time.perf_counter()
         shown = progress.begin(f"pass {name}")
         record, need = _run_pass(pass_, graph, current, shapes, scope, options, upgrade_note=None)
-        if need:
-            # Rewrites that needed no upgrade may already be applied: keep them (and their
-            # records) in the model that is upgraded.
-            earlier = record.applied
+        earlier: list = []
+        while need:
+            # The scan stopped at the first rewrite that needs a newer opset. Rewrites that
+            # needed none are already applied: keep them (and their records) in the model that
+            # is upgraded, then scan again. Each round raises the opset, so this ends.
+            earlier += record.applied
             opset = model_opset(current)
             note = None
             if not options.allow_opset_upgrade:
@@ -219,8 +221,8 @@ def _run(model, table, names, options: Options, base_dir: str | None, lazy: bool
                     shapes = Shapes(current)
                     scope = G.NameScope(graph)
                     result.upgrades.append(OpsetUpgrade(opset, need, name))
-            record, _ = _run_pass(pass_, graph, current, shapes, scope, options, upgrade_note=note)
-            record.applied[:0] = earlier
+            record, need = _run_pass(pass_, graph, current, shapes, scope, options, upgrade_note=note)
+        record.applied[:0] = earlier
         record.seconds = time.perf_counter() - t0
         progress.end(shown)
         result.passes.append(record)
@@ -259,7 +261,6 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, names
     """One pass over every graph, repeated until nothing more applies. Returns (record, opset needed)."""
     record = PassRecord(pass_.name)
     opset = model_opset(model)
-    need = 0
     for _round in range(MAX_ROUNDS):
         skipped: list[Skip] = []
         applied_before = len(record.applied)
@@ -298,7 +299,9 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, names
                 required = pass_.required_opset(found)
                 if required > opset:
                     if upgrade_note is None:
-                        need = max(need, required)
+                        # Stop here: what is left is scanned again once the model is upgraded
+                        # (scanning it now would match the whole graph twice).
+                        return record, required
                     else:
                         skipped.append(Skip(pass_.name, label,
                                             f"needs opset {required} (model has {opset}); {upgrade_note}", path))
@@ -308,8 +311,6 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, names
                 gone.update(id(n) for n in found.matched)
                 if local is not None:
                     local.update(id(n) for n in graph.nodes[count:])
-        if need:
-            return record, need
         if len(record.applied) == applied_before:
             record.skipped = skipped
             break
