@@ -5,6 +5,7 @@ file in the destination folder and renamed into place, so a failure leaves nothi
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import os
@@ -102,17 +103,23 @@ def _touch_text(message) -> None:
             _text(entry.key, "external data key")
             _text(entry.value, "external data value")
         return
-    if isinstance(message, onnx.NodeProto):  # the bulk of a graph: its own fields read directly
-        for text in (message.name, message.op_type, message.domain, *message.input, *message.output):
-            if text.__class__ is bytes:
-                _text(text, "node field")
-        if message.attribute or message.doc_string or message.metadata_props or message.overload:
-            for attr in message.attribute:
-                _touch_text(attr)
-            _text(message.doc_string, "doc_string")
-            _text(message.overload, "overload")
-            for entry in message.metadata_props:
-                _touch_text(entry)
+    if isinstance(message, onnx.NodeProto):
+        _touch_nodes([message])
+        return
+    if isinstance(message, onnx.GraphProto):  # the bulk of a model: nodes and initializers in tight loops
+        _touch_nodes(message.node)
+        external = onnx.TensorProto.EXTERNAL
+        for t in message.initializer:
+            if t.name.__class__ is bytes:
+                _text(t.name, "tensor name")
+            if t.data_location == external:
+                _touch_text(t)
+        for part in (message.input, message.output, message.value_info, message.sparse_initializer,
+                     message.quantization_annotation, message.metadata_props):
+            for item in part:
+                _touch_text(item)
+        _text(message.name, "graph name")
+        _text(message.doc_string, "doc_string")
         return
     if isinstance(message, onnx.AttributeProto):  # string attributes are bytes that importers decode
         message.s.decode("utf-8")
@@ -129,6 +136,20 @@ def _touch_text(message) -> None:
                 _touch_text(item)
         else:
             _touch_text(value)
+
+
+def _touch_nodes(nodes) -> None:
+    for node in nodes:
+        for text in (node.name, node.op_type, node.domain, *node.input, *node.output):
+            if text.__class__ is bytes:
+                _text(text, "node field")
+        if node.attribute or node.doc_string or node.metadata_props or node.overload:
+            for attr in node.attribute:
+                _touch_text(attr)
+            _text(node.doc_string, "doc_string")
+            _text(node.overload, "overload")
+            for entry in node.metadata_props:
+                _touch_text(entry)
 
 
 def _text(value, what: str) -> None:
@@ -169,15 +190,16 @@ def _check_tensors(model: onnx.ModelProto) -> None:
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type not in _DATA_TYPES:
                 raise ValueError(f"graph {kind} '{vi.name}' has an undefined or unknown element type "
                                  f"{vi.type.tensor_type.elem_type}")
+    external, string, known = onnx.TensorProto.EXTERNAL, onnx.TensorProto.STRING, _DATA_TYPES
     for t in _initializers(model.graph):
-        if t.data_type not in _DATA_TYPES:
-            raise ValueError(f"initializer '{t.name}' has unknown element type {t.data_type}")
-        if any(d < 0 for d in t.dims):
-            raise ValueError(f"initializer '{t.name}' has a negative dimension {list(t.dims)}")
-        if t.data_location != onnx.TensorProto.EXTERNAL and t.HasField("raw_data") \
-                and t.data_type != onnx.TensorProto.STRING and t.data_type not in _PACKED \
-                and t.ByteSize() < _nbytes(t):
-            raise ValueError(f"initializer '{t.name}' holds fewer bytes than its shape {list(t.dims)} needs")
+        data_type, dims = t.data_type, t.dims
+        if data_type not in known:
+            raise ValueError(f"initializer '{t.name}' has unknown element type {data_type}")
+        if dims and min(dims) < 0:
+            raise ValueError(f"initializer '{t.name}' has a negative dimension {list(dims)}")
+        if t.data_location != external and data_type != string and data_type not in _PACKED \
+                and t.HasField("raw_data") and t.ByteSize() < math.prod(dims) * _itemsize(data_type):
+            raise ValueError(f"initializer '{t.name}' holds fewer bytes than its shape {list(dims)} needs")
 
 
 def sort_nodes(model: onnx.ModelProto) -> list[str]:
@@ -349,7 +371,7 @@ def check(model: onnx.ModelProto, full: bool = False) -> None:
     """onnx.checker on a model of any size. Large weights are checked as graph inputs of their
     type and shape: the checker then never copies their bytes (a BERT-base model checks in
     milliseconds instead of seconds, a model over 2 GB at all)."""
-    onnx.checker.check_model(without_weights(model, as_inputs=True), full_check=full)
+    onnx.checker.check_model(weightless(model, as_inputs=True), full_check=full)
 
 
 def passes_full_check(model: onnx.ModelProto) -> bool:
@@ -368,7 +390,7 @@ def byte_size(model: onnx.ModelProto) -> int:
     """About ``model.ByteSize()``, without asking protobuf (which takes seconds on a large model
     and refuses a message of 2 GiB or more): a weight-free copy's size plus the weights' bytes."""
     try:
-        light = without_weights(model).ByteSize()
+        light = weightless(model).ByteSize()
     except EncodeError:  # 2 GiB even without the top-level weights (huge Constant nodes)
         return PROTOBUF_LIMIT
     return light + sum(_nbytes(init) for init in model.graph.initializer if _large(init))
@@ -663,6 +685,16 @@ def without_weights(model: onnx.ModelProto, keep_elements: int = KEEP_ELEMENTS, 
     return light
 
 
+def weightless(model: onnx.ModelProto, as_inputs: bool = False) -> onnx.ModelProto:
+    """``without_weights(model)`` for a reader that changes nothing: ``model`` itself when it
+    has nothing to strip (no large top-level initializer, no subgraph tensor whose bytes are
+    elsewhere), so a graph of small tensors is not copied once more."""
+    if any(_large(t) for t in model.graph.initializer) or \
+            any(ir.is_header(t) for sub in list(all_graphs(model.graph))[1:] for t in sub.initializer):
+        return without_weights(model, as_inputs=as_inputs)
+    return model
+
+
 def _large(init: onnx.TensorProto, keep_elements: int = KEEP_ELEMENTS) -> bool:
     if init.data_location == onnx.TensorProto.EXTERNAL:
         return True  # a header: its bytes are elsewhere
@@ -670,11 +702,15 @@ def _large(init: onnx.TensorProto, keep_elements: int = KEEP_ELEMENTS) -> bool:
 
 
 def _nbytes(init: onnx.TensorProto) -> int:
+    return math.prod(init.dims) * _itemsize(init.data_type)
+
+
+@functools.lru_cache(maxsize=None)
+def _itemsize(data_type: int) -> int:
     try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
     except (KeyError, TypeError, ValueError):
-        itemsize = 8
-    return math.prod(init.dims) * itemsize
+        return 8
 
 
 def _short(err: BaseException) -> str:

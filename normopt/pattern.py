@@ -141,6 +141,27 @@ def match(pattern: Pattern, tensor: gs.Tensor, graph: gs.Graph, const=None) -> M
     return None
 
 
+def plausible(pattern: Pattern, tensor: gs.Tensor, depth: int = 2) -> bool:
+    """Whether the producers of ``tensor`` down to ``depth`` levels have the op types
+    ``pattern`` needs there (constants, bindings and deeper levels unchecked): a cheap test a
+    pass can run before work that costs more than matching (shape lookups, say). False means
+    ``match`` would find nothing; True promises nothing."""
+    if depth <= 0:
+        return True
+    if isinstance(pattern, AnyOf):
+        return any(plausible(alt, tensor, depth) for alt in pattern.alternatives)
+    if not isinstance(pattern, Op):
+        return True
+    node = G.producer(tensor)
+    if node is None or not pattern.accepts(node) or len(node.inputs) < len(pattern.inputs):
+        return False
+    pats, ins = pattern.inputs, node.inputs
+    if all(plausible(p, t, depth - 1) for p, t in zip(pats, ins)):
+        return True
+    return node.op in COMMUTATIVE and len(pats) == 2 and \
+        all(plausible(p, t, depth - 1) for p, t in zip(pats[::-1], ins))
+
+
 @dataclass
 class _State:
     """Bindings so far. Never changed in place: a binding makes a new state (the dicts of the

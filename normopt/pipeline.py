@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 
 from normopt import graph as G, ir, opset, progress
 from normopt.errors import ModelLoadError, ModelSaveError
-from normopt.model_io import Skeleton, all_graphs, min_ir_version, without_weights
+from normopt.model_io import Skeleton, all_graphs, min_ir_version, weightless, without_weights
 from normopt.pattern import Match
 from normopt.records import OpsetUpgrade, PassRecord, PipelineResult, Rewrite, Skip
 from normopt.registry import available, resolve
@@ -49,6 +49,15 @@ class Context:
     path: str = ""
     # id(tensor) -> (tensor, value or None): each tensor evaluated once per context.
     _values: dict = field(default_factory=dict, repr=False)
+    _dtypes: dict = field(default_factory=dict, repr=False)
+    _here: set | None = field(default=None, repr=False)
+
+    def node_ids(self) -> set[int]:
+        """ids of this graph's own nodes (not a subgraph's, not an outer graph's): built on
+        first use, once per graph per round, and kept current as rewrites add nodes."""
+        if self._here is None:
+            self._here = {id(n) for n in self.graph.nodes}
+        return self._here
 
     def const(self, tensor: gs.Tensor):
         """The value of ``tensor`` fixed at export time (``G.const_value``), including what
@@ -98,14 +107,17 @@ class Context:
         return None if shape is None else len(shape)
 
     def dtype(self, tensor: gs.Tensor):
-        """numpy dtype when known."""
+        """numpy dtype when known (looked up once per tensor per context)."""
+        hit = self._dtypes.get(id(tensor))
+        if hit is not None and hit[0] is tensor:
+            return hit[1]
         dtype = G.tensor_dtype(tensor)
-        if dtype is not None:
-            return dtype
-        known = self.shapes.get(tensor.name)
-        if known and known[0]:
-            return _np_dtype(known[0])
-        return None
+        if dtype is None:
+            known = self.shapes.get(tensor.name)
+            if known and known[0]:
+                dtype = _np_dtype(known[0])
+        self._dtypes[id(tensor)] = (tensor, dtype)
+        return dtype
 
 
 _NP_DTYPES: dict[int, np.dtype] = {}
@@ -311,6 +323,8 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, names
                 gone.update(id(n) for n in found.matched)
                 if local is not None:
                     local.update(id(n) for n in graph.nodes[count:])
+                if ctx._here is not None:
+                    ctx._here.update(id(n) for n in graph.nodes[count:])
         if len(record.applied) == applied_before:
             record.skipped = skipped
             break
@@ -446,7 +460,7 @@ def _keep_value_info(source: onnx.GraphProto, converted: onnx.GraphProto) -> Non
 
 def inferred_index(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """name -> ValueInfoProto from onnx shape inference (data propagation on), every graph."""
-    light = without_weights(model)
+    light = weightless(model)  # only read (conversion and inference make new models)
     if model_opset(model) < SHAPE_VALUE_OPSET and any(n.op_type == "Reshape" for g in all_graphs(light.graph)
                                                       for n in g.node):
         # Reshape before opset 14 ignores shape values propagated from Shape: every tensor
@@ -505,6 +519,6 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, tuple | None]]:
 
 def _check_strict(model: onnx.ModelProto, weights: ir.Weights, pass_name: str) -> None:
     try:
-        onnx.checker.check_model(without_weights(model, as_inputs=True))
+        onnx.checker.check_model(weightless(model, as_inputs=True))
     except onnx.checker.ValidationError as err:
         raise ModelSaveError(f"pass '{pass_name}' produced an invalid model: {' '.join(str(err).split())[:200]}") from err

@@ -23,7 +23,7 @@ from normopt.errors import ProviderUnavailableError, UsageError
 from normopt.inputs import (DEFAULT_DYNAMIC_DIM, DEGENERATE, FALLBACK_DYNAMIC_DIMS, FILE, NORMAL, OFFSET, InputSet,
                             InputSpec, make_feeds, stress_kinds)
 from normopt.ir import Weights
-from normopt.model_io import PROTOBUF_LIMIT, Skeleton, byte_size, save, without_weights
+from normopt.model_io import PROTOBUF_LIMIT, Skeleton, byte_size, save, weightless
 from normopt.providers import CUDA, ProviderChoice, providers, select_provider, session_options
 
 # Default tolerances per output dtype: |got - ref| <= atol + rtol * |ref|, element by element.
@@ -627,7 +627,7 @@ def expose(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 def _tensor_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(without_weights(model))
+        inferred = onnx.shape_inference.infer_shapes(weightless(model))
     except Exception:  # best effort: an output without a type is still accepted by onnxruntime
         inferred = model
     g = inferred.graph

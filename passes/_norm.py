@@ -190,20 +190,22 @@ def check_core(m: Match, ctx: Context, kind: str, statistics: bool = False) -> N
         # it goes with the match, as the InvStdDev output.
         inside = {id(n) for n in m.matched}
         users = [u for u in m["sqrt"].outputs[0].outputs if u.op == "Reciprocal" and id(u) not in inside]
-        local = {id(n) for n in ctx.graph.nodes} if users else set()
+        local = ctx.node_ids() if users else set()
         for user in users:   # one of this graph: a subgraph's reader of the outer std stays
             if G.in_default_domain(user) and id(user) in local:
                 m.add(user)
                 break
     allowed = statistic_tensors(m) if statistics else {}
-    escapes = live_escapes(m, ctx.graph, set(allowed.values()))
-    if escapes:
-        return Reject(f"intermediate {escapes[0]}", m["var"])
-    for node in side_computations(m, ctx.graph):
+    escaped: dict[str, str] = {}   # tensor name -> who else uses it
+    live_escapes(m, ctx, found=escaped)
+    stray = [name for name in escaped if name not in allowed.values()]
+    if stray:
+        return Reject(f"intermediate '{stray[0]}' is also used by {escaped[stray[0]]}", m["var"])
+    for node in side_computations(m, ctx):
         m.add(node)
-    used = [key for key, name in allowed.items() if live_escapes(m, ctx.graph, set(allowed.values()) - {name})]
-    for key in used:
-        m.tensors[key] = next(o for n in m.matched for o in n.outputs if o.name == allowed[key])
+    for key, name in allowed.items():
+        if name in escaped:
+            m.tensors[key] = next(o for n in m.matched for o in n.outputs if o.name == name)
     return Normalized(x, axes, eps, m, rank, kind, bits, _variant(m))
 
 
@@ -221,9 +223,12 @@ def statistic_tensors(m: Match) -> dict[str, str]:
     return found
 
 
-def live_escapes(m: Match, graph: gs.Graph, allowed: set[str] = frozenset()) -> list[str]:
+def live_escapes(m: Match, ctx: Context, allowed: set[str] = frozenset(),
+                 found: dict[str, str] | None = None) -> list[str]:
     """``Match.escapes``, except that a consumer whose outputs nobody uses is dead code, not a
-    use: the ONNX inliner leaves LayerNormalization's unused InvStdDev Reciprocal behind."""
+    use: the ONNX inliner leaves LayerNormalization's unused InvStdDev Reciprocal behind.
+    ``found`` collects tensor name -> its other users, allowed ones included."""
+    graph = ctx.graph
     inside = {id(n) for n in m.matched}
     local = None
     unused = [user for node in m.matched for out in node.outputs for user in out.outputs
@@ -231,21 +236,23 @@ def live_escapes(m: Match, graph: gs.Graph, allowed: set[str] = frozenset()) -> 
     if unused:
         # A subgraph node reading an outer-scope value looks unused from here (its outputs are
         # its own graph's): only a node of this graph can be dead code.
-        local = {id(n) for n in graph.nodes}
+        local = ctx.node_ids()
         inside.update(id(user) for user in unused if id(user) in local)
-    found = []
+    escapes: list[str] = []
     for node in m.matched:
         for out in node.outputs:
             if out is m.output or out.name in allowed:
                 continue
             outside = [u for u in out.outputs if id(u) not in inside]
             if outside and local is None:
-                local = {id(n) for n in graph.nodes}
+                local = ctx.node_ids()
             uses = [G.node_label(u) for u in outside if not _feeds_only(u, inside, graph, local)] + \
                 (["graph output"] if G.is_graph_output(graph, out) else [])
             if uses:
-                found.append(f"'{out.name}' is also used by {', '.join(sorted(set(uses)))}")
-    return found
+                escapes.append(f"'{out.name}' is also used by {', '.join(sorted(set(uses)))}")
+                if found is not None:
+                    found.setdefault(out.name, ', '.join(sorted(set(uses))))
+    return escapes
 
 
 # Nodes followed when checking that a side computation only feeds the match.
@@ -276,7 +283,7 @@ def _feeds_only(node: gs.Node, inside: set[int], graph: gs.Graph, local: set[int
     return True
 
 
-def side_computations(m: Match, graph: gs.Graph) -> list[gs.Node]:
+def side_computations(m: Match, ctx: Context) -> list[gs.Node]:
     """Nodes outside the match that read its tensors only to feed it (``_feeds_only``): they go
     with it."""
     inside = {id(n) for n in m.matched}
@@ -288,8 +295,8 @@ def side_computations(m: Match, graph: gs.Graph) -> list[gs.Node]:
                 continue
             for user in out.outputs:
                 if id(user) not in inside and all(u is not user for u in found):
-                    local = local if local is not None else {id(n) for n in graph.nodes}
-                    _feeds_only(user, inside, graph, local, found)
+                    local = local if local is not None else ctx.node_ids()
+                    _feeds_only(user, inside, ctx.graph, local, found)
     return found
 
 
@@ -442,8 +449,10 @@ def precision_miss(nodes: list[gs.Node], ctx: Context, out_type) -> Reject | Non
 def _drop_constant_nodes(m: Match, ctx: Context) -> None:
     """Casts of constants (epsilon, exponent) stay in the graph: others may share them, and
     cleanup removes them once unused."""
+    made_inside = {id(o) for n in m.matched for o in n.outputs}
     keep = [n for n in m.matched
-            if not all(ctx.const(i) is not None for i in n.inputs if i.name)]
+            if any(id(i) in made_inside for i in n.inputs)   # reads the match: not a constant
+            or not all(ctx.const(i) is not None for i in n.inputs if i.name)]
     m.matched[:] = keep
 
 

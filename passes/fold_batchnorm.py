@@ -258,6 +258,7 @@ class FoldBatchNorm(Pass):
 # Elementwise ops a batch-norm parameter may be computed with from constants (float64 here).
 _ARITHMETIC = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}
 _UNARY = {"Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Neg": np.negative, "Identity": lambda v: v}
+_COMPUTED = frozenset(_ARITHMETIC) | frozenset(_UNARY) | {"Cast"}
 
 
 def _evaluate(t: gs.Tensor, ctx: Context, seen: set, depth: int = 0) -> np.ndarray | None:
@@ -295,19 +296,23 @@ def _affine_operands(add: gs.Node, ctx: Context):
         mul = G.producer(add.inputs[i])
         if mul is None or mul.op != "Mul" or not G.in_default_domain(mul) or len(mul.inputs) != 2:
             continue
-        seen_b: set = set()
-        b = _evaluate(add.inputs[1 - i], ctx, seen_b)
-        if b is None:
-            continue
         for j in (0, 1):
+            # a is computed through a Sqrt: an initializer (no producer) cannot be it. Checked
+            # before anything is evaluated: most Adds after a Mul are no batch norm at all.
+            made = G.producer(mul.inputs[1 - j])
+            if made is None or made.op not in _COMPUTED:
+                continue
             seen: set = set()
             a = _evaluate(mul.inputs[1 - j], ctx, seen)
-            if a is not None and "Sqrt" in seen and G.const_value(mul.inputs[j], ctx.graph) is None:
-                uses = G.other_uses(add.inputs[i], ctx.graph, {id(add)})
-                if uses:
-                    return Reject(f"'{add.inputs[i].name}' (x * a) is also used by {', '.join(sorted(set(uses)))}",
-                                  mul)
-                return mul, mul.inputs[j], a, b
+            if a is None or "Sqrt" not in seen or G.const_value(mul.inputs[j], ctx.graph) is not None:
+                continue
+            b = _evaluate(add.inputs[1 - i], ctx, set())
+            if b is None:
+                break
+            uses = G.other_uses(add.inputs[i], ctx.graph, {id(add)})
+            if uses:
+                return Reject(f"'{add.inputs[i].name}' (x * a) is also used by {', '.join(sorted(set(uses)))}", mul)
+            return mul, mul.inputs[j], a, b
     return None
 
 

@@ -30,10 +30,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from normopt import graph as G
-from normopt.passes._norm import Affine, Normalized, match_normalized, normalize_axes
+from normopt.passes._norm import MEAN_CORE, Affine, Normalized, match_normalized, normalize_axes
 from normopt.passes.fuse_groupnorm import (INSTANCE_NORM, affine_params, channel_affine, emit_normalization,
                                           epsilon_miss, settle_dtype, static_dim)
-from normopt.pattern import Match
+from normopt.pattern import Match, plausible
 from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
 
@@ -66,6 +66,8 @@ class FuseInstanceNorm(Pass):
 
     def match(self, node: gs.Node, ctx: Context) -> Match | Reject | None:
         t = node.outputs[0]
+        if not plausible(MEAN_CORE, t):
+            return None  # not the end of a normalization core: no shape lookups for it
         shape = ctx.checked_shape(t)
         if isinstance(shape, Reject):
             # Only a candidate when the core matches: then the axes cannot be placed.
