@@ -35,6 +35,10 @@ COMMUTATIVE = frozenset({"Add", "Mul"})
 class Pattern:
     """Base class of pattern elements."""
 
+    # The producer op types a tensor must have for this element to match it; None: any tensor
+    # (a Var, a Const), even one without a producer.
+    _first = None
+
 
 @dataclass(frozen=True, eq=False)
 class Var(Pattern):
@@ -55,6 +59,8 @@ class Op(Pattern):
     def __post_init__(self):
         object.__setattr__(self, "_types", frozenset((self.types,) if isinstance(self.types, str) else self.types))
         object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "_swapped", self.inputs[::-1])
+        object.__setattr__(self, "_first", self._types)
 
     def accepts(self, node: gs.Node) -> bool:
         return node.op in self._types and G.in_default_domain(node)
@@ -73,6 +79,7 @@ class AnyOf(Pattern):
             first = _root_types(alt)
             roots = None if roots is None or first is None else roots | first
         object.__setattr__(self, "_roots", None if roots is None else frozenset(roots))
+        object.__setattr__(self, "_first", self._roots)
 
 
 def _root_types(p: Pattern) -> frozenset[str] | None:
@@ -178,13 +185,14 @@ def _match(p: Pattern, t: gs.Tensor, graph: gs.Graph, st: _State) -> Iterator[_S
     if isinstance(p, Op):
         yield from _match_op(p, t, graph, st)
     elif isinstance(p, AnyOf):
+        op = t.inputs[0].op if t.inputs else None
         roots = p._roots
-        if roots is not None:
-            node = G.producer(t)
-            if node is None or node.op not in roots:
-                return
+        if roots is not None and op not in roots:
+            return
         for alt in p.alternatives:
-            yield from _match(alt, t, graph, st)
+            first = alt._first
+            if first is None or op in first:  # an alternative that cannot start here is skipped
+                yield from _match(alt, t, graph, st)
     elif isinstance(p, Var):
         bound = st.tensors.get(p.name)
         if bound is None:
@@ -217,11 +225,29 @@ def _match_op(p: Op, t: gs.Tensor, graph: gs.Graph, st: _State) -> Iterator[_Sta
             return
     if len(node.inputs) < len(p.inputs):
         return
+    inputs = node.inputs
+    straight = _producers_fit(p.inputs, inputs)
+    swapped = node.op in COMMUTATIVE and len(p.inputs) == 2 and _producers_fit(p._swapped, inputs)
+    if not straight and not swapped:
+        return
     nodes = {**st.nodes, p.name: node} if p.name else st.nodes
     st = _State(nodes, st.tensors, st.values, st.order + (node,), st.const)
-    yield from _match_inputs(p.inputs, node.inputs, 0, graph, st)
-    if node.op in COMMUTATIVE and len(p.inputs) == 2:
-        yield from _match_inputs(p.inputs[::-1], node.inputs, 0, graph, st)
+    if straight:
+        yield from _match_inputs(p.inputs, inputs, 0, graph, st)
+    if swapped:
+        yield from _match_inputs(p._swapped, inputs, 0, graph, st)
+
+
+def _producers_fit(pats, tensors) -> bool:
+    """Each input's producer has an op type its pattern can start with (one level, no bindings):
+    most operand orders and alternatives fail here, before any state is made."""
+    for p, t in zip(pats, tensors):
+        first = p._first
+        if first is not None:
+            made = t.inputs[0] if t.inputs else None
+            if made is None or made.op not in first:
+                return False
+    return True
 
 
 def _match_inputs(pats, tensors, i: int, graph, st: _State) -> Iterator[_State]:

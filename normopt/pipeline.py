@@ -113,9 +113,14 @@ class Context:
             return hit[1]
         dtype = G.tensor_dtype(tensor)
         if dtype is None:
-            known = self.shapes.get(tensor.name)
-            if known and known[0]:
-                dtype = _np_dtype(known[0])
+            shapes = self.shapes
+            if isinstance(shapes, Shapes):
+                elem = shapes.elem_type(tensor.name)
+            else:
+                known = shapes.get(tensor.name)
+                elem = known[0] if known else 0
+            if elem:
+                dtype = _np_dtype(elem)
         self._dtypes[id(tensor)] = (tensor, dtype)
         return dtype
 
@@ -257,15 +262,26 @@ class Shapes:
         self._index: dict[str, onnx.ValueInfoProto] | None = None
         self._decoded: dict[str, tuple[int, tuple | None] | None] = {}
 
-    def get(self, name: str, default=None):
+    def _inferred(self) -> dict[str, onnx.ValueInfoProto]:
         if self._index is None:
             self._index = inferred_index(self._model)
             self._model = None
+        return self._index
+
+    def get(self, name: str, default=None):
         if name not in self._decoded:
-            vi = self._index.get(name)
+            vi = self._inferred().get(name)
             self._decoded[name] = None if vi is None else _decode(vi)
         found = self._decoded[name]
         return default if found is None else found
+
+    def elem_type(self, name: str) -> int:
+        """The element type alone (0: unknown), without decoding the shape."""
+        found = self._decoded.get(name)
+        if found is not None:
+            return found[0]
+        vi = self._inferred().get(name)
+        return vi.type.tensor_type.elem_type if vi is not None and vi.type.HasField("tensor_type") else 0
 
 
 def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, names: G.NameScope, options: Options,
