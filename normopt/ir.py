@@ -398,9 +398,14 @@ def iter_graphs(graph: gs.Graph, path: str = "", label=None) -> Iterator[tuple[s
     """The graph and every subgraph (If/Loop/Scan bodies), each with a readable path; only nodes
     that hold subgraphs have their attributes read."""
     yield path, graph
-    for node in graph.nodes:
-        if "_proto" in node.__dict__ and not node.__dict__.get("_has_graphs"):
-            continue
+    holders = graph.__dict__.get("_holders")
+    if holders is None:
+        # Found once per graph: only imported nodes hold subgraphs (rewrites emit none), and
+        # none of those is ever rewritten.
+        holders = [node for node in graph.nodes
+                   if "_proto" not in node.__dict__ or node.__dict__.get("_has_graphs")]
+        graph.__dict__["_holders"] = holders
+    for node in holders:
         for key, value in sorted(node.attrs.items()):
             subs = value if isinstance(value, (list, tuple)) else [value]
             for i, sub in enumerate(subs):
