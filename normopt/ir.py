@@ -16,7 +16,9 @@ model (and copy each weight twice on export). Here:
 """
 from __future__ import annotations
 
+import functools
 import heapq
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -175,6 +177,8 @@ class ProtoValues(LazyValues):
         return array
 
 
+# Default-domain ops with graph attributes; an op of another domain may have them too.
+_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 _NP_SIZES = {t for t in onnx.helper.get_all_tensor_dtypes()
              if t not in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED)}
 
@@ -363,7 +367,8 @@ def _import_graph(gp: onnx.GraphProto, outer: dict, weights: Weights, opset, dom
         d["op"], d["name"] = np_.op_type, np_.name
         d["domain"] = np_.domain if np_.HasField("domain") else None
         d["_proto"] = np_
-        if any(a.type in _GRAPH_ATTRS for a in np_.attribute):
+        if (np_.op_type in _SUBGRAPH_OPS or np_.domain not in ("", "ai.onnx")) \
+                and any(a.type in _GRAPH_ATTRS for a in np_.attribute):
             scope = {**outer, **local}
             d["_attrs"] = _import_graph_attrs(np_, scope, weights, opset, domains)
             d["_has_graphs"] = True
@@ -671,13 +676,19 @@ def _export_tensor(c: gs.Constant, weights: Weights, header_ok: bool = True) -> 
 
 def _inline_bytes(tensor: onnx.TensorProto) -> int:
     """Bytes of an inline tensor's values, from its dims (``len(raw_data)`` would copy them)."""
-    if tensor.data_type in _NP_SIZES:
-        try:
-            size = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        except Exception:  # noqa: BLE001 - a packed or exotic type: count it as large
-            return HEADER_MIN_BYTES
-        return int(np.prod(tensor.dims, dtype=np.int64)) * size
+    data_type = tensor.data_type
+    if data_type in _NP_SIZES:
+        size = _itemsize(data_type)
+        return HEADER_MIN_BYTES if size is None else math.prod(tensor.dims) * size
     return 0
+
+
+@functools.lru_cache(maxsize=None)
+def _itemsize(data_type: int) -> int | None:
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+    except Exception:  # noqa: BLE001 - a packed or exotic type: None counts it as large
+        return None
 
 
 def node_proto(node: gs.Node) -> onnx.NodeProto:

@@ -147,16 +147,17 @@ def upgrade_graph(graph, source: int, target: int, elem_type, names) -> bool:
     for node in nodes:
         if node.domain not in (None, *DEFAULT_DOMAINS):
             continue
+        # Nodes alike in op, attribute names and arity convert alike: one probe per kind. A
+        # node made by an earlier rewrite is keyed from its attrs, not exported for it.
         src = node.__dict__.get("_proto")
         if src is not None and "_attrs" not in node.__dict__:
-            key = (src.op_type, tuple(sorted(a.name for a in src.attribute)), len(node.inputs), len(node.outputs))
-            proto = None
+            attr_names = tuple(a.name for a in src.attribute)
         else:
-            proto = ir.node_proto(node)
-            key = (proto.op_type, tuple(sorted(a.name for a in proto.attribute)), len(proto.input), len(proto.output))
-        if key in same and same[key]:
+            attr_names = tuple(k for k, v in node.attrs.items() if v is not None)
+        key = (node.op, attr_names, len(node.inputs), len(node.outputs))
+        if same.get(key):
             continue
-        proto = proto or ir.node_proto(node)
+        proto = ir.node_proto(node)
         if key not in same:
             probe = _convert_one(proto, source, target, {}, require_types=False)
             if probe is None:
