@@ -201,3 +201,19 @@ def upgrade_graph(graph, source: int, target: int, elem_type, names) -> bool:
         graph.nodes.extend(new_nodes)
         ir.place(graph, node, new_nodes)
     return True
+
+
+def changed_ops(ops, source: int, target: int) -> set[str]:
+    """The default-domain ops among ``ops`` whose definition differs between opsets ``source``
+    and ``target`` (or that one of them lacks): a body using them cannot simply be relabelled."""
+    changed = set()
+    for op in ops:
+        try:
+            a = onnx.defs.get_schema(op, source, "").since_version
+            b = onnx.defs.get_schema(op, target, "").since_version
+        except onnx.defs.SchemaError:
+            changed.add(op)
+            continue
+        if a != b:
+            changed.add(op)
+    return changed
