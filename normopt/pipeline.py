@@ -222,6 +222,8 @@ def _run(model, table, names, options: Options, base_dir: str | None, lazy: bool
             note = None
             if not options.allow_opset_upgrade:
                 note = "opset upgrade disabled"
+            elif _relabel_block(graph, need):
+                note = f"opset upgrade {opset} -> {need} refused: {_relabel_block(graph, need)}"
             elif opset_in_place(graph, current, need, shapes, scope):
                 current = with_opset(current, need)
                 result.upgrades.append(OpsetUpgrade(opset, need, name))
@@ -517,10 +519,20 @@ def _function_refusal(m: Match, path: str) -> str | None:
 
 def _relabel_ok(root: gs.Graph, target: int) -> bool:
     """Whether every function body keeps its meaning at default-domain opset ``target`` (no op
-    of it changes between its opset and ``target``): then the model may be upgraded and a body
-    relabelled."""
-    return all(not opset.changed_ops({n.op for _p, g in G.iter_graphs(f) for n in g.nodes if G.in_default_domain(n)},
-                                     f.opset, target) for f in ir.functions(root))
+    of it changes between its opset and ``target``): then the model may be upgraded (the bodies
+    stay compatible with its opset) and a body relabelled. True for a model without functions."""
+    return _relabel_block(root, target) is None
+
+
+def _relabel_block(root: gs.Graph, target: int) -> str | None:
+    """Why a model-local function body would not be compatible with default-domain opset ``target``."""
+    for f in ir.functions(root):
+        changed = opset.changed_ops({n.op for _p, g in G.iter_graphs(f) for n in g.nodes if G.in_default_domain(n)},
+                                    f.opset, target)
+        if changed:
+            return (f"{f.__dict__['_function_label']} imports opset {f.opset}; at opset {target} these ops of "
+                    f"it differ: {', '.join(sorted(changed)[:4])}")
+    return None
 
 
 def _function_opset(fn: gs.Graph, required: int, model_version: int, path: str) -> str | None:
@@ -621,9 +633,7 @@ def opset_in_place(graph: gs.Graph, model: onnx.ModelProto, target: int, shapes,
         known = shapes.get(t.name)
         return known[0] if known and known[0] else None
 
-    if model.functions:
-        return False
-    try:
+    try:  # model-local functions keep their own opset imports (their bodies do not change there)
         return opset.upgrade_graph(graph, model_opset(model), target, elem_type, names)
     except Exception:  # noqa: BLE001 - any surprise: the converter's whole-model path decides
         return False

@@ -288,6 +288,31 @@ def test_function_at_an_older_opset_than_the_model_is_raised_when_legal(rng):
     assert_equivalent(model, out)
 
 
+@pytest.mark.parametrize("body_op, upgraded", [("Relu", True), ("Identity", False)])
+def test_main_graph_upgrade_only_when_every_function_body_keeps_its_meaning(rng, body_op, upgraded):
+    # A main-graph LayerNorm at opset 15 needs 17; Identity changes at 16, Relu does not.
+    fn = helper.make_function(DOMAIN, "Plain", ["a"], ["o"], [helper.make_node(body_op, ["a"], ["o"])],
+                              [helper.make_opsetid("", 15)])
+    body = [n for n in ln_body(rng) if n.op_type != "Constant"]
+    for n in body:
+        n.input[:] = ["t" if i == "x" else i for i in n.input]
+    nodes = [helper.make_node("Plain", ["x"], ["t"], domain=DOMAIN), *body]
+    model = make_model(nodes, [("x", FLOAT, [2, 5, 8])], [("y", FLOAT, [2, 5, 8])],
+                       {"eps": np.float32(1e-5), "g": rng.standard_normal(8).astype(np.float32),
+                        "b": rng.standard_normal(8).astype(np.float32)}, opset=15, extra_opsets=[(DOMAIN, 1)])
+    model.functions.append(fn)
+    out, result = run_pipeline(model, ["fuse-layernorm"])
+    assert bool(result.upgrades) == upgraded and len(result.applied) == int(upgraded)
+    if not upgraded:
+        (skip,) = result.skipped
+        assert skip.graph == "" and skip.reason == (
+            "needs opset 17 (model has 15); opset upgrade 15 -> 17 refused: function local:Plain imports opset 15; "
+            "at opset 17 these ops of it differ: Identity")
+    onnx.checker.check_model(out, full_check=True)
+    assert out.functions[0].SerializeToString() == fn.SerializeToString()
+    assert_equivalent(model, out)
+
+
 # ----------------------------------------------------------------------------- reports and rollback
 
 def test_cli_verbose_and_json_name_the_function(rng, tmp_path):
