@@ -144,6 +144,40 @@ def test_rmsnorm_in_a_function_body_at_opset_23(rng):
     assert_equivalent(model, out)
 
 
+def gamma_input_model(rng, gamma_shapes):
+    calls, inputs, outputs, inits = [], [], [], {}
+    for i, shape in enumerate(gamma_shapes):
+        inits[f"g{i}"] = rng.standard_normal(shape).astype(np.float32)
+        inits[f"b{i}"] = rng.standard_normal(8).astype(np.float32)
+        calls.append(call(f"x{i}", f"y{i}", f"g{i}", f"b{i}"))
+        inputs.append((f"x{i}", FLOAT, [2, 5, 8]))
+        outputs.append((f"y{i}", FLOAT, [2, 5, 8]))
+    return with_function(ln_body(rng, scale=False), ["x", "g", "b"], calls, inputs, outputs, inits=inits)
+
+
+def test_layernorm_whose_gamma_and_beta_are_function_inputs_of_the_normalized_shape_is_fused(rng):
+    model = gamma_input_model(rng, [(8,), (8,)])
+    out, rec = run_pass("fuse-layernorm", model)
+    assert [r.graph for r in rec.applied] == [WHERE]
+    assert body_ops(out) == {"LayerNormalization": 1}
+    ln = out.functions[0].node[0]
+    assert list(ln.input) == ["x", "g", "b"]
+    assert_equivalent(model, out)
+
+
+def test_gamma_input_whose_shape_differs_between_calls_is_left(rng):
+    # [5, 8] varies over a non-normalized axis at the second call: no LayerNormalization scale.
+    # The calls disagree on its shape, so it is unknown in the body: the normalization is fused
+    # without affine, and the Mul and Add stay after it.
+    model = gamma_input_model(rng, [(8,), (5, 8)])
+    out, rec = run_pass("fuse-layernorm", model)
+    (rw,) = rec.applied
+    assert rw.graph == WHERE and "scale" not in rw.removed and "shift" not in rw.removed
+    assert rw.info["kept"] == "Mul scale kept outside: 'g' is computed at run time and its shape is unknown"
+    assert body_ops(out) == {"Constant": 1, "LayerNormalization": 1, "Mul": 1, "Add": 1}
+    assert_equivalent(model, out)
+
+
 # ----------------------------------------------------------------------------- BatchNormalization
 
 def bn_body(rng, params_as_inputs=False, eps_ref=False):
