@@ -862,19 +862,6 @@ def make(spec: Spec) -> dict:
     # normalise: IR version <= 10 (onnxruntime 1.31 accepts <= 13), single file, no external data
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
     strip_stack_traces_(proto)
-    if proto.functions:
-        # The exporter walks its set of module classes in hash order: functions, their domains and
-        # the running numbers in body node names ("ReduceMean_12") vary between runs. Sorted, and
-        # body nodes renumbered within each function, the bytes are the same every run.
-        for fn in proto.functions:
-            for i, node in enumerate(fn.node):
-                if node.name == f"{node.op_type}_{node.name.rsplit('_', 1)[-1]}":
-                    node.name = f"{node.op_type}_{i}"
-        functions = sorted(proto.functions, key=lambda f: (f.domain, f.name))
-        imports = sorted(proto.opset_import, key=lambda o: (o.domain != "", o.domain))
-        del proto.functions[:], proto.opset_import[:]
-        proto.functions.extend(functions)
-        proto.opset_import.extend(imports)
     assert not has_external_data(proto), spec.name
     path = os.path.join(HERE, spec.name)
     onnx.save(proto, path)
@@ -1127,6 +1114,11 @@ def specs() -> list[Spec]:
 
 
 def main(argv=None):
+    if os.environ.get("PYTHONHASHSEED") != "0" and argv is None:
+        # TorchScript's export_modules_as_functions keeps the module type names in a set of
+        # strings: with Python's per-process string hashing, the order of the functions and the
+        # numbers in their node names would change from run to run.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=None, help="substring filter on file names")
     ap.add_argument("--markdown", action="store_true", help="print the op-histogram table as markdown")

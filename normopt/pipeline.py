@@ -457,11 +457,15 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, names
                     continue
                 required = pass_.required_opset(found)
                 if fn is not None:
-                    if required > model_version and upgrade_note is None and _relabel_ok(root, required):
-                        return record, required  # upgrade the model first, as for the main graph
+                    note = upgrade_note
+                    if required > model_version and note is None:
+                        block = _relabel_block(root, required)
+                        if block is None:
+                            return record, required  # upgrade the model first, as for the main graph
+                        note = f"opset upgrade {model_version} -> {required} refused: {block}"
                     why = _function_opset(fn, required, model_version, path)
-                    if why and required > model_version and upgrade_note:
-                        why += f"; {upgrade_note}"
+                    if why and required > model_version and note:
+                        why += f"; {note}"
                     if why:
                         skipped.append(Skip(pass_.name, label, why, path))
                         continue

@@ -245,6 +245,40 @@ def test_layernorm_whose_epsilon_constant_refers_to_a_function_attribute_is_left
     assert out.functions[0].SerializeToString() == model.functions[0].SerializeToString()
 
 
+def test_torchscript_groupnorm_function_with_per_call_constants_is_left_with_reason(rng):
+    # As TorchScript writes nn.GroupNorm as a function: the group reshape and the
+    # InstanceNormalization ones/zeros are function attributes, given by each call.
+    def ref_const(out, ref):
+        node = helper.make_node("Constant", [], [out])
+        node.attribute.append(onnx.AttributeProto(name="value", type=onnx.AttributeProto.TENSOR, ref_attr_name=ref))
+        return node
+    body = [ref_const("shape", "shape_value"),
+            helper.make_node("Reshape", ["x", "shape"], ["r"], name="reshape"),
+            ref_const("ones", "ones_value"), ref_const("zeros", "zeros_value"),
+            helper.make_node("InstanceNormalization", ["r", "ones", "zeros"], ["n"], epsilon=1e-5, name="in"),
+            helper.make_node("Shape", ["x"], ["xs"], name="shape_of_x"),
+            helper.make_node("Reshape", ["n", "xs"], ["back"], name="reshape_back"),
+            helper.make_node("Mul", ["back", "g"], ["m"], name="scale"),
+            helper.make_node("Add", ["m", "b"], ["y"], name="shift")]
+    calls, inits = [], {}
+    for i, groups in enumerate((4, 2)):
+        inits[f"g{i}"] = rng.standard_normal((8, 1)).astype(np.float32)
+        inits[f"b{i}"] = rng.standard_normal((8, 1)).astype(np.float32)
+        attrs = {"shape_value": numpy_helper.from_array(np.array([0, groups, -1], np.int64)),
+                 "ones_value": numpy_helper.from_array(np.ones(groups, np.float32)),
+                 "zeros_value": numpy_helper.from_array(np.zeros(groups, np.float32))}
+        calls.append(call("x" if i == 0 else "y0", f"y{i}", f"g{i}", f"b{i}", **attrs))
+    model = with_function(body, ["x", "g", "b"], calls, [("x", FLOAT, [2, 8, 16])], [("y1", FLOAT, [2, 8, 16])],
+                          inits=inits, attributes=["shape_value", "ones_value", "zeros_value"])
+    out, rec = run_pass("fuse-groupnorm", model)
+    assert not rec.applied
+    (node, graph, reason), = skips(rec)
+    assert graph == WHERE
+    assert "refers to attribute" in reason and "of function local:Norm: its value is given per call" in reason
+    assert out.functions[0].SerializeToString() == model.functions[0].SerializeToString()
+    assert_equivalent(model, out)
+
+
 # ----------------------------------------------------------------------------- calls and shapes
 
 def test_function_called_with_the_same_rank_from_two_sites_is_fused(rng):
