@@ -243,7 +243,7 @@ def _call_outputs(model, labels: set[str]) -> dict[str, str]:
     model = model.model if isinstance(model, Loaded) else model
     found = {}
     for node in model.graph.node:
-        label = ir.function_label(node.domain, node.op_type)
+        label = ir.function_label(node.domain, node.op_type, node.overload)
         if label in labels:
             found.update((o, label) for o in node.output if o)
     return found

@@ -417,9 +417,10 @@ def _import_graph_attrs(np_: onnx.NodeProto, scope: dict, weights: Weights, opse
 FUNCTION = "function"
 
 
-def function_label(domain: str, name: str) -> str:
-    """How records name a model-local function (its graph path): ``function domain:name``."""
-    return f"{FUNCTION} {domain}:{name}"
+def function_label(domain: str, name: str, overload: str = "") -> str:
+    """How records name a model-local function (its graph path): ``function domain:name``
+    (``function domain:name:overload`` for an overload)."""
+    return f"{FUNCTION} {domain}:{name}" + (f":{overload}" if overload else "")
 
 
 def is_function_path(path: str) -> bool:
@@ -480,7 +481,7 @@ def ref_attrs(node: gs.Node) -> list[tuple[str, str]]:
 def _import_function(fp: onnx.FunctionProto, weights: Weights, model_opset, domains) -> gs.Graph:
     """A function body as a graph: its inputs and outputs as the graph's, no initializers
     (constants are Constant nodes), its own opset (``opset``: its default-domain import)."""
-    label = function_label(fp.domain, fp.name)
+    label = function_label(fp.domain, fp.name, fp.overload)
     local: dict[str, gs.Tensor] = {}
     inputs = []
     for name in fp.input:

@@ -265,6 +265,23 @@ class Shapes:
         self._decoded: dict[str, tuple[int, tuple | None] | None] = {}
         self._with_functions = model if model.functions else None
         self._functions: dict[int, FunctionShapes] = {}
+        self._calls: tuple | None = None
+
+    def calls(self) -> tuple[dict, set, dict]:
+        """(function key -> call sites in the model's graphs, keys called from function bodies,
+        initializer name -> (elem_type, dims)): one walk over the model, on first use."""
+        if self._calls is None:
+            model = self._with_functions
+            sites: dict[tuple[str, str], list[onnx.NodeProto]] = {}
+            inits = {}
+            for g in all_graphs(model.graph):
+                inits.update((t.name, (t.data_type, tuple(t.dims))) for t in g.initializer)
+                for n in g.node:
+                    if n.domain not in DEFAULT_DOMAINS:
+                        sites.setdefault((n.domain, n.op_type, n.overload), []).append(n)
+            nested = {(n.domain, n.op_type, n.overload) for f in model.functions for n in f.node}
+            self._calls = (sites, nested, inits)
+        return self._calls
 
     def function(self, fn: gs.Graph) -> "FunctionShapes":
         """The shapes inside function body ``fn`` (names there are local to it)."""
@@ -320,19 +337,12 @@ class FunctionShapes:
         return default if found is None else found
 
 
-def call_sites(model: onnx.ModelProto, fp: onnx.FunctionProto) -> tuple[list[onnx.NodeProto], bool]:
-    """(nodes of the model's graphs that call ``fp``, whether a function body calls it too)."""
-    key = (fp.domain, fp.name)
-    sites = [n for g in all_graphs(model.graph) for n in g.node if (n.domain, n.op_type) == key]
-    nested = any((n.domain, n.op_type) == key for f in model.functions for n in f.node)
-    return sites, nested
-
-
-def _function_facts(model: onnx.ModelProto, fp: onnx.FunctionProto, shapes) -> dict:
-    sites, nested = call_sites(model, fp)
-    if not sites or nested:
+def _function_facts(model: onnx.ModelProto, fp: onnx.FunctionProto, shapes: Shapes) -> dict:
+    calls, nested, inits = shapes.calls()
+    key = (fp.domain, fp.name, fp.overload)
+    sites = calls.get(key, [])
+    if not sites or key in nested:
         return {}
-    inits = {t.name: (t.data_type, tuple(t.dims)) for g in all_graphs(model.graph) for t in g.initializer}
     tables = []
     for site in sites:
         table = _infer_call(model, fp, site, lambda name: inits.get(name) or shapes.get(name))
@@ -379,7 +389,7 @@ def _infer_call(model: onnx.ModelProto, fp: onnx.FunctionProto, site: onnx.NodeP
     imports.update((imp.domain, imp.version) for imp in fp.opset_import)
     mini = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in imports.items()],
                                   ir_version=model.ir_version)
-    mini.functions.extend(f for f in model.functions if (f.domain, f.name) != (fp.domain, fp.name))
+    mini.functions.extend(f for f in model.functions if (f.domain, f.name, f.overload) != (fp.domain, fp.name, fp.overload))
     inferred = onnx.shape_inference.infer_shapes(mini, data_prop=True)
     table = {}
     for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):

@@ -204,7 +204,7 @@ def _graphs(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.GraphProto]]:
     yield from walk(model.graph, "")
     for fn in model.functions:  # a function body as a graph (no initializers: its constants are nodes)
         body = onnx.GraphProto(node=fn.node)
-        yield from walk(body, f"function {fn.domain}:{fn.name}")
+        yield from walk(body, f"function {fn.domain}:{fn.name}" + (f":{fn.overload}" if fn.overload else ""))
 
 
 class _NodeIndex:
