@@ -389,7 +389,8 @@ def _infer_call(model: onnx.ModelProto, fp: onnx.FunctionProto, site: onnx.NodeP
     imports.update((imp.domain, imp.version) for imp in fp.opset_import)
     mini = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in imports.items()],
                                   ir_version=model.ir_version)
-    mini.functions.extend(f for f in model.functions if (f.domain, f.name, f.overload) != (fp.domain, fp.name, fp.overload))
+    mini.functions.extend(f for f in model.functions
+                          if (f.domain, f.name, f.overload) != (fp.domain, fp.name, fp.overload))
     inferred = onnx.shape_inference.infer_shapes(mini, data_prop=True)
     table = {}
     for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
