@@ -217,3 +217,28 @@ def changed_ops(ops, source: int, target: int) -> set[str]:
         if a != b:
             changed.add(op)
     return changed
+
+
+def function_opset(fp: onnx.FunctionProto) -> int | None:
+    return next((imp.version for imp in fp.opset_import if imp.domain in DEFAULT_DOMAINS), None)
+
+
+def convert_function(fp: onnx.FunctionProto, target: int, ir_version: int) -> onnx.FunctionProto:
+    """A model-local function whose body is converted to default-domain opset ``target`` by
+    onnx's converter (a one-graph model of the body; the converter itself skips functions).
+    Raises what the converter raises."""
+    source = function_opset(fp)
+    graph = helper.make_graph(list(fp.node), fp.name, [onnx.ValueInfoProto(name=i) for i in fp.input],
+                              [onnx.ValueInfoProto(name=o) for o in fp.output])
+    body = helper.make_model(graph, opset_imports=list(fp.opset_import), ir_version=ir_version)
+    if source is None:
+        raise ValueError("the function imports no default-domain opset")
+    converted = version_converter.convert_version(body, target)
+    out = onnx.FunctionProto()
+    out.CopyFrom(fp)
+    del out.node[:]
+    out.node.extend(converted.graph.node)
+    for imp in out.opset_import:
+        if imp.domain in DEFAULT_DOMAINS:
+            imp.version = target
+    return out

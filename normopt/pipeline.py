@@ -222,9 +222,7 @@ def _run(model, table, names, options: Options, base_dir: str | None, lazy: bool
             note = None
             if not options.allow_opset_upgrade:
                 note = "opset upgrade disabled"
-            elif _relabel_block(graph, need):
-                note = f"opset upgrade {opset} -> {need} refused: {_relabel_block(graph, need)}"
-            elif opset_in_place(graph, current, need, shapes, scope):
+            elif _relabel_ok(graph, need) and opset_in_place(graph, current, need, shapes, scope):
                 current = with_opset(current, need)
                 result.upgrades.append(OpsetUpgrade(opset, need, name))
             else:
@@ -468,15 +466,11 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, names
                     continue
                 required = pass_.required_opset(found)
                 if fn is not None:
-                    note = upgrade_note
-                    if required > model_version and note is None:
-                        block = _relabel_block(root, required)
-                        if block is None:
-                            return record, required  # upgrade the model first, as for the main graph
-                        note = f"opset upgrade {model_version} -> {required} refused: {block}"
+                    if required > model_version and upgrade_note is None:
+                        return record, required  # upgrade the model (and bodies) first, as for the main graph
                     why = _function_opset(fn, required, model_version, path)
-                    if why and required > model_version and note:
-                        why += f"; {note}"
+                    if why and required > model_version and upgrade_note:
+                        why += f"; {upgrade_note}"
                     if why:
                         skipped.append(Skip(pass_.name, label, why, path))
                         continue
@@ -672,14 +666,29 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     light = without_weights(model)
     upgraded = opset.convert(light, target)
     upgraded.ir_version = max(model.ir_version, min_ir_version(target))
-    if model.functions and not upgraded.functions:  # onnx's converter drops them
-        upgraded.functions.extend(model.functions)
+    if model.functions and not upgraded.functions:  # onnx's converter drops them: each body on its own
+        upgraded.functions.extend(_upgraded_function(fp, target, upgraded.ir_version) for fp in model.functions)
     weights = {init.name: init for init in model.graph.initializer}
     for i, init in enumerate(upgraded.graph.initializer):
         if init.data_location == onnx.TensorProto.EXTERNAL and init.name in weights:
             upgraded.graph.initializer[i].CopyFrom(weights[init.name])
     _keep_value_info(model.graph, upgraded.graph)
     return upgraded
+
+
+def _upgraded_function(fp: onnx.FunctionProto, target: int, ir_version: int) -> onnx.FunctionProto:
+    """``fp`` as it is when its body keeps its meaning at ``target`` (it keeps its own opset
+    import); else its body converted to ``target``. Raises, naming the function, when the
+    conversion fails."""
+    version = opset.function_opset(fp) or target
+    if version >= target or not opset.changed_ops({n.op_type for n in fp.node if n.domain in DEFAULT_DOMAINS},
+                                                  version, target):
+        return fp
+    try:
+        return opset.convert_function(fp, target, ir_version)
+    except Exception as err:  # the converter raises many types
+        raise ValueError(f"{ir.function_label(fp.domain, fp.name, fp.overload)}: "
+                         f"{' '.join(str(err).split())[:120]}") from err
 
 
 def _keep_value_info(source: onnx.GraphProto, converted: onnx.GraphProto) -> None:

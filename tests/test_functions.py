@@ -356,29 +356,52 @@ def test_function_at_an_older_opset_than_the_model_is_raised_when_legal(rng):
     assert_equivalent(model, out)
 
 
-@pytest.mark.parametrize("body_op, upgraded", [("Relu", True), ("Identity", False)])
-def test_main_graph_upgrade_only_when_every_function_body_keeps_its_meaning(rng, body_op, upgraded):
-    # A main-graph LayerNorm at opset 15 needs 17; Identity changes at 16, Relu does not.
-    fn = helper.make_function(DOMAIN, "Plain", ["a"], ["o"], [helper.make_node(body_op, ["a"], ["o"])],
-                              [helper.make_opsetid("", 15)])
-    body = [n for n in ln_body(rng) if n.op_type != "Constant"]
-    for n in body:
+def upgrade_model(rng, body):
+    """A main-graph LayerNorm at opset 15 (it needs 17) and a call of function local:Plain."""
+    fn = helper.make_function(DOMAIN, "Plain", ["a"], ["o"], body, [helper.make_opsetid("", 15)],
+                              attributes=["v"] if any(a.ref_attr_name for n in body for a in n.attribute) else [])
+    ln = [n for n in ln_body(rng) if n.op_type != "Constant"]
+    for n in ln:
         n.input[:] = ["t" if i == "x" else i for i in n.input]
-    nodes = [helper.make_node("Plain", ["x"], ["t"], domain=DOMAIN), *body]
-    model = make_model(nodes, [("x", FLOAT, [2, 5, 8])], [("y", FLOAT, [2, 5, 8])],
+    plain = helper.make_node("Plain", ["x"], ["t"], domain=DOMAIN)
+    if fn.attribute:
+        plain.attribute.append(helper.make_attribute("v", numpy_helper.from_array(np.float32(0))))
+    model = make_model([plain, *ln], [("x", FLOAT, [2, 5, 8])], [("y", FLOAT, [2, 5, 8])],
                        {"eps": np.float32(1e-5), "g": rng.standard_normal(8).astype(np.float32),
                         "b": rng.standard_normal(8).astype(np.float32)}, opset=15, extra_opsets=[(DOMAIN, 1)])
     model.functions.append(fn)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("body_op, converted", [("Relu", False), ("Identity", True)])
+def test_model_upgrade_keeps_or_converts_each_function_body(rng, body_op, converted):
+    # Relu is the same at opsets 15 and 17: the body keeps its import. Identity differs at 16:
+    # the body is converted to 17 with the model.
+    model = upgrade_model(rng, [helper.make_node(body_op, ["a"], ["o"])])
     out, result = run_pipeline(model, ["fuse-layernorm"])
-    assert bool(result.upgrades) == upgraded and len(result.applied) == int(upgraded)
-    if not upgraded:
-        (skip,) = result.skipped
-        assert skip.graph == "" and skip.reason == (
-            "needs opset 17 (model has 15); opset upgrade 15 -> 17 refused: function local:Plain imports opset 15; "
-            "at opset 17 these ops of it differ: Identity")
+    assert [(u.from_version, u.to_version) for u in result.upgrades] == [(15, 17)]
+    assert len(result.applied) == 1 and result.applied[0].graph == ""
+    fn = out.functions[0]
+    assert [(i.domain, i.version) for i in fn.opset_import] == [("", 17 if converted else 15)]
+    assert [n.op_type for n in fn.node] == [body_op]
+    if not converted:
+        assert fn.SerializeToString() == model.functions[0].SerializeToString()
     onnx.checker.check_model(out, full_check=True)
-    assert out.functions[0].SerializeToString() == fn.SerializeToString()
     assert_equivalent(model, out)
+
+
+def test_model_upgrade_that_cannot_convert_a_function_body_is_refused_with_reason(rng):
+    value = helper.make_node("Constant", [], ["c"])
+    value.attribute.append(onnx.AttributeProto(name="value", type=onnx.AttributeProto.TENSOR, ref_attr_name="v"))
+    model = upgrade_model(rng, [value, helper.make_node("Add", ["a", "c"], ["s"]),
+                                helper.make_node("Identity", ["s"], ["o"])])
+    out, result = run_pipeline(model, ["fuse-layernorm"])
+    assert not result.upgrades and not result.applied
+    (skip,) = result.skipped
+    assert skip.graph == "" and skip.reason.startswith(
+        "needs opset 17 (model has 15); opset upgrade 15 -> 17 failed: function local:Plain: ")
+    assert out.SerializeToString() == model.SerializeToString()
 
 
 # ----------------------------------------------------------------------------- reports and rollback
