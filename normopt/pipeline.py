@@ -497,15 +497,14 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, names
     return record, 0
 
 
-def _graphs(root: gs.Graph):
+def _graphs(root: gs.Graph) -> list[tuple[str, gs.Graph, gs.Graph | None]]:
     """(path, graph, function body or None) for the main graph, its subgraphs, and each model-local
-    function body with its subgraphs (path ``function domain:name``). A model without functions
-    pays nothing more."""
-    for path, graph in G.iter_graphs(root):
-        yield path, graph, None
+    function body with its subgraphs (path ``function domain:name``), listed before any rewrite.
+    A model without functions pays nothing more."""
+    found = [(path, graph, None) for path, graph in G.iter_graphs(root)]
     for fn in ir.functions(root):
-        for path, graph in G.iter_graphs(fn, fn.__dict__["_function_label"]):
-            yield path, graph, fn
+        found += [(path, graph, fn) for path, graph in G.iter_graphs(fn, fn.__dict__["_function_label"])]
+    return found
 
 
 def exclusion_key(path: str, output: str) -> str:
