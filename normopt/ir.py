@@ -12,7 +12,10 @@ model (and copy each weight twice on export). Here:
   a small header in their place, resolved by the writer (``model_io.save``) or by
   ``Skeleton.materialize``;
 * dead nodes are dropped, replacement nodes take their anchor's place in the node order, and the
-  graph is re-sorted only when that order is not topological: once per run, not per pass.
+  graph is re-sorted only when that order is not topological: once per run, not per pass;
+* model-local function bodies are imported as graphs too (``functions``); a body no pass
+  changed is exported as its source FunctionProto, a changed one with the constants its
+  rewrites made as Constant nodes (a function has no initializers).
 """
 from __future__ import annotations
 
