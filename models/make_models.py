@@ -246,6 +246,26 @@ class HandLayerNorm(nn.Module):
         return self.weight * x + self.bias
 
 
+class ModuleFunctionsBlock(nn.Module):
+    """Conv1d + BN1d + ReLU on [N, C, T], then a hand-written LayerNorm, a Linear and two
+    nn.LayerNorm over T: exported with these modules as model-local functions, each function
+    takes its module's parameters as inputs (nn.LayerNorm's function is called twice)."""
+
+    def __init__(self, c=8, d=32):
+        super().__init__()
+        self.conv = nn.Conv1d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm1d(c)
+        self.ln1 = HandLayerNorm(d)
+        self.fc = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.ln3 = nn.LayerNorm(d, eps=1e-5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = self.ln2(self.fc(self.ln1(x)))
+        return self.ln3(x + 1.0)
+
+
 class VarLayerNorm(nn.Module):
     """LayerNorm over the last dim through torch's variance functions:
     "var_mean" torch.var_mean(keepdim=True, correction=0); "var_nokeep" torch.var(unbiased=False)
@@ -691,7 +711,7 @@ class TinyRMSLM(nn.Module):
 class Spec:
     def __init__(self, name, build, inputs, exporter, opset, desc, *, input_names=("input",),
                  output_names=("output",), dynamic_axes=None, alt_inputs=None, keep_bn=False,
-                 optimize=True, expect=None, half=False):
+                 optimize=True, expect=None, half=False, functions=None):
         self.name = name
         self.build = build
         self.inputs = inputs  # callable -> tuple of example tensors
@@ -706,6 +726,7 @@ class Spec:
         self.optimize = optimize
         self.expect = expect or {}  # op_type -> exact count (sanity checks on the export)
         self.half = half
+        self.functions = functions  # module classes exported as model-local functions (TS only)
 
 
 @contextlib.contextmanager
@@ -744,6 +765,8 @@ def export(spec: Spec, model: nn.Module, args: tuple) -> onnx.ModelProto:
             # module in eval mode (so BN is exported with training_mode=0 and one output) but skips
             # the eval-only peephole that fuses BN.
             kw = dict(training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
+        if spec.functions:
+            kw["export_modules_as_functions"] = set(spec.functions)
         with quiet():
             torch.onnx.export(
                 model, args, f, dynamo=False, opset_version=spec.opset,
@@ -975,6 +998,15 @@ def specs() -> list[Spec]:
              "same encoder, normalized by torch.var's unbiased (Bessel, correction=1) variance: not a LayerNorm; "
              "dynamo", expect={"LayerNormalization": 0}),
     ]
+    S += [
+        Spec("transformer_ln_modfuncs_ts_op15.onnx", ModuleFunctionsBlock, lambda: (randn(2, 8, 32),), TS, 15,
+             "Conv1d+BN1d, hand-written LN, Linear, 2 x nn.LayerNorm; TS export_modules_as_functions "
+             "(HandLayerNorm, nn.LayerNorm, nn.BatchNorm1d): each module a model-local function whose body "
+             "takes the parameters as inputs", keep_bn=True,
+             functions=(HandLayerNorm, nn.LayerNorm, nn.BatchNorm1d),
+             expect={"HandLayerNorm/ReduceMean": 2, "LayerNorm/ReduceMean": 2,
+                     "BatchNorm1d/BatchNormalization": 1}),
+    ]
     # 5. BERT-like and GPT-like ------------------------------------------------------------
     S += [
         Spec("bert_ln_eps1e-12_ts_op14.onnx", TinyBert, bert_inputs, TS, 14,
@@ -1082,6 +1114,11 @@ def specs() -> list[Spec]:
 
 
 def main(argv=None):
+    if os.environ.get("PYTHONHASHSEED") != "0" and argv is None:
+        # TorchScript's export_modules_as_functions keeps the module type names in a set of
+        # strings: with Python's per-process string hashing, the order of the functions and the
+        # numbers in their node names would change from run to run.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=None, help="substring filter on file names")
     ap.add_argument("--markdown", action="store_true", help="print the op-histogram table as markdown")

@@ -236,7 +236,8 @@ def _fold_staged(model, source, out_path: Path, s: FoldSettings, stage: Path | N
     doc = report.fold_document(input=model, output=str(out_path) if write else None, status=status, result=result,
                                target=s.options.target, seconds=seconds, pending=pending)
     lines = report.pipeline_lines(result.pipeline, s.verbose) + report.verify_lines(result.verification, s.verbose)
-    lines += [f"rolled back {rb.pass_name} at {rb.anchor}: {rb.reason}" for rb in result.rollbacks]
+    lines += [f"rolled back {rb.pass_name} at {rb.anchor}{' in ' + rb.graph if rb.graph else ''}: {rb.reason}"
+              for rb in result.rollbacks]
     if write:
         lines.append(f"wrote {out_path}")
     elif s.check:

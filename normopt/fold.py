@@ -50,6 +50,7 @@ class Rollback:
     anchor: str
     output: str
     reason: str
+    graph: str = ""  # where the rewrite was: "" main graph, a subgraph path, or "function domain:name"
 
 
 @dataclass
@@ -136,13 +137,13 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
             culprits = _localize(reference, candidate, result, options, choice)
             if culprits:
                 for rewrite, reason in culprits:
-                    exclude[rewrite.output] = reason
-                    rollbacks.append(Rollback(rewrite.pass_name, rewrite.anchor, rewrite.output, reason))
+                    exclude[pipeline.exclusion_key(rewrite.graph, rewrite.output)] = reason
+                    rollbacks.append(Rollback(rewrite.pass_name, rewrite.anchor, rewrite.output, reason, rewrite.graph))
             elif result.applied:
                 for rewrite in result.applied:
                     reason = "outputs differed and could not be traced to one rewrite"
-                    exclude[rewrite.output] = reason
-                    rollbacks.append(Rollback(rewrite.pass_name, rewrite.anchor, rewrite.output, reason))
+                    exclude[pipeline.exclusion_key(rewrite.graph, rewrite.output)] = reason
+                    rollbacks.append(Rollback(rewrite.pass_name, rewrite.anchor, rewrite.output, reason, rewrite.graph))
             elif result.upgrades and allow_upgrade:
                 allow_upgrade = False
                 for up in result.upgrades:
@@ -198,22 +199,54 @@ def _verify(reference: _References, out, options: FoldOptions, choice: ProviderC
 
 
 def _localize(reference, out, result: PipelineResult, options, choice) -> list[tuple[Rewrite, str]]:
-    """The most upstream top-level rewrites whose kept output differs from the original's."""
+    """The most upstream top-level rewrites whose kept output differs from the original's.
+
+    A rewrite inside a model-local function changes what the function computes at every call:
+    the outputs of its calls in the main graph are compared too, and when one differs (and no
+    differing tensor upstream explains it), every rewrite in that function is rolled back."""
     top = [r for r in result.applied if not r.graph]
-    if not top:
+    in_functions: dict[str, list[Rewrite]] = {}
+    for r in result.applied:
+        if ir.is_function_path(r.graph):
+            in_functions.setdefault(r.graph.split("/")[0], []).append(r)
+    calls = _call_outputs(out, set(in_functions))  # call output name -> function label
+    if not top and not calls:
         return []
-    report = _verify(reference, out, options, choice, extra=[r.output for r in top])
+    report = _verify(reference, out, options, choice, extra=[r.output for r in top] + list(calls))
     diffs = {d.name: d for d in report.outputs}
-    bad = {r.output: r for r in top if r.output in diffs and not diffs[r.output].passed}
+    bad: dict[str, list[Rewrite]] = {r.output: [r] for r in top if r.output in diffs and not diffs[r.output].passed}
+    for name, label in calls.items():
+        if name in diffs and not diffs[name].passed and name not in bad:
+            bad[name] = in_functions[label]
     downstream = _downstream(out, set(bad))
     culprits = []
-    for name, rewrite in bad.items():
+    done: set[int] = set()
+    for name, rewrites in bad.items():
         if name in downstream:  # explained by a differing rewrite upstream of it
             continue
         d = diffs[name]
         what = f"by {d.problem}" if d.problem else f"by max |diff| {d.max_abs:.2e} > atol {d.atol:g} (rtol {d.rtol:g})"
-        culprits.append((rewrite, f"changed '{name}' {what} on {d.inputs}"))
+        where = f"changed '{name}' {what} on {d.inputs}"
+        if name in calls:
+            where = f"{calls[name]} (its rewrites rolled back together) {where}"
+        for rewrite in rewrites:
+            if id(rewrite) not in done:
+                done.add(id(rewrite))
+                culprits.append((rewrite, where))
     return culprits
+
+
+def _call_outputs(model, labels: set[str]) -> dict[str, str]:
+    """Output name -> function label for each main-graph call of the functions named."""
+    if not labels:
+        return {}
+    model = model.model if isinstance(model, Loaded) else model
+    found = {}
+    for node in model.graph.node:
+        label = ir.function_label(node.domain, node.op_type, node.overload)
+        if label in labels:
+            found.update((o, label) for o in node.output if o)
+    return found
 
 
 def _downstream(model: onnx.ModelProto, starts: set[str]) -> set[str]:

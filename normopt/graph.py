@@ -54,6 +54,9 @@ def not_constant(tensor: gs.Tensor, graph: gs.Graph | None = None) -> str:
                                             or (graph is not None and is_graph_input(graph, tensor))):
         return ("is an initializer also listed as a graph input: from IR version 4 on, a default that callers "
                 "may override, not a constant")
+    function = ir.function_of_input(tensor)
+    if function is not None:
+        return f"is an input of {function}: its value is given per call, not known in the body"
     return "is not a constant (graph input or computed)"
 
 
@@ -118,6 +121,9 @@ _MAX_DEPTH = 12
 
 def _constant_attr(node: gs.Node) -> np.ndarray | None:
     attrs = node.attrs
+    for value in attrs.values():
+        if isinstance(value, ir.RefAttr):  # a function body's Constant of the function's attribute
+            raise ir.UnknownAttribute(value.why)
     if "value" in attrs:
         value = attrs["value"]
         return ir.constant_array(value) if isinstance(value, gs.Constant) else np.asarray(value)

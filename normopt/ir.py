@@ -12,7 +12,10 @@ model (and copy each weight twice on export). Here:
   a small header in their place, resolved by the writer (``model_io.save``) or by
   ``Skeleton.materialize``;
 * dead nodes are dropped, replacement nodes take their anchor's place in the node order, and the
-  graph is re-sorted only when that order is not topological: once per run, not per pass.
+  graph is re-sorted only when that order is not topological: once per run, not per pass;
+* model-local function bodies are imported as graphs too (``functions``); a body no pass
+  changed is exported as its source FunctionProto, a changed one with the constants its
+  rewrites made as Constant nodes (a function has no initializers).
 """
 from __future__ import annotations
 
@@ -204,6 +207,8 @@ class ProtoNode(gs.Node):
         attrs = d.get("_attrs")
         if attrs is None:
             attrs = d["_attrs"] = OnnxImporter.import_attributes(d["_proto"].attribute, {}, {}, None, None)
+            if "_function" in d:
+                attrs = d["_attrs"] = _guard_refs(self, attrs)
         return attrs
 
     @attrs.setter
@@ -312,7 +317,11 @@ def import_model(model: onnx.ModelProto, weights: Weights) -> gs.Graph:
     """The model's main graph (and subgraphs) as graphsurgeon objects, lazily decoded."""
     opset = next((imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")), None)
     legacy = model.ir_version < LISTED_INITIALIZERS_IR
-    return _import_graph(model.graph, {}, weights, opset, list(model.opset_import), legacy=legacy)
+    domains = list(model.opset_import)
+    g = _import_graph(model.graph, {}, weights, opset, domains, legacy=legacy)
+    if model.functions:
+        g.__dict__["_local_functions"] = [_import_function(fp, weights, opset, domains) for fp in model.functions]
+    return g
 
 
 # Below this IR version the format requires every initializer to be listed as a graph input:
@@ -322,7 +331,7 @@ LISTED_INITIALIZERS_IR = 4
 
 
 def _import_graph(gp: onnx.GraphProto, outer: dict, weights: Weights, opset, domains, legacy: bool = False,
-                  ) -> gs.Graph:
+                  function: str | None = None) -> gs.Graph:
     local: dict[str, gs.Tensor] = {}
     for init in gp.initializer:
         local[init.name] = _constant(init, weights)
@@ -360,21 +369,7 @@ def _import_graph(gp: onnx.GraphProto, outer: dict, weights: Weights, opset, dom
             t = local[name] = _variable(name)
         return t
 
-    nodes = []
-    for np_ in gp.node:
-        node = object.__new__(ProtoNode)
-        d = node.__dict__
-        d["op"], d["name"] = np_.op_type, np_.name
-        d["domain"] = np_.domain if np_.HasField("domain") else None
-        d["_proto"] = np_
-        if (np_.op_type in _SUBGRAPH_OPS or np_.domain not in ("", "ai.onnx")) \
-                and any(a.type in _GRAPH_ATTRS for a in np_.attribute):
-            scope = {**outer, **local}
-            d["_attrs"] = _import_graph_attrs(np_, scope, weights, opset, domains)
-            d["_has_graphs"] = True
-        d["inputs"] = _sync_list(node, "outputs", [get(n) for n in np_.input])
-        d["outputs"] = _sync_list(node, "inputs", [get(n, outer_ok=False) for n in np_.output])
-        nodes.append(node)
+    nodes = _import_nodes(gp.node, get, lambda: {**outer, **local}, weights, opset, domains, function)
 
     g = object.__new__(gs.Graph)
     g.__dict__.update(nodes=nodes, inputs=inputs, outputs=outputs, name=gp.name, __name__=gp.name,
@@ -385,18 +380,166 @@ def _import_graph(gp: onnx.GraphProto, outer: dict, weights: Weights, opset, dom
     return g
 
 
-def _import_graph_attrs(np_: onnx.NodeProto, scope: dict, weights: Weights, opset, domains) -> OrderedDict:
+def _import_nodes(protos, get, scope, weights: Weights, opset, domains, function: str | None) -> list[gs.Node]:
+    """The nodes of a graph or function body; ``scope()`` is what their subgraphs may read.
+    In a function body (``function``: its label) each node remembers where it is, so that an
+    attribute referring to the function's attributes can say so when read."""
+    nodes = []
+    for np_ in protos:
+        node = object.__new__(ProtoNode)
+        d = node.__dict__
+        d["op"], d["name"] = np_.op_type, np_.name
+        d["domain"] = np_.domain if np_.HasField("domain") else None
+        d["_proto"] = np_
+        if function is not None:
+            d["_function"] = function
+        if (np_.op_type in _SUBGRAPH_OPS or np_.domain not in ("", "ai.onnx")) \
+                and any(a.type in _GRAPH_ATTRS for a in np_.attribute):
+            d["_attrs"] = _import_graph_attrs(np_, scope(), weights, opset, domains, function)
+            if function is not None:
+                d["_attrs"] = _guard_refs(node, d["_attrs"])
+            d["_has_graphs"] = True
+        d["inputs"] = _sync_list(node, "outputs", [get(n) for n in np_.input])
+        d["outputs"] = _sync_list(node, "inputs", [get(n, outer_ok=False) for n in np_.output])
+        nodes.append(node)
+    return nodes
+
+
+def _import_graph_attrs(np_: onnx.NodeProto, scope: dict, weights: Weights, opset, domains,
+                        function: str | None = None) -> OrderedDict:
     plain = [a for a in np_.attribute if a.type not in _GRAPH_ATTRS]
     attrs = OnnxImporter.import_attributes(plain, {}, {}, None, None)
     out = OrderedDict()
     for a in np_.attribute:
         if a.type == onnx.AttributeProto.GRAPH:
-            out[a.name] = _import_graph(a.g, scope, weights, opset, domains)
+            out[a.name] = _import_graph(a.g, scope, weights, opset, domains, function=function)
         elif a.type == onnx.AttributeProto.GRAPHS:
-            out[a.name] = [_import_graph(sub, scope, weights, opset, domains) for sub in a.graphs]
+            out[a.name] = [_import_graph(sub, scope, weights, opset, domains, function=function) for sub in a.graphs]
         elif a.name in attrs:
             out[a.name] = attrs[a.name]
     return out
+
+
+# ----------------------------------------------------------------------------- model-local functions
+
+FUNCTION = "function"
+
+
+def function_label(domain: str, name: str, overload: str = "") -> str:
+    """How records name a model-local function (its graph path): ``function domain:name``
+    (``function domain:name:overload`` for an overload)."""
+    return f"{FUNCTION} {domain}:{name}" + (f":{overload}" if overload else "")
+
+
+def is_function_path(path: str) -> bool:
+    return path.startswith(FUNCTION + " ")
+
+
+class UnknownAttribute(Exception):
+    """A pass read an attribute that refers to an attribute of the enclosing function: its
+    value is given per call, not known in the body."""
+
+
+def _refused(self, *args, **kwargs):
+    raise UnknownAttribute(self.why)
+
+
+class RefAttr(gs.Node.AttributeRef):
+    """An attribute of a function-body node that refers to an attribute of the function
+    (``ref_attr_name``). Any use of its value (number, comparison, truth, iteration) raises
+    UnknownAttribute: a pass cannot mistake it for a value, nor for an absent attribute."""
+
+    def __init__(self, ref: gs.Node.AttributeRef, why: str, proto: onnx.AttributeProto):
+        super().__init__(ref.name, ref.type)
+        self.why = why
+        self.proto = proto
+
+    __float__ = __int__ = __index__ = __bool__ = __len__ = __iter__ = __getitem__ = __array__ = _refused
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __neg__ = __abs__ = _refused
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _refused
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return f"RefAttr(@{self.name})"
+
+
+def _guard_refs(node: gs.Node, attrs) -> OrderedDict:
+    d = node.__dict__
+    if not any(isinstance(v, gs.Node.AttributeRef) for v in attrs.values()):
+        return attrs
+    label = d["name"] or f"{d['op']}({d['_proto'].output[0] if d['_proto'].output else '?'})"
+    protos = {a.name: a for a in d["_proto"].attribute}
+    out = OrderedDict()
+    for key, value in attrs.items():
+        if isinstance(value, gs.Node.AttributeRef) and not isinstance(value, RefAttr):
+            value = RefAttr(value, f"attribute '{key}' of {label} refers to attribute '{value.name}' of "
+                                   f"{d['_function']}: its value is given per call", protos[key])
+        out[key] = value
+    return out
+
+
+def ref_attrs(node: gs.Node) -> list[tuple[str, str]]:
+    """(attribute, function attribute it refers to) for a function-body node; [] elsewhere."""
+    proto = node.__dict__.get("_proto")
+    if proto is None or "_function" not in node.__dict__:
+        return []
+    return [(a.name, a.ref_attr_name) for a in proto.attribute if a.ref_attr_name]
+
+
+def _import_function(fp: onnx.FunctionProto, weights: Weights, model_opset, domains) -> gs.Graph:
+    """A function body as a graph: its inputs and outputs as the graph's, no initializers
+    (constants are Constant nodes), its own opset (``opset``: its default-domain import)."""
+    label = function_label(fp.domain, fp.name, fp.overload)
+    local: dict[str, gs.Tensor] = {}
+    inputs = []
+    for name in fp.input:
+        t = local.get(name)
+        if t is None:
+            t = local[name] = _variable(name)
+        t.__dict__[_INPUT_MARK] = True
+        t.__dict__[_FUNCTION_INPUT] = label
+        inputs.append(t)
+
+    def get(name: str, outer_ok: bool = True) -> gs.Tensor:
+        t = local.get(name)
+        if t is None:
+            if not name:
+                return _variable("")
+            t = local[name] = _variable(name)
+        return t
+
+    opset = next((imp.version for imp in fp.opset_import if imp.domain in ("", "ai.onnx")), model_opset)
+    nodes = _import_nodes(fp.node, get, lambda: dict(local), weights, opset, domains, label)
+    outputs = [get(name) for name in fp.output]
+    g = object.__new__(gs.Graph)
+    g.__dict__.update(nodes=nodes, inputs=inputs, outputs=outputs, name=fp.name, __name__=fp.name,
+                      doc_string=fp.doc_string, opset=opset, producer_name="", producer_version="",
+                      import_domains=list(fp.opset_import), ir_version=None, name_idx=0, _functions=[],
+                      _function_src=fp, _function_label=label)
+    return g
+
+
+_FUNCTION_INPUT = "_normopt_function_input"
+
+
+def function_of_input(tensor: gs.Tensor) -> str | None:
+    """The label of the function whose input ``tensor`` is, else None."""
+    return tensor.__dict__.get(_FUNCTION_INPUT)
+
+
+def functions(root: gs.Graph) -> list[gs.Graph]:
+    """The model-local function bodies imported with ``root`` (none for most models)."""
+    return root.__dict__.get("_local_functions", [])
+
+
+def function_opset(g: gs.Graph) -> int | None:
+    """A function body's default-domain opset; None for a graph."""
+    return g.opset if "_function_src" in g.__dict__ else None
+
+
+def set_function_opset(g: gs.Graph, version: int) -> None:
+    g.opset = version
+    g.__dict__["_rewritten"] = True
 
 
 def iter_graphs(graph: gs.Graph, path: str = "", label=None) -> Iterator[tuple[str, gs.Graph]]:
@@ -424,7 +567,10 @@ def all_names(graph: gs.Graph) -> set[str]:
     """Every tensor and node name in the graph and its subgraphs (from the source protos where
     the graph was imported, so nothing is decoded)."""
     names: set[str] = set()
-    for _path, g in iter_graphs(graph):
+    graphs = list(iter_graphs(graph))
+    for fn in functions(graph):  # names there are local, but fresh ones stay unique everywhere
+        graphs += iter_graphs(fn)
+    for _path, g in graphs:
         src = g.__dict__.get("_src")
         if src is not None:
             names.update(t.name for t in src.initializer)
@@ -473,6 +619,9 @@ def finish(graph: gs.Graph) -> None:
     the same for every subgraph. Costs one walk over the nodes."""
     for _path, g in list(iter_graphs(graph)):
         _finish_one(g)
+    for fn in functions(graph):
+        for _path, g in list(iter_graphs(fn)):
+            _finish_one(g)
 
 
 def _finish_one(g: gs.Graph) -> None:
@@ -714,7 +863,9 @@ def _export_node(node: gs.Node, weights: Weights) -> onnx.NodeProto:
     proto.input.extend(t.name for t in node.inputs)
     proto.output.extend(t.name for t in node.outputs)
     for key, value in node.attrs.items():
-        if isinstance(value, gs.Graph) or (isinstance(value, list) and value and isinstance(value[0], gs.Graph)):
+        if isinstance(value, RefAttr):
+            proto.attribute.append(value.proto)
+        elif isinstance(value, gs.Graph) or (isinstance(value, list) and value and isinstance(value[0], gs.Graph)):
             attr = onnx.AttributeProto()
             attr.name = key
             if isinstance(value, gs.Graph):
@@ -748,10 +899,58 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto, weights: Weights) -
     """The rewritten model (a skeleton when it holds headers); model-level fields from ``template``."""
     out = model_fields(template)
     out.graph.CopyFrom(export_graph(graph, weights))
+    fns = functions(graph)
+    if fns:
+        del out.functions[:]
+        out.functions.extend(_export_function(fn, weights) for fn in fns)
     if graph.__dict__.get("_listed_initializers"):
         src = graph.__dict__["_src"]
         _list_initializers(out.graph, {t.name for t in src.initializer}, out.ir_version < LISTED_INITIALIZERS_IR)
     return out
+
+
+def _export_function(fn: gs.Graph, weights: Weights) -> onnx.FunctionProto:
+    """A function body as a FunctionProto: its source proto when no pass changed it; else the
+    source's interface, attributes and metadata with the body's nodes. A function holds no
+    initializers: each constant a rewrite made becomes a Constant node at the top of the body."""
+    src: onnx.FunctionProto = fn.__dict__["_function_src"]
+    if not any(g.__dict__.get("_rewritten") for _path, g in iter_graphs(fn)):
+        return src
+    fp = onnx.FunctionProto()
+    fp.name, fp.domain = src.name, src.domain
+    if src.overload:
+        fp.overload = src.overload
+    if src.doc_string:
+        fp.doc_string = src.doc_string
+    fp.input.extend(src.input)
+    fp.output.extend(src.output)
+    fp.attribute.extend(src.attribute)
+    fp.attribute_proto.extend(src.attribute_proto)
+    has_default = False
+    for imp in src.opset_import:
+        entry = fp.opset_import.add()
+        entry.CopyFrom(imp)
+        if imp.domain in ("", "ai.onnx"):
+            entry.version, has_default = fn.opset, True
+    if not has_default:
+        fp.opset_import.add().version = fn.opset
+    used: dict[int, gs.Constant] = {}
+    for node in fn.nodes:
+        for t in _reads(node):
+            if isinstance(t, gs.Constant):
+                used.setdefault(id(t), t)
+    for c in used.values():
+        node = fp.node.add()
+        node.op_type = "Constant"
+        node.output.append(c.name)
+        attr = node.attribute.add()
+        attr.name, attr.type = "value", onnx.AttributeProto.TENSOR
+        attr.t.CopyFrom(_export_tensor(c, weights, header_ok=False))
+    fp.node.extend(_export_node(n, weights) for n in fn.nodes)
+    alive = {t.name for n in fn.nodes for t in n.outputs} | set(src.input)
+    fp.value_info.extend(vi for vi in src.value_info if vi.name in alive)
+    fp.metadata_props.extend(src.metadata_props)
+    return fp
 
 
 def _list_initializers(gp: onnx.GraphProto, source_inits: set[str], listed: bool) -> None:

@@ -202,3 +202,44 @@ def upgrade_graph(graph, source: int, target: int, elem_type, names) -> bool:
         graph.nodes.extend(new_nodes)
         ir.place(graph, node, new_nodes)
     return True
+
+
+def changed_ops(ops, source: int, target: int) -> set[str]:
+    """The default-domain ops among ``ops`` whose definition differs between opsets ``source``
+    and ``target`` (or that one of them lacks): a body using them cannot simply be relabelled."""
+    changed = set()
+    for op in ops:
+        try:
+            a = onnx.defs.get_schema(op, source, "").since_version
+            b = onnx.defs.get_schema(op, target, "").since_version
+        except onnx.defs.SchemaError:
+            changed.add(op)
+            continue
+        if a != b:
+            changed.add(op)
+    return changed
+
+
+def function_opset(fp: onnx.FunctionProto) -> int | None:
+    return next((imp.version for imp in fp.opset_import if imp.domain in DEFAULT_DOMAINS), None)
+
+
+def convert_function(fp: onnx.FunctionProto, target: int, ir_version: int) -> onnx.FunctionProto:
+    """A model-local function whose body is converted to default-domain opset ``target`` by
+    onnx's converter (a one-graph model of the body; the converter itself skips functions).
+    Raises what the converter raises."""
+    source = function_opset(fp)
+    graph = helper.make_graph(list(fp.node), fp.name, [onnx.ValueInfoProto(name=i) for i in fp.input],
+                              [onnx.ValueInfoProto(name=o) for o in fp.output])
+    body = helper.make_model(graph, opset_imports=list(fp.opset_import), ir_version=ir_version)
+    if source is None:
+        raise ValueError("the function imports no default-domain opset")
+    converted = version_converter.convert_version(body, target)
+    out = onnx.FunctionProto()
+    out.CopyFrom(fp)
+    del out.node[:]
+    out.node.extend(converted.graph.node)
+    for imp in out.opset_import:
+        if imp.domain in DEFAULT_DOMAINS:
+            imp.version = target
+    return out

@@ -222,7 +222,7 @@ def _run(model, table, names, options: Options, base_dir: str | None, lazy: bool
             note = None
             if not options.allow_opset_upgrade:
                 note = "opset upgrade disabled"
-            elif opset_in_place(graph, current, need, shapes, scope):
+            elif _relabel_ok(graph, need) and opset_in_place(graph, current, need, shapes, scope):
                 current = with_opset(current, need)
                 result.upgrades.append(OpsetUpgrade(opset, need, name))
             else:
@@ -261,6 +261,32 @@ class Shapes:
         self._model = model
         self._index: dict[str, onnx.ValueInfoProto] | None = None
         self._decoded: dict[str, tuple[int, tuple | None] | None] = {}
+        self._with_functions = model if model.functions else None
+        self._functions: dict[int, FunctionShapes] = {}
+        self._calls: tuple | None = None
+
+    def calls(self) -> tuple[dict, set, dict]:
+        """(function key -> call sites in the model's graphs, keys called from function bodies,
+        initializer name -> (elem_type, dims)): one walk over the model, on first use."""
+        if self._calls is None:
+            model = self._with_functions
+            sites: dict[tuple[str, str], list[onnx.NodeProto]] = {}
+            inits = {}
+            for g in all_graphs(model.graph):
+                inits.update((t.name, (t.data_type, tuple(t.dims))) for t in g.initializer)
+                for n in g.node:
+                    if n.domain not in DEFAULT_DOMAINS:
+                        sites.setdefault((n.domain, n.op_type, n.overload), []).append(n)
+            nested = {(n.domain, n.op_type, n.overload) for f in model.functions for n in f.node}
+            self._calls = (sites, nested, inits)
+        return self._calls
+
+    def function(self, fn: gs.Graph) -> "FunctionShapes":
+        """The shapes inside function body ``fn`` (names there are local to it)."""
+        found = self._functions.get(id(fn))
+        if found is None:
+            found = self._functions[id(fn)] = FunctionShapes(self._with_functions, fn.__dict__["_function_src"], self)
+        return found
 
     def _inferred(self) -> dict[str, onnx.ValueInfoProto]:
         if self._index is None:
@@ -284,16 +310,124 @@ class Shapes:
         return vi.type.tensor_type.elem_type if vi is not None and vi.type.HasField("tensor_type") else 0
 
 
+class FunctionShapes:
+    """name -> (elem_type, shape) inside one function body: what holds at every call of it.
+
+    Each call site's input types (from the model's shape inference) are given to the body in a
+    one-function model, and onnx infers its tensors from them (attributes that refer to the
+    function's take the call's values). A fact is kept only when every call gives it: a dim that
+    differs between calls is unknown, a rank that differs leaves the shape unknown. When a call
+    site cannot be typed (or the function is called from another function body, or never),
+    nothing is known. Computed on first use."""
+
+    def __init__(self, model: onnx.ModelProto | None, fp: onnx.FunctionProto, shapes: Shapes):
+        self._model, self._fp, self._shapes = model, fp, shapes
+        self._table: dict[str, tuple[int, tuple | None]] | None = None
+
+    def get(self, name: str, default=None):
+        if self._table is None:
+            try:
+                self._table = _function_facts(self._model, self._fp, self._shapes) if self._model is not None else {}
+            except Exception:  # noqa: BLE001 - inference is best effort: without facts passes skip
+                self._table = {}
+            self._model = None
+        found = self._table.get(name)
+        return default if found is None else found
+
+
+def _function_facts(model: onnx.ModelProto, fp: onnx.FunctionProto, shapes: Shapes) -> dict:
+    calls, nested, inits = shapes.calls()
+    key = (fp.domain, fp.name, fp.overload)
+    sites = calls.get(key, [])
+    if not sites or key in nested:
+        return {}
+    tables = []
+    for site in sites:
+        table = _infer_call(model, fp, site, lambda name: inits.get(name) or shapes.get(name))
+        if table is None:
+            return {}
+        tables.append(table)
+    merged = tables[0]
+    for table in tables[1:]:
+        merged = {name: fact for name, fact in ((n, _meet(f, table.get(n))) for n, f in merged.items())
+                  if fact is not None}
+    return merged
+
+
+def _meet(a, b):
+    """What two calls agree on about one tensor: same element type, and per dim the same value."""
+    if a is None or b is None or a[0] != b[0]:
+        return None
+    if a[1] is None or b[1] is None or len(a[1]) != len(b[1]):
+        return (a[0], None)
+    return (a[0], tuple(x if x == y else None for x, y in zip(a[1], b[1])))
+
+
+def _infer_call(model: onnx.ModelProto, fp: onnx.FunctionProto, site: onnx.NodeProto, typed) -> dict | None:
+    """The body's tensors typed by onnx inference from one call's input types; None when the
+    call's inputs are not all typed."""
+    inputs = []
+    for formal, actual in zip(fp.input, site.input):
+        if not actual:
+            continue
+        found = typed(actual)
+        if found is None or not found[0]:
+            return None
+        elem, shape = found
+        inputs.append(onnx.helper.make_tensor_value_info(formal, elem, None if shape is None else list(shape)))
+    values = {a.name: a for a in fp.attribute_proto}
+    values.update((a.name, a) for a in site.attribute)
+    body = []
+    for node in fp.node:
+        if any(a.ref_attr_name for a in node.attribute):
+            node = _bind_refs(node, values)
+        body.append(node)
+    graph = onnx.helper.make_graph(body, "call", inputs, [onnx.helper.ValueInfoProto(name=o) for o in fp.output])
+    imports = {imp.domain: imp.version for imp in model.opset_import}
+    imports.update((imp.domain, imp.version) for imp in fp.opset_import)
+    mini = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in imports.items()],
+                                  ir_version=model.ir_version)
+    mini.functions.extend(f for f in model.functions
+                          if (f.domain, f.name, f.overload) != (fp.domain, fp.name, fp.overload))
+    inferred = onnx.shape_inference.infer_shapes(mini, data_prop=True)
+    table = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        found = _decode(vi)
+        if found is not None and found[0]:
+            table[vi.name] = found
+    return table
+
+
+def _bind_refs(node: onnx.NodeProto, values: dict) -> onnx.NodeProto:
+    """A copy of a body node with each attribute that refers to the function's attributes
+    replaced by the call's value (dropped when the call gives none and there is no default)."""
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    del out.attribute[:]
+    for a in node.attribute:
+        if not a.ref_attr_name:
+            out.attribute.append(a)
+        elif a.ref_attr_name in values:
+            bound = out.attribute.add()
+            bound.CopyFrom(values[a.ref_attr_name])
+            bound.name = a.name
+    return out
+
+
 def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, names: G.NameScope, options: Options,
               upgrade_note: str | None) -> tuple[PassRecord, int]:
     """One pass over every graph, repeated until nothing more applies. Returns (record, opset needed)."""
     record = PassRecord(pass_.name)
-    opset = model_opset(model)
+    model_version = opset = model_opset(model)
     for _round in range(MAX_ROUNDS):
         skipped: list[Skip] = []
         applied_before = len(record.applied)
-        for path, graph in list(G.iter_graphs(root)):
-            ctx = Context(graph=graph, root=root, opset=opset, names=names, shapes=shapes, path=path)
+        for path, graph, fn in _graphs(root):
+            if fn is None:
+                ctx = Context(graph=graph, root=root, opset=opset, names=names, shapes=shapes, path=path)
+            else:
+                ctx = Context(graph=graph, root=root, opset=fn.opset, names=names, shapes=shapes.function(fn),
+                              path=path)
             gone: set[int] = set()
             local = None if graph is root else {id(n) for n in graph.nodes}  # once per graph: no rescans
             anchors = [n for n in graph.nodes if n.op in pass_.anchor_ops]
@@ -310,6 +444,11 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, names
                     skipped.append(Skip(pass_.name, G.node_label(found.node or node), found.reason, path))
                     continue
                 label = G.node_label(node)
+                if fn is not None:
+                    why = _function_refusal(found, path)
+                    if why:
+                        skipped.append(Skip(pass_.name, label, why, path))
+                        continue
                 outer = _outer_node(found, local)
                 if outer is not None:
                     # Rewriting would move that node into this subgraph, away from the outer
@@ -317,15 +456,26 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, names
                     skipped.append(Skip(pass_.name, label, f"matched node {G.node_label(outer)} is in an "
                                         "outer graph", path))
                     continue
-                if found.output.name in options.exclude:
-                    skipped.append(Skip(pass_.name, label, f"rolled back: {options.exclude[found.output.name]}", path))
+                key = exclusion_key(path, found.output.name)
+                if key in options.exclude:
+                    skipped.append(Skip(pass_.name, label, f"rolled back: {options.exclude[key]}", path))
                     continue
                 vetoed = options.veto(pass_.name, found) if options.veto else None
                 if vetoed:
                     skipped.append(Skip(pass_.name, label, vetoed, path))
                     continue
                 required = pass_.required_opset(found)
-                if required > opset:
+                if fn is not None:
+                    if required > model_version and upgrade_note is None:
+                        return record, required  # upgrade the model (and bodies) first, as for the main graph
+                    why = _function_opset(fn, required, model_version, path)
+                    if why and required > model_version and upgrade_note:
+                        why += f"; {upgrade_note}"
+                    if why:
+                        skipped.append(Skip(pass_.name, label, why, path))
+                        continue
+                    ctx.opset = fn.opset
+                elif required > opset:
                     if upgrade_note is None:
                         # Stop here: what is left is scanned again once the model is upgraded
                         # (scanning it now would match the whole graph twice).
@@ -347,6 +497,71 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, names
     return record, 0
 
 
+def _graphs(root: gs.Graph) -> list[tuple[str, gs.Graph, gs.Graph | None]]:
+    """(path, graph, function body or None) for the main graph, its subgraphs, and each model-local
+    function body with its subgraphs (path ``function domain:name``), listed before any rewrite.
+    A model without functions pays nothing more."""
+    found = [(path, graph, None) for path, graph in G.iter_graphs(root)]
+    for fn in ir.functions(root):
+        found += [(path, graph, fn) for path, graph in G.iter_graphs(fn, fn.__dict__["_function_label"])]
+    return found
+
+
+def exclusion_key(path: str, output: str) -> str:
+    """The key a rolled-back rewrite is excluded by: its kept output's name, qualified by the
+    function inside a function body (names there are local to the body)."""
+    return f"{path}: {output}" if ir.is_function_path(path) else output
+
+
+def _function_refusal(m: Match, path: str) -> str | None:
+    """Why a match inside a function body cannot be rewritten there: a matched node's attribute
+    refers to an attribute of the function (its value is given per call)."""
+    for node in m.matched:
+        refs = ir.ref_attrs(node)
+        if refs:
+            attr, ref = refs[0]
+            return (f"attribute '{attr}' of {G.node_label(node)} refers to attribute '{ref}' of {path.split('/')[0]}: "
+                    "its value is given per call, so the rewrite cannot be checked")
+    return None
+
+
+def _relabel_ok(root: gs.Graph, target: int) -> bool:
+    """Whether every function body keeps its meaning at default-domain opset ``target`` (no op
+    of it changes between its opset and ``target``): then the model may be upgraded (the bodies
+    stay compatible with its opset) and a body relabelled. True for a model without functions."""
+    return _relabel_block(root, target) is None
+
+
+def _relabel_block(root: gs.Graph, target: int) -> str | None:
+    """Why a model-local function body would not be compatible with default-domain opset ``target``."""
+    for f in ir.functions(root):
+        changed = opset.changed_ops({n.op for _p, g in G.iter_graphs(f) for n in g.nodes if G.in_default_domain(n)},
+                                    f.opset, target)
+        if changed:
+            return (f"{f.__dict__['_function_label']} imports opset {f.opset}; at opset {target} these ops of "
+                    f"it differ: {', '.join(sorted(changed)[:4])}")
+    return None
+
+
+def _function_opset(fn: gs.Graph, required: int, model_version: int, path: str) -> str | None:
+    """None when a rewrite needing default-domain opset ``required`` may be emitted in function
+    ``fn`` (its own opset raised to the model's when no op of its body changes between the two);
+    else why not."""
+    have = fn.opset
+    name = fn.__dict__["_function_label"]
+    if required <= have and required <= model_version:
+        return None
+    if required > model_version:
+        return f"needs opset {required}, {name} imports {have} (the model imports {model_version})"
+    changed = opset.changed_ops({n.op for _p, g in G.iter_graphs(fn) for n in g.nodes if G.in_default_domain(n)},
+                                have, model_version)
+    if changed:
+        return (f"needs opset {required}, {name} imports {have}; raising it to the model's {model_version} "
+                f"would change {', '.join(sorted(changed)[:4])}")
+    ir.set_function_opset(fn, model_version)
+    return None
+
+
 def _outer_node(m: Match, local: set[int] | None) -> gs.Node | None:
     """A matched node that is not one of this subgraph's ``local`` nodes (a match that reached
     the outer scope); None in the main graph."""
@@ -360,6 +575,8 @@ def _safe_match(pass_: Pass, node: gs.Node, ctx: Context) -> Match | Reject | No
     with the error as its reason instead of stopping the whole run; nothing was changed yet."""
     try:
         return pass_.match(node, ctx)
+    except ir.UnknownAttribute as err:  # a function-body attribute given per call
+        return Reject(str(err))
     except Exception as err:  # noqa: BLE001 - reported as a skip, never swallowed silently
         return Reject(f"not analysed: {type(err).__name__}: {' '.join(str(err).split())[:160]}")
 
@@ -375,6 +592,7 @@ def _apply(pass_: Pass, m: Match, ctx: Context, anchor: gs.Node, label: str, loc
     for node in m.matched:
         node.inputs.clear()
     ctx.graph.nodes.extend(new_nodes)
+    ctx.graph.__dict__["_rewritten"] = True
     if not any(m.output in n.outputs for n in new_nodes):  # pragma: no cover - a pass bug
         raise AssertionError(f"{pass_.name}: rewrite lost tensor '{m.output.name}'")
     if any(n is anchor for n in m.matched):
@@ -402,7 +620,8 @@ def model_opset(model: onnx.ModelProto) -> int:
 
 
 def count_nodes(model: onnx.ModelProto) -> int:
-    return sum(len(g.node) for g in all_graphs(model.graph))
+    """Nodes of the model's graphs and of its function bodies."""
+    return sum(len(g.node) for g in all_graphs(model.graph)) + sum(len(f.node) for f in model.functions)
 
 
 def opset_in_place(graph: gs.Graph, model: onnx.ModelProto, target: int, shapes, names: G.NameScope) -> bool:
@@ -422,9 +641,7 @@ def opset_in_place(graph: gs.Graph, model: onnx.ModelProto, target: int, shapes,
         known = shapes.get(t.name)
         return known[0] if known and known[0] else None
 
-    if model.functions:
-        return False
-    try:
+    try:  # model-local functions keep their own opset imports (their bodies do not change there)
         return opset.upgrade_graph(graph, model_opset(model), target, elem_type, names)
     except Exception:  # noqa: BLE001 - any surprise: the converter's whole-model path decides
         return False
@@ -448,12 +665,29 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     light = without_weights(model)
     upgraded = opset.convert(light, target)
     upgraded.ir_version = max(model.ir_version, min_ir_version(target))
+    if model.functions and not upgraded.functions:  # onnx's converter drops them: each body on its own
+        upgraded.functions.extend(_upgraded_function(fp, target, upgraded.ir_version) for fp in model.functions)
     weights = {init.name: init for init in model.graph.initializer}
     for i, init in enumerate(upgraded.graph.initializer):
         if init.data_location == onnx.TensorProto.EXTERNAL and init.name in weights:
             upgraded.graph.initializer[i].CopyFrom(weights[init.name])
     _keep_value_info(model.graph, upgraded.graph)
     return upgraded
+
+
+def _upgraded_function(fp: onnx.FunctionProto, target: int, ir_version: int) -> onnx.FunctionProto:
+    """``fp`` as it is when its body keeps its meaning at ``target`` (it keeps its own opset
+    import); else its body converted to ``target``. Raises, naming the function, when the
+    conversion fails."""
+    version = opset.function_opset(fp) or target
+    if version >= target or not opset.changed_ops({n.op_type for n in fp.node if n.domain in DEFAULT_DOMAINS},
+                                                  version, target):
+        return fp
+    try:
+        return opset.convert_function(fp, target, ir_version)
+    except Exception as err:  # the converter raises many types
+        raise ValueError(f"{ir.function_label(fp.domain, fp.name, fp.overload)}: "
+                         f"{' '.join(str(err).split())[:120]}") from err
 
 
 def _keep_value_info(source: onnx.GraphProto, converted: onnx.GraphProto) -> None:

@@ -5,9 +5,8 @@ Sites come from two places:
 * the passes' own records: the pipeline runs on the model exactly as ``fold`` runs it, minus
   verification, so a site marked ``rewrite`` is one ``fold`` rewrites unless verification rolls
   it back, and a skipped candidate carries the pass's skip reason;
-* a walk over the model's nodes for what no pass rewrites: native normalization ops (already a
-  single op), normalization ops inside model-local functions (passes do not enter function
-  bodies), and weight normalization (``g * v / ||v||`` of constant ``v``) when fold-weightnorm,
+* a walk over the model's nodes (model-local function bodies included) for what no pass
+  rewrites: native normalization ops (already a single op), and weight normalization (``g * v / ||v||`` of constant ``v``) when fold-weightnorm,
   which records every norm of a constant, was not run.
 """
 from __future__ import annotations
@@ -125,13 +124,6 @@ def sites_from_records(model: onnx.ModelProto, out: onnx.ModelProto, result: Pip
                 sites.append(_native_site(node, label, path, ran))
         if "fold-weightnorm" not in ran:  # else its records name every norm of a constant
             sites.extend(_weight_norms(graph, path))
-    for fn in model.functions:
-        where = f"function {fn.domain}:{fn.name}"
-        for node in fn.node:
-            if node.op_type in NATIVE_OPS and node.domain in ("", "ai.onnx"):
-                sites.append(Site(node.op_type, "native", SKIP, [_label(node)], node.output[0] if node.output else "",
-                                  where, None, None, "inside a model-local function: passes do not rewrite "
-                                  "function bodies (inline the function first, e.g. onnx.inliner.inline_local_functions)"))
     return Inspection(sites, result, pipeline.model_opset(model))
 
 
@@ -210,6 +202,9 @@ def _graphs(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.GraphProto]]:
                     suffix = f"{attr.name}[{i}]" if len(subs) > 1 else attr.name
                     yield from walk(sub, f"{path}/{_label(node)}.{suffix}")
     yield from walk(model.graph, "")
+    for fn in model.functions:  # a function body as a graph (no initializers: its constants are nodes)
+        body = onnx.GraphProto(node=fn.node)
+        yield from walk(body, f"function {fn.domain}:{fn.name}" + (f":{fn.overload}" if fn.overload else ""))
 
 
 class _NodeIndex:

@@ -94,7 +94,7 @@ def test_inspect_site_in_a_subgraph_is_located(rng):
     assert (site.kind, site.action, site.graph) == ("LayerNorm", "rewrite", "/branch.then_branch")
 
 
-def test_inspect_native_op_in_a_local_function_is_located_and_explained():
+def test_inspect_native_op_in_a_local_function_is_located_and_kept():
     fn = helper.make_function("local", "Norm", ["a", "s", "b"], ["o"],
                               [helper.make_node("InstanceNormalization", ["a", "s", "b"], ["o"], name="fn_in")],
                               [helper.make_opsetid("", OPSET)])
@@ -104,9 +104,9 @@ def test_inspect_native_op_in_a_local_function_is_located_and_explained():
                        extra_opsets=[("local", 1)])
     model.functions.append(fn)
     (site,) = inspect_model(model).sites
-    assert (site.kind, site.action, site.graph, site.nodes) == ("InstanceNormalization", "skip", "function local:Norm",
+    assert (site.kind, site.action, site.graph, site.nodes) == ("InstanceNormalization", "keep", "function local:Norm",
                                                                 ["fn_in"])
-    assert "inline" in site.reason
+    assert site.reason == "already a single standard op"
 
 
 def test_inspect_target_onnxruntime_skips_groupnorm_with_reason(rng):
