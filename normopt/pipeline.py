@@ -422,6 +422,7 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, names
     for _round in range(MAX_ROUNDS):
         skipped: list[Skip] = []
         applied_before = len(record.applied)
+        created_anchor = False
         for path, graph, fn in _graphs(root):
             if fn is None:
                 ctx = Context(graph=graph, root=root, opset=opset, names=names, shapes=shapes, path=path)
@@ -491,7 +492,11 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, names
                     local.update(id(n) for n in graph.nodes[count:])
                 if ctx._here is not None:
                     ctx._here.update(id(n) for n in graph.nodes[count:])
-        if len(record.applied) == applied_before:
+                created_anchor = created_anchor or any(n.op in pass_.anchor_ops for n in graph.nodes[count:])
+        # Another round can only find more where this one left a site it refused (a use outside
+        # a match may have gone with a later rewrite) or made a node this pass starts from; a
+        # site that did not fit a pattern sits upstream of no rewrite that came after it.
+        if len(record.applied) == applied_before or not (skipped or created_anchor):
             record.skipped = skipped
             break
     return record, 0
