@@ -69,3 +69,11 @@ class PipelineResult:
     @property
     def modified(self) -> bool:
         return bool(self.applied) or bool(self.upgrades)
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A candidate a pass must leave untouched. ``reason`` is a fact about the model."""
+
+    reason: str
+    node: object = None   # the gs.Node the reason concerns, when not the anchor

@@ -41,8 +41,8 @@ import onnx_graphsurgeon as gs
 
 from normopt import graph as G
 from normopt.passes._affine import (  # noqa: F401  (re-exported: the passes use them as _norm's)
-    CAST, FLOAT_BITS, Affine, TensorParam, broadcast_param, cast_target, describe, float_bits, is_float,
-    match_affine, scalar, sole_consumer)
+    CAST, FLOAT_BITS, Affine, TensorParam, affine_params, broadcast_param, cast_target, channel_affine, describe,
+    float_bits, is_float, match_affine, scalar, sole_consumer)
 from normopt.pattern import AnyOf, Const, Match, Op, Opt, Pattern, Var, match
 from normopt.pipeline import Context, Reject
 from normopt.passes._reduce import (  # noqa: F401  (MEAN_OPS re-exported: the passes use it as _norm's)
@@ -351,6 +351,12 @@ def held_epsilon(eps: float) -> str | None:
     return f"epsilon {eps:g} is not representable as the op's float32 attribute (it would be {f32:g})"
 
 
+def epsilon_miss(eps: float) -> Reject | None:
+    """``held_epsilon`` as a Reject: the fused op's epsilon attribute is a float32."""
+    reason = held_epsilon(eps)
+    return Reject(reason) if reason else None
+
+
 def _duplicated_casts(m: Match, ctx: Context) -> Reject | None:
     """Further Casts of x must be the same conversion as ``cast_x``, which must stay inside."""
     cast = m.nodes.get("cast_x")
@@ -471,3 +477,62 @@ def _variant(m: Match) -> list[str]:
     if sum(1 for n in m.matched if n.op == CAST and n.inputs[0] is m.tensors["x"]) > 1:
         names.append("duplicated Cast")
     return names
+
+
+# ------------------------------------------------------------------------------ over the trailing axes
+
+def trailing(norm: Normalized, ctx: Context) -> tuple[int, tuple] | Reject:
+    """(negative first axis, normalized dims) when ``norm`` is over the trailing axes
+    (LayerNormalization, RMSNormalization).
+
+    The dims may be symbolic: the fused op normalizes whatever size they have at run time."""
+    x, rank = norm.x, norm.rank
+    if rank is None:
+        return Reject(f"rank of input '{x.name}' is unknown")
+    axis = trailing_axis(norm.axes, rank)
+    if axis is None:
+        return Reject(f"normalizes axes {list(norm.axes)} of a rank-{rank} input, not its trailing axes "
+                      "(channels-first layout)", norm.match["mean" if norm.match.has("mean") else "var"])
+    return axis, tuple(ctx.shape(x)[axis:])
+
+
+def plan(norm: Normalized, ctx: Context, axis: int, tail: Affine) -> Match:
+    """The match to replace: the core plus its affine tail, for a fused op over ``axis`` (a new
+    Match; the core's is left as it is).
+
+    Fills ``m.tensors["input"]``, ``m.values["scale"]`` (ones when there is none),
+    ``m.values["bias"]`` (when there is one) and ``m.info`` (axis, epsilon, variant).
+    """
+    x = norm.x
+    shape = static_dims(ctx, x, axis)
+    m = norm.match.evolve(output=tail.output)
+    for node in tail.nodes:
+        m.add(node)
+    m.tensors["input"] = x
+    for key, param in (("scale", tail.scale), ("bias", tail.bias)):
+        if isinstance(param, TensorParam):
+            m.tensors[key] = param.tensor
+            m.info[f"{key}_lead"] = param.lead
+        elif param is not None:
+            m.values[key] = param
+    if tail.scale is None and shape is not None:
+        m.values["scale"] = np.ones(shape, np.float32)
+    # else: no scale and normalized dims known only at run time: ones of Shape(x)[axis:] (``_emit``)
+    m.info.update(epsilon=norm.epsilon, axis=axis, scale=tail.scale is not None, bias=tail.bias is not None)
+    outputs = [name for key, name in (("stat_mean", "Mean"), ("stat_inv_std", "InvStdDev")) if key in m.tensors]
+    if outputs:
+        m.info["outputs"] = outputs
+    if norm.variant:
+        m.info["variant"] = ", ".join(norm.variant)
+    if tail.kept:
+        m.info["kept"] = tail.kept
+    return m
+
+
+def static_dims(ctx: Context, x: gs.Tensor, axis: int) -> tuple[int, ...] | None:
+    """The dims of ``x`` from ``axis`` on, when all are static."""
+    shape = ctx.shape(x)
+    if shape is None:
+        return None
+    dims = tuple(shape[axis:])
+    return dims if all(isinstance(d, int) and d > 0 for d in dims) else None

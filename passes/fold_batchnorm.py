@@ -24,7 +24,7 @@ Math runs in float64 and is cast back to the weight's dtype (fp16, bf16, fp32, f
 opset 7 the bias Add after a MatMul gets broadcast=1, without which it does not broadcast.
 New weights are new initializers: a weight shared with another node is never changed.
 
-Parameters may be computed: from constants (``G.const_value``), or, for the affine-free
+Parameters may be computed: from constants (``ctx.const``), or, for the affine-free
 BatchNormalization of dynamo ``optimize=False`` exports, filled to the producer output's known
 channel count (``Expand(CastLike(1.0, y), Shape(y, 1, 2))``, ``ConstantOfShape``).
 
@@ -109,7 +109,7 @@ class FoldBatchNorm(Pass):
             return Reject("BatchNormalization has fewer than 5 inputs")
         params, readers = {}, []  # readers: nodes that compute a parameter from x's type or shape
         for key, tensor in zip(PARAMETERS, bn.inputs[1:5]):
-            value = G.const_value(tensor, ctx.graph)
+            value = ctx.const(tensor, from_shapes=False)
             if value is None:
                 filled = shape_filled(tensor, ctx)
                 value = None if filled is None else filled[0]
@@ -264,7 +264,7 @@ _COMPUTED = frozenset(_ARITHMETIC) | frozenset(_UNARY) | {"Cast"}
 def _evaluate(t: gs.Tensor, ctx: Context, seen: set, depth: int = 0) -> np.ndarray | None:
     """The value of a tensor computed from constants with Add/Sub/Mul/Div/Sqrt/Reciprocal/Neg
     (float64 math); ``seen`` collects the op types met. None if anything is not constant."""
-    value = G.const_value(t, ctx.graph)
+    value = ctx.const(t, from_shapes=False)
     if value is not None:
         return np.asarray(value, np.float64) if _is_float(value.dtype) else None
     node = G.producer(t)
@@ -304,7 +304,7 @@ def _affine_operands(add: gs.Node, ctx: Context):
                 continue
             seen: set = set()
             a = _evaluate(mul.inputs[1 - j], ctx, seen)
-            if a is None or "Sqrt" not in seen or G.const_value(mul.inputs[j], ctx.graph) is not None:
+            if a is None or "Sqrt" not in seen or ctx.const(mul.inputs[j], from_shapes=False) is not None:
                 continue
             b = _evaluate(add.inputs[1 - i], ctx, set())
             if b is None:
@@ -390,15 +390,15 @@ def shape_filled(t: gs.Tensor, ctx: Context) -> tuple[np.ndarray, list[gs.Node]]
 def _fill_value(t: gs.Tensor, ctx: Context, nodes: list) -> np.ndarray | None:
     node = G.producer(t)
     if node is not None and node.op == "CastLike" and G.in_default_domain(node):
-        inner, dtype = G.const_value(node.inputs[0], ctx.graph), ctx.dtype(node.inputs[1])
+        inner, dtype = ctx.const(node.inputs[0], from_shapes=False), ctx.dtype(node.inputs[1])
         nodes.append(node)
         return None if inner is None or dtype is None else inner.astype(dtype)
-    return G.const_value(t, ctx.graph)
+    return ctx.const(t, from_shapes=False)
 
 
 def _shape_value(t: gs.Tensor, ctx: Context, nodes: list) -> list[int] | None:
     """A 1-D shape tensor's value: a constant, or Shape(u)[start:end] of static dims of u."""
-    value = G.const_value(t, ctx.graph)
+    value = ctx.const(t, from_shapes=False)
     if value is not None:
         return [int(d) for d in value.reshape(-1)]
     node = G.producer(t)
@@ -492,7 +492,7 @@ def _matmul(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:
 def _matmul_bias(add: gs.Node, ctx: Context):
     for i in (0, 1):
         mm = G.producer(add.inputs[i])
-        bias = G.const_value(add.inputs[1 - i], ctx.graph)
+        bias = ctx.const(add.inputs[1 - i], from_shapes=False)
         if mm is None or mm.op != "MatMul" or bias is None:
             continue
         uses = G.other_uses(add.inputs[i], ctx.graph, {id(add)})
@@ -506,7 +506,7 @@ def _weight(prod: gs.Node, m: Match, ctx: Context):
     if len(prod.inputs) < 2:
         return f"{prod.op} has no weight input"
     tensor = prod.inputs[1]
-    w = G.const_value(tensor, ctx.graph)
+    w = ctx.const(tensor, from_shapes=False)
     if w is None:
         return f"{prod.op} weight '{tensor.name}' {G.not_constant(tensor, ctx.graph)}"
     if not _is_float(w.dtype):
@@ -518,7 +518,7 @@ def _weight(prod: gs.Node, m: Match, ctx: Context):
 def _optional_const(prod: gs.Node, index: int, ctx: Context):
     if len(prod.inputs) <= index or not prod.inputs[index].name:
         return None
-    value = G.const_value(prod.inputs[index], ctx.graph)
+    value = ctx.const(prod.inputs[index], from_shapes=False)
     if value is None:
         return f"{prod.op} bias '{prod.inputs[index].name}' {G.not_constant(prod.inputs[index], ctx.graph)}"
     return value
