@@ -158,12 +158,13 @@ def check_core(m: Match, ctx: Context, kind: str, statistics: bool = False) -> N
 
     With ``statistics``, the mean (``m.tensors["stat_mean"]``) and 1/std
     (``m.tensors["stat_inv_std"]``) may have users outside the match: the fused op then writes
-    them as its Mean and InvStdDev outputs."""
+    them as its Mean and InvStdDev outputs.
+
+    ``m`` is left as it is: the core's Normalized holds a new Match."""
     found = _structural_misses(m) or _duplicated_casts(m, ctx)
     if found:
         return found
-    _trim_input_cast(m, ctx)
-    _drop_constant_nodes(m, ctx)
+    m = _drop_constant_nodes(_trim_input_cast(m, ctx), ctx)
     bits = _compute_bits(m, ctx)
     if isinstance(bits, Reject):
         return bits
@@ -185,6 +186,7 @@ def check_core(m: Match, ctx: Context, kind: str, statistics: bool = False) -> N
         const_rank = np.asarray(m.values[key]).ndim if key in m.values else 0
         if rank is not None and const_rank > rank:
             return Reject(f"{what} has rank {const_rank}, more than the input's {rank}", m[node])
+    m = m.evolve()   # what goes with the match is added to a copy
     if statistics and m.has("sqrt") and "stat_inv_std" not in statistic_tensors(m):
         # 1/std computed beside a Div(d, std) (ONNX's function body writes InvStdDev that way):
         # it goes with the match, as the InvStdDev output.
@@ -372,23 +374,25 @@ def _duplicated_casts(m: Match, ctx: Context) -> Reject | None:
     return None
 
 
-def _trim_input_cast(m: Match, ctx: Context) -> None:
+def _trim_input_cast(m: Match, ctx: Context) -> Match:
     """Leave a Cast on the input outside the match when it is not a float-widening compute cast.
 
     A Cast from an integer (token ids, say) or one whose output also feeds other nodes belongs
     to the model, not to the normalization: the cast tensor itself is then the input. So does
     a narrowing Cast (float32 x rounded to float16): the fused op must see the rounded values.
+    Returns ``m`` itself when the Cast stays, else a new Match without it.
     """
     if not m.has("cast_x"):
-        return
+        return m
     cast = m["cast_x"]
     inside = {id(n) for n in m.matched}
     source, target = ctx.dtype(cast.inputs[0]), cast_target(cast)
     if not is_float(source) or not is_float(target) or float_bits(target) < float_bits(source) or \
             G.other_uses(cast.outputs[0], ctx.graph, inside):
-        m.matched[:] = [n for n in m.matched if n is not cast]
-        del m.nodes["cast_x"]
-        m.tensors["x"] = cast.outputs[0]
+        nodes = {k: n for k, n in m.nodes.items() if k != "cast_x"}
+        return m.evolve(matched=[n for n in m.matched if n is not cast], nodes=nodes,
+                        tensors={**m.tensors, "x": cast.outputs[0]})
+    return m
 
 
 def _common_axes(m: Match, ctx: Context, rank: int | None) -> tuple[int, ...] | Reject:
@@ -452,14 +456,15 @@ def precision_miss(nodes: list[gs.Node], ctx: Context, out_type) -> Reject | Non
     return Reject(f"'{low[1].name}' is computed in {inner}, narrower than the output's {np.dtype(out_type).name}")
 
 
-def _drop_constant_nodes(m: Match, ctx: Context) -> None:
-    """Casts of constants (epsilon, exponent) stay in the graph: others may share them, and
-    cleanup removes them once unused."""
+def _drop_constant_nodes(m: Match, ctx: Context) -> Match:
+    """``m`` without the nodes that compute constants (a new Match): Casts of constants
+    (epsilon, exponent) stay in the graph, others may share them, and cleanup removes them
+    once unused."""
     made_inside = {id(o) for n in m.matched for o in n.outputs}
     keep = [n for n in m.matched
             if any(id(i) in made_inside for i in n.inputs)   # reads the match: not a constant
             or not all(ctx.const(i) is not None for i in n.inputs if i.name)]
-    m.matched[:] = keep
+    return m if len(keep) == len(m.matched) else m.evolve(matched=keep)
 
 
 def _variant(m: Match) -> list[str]:

@@ -231,8 +231,9 @@ class FoldBatchNorm(Pass):
                             [x, *params], [m.output])]
         prod = m["producer"]
         w = m.tensors["weight"]
-        weight = G.make_constant(ctx.names, f"{w.name}_bnfolded", m.values["weight"])
-        bias = G.make_constant(ctx.names, f"{prod.name or weight.name}_bias_bnfolded", m.values["bias"])
+        new_weight, new_bias = folded(m)
+        weight = G.make_constant(ctx.names, f"{w.name}_bnfolded", new_weight)
+        bias = G.make_constant(ctx.names, f"{prod.name or weight.name}_bias_bnfolded", new_bias)
         x = m.tensors["x"]
         if m.has("transpose"):  # NHWC: the folded Conv, then the Transpose it fed
             inner = gs.Variable(ctx.names.fresh(f"{m.output.name}_conv"), dtype=m.output.dtype)
@@ -428,7 +429,7 @@ def _conv(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:
     b = _optional_const(prod, 2, ctx)
     if isinstance(b, str):
         return b
-    _store(m, prod, scale_output_channels(w, s, prod.op, group), b, s, t, w.dtype, cout)
+    _store(m, prod, w, b, s, t)
     return None
 
 
@@ -445,13 +446,7 @@ def _gemm(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:
     c = _optional_const(prod, 2, ctx)
     if isinstance(c, str):
         return c
-    beta = float(prod.attrs.get("beta", 1.0))
-    # beta*C*s + t, with C broadcast to the output's last axis; Gemm's beta becomes 1.
-    cs = np.zeros(n) if c is None or beta == 0.0 else beta * np.asarray(c, np.float64) * s
-    bias = cs + t
-    m.nodes["producer"], m.tensors["x"] = prod, prod.inputs[0]
-    m.values["weight"] = scale_output_channels(w, s, "Gemm", trans_b=trans_b).astype(w.dtype)
-    m.values["bias"] = bias.astype(w.dtype)
+    _store(m, prod, w, c, s, t)
     return None
 
 
@@ -485,7 +480,7 @@ def _matmul(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:
             return f"bias Add operand of shape {list(bias.shape)} is not a per-feature bias"
         bias = np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (s.size,))
     m.nodes["matmul"] = matmul
-    _store(m, prod, scale_output_channels(w, s, "MatMul"), bias, s, t, w.dtype, s.size, x=matmul.inputs[0])
+    _store(m, prod, w, bias, s, t, x=matmul.inputs[0])
     return None
 
 
@@ -524,12 +519,34 @@ def _optional_const(prod: gs.Node, index: int, ctx: Context):
     return value
 
 
-def _store(m: Match, prod, w_scaled, b, s, t, dtype, channels: int, x=None) -> None:
-    b64 = np.zeros(channels) if b is None else np.asarray(b, np.float64).reshape(-1)
+def _store(m: Match, prod, w, b, s, t, x=None) -> None:
+    """What ``folded`` needs: the producer's weight ``w`` and bias ``b`` as read (None: it has
+    none) and the per-channel ``s``, ``t`` of ``BN(x) = x * s + t``. Nothing is computed here."""
     m.nodes["producer"] = prod
     m.tensors["x"] = prod.inputs[0] if x is None else x
-    m.values["weight"] = w_scaled.astype(dtype)
-    m.values["bias"] = (b64 * s + t).astype(dtype)
+    m.values.update(weight=w, s=s, t=t)
+    if b is not None:
+        m.values["producer_bias"] = b
+
+
+def folded(m: Match) -> tuple[np.ndarray, np.ndarray]:
+    """The new weight and bias of the producer: ``W' = W * s`` along its output channels and
+    ``b' = b * s + t`` (Gemm: ``beta * C * s + t``, its beta becoming 1), in float64, cast back
+    to the weight's dtype."""
+    prod, w, s, t = m["producer"], m.values["weight"], m.values["s"], m.values["t"]
+    b = m.values.get("producer_bias")
+    if prod.op == "Gemm":
+        beta = float(prod.attrs.get("beta", 1.0))
+        # beta*C*s + t, with C broadcast to the output's last axis.
+        cs = np.zeros(s.size) if b is None or beta == 0.0 else beta * np.asarray(b, np.float64) * s
+        weight = scale_output_channels(w, s, "Gemm", trans_b=int(prod.attrs.get("transB", 0)))
+        return weight.astype(w.dtype), (cs + t).astype(w.dtype)
+    b64 = np.zeros(s.size) if b is None else np.asarray(b, np.float64).reshape(-1)
+    if prod.op in ("Conv", "ConvTranspose"):
+        weight = scale_output_channels(w, s, prod.op, int(prod.attrs.get("group", 1)))
+    else:  # MatMul, or the Add of MatMul + bias
+        weight = scale_output_channels(w, s, "MatMul")
+    return weight.astype(w.dtype), (b64 * s + t).astype(w.dtype)
 
 
 _FOLDERS = {"Conv": _conv, "ConvTranspose": _conv, "Gemm": _gemm, "MatMul": _matmul, "Add": _matmul}

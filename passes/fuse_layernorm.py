@@ -83,8 +83,8 @@ class FuseLayerNorm(Pass):
             if isinstance(where, Reject):
                 return where
             axis, shape = where
-            m = N.plan(norm, ctx, axis, N.match_affine(norm.output, ctx, norm.rank, shape, tensors=True))
-            _unflatten(m, ctx)
+            m = _unflatten(N.plan(norm, ctx, axis, N.match_affine(norm.output, ctx, norm.rank, shape, tensors=True)),
+                           ctx)
             cycle = _statistics_feed_params(m)
             if cycle:
                 return cycle
@@ -138,16 +138,16 @@ def _match_tf(node: gs.Node, ctx: Context):
     return N.plan(norm, ctx, axis, tail), norm
 
 
-def _unflatten(m: Match, ctx: Context) -> None:
+def _unflatten(m: Match, ctx: Context) -> Match:
     """ONNX's function body normalizes Flatten(x, a) over axis 1 and reshapes back to Shape(x):
-    take x itself, axis a, and the Reshape's output."""
+    a new Match over x itself, axis a, up to the Reshape's output; else ``m`` as it is."""
     x2d = m.tensors["input"]
     if "stat_mean" in m.tensors or "stat_inv_std" in m.tensors:
-        return  # they are 2-D here: the LayerNormalization stays over the flattened input
+        return m  # they are 2-D here: the LayerNormalization stays over the flattened input
     flatten = G.producer(x2d)
     if flatten is None or flatten.op != "Flatten" or not G.in_default_domain(flatten) \
             or m.info["axis"] != -1 or ctx.rank(x2d) != 2:
-        return
+        return m
     passed, reshape = [], N.sole_consumer(m.output, ctx)
     while reshape is not None and reshape.op == "Identity":
         passed.append(reshape)
@@ -155,23 +155,24 @@ def _unflatten(m: Match, ctx: Context) -> None:
     x = flatten.inputs[0]
     rank = ctx.rank(x)
     if reshape is None or reshape.op != "Reshape" or rank is None or not _is_shape_of(reshape.inputs[1], x, ctx):
-        return
+        return m
     a = int(flatten.attrs.get("axis", 1))
     a = a + rank if a < 0 else a
     shape = N.static_dims(ctx, x, a - rank) if 0 <= a < rank else None
     inside = {id(n) for n in m.matched}
     if shape is None or "scale" not in m.values or int(np.prod(shape)) != m.values["scale"].size \
             or "bias" in m.tensors or G.other_uses(x2d, ctx.graph, inside):
-        return
+        return m
+    m = m.evolve(output=reshape.outputs[0])
     for node in [flatten, *passed, reshape]:
         m.add(node)
-    m.output = reshape.outputs[0]
     m.tensors["input"] = x
     m.info["axis"] = a - rank
     for key in ("scale", "bias"):
         if key in m.values:
             m.values[key] = m.values[key].reshape(shape)
     m.info["variant"] = ", ".join(filter(None, [m.info.get("variant"), "function body"]))
+    return m
 
 
 def _is_shape_of(shape: gs.Tensor, x: gs.Tensor, ctx: Context) -> bool:
