@@ -54,6 +54,7 @@ exceeds the tolerances.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -258,7 +259,8 @@ class FuseGroupNorm(Pass):
                 return self._match_channels_last(ctx, x, split, cast_in, core, cast_out, back)
             if isinstance(first, Reject):
                 return first
-            return self._complete(ctx, x, split, cast_in, core, cast_out, back, first)
+            found, core = first
+            return self._complete(ctx, x, split, cast_in, core, cast_out, back, found)
         found = self._groups(x, split, back, core, ctx)
         if found is None or isinstance(found, Reject):
             return found
@@ -266,8 +268,8 @@ class FuseGroupNorm(Pass):
 
     def _tf_channels_first(self, ctx: Context, x, split, back, core: Core):
         """Keras GroupNormalization(axis=1): x [N, C, ...] reshaped to [N, G, C/G, ...], gamma /
-        beta [G, C/G, 1, ...] on the grouped tensor. (channels, groups, rank) with the per-channel
-        parameters set on ``core``; None when the reshape does not group axis 1 (channels last)."""
+        beta [G, C/G, 1, ...] on the grouped tensor. ((channels, groups, rank), a copy of ``core``
+        with the per-channel parameters); None when the reshape does not group axis 1 (channels last)."""
         found = self._groups(x, split, back, core, ctx)
         if not isinstance(found, tuple):
             return None
@@ -283,8 +285,7 @@ class FuseGroupNorm(Pass):
             if isinstance(shaped, str):
                 return Reject(f"{key} '{core.tf_names[key]}' {shaped}", back)
             params[key] = np.asarray(shaped, np.float64).reshape(-1)
-        core.channel_scale, core.channel_bias = params["gamma"], params["beta"]
-        return found
+        return found, dataclasses.replace(core, channel_scale=params["gamma"], channel_bias=params["beta"])
 
     def _match_channels_last(self, ctx: Context, x, split, cast_in, core: Core, cast_out, back):
         """Keras GroupNormalization (axis=-1): x [N, ..., C] reshaped to [N, ..., G, C/G],
