@@ -6,7 +6,8 @@ only when it is constant per normalized element (broadcast-equivalent to the nor
 A positional [S, D] Add after a LayerNorm over D is not per normalized element: it stays outside.
 With ``tensors=True`` a scale or bias computed at run time (a graph input, another node's
 output) is absorbed too, as a tensor input of the fused op, when its shape is known to be
-exactly the normalized shape (leading 1s aside).
+exactly the normalized shape (leading 1s aside). ``channel_affine`` and ``affine_params`` are the
+per-channel form of group and instance normalization ([C, 1, ...] parameters, [C] for the op).
 """
 from __future__ import annotations
 

@@ -29,8 +29,13 @@ dtypes, and intermediates used outside the pattern (dead consumers aside). Wheth
 axes are the trailing ones is left to each pass (``trailing_axis``): grouped forms normalize
 the trailing axes of a reshaped tensor.
 
-The affine tail after the normalized tensor (``match_affine``) lives in ``_affine``; the means
-(``reduction``, ``restored_mean``) in ``_reduce``; normalization-shaped sites in ``_sites``.
+Over the trailing axes (LayerNormalization, RMSNormalization): ``trailing`` places the axes and
+``plan`` builds the match of the core plus its affine tail. The affine tail after the normalized
+tensor (``match_affine``, and per channel ``channel_affine``) lives in ``_affine``; the means
+(``reduction``, ``restored_mean``) in ``_reduce``; normalization-shaped sites in ``_sites``; the
+fused op and the type it runs in in ``_emit``. What is known about a tensor (shape, dtype,
+constant value) comes from the context, ``normopt.tensors``. No function here changes the graph
+or a Match it was given: a check that narrows or extends a match returns a new one.
 """
 from __future__ import annotations
 
