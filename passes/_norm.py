@@ -94,6 +94,29 @@ VARIANCE = AnyOf(
 MEAN_CORE = scaled_by_inverse_std(Opt(CAST, CENTERED), VARIANCE)
 RMS_CORE = scaled_by_inverse_std(XC, reduction(square(XC), "var"))
 
+# TF / Keras (tf2onnx): the scale s = gamma / std is applied to x and to the mean separately,
+# y = x*s + (beta - mean*s) (tf.nn.batch_normalization), Keras 3's x*s + ((-mean)*s + beta);
+# gamma and beta optional. LayerNorm over the last axes, GroupNorm on the grouped tensor.
+_TF_STD = Op("Sqrt", [Op("Add", [VARIANCE, EPSILON], name="add_eps")], name="sqrt")
+_TF_INV = AnyOf(Op("Reciprocal", [_TF_STD], name="recip"), Op("Div", [Const("one"), _TF_STD], name="recip_div"))
+_TF_S = AnyOf(Op("Mul", [_TF_INV, Const("gamma")], name="mul_gamma"), _TF_INV)
+_TF_XS = Op("Mul", [XC, _TF_S], name="mul_x")
+_TF_MS = Op("Mul", [MEAN, _TF_S], name="mul_mean")
+_TF_NEG_MS = Op("Mul", [Op("Neg", [MEAN]), _TF_S], name="mul_mean")
+TF_CORE = AnyOf(
+    Op("Add", [_TF_XS, Op("Sub", [Const("beta"), _TF_MS])]),         # tf.nn.batch_normalization
+    Op("Add", [_TF_XS, Op("Add", [_TF_NEG_MS, Const("beta")])]),      # Keras 3
+    Op("Add", [_TF_XS, AnyOf(_TF_NEG_MS, Op("Neg", [_TF_MS]))]),      # no beta
+    Op("Sub", [_TF_XS, _TF_MS]),
+)
+
+
+def tf_scaled_alike(m: Match) -> bool:
+    """Whether a ``TF_CORE`` match scales x and the mean by one tensor s (else it is not one
+    normalization)."""
+    s = m["mul_gamma" if m.has("mul_gamma") else "recip" if m.has("recip") else "recip_div"].outputs[0]
+    return all(any(i is s for i in m[k].inputs) for k in ("mul_x", "mul_mean"))
+
 
 # ------------------------------------------------------------------------------ axes
 

@@ -62,10 +62,10 @@ import onnx_graphsurgeon as gs
 
 from normopt import graph as G
 from normopt.passes._emit import INSTANCE_NORM, channel_work_dtype, emit_normalization
-from normopt.passes._norm import (EPSILON, MEAN, VARIANCE, XC, Affine, affine_params, broadcast_param, cast_target,
-                                  channel_affine, check_core, epsilon_miss, float_bits, is_float, match_normalized,
-                                  normalize_axes)
-from normopt.pattern import AnyOf, Const, Match, Op, match
+from normopt.passes._norm import (TF_CORE, Affine, affine_params, broadcast_param, cast_target, channel_affine,
+                                  check_core, epsilon_miss, float_bits, is_float, match_normalized, normalize_axes,
+                                  tf_scaled_alike)
+from normopt.pattern import Match, match
 from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
 from normopt.tensors import DimOf, static_dim
@@ -94,22 +94,6 @@ def keeps_batch(grouped: list, x: gs.Tensor, ctx: Context) -> bool:
 
 
 # ------------------------------------------------------------------------------ the statistics
-
-# TF / Keras (tf.nn.batch_normalization on the grouped tensor): s = gamma * 1/sqrt(var + eps)
-# applied to x and to the mean separately, y = x*s + (beta - mean*s); Keras 3 writes
-# x*s + ((-mean)*s + beta). gamma and beta are [1, ..., G, C/G] (or absent).
-_STD = Op("Sqrt", [Op("Add", [VARIANCE, EPSILON], name="add_eps")], name="sqrt")
-_INV = AnyOf(Op("Reciprocal", [_STD], name="recip"), Op("Div", [Const("one"), _STD], name="recip_div"))
-_S = AnyOf(Op("Mul", [_INV, Const("gamma")], name="mul_gamma"), _INV)
-_XS = Op("Mul", [XC, _S], name="mul_x")
-_MS = Op("Mul", [MEAN, _S], name="mul_mean")
-_NEG_MS = Op("Mul", [Op("Neg", [MEAN]), _S], name="mul_mean")
-TF_NORMALIZED = AnyOf(
-    Op("Add", [_XS, Op("Sub", [Const("beta"), _MS])]),
-    Op("Add", [_XS, Op("Add", [_NEG_MS, Const("beta")])]),
-    Op("Add", [_XS, AnyOf(_NEG_MS, Op("Neg", [_MS]))]),
-    Op("Sub", [_XS, _MS]),
-)
 
 @dataclass
 class Core:
@@ -145,11 +129,10 @@ def group_core(t: gs.Tensor, ctx: Context) -> Core | Reject | None:
 
 def tf_group_core(t: gs.Tensor, ctx: Context) -> Core | Reject | None:
     """The TF / Keras statistics of a grouped tensor, with its grouped gamma / beta."""
-    m = match(TF_NORMALIZED, t, ctx.graph)
+    m = match(TF_CORE, t, ctx.graph)
     if m is None:
         return None
-    s = m["mul_gamma" if m.has("mul_gamma") else "recip" if m.has("recip") else "recip_div"].outputs[0]
-    if not all(any(i is s for i in m[k].inputs) for k in ("mul_x", "mul_mean")):
+    if not tf_scaled_alike(m):
         return None  # x and the mean scaled by different tensors: not one normalization
     norm = check_core(m, ctx, "mean")
     if isinstance(norm, Reject):

@@ -40,27 +40,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from normopt import graph as G
-from normopt.pattern import AnyOf, Const, Match, Op, match
+from normopt.pattern import Match, match
 from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
 from normopt.passes import _emit as E, _norm as N, _sites as S
 
 LAYER_NORMALIZATION = "LayerNormalization"
-
-# TF/Keras: the scale s = gamma / std is applied to x and to the mean separately.
-_STD = Op("Sqrt", [Op("Add", [N.VARIANCE, N.EPSILON], name="add_eps")], name="sqrt")
-_INV = AnyOf(Op("Reciprocal", [_STD], name="recip"), Op("Div", [Const("one"), _STD], name="recip_div"))
-_S = AnyOf(Op("Mul", [_INV, Const("gamma")], name="mul_gamma"), _INV)
-_XS = Op("Mul", [N.XC, _S], name="mul_x")
-_MS = Op("Mul", [N.MEAN, _S], name="mul_mean")
-_NEG_MS = Op("Mul", [Op("Neg", [N.MEAN]), _S], name="mul_mean")
-TF_LAYERNORM = AnyOf(
-    Op("Add", [_XS, Op("Sub", [Const("beta"), _MS])]),         # tf.nn.batch_normalization
-    Op("Add", [_XS, Op("Add", [_NEG_MS, Const("beta")])]),      # Keras 3
-    Op("Add", [_XS, AnyOf(_NEG_MS, Op("Neg", [_MS]))]),         # no beta
-    Op("Sub", [_XS, _MS]),
-)
-
 
 @register_pass("fuse-layernorm")
 class FuseLayerNorm(Pass):
@@ -106,7 +91,7 @@ def _unexplained_mean(mean: gs.Node, ctx: Context) -> Reject | None:
     """A mean subtracted from its own input is normalization-shaped: when no LayerNorm this pass
     knows (matched at a node below, which then gets the record) includes it, say so."""
     sub = S.centred_by(mean)
-    if sub is None or S.site_explained(mean, _ANCHORS, (N.MEAN_CORE, TF_LAYERNORM), ctx):
+    if sub is None or S.site_explained(mean, _ANCHORS, (N.MEAN_CORE, N.TF_CORE), ctx):
         return None
     return Reject(f"{mean.op} {G.node_label(mean)} is subtracted from its input ({G.node_label(sub)}), but what "
                   f"follows is no LayerNorm this pass knows: the centred tensor '{sub.outputs[0].name}' feeds "
@@ -114,11 +99,10 @@ def _unexplained_mean(mean: gs.Node, ctx: Context) -> Reject | None:
 
 
 def _match_tf(node: gs.Node, ctx: Context):
-    m = match(TF_LAYERNORM, node.outputs[0], ctx.graph, ctx.const)
+    m = match(N.TF_CORE, node.outputs[0], ctx.graph, ctx.const)
     if m is None:
         return None
-    s = m["mul_gamma" if m.has("mul_gamma") else "recip" if m.has("recip") else "recip_div"].outputs[0]
-    if not all(any(i is s for i in m[k].inputs) for k in ("mul_x", "mul_mean")):
+    if not N.tf_scaled_alike(m):
         return None  # x and the mean scaled by different tensors: not one normalization
     norm = N.check_core(m, ctx, "mean", statistics=True)
     if isinstance(norm, Reject):
