@@ -62,7 +62,7 @@ def _decoded(graph) -> None:
     """Decode every node's attributes and every tensor's type (the importer decodes them on
     first use, and re-encodes what was decoded on export): both exports then come from the
     same decoded state, so that only a change made by ``match`` can tell them apart."""
-    for _path, g in G.iter_graphs(graph):
+    for _path, g, _fn in pipeline._graphs(graph):
         for node in g.nodes:
             node.attrs  # noqa: B018 - decoded on access
             for t in node.inputs + node.outputs:
@@ -74,13 +74,14 @@ def _snapshot(graph, model, weights) -> tuple:
     export leaves the intermediates' out, and the passes that follow read them)."""
     ir.finish(graph)
     facts = sorted((path, name, str(t.shape), str(t.dtype))
-                   for path, g in G.iter_graphs(graph) for name, t in g.tensors().items())
+                   for path, g, _fn in pipeline._graphs(graph) for name, t in g.tensors().items())
     return ir.export_model(graph, model, weights).SerializeToString(), facts
 
 
 def _match_everywhere(path: Path, passes, *, on_match=None) -> tuple[int, list[str]]:
-    """Run ``match`` of each pass in ``passes`` at every anchor of every graph of the model at
-    ``path``; (matches found, names of the passes after whose matching the export differs)."""
+    """Run ``match`` of each pass in ``passes`` at every anchor of every graph (subgraphs and
+    model-local function bodies included) of the model at ``path``, as the pipeline does; (matches
+    found, names of the passes after whose matching the export differs)."""
     model = onnx.load(str(path))
     weights = ir.Weights(str(path.parent))
     graph = ir.import_model(model, weights)
@@ -89,10 +90,11 @@ def _match_everywhere(path: Path, passes, *, on_match=None) -> tuple[int, list[s
     shapes, names, opset = pipeline.Shapes(model), G.NameScope(graph), pipeline.model_opset(model)
     found, changed = 0, []
     for pass_ in passes:
-        for graph_path, g in list(G.iter_graphs(graph)):
-            ctx = pipeline.Context(graph=g, root=graph, opset=opset, names=names, shapes=shapes, path=graph_path)
+        for graph_path, g, fn in pipeline._graphs(graph):
+            ctx = pipeline.Context(graph=g, root=graph, opset=opset if fn is None else fn.opset, names=names,
+                                   shapes=shapes if fn is None else shapes.function(fn), path=graph_path)
             for node in [n for n in g.nodes if n.op in pass_.anchor_ops]:
-                answer = pass_.match(node, ctx) if node.outputs else None
+                answer = pipeline._safe_match(pass_, node, ctx) if node.outputs else None
                 if isinstance(answer, Match):
                     found += 1
                     if on_match:
