@@ -16,9 +16,16 @@ A pass never derives a tensor's facts itself. It asks its context (``pipeline.Co
   restores a tensor's shape.
 
 Facts come from onnx shape inference (``pipeline.Shapes``: run once, decoded per tensor on
-first use) and the graph itself; a tensor's value is evaluated once per context (``_values``),
-never by a scan of the whole graph. Passes depend on this layer and on their family core
-(``passes/_norm.py`` ...), never on each other, and their ``match`` only reads.
+first use) and the graph itself; a tensor's value and dtype are looked up once per context
+(``_values``, ``_dtypes``), never by a scan of the whole graph. A rewrite keeps them true for the
+passes that follow: every tensor it writes carries its shape and dtype (``_emit.emit_fused``).
+Passes depend on this layer and on their family core (``passes/_norm.py`` ...), never on each
+other, and their ``match`` only reads.
+
+Two constant evaluations, on purpose: ``const(t)`` with shape facts (axes, shapes), and
+``const(t, from_shapes=False)`` from constants alone, for weights and parameters, where a value
+read from a shape would hide the nodes a pass must account for (fold-batchnorm's computed
+parameters).
 """
 from __future__ import annotations
 

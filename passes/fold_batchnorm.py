@@ -22,7 +22,8 @@ at opsets 7-13 (more outputs are training mode there), epsilon default 1e-5 as a
 (what onnxruntime uses: exact 1e-5 differs beyond float64 tolerances when var ~ epsilon).
 Math runs in float64 and is cast back to the weight's dtype (fp16, bf16, fp32, fp64). Below
 opset 7 the bias Add after a MatMul gets broadcast=1, without which it does not broadcast.
-New weights are new initializers: a weight shared with another node is never changed.
+New weights are new initializers, computed in ``rewrite`` (``folded``; ``match`` only reads the
+weight and records s and t): a weight shared with another node is never changed.
 
 Parameters may be computed: from constants (``ctx.const``), or, for the affine-free
 BatchNormalization of dynamo ``optimize=False`` exports, filled to the producer output's known
