@@ -68,8 +68,8 @@ class FuseLayerNorm(Pass):
             if isinstance(where, Reject):
                 return where
             axis, shape = where
-            m = _unflatten(N.plan(norm, ctx, axis, N.match_affine(norm.output, ctx, norm.rank, shape, tensors=True)),
-                           ctx)
+            m = N.plan(norm, ctx, axis, N.match_affine(norm.output, ctx, norm.rank, shape, tensors=True))
+            m = _unflatten(m, ctx)
             cycle = _statistics_feed_params(m)
             if cycle:
                 return cycle
