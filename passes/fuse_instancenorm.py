@@ -30,7 +30,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from normopt import graph as G
 from normopt.passes._emit import INSTANCE_NORM, channel_work_dtype, emit_normalization
 from normopt.passes._norm import (MEAN_CORE, Affine, Normalized, affine_params, channel_affine, epsilon_miss,
                                   match_normalized, normalize_axes)
