@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
 
 
 @dataclass(frozen=True)
@@ -76,4 +80,4 @@ class Reject:
     """A candidate a pass must leave untouched. ``reason`` is a fact about the model."""
 
     reason: str
-    node: object = None   # the gs.Node the reason concerns, when not the anchor
+    node: gs.Node | None = None   # the node the reason concerns, when not the anchor
