@@ -7,6 +7,7 @@ schema version; a renamed or removed key raises it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -206,11 +207,19 @@ def to_json(doc: dict) -> str:
 
 
 def _plain(value):
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        out = {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        for name in ("passed", "modified"):
-            if hasattr(type(value), name) and isinstance(getattr(type(value), name), property):
-                out[name] = getattr(value, name)
+    cls = type(value)
+    if cls in _SCALARS:
+        return str(value) if cls is float and not math.isfinite(value) else value
+    if cls in (list, tuple):
+        return [_plain(v) for v in value]
+    if cls is dict:
+        return {str(k): _plain(v) for k, v in value.items()}
+    shape = _dataclass_shape(cls)
+    if shape is not None:
+        fields, props = shape
+        out = {name: _plain(getattr(value, name)) for name in fields}
+        for name in props:
+            out[name] = getattr(value, name)
         return out
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
@@ -221,3 +230,16 @@ def _plain(value):
     if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):  # numpy scalars
         return _plain(value.item())
     return value
+
+
+_SCALARS = frozenset({str, int, bool, float, type(None)})
+
+
+@functools.lru_cache(maxsize=None)
+def _dataclass_shape(cls) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(field names, the ``passed`` / ``modified`` properties it has) of a dataclass type; None
+    for any other type. Looked up once per type: a report holds thousands of records."""
+    if not dataclasses.is_dataclass(cls):
+        return None
+    props = tuple(name for name in ("passed", "modified") if isinstance(getattr(cls, name, None), property))
+    return tuple(f.name for f in dataclasses.fields(cls)), props
