@@ -163,6 +163,10 @@ def shape_terms(t: gs.Tensor, ctx: Context, depth: int = 0) -> list | None:
         return None if any(p is None for p in parts) else [d for p in parts for d in p]
     if node.op in ("Unsqueeze", "Squeeze", "Identity"):
         return inner(0)  # on a 0-d or 1-D shape piece the elements are unchanged
+    if node.op == CAST and _int_cast(node):
+        # tf2onnx computes shapes in int32 (Cast to int32, Slice, Concat, Cast back to int64):
+        # dims below 2^31 keep their values.
+        return inner(0)
     if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0:
         data, index = inner(0), G.const_value(node.inputs[1], ctx.graph)
         if data is None or index is None or any(not -len(data) <= i < len(data) for i in index.reshape(-1)):
@@ -181,6 +185,11 @@ def shape_terms(t: gs.Tensor, ctx: Context, depth: int = 0) -> list | None:
         k = int(by.reshape(-1)[0])
         return [d // k if node.op == "Div" else d * k for d in dims]
     return None
+
+
+def _int_cast(node: gs.Node) -> bool:
+    """A Cast to int32 or int64 (what exporters compute shapes in)."""
+    return np.dtype(cast_target(node)) in (np.dtype(np.int32), np.dtype(np.int64))
 
 
 def _slice_terms(node: gs.Node, data: list | None, ctx: Context) -> list | None:
@@ -592,15 +601,29 @@ class FuseGroupNorm(Pass):
             return emit_normalization(ctx, m.info["op"], attrs, x, out, m.values["scale"], m.values["bias"],
                                       np.dtype(m.info["dtype"]), out.name)
         rank = int(m.info["rank"])
-        first = gs.Variable(ctx.names.fresh(f"{x.name}_channels_first"), dtype=ctx.dtype(x))
         normed = gs.Variable(ctx.names.fresh(f"{out.name}_channels_first"), dtype=ctx.dtype(out))
         to_first = [0, rank - 1, *range(1, rank - 1)]
         to_last = [0, *range(2, rank), 1]
-        return [gs.Node("Transpose", ctx.names.fresh(f"{out.name}/to_channels_first"), {"perm": to_first}, [x], [first]),
+        nodes, first = [], _untransposed(x, to_first)
+        if first is None:  # else x is a channels-first tensor moved to channels last (tf2onnx's NHWC): read that
+            first = gs.Variable(ctx.names.fresh(f"{x.name}_channels_first"), dtype=ctx.dtype(x))
+            nodes.append(gs.Node("Transpose", ctx.names.fresh(f"{out.name}/to_channels_first"), {"perm": to_first},
+                                 [x], [first]))
+        return [*nodes,
                 *emit_normalization(ctx, m.info["op"], attrs, first, normed, m.values["scale"], m.values["bias"],
                                     np.dtype(m.info["dtype"]), out.name),
                 gs.Node("Transpose", ctx.names.fresh(f"{out.name}/to_channels_last"), {"perm": to_last}, [normed],
                         [out])]
+
+
+def _untransposed(x: gs.Tensor, perm: list[int]) -> gs.Tensor | None:
+    """y when ``x = Transpose(y)`` and transposing x by ``perm`` gives y back (the two cancel)."""
+    node = G.producer(x)
+    if node is None or node.op != "Transpose" or not G.in_default_domain(node) or not node.inputs:
+        return None
+    inner = node.attrs.get("perm")
+    inner = list(range(len(perm) - 1, -1, -1)) if inner is None else [int(p) for p in inner]
+    return node.inputs[0] if len(inner) == len(perm) and all(inner[q] == j for j, q in enumerate(perm)) else None
 
 
 def _grouped_match(ctx: Context, x: gs.Tensor, out: gs.Tensor, core: Core, nodes: list, cast_in,
