@@ -36,6 +36,8 @@ keep their output type and lose no precision. Reduced axes that are not the trai
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -45,17 +47,22 @@ from normopt.pattern import AnyOf, Const, Match, Op, match
 from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
 from normopt.passes import _norm as N, _sites as S
-from normopt.passes._emit import emit_fused, work_dtype
+from normopt.passes._emit import _dims, emit_fused, work_dtype
 
 LAYER_NORMALIZATION = "LayerNormalization"
 
 # TF/Keras: the scale s = gamma / std is applied to x and to the mean separately.
 _STD = Op("Sqrt", [Op("Add", [N.VARIANCE, N.EPSILON], name="add_eps")], name="sqrt")
 _INV = AnyOf(Op("Reciprocal", [_STD], name="recip"), Op("Div", [Const("one"), _STD], name="recip_div"))
-_S = AnyOf(Op("Mul", [_INV, Const("gamma")], name="mul_gamma"), _INV)
-_XS = Op("Mul", [N.XC, _S], name="mul_x")
+# tf2onnx moves an NHWC model's Transposes through the LayerNorm: the statistics are then taken
+# of the NCHW tensor x, x itself is scaled as Transpose(x), and 1/std and -mean follow it as a
+# Reshape (a Transpose that only moves axes of size 1). ``_views`` checks that they agree.
+_INV_VIEW = AnyOf(Op("Reshape", [_INV, Const()], name="inv_view"), _INV)
+_S = AnyOf(Op("Mul", [_INV_VIEW, Const("gamma")], name="mul_gamma"), _INV_VIEW)
+_XS = Op("Mul", [AnyOf(Op("Transpose", [N.XC], name="x_view"), N.XC), _S], name="mul_x")
 _MS = Op("Mul", [N.MEAN, _S], name="mul_mean")
-_NEG_MS = Op("Mul", [Op("Neg", [N.MEAN]), _S], name="mul_mean")
+_NEG = Op("Neg", [N.MEAN])
+_NEG_MS = Op("Mul", [AnyOf(Op("Reshape", [_NEG, Const()], name="neg_view"), _NEG), _S], name="mul_mean")
 TF_LAYERNORM = AnyOf(
     Op("Add", [_XS, Op("Sub", [Const("beta"), _MS])]),         # tf.nn.batch_normalization
     Op("Add", [_XS, Op("Add", [_NEG_MS, Const("beta")])]),      # Keras 3
@@ -98,7 +105,22 @@ class FuseLayerNorm(Pass):
         return settle_dtype(m, ctx)
 
     def rewrite(self, m: Match, ctx: Context) -> list[gs.Node]:
-        return emit(LAYER_NORMALIZATION, m, ctx, scope_of(m["mean"]) + LAYER_NORMALIZATION)
+        base = scope_of(m["mean"]) + LAYER_NORMALIZATION
+        perm = m.info.get("perm")
+        if perm is None:
+            return emit(LAYER_NORMALIZATION, m, ctx, base)
+        # Normalized axes not trailing (tf2onnx's NCHW LayerNorm over channels): the op runs
+        # between a Transpose that moves them last and the Transpose back.
+        x, out = m.tensors["input"], m.output
+        shape = ctx.shape(x)
+        moved = None if shape is None else [shape[p] for p in perm]
+        first = gs.Variable(ctx.names.fresh(f"{x.name}_normalized_last"), dtype=ctx.dtype(x), shape=_dims(moved))
+        normed = gs.Variable(ctx.names.fresh(f"{out.name}_normalized_last"), dtype=ctx.dtype(out), shape=_dims(moved))
+        inner = dataclasses.replace(m, output=normed, tensors={**m.tensors, "input": first})
+        back = [perm.index(i) for i in range(len(perm))]
+        return [gs.Node("Transpose", ctx.names.fresh(f"{base}_to_last"), {"perm": list(perm)}, [x], [first]),
+                *emit(LAYER_NORMALIZATION, inner, ctx, base),
+                gs.Node("Transpose", ctx.names.fresh(f"{base}_back"), {"perm": back}, [normed], [out])]
 
 
 _ANCHORS = ("Div", "Mul", "Add", "Sub")
@@ -119,25 +141,155 @@ def _match_tf(node: gs.Node, ctx: Context):
     m = match(TF_LAYERNORM, node.outputs[0], ctx.graph, ctx.const)
     if m is None:
         return None
-    s = m["mul_gamma" if m.has("mul_gamma") else "recip" if m.has("recip") else "recip_div"].outputs[0]
+    s = m["mul_gamma" if m.has("mul_gamma") else "inv_view" if m.has("inv_view") else
+          "recip" if m.has("recip") else "recip_div"].outputs[0]
     if not all(any(i is s for i in m[k].inputs) for k in ("mul_x", "mul_mean")):
         return None  # x and the mean scaled by different tensors: not one normalization
     norm = N.check_core(m, ctx, "mean", statistics=True)
     if isinstance(norm, Reject):
         return norm
     norm.variant.append("TF/Keras")
-    where = trailing(norm, ctx)
-    if isinstance(where, Reject):
-        return where
-    axis, shape = where
+    viewed = _views(m, norm, ctx)
+    if isinstance(viewed, Reject):
+        return viewed
+    x, axes, perm = viewed
+    if x is norm.x and perm is None:
+        where = trailing(norm, ctx)
+        if isinstance(where, Reject):
+            return where
+        axis, shape = where
+    else:
+        rank, dims = norm.rank, ctx.shape(x)
+        order = perm or list(range(rank))
+        axis, shape = -len(axes), tuple(dims[a] for a in order[rank - len(axes):])
     tail = N.Affine(node.outputs[0])
     for key in ("gamma", "beta"):
         if key in m.values:
-            shaped = N.broadcast_param(m.values[key], norm.rank, shape)
+            value = m.values[key]
+            if perm is not None:
+                value = _moved_param(value, rank, axes, perm)
+                if isinstance(value, str):
+                    return Reject(f"{key} '{m.tensors[key].name}' {value}", node)
+            shaped = N.broadcast_param(value, norm.rank, shape)
             if isinstance(shaped, str):
                 return Reject(f"{key} '{m.tensors[key].name}' {shaped}", node)
             setattr(tail, "scale" if key == "gamma" else "bias", shaped)
-    return plan(norm, ctx, axis, tail), norm
+    if x is not norm.x:
+        norm.x = x
+        norm.variant.append("transposed input")
+    out = plan(norm, ctx, axis, tail)
+    if perm is not None:
+        out.info["perm"] = perm
+        norm.variant.append("normalized axes moved last")
+        out.info["variant"] = ", ".join(norm.variant)
+    return out, norm
+
+
+def _views(m: Match, norm: N.Normalized, ctx: Context):
+    """(the tensor the fused op normalizes, its normalized axes, the perm that moves them last or
+    None when they are trailing), or why the TF form's views do not describe one normalization.
+
+    tf2onnx's NHWC LayerNorm: the statistics over axes A of x, x scaled as x' = Transpose(x, p)
+    (``x_view``), 1/std and -mean moved along by Reshapes (``inv_view``, ``neg_view``). Exact
+    when every statistic that meets x' is that Transpose of it (the same shape, its kept axes in
+    the same order: a Reshape then moves the same elements); x' is then normalized over the
+    axes p puts A at. Axes that are not trailing are moved last by a Transpose around the fused
+    op (the channels of an NCHW tensor)."""
+    rank, y = norm.rank, norm.x
+    views = [m[k] for k in ("x_view", "inv_view", "neg_view") if m.has(k)]
+    if rank is None:
+        return Reject(f"rank of input '{y.name}' is unknown")
+    if views and any(k in m.tensors for k in ("stat_mean", "stat_inv_std")):
+        return Reject("the mean or 1/std is also used outside the LayerNorm, and the normalized tensor is a "
+                      f"transposed view of '{y.name}'", views[0])
+    stats_used = any(k in m.tensors for k in ("stat_mean", "stat_inv_std"))
+    p, x = list(range(rank)), y
+    if m.has("x_view"):
+        view = m["x_view"]
+        given = view.attrs.get("perm")
+        p = list(range(rank - 1, -1, -1)) if given is None else [int(a) for a in given]
+        if sorted(p) != list(range(rank)):
+            return Reject(f"Transpose {G.node_label(view)} has perm {p}, not one of rank {rank}", view)
+        x = view.outputs[0]
+    if views:
+        dims = G.symbolic_shape(y, ctx)
+        if dims is None:
+            return Reject(f"shape of input '{y.name}' is unknown: the moved statistics cannot be checked", views[0])
+        stat = [1 if i in norm.axes else d for i, d in enumerate(dims)]
+        moved = [stat[a] for a in p]
+        kept = [a for a in p if a not in norm.axes]
+        # What meets x': 1/std and -mean (or the mean) through their Reshapes, or as they are.
+        for key, what in (("inv_view", "1/std"), ("neg_view", "mean")):
+            view = m.nodes.get(key)
+            got = stat if view is None else _reshaped(
+                stat, G.dims_value(view.inputs[1], ctx.graph, ctx, {id(view.inputs[0]): stat}))
+            if got != moved or (view is not None and kept != sorted(kept)):
+                where = f"Reshape {G.node_label(view)} of the {what}" if view is not None else f"the {what}"
+                return Reject(f"{where} is not the Transpose {p} that the input goes through (shape "
+                              f"{_show(got)}, expected {_show(moved)})", view or m["mean"])
+    if m.has("x_view"):
+        m.matched[:] = [n for n in m.matched if n is not m["x_view"]]   # the Transpose stays: the op reads x'
+        del m.nodes["x_view"]
+    axes = tuple(i for i in range(rank) if p[i] in norm.axes)
+    if N.trailing_axis(axes, rank) is not None:
+        return x, axes, None
+    if stats_used:
+        return Reject(f"normalizes axes {list(axes)} of a rank-{rank} input, not its trailing axes, and its mean or "
+                      "1/std is also used outside: the op's Mean / InvStdDev would be in the moved layout", m["mean"])
+    shape = ctx.shape(x)
+    if shape is None or any(not isinstance(shape[a], int) for a in axes):
+        return Reject(f"normalizes axes {list(axes)} of '{x.name}', not its trailing axes, and their sizes are not "
+                      "static: the Transpose that would move them last cannot be checked", m["mean"])
+    return x, axes, [i for i in range(rank) if i not in axes] + list(axes)
+
+
+def _reshaped(dims: list, target: list | None) -> list | None:
+    """The shape a Reshape of ``dims`` to ``target`` gives (0 copies a dim, one -1 is inferred:
+    by arithmetic on static dims, else by cancelling equal dims), None when it cannot be told."""
+    if target is None:
+        return None
+    out = [dims[i] if d == 0 and i < len(dims) else d for i, d in enumerate(target)]
+    if out.count(-1) > 1:
+        return None
+    if -1 in out:
+        rest = [d for d in out if d != -1]
+        if all(isinstance(d, int) for d in dims + rest):
+            total, known = int(np.prod(dims)), int(np.prod(rest))
+            if known <= 0 or total % known:
+                return None
+            out[out.index(-1)] = total // known
+            return out
+        pool = [d for d in dims if d != 1]
+        for d in rest:
+            if d == 1:
+                continue
+            if d not in pool:
+                return None
+            pool.remove(d)
+        if all(isinstance(d, int) for d in pool):
+            fill = int(np.prod(pool)) if pool else 1
+        elif len(pool) == 1:
+            fill = pool[0]
+        else:
+            return None
+        out[out.index(-1)] = fill
+    return out
+
+
+def _show(shape) -> str:
+    return "?" if shape is None else "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _moved_param(value, rank: int, axes: tuple, perm: list):
+    """A gamma/beta given in the layout of the tensor the fused op normalizes, moved by ``perm``
+    (normalized ``axes`` last); why not when it varies over other axes."""
+    value = np.asarray(value)
+    if value.ndim > rank:
+        return f"has rank {value.ndim}, more than the input's {rank}"
+    full = value.reshape((1,) * (rank - value.ndim) + value.shape)
+    if any(full.shape[i] != 1 for i in range(rank) if i not in axes):
+        return f"of shape {list(value.shape)} varies over non-normalized axes"
+    return np.transpose(full, perm)
 
 
 def _unflatten(m: Match, ctx: Context) -> None:
