@@ -465,9 +465,12 @@ class FuseGroupNorm(Pass):
         shape = ctx.checked_shape(x)
         if isinstance(shape, Reject):
             return Reject(shape.reason, split)
-        if shape is None or len(shape) < 3:
-            return Reject(f"rank of '{x.name}' is unknown" if shape is None else f"'{x.name}' has rank {len(shape)}",
-                          split)
+        if shape is None:
+            return Reject(f"rank of '{x.name}' is unknown", split)
+        if len(shape) < 3:
+            # [rows, F] reshaped to [N, L, F] (tf2onnx's Tensordot for a Dense on rank 3) then a
+            # LayerNorm over F: no channels to group here, the LayerNorm is fuse-layernorm's.
+            return None
         rank = len(shape)
         channels = static_dim(shape, rank - 1)
         if channels is None:

@@ -823,3 +823,11 @@ def test_fold_batchnorm_constant_affine_without_a_producer_is_not_a_candidate(pr
     model = folded_bn(rng, producer, between=between)
     out, rec = run_pass(PASS, model)
     assert op_counts(out) == op_counts(model) and not rec.applied and not rec.skipped
+
+
+def test_inspect_lists_keras_batchnorm_arithmetic_as_batchnorm_sites(rng):
+    from normopt.sites import inspect_model
+    (site,) = inspect_model(folded_bn(rng, "nhwc")).sites
+    assert (site.kind, site.action, site.becomes) == ("BatchNorm", "rewrite", "Conv")
+    (site,) = inspect_model(folded_bn(rng, "conv", between="Relu")).sites
+    assert (site.kind, site.action) == ("BatchNorm", "skip") and "is between Conv(p)" in site.reason

@@ -602,6 +602,24 @@ def test_fuse_groupnorm_keras_tf2onnx_reshape_back_to_other_dims_is_left_unchang
         [s.reason for s in rec.skipped]
 
 
+def test_fuse_groupnorm_layernorm_after_a_tensordot_reshape_is_not_a_candidate(rng):
+    """tf2onnx's Dense on rank 3: MatMul on [rows, F], Reshape to [N, L, F], then a Keras
+    LayerNorm over F. The Reshape groups nothing: no record here (fuse-layernorm fuses it)."""
+    net = Net(rng, constants="init")
+    x = net.op("Reshape", "X", net.const([BATCH, 3, 8], "int"))
+    mean = net.mean(x, [2])
+    d = net.op("Sub", x, mean)
+    inv = net.op("Reciprocal", net.op("Sqrt", net.op("Add", net.mean(net.op("Mul", d, d), [2]), net.const(1e-3))))
+    s = net.op("Mul", inv, net.const(rng.uniform(0.5, 1.5, [8])))
+    y = net.op("Add", net.op("Mul", x, s), net.op("Add", net.op("Mul", net.op("Neg", mean), s),
+                                                  net.const(rng.standard_normal([8]))))
+    model = net.model(net.op("Reshape", y, net.const([BATCH * 3, 8], "int")), [BATCH * 3, 8])
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied and not rec.skipped
+    out, result = run_pipeline(model, ["fuse-groupnorm", "fuse-layernorm"])
+    assert op_counts(out)["LayerNormalization"] == 1 and not [s for r in result.passes for s in r.skipped]
+
+
 def test_fuse_groupnorm_epsilon_float32_cannot_hold_is_left_unchanged(rng):
     """A float64 group norm with epsilon 1e-50: the op's float32 attribute would hold 0, and a
     constant group would become NaN where the original gives 0."""

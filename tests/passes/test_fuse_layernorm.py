@@ -694,3 +694,10 @@ def test_fuse_layernorm_tf2onnx_nhwc_near_miss_is_left_unchanged(kwargs, reason,
     model = _tf_nchw(rng, **kwargs)
     out = left_alone(model, reason)
     assert_equivalent(model, out)
+
+
+def test_inspect_names_a_channels_first_tf_layernorm_by_its_op(rng):
+    """Transpose -> LayerNormalization -> Transpose: the site becomes LayerNormalization."""
+    from normopt.sites import inspect_model
+    (site,) = inspect_model(_tf_nchw(rng)).sites
+    assert (site.kind, site.action, site.becomes) == ("LayerNorm", "rewrite", "LayerNormalization")
