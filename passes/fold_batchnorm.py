@@ -30,11 +30,16 @@ channel count (``Expand(CastLike(1.0, y), Shape(y, 1, 2))``, ``ConstantOfShape``
 
 Keras / TensorFlow write batch normalization as arithmetic (tf.nn.batch_normalization):
 ``x * a + b`` with ``a = gamma * rsqrt(var + eps)`` and ``b = beta - mean * a`` computed from
-constants. The same fold applies with s = a, t = b when they are per output channel of the
-producer: axis 1 of a Conv, the last axis of a Gemm / MatMul of any rank (a Dense layer), or the
-axis a Transpose after a Conv moves its channels to (tf2onnx's NHWC). Where no producer absorbs
-it and a, b vary over axis 1 only, it becomes BatchNormalization(x, a, b, mean 0, var 1,
-epsilon 0), which is exactly that arithmetic.
+constants, or, once tf2onnx (TensorFlow's grappler) folded them at export, plain constants. The
+same fold applies with s = a, t = b when they are per output channel of the producer: axis 1 of
+a Conv / ConvTranspose, the last axis of a Gemm / MatMul of any rank (a Dense layer), seen
+through the views tf2onnx puts after the producer (a Transpose to NHWC, Conv1D's Squeeze of the
+added axis, a Dense's Tensordot Reshape that keeps the last axis), which stay after it. Where
+no producer absorbs the rsqrt form and a, b vary over axis 1 only, it becomes
+BatchNormalization(x, a, b, mean 0, var 1, epsilon 0), which is exactly that arithmetic. Plain
+constants alone do not say "batch norm": they are a candidate only right after a producer that
+can absorb them (a ReLU in between, per-element or non-finite constants, a non-constant scale
+are skipped with the reason) and are folded, never made a BatchNormalization.
 Inside If/Loop/Scan bodies the producer must sit in the same body as the BatchNormalization,
 and initializers that are also inputs of the main graph are not constants there either.
 """

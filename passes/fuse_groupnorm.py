@@ -21,9 +21,11 @@ Supported variants (alternatives of one match):
   x (a no-op) -> InstanceNormalization -> per-channel Mul / Add (wav2vec2's feature extractor);
 * Keras GroupNormalization (axis=-1, tf2onnx): x [N, ..., C] reshaped to [N, ..., G, C/G],
   statistics over every axis but N and G (tf.nn.moments, or Keras 3's E[x^2] - E[x]^2),
-  x*s + (beta - mean*s) with s = gamma / sqrt(var + eps), gamma / beta [G, C/G]; emitted between
-  a Transpose to channels first and one back. With axis=1 ([N, G, C/G, ...], gamma / beta
-  [G, C/G, 1, ...]) it is the plain channels-first op;
+  x*s + (beta - mean*s) with s = gamma / sqrt(var + eps), gamma / beta [G, C/G], reshaped back
+  by Shape(x) or tf2onnx's int32 arithmetic on the shape; emitted between a Transpose to
+  channels first and one back, the first left out when x is tf2onnx's Transpose of an NCHW
+  tensor (the two cancel: the op reads that tensor). With axis=1 ([N, G, C/G, ...], gamma /
+  beta [G, C/G, 1, ...]) it is the plain channels-first op;
 * the reshape to groups as [0, G, -1], [N, G, -1], [N, G, C/G, D1, ...], a Concat of
   Shape/Gather/Slice/Unsqueeze pieces, or [-1, G, ...] with static trailing dims;
 * the reshape back from Shape(x), a constant, a Concat of x's dims, or 0 / -1 entries;

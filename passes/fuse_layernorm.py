@@ -12,7 +12,12 @@ Supported spellings (the core's own variants are listed in ``_norm``):
   is ones; without beta the LayerNormalization has two inputs. A Mul/Add whose constant varies
   over non-normalized axes (a positional [S, D] Add) stays outside, after the fused op.
 * TF/Keras (tf2onnx): ``s = gamma * 1/sqrt(var + eps)``, ``y = x*s + (beta - mean*s)``, and the
-  Keras 3 ``x*s + ((-mean)*s + beta)``; gamma and beta optional.
+  Keras 3 ``x*s + ((-mean)*s + beta)``; gamma and beta optional. On NHWC models tf2onnx moves
+  the layout's Transposes through it: the statistics over axes A of the NCHW tensor x with
+  Transpose(x, p) scaled, 1/std and -mean moved along by Reshapes, is fused on Transpose(x, p)
+  over the axes p puts A at (the Transpose stays) when each Reshape is that Transpose of its
+  statistic; over axes that are not trailing (Keras' LayerNormalization over C, now axis 1 of
+  NCHW) the op runs between a Transpose that moves them last and one back.
 * ONNX's function body of LayerNormalization: ``Flatten(x, a)``, the core over axis 1 with
   ``mean(x*x) - mean(x)^2``, ``Mul(Flatten(gamma))``, ``Add(Flatten(beta))`` or Identity, then
   ``Reshape(Shape(x))``: fused over x itself with axis a.
@@ -32,7 +37,7 @@ naming what follows it.
 The fused op runs in the widest type among input, output, gamma and beta (Casts added around it
 where they differ), with stash_type float32 (float64 for float64), so mixed-precision exports
 keep their output type and lose no precision. Reduced axes that are not the trailing ones
-(ConvNeXt's channels-first LayerNorm over axis 1 of NCHW) are left alone.
+(ConvNeXt's channels-first LayerNorm over axis 1 of NCHW) are left alone, except in the TF form.
 """
 from __future__ import annotations
 
