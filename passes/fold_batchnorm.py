@@ -161,11 +161,6 @@ class FoldBatchNorm(Pass):
             return found
         mul, x, a, b, derived = found
         if not derived:
-            # Constants alone do not say "batch norm": only a per-channel affine right after a
-            # producer that can absorb it is a candidate (a near miss one op further up is named).
-            plain = _plain_candidate(x, ctx)
-            if plain is None or isinstance(plain, Reject):
-                return None if plain is None else Reject(plain.reason, mul)
             bad = next((k for k, v in (("a", a), ("b", b)) if not np.all(np.isfinite(v))), None)
             if bad:
                 return Reject(f"per-channel affine after '{x.name}': constant {bad} has non-finite values", mul)
@@ -340,24 +335,19 @@ def _affine_operands(add: gs.Node, ctx: Context):
             plain = _plain_candidate(x, ctx)
             if plain is None:
                 continue
-            fixed = _fixed(scale, ctx)
-            if not fixed and G.producer(scale) is not None and G.producer(scale).op in _COMPUTED:
-                continue  # computed from constants without a square root: not plain, not batch-norm algebra
             b = _evaluate(add.inputs[1 - i], ctx, set())
             if b is None:
                 continue
-            if not fixed:
+            a = _evaluate(scale, ctx, set())
+            if a is None:
                 if isinstance(plain, Reject):
                     continue
                 return Reject(f"x * y + b after '{x.name}': the scale '{scale.name}' "
                               f"{G.not_constant(scale, ctx.graph)}", mul)
-            a = _evaluate(scale, ctx, set())
-            if a is None:
-                continue
             uses = G.other_uses(add.inputs[i], ctx.graph, {id(add)})
             if uses:
                 return Reject(f"'{add.inputs[i].name}' (x * a) is also used by {', '.join(sorted(set(uses)))}", mul)
-            return mul, x, a, b, False
+            return Reject(plain.reason, mul) if isinstance(plain, Reject) else (mul, x, a, b, False)
     return None
 
 
@@ -406,13 +396,13 @@ def _absorbs(node: gs.Node | None, ctx: Context) -> bool:
     return node.op in _FOLDABLE and len(node.inputs) > 1 and _fixed(node.inputs[1], ctx)
 
 
-def _plain_candidate(x: gs.Tensor, ctx: Context) -> tuple | Reject | None:
-    """Whether constant ``x * a + b`` is a fold candidate: x (through views) comes from a
-    producer that can absorb it (a tuple), or from one op after such a producer (a Reject: a
-    consumer in between), else None."""
+def _plain_candidate(x: gs.Tensor, ctx: Context) -> gs.Node | Reject | None:
+    """Whether constant ``x * a + b`` is a fold candidate. Constants alone do not say "batch
+    norm": x (through views) must come from a producer that can absorb it (that producer), else
+    a near miss one op further up is named (a Reject: an op in between); None otherwise."""
     node, _views = _view_chain(x)
     if _absorbs(node, ctx):
-        return (node,)
+        return node
     if node is None or not G.in_default_domain(node) or not node.inputs:
         return None
     data = [t for t in node.inputs if t.name and not _fixed(t, ctx)]
