@@ -150,6 +150,8 @@ def _match_tf(node: gs.Node, ctx: Context):
           "recip" if m.has("recip") else "recip_div"].outputs[0]
     if not all(any(i is s for i in m[k].inputs) for k in ("mul_x", "mul_mean")):
         return None  # x and the mean scaled by different tensors: not one normalization
+    if m.has("x_view"):   # tf2onnx's Transpose of x stays (others may read it): the fused op reads its output
+        m.matched[:] = [n for n in m.matched if n is not m["x_view"]]
     norm = N.check_core(m, ctx, "mean", statistics=True)
     if isinstance(norm, Reject):
         return norm
@@ -184,6 +186,8 @@ def _match_tf(node: gs.Node, ctx: Context):
         norm.variant.append("transposed input")
     out = plan(norm, ctx, axis, tail)
     if perm is not None:
+        if tail.scale is None:   # ones of the moved normalized dims (``plan`` took x's own last ones)
+            out.values["scale"] = np.ones(shape, np.float32)
         out.info["perm"] = perm
         norm.variant.append("normalized axes moved last")
         out.info["variant"] = ", ".join(norm.variant)
@@ -228,13 +232,10 @@ def _views(m: Match, norm: N.Normalized, ctx: Context):
             view = m.nodes.get(key)
             got = stat if view is None else _reshaped(
                 stat, G.dims_value(view.inputs[1], ctx.graph, ctx, {id(view.inputs[0]): stat}))
-            if got != moved or (view is not None and kept != sorted(kept)):
+            if got != moved or kept != sorted(kept):
                 where = f"Reshape {G.node_label(view)} of the {what}" if view is not None else f"the {what}"
                 return Reject(f"{where} is not the Transpose {p} that the input goes through (shape "
                               f"{_show(got)}, expected {_show(moved)})", view or m["mean"])
-    if m.has("x_view"):
-        m.matched[:] = [n for n in m.matched if n is not m["x_view"]]   # the Transpose stays: the op reads x'
-        del m.nodes["x_view"]
     axes = tuple(i for i in range(rank) if p[i] in norm.axes)
     if N.trailing_axis(axes, rank) is not None:
         return x, axes, None

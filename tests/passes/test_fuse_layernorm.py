@@ -621,7 +621,7 @@ def test_fuse_layernorm_torchscript_transformer_export_is_fused_after_upgrade(op
 # ----------------------------------------------------------------------------- tf2onnx's NHWC layer norms
 
 def _tf_nchw(rng, axes=(1,), perm=None, spatial=(4, 4), c=6, views=True, view_target=None, gamma_shape=None,
-             mean_output=False, opset=13):
+             mean_output=False, opset=13, gamma=True, transposed_output=False):
     """A Keras NHWC LayerNormalization as tf2onnx writes it once its optimizer moved the Conv's
     NCHW Transposes through it: the statistics over ``axes`` of the NCHW tensor x ([N, C, H, W]),
     tf.nn.moments' SquaredDifference as Sub and Mul, the mean put back by a Reshape for the Sub;
@@ -645,11 +645,12 @@ def _tf_nchw(rng, axes=(1,), perm=None, spatial=(4, 4), c=6, views=True, view_ta
             neg = net.op("Reshape", neg, net.const(target, "int"))
     params = gamma_shape or [1, *[1 if i not in [list(perm or range(4)).index(a) for a in axes] else d
                                   for i, d in enumerate(out_shape)][1:]]
-    s = net.op("Mul", inv, net.const(rng.uniform(0.5, 1.5, params)))
+    s = net.op("Mul", inv, net.const(rng.uniform(0.5, 1.5, params))) if gamma else inv
     shift = net.op("Add", net.op("Mul", neg, s), net.const(rng.standard_normal(params)))
     y = net.op("Add", net.op("Mul", x, s), shift)
     net.nodes.append(helper.make_node("Identity", [y], ["y"]))
-    outs = [("y", F32, out_shape)] + ([(mean, F32, stat)] if mean_output else [])
+    outs = [("y", F32, out_shape)] + ([(mean, F32, stat)] if mean_output else []) + \
+        ([(x, F32, out_shape)] if transposed_output else [])
     return make_model(net.nodes, [("x", F32, shape)], outs, net.inits, opset=opset)
 
 
@@ -659,7 +660,11 @@ def _tf_nchw(rng, axes=(1,), perm=None, spatial=(4, 4), c=6, views=True, view_ta
     (dict(axes=(1,), perm=(0, 2, 3, 1)), {"Transpose": 1}, -1),           # over C, scaled as NHWC
     (dict(axes=(2, 3, 1), perm=(0, 2, 3, 1), opset=18), {"Transpose": 1}, -3),
     (dict(axes=(1,), spatial=(6,)), {"Transpose": 2}, -1),                # rank 3 (Conv1D)
-], ids=["channels_nchw", "hwc_transposed", "channels_transposed", "hwc_transposed_opset18", "channels_rank3"])
+    (dict(gamma=False), {"Transpose": 2}, -1),                            # ones of C, not of W
+    (dict(axes=(1, 2, 3), perm=(0, 2, 3, 1), transposed_output=True), {"Transpose": 1}, -3),  # x' read elsewhere
+    (dict(axes=(1, 2, 3), perm=(0, 2, 3, 1), gamma=False), {"Transpose": 1}, -3),
+], ids=["channels_nchw", "hwc_transposed", "channels_transposed", "hwc_transposed_opset18", "channels_rank3",
+        "channels_nchw_no_gamma", "transposed_input_also_an_output", "hwc_transposed_no_gamma"])
 def test_fuse_layernorm_tf2onnx_nhwc_forms_are_fused(kwargs, expected, axis, rng):
     model = _tf_nchw(rng, **kwargs)
     out, rec = fused(model)
@@ -685,10 +690,13 @@ def test_fuse_layernorm_tf2onnx_channels_first_gamma_is_moved_with_the_axes(rng)
     (dict(axes=(1,), perm=(0, 3, 2, 1)), "is not the Transpose [0, 3, 2, 1] that the input goes through"),
     # 1/std [N, 1, H, W] meets the NHWC x' as it is: broadcasting pairs H, W, C with 1, H, W
     (dict(axes=(1,), perm=(0, 2, 3, 1), c=4, views=False), "the 1/std is not the Transpose [0, 2, 3, 1]"),
+    # H and W swapped in x', the statistics [N, 1, H, W] used as they are: same shape, other order
+    (dict(axes=(1,), perm=(0, 1, 3, 2), views=False), "the 1/std is not the Transpose [0, 1, 3, 2]"),
     (dict(gamma_shape=[1, 6, 4, 1]), "varies over non-normalized axes"),
     (dict(axes=(1, 2, 3), perm=(0, 2, 3, 1), mean_output=True), "the mean or 1/std is also used outside"),
     (dict(mean_output=True), "its mean or 1/std is also used outside"),
-], ids=["view_is_no_transpose", "statistic_not_moved", "gamma_spatial", "mean_used_elsewhere",
+], ids=["view_is_no_transpose", "statistic_not_moved", "statistic_axes_swapped", "gamma_spatial",
+         "mean_used_elsewhere",
         "channels_first_mean_used_elsewhere"])
 def test_fuse_layernorm_tf2onnx_nhwc_near_miss_is_left_unchanged(kwargs, reason, rng):
     model = _tf_nchw(rng, **kwargs)
