@@ -389,10 +389,11 @@ def _absorbs(node: gs.Node | None, ctx: Context) -> bool:
     if node is None or not G.in_default_domain(node):
         return False
     if node.op == "Add" and len(node.inputs) == 2:
-        node = next((G.producer(t) for t in node.inputs if G.producer(t) is not None
-                     and G.producer(t).op == "MatMul"), None)
+        left, right = node.inputs
+        node = next((G.producer(t) for t, other in ((left, right), (right, left)) if G.producer(t) is not None
+                     and G.producer(t).op == "MatMul" and _fixed(other, ctx)), None)
         if node is None:
-            return False
+            return False   # a residual Add: nothing a constant x * a + b can be folded into
     return node.op in _FOLDABLE and len(node.inputs) > 1 and _fixed(node.inputs[1], ctx)
 
 

@@ -831,3 +831,22 @@ def test_inspect_lists_keras_batchnorm_arithmetic_as_batchnorm_sites(rng):
     assert (site.kind, site.action, site.becomes) == ("BatchNorm", "rewrite", "Conv")
     (site,) = inspect_model(folded_bn(rng, "conv", between="Relu")).sites
     assert (site.kind, site.action) == ("BatchNorm", "skip") and "is between Conv(p)" in site.reason
+
+
+def test_fold_batchnorm_constant_affine_after_a_residual_add_is_not_a_candidate(rng):
+    """MatMul + a residual (not a constant bias), then x * a + b: nothing to fold into, no record."""
+    inits = {"W": floats(rng, 6, 6), "a": floats(rng, 6), "b": floats(rng, 6)}
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["mm"]), helper.make_node("Add", ["mm", "X"], ["res"]),
+             helper.make_node("Mul", ["res", "a"], ["xa"]), helper.make_node("Add", ["xa", "b"], ["Y"])]
+    model = make_model(nodes, [("X", FLOAT, [BATCH, 6])], [("Y", FLOAT, [BATCH, 6])], inits)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied and not rec.skipped
+
+
+def test_fold_batchnorm_constant_affine_after_matmul_and_bias_is_folded(rng):
+    """Dense with its bias kept (MatMul + constant Add), then constant x * a + b."""
+    inits = {"W": floats(rng, 4, 6), "c": floats(rng, 6), "a": floats(rng, 6, low=0.5, high=1.5), "b": floats(rng, 6)}
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["mm"]), helper.make_node("Add", ["mm", "c"], ["dense"]),
+             helper.make_node("Mul", ["dense", "a"], ["xa"]), helper.make_node("Add", ["xa", "b"], ["Y"])]
+    model = make_model(nodes, [("X", FLOAT, [BATCH, 4])], [("Y", FLOAT, [BATCH, 6])], inits)
+    assert_folded(model, {"MatMul": 1, "Add": 1})
