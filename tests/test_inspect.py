@@ -147,4 +147,3 @@ def test_inspect_only_selected_passes_report_decomposed_sites(rng, passes):
     bn = [s for s in found.sites if s.kind == "BatchNormalization"]
     assert len(bn) == 2 and all(s.action == "skip" and s.reason == "fold-batchnorm was not run" for s in bn)
     assert op_counts(zoo(rng))["BatchNormalization"] == 2
-
