@@ -52,7 +52,7 @@ from normopt.pattern import AnyOf, Const, Match, Op, match
 from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
 from normopt.passes import _norm as N, _sites as S
-from normopt.passes._emit import _dims, emit_fused, work_dtype
+from normopt.passes._emit import emit_fused, work_dtype
 
 LAYER_NORMALIZATION = "LayerNormalization"
 
@@ -118,9 +118,10 @@ class FuseLayerNorm(Pass):
         # between a Transpose that moves them last and the Transpose back.
         x, out = m.tensors["input"], m.output
         shape = ctx.shape(x)
-        moved = None if shape is None else [shape[p] for p in perm]
-        first = gs.Variable(ctx.names.fresh(f"{x.name}_normalized_last"), dtype=ctx.dtype(x), shape=_dims(moved))
-        normed = gs.Variable(ctx.names.fresh(f"{out.name}_normalized_last"), dtype=ctx.dtype(out), shape=_dims(moved))
+        moved = None if shape is None else [shape[p] if isinstance(shape[p], (int, str)) and shape[p] != "" else None
+                                            for p in perm]
+        first = gs.Variable(ctx.names.fresh(f"{x.name}_normalized_last"), dtype=ctx.dtype(x), shape=moved)
+        normed = gs.Variable(ctx.names.fresh(f"{out.name}_normalized_last"), dtype=ctx.dtype(out), shape=moved)
         inner = dataclasses.replace(m, output=normed, tensors={**m.tensors, "input": first})
         back = [perm.index(i) for i in range(len(perm))]
         return [gs.Node("Transpose", ctx.names.fresh(f"{base}_to_last"), {"perm": list(perm)}, [x], [first]),
@@ -160,13 +161,16 @@ def _match_tf(node: gs.Node, ctx: Context):
     if isinstance(viewed, Reject):
         return viewed
     x, axes, perm = viewed
+    rank = norm.rank
     if x is norm.x and perm is None:
         where = trailing(norm, ctx)
         if isinstance(where, Reject):
             return where
         axis, shape = where
     else:
-        rank, dims = norm.rank, ctx.shape(x)
+        dims = ctx.shape(x)
+        if dims is None or len(dims) != rank:
+            return Reject(f"shape of '{x.name}', the tensor the LayerNorm scales, is unknown", node)
         order = perm or list(range(rank))
         axis, shape = -len(axes), tuple(dims[a] for a in order[rank - len(axes):])
     tail = N.Affine(node.outputs[0])
@@ -231,7 +235,8 @@ def _views(m: Match, norm: N.Normalized, ctx: Context):
         for key, what in (("inv_view", "1/std"), ("neg_view", "mean")):
             view = m.nodes.get(key)
             got = stat if view is None else _reshaped(
-                stat, G.dims_value(view.inputs[1], ctx.graph, ctx, {id(view.inputs[0]): stat}))
+                stat, G.dims_value(view.inputs[1], ctx.graph, ctx, {id(view.inputs[0]): stat}),
+                int(view.attrs.get("allowzero", 0)))
             if got != moved or kept != sorted(kept):
                 where = f"Reshape {G.node_label(view)} of the {what}" if view is not None else f"the {what}"
                 return Reject(f"{where} is not the Transpose {p} that the input goes through (shape "
@@ -249,12 +254,13 @@ def _views(m: Match, norm: N.Normalized, ctx: Context):
     return x, axes, [i for i in range(rank) if i not in axes] + list(axes)
 
 
-def _reshaped(dims: list, target: list | None) -> list | None:
-    """The shape a Reshape of ``dims`` to ``target`` gives (0 copies a dim, one -1 is inferred:
-    by arithmetic on static dims, else by cancelling equal dims), None when it cannot be told."""
+def _reshaped(dims: list, target: list | None, allowzero: int = 0) -> list | None:
+    """The shape a Reshape of ``dims`` to ``target`` gives (0 copies a dim unless ``allowzero``,
+    one -1 is inferred: by arithmetic on static dims, else by cancelling equal dims), None when it
+    cannot be told."""
     if target is None:
         return None
-    out = [dims[i] if d == 0 and i < len(dims) else d for i, d in enumerate(target)]
+    out = [dims[i] if d == 0 and not allowzero and i < len(dims) else d for i, d in enumerate(target)]
     if out.count(-1) > 1:
         return None
     if -1 in out:
