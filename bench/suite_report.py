@@ -160,7 +160,7 @@ def targets(models: list[ModelResult], tool: str = "normopt") -> list[Target]:
         else:
             out.append(Target(name, "fold runs", r.status if r else "not run", False))
     out += _chain_targets(by_name, tool)
-    out.append(_peer_target(models, tool))
+    out.extend(_peer_targets(models, tool))
     return out
 
 
@@ -193,24 +193,38 @@ def same_rewrites(m: ModelResult, peer: Run, ours: Run) -> bool:
         and (ours.ops != m.ops)
 
 
-def _peer_target(models: list[ModelResult], tool: str) -> Target:
-    compared, slower = [], []
-    for m in models:
-        ours = m.run(tool)
-        for peer in m.runs:
-            if peer.tool in ("floor", tool) or peer.tool.startswith("normopt"):
-                continue
-            if same_rewrites(m, peer, ours):
+def _portable(peer: Run) -> bool:
+    """Standard ops only, and onnx.checker accepts the output."""
+    return bool(peer.standard_only) and (not peer.checker or peer.checker == "ok")
+
+
+def _peer_targets(models: list[ModelResult], tool: str) -> list[Target]:
+    """Two rows: peers whose outputs are portable ONNX (standard ops, checker-valid), which make
+    the same rewrites normopt makes; and peers that made those rewrites into outputs that are not
+    (contrib ops, or a model onnx.checker rejects), reported apart and just as plainly."""
+    rows = []
+    for portable, what in ((True, "peers doing the same rewrites (portable output)"),
+                           (False, "peers doing those rewrites into non-portable output")):
+        compared, slower = [], []
+        for m in models:
+            ours = m.run(tool)
+            for peer in m.runs:
+                if peer.tool in ("floor", tool) or peer.tool.startswith("normopt"):
+                    continue
+                if not same_rewrites(m, peer, ours) or _portable(peer) != portable:
+                    continue
                 compared.append(f"{peer.tool} on {m.name}")
                 if peer.seconds <= ours.seconds:
                     caveat = "" if peer.standard_only else "; its output has contrib ops"
                     if peer.checker and peer.checker != "ok":
                         caveat += "; its output fails onnx.checker"
                     slower.append(f"{peer.tool} on {m.name} ({peer.seconds:.2f} s vs {ours.seconds:.2f} s{caveat})")
-    if not compared:
-        return Target("peers doing the same rewrites", "normopt faster", "no peer did the same rewrites", True)
-    measured = ("faster than " + ", ".join(compared)) if not slower else "slower than " + ", ".join(slower)
-    return Target("peers doing the same rewrites", "normopt faster", measured, not slower)
+        if not compared:
+            rows.append(Target(what, "normopt faster", "no such peer", True))
+            continue
+        measured = ("faster than " + ", ".join(compared)) if not slower else "slower than " + ", ".join(slower)
+        rows.append(Target(what, "normopt faster", measured, not slower))
+    return rows
 
 
 def targets_table(items: list[Target]) -> list[str]:

@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from normopt import graph as G
+from normopt import graph as G, tensors as T
 
 COMMUTATIVE = frozenset({"Add", "Mul"})
 
@@ -116,6 +116,14 @@ class Match:
         if all(n is not node for n in self.matched):
             self.matched.append(node)
 
+    def evolve(self, **changes) -> Match:
+        """A new Match with this one's bindings (copied) and ``changes`` applied; this one is
+        left as it is. Checks that narrow or extend a match build the result this way."""
+        fields = dict(output=self.output, nodes=dict(self.nodes), tensors=dict(self.tensors),
+                      values=dict(self.values), matched=list(self.matched), info=dict(self.info))
+        fields.update(changes)
+        return Match(**fields)
+
     def escapes(self, graph: gs.Graph) -> list[str]:
         """Tensors made inside the match that something outside it uses (or a graph output).
 
@@ -136,9 +144,9 @@ class Match:
 def match(pattern: Pattern, tensor: gs.Tensor, graph: gs.Graph, const=None) -> Match | None:
     """The first way ``pattern`` explains ``tensor``, or None.
 
-    ``const``: tensor -> value fixed at export time, or None (default ``G.const_value``); a
+    ``const``: tensor -> value fixed at export time, or None (default ``tensors.const_value``); a
     pass's ``Context.const`` also evaluates what statically known shapes and ranks determine."""
-    const = const or (lambda t: G.const_value(t, graph))
+    const = const or (lambda t: T.const_value(t, graph))
     for state in _match(pattern, tensor, graph, _State(const=const)):
         m = Match(output=tensor, nodes=dict(state.nodes), tensors=dict(state.tensors),
                   values=dict(state.values))

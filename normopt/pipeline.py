@@ -20,8 +20,9 @@ from normopt import graph as G, ir, opset, progress
 from normopt.errors import ModelLoadError, ModelSaveError
 from normopt.model_io import Skeleton, all_graphs, min_ir_version, weightless, without_weights
 from normopt.pattern import Match
-from normopt.records import OpsetUpgrade, PassRecord, PipelineResult, Rewrite, Skip
+from normopt.records import OpsetUpgrade, PassRecord, PipelineResult, Reject, Rewrite, Skip
 from normopt.registry import available, resolve
+from normopt.tensors import TensorFacts
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 MAX_ROUNDS = 4
@@ -29,17 +30,10 @@ MAX_ROUNDS = 4
 SHAPE_VALUE_OPSET = 14
 
 
-@dataclass(frozen=True)
-class Reject:
-    """A candidate the pass must leave untouched. ``reason`` is a fact about the model."""
-
-    reason: str
-    node: gs.Node | None = None
-
-
 @dataclass
-class Context:
-    """What a pass may know about the model while it looks at one graph."""
+class Context(TensorFacts):
+    """What a pass may know about the model while it looks at one graph: every fact about a
+    tensor (shape, rank, dtype, constant value) through ``tensors.TensorFacts``."""
 
     graph: gs.Graph
     root: gs.Graph
@@ -58,89 +52,6 @@ class Context:
         if self._here is None:
             self._here = {id(n) for n in self.graph.nodes}
         return self._here
-
-    def const(self, tensor: gs.Tensor):
-        """The value of ``tensor`` fixed at export time (``G.const_value``), including what
-        statically known shapes and ranks determine (``Size(Shape(x))``, ``Range(axis, rank, 1)``)."""
-        return G.const_value(tensor, self.graph, facts=self)
-
-    def shape(self, tensor: gs.Tensor) -> tuple | None:
-        """Static-or-symbolic shape (ints, strings or None per dim), when known.
-
-        Inferred from the operations first (``inferred_index`` prefers what inference computes
-        without the declared value_info); a declaration only fills what inference left open: a
-        dim it could not tell, or a tensor it could not type (a rewrite's new tensors carry their
-        shape themselves)."""
-        if isinstance(tensor, gs.Constant):
-            return tuple(tensor.shape)
-        declared = tuple(tensor.shape) if tensor.shape is not None else None
-        known = self.shapes.get(tensor.name)
-        inferred = known[1] if known else None
-        if inferred is None or declared is None or len(declared) != len(inferred):
-            return inferred if inferred is not None else declared
-        # A dim inference names after a graph input's ('batch') is dynamic, whatever an export
-        # declared for it (an example's static size); only dims it could not tell are filled.
-        return tuple(d if (i is None or _unnamed(i)) and d not in (None, "") else i
-                     for i, d in zip(inferred, declared))
-
-    def checked_shape(self, tensor: gs.Tensor) -> tuple | None | Reject:
-        """``shape``, or a Reject when the model's declaration (value_info) contradicts the
-        shape that inference computes from the graph itself (their ranks or static dims
-        differ): neither can then place axes safely. Graph inputs and constants are facts."""
-        shape = self.shape(tensor)
-        declared = tuple(tensor.shape) if tensor.shape is not None else None
-        known = self.shapes.get(tensor.name)
-        inferred = known[1] if known else None
-        if declared is None or inferred is None or isinstance(tensor, gs.Constant) or \
-                G.is_graph_input(self.graph, tensor):
-            return shape
-        clash = len(declared) != len(inferred) or any(
-            isinstance(a, int) and isinstance(b, int) and a > 0 and b > 0 and a != b
-            for a, b in zip(declared, inferred))
-        if clash:
-            return Reject(f"declared shape {_dims(declared)} of '{tensor.name}' contradicts the inferred "
-                          f"{_dims(inferred)}")
-        return shape
-
-    def rank(self, tensor: gs.Tensor) -> int | None:
-        shape = self.shape(tensor)
-        return None if shape is None else len(shape)
-
-    def dtype(self, tensor: gs.Tensor):
-        """numpy dtype when known (looked up once per tensor per context)."""
-        hit = self._dtypes.get(id(tensor))
-        if hit is not None and hit[0] is tensor:
-            return hit[1]
-        dtype = G.tensor_dtype(tensor)
-        if dtype is None:
-            shapes = self.shapes
-            if isinstance(shapes, Shapes):
-                elem = shapes.elem_type(tensor.name)
-            else:
-                known = shapes.get(tensor.name)
-                elem = known[0] if known else 0
-            if elem:
-                dtype = _np_dtype(elem)
-        self._dtypes[id(tensor)] = (tensor, dtype)
-        return dtype
-
-
-_NP_DTYPES: dict[int, np.dtype] = {}
-
-
-def _np_dtype(elem_type: int):
-    if elem_type not in _NP_DTYPES:
-        _NP_DTYPES[elem_type] = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
-    return _NP_DTYPES[elem_type]
-
-
-def _unnamed(dim) -> bool:
-    """A dim onnx shape inference made up for a size it does not know ('unk__3')."""
-    return isinstance(dim, str) and dim.startswith("unk__")
-
-
-def _dims(shape) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 class Pass:
@@ -422,6 +333,7 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, names
     for _round in range(MAX_ROUNDS):
         skipped: list[Skip] = []
         applied_before = len(record.applied)
+        created_anchor = False
         for path, graph, fn in _graphs(root):
             if fn is None:
                 ctx = Context(graph=graph, root=root, opset=opset, names=names, shapes=shapes, path=path)
@@ -491,7 +403,11 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, names
                     local.update(id(n) for n in graph.nodes[count:])
                 if ctx._here is not None:
                     ctx._here.update(id(n) for n in graph.nodes[count:])
-        if len(record.applied) == applied_before:
+                created_anchor = created_anchor or any(n.op in pass_.anchor_ops for n in graph.nodes[count:])
+        # Another round can only find more where this one left a site it refused (a use outside
+        # a match may have gone with a later rewrite) or made a node this pass starts from; a
+        # site that did not fit a pattern sits upstream of no rewrite that came after it.
+        if len(record.applied) == applied_before or not (skipped or created_anchor):
             record.skipped = skipped
             break
     return record, 0

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
 
 
 @dataclass(frozen=True)
@@ -69,3 +73,11 @@ class PipelineResult:
     @property
     def modified(self) -> bool:
         return bool(self.applied) or bool(self.upgrades)
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A candidate a pass must leave untouched. ``reason`` is a fact about the model."""
+
+    reason: str
+    node: gs.Node | None = None   # the node the reason concerns, when not the anchor

@@ -6,7 +6,8 @@ only when it is constant per normalized element (broadcast-equivalent to the nor
 A positional [S, D] Add after a LayerNorm over D is not per normalized element: it stays outside.
 With ``tensors=True`` a scale or bias computed at run time (a graph input, another node's
 output) is absorbed too, as a tensor input of the fused op, when its shape is known to be
-exactly the normalized shape (leading 1s aside).
+exactly the normalized shape (leading 1s aside). ``channel_affine`` and ``affine_params`` are the
+per-channel form of group and instance normalization ([C, 1, ...] parameters, [C] for the op).
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def match_affine(t: gs.Tensor, ctx: Context, rank: int, norm_shape: tuple,
     """Follow ``t`` down through [Cast] Mul(scale) [Cast] Add(bias); each step optional.
 
     A step is taken only when the tensor it consumes has no other user, its operand is a
-    constant (``G.const_value``), and that constant is the same for every non-normalized index
+    constant (``ctx.const``), and that constant is the same for every non-normalized index
     (it broadcasts to ``norm_shape`` without touching the leading axes). A positional [S, D]
     Add after a LayerNorm over D fails that test and stays outside.
     """
@@ -155,6 +156,28 @@ def _static(d) -> bool:
 
 def _show(shape) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+# ------------------------------------------------------------------------------ per channel (group / instance norm)
+
+def channel_shape(channels: int, rank: int) -> tuple[int, ...]:
+    """The shape a per-channel parameter broadcasts to, for ``match_affine``: [C, 1, ...]."""
+    return (channels,) + (1,) * (rank - 2)
+
+
+def channel_affine(t: gs.Tensor, ctx: Context, channels: int | None, rank: int) -> Affine:
+    """The constant per-channel Mul/Add after ``t`` (none when the channel count is unknown)."""
+    if channels is None:
+        return Affine(t)
+    return match_affine(t, ctx, rank, channel_shape(channels, rank))
+
+
+def affine_params(tail: Affine, channels: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """[C] scale and bias (ones / zeros where absent) in ``dtype``."""
+    scale = np.ones(channels) if tail.scale is None else np.asarray(tail.scale).reshape(-1)
+    bias = np.zeros(channels) if tail.bias is None else np.asarray(tail.bias).reshape(-1)
+    # Widening a float parameter is exact; narrowing never happens (dtype is the widest involved).
+    return scale.astype(dtype), bias.astype(dtype)
 
 
 # ------------------------------------------------------------------------------ small helpers

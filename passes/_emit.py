@@ -13,7 +13,13 @@ import onnx_graphsurgeon as gs
 
 from normopt import graph as G
 from normopt.passes._norm import CAST, float_bits, precision_miss
+from normopt.pattern import Match
 from normopt.pipeline import Context, Reject
+
+
+INSTANCE_NORM = "InstanceNormalization"
+# numpy float dtype per significand width (``Normalized.compute_bits``).
+DTYPE_BY_BITS = {53: np.dtype(np.float64), 24: np.dtype(np.float32), 11: np.dtype(np.float16)}
 
 
 def work_dtype(ctx: Context, x: gs.Tensor, out: gs.Tensor, nodes: list[gs.Node], extra=(),
@@ -101,3 +107,78 @@ def _dims(shape) -> list | None:
 def cast_node(ctx: Context, base: str, src: gs.Tensor, dst: gs.Tensor, dtype) -> gs.Node:
     to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     return gs.Node(CAST, ctx.names.fresh(base), {"to": to}, [src], [dst])
+
+
+# ------------------------------------------------------------------------------ over the trailing axes
+
+def settle_dtype(m: Match, ctx: Context) -> Match | Reject:
+    """``m`` with the type T the fused op runs in (``work_dtype``) as ``info["dtype"]`` (a new
+    Match), or why no type is exact: absorbed scale and bias count too."""
+    params = [m.values[k].dtype if k in m.values else ctx.dtype(m.tensors[k])
+              for k in ("scale", "bias") if m.info.get(k)]   # absorbed ones only
+    dtype = work_dtype(ctx, m.tensors["input"], m.output, m.matched, params)
+    if isinstance(dtype, Reject):
+        return dtype
+    return m.evolve(info={**m.info, "dtype": dtype.name})
+
+
+def emit_over_axis(op: str, m: Match, ctx: Context, base: str) -> list[gs.Node]:
+    """LayerNormalization / RMSNormalization of a match made by ``_norm.plan`` and ``settle_dtype``."""
+    dtype = np.dtype(m.info["dtype"])
+    attrs = {"axis": m.info["axis"], "epsilon": float(m.info["epsilon"]),
+             "stash_type": onnx.TensorProto.DOUBLE if dtype == np.float64 else onnx.TensorProto.FLOAT}
+    x, axis, nodes, params = m.tensors["input"], m.info["axis"], [], {}
+    for key in ("scale", "bias"):
+        if key in m.values:
+            params[key] = m.values[key]
+        elif key in m.tensors:
+            params[key] = _squeezed(m.tensors[key], m.info.get(f"{key}_lead", 0), ctx, base, nodes)
+        elif key == "scale":
+            params[key] = _runtime_ones(x, axis, dtype, ctx, base, nodes)
+    stats = tuple(m.tensors.get(k) for k in ("stat_mean", "stat_inv_std"))
+    stats = stats if stats[1] is not None else stats[:1] if stats[0] is not None else ()
+    stash = np.float64 if dtype == np.float64 else np.float32
+    return nodes + emit_fused(ctx, op, attrs, x, m.output, params, dtype, base, stats, stash)
+
+
+def _squeezed(t: gs.Tensor, lead: int, ctx: Context, base: str, nodes: list) -> gs.Tensor:
+    """``t`` without its ``lead`` leading axes of size 1 (the fused op wants the normalized shape)."""
+    if not lead:
+        return t
+    shape = ctx.shape(t)
+    out = gs.Variable(ctx.names.fresh(f"{t.name}_squeezed"), dtype=ctx.dtype(t), shape=list(shape[lead:]))
+    axes = G.make_constant(ctx.names, f"{base}_squeeze_axes", np.arange(lead, dtype=np.int64))
+    nodes.append(gs.Node("Squeeze", ctx.names.fresh(f"{base}_squeeze"), {}, [t, axes], [out]))
+    return out
+
+
+def _runtime_ones(x: gs.Tensor, axis: int, dtype, ctx: Context, base: str, nodes: list) -> gs.Tensor:
+    """A scale of ones over normalized dims known only at run time: ConstantOfShape(Shape(x)[axis:])."""
+    dims = gs.Variable(ctx.names.fresh(f"{base}_normalized_shape"), dtype=np.int64, shape=[-axis])
+    ones = gs.Variable(ctx.names.fresh(f"{base}_ones"), dtype=np.dtype(dtype), shape=list(ctx.shape(x)[axis:]))
+    nodes.append(gs.Node("Shape", ctx.names.fresh(f"{base}_shape"), {"start": axis}, [x], [dims]))
+    nodes.append(gs.Node("ConstantOfShape", ctx.names.fresh(f"{base}_ones"),
+                         {"value": gs.Constant("value", np.ones(1, np.dtype(dtype)))}, [dims], [ones]))
+    return ones
+
+
+def scope_of(node: gs.Node) -> str:
+    """``/layers.0/ln1/ReduceMean`` -> ``/layers.0/ln1/`` (exporters name nodes by module)."""
+    name = node.name or ""
+    return name.rsplit("/", 1)[0] + "/" if "/" in name else ""
+
+
+# ------------------------------------------------------------------------------ per channel (group / instance norm)
+
+def channel_work_dtype(ctx: Context, x: gs.Tensor, out: gs.Tensor, compute_bits: int | None, op: str,
+                       nodes: list[gs.Node], input_cast: gs.Node | None = None) -> np.dtype | Reject:
+    """``work_dtype``: GroupNormalization keeps its statistics in stash_type, so input and output
+    suffice; InstanceNormalization has no stash type and also needs the core's compute type."""
+    extra = [DTYPE_BY_BITS[compute_bits]] if op == INSTANCE_NORM and compute_bits in DTYPE_BY_BITS else []
+    return work_dtype(ctx, x, out, nodes, extra, input_cast)
+
+
+def emit_normalization(ctx: Context, op: str, attrs: dict, x: gs.Tensor, out: gs.Tensor,
+                       scale: np.ndarray, bias: np.ndarray, work, base: str) -> list[gs.Node]:
+    """``op`` (GroupNormalization, InstanceNormalization) with per-channel ``scale`` and ``bias``."""
+    return emit_fused(ctx, op, attrs, x, out, {"scale": scale, "bias": bias}, work, f"{base}/{op}")

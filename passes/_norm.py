@@ -29,8 +29,13 @@ dtypes, and intermediates used outside the pattern (dead consumers aside). Wheth
 axes are the trailing ones is left to each pass (``trailing_axis``): grouped forms normalize
 the trailing axes of a reshaped tensor.
 
-The affine tail after the normalized tensor (``match_affine``) lives in ``_affine``; the means
-(``reduction``, ``restored_mean``) in ``_reduce``; normalization-shaped sites in ``_sites``.
+Over the trailing axes (LayerNormalization, RMSNormalization): ``trailing`` places the axes and
+``plan`` builds the match of the core plus its affine tail. The affine tail after the normalized
+tensor (``match_affine``, and per channel ``channel_affine``) lives in ``_affine``; the means
+(``reduction``, ``restored_mean``) in ``_reduce``; normalization-shaped sites in ``_sites``; the
+fused op and the type it runs in in ``_emit``. What is known about a tensor (shape, dtype,
+constant value) comes from the context, ``normopt.tensors``. No function here changes the graph
+or a Match it was given: a check that narrows or extends a match returns a new one.
 """
 from __future__ import annotations
 
@@ -41,8 +46,8 @@ import onnx_graphsurgeon as gs
 
 from normopt import graph as G
 from normopt.passes._affine import (  # noqa: F401  (re-exported: the passes use them as _norm's)
-    CAST, FLOAT_BITS, Affine, TensorParam, broadcast_param, cast_target, describe, float_bits, is_float,
-    match_affine, scalar, sole_consumer)
+    CAST, FLOAT_BITS, Affine, TensorParam, affine_params, broadcast_param, cast_target, channel_affine, describe,
+    float_bits, is_float, match_affine, scalar, sole_consumer)
 from normopt.pattern import AnyOf, Const, Match, Op, Opt, Pattern, Var, match
 from normopt.pipeline import Context, Reject
 from normopt.passes._reduce import (  # noqa: F401  (MEAN_OPS re-exported: the passes use it as _norm's)
@@ -88,6 +93,46 @@ VARIANCE = AnyOf(
 )
 MEAN_CORE = scaled_by_inverse_std(Opt(CAST, CENTERED), VARIANCE)
 RMS_CORE = scaled_by_inverse_std(XC, reduction(square(XC), "var"))
+
+# TF / Keras (tf2onnx): the scale s = gamma / std is applied to x and to the mean separately,
+# y = x*s + (beta - mean*s) (tf.nn.batch_normalization), Keras 3's x*s + ((-mean)*s + beta);
+# gamma and beta optional. LayerNorm over the last axes, GroupNorm on the grouped tensor.
+def tf_core(views: bool = False) -> Pattern:
+    """The TF / Keras normalization; with ``views``, also the forms tf2onnx writes when it moves
+    an NHWC model's Transposes through a LayerNorm: the statistics are taken of the NCHW tensor x,
+    x itself is scaled as Transpose(x) (``x_view``), and 1/std and -mean follow it as Reshapes
+    (``inv_view``, ``neg_view``). Views are LayerNorm-only: what they mean must be checked by the
+    pass that accepts them (fuse-layernorm's ``_views``)."""
+    std = Op("Sqrt", [Op("Add", [VARIANCE, EPSILON], name="add_eps")], name="sqrt")
+    inv = AnyOf(Op("Reciprocal", [std], name="recip"), Op("Div", [Const("one"), std], name="recip_div"))
+    neg = Op("Neg", [MEAN])
+    x = XC
+    if views:
+        inv = AnyOf(Op("Reshape", [inv, Const()], name="inv_view"), inv)
+        neg = AnyOf(Op("Reshape", [neg, Const()], name="neg_view"), neg)
+        x = AnyOf(Op("Transpose", [XC], name="x_view"), XC)
+    s = AnyOf(Op("Mul", [inv, Const("gamma")], name="mul_gamma"), inv)
+    xs = Op("Mul", [x, s], name="mul_x")
+    ms = Op("Mul", [MEAN, s], name="mul_mean")
+    neg_ms = Op("Mul", [neg, s], name="mul_mean")
+    return AnyOf(
+        Op("Add", [xs, Op("Sub", [Const("beta"), ms])]),          # tf.nn.batch_normalization
+        Op("Add", [xs, Op("Add", [neg_ms, Const("beta")])]),      # Keras 3
+        Op("Add", [xs, AnyOf(neg_ms, Op("Neg", [ms]))]),          # no beta
+        Op("Sub", [xs, ms]),
+    )
+
+
+TF_CORE = tf_core()                      # the LayerNorm and GroupNorm form
+TF_VIEWED_CORE = tf_core(views=True)     # also tf2onnx's NHWC LayerNorm (fuse-layernorm only)
+
+
+def tf_scaled_alike(m: Match) -> bool:
+    """Whether a ``TF_CORE`` / ``TF_VIEWED_CORE`` match scales x and the mean by one tensor s
+    (else it is not one normalization)."""
+    s = m["mul_gamma" if m.has("mul_gamma") else "inv_view" if m.has("inv_view") else
+          "recip" if m.has("recip") else "recip_div"].outputs[0]
+    return all(any(i is s for i in m[k].inputs) for k in ("mul_x", "mul_mean"))
 
 
 # ------------------------------------------------------------------------------ axes
@@ -158,12 +203,13 @@ def check_core(m: Match, ctx: Context, kind: str, statistics: bool = False) -> N
 
     With ``statistics``, the mean (``m.tensors["stat_mean"]``) and 1/std
     (``m.tensors["stat_inv_std"]``) may have users outside the match: the fused op then writes
-    them as its Mean and InvStdDev outputs."""
+    them as its Mean and InvStdDev outputs.
+
+    ``m`` is left as it is: the core's Normalized holds a new Match."""
     found = _structural_misses(m) or _duplicated_casts(m, ctx)
     if found:
         return found
-    _trim_input_cast(m, ctx)
-    _drop_constant_nodes(m, ctx)
+    m = _drop_constant_nodes(_trim_input_cast(m, ctx), ctx)
     bits = _compute_bits(m, ctx)
     if isinstance(bits, Reject):
         return bits
@@ -185,6 +231,7 @@ def check_core(m: Match, ctx: Context, kind: str, statistics: bool = False) -> N
         const_rank = np.asarray(m.values[key]).ndim if key in m.values else 0
         if rank is not None and const_rank > rank:
             return Reject(f"{what} has rank {const_rank}, more than the input's {rank}", m[node])
+    m = m.evolve()   # what goes with the match is added to a copy
     if statistics and m.has("sqrt") and "stat_inv_std" not in statistic_tensors(m):
         # 1/std computed beside a Div(d, std) (ONNX's function body writes InvStdDev that way):
         # it goes with the match, as the InvStdDev output.
@@ -351,6 +398,12 @@ def held_epsilon(eps: float) -> str | None:
     return f"epsilon {eps:g} is not representable as the op's float32 attribute (it would be {f32:g})"
 
 
+def epsilon_miss(eps: float) -> Reject | None:
+    """``held_epsilon`` as a Reject: the fused op's epsilon attribute is a float32."""
+    reason = held_epsilon(eps)
+    return Reject(reason) if reason else None
+
+
 def _duplicated_casts(m: Match, ctx: Context) -> Reject | None:
     """Further Casts of x must be the same conversion as ``cast_x``, which must stay inside."""
     cast = m.nodes.get("cast_x")
@@ -366,23 +419,25 @@ def _duplicated_casts(m: Match, ctx: Context) -> Reject | None:
     return None
 
 
-def _trim_input_cast(m: Match, ctx: Context) -> None:
+def _trim_input_cast(m: Match, ctx: Context) -> Match:
     """Leave a Cast on the input outside the match when it is not a float-widening compute cast.
 
     A Cast from an integer (token ids, say) or one whose output also feeds other nodes belongs
     to the model, not to the normalization: the cast tensor itself is then the input. So does
     a narrowing Cast (float32 x rounded to float16): the fused op must see the rounded values.
+    Returns ``m`` itself when the Cast stays, else a new Match without it.
     """
     if not m.has("cast_x"):
-        return
+        return m
     cast = m["cast_x"]
     inside = {id(n) for n in m.matched}
     source, target = ctx.dtype(cast.inputs[0]), cast_target(cast)
     if not is_float(source) or not is_float(target) or float_bits(target) < float_bits(source) or \
             G.other_uses(cast.outputs[0], ctx.graph, inside):
-        m.matched[:] = [n for n in m.matched if n is not cast]
-        del m.nodes["cast_x"]
-        m.tensors["x"] = cast.outputs[0]
+        nodes = {k: n for k, n in m.nodes.items() if k != "cast_x"}
+        return m.evolve(matched=[n for n in m.matched if n is not cast], nodes=nodes,
+                        tensors={**m.tensors, "x": cast.outputs[0]})
+    return m
 
 
 def _common_axes(m: Match, ctx: Context, rank: int | None) -> tuple[int, ...] | Reject:
@@ -446,14 +501,15 @@ def precision_miss(nodes: list[gs.Node], ctx: Context, out_type) -> Reject | Non
     return Reject(f"'{low[1].name}' is computed in {inner}, narrower than the output's {np.dtype(out_type).name}")
 
 
-def _drop_constant_nodes(m: Match, ctx: Context) -> None:
-    """Casts of constants (epsilon, exponent) stay in the graph: others may share them, and
-    cleanup removes them once unused."""
+def _drop_constant_nodes(m: Match, ctx: Context) -> Match:
+    """``m`` without the nodes that compute constants (a new Match): Casts of constants
+    (epsilon, exponent) stay in the graph, others may share them, and cleanup removes them
+    once unused."""
     made_inside = {id(o) for n in m.matched for o in n.outputs}
     keep = [n for n in m.matched
             if any(id(i) in made_inside for i in n.inputs)   # reads the match: not a constant
             or not all(ctx.const(i) is not None for i in n.inputs if i.name)]
-    m.matched[:] = keep
+    return m if len(keep) == len(m.matched) else m.evolve(matched=keep)
 
 
 def _variant(m: Match) -> list[str]:
@@ -471,3 +527,62 @@ def _variant(m: Match) -> list[str]:
     if sum(1 for n in m.matched if n.op == CAST and n.inputs[0] is m.tensors["x"]) > 1:
         names.append("duplicated Cast")
     return names
+
+
+# ------------------------------------------------------------------------------ over the trailing axes
+
+def trailing(norm: Normalized, ctx: Context) -> tuple[int, tuple] | Reject:
+    """(negative first axis, normalized dims) when ``norm`` is over the trailing axes
+    (LayerNormalization, RMSNormalization).
+
+    The dims may be symbolic: the fused op normalizes whatever size they have at run time."""
+    x, rank = norm.x, norm.rank
+    if rank is None:
+        return Reject(f"rank of input '{x.name}' is unknown")
+    axis = trailing_axis(norm.axes, rank)
+    if axis is None:
+        return Reject(f"normalizes axes {list(norm.axes)} of a rank-{rank} input, not its trailing axes "
+                      "(channels-first layout)", norm.match["mean" if norm.match.has("mean") else "var"])
+    return axis, tuple(ctx.shape(x)[axis:])
+
+
+def plan(norm: Normalized, ctx: Context, axis: int, tail: Affine) -> Match:
+    """The match to replace: the core plus its affine tail, for a fused op over ``axis`` (a new
+    Match; the core's is left as it is).
+
+    Fills ``m.tensors["input"]``, ``m.values["scale"]`` (ones when there is none),
+    ``m.values["bias"]`` (when there is one) and ``m.info`` (axis, epsilon, variant).
+    """
+    x = norm.x
+    shape = static_dims(ctx, x, axis)
+    m = norm.match.evolve(output=tail.output)
+    for node in tail.nodes:
+        m.add(node)
+    m.tensors["input"] = x
+    for key, param in (("scale", tail.scale), ("bias", tail.bias)):
+        if isinstance(param, TensorParam):
+            m.tensors[key] = param.tensor
+            m.info[f"{key}_lead"] = param.lead
+        elif param is not None:
+            m.values[key] = param
+    if tail.scale is None and shape is not None:
+        m.values["scale"] = np.ones(shape, np.float32)
+    # else: no scale and normalized dims known only at run time: ones of Shape(x)[axis:] (``_emit``)
+    m.info.update(epsilon=norm.epsilon, axis=axis, scale=tail.scale is not None, bias=tail.bias is not None)
+    outputs = [name for key, name in (("stat_mean", "Mean"), ("stat_inv_std", "InvStdDev")) if key in m.tensors]
+    if outputs:
+        m.info["outputs"] = outputs
+    if norm.variant:
+        m.info["variant"] = ", ".join(norm.variant)
+    if tail.kept:
+        m.info["kept"] = tail.kept
+    return m
+
+
+def static_dims(ctx: Context, x: gs.Tensor, axis: int) -> tuple[int, ...] | None:
+    """The dims of ``x`` from ``axis`` on, when all are static."""
+    shape = ctx.shape(x)
+    if shape is None:
+        return None
+    dims = tuple(shape[axis:])
+    return dims if all(isinstance(d, int) and d > 0 for d in dims) else None

@@ -77,7 +77,7 @@ def restored_mean(m: Match, key: str, node: gs.Node, ctx: Context, axes: tuple[i
     label = f"{node.op} {G.node_label(node)}"
     if not chain and keep and node.op != REDUCE_SUM:
         return None
-    in_dims = G.symbolic_shape(node.inputs[0], ctx)
+    in_dims = ctx.symbolic_shape(node.inputs[0])
     if in_dims is None or any(not 0 <= a < len(in_dims) for a in axes):
         what = "has keepdims=0 and the" if not keep else "is reshaped, and the"
         return Reject(f"{label} {what} shape of its input is unknown", node)
@@ -140,7 +140,7 @@ def _chain_step(step: gs.Node, t: gs.Tensor, dims: list, ctx: Context):
         for a in sorted(int(a) % rank for a in np.asarray(axes).reshape(-1)):
             out.insert(a, 1)
         return out
-    target = G.dims_value(step.inputs[1], ctx.graph, ctx, {id(t): dims}) if len(step.inputs) == 2 else None
+    target = ctx.dims_value(step.inputs[1], {id(t): dims}) if len(step.inputs) == 2 else None
     if target is None:
         return "has a target shape unknown before run time"
     if step.op == "Expand":

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from normopt import graph as G
+from normopt import graph as G, tensors as T
 from normopt.passes._affine import CAST, scalar
 from normopt.passes._reduce import CHAIN_DEPTH, CHAIN_OPS, MEAN_OPS, REDUCTIONS, through_cast
 from normopt.pattern import match
@@ -84,7 +84,7 @@ def squared_into_mean(node: gs.Node) -> gs.Node | None:
 
 def scalar_or_none(t: gs.Tensor) -> float | None:
     """The one value of a constant (through Cast), else None."""
-    value = G.const_value(t)
+    value = T.const_value(t)
     return scalar(value) if value is not None else None
 
 

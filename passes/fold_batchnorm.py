@@ -22,9 +22,10 @@ at opsets 7-13 (more outputs are training mode there), epsilon default 1e-5 as a
 (what onnxruntime uses: exact 1e-5 differs beyond float64 tolerances when var ~ epsilon).
 Math runs in float64 and is cast back to the weight's dtype (fp16, bf16, fp32, fp64). Below
 opset 7 the bias Add after a MatMul gets broadcast=1, without which it does not broadcast.
-New weights are new initializers: a weight shared with another node is never changed.
+New weights are new initializers, computed in ``rewrite`` (``folded``; ``match`` only reads the
+weight and records s and t): a weight shared with another node is never changed.
 
-Parameters may be computed: from constants (``G.const_value``), or, for the affine-free
+Parameters may be computed: from constants (``ctx.const``), or, for the affine-free
 BatchNormalization of dynamo ``optimize=False`` exports, filled to the producer output's known
 channel count (``Expand(CastLike(1.0, y), Shape(y, 1, 2))``, ``ConstantOfShape``).
 
@@ -114,7 +115,7 @@ class FoldBatchNorm(Pass):
             return Reject("BatchNormalization has fewer than 5 inputs")
         params, readers = {}, []  # readers: nodes that compute a parameter from x's type or shape
         for key, tensor in zip(PARAMETERS, bn.inputs[1:5]):
-            value = G.const_value(tensor, ctx.graph)
+            value = ctx.const(tensor, from_shapes=False)
             if value is None:
                 filled = shape_filled(tensor, ctx)
                 value = None if filled is None else filled[0]
@@ -238,8 +239,9 @@ class FoldBatchNorm(Pass):
                             [x, *params], [m.output])]
         prod = m["producer"]
         w = m.tensors["weight"]
-        weight = G.make_constant(ctx.names, f"{w.name}_bnfolded", m.values["weight"])
-        bias = G.make_constant(ctx.names, f"{prod.name or weight.name}_bias_bnfolded", m.values["bias"])
+        new_weight, new_bias = folded(m)
+        weight = G.make_constant(ctx.names, f"{w.name}_bnfolded", new_weight)
+        bias = G.make_constant(ctx.names, f"{prod.name or weight.name}_bias_bnfolded", new_bias)
         x = m.tensors["x"]
         # The views tf2onnx put between the producer and the arithmetic (Transpose to NHWC,
         # Squeeze of Conv1D, Tensordot's Reshape) stay, after the folded producer.
@@ -277,7 +279,7 @@ _COMPUTED = frozenset(_ARITHMETIC) | frozenset(_UNARY) | {"Cast"}
 def _evaluate(t: gs.Tensor, ctx: Context, seen: set, depth: int = 0) -> np.ndarray | None:
     """The value of a tensor computed from constants with Add/Sub/Mul/Div/Sqrt/Reciprocal/Neg
     (float64 math); ``seen`` collects the op types met. None if anything is not constant."""
-    value = G.const_value(t, ctx.graph)
+    value = ctx.const(t, from_shapes=False)
     if value is not None:
         return np.asarray(value, np.float64) if _is_float(value.dtype) else None
     node = G.producer(t)
@@ -320,7 +322,7 @@ def _affine_operands(add: gs.Node, ctx: Context):
                 continue
             seen: set = set()
             a = _evaluate(mul.inputs[1 - j], ctx, seen)
-            if a is None or "Sqrt" not in seen or G.const_value(mul.inputs[j], ctx.graph) is not None:
+            if a is None or "Sqrt" not in seen or ctx.const(mul.inputs[j], from_shapes=False) is not None:
                 continue
             b = _evaluate(add.inputs[1 - i], ctx, set())
             if b is None:
@@ -450,7 +452,7 @@ def _axis_before(view: gs.Node, inner: gs.Tensor, out: gs.Tensor, axis: int | No
     if view.op == "Squeeze":
         axes = view.attrs.get("axes")
         if axes is None and len(view.inputs) > 1 and view.inputs[1].name:
-            axes = G.const_value(view.inputs[1], ctx.graph)
+            axes = ctx.const(view.inputs[1], from_shapes=False)
         if axes is None or rank is None:
             return f"{label} squeezes axes unknown before run time"
         gone = {int(a) % rank for a in np.asarray(axes).reshape(-1)}
@@ -463,6 +465,7 @@ def _axis_before(view: gs.Node, inner: gs.Tensor, out: gs.Tensor, axis: int | No
                              or last != after[-1]):
         return f"{label} does not keep the axis the parameters vary over ({axis}) as the last axis of its input"
     return None if axis is None else len(before) - 1
+
 
 def _varying_axis(values, rank: int):
     """The one axis of a rank-``rank`` tensor along which ``values`` vary (None: scalars), or why
@@ -538,15 +541,15 @@ def shape_filled(t: gs.Tensor, ctx: Context) -> tuple[np.ndarray, list[gs.Node]]
 def _fill_value(t: gs.Tensor, ctx: Context, nodes: list) -> np.ndarray | None:
     node = G.producer(t)
     if node is not None and node.op == "CastLike" and G.in_default_domain(node):
-        inner, dtype = G.const_value(node.inputs[0], ctx.graph), ctx.dtype(node.inputs[1])
+        inner, dtype = ctx.const(node.inputs[0], from_shapes=False), ctx.dtype(node.inputs[1])
         nodes.append(node)
         return None if inner is None or dtype is None else inner.astype(dtype)
-    return G.const_value(t, ctx.graph)
+    return ctx.const(t, from_shapes=False)
 
 
 def _shape_value(t: gs.Tensor, ctx: Context, nodes: list) -> list[int] | None:
     """A 1-D shape tensor's value: a constant, or Shape(u)[start:end] of static dims of u."""
-    value = G.const_value(t, ctx.graph)
+    value = ctx.const(t, from_shapes=False)
     if value is not None:
         return [int(d) for d in value.reshape(-1)]
     node = G.producer(t)
@@ -576,7 +579,7 @@ def _conv(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:
     b = _optional_const(prod, 2, ctx)
     if isinstance(b, str):
         return b
-    _store(m, prod, scale_output_channels(w, s, prod.op, group), b, s, t, w.dtype, cout)
+    _store(m, prod, w, b, s, t)
     return None
 
 
@@ -593,13 +596,7 @@ def _gemm(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:
     c = _optional_const(prod, 2, ctx)
     if isinstance(c, str):
         return c
-    beta = float(prod.attrs.get("beta", 1.0))
-    # beta*C*s + t, with C broadcast to the output's last axis; Gemm's beta becomes 1.
-    cs = np.zeros(n) if c is None or beta == 0.0 else beta * np.asarray(c, np.float64) * s
-    bias = cs + t
-    m.nodes["producer"], m.tensors["x"] = prod, prod.inputs[0]
-    m.values["weight"] = scale_output_channels(w, s, "Gemm", trans_b=trans_b).astype(w.dtype)
-    m.values["bias"] = bias.astype(w.dtype)
+    _store(m, prod, w, c, s, t)
     return None
 
 
@@ -633,14 +630,14 @@ def _matmul(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:
             return f"bias Add operand of shape {list(bias.shape)} is not a per-feature bias"
         bias = np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (s.size,))
     m.nodes["matmul"] = matmul
-    _store(m, prod, scale_output_channels(w, s, "MatMul"), bias, s, t, w.dtype, s.size, x=matmul.inputs[0])
+    _store(m, prod, w, bias, s, t, x=matmul.inputs[0])
     return None
 
 
 def _matmul_bias(add: gs.Node, ctx: Context):
     for i in (0, 1):
         mm = G.producer(add.inputs[i])
-        bias = G.const_value(add.inputs[1 - i], ctx.graph)
+        bias = ctx.const(add.inputs[1 - i], from_shapes=False)
         if mm is None or mm.op != "MatMul" or bias is None:
             continue
         uses = G.other_uses(add.inputs[i], ctx.graph, {id(add)})
@@ -654,7 +651,7 @@ def _weight(prod: gs.Node, m: Match, ctx: Context):
     if len(prod.inputs) < 2:
         return f"{prod.op} has no weight input"
     tensor = prod.inputs[1]
-    w = G.const_value(tensor, ctx.graph)
+    w = ctx.const(tensor, from_shapes=False)
     if w is None:
         return f"{prod.op} weight '{tensor.name}' {G.not_constant(tensor, ctx.graph)}"
     if not _is_float(w.dtype):
@@ -666,18 +663,40 @@ def _weight(prod: gs.Node, m: Match, ctx: Context):
 def _optional_const(prod: gs.Node, index: int, ctx: Context):
     if len(prod.inputs) <= index or not prod.inputs[index].name:
         return None
-    value = G.const_value(prod.inputs[index], ctx.graph)
+    value = ctx.const(prod.inputs[index], from_shapes=False)
     if value is None:
         return f"{prod.op} bias '{prod.inputs[index].name}' {G.not_constant(prod.inputs[index], ctx.graph)}"
     return value
 
 
-def _store(m: Match, prod, w_scaled, b, s, t, dtype, channels: int, x=None) -> None:
-    b64 = np.zeros(channels) if b is None else np.asarray(b, np.float64).reshape(-1)
+def _store(m: Match, prod, w, b, s, t, x=None) -> None:
+    """What ``folded`` needs: the producer's weight ``w`` and bias ``b`` as read (None: it has
+    none) and the per-channel ``s``, ``t`` of ``BN(x) = x * s + t``. Nothing is computed here."""
     m.nodes["producer"] = prod
     m.tensors["x"] = prod.inputs[0] if x is None else x
-    m.values["weight"] = w_scaled.astype(dtype)
-    m.values["bias"] = (b64 * s + t).astype(dtype)
+    m.values.update(weight=w, s=s, t=t)
+    if b is not None:
+        m.values["producer_bias"] = b
+
+
+def folded(m: Match) -> tuple[np.ndarray, np.ndarray]:
+    """The new weight and bias of the producer: ``W' = W * s`` along its output channels and
+    ``b' = b * s + t`` (Gemm: ``beta * C * s + t``, its beta becoming 1), in float64, cast back
+    to the weight's dtype."""
+    prod, w, s, t = m["producer"], m.values["weight"], m.values["s"], m.values["t"]
+    b = m.values.get("producer_bias")
+    if prod.op == "Gemm":
+        beta = float(prod.attrs.get("beta", 1.0))
+        # beta*C*s + t, with C broadcast to the output's last axis.
+        cs = np.zeros(s.size) if b is None or beta == 0.0 else beta * np.asarray(b, np.float64) * s
+        weight = scale_output_channels(w, s, "Gemm", trans_b=int(prod.attrs.get("transB", 0)))
+        return weight.astype(w.dtype), (cs + t).astype(w.dtype)
+    b64 = np.zeros(s.size) if b is None else np.asarray(b, np.float64).reshape(-1)
+    if prod.op in ("Conv", "ConvTranspose"):
+        weight = scale_output_channels(w, s, prod.op, int(prod.attrs.get("group", 1)))
+    else:  # MatMul, or the Add of MatMul + bias
+        weight = scale_output_channels(w, s, "MatMul")
+    return weight.astype(w.dtype), (b64 * s + t).astype(w.dtype)
 
 
 _FOLDERS = {"Conv": _conv, "ConvTranspose": _conv, "Gemm": _gemm, "MatMul": _matmul, "Add": _matmul}

@@ -75,7 +75,7 @@ def _axes(node: gs.Node, ctx: Context, rank: int) -> tuple[int, ...] | None:
     if "axes" in node.attrs:
         axes = np.asarray(node.attrs["axes"])
     elif len(node.inputs) > 1 and node.inputs[1].name:
-        axes = G.const_value(node.inputs[1], ctx.graph)
+        axes = ctx.const(node.inputs[1], from_shapes=False)
         if axes is None:
             return None
     else:
@@ -94,7 +94,7 @@ def find_norm(node: gs.Node, ctx: Context) -> Norm | Reject | None:
         return None
     if node.op in (REDUCE_L2, LP_NORM):
         v = node.inputs[0]
-        value = G.const_value(v, ctx.graph)
+        value = ctx.const(v, from_shapes=False)
         if value is None:
             return None
         if node.op == LP_NORM:
@@ -115,7 +115,7 @@ def find_norm(node: gs.Node, ctx: Context) -> Norm | Reject | None:
             return None
         if total.op == "ReduceSumSquare":
             v = total.inputs[0]
-            value = G.const_value(v, ctx.graph)
+            value = ctx.const(v, from_shapes=False)
             if value is None:
                 return None
             axes = _axes(total, ctx, value.ndim)
@@ -130,8 +130,8 @@ def find_norm(node: gs.Node, ctx: Context) -> Norm | Reject | None:
         if sq.op == "Mul" and len(sq.inputs) == 2 and sq.inputs[1] is v:
             pass
         elif sq.op == "Pow" and len(sq.inputs) == 2:
-            value = G.const_value(v, ctx.graph)
-            exponent = G.const_value(sq.inputs[1], ctx.graph)
+            value = ctx.const(v, from_shapes=False)
+            exponent = ctx.const(sq.inputs[1], from_shapes=False)
             if value is None:
                 return None
             if exponent is None or exponent.size != 1 or float(np.asarray(exponent, np.float64).reshape(-1)[0]) != 2.0:
@@ -139,7 +139,7 @@ def find_norm(node: gs.Node, ctx: Context) -> Norm | Reject | None:
                               f"{'non-constant' if exponent is None else exponent.reshape(-1).tolist()}, not 2")
         else:
             return None
-        value = G.const_value(v, ctx.graph)
+        value = ctx.const(v, from_shapes=False)
         if value is None:
             return None
         axes = _axes(total, ctx, value.ndim)
@@ -165,7 +165,7 @@ class _Monomials:
             return self.known[id(t)]
         if t is self.norm.v:
             return {V: 1}
-        if G.const_value(t, self.ctx.graph) is not None:
+        if self.ctx.const(t, from_shapes=False) is not None:
             self.leaves[t.name] = t
             return {t.name: 1}
         node = G.producer(t)
@@ -282,7 +282,7 @@ class FoldWeightNorm(Pass):
         if not norm.keepdims and dim not in (None, rank - 1):
             return Reject(f"the norm of '{norm.v.name}' has keepdims=0: its [{norm.value.shape[dim]}] values do not "
                           f"broadcast along dim {dim} of v")
-        gain = np.ones(()) if site.gain is None else G.const_value(site.gain, ctx.graph)
+        gain = np.ones(()) if site.gain is None else ctx.const(site.gain, from_shapes=False)
         if not _float(gain.dtype):
             return Reject(f"gain '{site.gain.name}' has non-float dtype {gain.dtype}")
         if gain.ndim > rank:
@@ -338,6 +338,6 @@ def _same_weight_norm(user: gs.Node, site: Site, ctx: Context) -> bool:
         other = find_site(norm, ctx)
         if isinstance(other, Site) and (other.gain is site.gain or (
                 other.gain is not None and site.gain is not None and
-                np.array_equal(G.const_value(other.gain, ctx.graph), G.const_value(site.gain, ctx.graph)))):
+                np.array_equal(ctx.const(other.gain, from_shapes=False), ctx.const(site.gain, from_shapes=False)))):
             return True
     return False

@@ -56,24 +56,24 @@ exceeds the tolerances.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from normopt import graph as G
-from normopt.passes._emit import emit_fused, work_dtype
-from normopt.passes._norm import (EPSILON, MEAN, VARIANCE, XC, Affine, broadcast_param, cast_target, check_core,
-                                  float_bits, held_epsilon, is_float, match_affine, match_normalized, normalize_axes)
-from normopt.pattern import AnyOf, Const, Match, Op, match
+from normopt.passes._emit import INSTANCE_NORM, channel_work_dtype, emit_normalization
+from normopt.passes._norm import (TF_CORE, Affine, affine_params, broadcast_param, cast_target, channel_affine,
+                                  check_core, epsilon_miss, float_bits, is_float, match_normalized, normalize_axes,
+                                  tf_scaled_alike)
+from normopt.pattern import Match, match
 from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
+from normopt.tensors import DimOf, static_dim
 
-INSTANCE_NORM = "InstanceNormalization"
 CAST = "Cast"
 DEFAULT_EPSILON = 1e-5  # InstanceNormalization's and GroupNormalization's default
-# numpy float dtype per significand width (``Normalized.compute_bits``).
-DTYPE_BY_BITS = {53: np.dtype(np.float64), 24: np.dtype(np.float32), 11: np.dtype(np.float16)}
 GROUP_NORM = "GroupNormalization"
 RESHAPE = "Reshape"
 GROUP_NORM_OPSET = 21  # per-channel scale/bias
@@ -81,202 +81,21 @@ INSTANCE_NORM_OPSET = 6
 STASH_FLOAT, STASH_DOUBLE = 1, 11  # TensorProto.FLOAT / DOUBLE
 
 
-# ------------------------------------------------------------------------------ shared with instancenorm
-
-def channel_shape(channels: int, rank: int) -> tuple[int, ...]:
-    """The shape a per-channel parameter broadcasts to, for ``match_affine``: [C, 1, ...]."""
-    return (channels,) + (1,) * (rank - 2)
-
-
-def channel_affine(t: gs.Tensor, ctx: Context, channels: int | None, rank: int) -> Affine:
-    """The constant per-channel Mul/Add after ``t`` (none when the channel count is unknown)."""
-    if channels is None:
-        return Affine(t)
-    return match_affine(t, ctx, rank, channel_shape(channels, rank))
-
-
-def static_dim(shape, axis: int) -> int | None:
-    if shape is None or len(shape) <= axis:
-        return None
-    dim = shape[axis]
-    return dim if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 else None
-
-
-def settle_dtype(ctx: Context, x: gs.Tensor, out: gs.Tensor, compute_bits: int | None, op: str,
-                 nodes: list[gs.Node], input_cast: gs.Node | None = None) -> np.dtype | Reject:
-    """``work_dtype``: GroupNormalization keeps its statistics in stash_type, so input and output
-    suffice; InstanceNormalization has no stash type and also needs the core's compute type."""
-    extra = [DTYPE_BY_BITS[compute_bits]] if op == INSTANCE_NORM and compute_bits in DTYPE_BY_BITS else []
-    return work_dtype(ctx, x, out, nodes, extra, input_cast)
-
-
-def affine_params(tail: Affine, channels: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """[C] scale and bias (ones / zeros where absent) in ``dtype``."""
-    scale = np.ones(channels) if tail.scale is None else np.asarray(tail.scale).reshape(-1)
-    bias = np.zeros(channels) if tail.bias is None else np.asarray(tail.bias).reshape(-1)
-    # Widening a float parameter is exact; narrowing never happens (dtype is the widest involved).
-    return scale.astype(dtype), bias.astype(dtype)
-
-
-def emit_normalization(ctx: Context, op: str, attrs: dict, x: gs.Tensor, out: gs.Tensor,
-                       scale: np.ndarray, bias: np.ndarray, work, base: str) -> list[gs.Node]:
-    return emit_fused(ctx, op, attrs, x, out, {"scale": scale, "bias": bias}, work, f"{base}/{op}")
-
-
 # ------------------------------------------------------------------------------ shapes
 
-def _known_shape(t: gs.Tensor, ctx: Context) -> tuple | None:
-    """The shape of ``t``; None when unknown, or when its declaration contradicts inference."""
-    shape = ctx.checked_shape(t)
-    return None if isinstance(shape, Reject) else shape
-
-
-def _rank(t: gs.Tensor, ctx: Context) -> int | None:
-    shape = _known_shape(t, ctx)
-    return None if shape is None else len(shape)
-
-
-@dataclass(frozen=True, eq=False)
-class DimOf:
-    """Dimension ``axis`` of ``tensor``, read at run time (Shape, Gather, a Reshape 0 entry)."""
-
-    tensor: gs.Tensor
-    axis: int
-
-
-def shape_terms(t: gs.Tensor, ctx: Context, depth: int = 0) -> list | None:
-    """The elements of a 1-D shape tensor: ints, or DimOf for dims read with Shape; None if unknown."""
-    value = G.const_value(t, ctx.graph)
-    if value is not None:
-        return [int(v) for v in value.reshape(-1)] if value.dtype.kind in "iu" else None
-    node = G.producer(t)
-    if node is None or depth > 8 or not G.in_default_domain(node):
-        return None
-    inner = (lambda i: shape_terms(node.inputs[i], ctx, depth + 1))
-    if node.op == "Shape":
-        rank = _rank(node.inputs[0], ctx)
-        if rank is None:
-            return None
-        dims = [DimOf(node.inputs[0], i) for i in range(rank)]
-        # Shape's start/end (opset 15) clamp like Python slices.
-        return dims[int(node.attrs.get("start", 0)):int(node.attrs.get("end", rank))]
-    if node.op == "Concat":
-        parts = [shape_terms(i, ctx, depth + 1) for i in node.inputs]
-        return None if any(p is None for p in parts) else [d for p in parts for d in p]
-    if node.op in ("Unsqueeze", "Squeeze", "Identity"):
-        return inner(0)  # on a 0-d or 1-D shape piece the elements are unchanged
-    if node.op == CAST and _int_cast(node):
-        # tf2onnx computes shapes in int32 (Cast to int32, Slice, Concat, Cast back to int64):
-        # dims below 2^31 keep their values.
-        return inner(0)
-    if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0:
-        data, index = inner(0), G.const_value(node.inputs[1], ctx.graph)
-        if data is None or index is None or any(not -len(data) <= i < len(data) for i in index.reshape(-1)):
-            return None
-        return [data[int(i)] for i in index.reshape(-1)]
-    if node.op == "Slice":
-        return _slice_terms(node, inner(0), ctx)
-    if node.op in ("Div", "Mul") and len(node.inputs) == 2:
-        # tf.keras' C // G: integer arithmetic on dims known statically, by a constant.
-        data, by = inner(0), G.const_value(node.inputs[1], ctx.graph)
-        if data is None or by is None or by.dtype.kind not in "iu" or by.size != 1 or int(by.reshape(-1)[0]) <= 0:
-            return None
-        dims = [_resolve(d, ctx) for d in data]
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
-            return None
-        k = int(by.reshape(-1)[0])
-        return [d // k if node.op == "Div" else d * k for d in dims]
-    return None
-
-
-def _int_cast(node: gs.Node) -> bool:
-    """A Cast to int32 or int64 (what exporters compute shapes in)."""
-    return np.dtype(cast_target(node)) in (np.dtype(np.int32), np.dtype(np.int64))
-
-
-def _slice_terms(node: gs.Node, data: list | None, ctx: Context) -> list | None:
-    names = ("starts", "ends", "axes", "steps")
-    args = {k: node.attrs[k] for k in names if k in node.attrs}  # opset < 10: attributes
-    for k, tensor in zip(names, node.inputs[1:]):
-        if tensor.name:
-            args[k] = G.const_value(tensor, ctx.graph)
-    vals = {k: None if v is None else [int(a) for a in np.asarray(v).reshape(-1)] for k, v in args.items()}
-    if data is None or None in vals.values() or len(vals.get("starts", [])) != 1 or \
-            vals.get("axes", [0])[0] not in (0, -1) or vals.get("steps", [1]) != [1]:
-        return None
-    return data[vals["starts"][0]:vals["ends"][0]]
-
-
-def reshape_dims(reshape: gs.Node, in_dims: list, ctx: Context) -> list | None:
-    """A Reshape's output dims as terms (ints, -1, DimOf, symbolic names), given its input's."""
-    terms = shape_terms(reshape.inputs[1], ctx)
-    if terms is None:  # fall back on shape inference (data propagation) for the result
-        shape = _known_shape(reshape.outputs[0], ctx)
-        return None if shape is None else list(shape)
-    if int(reshape.attrs.get("allowzero", 0)):
-        return terms
-    # allowzero=0: a 0 entry copies the input's dim at the same index.
-    return [in_dims[i] if d == 0 and i < len(in_dims) else (None if d == 0 else d) for i, d in enumerate(terms)]
-
-
-def _resolve(term, ctx: Context):
-    """A DimOf as the static int or symbolic name shape inference knows, else unchanged."""
-    if isinstance(term, DimOf):
-        shape = _known_shape(term.tensor, ctx)
-        if shape is not None and term.axis < len(shape) and shape[term.axis] is not None:
-            return shape[term.axis]
-    return term
-
-
-def same_dim(term, x: gs.Tensor, axis: int, ctx: Context) -> bool:
-    """Whether ``term`` is surely dim ``axis`` of ``x``."""
-    if isinstance(term, DimOf) and term.tensor is x and term.axis == axis:
-        return True
-    term = _resolve(term, ctx)
-    shape = _known_shape(x, ctx)
-    dim = shape[axis] if shape is not None and axis < len(shape) else None
-    if isinstance(term, DimOf) or term is None or dim is None or term == -1:
-        return False
-    return term == dim  # equal ints, or the same symbolic name (equal by ONNX's convention)
-
-
 def keeps_batch(grouped: list, x: gs.Tensor, ctx: Context) -> bool:
-    if same_dim(grouped[0], x, 0, ctx):
+    """Whether the reshape to ``grouped`` keeps x's batch axis first."""
+    if ctx.same_dim(grouped[0], x, 0):
         return True
     # [-1, G, ...] with every other dim static: the -1 is N when the sizes per sample agree.
-    rest = [_resolve(d, ctx) for d in grouped[1:]]
-    shape = _known_shape(x, ctx) or ()
+    rest = [ctx.resolve(d) for d in grouped[1:]]
+    shape = ctx.known_shape(x) or ()
     per_sample = [static_dim(shape, i) for i in range(1, len(shape))]
     return (grouped[0] == -1 and all(isinstance(d, int) and d > 0 for d in rest) and
             None not in per_sample and int(np.prod(rest)) == int(np.prod(per_sample)))
 
 
-def restores(dims: list | None, x: gs.Tensor, ctx: Context) -> bool:
-    """Whether a reshape to ``dims`` gives x's shape (one -1 may stand for one dim)."""
-    rank = _rank(x, ctx)
-    if dims is None or len(dims) != rank:
-        return False
-    misses = [i for i, d in enumerate(dims) if not same_dim(d, x, i, ctx)]
-    return not misses or (len(misses) == 1 and dims[misses[0]] == -1)
-
-
 # ------------------------------------------------------------------------------ the statistics
-
-# TF / Keras (tf.nn.batch_normalization on the grouped tensor): s = gamma * 1/sqrt(var + eps)
-# applied to x and to the mean separately, y = x*s + (beta - mean*s); Keras 3 writes
-# x*s + ((-mean)*s + beta). gamma and beta are [1, ..., G, C/G] (or absent).
-_STD = Op("Sqrt", [Op("Add", [VARIANCE, EPSILON], name="add_eps")], name="sqrt")
-_INV = AnyOf(Op("Reciprocal", [_STD], name="recip"), Op("Div", [Const("one"), _STD], name="recip_div"))
-_S = AnyOf(Op("Mul", [_INV, Const("gamma")], name="mul_gamma"), _INV)
-_XS = Op("Mul", [XC, _S], name="mul_x")
-_MS = Op("Mul", [MEAN, _S], name="mul_mean")
-_NEG_MS = Op("Mul", [Op("Neg", [MEAN]), _S], name="mul_mean")
-TF_NORMALIZED = AnyOf(
-    Op("Add", [_XS, Op("Sub", [Const("beta"), _MS])]),
-    Op("Add", [_XS, Op("Add", [_NEG_MS, Const("beta")])]),
-    Op("Add", [_XS, AnyOf(_NEG_MS, Op("Neg", [_MS]))]),
-    Op("Sub", [_XS, _MS]),
-)
 
 @dataclass
 class Core:
@@ -312,11 +131,10 @@ def group_core(t: gs.Tensor, ctx: Context) -> Core | Reject | None:
 
 def tf_group_core(t: gs.Tensor, ctx: Context) -> Core | Reject | None:
     """The TF / Keras statistics of a grouped tensor, with its grouped gamma / beta."""
-    m = match(TF_NORMALIZED, t, ctx.graph)
+    m = match(TF_CORE, t, ctx.graph)
     if m is None:
         return None
-    s = m["mul_gamma" if m.has("mul_gamma") else "recip" if m.has("recip") else "recip_div"].outputs[0]
-    if not all(any(i is s for i in m[k].inputs) for k in ("mul_x", "mul_mean")):
+    if not tf_scaled_alike(m):
         return None  # x and the mean scaled by different tensors: not one normalization
     norm = check_core(m, ctx, "mean")
     if isinstance(norm, Reject):
@@ -334,7 +152,7 @@ def _instance_norm_core(node: gs.Node, ctx: Context) -> Core | Reject:
     # identity would drop them (folding them is exact only in real arithmetic, not in float).
     params = []
     for index, name in ((1, "scale"), (2, "bias")):
-        value = G.const_value(node.inputs[index], ctx.graph)
+        value = ctx.const(node.inputs[index], from_shapes=False)
         if value is None:
             return Reject(f"InstanceNormalization {name} '{node.inputs[index].name}' "
                           f"{G.not_constant(node.inputs[index], ctx.graph)}", node)
@@ -348,12 +166,6 @@ def _instance_norm_core(node: gs.Node, ctx: Context) -> Core | Reject:
         core.group_scale, core.group_bias = scale, bias
         core.variant.append("per-group scale/bias")
     return core
-
-
-def epsilon_miss(eps: float) -> Reject | None:
-    """``_norm.held_epsilon`` as a Reject: the fused op's epsilon attribute is a float32."""
-    reason = held_epsilon(eps)
-    return Reject(reason) if reason else None
 
 
 def _not_float_cast(cast: gs.Node | None, ctx: Context) -> Reject | None:
@@ -432,7 +244,8 @@ class FuseGroupNorm(Pass):
                 return self._match_channels_last(ctx, x, split, cast_in, core, cast_out, back)
             if isinstance(first, Reject):
                 return first
-            return self._complete(ctx, x, split, cast_in, core, cast_out, back, first)
+            found, core = first
+            return self._complete(ctx, x, split, cast_in, core, cast_out, back, found)
         found = self._groups(x, split, back, core, ctx)
         if found is None or isinstance(found, Reject):
             return found
@@ -440,14 +253,14 @@ class FuseGroupNorm(Pass):
 
     def _tf_channels_first(self, ctx: Context, x, split, back, core: Core):
         """Keras GroupNormalization(axis=1): x [N, C, ...] reshaped to [N, G, C/G, ...], gamma /
-        beta [G, C/G, 1, ...] on the grouped tensor. (channels, groups, rank) with the per-channel
-        parameters set on ``core``; None when the reshape does not group axis 1 (channels last)."""
+        beta [G, C/G, 1, ...] on the grouped tensor. ((channels, groups, rank), a copy of ``core``
+        with the per-channel parameters); None when the reshape does not group axis 1 (channels last)."""
         found = self._groups(x, split, back, core, ctx)
         if not isinstance(found, tuple):
             return None
         channels, groups, rank = found
-        grouped = reshape_dims(split, [DimOf(x, i) for i in range(rank)], ctx)
-        if len(grouped) != rank + 1 or _resolve(grouped[2], ctx) != channels // groups:
+        grouped = ctx.reshape_dims(split, [DimOf(x, i) for i in range(rank)])
+        if len(grouped) != rank + 1 or ctx.resolve(grouped[2]) != channels // groups:
             return None
         norm_shape = (groups, channels // groups) + (1,) * (rank - 2)
         params = {}
@@ -457,8 +270,7 @@ class FuseGroupNorm(Pass):
             if isinstance(shaped, str):
                 return Reject(f"{key} '{core.tf_names[key]}' {shaped}", back)
             params[key] = np.asarray(shaped, np.float64).reshape(-1)
-        core.channel_scale, core.channel_bias = params["gamma"], params["beta"]
-        return found
+        return found, dataclasses.replace(core, channel_scale=params["gamma"], channel_bias=params["beta"])
 
     def _match_channels_last(self, ctx: Context, x, split, cast_in, core: Core, cast_out, back):
         """Keras GroupNormalization (axis=-1): x [N, ..., C] reshaped to [N, ..., G, C/G],
@@ -477,12 +289,12 @@ class FuseGroupNorm(Pass):
         channels = static_dim(shape, rank - 1)
         if channels is None:
             return Reject(f"channel count (last axis) of '{x.name}' is unknown", split)
-        grouped = reshape_dims(split, [DimOf(x, i) for i in range(rank)], ctx)
+        grouped = ctx.reshape_dims(split, [DimOf(x, i) for i in range(rank)])
         if grouped is None:
             return Reject(f"target shape of reshape {G.node_label(split)} is unknown", split)
-        groups, per = (_resolve(d, ctx) for d in grouped[-2:]) if len(grouped) == rank + 1 else (None, None)
-        lead_ok = len(grouped) == rank + 1 and all(same_dim(grouped[i], x, i, ctx) for i in range(1, rank - 1)) and (
-            same_dim(grouped[0], x, 0, ctx) or grouped[0] == -1)
+        groups, per = (ctx.resolve(d) for d in grouped[-2:]) if len(grouped) == rank + 1 else (None, None)
+        lead_ok = len(grouped) == rank + 1 and all(ctx.same_dim(grouped[i], x, i) for i in range(1, rank - 1)) and (
+            ctx.same_dim(grouped[0], x, 0) or grouped[0] == -1)
         if not lead_ok or not isinstance(groups, int) or not isinstance(per, int) or groups * per != channels:
             return Reject(f"reshape {G.node_label(split)} does not split the last axis of '{x.name}' into "
                           f"[G, C/G] ([N, ..., G, C/G] expected)", split)
@@ -494,7 +306,7 @@ class FuseGroupNorm(Pass):
         if normalize_axes(core.axes, rank + 1) != wanted:
             return Reject(f"statistics are taken over axes {list(core.axes)} of the grouped tensor, not over each "
                           f"whole group {list(wanted)}", split)
-        if not restores(reshape_dims(back, grouped, ctx), x, ctx):
+        if not ctx.restores(ctx.reshape_dims(back, grouped), x):
             return Reject(f"reshape {G.node_label(back)} does not restore the shape of '{x.name}'", back)
         for cast in (cast_in, cast_out):
             miss = _not_float_cast(cast, ctx)
@@ -575,12 +387,12 @@ class FuseGroupNorm(Pass):
         channels = static_dim(shape, 1)
         if channels is None:
             return Reject(f"channel count of '{x.name}' is unknown", split)
-        grouped = reshape_dims(split, [DimOf(x, i) for i in range(rank)], ctx)
+        grouped = ctx.reshape_dims(split, [DimOf(x, i) for i in range(rank)])
         if grouped is None:
             return Reject(f"target shape of reshape {G.node_label(split)} is unknown", split)
         if len(grouped) < 3:
             return None  # a LayerNorm over a flattened [rows, features] view: fuse-layernorm's
-        groups = _resolve(grouped[1], ctx)
+        groups = ctx.resolve(grouped[1])
         if not isinstance(groups, int) or groups < 1 or not keeps_batch(grouped, x, ctx):
             return Reject(f"reshape {G.node_label(split)} does not split the channels of '{x.name}' "
                           f"into groups ([N, G, ...] expected)", split)
@@ -592,8 +404,8 @@ class FuseGroupNorm(Pass):
                           f"not over each whole group {list(whole)}", split)
         if back is None:
             # No reshape back: only a reshape that leaves x as it was (G == C, rank 3) is one.
-            return (channels, groups, rank) if groups == channels and restores(grouped, x, ctx) else None
-        if not restores(reshape_dims(back, grouped, ctx), x, ctx):
+            return (channels, groups, rank) if groups == channels and ctx.restores(grouped, x) else None
+        if not ctx.restores(ctx.reshape_dims(back, grouped), x):
             return Reject(f"reshape {G.node_label(back)} does not restore the shape of '{x.name}'", back)
         return channels, groups, rank
 
@@ -641,7 +453,7 @@ def _grouped_match(ctx: Context, x: gs.Tensor, out: gs.Tensor, core: Core, nodes
     for n in nodes:
         if n is not None:
             m.add(n)
-    work = settle_dtype(ctx, x, out, core.compute_bits, op, m.matched, cast_in)
+    work = channel_work_dtype(ctx, x, out, core.compute_bits, op, m.matched, cast_in)
     if isinstance(work, Reject):
         return work
     escapes = m.escapes(ctx.graph)

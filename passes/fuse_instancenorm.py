@@ -22,20 +22,21 @@ bias that is not per channel, an unknown channel count.
 Emission keeps the precision of the original: InstanceNormalization has no stash_type, so it runs
 in the widest of the input, output and the core's compute type, with Casts around it where they
 differ (a float16 model whose statistics were computed in float32 keeps them in float32).
-The emission helpers are shared with fuse-groupnorm (defined there, which runs first).
+The per-channel affine and the emission are the family's (``_affine``, ``_emit``), shared with
+fuse-groupnorm.
 """
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from normopt import graph as G
-from normopt.passes._norm import MEAN_CORE, Affine, Normalized, match_normalized, normalize_axes
-from normopt.passes.fuse_groupnorm import (INSTANCE_NORM, affine_params, channel_affine, emit_normalization,
-                                          epsilon_miss, settle_dtype, static_dim)
+from normopt.passes._emit import INSTANCE_NORM, channel_work_dtype, emit_normalization
+from normopt.passes._norm import (MEAN_CORE, Affine, Normalized, affine_params, channel_affine, epsilon_miss,
+                                  match_normalized, normalize_axes)
 from normopt.pattern import Match, plausible
 from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
+from normopt.tensors import static_dim
 
 
 # ------------------------------------------------------------------------------ evidence of channels
@@ -49,7 +50,7 @@ def varies_per_channel(tail: Affine, ctx: Context, channels: int | None, rank: i
         if node.op not in ("Mul", "Add"):
             continue
         for operand in node.inputs:
-            value = G.const_value(operand, ctx.graph)
+            value = ctx.const(operand, from_shapes=False)
             if value is not None and rank - 1 <= value.ndim <= rank and value.shape[value.ndim - rank + 1] == channels:
                 return True
     return False
@@ -103,7 +104,7 @@ class FuseInstanceNorm(Pass):
         m = Match(output=tail.output)
         for n in core.match.matched + tail.nodes:
             m.add(n)
-        work = settle_dtype(ctx, core.x, tail.output, core.compute_bits, INSTANCE_NORM, m.matched)
+        work = channel_work_dtype(ctx, core.x, tail.output, core.compute_bits, INSTANCE_NORM, m.matched)
         if isinstance(work, Reject):
             return work
         escapes = m.escapes(ctx.graph)

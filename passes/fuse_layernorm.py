@@ -44,37 +44,15 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from normopt import graph as G
-from normopt.pattern import AnyOf, Const, Match, Op, match
+from normopt.pattern import Match, match
 from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
-from normopt.passes import _norm as N, _sites as S
-from normopt.passes._emit import emit_fused, work_dtype
+from normopt.passes import _emit as E, _norm as N, _sites as S
 
 LAYER_NORMALIZATION = "LayerNormalization"
-
-# TF/Keras: the scale s = gamma / std is applied to x and to the mean separately.
-_STD = Op("Sqrt", [Op("Add", [N.VARIANCE, N.EPSILON], name="add_eps")], name="sqrt")
-_INV = AnyOf(Op("Reciprocal", [_STD], name="recip"), Op("Div", [Const("one"), _STD], name="recip_div"))
-# tf2onnx moves an NHWC model's Transposes through the LayerNorm: the statistics are then taken
-# of the NCHW tensor x, x itself is scaled as Transpose(x), and 1/std and -mean follow it as a
-# Reshape (a Transpose that only moves axes of size 1). ``_views`` checks that they agree.
-_INV_VIEW = AnyOf(Op("Reshape", [_INV, Const()], name="inv_view"), _INV)
-_S = AnyOf(Op("Mul", [_INV_VIEW, Const("gamma")], name="mul_gamma"), _INV_VIEW)
-_XS = Op("Mul", [AnyOf(Op("Transpose", [N.XC], name="x_view"), N.XC), _S], name="mul_x")
-_MS = Op("Mul", [N.MEAN, _S], name="mul_mean")
-_NEG = Op("Neg", [N.MEAN])
-_NEG_MS = Op("Mul", [AnyOf(Op("Reshape", [_NEG, Const()], name="neg_view"), _NEG), _S], name="mul_mean")
-TF_LAYERNORM = AnyOf(
-    Op("Add", [_XS, Op("Sub", [Const("beta"), _MS])]),         # tf.nn.batch_normalization
-    Op("Add", [_XS, Op("Add", [_NEG_MS, Const("beta")])]),      # Keras 3
-    Op("Add", [_XS, AnyOf(_NEG_MS, Op("Neg", [_MS]))]),         # no beta
-    Op("Sub", [_XS, _MS]),
-)
-
 
 @register_pass("fuse-layernorm")
 class FuseLayerNorm(Pass):
@@ -93,12 +71,12 @@ class FuseLayerNorm(Pass):
             norm = N.match_normalized(node.outputs[0], ctx, statistics=True)
             if norm is None or isinstance(norm, Reject):
                 return norm
-            where = trailing(norm, ctx)
+            where = N.trailing(norm, ctx)
             if isinstance(where, Reject):
                 return where
             axis, shape = where
-            m = plan(norm, ctx, axis, N.match_affine(norm.output, ctx, norm.rank, shape, tensors=True))
-            _unflatten(m, ctx)
+            m = N.plan(norm, ctx, axis, N.match_affine(norm.output, ctx, norm.rank, shape, tensors=True))
+            m = _unflatten(m, ctx)
             cycle = _statistics_feed_params(m)
             if cycle:
                 return cycle
@@ -107,13 +85,13 @@ class FuseLayerNorm(Pass):
             if found is None or isinstance(found, Reject):
                 return found
             m, _ = found
-        return settle_dtype(m, ctx)
+        return E.settle_dtype(m, ctx)
 
     def rewrite(self, m: Match, ctx: Context) -> list[gs.Node]:
-        base = scope_of(m["mean"]) + LAYER_NORMALIZATION
+        base = E.scope_of(m["mean"]) + LAYER_NORMALIZATION
         perm = m.info.get("perm")
         if perm is None:
-            return emit(LAYER_NORMALIZATION, m, ctx, base)
+            return E.emit_over_axis(LAYER_NORMALIZATION, m, ctx, base)
         # Normalized axes not trailing (tf2onnx's NCHW LayerNorm over channels): the op runs
         # between a Transpose that moves them last and the Transpose back.
         x, out = m.tensors["input"], m.output
@@ -122,10 +100,10 @@ class FuseLayerNorm(Pass):
                                             for p in perm]
         first = gs.Variable(ctx.names.fresh(f"{x.name}_normalized_last"), dtype=ctx.dtype(x), shape=moved)
         normed = gs.Variable(ctx.names.fresh(f"{out.name}_normalized_last"), dtype=ctx.dtype(out), shape=moved)
-        inner = dataclasses.replace(m, output=normed, tensors={**m.tensors, "input": first})
+        inner = m.evolve(output=normed, tensors={**m.tensors, "input": first})
         back = [perm.index(i) for i in range(len(perm))]
         return [gs.Node("Transpose", ctx.names.fresh(f"{base}_to_last"), {"perm": list(perm)}, [x], [first]),
-                *emit(LAYER_NORMALIZATION, inner, ctx, base),
+                *E.emit_over_axis(LAYER_NORMALIZATION, inner, ctx, base),
                 gs.Node("Transpose", ctx.names.fresh(f"{base}_back"), {"perm": back}, [normed], [out])]
 
 
@@ -136,7 +114,7 @@ def _unexplained_mean(mean: gs.Node, ctx: Context) -> Reject | None:
     """A mean subtracted from its own input is normalization-shaped: when no LayerNorm this pass
     knows (matched at a node below, which then gets the record) includes it, say so."""
     sub = S.centred_by(mean)
-    if sub is None or S.site_explained(mean, _ANCHORS, (N.MEAN_CORE, TF_LAYERNORM), ctx):
+    if sub is None or S.site_explained(mean, _ANCHORS, (N.MEAN_CORE, N.TF_VIEWED_CORE), ctx):
         return None
     return Reject(f"{mean.op} {G.node_label(mean)} is subtracted from its input ({G.node_label(sub)}), but what "
                   f"follows is no LayerNorm this pass knows: the centred tensor '{sub.outputs[0].name}' feeds "
@@ -144,26 +122,24 @@ def _unexplained_mean(mean: gs.Node, ctx: Context) -> Reject | None:
 
 
 def _match_tf(node: gs.Node, ctx: Context):
-    m = match(TF_LAYERNORM, node.outputs[0], ctx.graph, ctx.const)
+    m = match(N.TF_VIEWED_CORE, node.outputs[0], ctx.graph, ctx.const)
     if m is None:
         return None
-    s = m["mul_gamma" if m.has("mul_gamma") else "inv_view" if m.has("inv_view") else
-          "recip" if m.has("recip") else "recip_div"].outputs[0]
-    if not all(any(i is s for i in m[k].inputs) for k in ("mul_x", "mul_mean")):
+    if not N.tf_scaled_alike(m):
         return None  # x and the mean scaled by different tensors: not one normalization
     if m.has("x_view"):   # tf2onnx's Transpose of x stays (others may read it): the fused op reads its output
-        m.matched[:] = [n for n in m.matched if n is not m["x_view"]]
+        m = m.evolve(matched=[n for n in m.matched if n is not m["x_view"]])
     norm = N.check_core(m, ctx, "mean", statistics=True)
     if isinstance(norm, Reject):
         return norm
     norm.variant.append("TF/Keras")
-    viewed = _views(m, norm, ctx)
+    viewed = _views(norm.match, norm, ctx)
     if isinstance(viewed, Reject):
         return viewed
     x, axes, perm = viewed
     rank = norm.rank
     if x is norm.x and perm is None:
-        where = trailing(norm, ctx)
+        where = N.trailing(norm, ctx)
         if isinstance(where, Reject):
             return where
         axis, shape = where
@@ -186,15 +162,15 @@ def _match_tf(node: gs.Node, ctx: Context):
                 return Reject(f"{key} '{m.tensors[key].name}' {shaped}", node)
             setattr(tail, "scale" if key == "gamma" else "bias", shaped)
     if x is not norm.x:
-        norm.x = x
-        norm.variant.append("transposed input")
-    out = plan(norm, ctx, axis, tail)
+        norm = dataclasses.replace(norm, x=x, variant=[*norm.variant, "transposed input"])
     if perm is not None:
+        norm = dataclasses.replace(norm, variant=[*norm.variant, "normalized axes moved last"])
+    out = N.plan(norm, ctx, axis, tail)
+    if perm is not None:
+        values = dict(out.values)
         if tail.scale is None:   # ones of the moved normalized dims (``plan`` took x's own last ones)
-            out.values["scale"] = np.ones(shape, np.float32)
-        out.info["perm"] = perm
-        norm.variant.append("normalized axes moved last")
-        out.info["variant"] = ", ".join(norm.variant)
+            values["scale"] = np.ones(shape, np.float32)
+        out = out.evolve(values=values, info={**out.info, "perm": perm})
     return out, norm
 
 
@@ -225,7 +201,7 @@ def _views(m: Match, norm: N.Normalized, ctx: Context):
             return Reject(f"Transpose {G.node_label(view)} has perm {p}, not one of rank {rank}", view)
         x = view.outputs[0]
     if views:
-        dims = G.symbolic_shape(y, ctx)
+        dims = ctx.symbolic_shape(y)
         if dims is None:
             return Reject(f"shape of input '{y.name}' is unknown: the moved statistics cannot be checked", views[0])
         stat = [1 if i in norm.axes else d for i, d in enumerate(dims)]
@@ -235,7 +211,7 @@ def _views(m: Match, norm: N.Normalized, ctx: Context):
         for key, what in (("inv_view", "1/std"), ("neg_view", "mean")):
             view = m.nodes.get(key)
             got = stat if view is None else _reshaped(
-                stat, G.dims_value(view.inputs[1], ctx.graph, ctx, {id(view.inputs[0]): stat}),
+                stat, ctx.dims_value(view.inputs[1], {id(view.inputs[0]): stat}),
                 int(view.attrs.get("allowzero", 0)))
             if got != moved or kept != sorted(kept):
                 where = f"Reshape {G.node_label(view)} of the {what}" if view is not None else f"the {what}"
@@ -304,16 +280,16 @@ def _moved_param(value, rank: int, axes: tuple, perm: list):
     return np.transpose(full, perm)
 
 
-def _unflatten(m: Match, ctx: Context) -> None:
+def _unflatten(m: Match, ctx: Context) -> Match:
     """ONNX's function body normalizes Flatten(x, a) over axis 1 and reshapes back to Shape(x):
-    take x itself, axis a, and the Reshape's output."""
+    a new Match over x itself, axis a, up to the Reshape's output; else ``m`` as it is."""
     x2d = m.tensors["input"]
     if "stat_mean" in m.tensors or "stat_inv_std" in m.tensors:
-        return  # they are 2-D here: the LayerNormalization stays over the flattened input
+        return m  # they are 2-D here: the LayerNormalization stays over the flattened input
     flatten = G.producer(x2d)
     if flatten is None or flatten.op != "Flatten" or not G.in_default_domain(flatten) \
             or m.info["axis"] != -1 or ctx.rank(x2d) != 2:
-        return
+        return m
     passed, reshape = [], N.sole_consumer(m.output, ctx)
     while reshape is not None and reshape.op == "Identity":
         passed.append(reshape)
@@ -321,23 +297,24 @@ def _unflatten(m: Match, ctx: Context) -> None:
     x = flatten.inputs[0]
     rank = ctx.rank(x)
     if reshape is None or reshape.op != "Reshape" or rank is None or not _is_shape_of(reshape.inputs[1], x, ctx):
-        return
+        return m
     a = int(flatten.attrs.get("axis", 1))
     a = a + rank if a < 0 else a
-    shape = static_dims(ctx, x, a - rank) if 0 <= a < rank else None
+    shape = N.static_dims(ctx, x, a - rank) if 0 <= a < rank else None
     inside = {id(n) for n in m.matched}
     if shape is None or "scale" not in m.values or int(np.prod(shape)) != m.values["scale"].size \
             or "bias" in m.tensors or G.other_uses(x2d, ctx.graph, inside):
-        return
+        return m
+    m = m.evolve(output=reshape.outputs[0])
     for node in [flatten, *passed, reshape]:
         m.add(node)
-    m.output = reshape.outputs[0]
     m.tensors["input"] = x
     m.info["axis"] = a - rank
     for key in ("scale", "bias"):
         if key in m.values:
             m.values[key] = m.values[key].reshape(shape)
     m.info["variant"] = ", ".join(filter(None, [m.info.get("variant"), "function body"]))
+    return m
 
 
 def _is_shape_of(shape: gs.Tensor, x: gs.Tensor, ctx: Context) -> bool:
@@ -348,92 +325,6 @@ def _is_shape_of(shape: gs.Tensor, x: gs.Tensor, ctx: Context) -> bool:
     dims = ctx.shape(x)
     return value is not None and dims is not None and all(isinstance(d, int) for d in dims) \
         and [int(v) for v in value.reshape(-1)] == list(dims)
-
-
-# ------------------------------------------------------------------------------ the fused op (fuse-rmsnorm too)
-
-def trailing(norm: N.Normalized, ctx: Context) -> tuple[int, tuple] | Reject:
-    """(negative first axis, normalized dims) when ``norm`` is over the trailing axes.
-
-    The dims may be symbolic: the fused op normalizes whatever size they have at run time."""
-    x, rank = norm.x, norm.rank
-    if rank is None:
-        return Reject(f"rank of input '{x.name}' is unknown")
-    axis = N.trailing_axis(norm.axes, rank)
-    if axis is None:
-        return Reject(f"normalizes axes {list(norm.axes)} of a rank-{rank} input, not its trailing axes "
-                      "(channels-first layout)", norm.match["mean" if norm.match.has("mean") else "var"])
-    return axis, tuple(ctx.shape(x)[axis:])
-
-
-def plan(norm: N.Normalized, ctx: Context, axis: int, tail: N.Affine) -> Match:
-    """The match to replace: the core plus its affine tail, for a fused op over ``axis``.
-
-    Fills ``m.tensors["input"]``, ``m.values["scale"]`` (ones when there is none),
-    ``m.values["bias"]`` (when there is one) and ``m.info`` (axis, epsilon, variant).
-    """
-    x = norm.x
-    shape = static_dims(ctx, x, axis)
-    m = norm.match
-    for node in tail.nodes:
-        m.add(node)
-    m.output = tail.output
-    m.tensors["input"] = x
-    for key, param in (("scale", tail.scale), ("bias", tail.bias)):
-        if isinstance(param, N.TensorParam):
-            m.tensors[key] = param.tensor
-            m.info[f"{key}_lead"] = param.lead
-        elif param is not None:
-            m.values[key] = param
-    if tail.scale is None and shape is not None:
-        m.values["scale"] = np.ones(shape, np.float32)
-    # else: no scale and normalized dims known only at run time: ones of Shape(x)[axis:] (``emit``)
-    m.info.update(epsilon=norm.epsilon, axis=axis, scale=tail.scale is not None, bias=tail.bias is not None)
-    outputs = [name for key, name in (("stat_mean", "Mean"), ("stat_inv_std", "InvStdDev")) if key in m.tensors]
-    if outputs:
-        m.info["outputs"] = outputs
-    if norm.variant:
-        m.info["variant"] = ", ".join(norm.variant)
-    if tail.kept:
-        m.info["kept"] = tail.kept
-    return m
-
-
-def static_dims(ctx: Context, x: gs.Tensor, axis: int) -> tuple[int, ...] | None:
-    shape = ctx.shape(x)
-    if shape is None:
-        return None
-    dims = tuple(shape[axis:])
-    return dims if all(isinstance(d, int) and d > 0 for d in dims) else None
-
-
-def settle_dtype(m: Match, ctx: Context) -> Match | Reject:
-    """Pick the type T the fused op runs in (``work_dtype``): absorbed scale and bias count too."""
-    params = [m.values[k].dtype if k in m.values else ctx.dtype(m.tensors[k])
-              for k in ("scale", "bias") if m.info.get(k)]   # absorbed ones only
-    dtype = work_dtype(ctx, m.tensors["input"], m.output, m.matched, params)
-    if isinstance(dtype, Reject):
-        return dtype
-    m.info["dtype"] = dtype.name
-    return m
-
-
-def emit(op: str, m: Match, ctx: Context, base: str) -> list[gs.Node]:
-    dtype = np.dtype(m.info["dtype"])
-    attrs = {"axis": m.info["axis"], "epsilon": float(m.info["epsilon"]),
-             "stash_type": onnx.TensorProto.DOUBLE if dtype == np.float64 else onnx.TensorProto.FLOAT}
-    x, axis, nodes, params = m.tensors["input"], m.info["axis"], [], {}
-    for key in ("scale", "bias"):
-        if key in m.values:
-            params[key] = m.values[key]
-        elif key in m.tensors:
-            params[key] = _squeezed(m.tensors[key], m.info.get(f"{key}_lead", 0), ctx, base, nodes)
-        elif key == "scale":
-            params[key] = _runtime_ones(x, axis, dtype, ctx, base, nodes)
-    stats = tuple(m.tensors.get(k) for k in ("stat_mean", "stat_inv_std"))
-    stats = stats if stats[1] is not None else stats[:1] if stats[0] is not None else ()
-    stash = np.float64 if dtype == np.float64 else np.float32
-    return nodes + emit_fused(ctx, op, attrs, x, m.output, params, dtype, base, stats, stash)
 
 
 # Producers visited when checking that a scale/bias computed at run time does not read the
@@ -461,30 +352,3 @@ def _statistics_feed_params(m: Match) -> Reject | None:
                           "read the normalization's own mean or 1/std", m["mean"])
         todo.extend(node.inputs)
     return None
-
-
-def _squeezed(t: gs.Tensor, lead: int, ctx: Context, base: str, nodes: list) -> gs.Tensor:
-    """``t`` without its ``lead`` leading axes of size 1 (the fused op wants the normalized shape)."""
-    if not lead:
-        return t
-    shape = ctx.shape(t)
-    out = gs.Variable(ctx.names.fresh(f"{t.name}_squeezed"), dtype=ctx.dtype(t), shape=list(shape[lead:]))
-    axes = G.make_constant(ctx.names, f"{base}_squeeze_axes", np.arange(lead, dtype=np.int64))
-    nodes.append(gs.Node("Squeeze", ctx.names.fresh(f"{base}_squeeze"), {}, [t, axes], [out]))
-    return out
-
-
-def _runtime_ones(x: gs.Tensor, axis: int, dtype, ctx: Context, base: str, nodes: list) -> gs.Tensor:
-    """A scale of ones over normalized dims known only at run time: ConstantOfShape(Shape(x)[axis:])."""
-    dims = gs.Variable(ctx.names.fresh(f"{base}_normalized_shape"), dtype=np.int64, shape=[-axis])
-    ones = gs.Variable(ctx.names.fresh(f"{base}_ones"), dtype=np.dtype(dtype), shape=list(ctx.shape(x)[axis:]))
-    nodes.append(gs.Node("Shape", ctx.names.fresh(f"{base}_shape"), {"start": axis}, [x], [dims]))
-    nodes.append(gs.Node("ConstantOfShape", ctx.names.fresh(f"{base}_ones"),
-                         {"value": gs.Constant("value", np.ones(1, np.dtype(dtype)))}, [dims], [ones]))
-    return ones
-
-
-def scope_of(node: gs.Node) -> str:
-    """``/layers.0/ln1/ReduceMean`` -> ``/layers.0/ln1/`` (exporters name nodes by module)."""
-    name = node.name or ""
-    return name.rsplit("/", 1)[0] + "/" if "/" in name else ""

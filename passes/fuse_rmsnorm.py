@@ -34,8 +34,7 @@ from normopt import graph as G
 from normopt.pattern import Match
 from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
-from normopt.passes import _norm as N, _sites as S
-from normopt.passes.fuse_layernorm import emit, plan, scope_of, settle_dtype, trailing
+from normopt.passes import _emit as E, _norm as N, _sites as S
 
 RMS_NORMALIZATION = "RMSNormalization"
 
@@ -60,15 +59,15 @@ class FuseRmsNorm(Pass):
         if centred:
             return Reject(f"input '{centred}' is mean-centred (x - mean(x)): a LayerNorm, "
                           "left to fuse-layernorm", norm.match["var"])
-        where = trailing(norm, ctx)
+        where = N.trailing(norm, ctx)
         if isinstance(where, Reject):
             return where
         axis, shape = where
         tail = N.match_affine(norm.output, ctx, norm.rank, shape, with_bias=False, tensors=True)
-        return settle_dtype(plan(norm, ctx, axis, tail), ctx)
+        return E.settle_dtype(N.plan(norm, ctx, axis, tail), ctx)
 
     def rewrite(self, m: Match, ctx: Context) -> list[gs.Node]:
-        return emit(RMS_NORMALIZATION, m, ctx, scope_of(m["var"]) + RMS_NORMALIZATION)
+        return E.emit_over_axis(RMS_NORMALIZATION, m, ctx, E.scope_of(m["var"]) + RMS_NORMALIZATION)
 
 
 def _unexplained_square(square: gs.Node, ctx: Context) -> Reject | None:

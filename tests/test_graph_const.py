@@ -1,4 +1,4 @@
-"""graph.const_value with shape facts: the integer shape arithmetic of ONNX function bodies."""
+"""tensors.const_value with shape facts: the integer shape arithmetic of ONNX function bodies."""
 from __future__ import annotations
 
 import numpy as np

@@ -466,7 +466,8 @@ def test_fuse_groupnorm_flattening_reshape_before_instancenorm_is_not_a_candidat
 
 
 def keras_gn(rng, c=8, g=2, spatial=(4, 4), keras3=False, axes=None, gamma_shape=None, opset=17, scale=True,
-             center=True, stack=False, channels_first=False, nchw=None, shape_cast=TensorProto.INT32, back_dims=None):
+             center=True, stack=False, channels_first=False, nchw=None, shape_cast=TensorProto.INT32, back_dims=None,
+             x_view=None):
     """Keras GroupNormalization (axis=-1) as tf2onnx writes it: x [N, ..., C] reshaped to
     [-1, ..., G, C/G], tf.nn.moments (SquaredDifference as Sub, Mul) or Keras 3's
     E[x^2] - E[x]^2, then tf.nn.batch_normalization's x*s + (beta - mean*s) (Keras 3:
@@ -475,7 +476,9 @@ def keras_gn(rng, c=8, g=2, spatial=(4, 4), keras3=False, axes=None, gamma_shape
     ``nchw``: the input X is channels first and x = Transpose(X, nchw) (tf2onnx's NCHW Conv
     output moved back to NHWC); the shape back is then tf2onnx's
     Cast(Concat(Slice(Cast(Gather(Shape(X), perm), int32)), spatial..., C), int64) (``back_dims``
-    in place of spatial..., C: a near miss)."""
+    in place of spatial..., C: a near miss).
+
+    ``x_view``: the grouped x is scaled as Transpose(xg, x_view), not as xg (a near miss)."""
     net = Net(rng, opset, constants="init")
     rank = 2 + len(spatial)
     x = "X"
@@ -513,14 +516,15 @@ def keras_gn(rng, c=8, g=2, spatial=(4, 4), keras3=False, axes=None, gamma_shape
     pshape = gamma_shape or bshape
     s = net.op("Mul", inv, net.const(rng.uniform(0.5, 1.5, pshape))) if scale else inv
     beta = net.const(rng.standard_normal(bshape))
+    xs = xg if x_view is None else net.op("Transpose", xg, perm=list(x_view))
     if not center:  # tf.nn.batch_normalization without offset: x*s + (-mean*s)
-        y = net.op("Sub", net.op("Mul", xg, s), net.op("Mul", mean, s))
+        y = net.op("Sub", net.op("Mul", xs, s), net.op("Mul", mean, s))
     else:
         if keras3:
             shift = net.op("Add", net.op("Mul", net.op("Neg", mean), s), beta)
         else:
             shift = net.op("Sub", beta, net.op("Mul", mean, s))
-        y = net.op("Add", net.op("Mul", xg, s), shift)
+        y = net.op("Add", net.op("Mul", xs, s), shift)
     y = net.op("Reshape", y, back or net.op("Shape", x))
     if nchw is not None:
         shape = [BATCH, *spatial, c]
@@ -534,6 +538,15 @@ def test_fuse_groupnorm_keras_channels_first_is_fused(kwargs, rng):
     model = keras_gn(rng, channels_first=True, **kwargs)
     out, result, _ = fuse(model, FUSED)
     assert "TF/Keras" in result.applied[0].info["variant"] and "layout" not in result.applied[0].info
+
+
+@pytest.mark.parametrize("keras3", [False, True], ids=["tf_nn_moments", "keras3"])
+def test_fuse_groupnorm_keras_form_scaling_a_transpose_of_x_is_no_candidate(keras3, rng):
+    """fuse-layernorm's tf2onnx views (x scaled as Transpose(x)) are no group-norm form: with H
+    and W swapped the grouped statistics still fit, but the result is transposed."""
+    model = keras_gn(rng, keras3=keras3, x_view=[0, 2, 1, 3, 4])
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
 
 
 def test_fuse_groupnorm_keras_channels_first_gamma_over_spatial_is_left_unchanged(rng):

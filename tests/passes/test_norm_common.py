@@ -5,7 +5,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
-from normopt import graph as G
+from normopt import graph as G, tensors as T
 from normopt.passes import _norm as N
 from normopt.pipeline import Context
 
@@ -84,7 +84,7 @@ def test_norm_const_value_folds_flatten_add_unsqueeze_cast():
              gs.Node("Unsqueeze", inputs=[t["plus"], axes], outputs=[t["unsq"]]),
              gs.Node("Cast", attrs={"to": 10}, inputs=[t["unsq"]], outputs=[t["half"]])]
     graph = gs.Graph(nodes=nodes)
-    got = G.const_value(t["half"], graph)
+    got = T.const_value(t["half"], graph)
     expected = (1 + np.arange(6, dtype=np.float32)).reshape(1, 1, 6).astype(np.float16)
     assert got.dtype == np.float16 and got.shape == (1, 1, 6)
     np.testing.assert_array_equal(got, expected)
@@ -94,4 +94,4 @@ def test_norm_const_value_of_graph_input_is_none():
     x = gs.Variable("x", np.float32, [3])
     out = gs.Variable("y")
     graph = gs.Graph(nodes=[gs.Node("Identity", inputs=[x], outputs=[out])], inputs=[x])
-    assert G.const_value(out, graph) is None
+    assert T.const_value(out, graph) is None
