@@ -159,6 +159,7 @@ def _run(model, table, names, options: Options, base_dir: str | None, lazy: bool
             _check_strict(ir.export_model(graph, current, weights), weights, name)
     ir.finish(graph)
     out = Skeleton(ir.export_model(graph, current, weights), weights)
+    ir.release(graph)
     result.nodes_after = count_nodes(out.model)
     result.seconds = time.perf_counter() - started
     return (out if lazy else out.materialize()), result
