@@ -22,9 +22,11 @@ from normopt.records import PipelineResult
 BATCH_NORM = "BatchNormalization"
 NATIVE_OPS = (BATCH_NORM, "LayerNormalization", "GroupNormalization", "InstanceNormalization", "RMSNormalization")
 # Decomposed forms, named by the pass that fuses them.
+# fold-batchnorm's decomposed sites are TF / Keras batch-norm arithmetic (x * a + b).
 KIND_OF_PASS = {"fuse-layernorm": "LayerNorm", "fuse-groupnorm": "GroupNorm", "fuse-instancenorm": "InstanceNorm",
-                "fuse-rmsnorm": "RMSNorm", "fold-weightnorm": "WeightNorm"}
-HELPER_OPS = ("Cast", "Constant", "Identity")
+                "fuse-rmsnorm": "RMSNorm", "fold-weightnorm": "WeightNorm", "fold-batchnorm": "BatchNorm"}
+# Ops a rewrite adds around the op it is about (Transposes to and from channels last).
+HELPER_OPS = ("Cast", "Constant", "Identity", "Transpose")
 MEAN_CENTRED = "left to fuse-layernorm"  # fuse-rmsnorm's reason for a layer norm's variance
 
 REWRITE, SKIP, KEEP = "rewrite", "skip", "keep"

@@ -691,6 +691,10 @@ def shape_terms(t: gs.Tensor, facts: TensorFacts, depth: int = 0) -> list | None
         return None if any(p is None for p in parts) else [d for p in parts for d in p]
     if node.op in ("Unsqueeze", "Squeeze", "Identity"):
         return inner(0)  # on a 0-d or 1-D shape piece the elements are unchanged
+    if node.op == "Cast" and _int_cast(node):
+        # tf2onnx computes shapes in int32 (Cast to int32, Slice, Concat, Cast back to int64):
+        # dims below 2^31 keep their values.
+        return inner(0)
     if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0:
         data, index = inner(0), const_value(node.inputs[1], facts.graph)
         if data is None or index is None or any(not -len(data) <= i < len(data) for i in index.reshape(-1)):
@@ -709,6 +713,13 @@ def shape_terms(t: gs.Tensor, facts: TensorFacts, depth: int = 0) -> list | None
         k = int(by.reshape(-1)[0])
         return [d // k if node.op == "Div" else d * k for d in dims]
     return None
+
+
+def _int_cast(node: gs.Node) -> bool:
+    """A Cast to int32 or int64 (what exporters compute shapes in)."""
+    to = node.attrs.get("to")
+    return to is not None and np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(to))) in (np.dtype(np.int32),
+                                                                                      np.dtype(np.int64))
 
 
 def _slice_terms(node: gs.Node, data: list | None, facts: TensorFacts) -> list | None:

@@ -97,24 +97,41 @@ RMS_CORE = scaled_by_inverse_std(XC, reduction(square(XC), "var"))
 # TF / Keras (tf2onnx): the scale s = gamma / std is applied to x and to the mean separately,
 # y = x*s + (beta - mean*s) (tf.nn.batch_normalization), Keras 3's x*s + ((-mean)*s + beta);
 # gamma and beta optional. LayerNorm over the last axes, GroupNorm on the grouped tensor.
-_TF_STD = Op("Sqrt", [Op("Add", [VARIANCE, EPSILON], name="add_eps")], name="sqrt")
-_TF_INV = AnyOf(Op("Reciprocal", [_TF_STD], name="recip"), Op("Div", [Const("one"), _TF_STD], name="recip_div"))
-_TF_S = AnyOf(Op("Mul", [_TF_INV, Const("gamma")], name="mul_gamma"), _TF_INV)
-_TF_XS = Op("Mul", [XC, _TF_S], name="mul_x")
-_TF_MS = Op("Mul", [MEAN, _TF_S], name="mul_mean")
-_TF_NEG_MS = Op("Mul", [Op("Neg", [MEAN]), _TF_S], name="mul_mean")
-TF_CORE = AnyOf(
-    Op("Add", [_TF_XS, Op("Sub", [Const("beta"), _TF_MS])]),         # tf.nn.batch_normalization
-    Op("Add", [_TF_XS, Op("Add", [_TF_NEG_MS, Const("beta")])]),      # Keras 3
-    Op("Add", [_TF_XS, AnyOf(_TF_NEG_MS, Op("Neg", [_TF_MS]))]),      # no beta
-    Op("Sub", [_TF_XS, _TF_MS]),
-)
+def tf_core(views: bool = False) -> Pattern:
+    """The TF / Keras normalization; with ``views``, also the forms tf2onnx writes when it moves
+    an NHWC model's Transposes through a LayerNorm: the statistics are taken of the NCHW tensor x,
+    x itself is scaled as Transpose(x) (``x_view``), and 1/std and -mean follow it as Reshapes
+    (``inv_view``, ``neg_view``). Views are LayerNorm-only: what they mean must be checked by the
+    pass that accepts them (fuse-layernorm's ``_views``)."""
+    std = Op("Sqrt", [Op("Add", [VARIANCE, EPSILON], name="add_eps")], name="sqrt")
+    inv = AnyOf(Op("Reciprocal", [std], name="recip"), Op("Div", [Const("one"), std], name="recip_div"))
+    neg = Op("Neg", [MEAN])
+    x = XC
+    if views:
+        inv = AnyOf(Op("Reshape", [inv, Const()], name="inv_view"), inv)
+        neg = AnyOf(Op("Reshape", [neg, Const()], name="neg_view"), neg)
+        x = AnyOf(Op("Transpose", [XC], name="x_view"), XC)
+    s = AnyOf(Op("Mul", [inv, Const("gamma")], name="mul_gamma"), inv)
+    xs = Op("Mul", [x, s], name="mul_x")
+    ms = Op("Mul", [MEAN, s], name="mul_mean")
+    neg_ms = Op("Mul", [neg, s], name="mul_mean")
+    return AnyOf(
+        Op("Add", [xs, Op("Sub", [Const("beta"), ms])]),          # tf.nn.batch_normalization
+        Op("Add", [xs, Op("Add", [neg_ms, Const("beta")])]),      # Keras 3
+        Op("Add", [xs, AnyOf(neg_ms, Op("Neg", [ms]))]),          # no beta
+        Op("Sub", [xs, ms]),
+    )
+
+
+TF_CORE = tf_core()                      # the LayerNorm and GroupNorm form
+TF_VIEWED_CORE = tf_core(views=True)     # also tf2onnx's NHWC LayerNorm (fuse-layernorm only)
 
 
 def tf_scaled_alike(m: Match) -> bool:
-    """Whether a ``TF_CORE`` match scales x and the mean by one tensor s (else it is not one
-    normalization)."""
-    s = m["mul_gamma" if m.has("mul_gamma") else "recip" if m.has("recip") else "recip_div"].outputs[0]
+    """Whether a ``TF_CORE`` / ``TF_VIEWED_CORE`` match scales x and the mean by one tensor s
+    (else it is not one normalization)."""
+    s = m["mul_gamma" if m.has("mul_gamma") else "inv_view" if m.has("inv_view") else
+          "recip" if m.has("recip") else "recip_div"].outputs[0]
     return all(any(i is s for i in m[k].inputs) for k in ("mul_x", "mul_mean"))
 
 

@@ -31,11 +31,16 @@ channel count (``Expand(CastLike(1.0, y), Shape(y, 1, 2))``, ``ConstantOfShape``
 
 Keras / TensorFlow write batch normalization as arithmetic (tf.nn.batch_normalization):
 ``x * a + b`` with ``a = gamma * rsqrt(var + eps)`` and ``b = beta - mean * a`` computed from
-constants. The same fold applies with s = a, t = b when they are per output channel of the
-producer: axis 1 of a Conv, the last axis of a Gemm / MatMul of any rank (a Dense layer), or the
-axis a Transpose after a Conv moves its channels to (tf2onnx's NHWC). Where no producer absorbs
-it and a, b vary over axis 1 only, it becomes BatchNormalization(x, a, b, mean 0, var 1,
-epsilon 0), which is exactly that arithmetic.
+constants, or, once tf2onnx (TensorFlow's grappler) folded them at export, plain constants. The
+same fold applies with s = a, t = b when they are per output channel of the producer: axis 1 of
+a Conv / ConvTranspose, the last axis of a Gemm / MatMul of any rank (a Dense layer), seen
+through the views tf2onnx puts after the producer (a Transpose to NHWC, Conv1D's Squeeze of the
+added axis, a Dense's Tensordot Reshape that keeps the last axis), which stay after it. Where
+no producer absorbs the rsqrt form and a, b vary over axis 1 only, it becomes
+BatchNormalization(x, a, b, mean 0, var 1, epsilon 0), which is exactly that arithmetic. Plain
+constants alone do not say "batch norm": they are a candidate only right after a producer that
+can absorb them (a ReLU in between, per-element or non-finite constants, a non-constant scale
+are skipped with the reason) and are folded, never made a BatchNormalization.
 Inside If/Loop/Scan bodies the producer must sit in the same body as the BatchNormalization,
 and initializers that are also inputs of the main graph are not constants there either.
 """
@@ -148,13 +153,18 @@ class FoldBatchNorm(Pass):
     def _match_algebra(self, add: gs.Node, ctx: Context) -> Match | Reject | None:
         """Keras / TensorFlow's batch_normalization as arithmetic, ``x * a + b`` with
         ``a = gamma * rsqrt(var + eps)`` and ``b = beta - mean * a`` computed from constants
-        (tf2onnx writes rsqrt as Reciprocal(Sqrt)). Folded into the producer of x when a and b
-        are per output channel of it: axis 1 of a Conv, the last axis of a Gemm / MatMul (a
-        Dense layer: any rank), or the axis a Transpose moves a Conv's channels to (NHWC)."""
+        (tf2onnx writes rsqrt as Reciprocal(Sqrt)), or a and b already constant-folded at export
+        time. Folded into the producer of x when a and b are per output channel of it: axis 1 of
+        a Conv, the last axis of a Gemm / MatMul (a Dense layer: any rank), seen through the
+        Transpose / Squeeze / Reshape tf2onnx puts after it (NHWC, Conv1D, Tensordot)."""
         found = _affine_operands(add, ctx)
         if found is None or isinstance(found, Reject):
             return found
-        mul, x, a, b = found
+        mul, x, a, b, derived = found
+        if not derived:
+            bad = next((k for k, v in (("a", a), ("b", b)) if not np.all(np.isfinite(v))), None)
+            if bad:
+                return Reject(f"per-channel affine after '{x.name}': constant {bad} has non-finite values", mul)
         if G.producer(x) is None:
             return Reject(f"input '{x.name}' is a graph input: no producer to fold into", mul)
         rank = ctx.checked_shape(x)
@@ -164,34 +174,30 @@ class FoldBatchNorm(Pass):
             return Reject(f"rank of '{x.name}' is unknown: cannot tell the channel axis", mul)
         rank = len(rank)
         axis = _varying_axis([a, b], rank)
+        what = "batch-norm arithmetic" if derived else "constant x * a + b"
         if isinstance(axis, str):
-            return Reject(f"batch-norm arithmetic after '{x.name}': {axis}", mul)
+            return Reject(f"{what} after '{x.name}': {axis}", mul)
         x0, axis0 = x, axis
 
         def instead(reason: str) -> Match | Reject:
+            if not derived:  # not provably a batch norm: nothing but a fold into the producer
+                return Reject(reason, mul)
             return _as_batchnorm(ctx, mul, add, x0, a, b, rank, axis0, reason)
 
-        prod, transpose = G.producer(x), None
-        if prod.op == "Transpose" and G.in_default_domain(prod):
-            transpose = prod
-            perm = [int(p) for p in prod.attrs.get("perm", range(rank - 1, -1, -1))]  # no perm: reversed
-            uses = G.other_uses(x, ctx.graph, {id(mul)})
-            if uses:
-                return instead(f"{G.node_label(prod)} output also feeds {', '.join(sorted(set(uses)))}")
-            x_inner = prod.inputs[0]
-            prod = G.producer(x_inner)
-            if prod is None or prod.op not in ("Conv", "ConvTranspose") or axis not in (None, perm.index(1)):
-                return instead(f"batch-norm arithmetic on axis {axis} after {G.node_label(transpose)}: not the "
-                               "channel axis of a Conv")
-            axis, x = (None if axis is None else 1), x_inner
-        elif prod.op in ("Conv", "ConvTranspose"):
+        walked = _through_views(x, axis, mul, ctx)
+        if isinstance(walked, str):
+            return instead(walked)
+        prod, x, axis, views = walked
+        prod_rank = ctx.rank(x)
+        if prod.op in ("Conv", "ConvTranspose"):
             if axis not in (None, 1):
-                return instead(f"batch-norm arithmetic varies over axis {axis} of the {prod.op} output, not its "
-                               "channels (axis 1)")
+                where = f"axis {axis} of the {prod.op} output" if not views else \
+                    f"axis {axis0} of '{x0.name}' (axis {axis} of the {prod.op} output)"
+                return instead(f"{what} varies over {where}, not its channels (axis 1)")
         elif prod.op in ("Gemm", "MatMul", "Add"):
-            if axis not in (None, rank - 1):
-                return instead(f"batch-norm arithmetic varies over axis {axis} of the {prod.op} output, not its "
-                               f"features (axis {rank - 1})")
+            if prod_rank is None or axis not in (None, prod_rank - 1):
+                return instead(f"{what} varies over axis {axis} of the {prod.op} output, not its "
+                               f"features (axis {'unknown' if prod_rank is None else prod_rank - 1})")
         else:
             return instead(f"producer {G.node_label(prod)} ({prod.op}) cannot absorb the batch-norm arithmetic")
         # Scalars a and b: one per output channel all the same (the folders check the count).
@@ -203,23 +209,24 @@ class FoldBatchNorm(Pass):
                 return instead(f"channel count of '{x.name}' is unknown")
         s = np.broadcast_to(np.asarray(a, np.float64).reshape(-1), (channels,)).copy()
         t = np.broadcast_to(np.asarray(b, np.float64).reshape(-1), (channels,)).copy()
-        uses = G.other_uses(x, ctx.graph, {id(transpose or mul)})
+        uses = G.other_uses(x, ctx.graph, {id(views[0] if views else mul)})
         if uses:
             return instead(f"{G.node_label(prod)} output also feeds {', '.join(sorted(set(uses)))}")
         m = Match(output=add.outputs[0], nodes={"mul": mul, "add": add})
         m.tensors["bn_input"] = x
-        m.info.update(channels=int(channels), last_axis=_last_axis_producer(prod), form="x * a + b")
+        m.info.update(channels=int(channels), last_axis=_last_axis_producer(prod),
+                      form="x * a + b" if derived else "x * a + b, a and b constant")
         if not G.in_default_domain(prod):
             return instead(f"producer {G.node_label(prod)} is not a standard {prod.op}")
         reason = _FOLDERS[prod.op](prod, m, s, t, ctx)
         if reason:
             return instead(reason)
         m.info["producer"] = prod.op
-        if transpose is not None:
-            m.nodes["transpose"] = transpose
-        for node in [mul, add, transpose, *m.nodes.values()]:
-            if node is not None:
-                m.add(node)
+        for i, view in enumerate(views):
+            m.nodes[f"view{i}"] = view
+        m.info["views"] = len(views)
+        for node in [mul, add, *views, *m.nodes.values()]:
+            m.add(node)
         return m
 
     def rewrite(self, m: Match, ctx: Context) -> list[gs.Node]:
@@ -236,17 +243,23 @@ class FoldBatchNorm(Pass):
         weight = G.make_constant(ctx.names, f"{w.name}_bnfolded", new_weight)
         bias = G.make_constant(ctx.names, f"{prod.name or weight.name}_bias_bnfolded", new_bias)
         x = m.tensors["x"]
-        if m.has("transpose"):  # NHWC: the folded Conv, then the Transpose it fed
-            inner = gs.Variable(ctx.names.fresh(f"{m.output.name}_conv"), dtype=m.output.dtype)
-            transpose = m["transpose"]
-            return [gs.Node(prod.op, prod.name, dict(prod.attrs), [x, weight, bias], [inner]),
-                    gs.Node("Transpose", transpose.name, dict(transpose.attrs), [inner], [m.output])]
+        # The views tf2onnx put between the producer and the arithmetic (Transpose to NHWC,
+        # Squeeze of Conv1D, Tensordot's Reshape) stay, after the folded producer.
+        views = [m[f"view{i}"] for i in range(m.info.get("views", 0))]
+        out = m.output if not views else gs.Variable(ctx.names.fresh(f"{m.output.name}_{prod.op.lower()}"),
+                                                     dtype=m.output.dtype)
+        after = []
+        for i, view in enumerate(views):
+            dst = m.output if i == len(views) - 1 else gs.Variable(ctx.names.fresh(f"{view.outputs[0].name}_folded"),
+                                                                   dtype=m.output.dtype)
+            after.append(gs.Node(view.op, view.name, dict(view.attrs), [after[-1].outputs[0] if after else out,
+                                                                        *view.inputs[1:]], [dst]))
         if prod.op in ("Conv", "ConvTranspose"):
-            return [gs.Node(prod.op, prod.name, dict(prod.attrs), [x, weight, bias], [m.output])]
+            return [gs.Node(prod.op, prod.name, dict(prod.attrs), [x, weight, bias], [out]), *after]
         if prod.op == "Gemm":
             attrs = dict(prod.attrs)
             attrs["beta"] = 1.0
-            return [gs.Node("Gemm", prod.name, attrs, [x, weight, bias], [m.output])]
+            return [gs.Node("Gemm", prod.name, attrs, [x, weight, bias], [out]), *after]
         # Below opset 7, Add broadcasts its second input only with broadcast=1.
         legacy = {"broadcast": 1} if ctx.opset < 7 else {}
         # MatMul, with or without its bias Add: MatMul(x, W') + b'
@@ -254,7 +267,7 @@ class FoldBatchNorm(Pass):
         hidden = gs.Variable(ctx.names.fresh(f"{m.output.name}_matmul"), dtype=m.output.dtype)
         add_name = prod.name if prod.op == "Add" and prod.name else ctx.names.fresh(f"{matmul.name or 'MatMul'}_bias")
         return [gs.Node("MatMul", matmul.name, dict(matmul.attrs), [x, weight], [hidden]),
-                gs.Node("Add", add_name, legacy, [hidden, bias], [m.output])]
+                gs.Node("Add", add_name, legacy, [hidden, bias], [out]), *after]
 
 
 # Elementwise ops a batch-norm parameter may be computed with from constants (float64 here).
@@ -290,8 +303,11 @@ def _evaluate(t: gs.Tensor, ctx: Context, seen: set, depth: int = 0) -> np.ndarr
 
 
 def _affine_operands(add: gs.Node, ctx: Context):
-    """(Mul node, x, a, b) for ``add = x * a + b`` with a and b computed from constants, a
-    through a square root (rsqrt: the batch-norm algebra); None otherwise."""
+    """(Mul node, x, a, b, derived) for ``add = x * a + b`` with a and b computed from
+    constants; ``derived`` when a goes through a square root (rsqrt: the batch-norm algebra),
+    else a is a plain constant (tf2onnx folded it at export time) and x comes from a producer
+    that can absorb it. None otherwise; a Reject for x * y + b after such a producer, y not
+    constant."""
     if len(add.inputs) != 2:
         return None
     for i in (0, 1):
@@ -314,8 +330,141 @@ def _affine_operands(add: gs.Node, ctx: Context):
             uses = G.other_uses(add.inputs[i], ctx.graph, {id(add)})
             if uses:
                 return Reject(f"'{add.inputs[i].name}' (x * a) is also used by {', '.join(sorted(set(uses)))}", mul)
-            return mul, mul.inputs[j], a, b
+            return mul, mul.inputs[j], a, b, True
+        for j in (0, 1):
+            # Plain constants: the producer above x is checked first (a few hops, no values read).
+            x, scale = mul.inputs[j], mul.inputs[1 - j]
+            plain = _plain_candidate(x, ctx)
+            if plain is None:
+                continue
+            b = _evaluate(add.inputs[1 - i], ctx, set())
+            if b is None:
+                continue
+            a = _evaluate(scale, ctx, set())
+            if a is None:
+                if isinstance(plain, Reject):
+                    continue
+                return Reject(f"x * y + b after '{x.name}': the scale '{scale.name}' "
+                              f"{G.not_constant(scale, ctx.graph)}", mul)
+            uses = G.other_uses(add.inputs[i], ctx.graph, {id(add)})
+            if uses:
+                return Reject(f"'{add.inputs[i].name}' (x * a) is also used by {', '.join(sorted(set(uses)))}", mul)
+            return Reject(plain.reason, mul) if isinstance(plain, Reject) else (mul, x, a, b, False)
     return None
+
+
+def _fixed(t: gs.Tensor, ctx: Context, depth: int = 0) -> bool:
+    """Whether ``t`` is a constant (an initializer or a Constant node, maybe through Identity /
+    Cast / Transpose), told without reading its values: a weight is never decoded for this."""
+    if G.is_graph_input(ctx.graph, t):
+        return False
+    if isinstance(t, gs.Constant):
+        return True
+    node = G.producer(t)
+    if node is None or depth > 4 or not G.in_default_domain(node):
+        return False
+    if node.op == "Constant":
+        return True
+    return node.op in ("Identity", "Cast", "Transpose") and bool(node.inputs) and _fixed(node.inputs[0], ctx, depth + 1)
+
+
+# Ops tf2onnx puts between a producer and the batch-norm arithmetic that keep each channel's
+# values in one slice: Transpose (NHWC), Squeeze (Conv1D's [N, C, 1, L]), Reshape (Tensordot
+# of a Dense on rank > 2, when it keeps the last axis).
+_VIEWS = ("Transpose", "Squeeze", "Reshape")
+_MAX_VIEWS = 3
+_FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _view_chain(x: gs.Tensor) -> tuple[gs.Node | None, list[gs.Node]]:
+    """(the node above the views over ``x``, those views from the producer down)."""
+    views, node = [], G.producer(x)
+    while node is not None and node.op in _VIEWS and G.in_default_domain(node) and len(views) < _MAX_VIEWS:
+        views.insert(0, node)
+        node = G.producer(node.inputs[0])
+    return node, views
+
+
+def _absorbs(node: gs.Node | None, ctx: Context) -> bool:
+    """Whether ``node`` is a Conv / ConvTranspose / Gemm / MatMul (or MatMul + constant bias)
+    with a constant weight."""
+    if node is None or not G.in_default_domain(node):
+        return False
+    if node.op == "Add" and len(node.inputs) == 2:
+        left, right = node.inputs
+        node = next((G.producer(t) for t, other in ((left, right), (right, left)) if G.producer(t) is not None
+                     and G.producer(t).op == "MatMul" and _fixed(other, ctx)), None)
+        if node is None:
+            return False   # a residual Add: nothing a constant x * a + b can be folded into
+    return node.op in _FOLDABLE and len(node.inputs) > 1 and _fixed(node.inputs[1], ctx)
+
+
+def _plain_candidate(x: gs.Tensor, ctx: Context) -> gs.Node | Reject | None:
+    """Whether constant ``x * a + b`` is a fold candidate. Constants alone do not say "batch
+    norm": x (through views) must come from a producer that can absorb it (that producer), else
+    a near miss one op further up is named (a Reject: an op in between); None otherwise."""
+    node, _views = _view_chain(x)
+    if _absorbs(node, ctx):
+        return node
+    if node is None or not G.in_default_domain(node) or not node.inputs:
+        return None
+    data = [t for t in node.inputs if t.name and not _fixed(t, ctx)]
+    if len(data) == 1:
+        above, _ = _view_chain(data[0])
+        if _absorbs(above, ctx):
+            return Reject(f"{G.node_label(node)} ({node.op}) is between {G.node_label(above)} and the per-channel "
+                          f"x * a + b: nothing to fold into")
+    return None
+
+
+def _through_views(x: gs.Tensor, axis: int | None, mul: gs.Node, ctx: Context):
+    """(producer, its output, the axis of it that ``axis`` of x is, the views from the producer
+    down) following x up through tf2onnx's views; or why a view breaks the channel slices."""
+    views, t = [], x
+    prod = G.producer(x)
+    while prod is not None and prod.op in _VIEWS and G.in_default_domain(prod) and len(views) < _MAX_VIEWS:
+        uses = G.other_uses(t, ctx.graph, {id(views[0] if views else mul)})
+        if uses:
+            return f"{G.node_label(prod)} output also feeds {', '.join(sorted(set(uses)))}"
+        inner = prod.inputs[0]
+        mapped = _axis_before(prod, inner, t, axis, ctx)
+        if isinstance(mapped, str):
+            return mapped
+        axis, t = mapped, inner
+        views.insert(0, prod)
+        prod = G.producer(t)
+    if prod is None:
+        return f"input '{t.name}' is a graph input: no producer to fold into"
+    return prod, t, axis, views
+
+
+def _axis_before(view: gs.Node, inner: gs.Tensor, out: gs.Tensor, axis: int | None, ctx: Context) -> int | None | str:
+    """The axis of ``inner`` that ``axis`` of ``out = view(inner)`` is (None stays None), or
+    why the view mixes channels."""
+    rank = ctx.rank(inner)
+    label = f"{view.op} {G.node_label(view)}"
+    if view.op == "Transpose":
+        perm = view.attrs.get("perm")
+        perm = list(range(rank - 1, -1, -1)) if perm is None and rank is not None else perm
+        if perm is None:
+            return f"{label} has no perm and its input's rank is unknown"
+        return None if axis is None else int(perm[axis])
+    if view.op == "Squeeze":
+        axes = view.attrs.get("axes")
+        if axes is None and len(view.inputs) > 1 and view.inputs[1].name:
+            axes = ctx.const(view.inputs[1], from_shapes=False)
+        if axes is None or rank is None:
+            return f"{label} squeezes axes unknown before run time"
+        gone = {int(a) % rank for a in np.asarray(axes).reshape(-1)}
+        kept = [k for k in range(rank) if k not in gone]
+        return None if axis is None else kept[axis]
+    # Reshape: only one that keeps the last axis whole, and the parameters on it (or scalars).
+    before, after = ctx.shape(inner), ctx.shape(out)
+    last = before[-1] if before else None
+    if axis is not None and (not before or not after or axis != len(after) - 1 or not isinstance(last, int)
+                             or last != after[-1]):
+        return f"{label} does not keep the axis the parameters vary over ({axis}) as the last axis of its input"
+    return None if axis is None else len(before) - 1
 
 
 def _varying_axis(values, rank: int):

@@ -21,9 +21,11 @@ Supported variants (alternatives of one match):
   x (a no-op) -> InstanceNormalization -> per-channel Mul / Add (wav2vec2's feature extractor);
 * Keras GroupNormalization (axis=-1, tf2onnx): x [N, ..., C] reshaped to [N, ..., G, C/G],
   statistics over every axis but N and G (tf.nn.moments, or Keras 3's E[x^2] - E[x]^2),
-  x*s + (beta - mean*s) with s = gamma / sqrt(var + eps), gamma / beta [G, C/G]; emitted between
-  a Transpose to channels first and one back. With axis=1 ([N, G, C/G, ...], gamma / beta
-  [G, C/G, 1, ...]) it is the plain channels-first op;
+  x*s + (beta - mean*s) with s = gamma / sqrt(var + eps), gamma / beta [G, C/G], reshaped back
+  by Shape(x) or tf2onnx's int32 arithmetic on the shape; emitted between a Transpose to
+  channels first and one back, the first left out when x is tf2onnx's Transpose of an NCHW
+  tensor (the two cancel: the op reads that tensor). With axis=1 ([N, G, C/G, ...], gamma /
+  beta [G, C/G, 1, ...]) it is the plain channels-first op;
 * the reshape to groups as [0, G, -1], [N, G, -1], [N, G, C/G, D1, ...], a Concat of
   Shape/Gather/Slice/Unsqueeze pieces, or [-1, G, ...] with static trailing dims;
 * the reshape back from Shape(x), a constant, a Concat of x's dims, or 0 / -1 entries;
@@ -277,9 +279,12 @@ class FuseGroupNorm(Pass):
         shape = ctx.checked_shape(x)
         if isinstance(shape, Reject):
             return Reject(shape.reason, split)
-        if shape is None or len(shape) < 3:
-            return Reject(f"rank of '{x.name}' is unknown" if shape is None else f"'{x.name}' has rank {len(shape)}",
-                          split)
+        if shape is None:
+            return Reject(f"rank of '{x.name}' is unknown", split)
+        if len(shape) < 3:
+            # [rows, F] reshaped to [N, L, F] (tf2onnx's Tensordot for a Dense on rank 3) then a
+            # LayerNorm over F: no channels to group here, the LayerNorm is fuse-layernorm's.
+            return None
         rank = len(shape)
         channels = static_dim(shape, rank - 1)
         if channels is None:
@@ -413,15 +418,29 @@ class FuseGroupNorm(Pass):
             return emit_normalization(ctx, m.info["op"], attrs, x, out, m.values["scale"], m.values["bias"],
                                       np.dtype(m.info["dtype"]), out.name)
         rank = int(m.info["rank"])
-        first = gs.Variable(ctx.names.fresh(f"{x.name}_channels_first"), dtype=ctx.dtype(x))
         normed = gs.Variable(ctx.names.fresh(f"{out.name}_channels_first"), dtype=ctx.dtype(out))
         to_first = [0, rank - 1, *range(1, rank - 1)]
         to_last = [0, *range(2, rank), 1]
-        return [gs.Node("Transpose", ctx.names.fresh(f"{out.name}/to_channels_first"), {"perm": to_first}, [x], [first]),
+        nodes, first = [], _untransposed(x, to_first)
+        if first is None:  # else x is a channels-first tensor moved to channels last (tf2onnx's NHWC): read that
+            first = gs.Variable(ctx.names.fresh(f"{x.name}_channels_first"), dtype=ctx.dtype(x))
+            nodes.append(gs.Node("Transpose", ctx.names.fresh(f"{out.name}/to_channels_first"), {"perm": to_first},
+                                 [x], [first]))
+        return [*nodes,
                 *emit_normalization(ctx, m.info["op"], attrs, first, normed, m.values["scale"], m.values["bias"],
                                     np.dtype(m.info["dtype"]), out.name),
                 gs.Node("Transpose", ctx.names.fresh(f"{out.name}/to_channels_last"), {"perm": to_last}, [normed],
                         [out])]
+
+
+def _untransposed(x: gs.Tensor, perm: list[int]) -> gs.Tensor | None:
+    """y when ``x = Transpose(y)`` and transposing x by ``perm`` gives y back (the two cancel)."""
+    node = G.producer(x)
+    if node is None or node.op != "Transpose" or not G.in_default_domain(node) or not node.inputs:
+        return None
+    inner = node.attrs.get("perm")
+    inner = list(range(len(perm) - 1, -1, -1)) if inner is None else [int(p) for p in inner]
+    return node.inputs[0] if len(inner) == len(perm) and all(inner[q] == j for j, q in enumerate(perm)) else None
 
 
 def _grouped_match(ctx: Context, x: gs.Tensor, out: gs.Tensor, core: Core, nodes: list, cast_in,

@@ -39,9 +39,17 @@ EXPECTED = {
     # Keras through tf2onnx: the moments' means as GlobalAveragePool (make_keras_models.py).
     "keras_ln_tf2onnx_op13.onnx": {"LayerNormalization": 2},
     # NHWC: tf2onnx moves the Conv's NCHW transposes through both LayerNorms; the one over C is
-    # then channels-first (axis 1 of NCHW) and the one over (H, W, C) scales a transposed x:
-    # both stay, with their reasons.
-    "keras_ln_nhwc_tf2onnx_op18.onnx": {},
+    # then over axis 1 of NCHW (fused between Transposes that move it last and back) and the one
+    # over (H, W, C) scales Transpose(x) (fused on that tensor, the Transpose kept).
+    "keras_ln_nhwc_tf2onnx_op18.onnx": {"LayerNormalization": 2},
+    # Keras GroupNormalization on tf2onnx's Transpose(conv) to NHWC; the G == C one (8 groups of
+    # 8 channels) is an InstanceNormalization.
+    "keras_gn_nhwc_tf2onnx_op18.onnx": {"GroupNormalization": 1, "InstanceNormalization": 1},
+    "keras_gn_conv1d_tf2onnx_op13.onnx": {"GroupNormalization": 1},
+    # Keras BatchNormalization constant-folded by tf2onnx to x * a + b: folded into the producer,
+    # except after a ReLU (no BatchNormalization node either way).
+    "keras_bn_tf2onnx_op13.onnx": {},
+    "keras_bn_seq_tf2onnx_op13.onnx": {},
     # The norms are inside model-local functions (main-graph counts stay 0): their bodies are
     # checked in test_functions.py.
     "transformer_ln_modfuncs_ts_op15.onnx": {},

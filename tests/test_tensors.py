@@ -47,6 +47,20 @@ def test_shape_terms_keep_which_dim_a_run_time_size_comes_from():
     assert not ctx.restores(grouped, x)
 
 
+def test_shape_terms_see_through_integer_casts_only():
+    """tf2onnx computes shapes in int32: Cast to int32 and back keeps which dim a size is; a
+    round trip through float is no shape arithmetic."""
+    def through(to):
+        return lambda n, s: n.op("Concat", n.op("Slice", n.op("Cast", n.op("Cast", s, to=to), to=INT64),
+                                                n.const([0], "int"), n.const([1], "int")),
+                                 n.const([2, -1], "int"), axis=0)
+    ctx, tensors, split, _back = _grouped(through(6))   # int32
+    terms = ctx.shape_terms(split.inputs[1])
+    assert len(terms) == 3 and terms[1:] == [2, -1] and ctx.same_dim(terms[0], tensors["x"], 0)
+    ctx, tensors, split, _back = _grouped(through(FLOAT))
+    assert ctx.shape_terms(split.inputs[1]) is None
+
+
 def test_reshape_zero_entries_copy_the_input_dim():
     ctx, tensors, split, _back = _grouped(lambda n, s: n.const([0, 4, -1], "int"))
     x = tensors["x"]

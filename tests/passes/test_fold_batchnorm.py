@@ -711,11 +711,142 @@ def test_fold_batchnorm_keras_arithmetic_near_miss_is_left_unchanged(producer, k
     assert_equivalent(model, out)
 
 
-def test_fold_batchnorm_plain_affine_without_rsqrt_is_not_a_candidate(rng):
-    """x * a + b with constant a, b but no square root is not batch-norm arithmetic: no record."""
-    inits = {"W": floats(rng, 6, 4, 3, 3), "a": floats(rng, 6, 1, 1), "b": floats(rng, 6, 1, 1)}
-    nodes = [helper.make_node("Conv", ["X", "W"], ["conv"], pads=[1, 1, 1, 1]),
-             helper.make_node("Mul", ["conv", "a"], ["xa"]), helper.make_node("Add", ["xa", "b"], ["Y"])]
-    model = make_model(nodes, [("X", FLOAT, [BATCH, 4, SIZE, SIZE])], [("Y", FLOAT, [BATCH, 6, SIZE, SIZE])], inits)
+# ----------------------------------------------------------------------------- constant-folded Keras arithmetic
+
+def folded_bn(rng, producer="conv", *, param_shape=None, between=None, scale=None, consumer=None, nonfinite=False):
+    """Keras BatchNormalization as tf2onnx really writes it: ``x * a + b`` with a and b
+    constants computed at export time (grappler folded gamma * rsqrt(var + eps) and
+    beta - mean * a). producer: "conv" (NCHW, a [1, C, 1, 1]), "depthwise" (group = C),
+    "convtranspose", "conv1d" (Conv on [N, C, 1, L] then Squeeze of axis 2, a [1, C, 1]), "nhwc"
+    (Conv -> Transpose to NHWC, a [C]), "dense" (MatMul on [N, K], a [F]), "tensordot"
+    (Reshape [-1, K] -> MatMul -> Reshape [N, L, F], a [F]), "gemm", "input" (no producer).
+    between: an op between the producer and the Mul; scale "input": Mul by a graph input."""
+    c, k = 6, 4
+    inits, nodes, ins = {}, [], [("X", FLOAT, [BATCH, k, SIZE, SIZE])]
+    if producer in ("conv", "depthwise", "nhwc"):
+        group = c if producer == "depthwise" else 1
+        if group > 1:
+            ins = [("X", FLOAT, [BATCH, c, SIZE, SIZE])]
+        inits["W"] = floats(rng, c, (c if group > 1 else k) // group, 3, 3)
+        nodes.append(helper.make_node("Conv", ["X", "W"], ["p"], pads=[1, 1, 1, 1], group=group))
+        x, y_shape, shape = "p", [BATCH, c, SIZE, SIZE], [1, c, 1, 1]
+        if producer == "nhwc":
+            nodes.append(helper.make_node("Transpose", ["p"], ["nhwc"], perm=[0, 2, 3, 1]))
+            x, y_shape, shape = "nhwc", [BATCH, SIZE, SIZE, c], [c]
+    elif producer == "convtranspose":
+        inits["W"] = floats(rng, k, c, 3, 3)
+        nodes.append(helper.make_node("ConvTranspose", ["X", "W"], ["p"], strides=[2, 2], pads=[1, 1, 1, 1]))
+        x, y_shape, shape = "p", [BATCH, c, 2 * SIZE - 1, 2 * SIZE - 1], [1, c, 1, 1]
+    elif producer == "conv1d":
+        ins = [("X", FLOAT, [BATCH, k, 1, 7])]
+        inits.update(W=floats(rng, c, k, 1, 3), axes=np.array([2], np.int64))
+        nodes += [helper.make_node("Conv", ["X", "W"], ["p"], pads=[0, 1, 0, 1]),
+                  helper.make_node("Squeeze", ["p", "axes"], ["sq"])]
+        x, y_shape, shape = "sq", [BATCH, c, 7], [1, c, 1]
+    elif producer in ("dense", "gemm"):
+        ins = [("X", FLOAT, [BATCH, k])]
+        inits["W"] = floats(rng, k, c)
+        nodes.append(helper.make_node("MatMul" if producer == "dense" else "Gemm", ["X", "W"], ["p"]))
+        x, y_shape, shape = "p", [BATCH, c], [c]
+    elif producer == "tensordot":
+        ins = [("X", FLOAT, [BATCH, 3, k])]
+        inits.update(W=floats(rng, k, c), flat=np.array([-1, k], np.int64), back=np.array([BATCH, 3, c], np.int64))
+        nodes += [helper.make_node("Reshape", ["X", "flat"], ["rows"]), helper.make_node("MatMul", ["rows", "W"], ["p"]),
+                  helper.make_node("Reshape", ["p", "back"], ["td"])]
+        x, y_shape, shape = "td", [BATCH, 3, c], [c]
+    else:
+        x, y_shape, shape = "X", ins[0][2], [1, k, 1, 1]
+    if between:
+        nodes.append(helper.make_node(between, [x], ["between"]))
+        x = "between"
+    shape = param_shape or shape
+    a, b = floats(rng, *shape, low=0.5, high=1.5), floats(rng, *shape)
+    if nonfinite:
+        a.reshape(-1)[0] = np.inf
+    inits.update(a=a, b=b)
+    if scale == "input":
+        ins.append(("S", FLOAT, shape))
+    nodes += [helper.make_node("Mul", [x, "S" if scale == "input" else "a"], ["xa"]),
+              helper.make_node("Add", ["xa", "b"], ["Y"])]
+    outputs = [("Y", FLOAT, y_shape)]
+    if consumer == "xa":
+        outputs.append(("xa", FLOAT, y_shape))
+    elif consumer:
+        nodes.append(helper.make_node("Relu", ["p"], ["extra"]))
+        outputs.append(("extra", FLOAT, [BATCH, 6, SIZE, SIZE]))
+    return make_model(nodes, ins, outputs, inits, opset=13)
+
+
+@pytest.mark.parametrize("producer, expected", [
+    ("conv", {"Conv": 1}), ("depthwise", {"Conv": 1}), ("convtranspose", {"ConvTranspose": 1}),
+    ("conv1d", {"Conv": 1, "Squeeze": 1}), ("nhwc", {"Conv": 1, "Transpose": 1}), ("dense", {"MatMul": 1, "Add": 1}),
+    ("tensordot", {"Reshape": 2, "MatMul": 1, "Add": 1}), ("gemm", {"Gemm": 1}),
+])
+def test_fold_batchnorm_constant_folded_keras_arithmetic_is_folded_into_the_producer(producer, expected, rng):
+    model = folded_bn(rng, producer)
+    out, rec = assert_folded(model, expected)
+    assert rec.applied[0].info["form"] == "x * a + b, a and b constant"
+
+
+def test_fold_batchnorm_constant_folded_scalars_are_folded(rng):
+    model = folded_bn(rng, "conv", param_shape=[1])
+    assert_folded(model, {"Conv": 1})
+
+
+@pytest.mark.parametrize("producer, kwargs, reason", [
+    ("conv", dict(param_shape=[1, 6, SIZE, SIZE]), "constant x * a + b after 'p': the parameters vary over axes "
+                                                   "[1, 2, 3]"),
+    ("conv", dict(param_shape=[1, 1, 1, SIZE]), "constant x * a + b varies over axis 3 of the Conv output"),
+    ("nhwc", dict(param_shape=[SIZE, 1, 1]), "varies over axis 1 of 'nhwc' (axis 2 of the Conv output)"),
+    ("tensordot", dict(param_shape=[3, 1]), "does not keep the axis the parameters vary over (1)"),
+    ("conv", dict(between="Relu"), "Relu) is between Conv(p) and the per-channel x * a + b: nothing to fold into"),
+    ("dense", dict(between="Sigmoid"), "Sigmoid) is between MatMul(p) and the per-channel x * a + b"),
+    ("conv", dict(scale="input"), "x * y + b after 'p': the scale 'S' is not a constant"),
+    ("conv", dict(consumer="xa"), "'xa' (x * a) is also used by graph output"),
+    ("conv", dict(consumer=True), "Conv(p) output also feeds Relu(extra)"),
+    ("conv", dict(nonfinite=True), "constant a has non-finite values"),
+], ids=["per_element", "spatial", "nhwc_spatial", "tensordot_rows", "relu_between", "sigmoid_between",
+        "scale_not_constant", "xa_used", "conv_other_consumer", "nonfinite"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf in the comparison
+def test_fold_batchnorm_constant_folded_near_miss_is_left_unchanged(producer, kwargs, reason, rng):
+    model = folded_bn(rng, producer, **kwargs)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert [s.reason for s in rec.skipped if reason in s.reason], [s.reason for s in rec.skipped]
+    assert_equivalent(model, out)
+
+
+@pytest.mark.parametrize("producer, between", [("input", None), ("input", "Relu")], ids=["graph_input", "relu_of_input"])
+def test_fold_batchnorm_constant_affine_without_a_producer_is_not_a_candidate(producer, between, rng):
+    """x * a + b with constant a, b and no Conv / Gemm / MatMul above is no batch norm anyone can
+    tell: no record (a per-channel affine of an image input is preprocessing)."""
+    model = folded_bn(rng, producer, between=between)
     out, rec = run_pass(PASS, model)
     assert op_counts(out) == op_counts(model) and not rec.applied and not rec.skipped
+
+
+def test_inspect_lists_keras_batchnorm_arithmetic_as_batchnorm_sites(rng):
+    from normopt.sites import inspect_model
+    (site,) = inspect_model(folded_bn(rng, "nhwc")).sites
+    assert (site.kind, site.action, site.becomes) == ("BatchNorm", "rewrite", "Conv")
+    (site,) = inspect_model(folded_bn(rng, "conv", between="Relu")).sites
+    assert (site.kind, site.action) == ("BatchNorm", "skip") and "is between Conv(p)" in site.reason
+
+
+def test_fold_batchnorm_constant_affine_after_a_residual_add_is_not_a_candidate(rng):
+    """MatMul + a residual (not a constant bias), then x * a + b: nothing to fold into, no record."""
+    inits = {"W": floats(rng, 6, 6), "a": floats(rng, 6), "b": floats(rng, 6)}
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["mm"]), helper.make_node("Add", ["mm", "X"], ["res"]),
+             helper.make_node("Mul", ["res", "a"], ["xa"]), helper.make_node("Add", ["xa", "b"], ["Y"])]
+    model = make_model(nodes, [("X", FLOAT, [BATCH, 6])], [("Y", FLOAT, [BATCH, 6])], inits)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied and not rec.skipped
+
+
+def test_fold_batchnorm_constant_affine_after_matmul_and_bias_is_folded(rng):
+    """Dense with its bias kept (MatMul + constant Add), then constant x * a + b."""
+    inits = {"W": floats(rng, 4, 6), "c": floats(rng, 6), "a": floats(rng, 6, low=0.5, high=1.5), "b": floats(rng, 6)}
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["mm"]), helper.make_node("Add", ["mm", "c"], ["dense"]),
+             helper.make_node("Mul", ["dense", "a"], ["xa"]), helper.make_node("Add", ["xa", "b"], ["Y"])]
+    model = make_model(nodes, [("X", FLOAT, [BATCH, 4])], [("Y", FLOAT, [BATCH, 6])], inits)
+    assert_folded(model, {"MatMul": 1, "Add": 1})

@@ -466,13 +466,32 @@ def test_fuse_groupnorm_flattening_reshape_before_instancenorm_is_not_a_candidat
 
 
 def keras_gn(rng, c=8, g=2, spatial=(4, 4), keras3=False, axes=None, gamma_shape=None, opset=17, scale=True,
-             center=True, stack=False, channels_first=False):
+             center=True, stack=False, channels_first=False, nchw=None, shape_cast=TensorProto.INT32, back_dims=None,
+             x_view=None):
     """Keras GroupNormalization (axis=-1) as tf2onnx writes it: x [N, ..., C] reshaped to
     [-1, ..., G, C/G], tf.nn.moments (SquaredDifference as Sub, Mul) or Keras 3's
     E[x^2] - E[x]^2, then tf.nn.batch_normalization's x*s + (beta - mean*s) (Keras 3:
-    x*s + ((-mean)*s + beta)) with gamma, beta [1, ..., G, C/G], reshaped back to Shape(x)."""
+    x*s + ((-mean)*s + beta)) with gamma, beta [1, ..., G, C/G], reshaped back to Shape(x).
+
+    ``nchw``: the input X is channels first and x = Transpose(X, nchw) (tf2onnx's NCHW Conv
+    output moved back to NHWC); the shape back is then tf2onnx's
+    Cast(Concat(Slice(Cast(Gather(Shape(X), perm), int32)), spatial..., C), int64) (``back_dims``
+    in place of spatial..., C: a near miss).
+
+    ``x_view``: the grouped x is scaled as Transpose(xg, x_view), not as xg (a near miss)."""
     net = Net(rng, opset, constants="init")
     rank = 2 + len(spatial)
+    x = "X"
+    if nchw is not None:
+        x = net.op("Transpose", "X", perm=list(nchw))
+    if nchw is not None and not stack and not channels_first:
+        dims = net.op("Cast", net.op("Gather", net.op("Shape", "X"), net.const(list(nchw), "int"), axis=0),
+                      to=shape_cast)
+        first = net.op("Slice", dims, net.const([0], "int"), net.const([1], "int"), net.const([0], "int"))
+        rest = [net.const(np.asarray([d], helpers.NP_TYPES[shape_cast]), "raw") for d in back_dims or (*spatial, c)]
+        back = net.op("Cast", net.op("Concat", first, *rest, axis=0), to=TensorProto.INT64)
+    else:
+        back = None
     if stack:  # tf.keras: tf.stack([shape[0], ..., shape[-1] // G]) with G inserted, from tf.shape(x)
         shape = net.op("Shape", "X")
         dims = [net.op("Gather", shape, net.const(i, "int"), axis=0) for i in range(rank)]
@@ -484,7 +503,7 @@ def keras_gn(rng, c=8, g=2, spatial=(4, 4), keras3=False, axes=None, gamma_shape
         target = net.const([-1, g, c // g, *spatial], "int")
     else:
         target = net.const([-1, *spatial, g, c // g], "int")
-    xg = net.op("Reshape", "X", target)
+    xg = net.op("Reshape", x, target)
     axes = axes or ([*range(2, rank + 1)] if channels_first else [*range(1, rank - 1), rank])
     mean = net.mean(xg, axes)
     if keras3:
@@ -497,15 +516,19 @@ def keras_gn(rng, c=8, g=2, spatial=(4, 4), keras3=False, axes=None, gamma_shape
     pshape = gamma_shape or bshape
     s = net.op("Mul", inv, net.const(rng.uniform(0.5, 1.5, pshape))) if scale else inv
     beta = net.const(rng.standard_normal(bshape))
+    xs = xg if x_view is None else net.op("Transpose", xg, perm=list(x_view))
     if not center:  # tf.nn.batch_normalization without offset: x*s + (-mean*s)
-        y = net.op("Sub", net.op("Mul", xg, s), net.op("Mul", mean, s))
+        y = net.op("Sub", net.op("Mul", xs, s), net.op("Mul", mean, s))
     else:
         if keras3:
             shift = net.op("Add", net.op("Mul", net.op("Neg", mean), s), beta)
         else:
             shift = net.op("Sub", beta, net.op("Mul", mean, s))
-        y = net.op("Add", net.op("Mul", xg, s), shift)
-    y = net.op("Reshape", y, net.op("Shape", "X"))
+        y = net.op("Add", net.op("Mul", xs, s), shift)
+    y = net.op("Reshape", y, back or net.op("Shape", x))
+    if nchw is not None:
+        shape = [BATCH, *spatial, c]
+        return net.model(y, [shape[i] for i in np.argsort(nchw)], shape)
     return net.model(y, [BATCH, c, *spatial] if channels_first else [BATCH, *spatial, c])
 
 
@@ -515,6 +538,15 @@ def test_fuse_groupnorm_keras_channels_first_is_fused(kwargs, rng):
     model = keras_gn(rng, channels_first=True, **kwargs)
     out, result, _ = fuse(model, FUSED)
     assert "TF/Keras" in result.applied[0].info["variant"] and "layout" not in result.applied[0].info
+
+
+@pytest.mark.parametrize("keras3", [False, True], ids=["tf_nn_moments", "keras3"])
+def test_fuse_groupnorm_keras_form_scaling_a_transpose_of_x_is_no_candidate(keras3, rng):
+    """fuse-layernorm's tf2onnx views (x scaled as Transpose(x)) are no group-norm form: with H
+    and W swapped the grouped statistics still fit, but the result is transposed."""
+    model = keras_gn(rng, keras3=keras3, x_view=[0, 2, 1, 3, 4])
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
 
 
 def test_fuse_groupnorm_keras_channels_first_gamma_over_spatial_is_left_unchanged(rng):
@@ -550,6 +582,55 @@ def test_fuse_groupnorm_keras_channels_last_near_miss_is_left_unchanged(kwargs, 
     assert op_counts(out) == op_counts(model) and not rec.applied
     assert any(reason in s.reason for s in rec.skipped), [s.reason for s in rec.skipped]
     assert_equivalent(model, out)
+
+
+@pytest.mark.parametrize("kwargs, op", [
+    (dict(), GN), (dict(spatial=(6,)), GN), (dict(c=4, g=4), IN), (dict(shape_cast=TensorProto.INT64), GN),
+    (dict(opset=18, keras3=True), GN),
+], ids=["nhwc", "rank3", "groups_equal_channels", "int64_shape", "keras3_opset18"])
+def test_fuse_groupnorm_keras_tf2onnx_nhwc_reads_the_channels_first_tensor(kwargs, op, rng):
+    """tf2onnx's real export: the Conv's NCHW output X transposed to NHWC, grouped, normalized,
+    reshaped back by a shape computed in int32 from Shape(X). The fused op reads X itself (its
+    Transpose and the one to channels first cancel): one Transpose is left, back to NHWC."""
+    rank = 2 + len(kwargs.get("spatial", (4, 4)))
+    model = keras_gn(rng, nchw=[0, *range(2, rank), 1], **kwargs)
+    out, result, _ = fuse(model, {op: 1, "Transpose": 1, "Identity": 1})
+    assert result.applied[0].info["layout"] == "channels last"
+    node = next(n for n in out.graph.node if n.op_type == op)
+    assert node.input[0] == "X"
+
+
+def test_fuse_groupnorm_keras_transpose_that_does_not_cancel_is_kept(rng):
+    """x = Transpose(X) with another perm than channels first -> last: the fused op gets its own
+    Transpose to channels first."""
+    model = keras_gn(rng, nchw=[0, 2, 1, 3])
+    fuse(model, {GN: 1, "Transpose": 3, "Identity": 1})
+
+
+def test_fuse_groupnorm_keras_tf2onnx_reshape_back_to_other_dims_is_left_unchanged(rng):
+    model = keras_gn(rng, spatial=(4, 6), nchw=[0, 2, 3, 1], back_dims=(6, 4, 8))
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert any("does not restore the shape of 'transpose" in s.reason for s in rec.skipped), \
+        [s.reason for s in rec.skipped]
+
+
+def test_fuse_groupnorm_layernorm_after_a_tensordot_reshape_is_not_a_candidate(rng):
+    """tf2onnx's Dense on rank 3: MatMul on [rows, F], Reshape to [N, L, F], then a Keras
+    LayerNorm over F. The Reshape groups nothing: no record here (fuse-layernorm fuses it)."""
+    net = Net(rng, constants="init")
+    x = net.op("Reshape", "X", net.const([BATCH, 3, 8], "int"))
+    mean = net.mean(x, [2])
+    d = net.op("Sub", x, mean)
+    inv = net.op("Reciprocal", net.op("Sqrt", net.op("Add", net.mean(net.op("Mul", d, d), [2]), net.const(1e-3))))
+    s = net.op("Mul", inv, net.const(rng.uniform(0.5, 1.5, [8])))
+    y = net.op("Add", net.op("Mul", x, s), net.op("Add", net.op("Mul", net.op("Neg", mean), s),
+                                                  net.const(rng.standard_normal([8]))))
+    model = net.model(net.op("Reshape", y, net.const([BATCH * 3, 8], "int")), [BATCH * 3, 8])
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied and not rec.skipped
+    out, result = run_pipeline(model, ["fuse-groupnorm", "fuse-layernorm"])
+    assert op_counts(out)["LayerNormalization"] == 1 and not [s for r in result.passes for s in r.skipped]
 
 
 def test_fuse_groupnorm_epsilon_float32_cannot_hold_is_left_unchanged(rng):

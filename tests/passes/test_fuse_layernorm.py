@@ -616,3 +616,96 @@ def test_fuse_layernorm_torchscript_transformer_export_is_fused_after_upgrade(op
     assert [(u.from_version, u.to_version) for u in result.upgrades] == [(opset, 17)]
     assert op_counts(out)[LN] == 5 and "ReduceMean" not in op_counts(out) and "Pow" not in op_counts(out)
     assert_equivalent(model, out)
+
+
+# ----------------------------------------------------------------------------- tf2onnx's NHWC layer norms
+
+def _tf_nchw(rng, axes=(1,), perm=None, spatial=(4, 4), c=6, views=True, view_target=None, gamma_shape=None,
+             mean_output=False, opset=13, gamma=True, transposed_output=False):
+    """A Keras NHWC LayerNormalization as tf2onnx writes it once its optimizer moved the Conv's
+    NCHW Transposes through it: the statistics over ``axes`` of the NCHW tensor x ([N, C, H, W]),
+    tf.nn.moments' SquaredDifference as Sub and Mul, the mean put back by a Reshape for the Sub;
+    x scaled as x itself (``perm`` None: y stays NCHW) or as Transpose(x, perm), with 1/std and
+    -mean moved along by Reshapes to ``view_target`` (``views``), Keras 3's x*s + ((-mean)*s + beta)
+    with gamma/beta in the layout of what they scale."""
+    net = Net(opset=opset)
+    shape = [2, c, *spatial]
+    stat = [1 if i in axes else d for i, d in enumerate(shape)]
+    mean = net.mean("x", axes)
+    centred = net.op("Sub", "x", net.op("Reshape", mean, net.const([-1, *stat[1:]], "int")))
+    var = net.mean(net.op("Mul", centred, centred), axes)
+    inv = net.op("Reciprocal", net.op("Sqrt", net.op("Add", var, net.const(1e-3))))
+    neg = net.op("Neg", mean)
+    x, out_shape = "x", shape
+    if perm is not None:
+        x, out_shape = net.op("Transpose", "x", perm=list(perm)), [shape[p] for p in perm]
+        if views:
+            target = view_target or [-1, *[stat[p] for p in perm][1:]]
+            inv = net.op("Reshape", inv, net.const(target, "int"))
+            neg = net.op("Reshape", neg, net.const(target, "int"))
+    params = gamma_shape or [1, *[1 if i not in [list(perm or range(4)).index(a) for a in axes] else d
+                                  for i, d in enumerate(out_shape)][1:]]
+    s = net.op("Mul", inv, net.const(rng.uniform(0.5, 1.5, params))) if gamma else inv
+    shift = net.op("Add", net.op("Mul", neg, s), net.const(rng.standard_normal(params)))
+    y = net.op("Add", net.op("Mul", x, s), shift)
+    net.nodes.append(helper.make_node("Identity", [y], ["y"]))
+    outs = [("y", F32, out_shape)] + ([(mean, F32, stat)] if mean_output else []) + \
+        ([(x, F32, out_shape)] if transposed_output else [])
+    return make_model(net.nodes, [("x", F32, shape)], outs, net.inits, opset=opset)
+
+
+@pytest.mark.parametrize("kwargs, expected, axis", [
+    (dict(), {"Transpose": 2}, -1),                                       # over C of NCHW: moved last
+    (dict(axes=(1, 2, 3), perm=(0, 2, 3, 1)), {"Transpose": 1}, -3),      # over (H, W, C): x' = Transpose(x)
+    (dict(axes=(1,), perm=(0, 2, 3, 1)), {"Transpose": 1}, -1),           # over C, scaled as NHWC
+    (dict(axes=(2, 3, 1), perm=(0, 2, 3, 1), opset=18), {"Transpose": 1}, -3),
+    (dict(axes=(1,), spatial=(6,)), {"Transpose": 2}, -1),                # rank 3 (Conv1D)
+    (dict(gamma=False), {"Transpose": 2}, -1),                            # ones of C, not of W
+    (dict(axes=(1, 2, 3), perm=(0, 2, 3, 1), transposed_output=True), {"Transpose": 1}, -3),  # x' read elsewhere
+    (dict(axes=(1, 2, 3), perm=(0, 2, 3, 1), gamma=False), {"Transpose": 1}, -3),
+], ids=["channels_nchw", "hwc_transposed", "channels_transposed", "hwc_transposed_opset18", "channels_rank3",
+        "channels_nchw_no_gamma", "transposed_input_also_an_output", "hwc_transposed_no_gamma"])
+def test_fuse_layernorm_tf2onnx_nhwc_forms_are_fused(kwargs, expected, axis, rng):
+    model = _tf_nchw(rng, **kwargs)
+    out, rec = fused(model)
+    assert op_counts(out) == {LN: 1, "Identity": 1, **expected}
+    node = ln_node(out)
+    assert attrs(node)["axis"] == axis and attrs(node)["epsilon"] == pytest.approx(1e-3)
+    assert "TF/Keras" in rec.applied[0].info["variant"]
+    assert_equivalent(model, out)
+
+
+def test_fuse_layernorm_tf2onnx_channels_first_gamma_is_moved_with_the_axes(rng):
+    """The channels-first op's gamma/beta are per channel, [C], taken from [1, C, 1, 1]."""
+    model = _tf_nchw(rng)
+    out, _ = fused(model)
+    gamma = next(numpy_helper.to_array(i) for i in out.graph.initializer if i.name == ln_node(out).input[1])
+    source = next(numpy_helper.to_array(i) for i in model.graph.initializer
+                  if numpy_helper.to_array(i).shape == (1, 6, 1, 1) and np.all(numpy_helper.to_array(i) >= 0.5))
+    np.testing.assert_array_equal(gamma, source.reshape(-1))
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    # x scaled as NWHC: the Reshape of the statistics keeps H before W, the Transpose swaps them
+    (dict(axes=(1,), perm=(0, 3, 2, 1)), "is not the Transpose [0, 3, 2, 1] that the input goes through"),
+    # 1/std [N, 1, H, W] meets the NHWC x' as it is: broadcasting pairs H, W, C with 1, H, W
+    (dict(axes=(1,), perm=(0, 2, 3, 1), c=4, views=False), "the 1/std is not the Transpose [0, 2, 3, 1]"),
+    # H and W swapped in x', the statistics [N, 1, H, W] used as they are: same shape, other order
+    (dict(axes=(1,), perm=(0, 1, 3, 2), views=False), "the 1/std is not the Transpose [0, 1, 3, 2]"),
+    (dict(gamma_shape=[1, 6, 4, 1]), "varies over non-normalized axes"),
+    (dict(axes=(1, 2, 3), perm=(0, 2, 3, 1), mean_output=True), "the mean or 1/std is also used outside"),
+    (dict(mean_output=True), "its mean or 1/std is also used outside"),
+], ids=["view_is_no_transpose", "statistic_not_moved", "statistic_axes_swapped", "gamma_spatial",
+         "mean_used_elsewhere",
+        "channels_first_mean_used_elsewhere"])
+def test_fuse_layernorm_tf2onnx_nhwc_near_miss_is_left_unchanged(kwargs, reason, rng):
+    model = _tf_nchw(rng, **kwargs)
+    out = left_alone(model, reason)
+    assert_equivalent(model, out)
+
+
+def test_inspect_names_a_channels_first_tf_layernorm_by_its_op(rng):
+    """Transpose -> LayerNormalization -> Transpose: the site becomes LayerNormalization."""
+    from normopt.sites import inspect_model
+    (site,) = inspect_model(_tf_nchw(rng)).sites
+    assert (site.kind, site.action, site.becomes) == ("LayerNorm", "rewrite", "LayerNormalization")
