@@ -8,6 +8,7 @@ from typing import Mapping, Sequence, Union
 import onnx
 
 from normopt import model_io
+from normopt.errors import ModelLoadError
 from normopt.fold import FoldOptions, FoldResult, optimize as _optimize
 from normopt.sites import Inspection, inspect_model
 from normopt.targets import veto_for
@@ -21,7 +22,10 @@ def _source(model: ModelLike, notes: list[str] | None = None) -> tuple[onnx.Mode
     """(model, its path or None). A path's external data stays on disk until a pass needs it;
     nodes out of order are sorted, with a line in ``notes``; a bad file raises ModelLoadError."""
     if isinstance(model, onnx.ModelProto):
-        return model, None
+        try:  # as loading a file does; a copy, so that the caller's model stays as it was
+            return model_io.sorted_model(model, notes), None
+        except ValueError as err:
+            raise ModelLoadError(f"cannot read the model: {err}") from err
     if isinstance(model, (str, os.PathLike)):
         return model_io.load(model, notes), os.fspath(model)
     raise TypeError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")

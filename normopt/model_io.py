@@ -213,6 +213,34 @@ def sort_nodes(model: onnx.ModelProto) -> list[str]:
     return notes
 
 
+def sorted_model(model: onnx.ModelProto, notes: list[str] | None = None) -> onnx.ModelProto:
+    """``model`` itself when every graph is in topological order, else a sorted copy (the
+    caller's model is never modified); the notes of ``sort_nodes`` go to ``notes``.
+
+    Raises ValueError as ``sort_nodes`` does."""
+    if _all_sorted(model.graph, set()):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    moved = sort_nodes(copy)
+    if notes is not None:
+        notes.extend(moved)
+    return copy
+
+
+def _all_sorted(g: onnx.GraphProto, outer: set[str]) -> bool:
+    """Whether ``g`` and every subgraph in it are in topological order (one walk each)."""
+    if not _sorted_already(g, outer):
+        return False
+    holders = [n for n in g.node if n.op_type in SUBGRAPH_OPS or n.domain not in ("", "ai.onnx")]
+    if not holders:
+        return True
+    scope = outer | {vi.name for vi in g.input} | {t.name for t in g.initializer} \
+        | {s.values.name for s in g.sparse_initializer} | {o for n in g.node for o in n.output if o}
+    return all(_all_sorted(sub, scope) for node in holders for attr in node.attribute
+               for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []) + list(attr.graphs))
+
+
 def _graph_reads(g: onnx.GraphProto) -> set[str]:
     """Names the nodes of ``g`` (and its subgraphs) read from an enclosing scope."""
     own = {vi.name for vi in g.input} | {t.name for t in g.initializer} \

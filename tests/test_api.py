@@ -66,3 +66,30 @@ def test_readme_python_example_runs(monkeypatch, capsys):
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "fold-batchnorm: 5 applied, 0 skipped" in out and "BatchNormalization rewrite folded into Conv" in out
+
+
+def test_optimize_sorts_an_unsorted_model_in_memory_without_modifying_it(rng):
+    """Nodes out of order (onnxruntime sorts them on load): sorted as loading a file does, with
+    the same note, on a copy: the caller's model keeps its order and bytes."""
+    model = conv_bn_chain(rng)
+    model.graph.node.reverse()
+    before = model.SerializeToString()
+    n = len(model.graph.node)
+    result = normopt.optimize(model, provider="cpu")
+    assert model.SerializeToString() == before
+    assert result.verified and op_counts(result.model) == {"Conv": 3, "Relu": 3}
+    moved = n - 1 if n % 2 else n
+    assert result.pipeline.notes == [f"nodes of the main graph were not in topological order: sorted on load "
+                                     f"({moved} of {n} moved)"]
+    onnx.checker.check_model(result.model, full_check=True)
+    assert len(normopt.inspect(model).pending) == 3 and model.SerializeToString() == before
+
+
+def test_optimize_sorted_model_in_memory_has_no_note_and_a_cycle_is_refused(rng):
+    model = conv_bn_chain(rng)
+    assert normopt.optimize(model, verify=False).pipeline.notes == []
+    model.graph.node[0].input[0] = model.graph.node[-1].output[0]  # the first node reads the last: a cycle
+    before = model.SerializeToString()
+    with pytest.raises(ModelLoadError, match="form a cycle"):
+        normopt.optimize(model, verify=False)
+    assert model.SerializeToString() == before
