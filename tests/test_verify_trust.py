@@ -284,19 +284,43 @@ def test_verify_fails_a_weight_perturbed_by_1e3_float16(tmp_path, rng):
     assert res.exit_code == 1 and "error: output 'y' differs" in res.output
 
 
-def test_verify_bfloat16_cannot_hold_a_1e3_change_and_fails_the_smallest_one(tmp_path, rng):
-    """bfloat16 rounds a 1e-3 relative change of any weight back to the weight (half an ulp is
-    at least 2^-9 relative): the perturbed model is the same model and passes. The smallest
-    change it can hold, one ulp (2^-7 relative at most), fails. onnxruntime's CPU provider runs
-    Gather and LayerNormalization in bfloat16 (not Add, Mul, MatMul or Conv)."""
+def _one_ulp_up(model, name, index):
+    """A copy of ``model`` with element ``index`` of bfloat16 initializer ``name`` moved to the
+    next representable bfloat16 value: exactly one ulp, the smallest change the type holds."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    t = next(t for t in out.graph.initializer if t.name == name)
+    arr = onnx.numpy_helper.to_array(t).copy()
+    bits = arr.view(np.uint16)
+    assert float(arr.flat[index]) > 0
+    bits.flat[index] += 1   # a positive value's next bfloat16 up
+    t.CopyFrom(onnx.numpy_helper.from_array(arr, name))
+    return out
+
+
+def test_verify_bfloat16_cannot_hold_a_1e3_change_and_fails_a_one_ulp_change(tmp_path, rng):
+    """bfloat16 keeps 8 significant bits: neighbouring values are 2^-8 to 2^-7 apart relative to
+    them, so a 1e-3 relative change (below half that spacing, 2^-9 = 1.95e-3) rounds back to the
+    same bytes for every weight, and the "perturbed" model is the model itself: it passes, as it
+    must. The self-test for bfloat16 is therefore a change of exactly one ulp (the next
+    representable value, 2^-8 to 2^-7 relative), the smallest change the type can hold: verify
+    fails it. onnxruntime's CPU provider runs Gather and LayerNormalization in bfloat16 (not Add,
+    Mul, MatMul or Conv)."""
     model = _embedding_layernorm(rng, BFLOAT16)
+    table = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "table"))
+    wide = table.astype(np.float64)
+    assert np.array_equal((wide * 1.001).astype(table.dtype).view(np.uint16), table.view(np.uint16))
     same = _perturbed(model, "table", 3)
     assert same.SerializeToString() == model.SerializeToString()
     assert _verify_cli(tmp_path, model, same).exit_code == 0
-    one_ulp = _perturbed(model, "table", 3, factor=1 + 2 ** -7)
+    one_ulp = _one_ulp_up(model, "table", 3)
+    moved = onnx.numpy_helper.to_array(next(t for t in one_ulp.graph.initializer if t.name == "table"))
+    changed = np.flatnonzero(moved.view(np.uint16) != table.view(np.uint16))
+    assert changed.tolist() == [3]
+    step = float(moved.flat[3]) / float(table.flat[3]) - 1
+    assert 2 ** -8 <= step <= 2 ** -7, step
     res = _verify_cli(tmp_path, model, one_ulp)
     assert res.exit_code == 1 and "error: output 'y' differs" in res.output
-
 
 
 def test_real_inputs_run_alone_and_are_named_so(tmp_path):
