@@ -225,7 +225,10 @@ def _fold_staged(model, source, out_path: Path, s: FoldSettings, stage: Path | N
         _check_output(result.rewritten.model, source)
         with progress.step(f"saving {out_path}"):
             if result.staged is not None:  # the verified candidate, written beside the output
+                old_data = model_io.external_files_at(model) if s.in_place else set()
                 _commit_staged(result.staged, out_path)
+                if old_data:
+                    result.pipeline.notes.extend(_drop_old_data(out_path, old_data))
             else:
                 result.save(out_path, external_data=s.options.external_data)  # the input's layout unless forced
     pending = sites_from_records(source, result.rewritten.model, result.pipeline).pending if s.check else []
@@ -494,14 +497,47 @@ def _stage_dir(out_path: Path) -> Path:
 
 def _commit_staged(staged: Path, out_path: Path) -> None:
     """Rename the verified candidate's data file (named after the staged model file, as the model
-    refers to it), then the candidate itself, into place: the model's rename is the switch."""
+    refers to it), then the candidate itself, into place: the model's rename is the switch.
+    When the switch fails, a data file that did not exist before is removed again."""
     data = staged.with_name(staged.name + ".data")
+    target = out_path.with_name(data.name)
+    placed = None
     try:
         if data.exists():
-            os.replace(data, out_path.with_name(data.name))
+            fresh = not target.exists()
+            os.replace(data, target)
+            placed = target if fresh else None
         os.replace(staged, out_path)
     except OSError as err:
+        if placed is not None:
+            placed.unlink(missing_ok=True)
         raise ModelSaveError(f"cannot write '{out_path}': {err.strerror or err}") from err
+
+
+def _drop_old_data(out_path: Path, old_data: set[str]) -> list[str]:
+    """After an in-place switch: remove each data file the replaced model used that the new
+    model does not use and no other ``*.onnx`` model in the folder refers to; notes say what
+    was removed or kept, and why."""
+    new_data = model_io.external_files_at(out_path)
+    others, unreadable = model_io.files_referenced_beside(out_path)
+    notes = []
+    for path in sorted(old_data):
+        name = os.path.relpath(path, out_path.resolve().parent)
+        if path in new_data or path == os.path.realpath(out_path) or not os.path.exists(path) or \
+                any(os.path.exists(n) and os.path.samefile(path, n) for n in new_data):
+            continue
+        if path in others or unreadable:
+            why = "another model in the folder refers to it" if path in others else \
+                f"'{unreadable[0]}' in the folder could not be read to tell whether it refers to it"
+            notes.append(f"kept the replaced model's data file '{name}': {why}")
+            continue
+        try:
+            os.unlink(path)
+        except OSError as err:
+            notes.append(f"could not remove the replaced model's data file '{name}': {err.strerror or err}")
+            continue
+        notes.append(f"removed the replaced model's data file '{name}' (no model in the folder refers to it)")
+    return notes
 
 
 def _in_place_name(out_path: Path) -> str:

@@ -468,6 +468,39 @@ def has_external_data(model: onnx.ModelProto) -> bool:
                for t in _initializers(model.graph))
 
 
+def external_files(model: onnx.ModelProto, base_dir: str | os.PathLike) -> set[str]:
+    """The external data files ``model``'s tensors refer to (real paths, against ``base_dir``)."""
+    files = set()
+    for t in _initializers(model.graph):
+        if ir.is_header(t):
+            location = ir.external_info(t).get("location")
+            if location and location != ir.MEMORY:
+                files.add(os.path.realpath(os.path.join(base_dir, location)))
+    return files
+
+
+def external_files_at(path: str | os.PathLike) -> set[str]:
+    """``external_files`` of the model file at ``path`` (its structure only is read)."""
+    return external_files(onnx.load(str(path), load_external_data=False), os.path.dirname(os.path.realpath(path)))
+
+
+def files_referenced_beside(path: str | os.PathLike) -> tuple[set[str], list[str]]:
+    """(external data files that the other ``*.onnx`` models in ``path``'s folder refer to,
+    the names of those models that could not be read: they may refer to anything)."""
+    folder = Path(path).parent
+    found: set[str] = set()
+    unreadable: list[str] = []
+    me = os.path.realpath(path)
+    for other in sorted(folder.glob("*.onnx")):
+        if os.path.realpath(other) == me or not other.is_file():
+            continue
+        try:
+            found |= external_files(onnx.load(str(other), load_external_data=False), str(folder))
+        except Exception:  # noqa: BLE001  (not a model we can read: keep what it might use)
+            unreadable.append(other.name)
+    return found, unreadable
+
+
 def as_skeleton(model) -> Skeleton:
     return model if isinstance(model, Skeleton) else Skeleton(model, ir.Weights())
 

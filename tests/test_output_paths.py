@@ -132,24 +132,104 @@ def test_in_place_replaces_the_model(src, tmp_path):
     assert_equivalent(original, folded)
 
 
-def test_in_place_with_external_data_never_writes_over_the_inputs_data(src_external):
+def _locations(path: Path) -> set[str]:
+    header = onnx.load(path, load_external_data=False)
+    return {e.value for t in header.graph.initializer for e in t.external_data if e.key == "location"}
+
+
+def test_in_place_with_external_data_switches_to_new_data_and_removes_the_old(src_external, tmp_path):
+    """The new weights go to a data file that did not exist (the input's is never written over),
+    the model's rename is the switch, and then the replaced model's data file, which nothing
+    refers to any more, is removed: the folder holds one consistent model and its data."""
     original = onnx.load(src_external / "m.onnx")  # with its weights
-    before = digests(src_external)
-    res = invoke("fold", src_external / "m.onnx", "--in-place", "--provider", "cpu")
+    report_path = tmp_path / "r.json"
+    res = invoke("fold", src_external / "m.onnx", "--in-place", "--provider", "cpu", "--report", report_path)
     assert res.exit_code == 0, res.output
-    # The old data file is left as it was; the new weights are in a new file the model refers to.
-    assert digests(src_external)["m.onnx.data"] == before["m.onnx.data"]
-    header = onnx.load(src_external / "m.onnx", load_external_data=False)
-    locations = {e.value for t in header.graph.initializer for e in t.external_data if e.key == "location"}
-    assert locations == {"m.1.onnx.data"}
-    assert sorted(p.name for p in src_external.iterdir()) == ["m.1.onnx.data", "m.onnx", "m.onnx.data"]
+    note = "removed the replaced model's data file 'm.onnx.data' (no model in the folder refers to it)"
+    assert f"note: {note}" in res.stdout.splitlines()
+    import json
+    assert json.loads(report_path.read_text())["notes"] == [note]
+    assert _locations(src_external / "m.onnx") == {"m.1.onnx.data"}
+    assert sorted(p.name for p in src_external.iterdir()) == ["m.1.onnx.data", "m.onnx"]
     folded = onnx.load(src_external / "m.onnx")
+    onnx.checker.check_model(folded, full_check=True)
     assert op_counts(folded) == {"Conv": 2}
     assert_equivalent(original, folded)
-    # A second run goes the other way round without touching the data file in use.
-    in_use = digests(src_external)["m.1.onnx.data"]
-    assert invoke("fold", src_external / "m.onnx", "--in-place", "--provider", "cpu").exit_code == 0
-    assert digests(src_external)["m.1.onnx.data"] == in_use
+    # A second run goes the other way round: never writing over the data file in use.
+    res = invoke("fold", src_external / "m.onnx", "--in-place", "--provider", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "note: removed the replaced model's data file 'm.1.onnx.data'" in res.stdout
+    assert sorted(p.name for p in src_external.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert _locations(src_external / "m.onnx") == {"m.onnx.data"}
+    assert_equivalent(original, onnx.load(src_external / "m.onnx"))
+
+
+def test_in_place_keeps_a_data_file_another_model_refers_to(src_external, rng):
+    """Two models sharing one data file: folding one in place must not take the other's weights."""
+    shared = onnx.load(src_external / "m.onnx", load_external_data=False)
+    (src_external / "twin.onnx").write_bytes(shared.SerializeToString())
+    twin_before = onnx.load(src_external / "twin.onnx")
+    res = invoke("fold", src_external / "m.onnx", "--in-place", "--provider", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "note: kept the replaced model's data file 'm.onnx.data': another model in the folder refers to it" \
+        in res.stdout.splitlines()
+    assert sorted(p.name for p in src_external.iterdir()) == ["m.1.onnx.data", "m.onnx", "m.onnx.data", "twin.onnx"]
+    assert_equivalent(twin_before, onnx.load(src_external / "twin.onnx"))
+    # Folding the twin too: now nothing refers to the shared file, and it goes.
+    res = invoke("fold", src_external / "twin.onnx", "--in-place", "--provider", "cpu")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in src_external.iterdir()) == ["m.1.onnx.data", "m.onnx", "twin.onnx",
+                                                               "twin.onnx.data"]
+    for name in ("m.onnx", "twin.onnx"):
+        assert_equivalent(twin_before, onnx.load(src_external / name))
+
+
+def test_in_place_keeps_the_old_data_when_a_model_beside_it_cannot_be_read(src_external):
+    (src_external / "broken.onnx").write_bytes(b"not a model")
+    res = invoke("fold", src_external / "m.onnx", "--in-place", "--provider", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "note: kept the replaced model's data file 'm.onnx.data': 'broken.onnx' in the folder could not be " \
+        "read to tell whether it refers to it" in res.stdout.splitlines()
+    assert (src_external / "m.onnx.data").exists() and _locations(src_external / "m.onnx") == {"m.1.onnx.data"}
+
+
+def test_in_place_switch_failing_midway_leaves_the_original_model_and_data(src_external, monkeypatch):
+    """The new data file is in place, then the model's rename fails: the new data file is taken
+    back, and the original model and its data are untouched (by hash), nothing else is left."""
+    before = digests(src_external)
+    real = os.replace
+    calls = []
+
+    def replace(a, b):
+        if Path(b).parent != src_external:  # (staging inside the temporary folder)
+            return real(a, b)
+        calls.append(Path(b).name)
+        if Path(b).name == "m.onnx":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(b))
+        return real(a, b)
+
+    monkeypatch.setattr("normopt.cli.os.replace", replace)
+    res = invoke("fold", src_external / "m.onnx", "--in-place", "--provider", "cpu")
+    one_error_line(res, 2, "Input/output error")
+    assert calls == ["m.1.onnx.data", "m.onnx"]  # it failed at the switch itself
+    assert digests(src_external) == before
+    assert sorted(p.name for p in src_external.iterdir()) == ["m.onnx", "m.onnx.data"]
+
+
+def test_in_place_old_data_that_cannot_be_removed_is_named(src_external, monkeypatch):
+    """The switch is done and the new model is consistent: a data file left behind is a note."""
+    original = onnx.load(src_external / "m.onnx")
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr("normopt.cli.os.unlink", refuse)
+    res = invoke("fold", src_external / "m.onnx", "--in-place", "--provider", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "note: could not remove the replaced model's data file 'm.onnx.data': Permission denied" \
+        in res.stdout.splitlines()
+    assert _locations(src_external / "m.onnx") == {"m.1.onnx.data"}
+    assert_equivalent(original, onnx.load(src_external / "m.onnx"))
 
 
 def _enospc(real):
