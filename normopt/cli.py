@@ -101,7 +101,8 @@ def _verify_options(fn):
                    "runs best (no GroupNormalization).")
 @click.option("--in-place", is_flag=True,
               help="Replace each MODEL by its folded form, atomically and only once it verifies (not with "
-                   "--no-verify or --force); new weights go to a new data file, the old one is left as is.")
+                   "--no-verify or --force); new weights go to a new data file, and the old one is removed "
+                   "afterwards unless another model in the folder refers to it.")
 @click.option("--dry-run", is_flag=True, help="Rewrite and verify, but write no model.")
 @click.option("--check", is_flag=True,
               help="Rewrite and verify in memory, write nothing; exit 4 and list the sites when rewrites are "
