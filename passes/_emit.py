@@ -12,7 +12,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from normopt import graph as G
-from normopt.passes._norm import CAST, float_bits, precision_miss
+from normopt.passes._norm import CAST, cast_target, float_bits, precision_miss, sole_consumer
 from normopt.pattern import Match
 from normopt.pipeline import Context, Reject
 
@@ -118,7 +118,21 @@ def settle_dtype(m: Match, ctx: Context) -> Match | Reject:
               for k in ("scale", "bias") if m.info.get(k)]   # absorbed ones only
     dtype = work_dtype(ctx, m.tensors["input"], m.output, m.matched, params)
     if isinstance(dtype, Reject):
-        return dtype
+        # TorchScript's float16 LayerNorm without affine: mean and d in float16, the rest in
+        # double, then only a Cast back to float16. Part of the match is narrower than its
+        # (double) output, but not than the Cast's: with the Cast inside, the fused op writes
+        # the float16 output, computed at least as precisely as the original.
+        cast = sole_consumer(m.output, ctx)
+        narrower = cast is not None and cast.op == CAST and G.in_default_domain(cast) and \
+            float_bits(cast_target(cast)) is not None and \
+            float_bits(cast_target(cast)) < (float_bits(ctx.dtype(m.output)) or 0)
+        if not narrower:
+            return dtype
+        m = m.evolve(output=cast.outputs[0])
+        m.add(cast)
+        dtype = work_dtype(ctx, m.tensors["input"], m.output, m.matched, params)
+        if isinstance(dtype, Reject):
+            return dtype
     return m.evolve(info={**m.info, "dtype": dtype.name})
 
 

@@ -231,6 +231,13 @@ def _torchscript_fp16(rng):
     return net.model(affine(net, t, rng))
 
 
+def _torchscript_fp16_no_affine(rng):
+    """The same without gamma and beta (elementwise_affine=False): only a Cast back to float16
+    follows the double division, and the fused op takes it as its output."""
+    net = Net(opset=14, dtype=F16)
+    return net.model(net.op("Cast", layernorm(net, cast_d=F64), to=F16))
+
+
 def _fp32_core_fp16_affine(rng):
     net = Net(opset=17, dtype=F32)
     t = affine(net, net.op("Cast", layernorm(net), to=F16), rng, dtype=F16)
@@ -253,6 +260,7 @@ MIXED = {
     "exponent_through_cast": (lambda rng: _apex_fp16(rng, exponent_cast=True), np.float16, 0),
     "cast_after_affine": (_cast_after_affine, np.float32, 2),
     "torchscript_fp16_double": (_torchscript_fp16, np.float16, 0),
+    "torchscript_fp16_double_no_affine": (_torchscript_fp16_no_affine, np.float16, 0),
     "fp32_core_fp16_affine": (_fp32_core_fp16_affine, np.float32, 1),
     "fp16_throughout": (_fp16_throughout, np.float16, 0),
     "fp64": (_fp64, np.float64, 0),

@@ -91,31 +91,34 @@ def mixed_cast_cases(draw, miss: str | None = None) -> Case:
         inv = net.op("Reciprocal", std) if sp.divide == "reciprocal" else net.op("Div", net.const(1.0, num_type), std)
         t = net.op("Mul", *((inv, num) if sp.mul_first else (num, inv)))
     tail = draw(tails(rank, norm_shape, model_dtype, num_type))
-    if num_type != model_dtype:
-        _cast_before_an_affine(tail, norm_shape)
+    trailing_cast = num_type != model_dtype and _cast_back_after_the_affine(tail)
     y, y_dtype = tail.build(net, t, rng, num_type)
     model = net.finish(y, shape, model_dtype, shape, y_dtype)
     spec = dict(seed=seed, dtype=(model_dtype, wide), placement=placement, opset=opset, shape=shape, axes=axes,
-                spelling=sp, tail=tail.steps, miss=miss)
+                spelling=sp, tail=tail.steps, miss=miss, trailing_cast=trailing_cast)
     if miss:
         return Case(model, "fuse-layernorm", reason=CAST_MISSES[miss], seed=seed, spec=spec)
     out_dtype, params, left = tail.absorbed(num_type)
+    if trailing_cast:   # absorbed too: the fused op writes the model's type
+        out_dtype = model_dtype
+        left["Cast"] -= 1
+        left = {k: v for k, v in left.items() if v}
     return Case(model, "fuse-layernorm", fused_counts(LN, model_dtype, out_dtype, params, left), seed=seed,
                 spec=spec)
 
 
-def _cast_before_an_affine(tail, norm_shape) -> None:
-    """The Cast back to the model's type followed by a Mul or Add (a gamma or beta), as exporters
-    write it: the fused op absorbs the Cast with that step. (A Cast back with nothing after it
-    stays outside the match, whose output then has the wide type: the mean and d, computed in
-    the model's narrower type, make it a skip, "narrower than the output".)"""
+def _cast_back_after_the_affine(tail) -> bool:
+    """Whether the Cast back to the model's type comes after the last Mul / Add (or there is
+    none): it is then moved right after it (Identities after the Cast), where the fused op
+    absorbs it as its output (the mean and d, computed in the model's narrower type, would
+    otherwise be narrower than a wide output)."""
     steps = tail.steps
-    if not any(s[0] in ("mul", "add") for s in steps):
-        steps.append(("add", norm_shape, False))
     cast = next(i for i, s in enumerate(steps) if s[0] == "cast")
-    last = max(i for i, s in enumerate(steps) if s[0] in ("mul", "add"))
-    if cast > last:
-        steps.insert(last, steps.pop(cast))
+    last = max((i for i, s in enumerate(steps) if s[0] in ("mul", "add")), default=-1)
+    if cast < last:
+        return False
+    steps.insert(last + 1, steps.pop(cast))
+    return True
 
 
 @FORMS
