@@ -10,7 +10,7 @@ from onnx import helper
 from helpers import op_counts, run_pass
 from normopt.verify import run_model
 
-from propgen import (F32, F64, Case, Net, Spelling, at_opset_7, core, prove_left_alone, prove_rewrite,
+from propgen import (F16, F32, F64, Case, Net, Spelling, at_opset_7, core, prove_left_alone, prove_rewrite,
                      typed_model)
 
 PLAIN = Spelling(square="pow", exponent="float", divide="div", mul_first=False, eps=1e-5, eps_first=False,
@@ -137,3 +137,16 @@ def test_float64_groupnorm_epsilon_is_rounded_to_the_float32_attribute():
     for m, eps in ((model, 0.1), (out, float(np.float32(0.1)))):
         y = run_model(m, [{"x": x}], "cpu")[0]["y"]
         np.testing.assert_allclose(y, d / np.sqrt((d ** 2).mean() + eps), rtol=1e-12, atol=1e-14)
+
+
+def test_torchscript_float16_layernorm_without_affine_fuses():
+    """Campaign example (seed 0 of the centred-tensor Cast generator): float16 x [1, 2], mean and
+    d in float16, d cast to float32 for the square and the division, then only a Cast back to
+    float16 (no gamma or beta). It was skipped ("'sub' is computed in float16, narrower than
+    the output's float32"): the Cast back is now the fused op's output."""
+    net = Net(13, F16)
+    d = net.op("Cast", net.op("Sub", "x", net.mean("x", [1])), to=F32)
+    var = net.mean(net.op("Pow", d, net.const(2.0, F32)), [1])
+    t = net.op("Cast", net.op("Div", d, net.op("Sqrt", var)), to=F16)
+    model = net.finish(t, [1, 2], F16, [1, 2], F16)
+    prove_rewrite(Case(model, "fuse-layernorm", {"LayerNormalization": 1, "Identity": 1}))
