@@ -66,7 +66,7 @@ def load(path: str | os.PathLike, notes: list[str] | None = None) -> onnx.ModelP
     except OSError as err:
         raise ModelLoadError(f"{where}: {err.strerror or err}") from err
     try:
-        _touch_text(model)
+        in_order = _touch_text(model)
     except UnicodeDecodeError as err:
         raise ModelLoadError(f"{where}: file is not an ONNX model (a name or text field is not UTF-8: "
                              f"{_short(err)})") from err
@@ -77,7 +77,7 @@ def load(path: str | os.PathLike, notes: list[str] | None = None) -> onnx.ModelP
     try:
         _check_versions(model)
         _check_tensors(model)
-        moved = sort_nodes(model)
+        moved = sort_nodes(model, main_in_order=bool(in_order))
     except ValueError as err:
         raise ModelLoadError(f"{where}: {err}") from err
     try:
@@ -107,42 +107,101 @@ def _touch_text(message) -> None:
         _touch_nodes([message])
         return
     if isinstance(message, onnx.GraphProto):  # the bulk of a model: nodes and initializers in tight loops
-        _touch_nodes(message.node)
-        external = onnx.TensorProto.EXTERNAL
-        for t in message.initializer:
-            if t.name.__class__ is bytes:
-                _text(t.name, "tensor name")
-            if t.data_location == external:
-                _touch_text(t)
-        for part in (message.input, message.output, message.value_info, message.sparse_initializer,
-                     message.quantization_annotation, message.metadata_props):
-            for item in part:
-                _touch_text(item)
-        _text(message.name, "graph name")
-        _text(message.doc_string, "doc_string")
-        return
+        _touch_graph(message)
+        return None
+    if isinstance(message, onnx.ModelProto):
+        # The main graph is read once for two things: its text, and whether its nodes are in
+        # topological order already (``sort_nodes`` is then spared that walk).
+        in_order = _touch_graph(message.graph, check_order=True)
+        for field, value in message.ListFields():
+            if field.name != "graph":
+                _touch_field(field, value)
+        return in_order
     if isinstance(message, onnx.AttributeProto):  # string attributes are bytes that importers decode
-        message.s.decode("utf-8")
-        for s in message.strings:
-            s.decode("utf-8")
+        _touch_attribute(message)
+        return
     for field, value in message.ListFields():
-        if field.type == field.TYPE_STRING:
-            for item in (value if _repeated(field) else [value]):
-                _text(item, field.name)
+        _touch_field(field, value)
+    return None
+
+
+def _touch_field(field, value) -> None:
+    if field.type == field.TYPE_STRING:
+        for item in (value if _repeated(field) else [value]):
+            _text(item, field.name)
+    if field.type != field.TYPE_MESSAGE:
+        return
+    if _repeated(field):
+        for item in value:
+            _touch_text(item)
+    else:
+        _touch_text(value)
+
+
+def _touch_graph(g: onnx.GraphProto, check_order: bool = False) -> bool | None:
+    """A graph's text; with ``check_order``, also whether every name its nodes read is provided
+    before them and none is produced twice (``_sorted_already``, for the main graph)."""
+    external = onnx.TensorProto.EXTERNAL
+    given: set[str] = set()
+    for t in g.initializer:
+        name = t.name
+        if name.__class__ is bytes:
+            _text(name, "tensor name")
+        given.add(name)
+        if t.data_location == external:
+            _touch_text(t)
+    for part in (g.input, g.output, g.value_info, g.sparse_initializer, g.quantization_annotation,
+                 g.metadata_props):
+        for item in part:
+            _touch_text(item)
+    _text(g.name, "graph name")
+    _text(g.doc_string, "doc_string")
+    if not check_order:
+        _touch_nodes(g.node)
+        return None
+    given.update(vi.name for vi in g.input)
+    given.update(s.values.name for s in g.sparse_initializer)
+    return _touch_nodes(g.node, given)
+
+
+_SCALAR_ATTRIBUTES = frozenset({onnx.AttributeProto.FLOAT, onnx.AttributeProto.INT, onnx.AttributeProto.FLOATS,
+                                onnx.AttributeProto.INTS})
+
+
+def _touch_attribute(attr: onnx.AttributeProto) -> None:
+    """An attribute's own text (name, reference, doc string, string values), then whatever
+    message it holds (a tensor, a graph, a type). Most attributes hold numbers only."""
+    for text in (attr.name, attr.ref_attr_name, attr.doc_string):
+        if text.__class__ is bytes:
+            _text(text, "attribute field")
+    if attr.type in _SCALAR_ATTRIBUTES:
+        return
+    attr.s.decode("utf-8")
+    for s in attr.strings:
+        s.decode("utf-8")
+    for field, value in attr.ListFields():
         if field.type != field.TYPE_MESSAGE:
             continue
-        if _repeated(field):
-            for item in value:
-                _touch_text(item)
-        else:
-            _touch_text(value)
+        for item in (value if _repeated(field) else [value]):
+            _touch_text(item)
 
 
-def _touch_nodes(nodes) -> None:
+def _touch_nodes(nodes, given: set[str] | None = None) -> bool | None:
+    """The nodes' text; with ``given`` (the names the graph itself provides), also whether they
+    are in topological order with no name produced twice."""
+    in_order = given is not None
+    seen: set[str] = set()
     for node in nodes:
-        for text in (node.name, node.op_type, node.domain, *node.input, *node.output):
+        op, domain, inputs, outputs = node.op_type, node.domain, node.input[:], node.output[:]
+        for text in (node.name, op, domain, *inputs, *outputs):
             if text.__class__ is bytes:
                 _text(text, "node field")
+        if in_order:
+            reads = _node_reads(node) if op in SUBGRAPH_OPS or domain not in ("", "ai.onnx") else inputs
+            if any(name and name not in seen and name not in given for name in reads) or \
+                    any(name and name in seen for name in outputs):
+                in_order = False
+            seen.update(outputs)
         if node.attribute or node.doc_string or node.metadata_props or node.overload:
             for attr in node.attribute:
                 _touch_text(attr)
@@ -150,6 +209,7 @@ def _touch_nodes(nodes) -> None:
             _text(node.overload, "overload")
             for entry in node.metadata_props:
                 _touch_text(entry)
+    return in_order if given is not None else None
 
 
 def _text(value, what: str) -> None:
@@ -202,14 +262,14 @@ def _check_tensors(model: onnx.ModelProto) -> None:
             raise ValueError(f"initializer '{t.name}' holds fewer bytes than its shape {list(dims)} needs")
 
 
-def sort_nodes(model: onnx.ModelProto) -> list[str]:
+def sort_nodes(model: onnx.ModelProto, main_in_order: bool = False) -> list[str]:
     """Put the nodes of every graph in topological order (stable: ties keep the file's order),
     as onnxruntime does on load; returns a note per graph that was reordered.
 
     Raises ValueError for a node that reads a tensor nothing provides, or for a cycle. A name
     produced twice is left to the checker (not single assignment)."""
     notes: list[str] = []
-    _sort_graph(model.graph, set(), "", notes)
+    _sort_graph(model.graph, set(), "", notes, main_in_order)
     return notes
 
 
@@ -278,8 +338,9 @@ def _sorted_already(g: onnx.GraphProto, outer: set[str]) -> bool:
     return True
 
 
-def _sort_graph(g: onnx.GraphProto, outer: set[str], path: str, notes: list[str]) -> None:
-    if _sorted_already(g, outer):
+def _sort_graph(g: onnx.GraphProto, outer: set[str], path: str, notes: list[str],
+                known_in_order: bool = False) -> None:
+    if known_in_order or _sorted_already(g, outer):
         _sort_subgraphs(g, outer, path, notes)
         return
     nodes = list(g.node)
