@@ -259,8 +259,14 @@ def _producers_fit(pats, tensors) -> bool:
 
 
 def _match_inputs(pats, tensors, i: int, graph, st: _State) -> Iterator[_State]:
-    if i == len(pats):
+    left = len(pats) - i
+    if left == 0:
         yield st
-        return
-    for st2 in _match(pats[i], tensors[i], graph, st):
-        yield from _match_inputs(pats, tensors, i + 1, graph, st2)
+    elif left == 1:
+        yield from _match(pats[i], tensors[i], graph, st)
+    elif left == 2:  # the common case (binary ops), without a generator per input
+        for st2 in _match(pats[i], tensors[i], graph, st):
+            yield from _match(pats[i + 1], tensors[i + 1], graph, st2)
+    else:
+        for st2 in _match(pats[i], tensors[i], graph, st):
+            yield from _match_inputs(pats, tensors, i + 1, graph, st2)
