@@ -71,7 +71,9 @@ class AnyOf(Pattern):
     alternatives: tuple[Pattern, ...]
 
     def __init__(self, *alternatives: Pattern):
-        object.__setattr__(self, "alternatives", tuple(alternatives))
+        # A nested AnyOf is spliced in, in order (the same alternatives, one level fewer to walk).
+        flat = [a for alt in alternatives for a in (alt.alternatives if isinstance(alt, AnyOf) else (alt,))]
+        object.__setattr__(self, "alternatives", tuple(flat))
         # The producer op types any alternative can start with; None when one can match
         # without a producer (a Var, a Const): then every tensor must be tried.
         roots: set[str] | None = set()
@@ -200,7 +202,10 @@ def _match(p: Pattern, t: gs.Tensor, graph: gs.Graph, st: _State) -> Iterator[_S
         for alt in p.alternatives:
             first = alt._first
             if first is None or op in first:  # an alternative that cannot start here is skipped
-                yield from _match(alt, t, graph, st)
+                if alt.__class__ is Op:
+                    yield from _match_op(alt, t, graph, st)
+                else:
+                    yield from _match(alt, t, graph, st)
     elif isinstance(p, Var):
         bound = st.tensors.get(p.name)
         if bound is None:
