@@ -165,18 +165,32 @@ def plausible(pattern: Pattern, tensor: gs.Tensor, depth: int = 2) -> bool:
     ``match`` would find nothing; True promises nothing."""
     if depth <= 0:
         return True
-    if isinstance(pattern, AnyOf):
-        return any(plausible(alt, tensor, depth) for alt in pattern.alternatives)
-    if not isinstance(pattern, Op):
+    cls = pattern.__class__
+    if cls is AnyOf:
+        op = tensor.inputs[0].op if tensor.inputs else None
+        for alt in pattern.alternatives:
+            first = alt._first
+            if (first is None or op in first) and plausible(alt, tensor, depth):
+                return True
+        return False
+    if cls is not Op:
         return True
-    node = G.producer(tensor)
+    node = tensor.inputs[0] if tensor.inputs else None
     if node is None or not pattern.accepts(node) or len(node.inputs) < len(pattern.inputs):
         return False
-    pats, ins = pattern.inputs, node.inputs
-    if all(plausible(p, t, depth - 1) for p, t in zip(pats, ins)):
+    if _inputs_plausible(pattern.inputs, node.inputs, depth - 1):
         return True
-    return node.op in COMMUTATIVE and len(pats) == 2 and \
-        all(plausible(p, t, depth - 1) for p, t in zip(pats[::-1], ins))
+    return node.op in COMMUTATIVE and len(pattern.inputs) == 2 and \
+        _inputs_plausible(pattern._swapped, node.inputs, depth - 1)
+
+
+def _inputs_plausible(pats, tensors, depth: int) -> bool:
+    if depth <= 0:
+        return True
+    for p, t in zip(pats, tensors):
+        if not plausible(p, t, depth):
+            return False
+    return True
 
 
 @dataclass
