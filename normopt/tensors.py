@@ -612,7 +612,8 @@ class TensorFacts:
 
     def same_dim(self, term, x: gs.Tensor, axis: int) -> bool:
         """Whether ``term`` is surely dim ``axis`` of ``x``."""
-        if isinstance(term, DimOf) and term.tensor is x and term.axis == axis:
+        if isinstance(term, DimOf) and term.axis == axis and (
+                term.tensor is x or shape_source(term.tensor) is shape_source(x)):
             return True
         term = self.resolve(term)
         shape = self.known_shape(x)
@@ -628,6 +629,17 @@ class TensorFacts:
             return False
         misses = [i for i, d in enumerate(dims) if not self.same_dim(d, x, i)]
         return not misses or (len(misses) == 1 and dims[misses[0]] == -1)
+
+
+def shape_source(t: gs.Tensor) -> gs.Tensor:
+    """The tensor whose shape ``t`` has because a Cast or Identity made it (else ``t``): ONNX's
+    GroupNormalization-21 body restores x's shape as Shape(Cast(x))."""
+    for _ in range(4):
+        node = G.producer(t)
+        if node is None or node.op not in ("Cast", "Identity") or not G.in_default_domain(node) or not node.inputs:
+            break
+        t = node.inputs[0]
+    return t
 
 
 def static_dim(shape, axis: int) -> int | None:

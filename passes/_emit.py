@@ -185,10 +185,12 @@ def scope_of(node: gs.Node) -> str:
 # ------------------------------------------------------------------------------ per channel (group / instance norm)
 
 def channel_work_dtype(ctx: Context, x: gs.Tensor, out: gs.Tensor, compute_bits: int | None, op: str,
-                       nodes: list[gs.Node], input_cast: gs.Node | None = None) -> np.dtype | Reject:
+                       nodes: list[gs.Node], input_cast: gs.Node | None = None, extra=()) -> np.dtype | Reject:
     """``work_dtype``: GroupNormalization keeps its statistics in stash_type, so input and output
-    suffice; InstanceNormalization has no stash type and also needs the core's compute type."""
-    extra = [DTYPE_BY_BITS[compute_bits]] if op == INSTANCE_NORM and compute_bits in DTYPE_BY_BITS else []
+    suffice; InstanceNormalization has no stash type and also needs the core's compute type;
+    ``extra``: further types (an affine computed in a wider type than both)."""
+    extra = list(extra) + ([DTYPE_BY_BITS[compute_bits]] if op == INSTANCE_NORM and compute_bits in DTYPE_BY_BITS
+                           else [])
     return work_dtype(ctx, x, out, nodes, extra, input_cast)
 
 

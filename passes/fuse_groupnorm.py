@@ -66,7 +66,7 @@ from normopt import graph as G
 from normopt.passes._emit import INSTANCE_NORM, channel_work_dtype, emit_normalization
 from normopt.passes._norm import (TF_CORE, Affine, affine_params, broadcast_param, cast_target, channel_affine,
                                   check_core, epsilon_miss, float_bits, is_float, match_normalized, normalize_axes,
-                                  tf_scaled_alike)
+                                  side_computations, sole_consumer, tf_scaled_alike)
 from normopt.pattern import Match, match
 from normopt.pipeline import Context, Pass, Reject
 from normopt.registry import register_pass
@@ -197,6 +197,84 @@ def _fold_group_params(core: Core, tail: Affine, channels: int, groups: int, wor
     return (gamma * s).astype(work), (gamma * b + beta).astype(work)
 
 
+def _split_chain(split: gs.Node, back: gs.Node | None, ctx: Context, cast_ok: bool):
+    """(x, first Reshape, float Cast of x before it or None) when the reshape to groups is two
+    Reshapes of x that the reshape back restores: ONNX's GroupNormalization-21 body reshapes
+    Cast(x, stash_type) to [N, G, C/G, D1, ...], then to [0, 0, -1] (reshapes in a row are the
+    last one). None otherwise (the split alone is the reshape to groups)."""
+    if back is None:
+        return None
+    t = split.inputs[0]
+    inner = G.producer(t)
+    if inner is None or inner.op != RESHAPE or not G.in_default_domain(inner) or sole_consumer(t, ctx) is not split:
+        return None
+    source = inner.inputs[0]
+    x, cast = through_cast(source)
+    if cast is not None:
+        # Only a widening (or same-type) float Cast read by the reshape and by Shape goes with the
+        # match: the fused op computes its statistics in stash_type from x itself.
+        src_type, to = ctx.dtype(x), cast_target(cast)
+        widening = is_float(src_type) and is_float(to) and float_bits(to) >= float_bits(src_type)
+        readers = all(u is inner or (u.op == "Shape" and G.in_default_domain(u)) for u in source.outputs)
+        if not (cast_ok and widening and readers) or G.is_graph_output(ctx.graph, source):
+            x, cast = source, None
+    shape = ctx.known_shape(x)
+    if shape is None:
+        return None
+    dims = ctx.reshape_dims(inner, [DimOf(x, i) for i in range(len(shape))])
+    grouped = None if dims is None else ctx.reshape_dims(split, dims)
+    if grouped is None or not ctx.restores(ctx.reshape_dims(back, grouped), x):
+        return None
+    return x, inner, cast
+
+
+def _per_channel_rows(dims: list | None, x: gs.Tensor, ctx: Context, rank: int) -> bool:
+    """Whether a reshape of x to ``dims`` is [N, C, -1]: each channel's elements in one row."""
+    if dims is None or len(dims) != 3 or not ctx.same_dim(dims[0], x, 0) or not ctx.same_dim(dims[1], x, 1):
+        return False
+    if dims[2] == -1 or (rank == 3 and ctx.same_dim(dims[2], x, 2)):
+        return True
+    shape = ctx.known_shape(x)
+    spatial = [static_dim(shape, i) for i in range(2, rank)]
+    return None not in spatial and ctx.resolve(dims[2]) == int(np.prod(spatial))
+
+
+def _rows_affine(ctx: Context, x: gs.Tensor, back: gs.Node, channels: int, rank: int):
+    """After the reshape back to x's shape: Reshape to [N, C, -1] -> [float Cast] -> per-channel
+    Mul / Add ([C, 1] or [1, C, 1]) -> [float Cast] -> Reshape to x's shape (ONNX's
+    GroupNormalization-21 body). (affine, its nodes in order, output); None when no such
+    reshape to rows follows; a string (why) when one does but the rest is not that."""
+    t = back.outputs[0]
+    flat = sole_consumer(t, ctx)
+    if flat is None or flat.op != RESHAPE or not G.in_default_domain(flat) or flat.inputs[0] is not t:
+        return None
+    rows = ctx.reshape_dims(flat, [DimOf(x, i) for i in range(rank)])
+    if not _per_channel_rows(rows, x, ctx, rank):
+        return None
+    found = _rows_tail(ctx, x, flat, rows, channels)
+    return f"reshape {G.node_label(flat)} to [N, C, -1] kept after the op: {found}" if isinstance(found, str) else found
+
+
+def _rows_tail(ctx: Context, x: gs.Tensor, flat: gs.Node, rows: list, channels: int):
+    """After ``flat``, a reshape to [N, C, -1] (dims ``rows``): [float Cast] -> per-channel
+    Mul / Add -> [float Cast] -> Reshape to x's shape. (affine, nodes from ``flat`` on, output),
+    or why not (a string)."""
+    tail = channel_affine(flat.outputs[0], ctx, channels, 3)
+    end, nodes = tail.output, [flat, *tail.nodes]
+    nxt = sole_consumer(end, ctx)
+    if nxt is not None and nxt.op == CAST and G.in_default_domain(nxt) and is_float(cast_target(nxt)) and \
+            is_float(ctx.dtype(end)):
+        nodes.append(nxt)
+        end = nxt.outputs[0]
+        nxt = sole_consumer(end, ctx)
+    if nxt is None or nxt.op != RESHAPE or not G.in_default_domain(nxt) or nxt.inputs[0] is not end or \
+            not ctx.restores(ctx.reshape_dims(nxt, rows), x):
+        return tail.kept or (f"{G.node_label(nxt)} follows, not a reshape back to the shape of '{x.name}'"
+                             if nxt is not None else f"no reshape back to the shape of '{x.name}' follows")
+    nodes.append(nxt)
+    return tail, nodes, nxt.outputs[0]
+
+
 def through_cast(t: gs.Tensor) -> tuple[gs.Tensor, gs.Node | None]:
     """(input of the float Cast producing ``t``, that Cast), or (t, None)."""
     node = G.producer(t)
@@ -246,10 +324,14 @@ class FuseGroupNorm(Pass):
                 return first
             found, core = first
             return self._complete(ctx, x, split, cast_in, core, cast_out, back, found)
-        found = self._groups(x, split, back, core, ctx)
+        chain = _split_chain(split, back, ctx, cast_in is None)
+        inner = pre_cast = None
+        if chain is not None:
+            x, inner, pre_cast = chain
+        found = self._groups(x, split, back, core, ctx, inner, rows=True)
         if found is None or isinstance(found, Reject):
             return found
-        return self._complete(ctx, x, split, cast_in, core, cast_out, back, found)
+        return self._complete(ctx, x, split, cast_in, core, cast_out, back, found[:3], inner, pre_cast, found[3])
 
     def _tf_channels_first(self, ctx: Context, x, split, back, core: Core):
         """Keras GroupNormalization(axis=1): x [N, C, ...] reshaped to [N, G, C/G, ...], gamma /
@@ -351,8 +433,11 @@ class FuseGroupNorm(Pass):
         return self._complete(ctx, x, split, cast_in, core, None, None, found)
 
     def _complete(self, ctx: Context, x: gs.Tensor, split: gs.Node, cast_in, core: Core, cast_out, back,
-                  found: tuple[int, int, int]) -> Match | Reject:
-        """The checks and the match common to both forms (``back`` None: no reshape back)."""
+                  found: tuple[int, int, int], inner: gs.Node | None = None,
+                  pre_cast: gs.Node | None = None, back_rows: list | None = None) -> Match | Reject:
+        """The checks and the match common to both forms (``back`` None: no reshape back;
+        ``inner``: a first reshape of the split, ``pre_cast`` a float Cast of x before it;
+        ``back_rows``: the dims of a reshape back to [N, C, -1] rather than to x's shape)."""
         channels, groups, rank = found
         miss = epsilon_miss(core.epsilon)
         if miss:
@@ -360,24 +445,55 @@ class FuseGroupNorm(Pass):
         if core.group_scale is not None and {core.group_scale.size, core.group_bias.size} != {groups}:
             return Reject(f"InstanceNormalization scale/bias have {core.group_scale.size}/{core.group_bias.size} "
                           f"elements, not one per group ({groups})", core.nodes[0])
-        for cast in (cast_in, cast_out):
+        for cast in (pre_cast, cast_in, cast_out):
             miss = _not_float_cast(cast, ctx)
             if miss:
                 return miss
-        # A Mul / Add that is not per channel (a positional or spatial tensor) stays after the
-        # fused op, as it was (tail.kept says which).
-        tail = channel_affine((back or core.nodes[-1]).outputs[0], ctx, channels, rank)
-        return _grouped_match(ctx, x, tail.output, core, [split, cast_in, *core.nodes, cast_out, back, *tail.nodes],
-                              cast_in, (groups, channels, rank),
+        if back_rows is not None:
+            # [N, G, -1] -> normalized -> [N, C, -1] -> per-channel affine -> x's shape.
+            rows = _rows_tail(ctx, x, back, back_rows, channels)
+            if isinstance(rows, str):
+                return Reject(f"reshape {G.node_label(back)} does not restore the shape of '{x.name}' "
+                              f"(to [N, C, -1]: {rows})", back)
+            tail, after, out = rows
+            rows = (tail, after[1:], out)   # back itself is in the match already
+        else:
+            rows = _rows_affine(ctx, x, back, channels, rank) if back is not None else None
+        variant, extra = list(core.variant), ()
+        if isinstance(rows, tuple):
+            # ONNX's GroupNormalization-21 body: the affine on [N, C, -1] rows, then reshaped back.
+            tail, after, out = rows
+            variant.append("per-channel rows")
+            # An affine computed in a wider type than the op's would be rounded more once fused.
+            extra = tuple(ctx.dtype(n.outputs[0]) for n in tail.nodes if n.op in ("Mul", "Add") and
+                          is_float(ctx.dtype(n.outputs[0])))
+        else:
+            if rows is not None and pre_cast is not None:
+                # The flattened rows stay after the op, and so does Shape(Cast(x)) for their
+                # reshape back: the op reads the cast tensor.
+                x, pre_cast = pre_cast.outputs[0], None
+            # A Mul / Add that is not per channel (a positional or spatial tensor) stays after the
+            # fused op, as it was (tail.kept says which).
+            tail = channel_affine((back or core.nodes[-1]).outputs[0], ctx, channels, rank)
+            after, out = tail.nodes, tail.output
+            if rows is not None and not tail.kept:
+                tail.kept = rows
+        return _grouped_match(ctx, x, out, core,
+                              [pre_cast, inner, split, cast_in, *core.nodes, cast_out, back, *after],
+                              pre_cast or cast_in, (groups, channels, rank),
                               lambda work: _fold_group_params(core, tail, channels, groups, work),
                               {"kept": tail.kept} if tail.kept else {},
-                              {"variant": core.variant + [f"{n.op} affine" for n in tail.nodes if n.op in ("Mul", "Add")]})
+                              {"variant": variant + [f"{n.op} affine" for n in tail.nodes if n.op in ("Mul", "Add")]},
+                              extra)
 
 
     @staticmethod
-    def _groups(x: gs.Tensor, split: gs.Node, back: gs.Node, core: Core, ctx: Context):
-        """(channels, groups, rank) when split / back really group x's channels, else a Reject
-        (or None: not a grouping reshape at all)."""
+    def _groups(x: gs.Tensor, split: gs.Node, back: gs.Node, core: Core, ctx: Context, inner: gs.Node | None = None,
+                rows: bool = False):
+        """(channels, groups, rank) when split (after ``inner``, when the split is two reshapes) /
+        back really group x's channels, else a Reject (or None: not a grouping reshape at all).
+        With ``rows``, a reshape back to [N, C, -1] is accepted too, and a fourth element gives
+        its dims (None when back restores x's shape)."""
         shape = ctx.checked_shape(x)
         if isinstance(shape, Reject):
             return Reject(shape.reason, split)
@@ -387,7 +503,12 @@ class FuseGroupNorm(Pass):
         channels = static_dim(shape, 1)
         if channels is None:
             return Reject(f"channel count of '{x.name}' is unknown", split)
-        grouped = ctx.reshape_dims(split, [DimOf(x, i) for i in range(rank)])
+        dims = [DimOf(x, i) for i in range(rank)]
+        if inner is not None:
+            dims = ctx.reshape_dims(inner, dims)
+            if dims is None:
+                return Reject(f"target shape of reshape {G.node_label(inner)} is unknown", inner)
+        grouped = ctx.reshape_dims(split, dims)
         if grouped is None:
             return Reject(f"target shape of reshape {G.node_label(split)} is unknown", split)
         if len(grouped) < 3:
@@ -405,9 +526,12 @@ class FuseGroupNorm(Pass):
         if back is None:
             # No reshape back: only a reshape that leaves x as it was (G == C, rank 3) is one.
             return (channels, groups, rank) if groups == channels and ctx.restores(grouped, x) else None
-        if not ctx.restores(ctx.reshape_dims(back, grouped), x):
-            return Reject(f"reshape {G.node_label(back)} does not restore the shape of '{x.name}'", back)
-        return channels, groups, rank
+        back_dims = ctx.reshape_dims(back, grouped)
+        if ctx.restores(back_dims, x):
+            return (channels, groups, rank, None) if rows else (channels, groups, rank)
+        if rows and _per_channel_rows(back_dims, x, ctx, rank):
+            return channels, groups, rank, back_dims
+        return Reject(f"reshape {G.node_label(back)} does not restore the shape of '{x.name}'", back)
 
     def rewrite(self, m: Match, ctx: Context) -> list[gs.Node]:
         attrs = {"epsilon": float(m.info["epsilon"])}
@@ -444,18 +568,22 @@ def _untransposed(x: gs.Tensor, perm: list[int]) -> gs.Tensor | None:
 
 
 def _grouped_match(ctx: Context, x: gs.Tensor, out: gs.Tensor, core: Core, nodes: list, cast_in,
-                   sizes: tuple[int, int, int], params, before: dict, after: dict) -> Match | Reject:
-    """The match every grouped form ends with: its nodes, the work dtype, no intermediate used
-    elsewhere, and ``params(work)`` as (scale, bias)."""
+                   sizes: tuple[int, int, int], params, before: dict, after: dict, extra=()) -> Match | Reject:
+    """The match every grouped form ends with: its nodes, the work dtype (``extra``: further
+    types it must hold), no intermediate used elsewhere (but by a side computation that only
+    feeds the match: Shape(Cast(x)) of the GroupNormalization-21 body), and ``params(work)`` as
+    (scale, bias)."""
     groups, channels, rank = sizes
     op = INSTANCE_NORM if groups == channels else GROUP_NORM
     m = Match(output=out)
     for n in nodes:
         if n is not None:
             m.add(n)
-    work = channel_work_dtype(ctx, x, out, core.compute_bits, op, m.matched, cast_in)
+    work = channel_work_dtype(ctx, x, out, core.compute_bits, op, m.matched, cast_in, extra)
     if isinstance(work, Reject):
         return work
+    for node in side_computations(m, ctx):
+        m.add(node)
     escapes = m.escapes(ctx.graph)
     if escapes:
         return Reject(f"intermediate {escapes[0]}")

@@ -152,7 +152,10 @@ def _body_input_dtype_and_stash(draw, op):
 def function_body_cases(draw, op: str | None = None, miss: str | None = None) -> Case:
     """``op`` as onnx's inliner expands it (its context-dependent function body: Flatten(x, a),
     the statistics over axis 1, Reshape back to Shape(x) for LayerNormalization; the axes as
-    Range(rank + axis, rank) from Size(Shape(x)) for RMSNormalization-23)."""
+    Range(rank + axis, rank) from Size(Shape(x)) for RMSNormalization-23; for
+    GroupNormalization-21, Cast(x) reshaped to [N, G, C/G, D...] then [0, 0, -1], normalized,
+    reshaped to Shape(Cast(x)), then to [0, 0, -1] rows, Cast back, scale and bias [1, C, 1],
+    reshaped to Shape(Cast(x)))."""
     seed = draw(seeds())
     rng = np.random.default_rng(seed)
     op = op or draw(st.sampled_from([LN, RMS]))
@@ -177,7 +180,8 @@ def function_body_cases(draw, op: str | None = None, miss: str | None = None) ->
     if op == GN:
         groups = draw(st.sampled_from([1, 2]))
         channels = groups * draw(st.integers(1, 3))
-        shape = [draw(st.sampled_from([1, 2, "N"])), channels, *[draw(st.integers(2, 4)) for _ in range(2)]]
+        spatial = draw(st.integers(1, 2))
+        shape = [draw(st.sampled_from([1, 2, "N"])), channels, *[draw(st.integers(2, 4)) for _ in range(spatial)]]
         inits = {"S": rng.uniform(0.5, 1.5, channels).astype(NP[dtype]),
                  "B": rng.standard_normal(channels).astype(NP[dtype])}
         inputs, attrs = ["x", "S", "B"], dict(num_groups=groups, epsilon=eps)
@@ -189,7 +193,7 @@ def function_body_cases(draw, op: str | None = None, miss: str | None = None) ->
     spec = dict(seed=seed, op=op, dtype=dtype, opset=opset, shape=shape, attrs=attrs, miss=miss)
     if miss == "escape":
         sqrt = next(n for n in model.graph.node if n.op_type == "Sqrt")
-        rank = 2 if op == LN else len(shape)   # (LayerNormalization's body works on Flatten(x))
+        rank = 2 if op == LN else 3 if op == GN else len(shape)   # (the bodies' statistics of Flatten(x), [N, G, -1])
         model.graph.output.append(helper.make_tensor_value_info(sqrt.output[0], F32, [None] * rank))
     elif miss == "eps_input":   # Add(variance, Cast(Constant epsilon)) in both bodies: fed by an input instead
         add = next(n for n in model.graph.node if n.op_type == "Add" and any(
@@ -203,8 +207,11 @@ def function_body_cases(draw, op: str | None = None, miss: str | None = None) ->
     onnx.checker.check_model(model, full_check=True)
     if miss:
         return Case(model, BODY_PASS[op], reason=BODY_MISSES[miss], seed=seed, spec=spec)
-    if op == GN:   # no fused form for GroupNormalization-21's own body: left alone (see below)
-        return Case(model, BODY_PASS[op], reason="does not restore the shape", seed=seed, spec=spec)
+    if op == GN:
+        # G == C: InstanceNormalization, which has no stash type: a float16 one runs in float32.
+        fused = {GN: 1} if groups < channels else {IN: 1} if dtype == F32 else {IN: 1, "Cast": 2}
+        spec.update(groups=groups, channels=channels)
+        return Case(model, BODY_PASS[op], fused, seed=seed, spec=spec)
     return Case(model, BODY_PASS[op], {op: 1}, seed=seed, spec=spec)
 
 
@@ -224,16 +231,31 @@ def test_function_bodies_fuse_back_to_the_op_and_match_onnxruntime(case):
 @NEAR_MISS
 @given(data=st.data())
 def test_function_body_near_misses_are_left_alone(miss, data):
-    prove_left_alone(data.draw(function_body_cases(op=data.draw(st.sampled_from([LN, RMS])), miss=miss)))
+    prove_left_alone(data.draw(function_body_cases(op=data.draw(st.sampled_from([LN, RMS, GN])), miss=miss)))
 
 
-@NEAR_MISS
+@FORMS
 @given(function_body_cases(op=GN))
-def test_groupnorm21_function_body_is_left_alone_with_a_reason(case):
-    """GroupNormalization-21's own body (x reshaped to [N, G, -1], normalized, reshaped to
-    [N, C, -1] for the per-channel affine, then to Shape(x)) is no form fuse-groupnorm fuses:
-    it stays as it is, with the reason."""
-    prove_left_alone(case)
+def test_groupnorm21_function_body_fuses_back_to_the_op_and_matches_onnxruntime(case):
+    """GroupNormalization-21's own body (rank 3 and 4, float32 and float16 stashed in float32,
+    static or symbolic N) fuses back to one GroupNormalization on x with its num_groups,
+    epsilon, stash_type and per-channel scale and bias (InstanceNormalization when G == C)."""
+    out = prove_rewrite(case)
+    node = next(n for n in out.graph.node if n.op_type in (GN, IN))
+    producers = {o: n for n in out.graph.node for o in n.output}
+    source = producers[node.input[0]].input[0] if node.input[0] in producers else node.input[0]
+    assert source == "x"   # (through the Cast to float32 of a float16 InstanceNormalization)
+    got = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert got["epsilon"] == pytest.approx(case.spec["attrs"]["epsilon"], rel=1e-6)
+    if node.op_type == GN:
+        assert node.output[0] == "y" and got["num_groups"] == case.spec["groups"] and got["stash_type"] == 1
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
+    consts = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in out.graph.node
+              if n.op_type == "Constant"}
+    scale, bias = (inits.get(name, consts.get(name)) for name in node.input[1:3])
+    original = {i.name: onnx.numpy_helper.to_array(i) for i in case.model.graph.initializer}
+    np.testing.assert_array_equal(scale.astype(np.float64), original["S"].astype(np.float64))
+    np.testing.assert_array_equal(bias.astype(np.float64), original["B"].astype(np.float64))
 
 
 # ------------------------------------------------------------------------------ Keras GroupNormalization
