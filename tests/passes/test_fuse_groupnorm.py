@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx.inliner
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -642,3 +643,173 @@ def test_fuse_groupnorm_epsilon_float32_cannot_hold_is_left_unchanged(rng):
     assert [s.reason for s in rec.skipped] == [
         "epsilon 1e-50 is not representable as the op's float32 attribute (it would be 0)"]
     assert_equivalent(model, out)
+
+
+# ----------------------------------------------------------------------------- ONNX's GroupNormalization-21 body
+
+def gn21_body(rng, dtype=F32, shape=(BATCH, 8, 3, 5), groups=2, eps=1e-5):
+    """A GroupNormalization-21 node on x expanded by onnx's inliner into the op's own function
+    body: Cast(x) -> Reshape [N, G, C/G, D...] -> Reshape [0, 0, -1] -> E[x^2] - E[x]^2
+    statistics -> Reshape(Shape(Cast(x))) -> Reshape [0, 0, -1] -> Cast back -> Mul / Add by
+    scale / bias reshaped to [1, C, 1] -> Reshape(Shape(Cast(x)))."""
+    c = shape[1]
+    inits = {"S": rng.uniform(0.5, 1.5, c).astype(NP[dtype]), "B": rng.standard_normal(c).astype(NP[dtype])}
+    node = helper.make_node(GN, ["x", "S", "B"], ["y"], num_groups=groups, epsilon=eps)
+    model = make_model([node], [("x", dtype, list(shape))], [("y", dtype, list(shape))], inits, opset=21)
+    model.graph.value_info.extend(helper.make_tensor_value_info(k, dtype, v.shape) for k, v in inits.items())
+    model = onnx.inliner.inline_selected_functions(model, [("", GN)], inline_schema_functions=True)
+    assert GN not in op_counts(model) and op_counts(model)["Reshape"] == 7
+    return model
+
+
+def body_node(model, output_prefix):
+    return next(n for n in model.graph.node if n.output and n.output[0].startswith(output_prefix))
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=["float32", "float16_stash_float32"])
+@pytest.mark.parametrize("shape, groups", [((BATCH, 6, 7), 3), ((BATCH, 8, 3, 5), 2), (("N", 8, 3, 5), 4),
+                                           (("N", 4, 9), 2)],
+                         ids=["rank3", "rank4", "rank4_symbolic_batch", "rank3_symbolic_batch"])
+def test_fuse_groupnorm_onnx_groupnorm21_function_body_is_fused(dtype, shape, groups, rng):
+    model = gn21_body(rng, dtype, shape, groups)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == {GN: 1} and len(rec.applied) == 1 and not rec.skipped, [s.reason for s in rec.skipped]
+    node = out.graph.node[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert (list(node.input[:1]), list(node.output)) == (["x"], ["y"])
+    assert attrs["num_groups"] == groups and attrs["stash_type"] == TensorProto.FLOAT
+    assert attrs["epsilon"] == pytest.approx(1e-5, rel=1e-6)
+    values = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in out.graph.node if n.op_type == "Constant"})
+    original = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert values[node.input[1]].dtype == NP[dtype]
+    np.testing.assert_array_equal(values[node.input[1]], original["S"])
+    np.testing.assert_array_equal(values[node.input[2]], original["B"])
+    onnx.checker.check_model(out, full_check=True)
+    assert_equivalent(model, out)
+
+
+def test_fuse_groupnorm_onnx_groupnorm21_body_groups_equal_channels_is_instancenorm(rng):
+    model = gn21_body(rng, F32, (BATCH, 4, 3, 5), groups=4)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == {IN: 1} and not rec.skipped
+    assert_equivalent(model, out)
+
+
+def body_axes(model, axes):
+    """The body's statistics over other axes of [N, G, -1]."""
+    node = body_node(model, "Axes2")
+    node.attribute[0].t.CopyFrom(numpy_helper.from_array(np.array(axes, np.int64)))
+    return model
+
+
+def body_output(model, prefix, rank=3):
+    """One of the body's intermediates also a graph output."""
+    name = body_node(model, prefix).output[0]
+    model.graph.output.append(helper.make_tensor_value_info(name, F32, [None] * rank))
+    return model
+
+
+@pytest.mark.parametrize("build, reason", [
+    (lambda rng: body_axes(gn21_body(rng), [1]), "not over each whole group"),
+    (lambda rng: body_output(gn21_body(rng), "Mean__"), "is also used by graph output"),
+    (lambda rng: body_output(gn21_body(rng), "StdDev__"), "is also used by graph output"),
+], ids=["axes", "mean_output", "std_output"])
+def test_fuse_groupnorm_onnx_groupnorm21_body_near_miss_is_left_unchanged(build, reason, rng):
+    model = build(rng)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model)
+    assert not rec.applied and any(reason in s.reason for s in rec.skipped), [s.reason for s in rec.skipped]
+
+
+def body_scale_per_position(rng):
+    """The body's scale and bias reshaped to [1, 1, -1]: a value per position of a channel's row."""
+    model = gn21_body(rng, shape=(BATCH, 8, 3, 5))
+    body_node(model, "ScaleShape").attribute[0].ints[:] = [1, 1, -1]
+    for name in ("S", "B"):
+        param = next(i for i in model.graph.initializer if i.name == name)
+        param.CopyFrom(numpy_helper.from_array(rng.uniform(0.5, 1.5, 15).astype(np.float32), name))
+        next(v for v in model.graph.value_info if v.name == name).type.tensor_type.shape.dim[0].dim_value = 15
+    return model
+
+
+def body_reshaped_to_rows(rng):
+    """The body's result left as [N, C, H*W] rows: no reshape back to x's shape."""
+    model = gn21_body(rng, shape=(BATCH, 8, 3, 5))
+    final = next(n for n in model.graph.node if n.output[0] == "y")
+    final.input[1] = body_node(model, "Shape3D").output[0]
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", F32, [BATCH, 8, 15]))
+    return model
+
+
+# What stays: Cast(x), the rows Reshape, the Cast after it, Cast / Reshape of scale and bias,
+# Mul, Add and the last Reshape (by Shape(Cast(x)) when that is the shape).
+KEPT = {"Cast": 4, "Constant": 2, GN: 1, "Reshape": 4, "Mul": 1, "Add": 1}
+
+
+@pytest.mark.parametrize("build, kept, counts", [
+    (body_scale_per_position, "kept outside: 'ScaleReshaped", {**KEPT, "Shape": 1}),
+    (body_reshaped_to_rows, "not a reshape back to the shape of 'x'", KEPT),
+], ids=["scale_per_position", "no_reshape_back"])
+def test_fuse_groupnorm_onnx_groupnorm21_body_affine_not_per_channel_stays_after_the_op(build, kept, counts, rng):
+    """A body whose affine is not per channel, or which is not reshaped back to x's shape: the
+    normalization (up to its reshape back to x's shape) fuses, on the float32 Cast of x; the rows
+    reshape and what follows stay as they were, with the reason."""
+    model = build(rng)
+    out, rec = run_pass(PASS, model)
+    assert not rec.skipped and len(rec.applied) == 1 and kept in rec.applied[0].info["kept"], rec.applied
+    assert op_counts(out) == counts
+    assert next(n for n in out.graph.node if n.op_type == GN).input[0] == body_node(model, "XU__").output[0]
+    assert_equivalent(model, out)
+
+
+def rows_gn(rng, c=8, g=2, spatial=(3, 5), axes=(2,), scale_shape=None, back=None, rows_output=False):
+    """Hand-written: x -> Reshape [0, G, -1] -> normalized -> Reshape [0, C, -1] -> Mul scale [C, 1]
+    -> Add bias [C, 1] -> Reshape(Shape(x))."""
+    net = Net(rng, 18, F32, "initializer")
+    normed = normalize(net, net.op("Reshape", "X", net.const([0, g, -1], "int")), list(axes))
+    rows = net.op("Reshape", normed, net.const([0, c, -1], "int"))
+    y = net.op("Mul", rows, net.const(rng.uniform(0.5, 1.5, scale_shape or [c, 1])))
+    y = net.op("Add", y, net.const(rng.standard_normal([c, 1])))
+    y = net.op("Reshape", y, net.const(back, "int") if back else net.op("Shape", "X"))
+    shape = [BATCH, c, *spatial]
+    model = net.model(y, shape, [BATCH, c, *(back[2:] if back else spatial)])
+    if rows_output:
+        model.graph.output.append(helper.make_tensor_value_info(rows, F32, [BATCH, c, int(np.prod(spatial))]))
+    return model
+
+
+def test_fuse_groupnorm_affine_on_per_channel_rows_is_fused(rng):
+    model = rows_gn(rng)
+    out, _, _ = fuse(model, FUSED)
+    assert op_counts(out) == FUSED
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    (dict(scale_shape=[1, 15]), "does not restore the shape of 'X' (to [N, C, -1]: Mul"),
+    (dict(back=[0, 8, 5, 3]), "does not restore the shape of 'X' (to [N, C, -1]: Reshape"),
+    (dict(axes=(1,)), "not over each whole group"),
+    (dict(rows_output=True), "does not restore the shape of 'X' (to [N, C, -1]: no reshape back"),
+], ids=["scale_per_position", "back_to_other_dims", "axes", "rows_output"])
+def test_fuse_groupnorm_affine_on_per_channel_rows_near_miss_is_left_unchanged(kwargs, reason, rng):
+    model = rows_gn(rng, **kwargs)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model)
+    assert not rec.applied and any(reason in s.reason for s in rec.skipped), [s.reason for s in rec.skipped]
+
+
+def test_fuse_groupnorm_float32_affine_on_rows_of_a_float16_model_runs_the_op_in_float32(rng):
+    """float16 x, statistics and affine in float32, cast back to float16 before the reshape back:
+    a float16 op would round the affine's float32 scale and bias, so the op runs in float32
+    between Casts."""
+    net = Net(rng, 18, F16, "initializer")
+    grouped = net.op("Cast", net.op("Reshape", "X", net.const([0, 2, -1], "int")), to=F32)
+    net.dtype = F32   # the statistics' constants
+    rows = net.op("Reshape", normalize(net, grouped, [2]), net.const([0, 8, -1], "int"))
+    net.dtype = F16
+    y = net.op("Add", net.op("Mul", rows, net.const(rng.uniform(0.5, 1.5, [8, 1]), F32)),
+               net.const(rng.standard_normal([8, 1]), F32))
+    y = net.op("Reshape", net.op("Cast", y, to=F16), net.op("Shape", "X"))
+    model = net.model(y, [BATCH, 8, 3, 5])
+    out, result, _ = fuse(model, {"Cast": 2, GN: 1, "Identity": 1})
+    assert result.passes[0].applied[0].info["dtype"] == "float32"
