@@ -32,13 +32,23 @@ Supported variants (alternatives of one match):
 * gamma / beta per channel ([C, 1, ...], [1, C, 1, ...], a scalar, Unsqueeze of a [C] constant),
   either or both absent; a SiLU (Sigmoid, Mul) after it stays outside as it was, and so does a
   Mul / Add whose constant is not per channel (the per-channel part before it is absorbed).
+* ONNX's own GroupNormalization-21 function body as onnx's inliner expands it: Cast(x) to the
+  stash type reshaped to [N, G, C/G, D1, ...] then to [0, 0, -1] (the split is two Reshapes; the
+  Cast goes with the match when it widens), E[x^2] - E[x]^2 statistics (``_norm``), reshaped
+  back to Shape(Cast(x)), then to [N, C, -1] rows, Cast back, Mul / Add by scale and bias
+  reshaped to [1, C, 1], Reshape to Shape(Cast(x)). The same affine on rows straight after the
+  statistics ([N, G, -1] -> [N, C, -1] -> Mul / Add [C, 1] -> Reshape(Shape(x))) too. An
+  affine on rows computed in a wider type than x and y makes the op run in that type;
 * input rank 3 (audio), 4 (images), 5 (video), and any G dividing C.
 
 Skipped with a reason: a reshape that does not keep the batch axis or does not make a constant
 number of groups, G not dividing C, a reshape back that does not restore x's shape,
 InstanceNormalization scale/bias that are not constants (or not one per group), statistics not
 over whole groups, a Cast to an integer type inside the match, an epsilon the float32 attribute
-cannot hold, a declared shape of x that contradicts inference, intermediates used elsewhere.
+cannot hold, a declared shape of x that contradicts inference, intermediates used elsewhere, a
+reshape to [N, C, -1] rows straight after the statistics whose affine is not per channel or that
+no reshape back to x's shape follows. After GroupNormalization-21's reshape back to x's shape, such
+rows stay after the fused op as they were (the reason is the match's ``kept``).
 
 Target op and opset: GroupNormalization-18 takes scale/bias per group and GroupNormalization-21
 per channel (onnx/onnx#5466). Only the opset-21 form is emitted, with ``required_opset`` 21 (the
