@@ -184,6 +184,9 @@ def function_body_cases(draw, op: str | None = None, miss: str | None = None) ->
         shape = [draw(st.sampled_from([1, 2, "N"])), channels, *[draw(st.integers(2, 4)) for _ in range(spatial)]]
         inits = {"S": rng.uniform(0.5, 1.5, channels).astype(NP[dtype]),
                  "B": rng.standard_normal(channels).astype(NP[dtype])}
+        if (channels // groups) * int(np.prod(shape[2:])) < 16:
+            # G == C fuses to InstanceNormalization, whose kernel does not cancel like the body.
+            eps = 0.1
         inputs, attrs = ["x", "S", "B"], dict(num_groups=groups, epsilon=eps)
     node = helper.make_node(op, inputs, ["y"], **attrs)
     model = make_model([node], [("x", dtype, shape)], [("y", dtype, shape)], inits, opset=opset)
@@ -350,8 +353,9 @@ def test_keras_groupnorm_near_misses_are_left_alone(miss, data):
 # ------------------------------------------------------------------------------ campaigns
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cases", [mixed_cast_cases, function_body_cases, keras_groupnorm_cases],
-                         ids=["sub_cast", "function_body", "keras_groupnorm"])
+@pytest.mark.parametrize("cases", [mixed_cast_cases, function_body_cases, lambda: function_body_cases(op=GN),
+                                   keras_groupnorm_cases],
+                         ids=["sub_cast", "function_body", "groupnorm21_body", "keras_groupnorm"])
 @SLOW
 @given(data=st.data())
 def test_forms_campaign(cases, data):
@@ -368,11 +372,8 @@ def test_forms_near_misses_campaign(cases, miss, data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("miss", sorted(BODY_MISSES) + ["groupnorm21"])
+@pytest.mark.parametrize("miss", sorted(BODY_MISSES))
 @SLOW_NEAR_MISS
 @given(data=st.data())
 def test_function_body_near_misses_campaign(miss, data):
-    if miss == "groupnorm21":
-        prove_left_alone(data.draw(function_body_cases(op=GN)))
-    else:
-        prove_left_alone(data.draw(function_body_cases(op=data.draw(st.sampled_from([LN, RMS])), miss=miss)))
+    prove_left_alone(data.draw(function_body_cases(op=data.draw(st.sampled_from([LN, RMS, GN])), miss=miss)))
