@@ -847,13 +847,14 @@ def _inline_bytes(tensor: onnx.TensorProto) -> int:
     """Bytes of an inline tensor's values, from its dims (``len(raw_data)`` would copy them)."""
     data_type = tensor.data_type
     if data_type in _NP_SIZES:
-        size = _itemsize(data_type)
+        size = itemsize(data_type)
         return HEADER_MIN_BYTES if size is None else math.prod(tensor.dims) * size
     return 0
 
 
 @functools.lru_cache(maxsize=None)
-def _itemsize(data_type: int) -> int | None:
+def itemsize(data_type: int) -> int | None:
+    """Bytes per element of an ONNX element type; None for a packed or exotic one."""
     try:
         return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
     except Exception:  # noqa: BLE001 - a packed or exotic type: None counts it as large

@@ -5,7 +5,6 @@ file in the destination folder and renamed into place, so a failure leaves nothi
 """
 from __future__ import annotations
 
-import functools
 import heapq
 import math
 import os
@@ -827,12 +826,9 @@ def _nbytes(init: onnx.TensorProto) -> int:
     return math.prod(init.dims) * _itemsize(init.data_type)
 
 
-@functools.lru_cache(maxsize=None)
 def _itemsize(data_type: int) -> int:
-    try:
-        return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        return 8
+    """Bytes per element; 8 for a packed or exotic type (``ir.itemsize`` gives None there)."""
+    return ir.itemsize(data_type) or 8
 
 
 def _short(err: BaseException) -> str:
