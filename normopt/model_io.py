@@ -481,7 +481,7 @@ def byte_size(model: onnx.ModelProto) -> int:
         light = weightless(model).ByteSize()
     except EncodeError:  # 2 GiB even without the top-level weights (huge Constant nodes)
         return PROTOBUF_LIMIT
-    return light + sum(_nbytes(init) for init in model.graph.initializer if _large(init))
+    return light + census(model).large_bytes
 
 
 def needs_external_data(model: onnx.ModelProto) -> bool:
@@ -514,6 +514,9 @@ class Skeleton:
     def data_files(self) -> set[str]:
         """The external data files the headers read from (resolved paths)."""
         files = set()
+        found = census(self.model)
+        if not (found.large or found.sub_headers):
+            return files  # no header anywhere: nothing to look up
         for t in _initializers(self.model.graph):
             if ir.is_header(t):
                 mem, path, _o, _l = self.weights.source(t)
@@ -524,8 +527,7 @@ class Skeleton:
 
 def has_external_data(model: onnx.ModelProto) -> bool:
     """Whether a loaded model keeps weights in external data files (headers to a file)."""
-    return any(ir.is_header(t) and ir.external_info(t).get("location") != ir.MEMORY
-               for t in _initializers(model.graph))
+    return census(model).external
 
 
 def external_files(model: onnx.ModelProto, base_dir: str | os.PathLike) -> set[str]:
@@ -657,7 +659,7 @@ def _write_external(skel: Skeleton, model_path: Path, data_path: Path, data_name
             stored = write_tensor(t)
             out.graph.initializer.append(t if stored is None else stored)
             del stored
-        for g in list(all_graphs(out.graph))[1:]:  # subgraph weights (rare)
+        for g in (list(all_graphs(out.graph))[1:] if census(skel.model).subgraphs else []):  # subgraph weights (rare)
             for i, t in enumerate(g.initializer):
                 stored = write_tensor(t)
                 if stored is not None:
@@ -708,7 +710,7 @@ def _write_single(skel: Skeleton, model_path: Path) -> None:
     model, each as its own ``graph { initializer }`` record: protobuf merges repeated occurrences
     of a message field, so readers see one graph with the initializers in their order."""
     out = _shell(skel.model)
-    for g in list(all_graphs(out.graph))[1:]:  # subgraph weights (rare): resolved in place
+    for g in (list(all_graphs(out.graph))[1:] if census(skel.model).subgraphs else []):  # subgraph weights (rare)
         for t in g.initializer:
             if ir.is_header(t):
                 t.CopyFrom(skel._whole(t))
@@ -767,6 +769,66 @@ def _initializers(graph: onnx.GraphProto):
         yield from g.initializer
 
 
+@dataclass(frozen=True)
+class Census:
+    """What the whole-model helpers ask of a model, from one walk over it: whether any graph
+    holds a subgraph, whether the main graph has initializers too large to copy cheaply (and
+    their bytes), whether a subgraph's initializer is a header, whether any weight lives in an
+    external data file, and how many nodes there are."""
+
+    subgraphs: bool
+    large: bool
+    large_bytes: int
+    sub_headers: bool
+    external: bool
+    nodes: int
+
+
+# id(model) -> (model, fingerprint, Census). A model is walked once however many helpers ask
+# (loading, inference, checking and saving a 110,000-node model asked a dozen times). The entry
+# holds the model itself, so its id cannot be reused while cached; the fingerprint (node,
+# initializer and function counts) notices a model that was changed in place since.
+_CENSUS: dict[int, tuple] = {}
+_CENSUS_KEEP = 4
+
+
+def census(model: onnx.ModelProto) -> Census:
+    g = model.graph
+    fingerprint = (len(g.node), len(g.initializer), len(g.sparse_initializer), len(model.functions))
+    hit = _CENSUS.get(id(model))
+    if hit is not None and hit[0] is model and hit[1] == fingerprint:
+        return hit[2]
+    graphs = list(all_graphs(g))
+    large = external = sub_headers = False
+    large_bytes = 0
+    header, string, keep = onnx.TensorProto.EXTERNAL, onnx.TensorProto.STRING, KEEP_ELEMENTS
+    for t in g.initializer:
+        if t.data_location == header:
+            large = True
+            large_bytes += _nbytes(t)
+            external = external or ir.external_info(t).get("location") != ir.MEMORY
+        elif t.data_type != string and math.prod(t.dims) > keep:
+            large = True
+            large_bytes += _nbytes(t)
+    for sub in graphs[1:]:
+        for t in sub.initializer:
+            if t.data_location == header:
+                sub_headers = True
+                external = external or ir.external_info(t).get("location") != ir.MEMORY
+    found = Census(len(graphs) > 1, large, large_bytes, sub_headers, external,
+                   sum(len(x.node) for x in graphs) + sum(len(f.node) for f in model.functions))
+    if len(_CENSUS) >= _CENSUS_KEEP:
+        del _CENSUS[next(iter(_CENSUS))]
+    _CENSUS[id(model)] = (model, fingerprint, found)
+    return found
+
+
+def model_graphs(model: onnx.ModelProto) -> list[onnx.GraphProto]:
+    """``all_graphs(model.graph)`` as a list; no walk over the nodes when the census knows there
+    is no subgraph."""
+    return list(all_graphs(model.graph)) if census(model).subgraphs else [model.graph]
+
+
 # Initializers up to this many elements count as small (counted from dims: asking protobuf for
 # a tensor's size or bytes would copy it).
 KEEP_ELEMENTS = 1024
@@ -810,8 +872,8 @@ def weightless(model: onnx.ModelProto, as_inputs: bool = False) -> onnx.ModelPro
     """``without_weights(model)`` for a reader that changes nothing: ``model`` itself when it
     has nothing to strip (no large top-level initializer, no subgraph tensor whose bytes are
     elsewhere), so a graph of small tensors is not copied once more."""
-    if any(_large(t) for t in model.graph.initializer) or \
-            any(ir.is_header(t) for sub in list(all_graphs(model.graph))[1:] for t in sub.initializer):
+    found = census(model)
+    if found.large or found.sub_headers:
         return without_weights(model, as_inputs=as_inputs)
     return model
 

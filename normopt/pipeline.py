@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 
 from normopt import graph as G, ir, opset, progress
 from normopt.errors import ModelLoadError, ModelSaveError
-from normopt.model_io import Skeleton, all_graphs, min_ir_version, weightless, without_weights
+from normopt.model_io import Skeleton, all_graphs, census, min_ir_version, model_graphs, weightless, without_weights
 from normopt.pattern import Match
 from normopt.records import OpsetUpgrade, PassRecord, PipelineResult, Reject, Rewrite, Skip
 from normopt.registry import available, resolve
@@ -538,7 +538,7 @@ def model_opset(model: onnx.ModelProto) -> int:
 
 def count_nodes(model: onnx.ModelProto) -> int:
     """Nodes of the model's graphs and of its function bodies."""
-    return sum(len(g.node) for g in all_graphs(model.graph)) + sum(len(f.node) for f in model.functions)
+    return census(model).nodes
 
 
 def opset_in_place(graph: gs.Graph, model: onnx.ModelProto, target: int, shapes, names: G.NameScope) -> bool:
@@ -628,7 +628,7 @@ def _keep_value_info(source: onnx.GraphProto, converted: onnx.GraphProto) -> Non
 def inferred_index(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """name -> ValueInfoProto from onnx shape inference (data propagation on), every graph."""
     light = weightless(model)  # only read (conversion and inference make new models)
-    if model_opset(model) < SHAPE_VALUE_OPSET and any(n.op_type == "Reshape" for g in all_graphs(light.graph)
+    if model_opset(model) < SHAPE_VALUE_OPSET and any(n.op_type == "Reshape" for g in model_graphs(light)
                                                       for n in g.node):
         # Reshape before opset 14 ignores shape values propagated from Shape: every tensor
         # after Reshape(t, Shape(u)) (each TorchScript GroupNorm) would lose its shape. A copy
@@ -637,8 +637,9 @@ def inferred_index(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
             light = opset.convert(light, SHAPE_VALUE_OPSET)
         except Exception:  # the converter raises many types
             pass
-    index = _inferred_index(light)
-    if any(g.value_info for g in all_graphs(light.graph)):
+    nested = census(light).subgraphs
+    index = _inferred_index(light, nested)
+    if any(g.value_info for g in model_graphs(light)):
         # Declared value_info is kept by inference even where the graph computes another shape
         # (a Reshape by a run-time shape declared with the wrong rank). Shapes inferred without
         # the declarations win where inference knows them: ``Context.shape`` fills from the
@@ -647,18 +648,19 @@ def inferred_index(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
         bare.CopyFrom(light)
         for g in all_graphs(bare.graph):
             del g.value_info[:]
-        index.update((name, vi) for name, vi in _inferred_index(bare).items()
+        index.update((name, vi) for name, vi in _inferred_index(bare, nested).items()
                      if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"))
     return index
 
 
-def _inferred_index(light: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+def _inferred_index(light: onnx.ModelProto, nested: bool = True) -> dict[str, onnx.ValueInfoProto]:
+    """``nested``: whether the model has subgraphs (inference adds none)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception:  # inference is best effort: a pass that needs a shape skips without it
         return {}
     index: dict[str, onnx.ValueInfoProto] = {}
-    for g in all_graphs(inferred.graph):
+    for g in (all_graphs(inferred.graph) if nested else [inferred.graph]):
         for part in (g.input, g.output, g.value_info):
             index.update((vi.name, vi) for vi in part)
     return index
