@@ -1,3 +1,3 @@
-from normopt.cli import main
+from normopt.cli import entry
 
-main()
+entry()

@@ -586,5 +586,30 @@ def main(argv: list[str] | None = None) -> None:
     cli.main(args=argv, prog_name="normopt")
 
 
+def entry() -> None:  # pragma: no cover - exercised as a subprocess by the tests
+    """The ``normopt`` command: ``main()``, then the process ends at once with its exit code.
+    Every file is written and closed by then; what is left is memory (a large graph's million
+    objects), which the OS reclaims faster than the interpreter frees it object by object."""
+    from normopt import pipeline
+
+    pipeline.keep_graphs_until_exit()
+    try:
+        main()
+        code = 0
+    except SystemExit as done:
+        code = done.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said there
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

@@ -106,8 +106,23 @@ def run(model: onnx.ModelProto, passes: list[str] | None = None, options: Option
     try:
         return _run(model, table, names, options, base_dir, lazy)
     finally:
+        if _kept is not None:
+            gc.freeze()  # the kept graphs are never garbage: later collections skip them
         if collecting:
             gc.enable()
+
+
+# Graphs kept until the process ends instead of freed (None: free each one when its run is
+# done). The command line keeps them and then leaves with os._exit: taking a 100,000-node graph
+# apart object by object costs about as much as importing it, for memory the OS reclaims at once.
+_kept: list | None = None
+
+
+def keep_graphs_until_exit() -> None:
+    """For a process that ends with ``os._exit`` right after its run: graphs are not freed."""
+    global _kept
+    if _kept is None:
+        _kept = []
 
 
 def _run(model, table, names, options: Options, base_dir: str | None, lazy: bool):
@@ -159,7 +174,10 @@ def _run(model, table, names, options: Options, base_dir: str | None, lazy: bool
             _check_strict(ir.export_model(graph, current, weights), weights, name)
     ir.finish(graph)
     out = Skeleton(ir.export_model(graph, current, weights), weights)
-    ir.release(graph)
+    if _kept is not None:
+        _kept.append(graph)
+    else:
+        ir.release(graph)
     result.nodes_after = count_nodes(out.model)
     result.seconds = time.perf_counter() - started
     return (out if lazy else out.materialize()), result

@@ -187,6 +187,24 @@ def test_python_dash_m_normopt_works():
     assert res.returncode == 0 and "fold-batchnorm" in res.stdout
 
 
+def test_command_process_writes_everything_before_it_exits(model_path, tmp_path):
+    """The command ends its process at once (no teardown of the graph): the output, the report
+    and what it prints are complete, and the exit code is the command's."""
+    out, rep = tmp_path / "out.onnx", tmp_path / "r.json"
+    res = subprocess.run([sys.executable, "-m", "normopt", "fold", str(model_path), "-o", str(out), "--report",
+                          str(rep)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "wrote" in res.stdout and res.stdout.endswith("\n")
+    onnx.checker.check_model(onnx.load(out))
+    assert json.loads(rep.read_text())["verification"]["passed"] is True
+    bad = subprocess.run([sys.executable, "-m", "normopt", "fold", str(tmp_path / "missing.onnx")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: cannot read")
+    usage = subprocess.run([sys.executable, "-m", "normopt", "fold", "--no-such-option"], capture_output=True,
+                           text=True)
+    assert usage.returncode == 2 and "No such option" in usage.stderr
+
+
 def test_cli_nondeterministic_input_model_is_named_not_blamed_on_a_rewrite(tmp_path, rng):
     model = conv_bn_chain(rng)
     last = model.graph.output[0].name
