@@ -123,6 +123,7 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
                                        base_dir=base_dir, lazy=True)
             if choice is None:
                 return FoldResult(out, result, None, rollbacks, input_external=external_in)
+            pipeline.release_kept()  # onnxruntime needs the memory more than the end of the process needs the time
             model_io.save(out, stage, external_data=options.external_data or external_in or None)
             candidate = Loaded(stage, out.model, out.weights)
             report = _verify(reference, candidate, options, choice)

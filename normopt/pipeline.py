@@ -118,6 +118,15 @@ def run(model: onnx.ModelProto, passes: list[str] | None = None, options: Option
 _kept: list | None = None
 
 
+def release_kept() -> None:
+    """Free the graphs kept so far: work that needs memory follows (verification)."""
+    if _kept:
+        gc.unfreeze()
+        for graph in _kept:
+            ir.release(graph)
+        _kept.clear()
+
+
 def keep_graphs_until_exit() -> None:
     """For a process that ends with ``os._exit`` right after its run: graphs are not freed."""
     global _kept
