@@ -23,6 +23,7 @@ import functools
 import heapq
 import math
 import os
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -79,11 +80,11 @@ class Weights:
     def array(self, tensor: onnx.TensorProto) -> np.ndarray:
         """The values of ``tensor`` (inline, in memory, or in an external data file)."""
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            return numpy_helper.to_array(tensor)
+            return decode(tensor)
         mem, path, offset, length = self.source(tensor)
         if mem is not None:
             return self.array(mem)
-        return numpy_helper.to_array(with_bytes(tensor, read_range(path, offset, length)))
+        return decode(with_bytes(tensor, read_range(path, offset, length)))
 
     def raw_bytes(self, tensor: onnx.TensorProto) -> bytes:
         """The raw little-endian bytes of a tensor's values, wherever they live."""
@@ -92,7 +93,41 @@ class Weights:
             return self.raw_bytes(mem) if mem is not None else read_range(path, offset, length)
         if tensor.HasField("raw_data"):
             return tensor.raw_data
-        return numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
+        return encode(decode(tensor)).raw_data
+
+
+# Element types whose raw bytes are exactly a little-endian numpy array of this dtype (no packing,
+# no conversion): decoded and encoded here directly, as numpy_helper would, without its
+# per-call type lookups (a pass reads tens of thousands of small parameters on a large model).
+_PLAIN = {code: np.dtype(dt) for code, dt in (
+    (onnx.TensorProto.FLOAT, np.float32), (onnx.TensorProto.FLOAT16, np.float16), (onnx.TensorProto.DOUBLE, np.float64),
+    (onnx.TensorProto.INT8, np.int8), (onnx.TensorProto.UINT8, np.uint8), (onnx.TensorProto.INT16, np.int16),
+    (onnx.TensorProto.UINT16, np.uint16), (onnx.TensorProto.INT32, np.int32), (onnx.TensorProto.UINT32, np.uint32),
+    (onnx.TensorProto.INT64, np.int64), (onnx.TensorProto.UINT64, np.uint64), (onnx.TensorProto.BOOL, np.bool_))}
+_PLAIN_CODES = {dt: code for code, dt in _PLAIN.items()}
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def decode(tensor: onnx.TensorProto) -> np.ndarray:
+    """``numpy_helper.to_array`` of an inline tensor (read-only for raw bytes, as there)."""
+    dtype = _PLAIN.get(tensor.data_type)
+    if dtype is not None and _LITTLE_ENDIAN and tensor.HasField("raw_data") and not tensor.HasField("segment"):
+        return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tensor.dims)
+    return numpy_helper.to_array(tensor)
+
+
+def encode(values: np.ndarray, name: str = "") -> onnx.TensorProto:
+    """``numpy_helper.from_array(values, name)``: the same bytes."""
+    code = _PLAIN_CODES.get(values.dtype)
+    if code is None or not _LITTLE_ENDIAN:
+        return numpy_helper.from_array(values, name)
+    tensor = onnx.TensorProto()
+    tensor.dims.extend(values.shape)
+    if name:
+        tensor.name = name
+    tensor.data_type = code
+    tensor.raw_data = values.tobytes()
+    return tensor
 
 
 def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
@@ -294,7 +329,7 @@ _IN_MEMORY = Weights()
 def new_constant(name: str, values: np.ndarray) -> gs.Constant:
     """A Constant held as a TensorProto (encoded once), exported like a source initializer."""
     try:
-        tensor = numpy_helper.from_array(values, name)
+        tensor = encode(values, name)
     except Exception:  # noqa: BLE001 - a dtype onnx cannot encode here: graphsurgeon's way
         return gs.Constant(name, values)
     const = _constant(tensor, _IN_MEMORY)

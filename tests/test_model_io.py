@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from onnx import helper
 
 from helpers import FLOAT, make_model, op_counts
-from normopt import model_io
+from normopt import ir, model_io
 from normopt.cli import cli
 from normopt.errors import ModelLoadError, ModelSaveError
 from test_fold import conv_bn_chain
@@ -98,3 +98,28 @@ def test_byte_size_is_counted_from_dims_past_protobufs_limit():
     assert model_io.byte_size(model) == model.ByteSize()
     model.graph.initializer.append(huge)
     assert model_io.byte_size(model) >= 2**31 and model_io.needs_external_data(model)
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.int8, np.uint8, np.int16, np.uint16,
+                                   np.int32, np.uint32, np.int64, np.uint64, np.bool_])
+@pytest.mark.parametrize("shape", [(), (0,), (5,), (2, 3, 4)])
+def test_tensor_codec_matches_numpy_helper(dtype, shape):
+    """ir.encode / ir.decode give exactly numpy_helper's bytes and arrays (read-only included)."""
+    values = (np.random.default_rng(0).standard_normal(shape) * 100).astype(dtype)
+    if len(shape) == 3:
+        values = values.transpose(2, 0, 1)  # not contiguous: still C-order bytes
+    mine, theirs = ir.encode(values, "t"), onnx.numpy_helper.from_array(values, "t")
+    assert mine.SerializeToString() == theirs.SerializeToString()
+    back, ref = ir.decode(theirs), onnx.numpy_helper.to_array(theirs)
+    assert back.dtype == ref.dtype and back.shape == ref.shape and np.array_equal(back, ref)
+    assert back.flags.writeable == ref.flags.writeable
+
+
+def test_tensor_codec_falls_back_for_packed_and_typed_fields():
+    """Types with packing or no raw bytes go through numpy_helper."""
+    as_floats = onnx.helper.make_tensor("f", onnx.TensorProto.FLOAT, [2], [1.5, -2.0])  # float_data, no raw
+    assert ir.decode(as_floats).tolist() == [1.5, -2.0]
+    int4 = onnx.numpy_helper.from_array(np.array([1, -2, 3], dtype=onnx.helper.tensor_dtype_to_np_dtype(
+        onnx.TensorProto.INT4)), "q")
+    assert np.array_equal(ir.decode(int4), onnx.numpy_helper.to_array(int4))
+    with pytest.raises(ValueError):   # as numpy_helper: no big-endian dtype
+        ir.encode(np.arange(4, dtype=">f4"), "b")
