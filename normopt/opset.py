@@ -157,6 +157,9 @@ def upgrade_graph(graph, source: int, target: int, elem_type, names) -> bool:
         key = (node.op, attr_names, len(node.inputs), len(node.outputs))
         if same.get(key):
             continue
+        if key not in same and not changed_ops((node.op,), source, target):
+            same[key] = True  # one definition from source to target: the converter leaves it as it is
+            continue
         proto = ir.node_proto(node)
         if key not in same:
             probe = _convert_one(proto, source, target, {}, require_types=False)
