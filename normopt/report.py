@@ -135,10 +135,26 @@ def inspect_summary(model: str, inspection) -> str:
 
 def versions() -> dict:
     import onnx
-    import onnxruntime
 
-    return {"normopt": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+    return {"normopt": __version__, "onnx": onnx.__version__, "onnxruntime": _onnxruntime_version(),
             "python": ".".join(map(str, sys.version_info[:3]))}
+
+
+def _onnxruntime_version() -> str:
+    """onnxruntime's version, read from its installed metadata when nothing imported it yet (a
+    run without verification does not need the package: importing it would take longer than
+    folding a small model)."""
+    loaded = sys.modules.get("onnxruntime")
+    if loaded is None:
+        from importlib import metadata
+
+        for dist in ("onnxruntime-gpu", "onnxruntime"):
+            try:
+                return metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                continue
+        import onnxruntime as loaded
+    return loaded.__version__
 
 
 def peak_memory_bytes() -> int:

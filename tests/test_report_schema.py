@@ -128,3 +128,15 @@ def test_verify_report_names_its_input_sets_and_atol_rules(validator, model_path
     assert out["inputs"].endswith("inputs (seed 0)")
     out["atol_rule"] = "guessed"
     assert list(validator.iter_errors(doc))
+
+
+def test_report_versions_do_not_import_onnxruntime():
+    """A run without verification never loads onnxruntime; its report still names its version."""
+    import subprocess
+    import sys
+
+    code = ("import sys, json; from normopt import report; v = report.versions(); "
+            "print(json.dumps([v['onnxruntime'], 'onnxruntime' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    version, imported = json.loads(out)
+    assert version == onnxruntime.__version__ and imported is False
