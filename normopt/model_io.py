@@ -257,7 +257,7 @@ def _check_tensors(model: onnx.ModelProto) -> None:
         if dims and min(dims) < 0:
             raise ValueError(f"initializer '{t.name}' has a negative dimension {list(dims)}")
         if t.data_location != external and data_type != string and data_type not in _PACKED \
-                and t.HasField("raw_data") and t.ByteSize() < math.prod(dims) * _itemsize(data_type):
+                and t.HasField("raw_data") and len(t.raw_data) < math.prod(dims) * _itemsize(data_type):
             raise ValueError(f"initializer '{t.name}' holds fewer bytes than its shape {list(dims)} needs")
 
 

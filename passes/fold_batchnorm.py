@@ -68,17 +68,35 @@ def bn_scale_shift(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.n
     return s, f64(beta) - f64(mean) * s
 
 
-def scale_output_channels(w: np.ndarray, s: np.ndarray, op: str, group: int = 1, trans_b: int = 0) -> np.ndarray:
-    """``w`` (float64) scaled by ``s`` along the producer's output-channel axis."""
-    w = np.asarray(w, dtype=np.float64)
+def scale_output_channels(w: np.ndarray, s: np.ndarray, op: str, group: int = 1, trans_b: int = 0,
+                          dtype=None) -> np.ndarray:
+    """``w`` scaled by ``s`` along the producer's output-channel axis, computed in float64.
+
+    The result is float64; with ``dtype`` (the weight's float16 / float32 / float64) each product
+    is rounded once to it as it is made, the same values as ``.astype(dtype)`` of the float64
+    result without a float64 copy of the weight."""
+    w = np.asarray(w)
+    s = np.asarray(s, dtype=np.float64)
     if op == "ConvTranspose":
         cin, cout_g = w.shape[0], w.shape[1]
         view = w.reshape((group, cin // group, cout_g) + w.shape[2:])
         s_view = s.reshape((group, 1, cout_g) + (1,) * (w.ndim - 2))
-        return (view * s_view).reshape(w.shape)
+        return _times(view, s_view, dtype).reshape(w.shape)
     if op == "Conv" or (op == "Gemm" and trans_b):
-        return w * s.reshape((-1,) + (1,) * (w.ndim - 1))
-    return w * s.reshape(1, -1)  # Gemm transB=0 and MatMul: [K, N]
+        return _times(w, s.reshape((-1,) + (1,) * (w.ndim - 1)), dtype)
+    return _times(w, s.reshape(1, -1), dtype)  # Gemm transB=0 and MatMul: [K, N]
+
+
+_ROUNDED_ONCE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _times(w: np.ndarray, s: np.ndarray, dtype) -> np.ndarray:
+    if dtype is not None and np.dtype(dtype) in _ROUNDED_ONCE and w.dtype in _ROUNDED_ONCE:
+        out = np.empty(np.broadcast_shapes(w.shape, s.shape), dtype=dtype)
+        np.multiply(w, s, out=out, dtype=np.float64, casting="same_kind")
+        return out
+    product = np.asarray(w, dtype=np.float64) * s
+    return product if dtype is None else product.astype(dtype)
 
 
 def _is_float(dtype) -> bool:
@@ -689,14 +707,14 @@ def folded(m: Match) -> tuple[np.ndarray, np.ndarray]:
         beta = float(prod.attrs.get("beta", 1.0))
         # beta*C*s + t, with C broadcast to the output's last axis.
         cs = np.zeros(s.size) if b is None or beta == 0.0 else beta * np.asarray(b, np.float64) * s
-        weight = scale_output_channels(w, s, "Gemm", trans_b=int(prod.attrs.get("transB", 0)))
-        return weight.astype(w.dtype), (cs + t).astype(w.dtype)
+        weight = scale_output_channels(w, s, "Gemm", trans_b=int(prod.attrs.get("transB", 0)), dtype=w.dtype)
+        return weight, (cs + t).astype(w.dtype)
     b64 = np.zeros(s.size) if b is None else np.asarray(b, np.float64).reshape(-1)
     if prod.op in ("Conv", "ConvTranspose"):
-        weight = scale_output_channels(w, s, prod.op, int(prod.attrs.get("group", 1)))
+        weight = scale_output_channels(w, s, prod.op, int(prod.attrs.get("group", 1)), dtype=w.dtype)
     else:  # MatMul, or the Add of MatMul + bias
-        weight = scale_output_channels(w, s, "MatMul")
-    return weight.astype(w.dtype), (b64 * s + t).astype(w.dtype)
+        weight = scale_output_channels(w, s, "MatMul", dtype=w.dtype)
+    return weight, (b64 * s + t).astype(w.dtype)
 
 
 _FOLDERS = {"Conv": _conv, "ConvTranspose": _conv, "Gemm": _gemm, "MatMul": _matmul, "Add": _matmul}

@@ -609,6 +609,12 @@ def test_fold_batchnorm_scale_output_channels_property(op, group, cin_g, cout_g,
     got = scale_output_channels(w, s, op, group, trans_b)
     want = np.array([w[i] * s[_channel_of(op, i, w.shape, group, trans_b)] for i in np.ndindex(w.shape)])
     np.testing.assert_array_equal(got, want.reshape(w.shape))
+    for dtype in (np.float16, np.float32):  # rounded once from float64, as .astype of the float64 result
+        narrow = w.astype(dtype)
+        wide = scale_output_channels(narrow, s, op, group, trans_b)
+        once = scale_output_channels(narrow, s, op, group, trans_b, dtype=dtype)
+        assert once.dtype == dtype
+        np.testing.assert_array_equal(once.view(np.uint8), wide.astype(dtype).view(np.uint8))
 
 
 # ----------------------------------------------------------------------------- Keras / TF arithmetic
