@@ -231,6 +231,29 @@ def constant_array(tensor: gs.Constant) -> np.ndarray:
     return np.asarray(values)
 
 
+# Attribute types read here directly, as graphsurgeon's importer reads them.
+_PLAIN_ATTRS = {
+    onnx.AttributeProto.FLOAT: lambda a: a.f,
+    onnx.AttributeProto.INT: lambda a: a.i,
+    onnx.AttributeProto.STRING: lambda a: a.s.decode(),
+    onnx.AttributeProto.FLOATS: lambda a: list(a.floats),
+    onnx.AttributeProto.INTS: lambda a: list(a.ints),
+}
+
+
+def import_attributes(protos) -> OrderedDict:
+    """``OnnxImporter.import_attributes`` for attributes of a node: numbers and strings are read
+    directly (most nodes have nothing else); any other type, or a reference to a function's
+    attribute, goes through graphsurgeon's importer."""
+    out = OrderedDict()
+    for attr in protos:
+        read = _PLAIN_ATTRS.get(attr.type)
+        if read is None or attr.ref_attr_name:
+            return OnnxImporter.import_attributes(protos, {}, {}, None, None)
+        out[attr.name] = read(attr)
+    return out
+
+
 class ProtoNode(gs.Node):
     """A node imported from a NodeProto: its attributes are decoded on first access. A node whose
     attributes were never read and whose inputs and outputs are unchanged is exported as its
@@ -241,7 +264,7 @@ class ProtoNode(gs.Node):
         d = self.__dict__
         attrs = d.get("_attrs")
         if attrs is None:
-            attrs = d["_attrs"] = OnnxImporter.import_attributes(d["_proto"].attribute, {}, {}, None, None)
+            attrs = d["_attrs"] = import_attributes(d["_proto"].attribute)
             if "_function" in d:
                 attrs = d["_attrs"] = _guard_refs(self, attrs)
         return attrs
@@ -443,7 +466,7 @@ def _import_nodes(protos, get, scope, weights: Weights, opset, domains, function
 def _import_graph_attrs(np_: onnx.NodeProto, scope: dict, weights: Weights, opset, domains,
                         function: str | None = None) -> OrderedDict:
     plain = [a for a in np_.attribute if a.type not in _GRAPH_ATTRS]
-    attrs = OnnxImporter.import_attributes(plain, {}, {}, None, None)
+    attrs = import_attributes(plain)
     out = OrderedDict()
     for a in np_.attribute:
         if a.type == onnx.AttributeProto.GRAPH:

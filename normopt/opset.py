@@ -195,7 +195,7 @@ def upgrade_graph(graph, source: int, target: int, elem_type, names) -> bool:
                 if name not in tensors:
                     tensors[name] = gs.Variable(name)
                 return tensors[name]
-            attrs = ir.OnnxImporter.import_attributes(n.attribute, {}, {}, None, None)
+            attrs = ir.import_attributes(n.attribute)
             new_nodes.append(gs.Node(n.op_type, node.name if n.op_type == node.op else names.fresh(f"{base}_{n.op_type}"),
                                      attrs, [get(x) for x in n.input], [get(x) for x in n.output],
                                      n.domain or node.domain))

@@ -123,3 +123,19 @@ def test_tensor_codec_falls_back_for_packed_and_typed_fields():
     assert np.array_equal(ir.decode(int4), onnx.numpy_helper.to_array(int4))
     with pytest.raises(ValueError):   # as numpy_helper: no big-endian dtype
         ir.encode(np.arange(4, dtype=">f4"), "b")
+
+
+def test_import_attributes_reads_as_graphsurgeon_does():
+    """Plain attributes read directly equal graphsurgeon's reading; other kinds go through it."""
+    from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
+
+    node = helper.make_node("X", ["a"], ["b"], f=1.5, i=-3, s="same_upper", fs=[0.5, 2.0], is_=[1, -2, 3],
+                            t=onnx.numpy_helper.from_array(np.arange(3, dtype=np.float32)))
+    plain = [a for a in node.attribute if a.name != "t"]
+    assert ir.import_attributes(plain) == OnnxImporter.import_attributes(plain, {}, {}, None, None)
+    mine = ir.import_attributes(node.attribute)
+    assert list(mine) == [a.name for a in node.attribute]
+    assert np.array_equal(mine["t"].values, np.arange(3, dtype=np.float32))
+    ref = helper.make_attribute_ref("axis", onnx.AttributeProto.INT)
+    ref.name = "axis"
+    assert type(ir.import_attributes([ref])["axis"]).__name__ == "AttributeRef"
