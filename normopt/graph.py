@@ -29,11 +29,19 @@ def node_label(node: gs.Node) -> str:
 
 
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
-    return any(t is tensor for t in graph.outputs)
+    for t in graph.outputs:
+        if t is tensor:
+            return True
+    return False
 
 
 def is_graph_input(graph: gs.Graph, tensor: gs.Tensor) -> bool:
-    return any(t is tensor for t in graph.inputs) or getattr(tensor, _INPUT_MARK, False)
+    if getattr(tensor, _INPUT_MARK, False):
+        return True
+    for t in graph.inputs:
+        if t is tensor:
+            return True
+    return False
 
 
 _INPUT_MARK = "_normopt_graph_input"

@@ -200,6 +200,7 @@ class Shapes:
         self._model = model
         self._index: dict[str, onnx.ValueInfoProto] | None = None
         self._decoded: dict[str, tuple[int, tuple | None] | None] = {}
+        self._elem: dict[str, int] = {}
         self._with_functions = model if model.functions else None
         self._functions: dict[int, FunctionShapes] = {}
         self._calls: tuple | None = None
@@ -241,12 +242,18 @@ class Shapes:
         return default if found is None else found
 
     def elem_type(self, name: str) -> int:
-        """The element type alone (0: unknown), without decoding the shape."""
+        """The element type alone (0: unknown), without decoding the shape; read once per name."""
+        known = self._elem.get(name)
+        if known is not None:
+            return known
         found = self._decoded.get(name)
         if found is not None:
-            return found[0]
-        vi = self._inferred().get(name)
-        return vi.type.tensor_type.elem_type if vi is not None and vi.type.HasField("tensor_type") else 0
+            known = found[0]
+        else:
+            vi = self._inferred().get(name)
+            known = vi.type.tensor_type.elem_type if vi is not None and vi.type.HasField("tensor_type") else 0
+        self._elem[name] = known
+        return known
 
 
 class FunctionShapes:
