@@ -115,8 +115,10 @@ class Match:
         return name in self.nodes or name in self.tensors or name in self.values
 
     def add(self, node: gs.Node) -> None:
-        if all(n is not node for n in self.matched):
-            self.matched.append(node)
+        for n in self.matched:
+            if n is node:
+                return
+        self.matched.append(node)
 
     def evolve(self, **changes) -> Match:
         """A new Match with this one's bindings (copied) and ``changes`` applied; this one is
@@ -150,11 +152,14 @@ def match(pattern: Pattern, tensor: gs.Tensor, graph: gs.Graph, const=None) -> M
     pass's ``Context.const`` also evaluates what statically known shapes and ranks determine."""
     const = const or (lambda t: T.const_value(t, graph))
     for state in _match(pattern, tensor, graph, _State({}, {}, {}, (), const)):
-        m = Match(output=tensor, nodes=dict(state.nodes), tensors=dict(state.tensors),
-                  values=dict(state.values))
-        for node in state.order:
-            m.add(node)
-        return m
+        seen: set[int] = set()
+        matched = []
+        for node in state.order:  # in match order, each node once (a named Op may recur)
+            if id(node) not in seen:
+                seen.add(id(node))
+                matched.append(node)
+        return Match(output=tensor, nodes=dict(state.nodes), tensors=dict(state.tensors),
+                     values=dict(state.values), matched=matched)
     return None
 
 
