@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from normopt import model_io, progress, registry, report
+from normopt import model_io, pipeline, progress, registry, report
 from normopt.errors import (ModelSaveError, NormoptError, NotFoldedError, ProviderUnavailableError, UsageError,
                             VerificationError)
 from normopt.fold import FoldOptions, optimize
@@ -187,6 +187,7 @@ def fold_file(model: str, output: str | None, s: FoldSettings) -> FileOutcome:
     """Fold one model: load, rewrite + verify, write. Bad input raises NormoptError; a model
     that fails verification (or --check) is an outcome with a non-zero exit code."""
     started = time.perf_counter()
+    pipeline.release_kept()  # the graph of the model before this one, in a batch
     notes: list[str] = []
     with progress.step(f"loading {model}"):
         source = model_io.load(model, notes)  # first: a missing input is named as such, not as a missing output folder
@@ -590,8 +591,6 @@ def entry() -> None:  # pragma: no cover - exercised as a subprocess by the test
     """The ``normopt`` command: ``main()``, then the process ends at once with its exit code.
     Every file is written and closed by then; what is left is memory (a large graph's million
     objects), which the OS reclaims faster than the interpreter frees it object by object."""
-    from normopt import pipeline
-
     pipeline.keep_graphs_until_exit()
     try:
         main()

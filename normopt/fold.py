@@ -154,6 +154,7 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
                 break
         return FoldResult(out, result, report, rollbacks, input_external=external_in)
     finally:
+        model_io.forget_census()  # a caller's models are not kept alive by the cache
         if own_stage is not None:
             shutil.rmtree(own_stage, ignore_errors=True)
 

@@ -611,6 +611,7 @@ def save(model: onnx.ModelProto | Skeleton, path: str | os.PathLike, external_da
         raise ModelSaveError(f"cannot write '{dest}': {err.strerror or err}") from err
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+        forget_census()  # written: the cache keeps no reference to the caller's model
     return written
 
 
@@ -821,6 +822,11 @@ def census(model: onnx.ModelProto) -> Census:
         del _CENSUS[next(iter(_CENSUS))]
     _CENSUS[id(model)] = (model, fingerprint, found)
     return found
+
+
+def forget_census() -> None:
+    """Drop the cached census entries (and with them the references to their models)."""
+    _CENSUS.clear()
 
 
 def model_graphs(model: onnx.ModelProto) -> list[onnx.GraphProto]:

@@ -7,6 +7,7 @@ import pytest
 from onnx import helper
 
 from helpers import FLOAT, assert_equivalent, make_model, op_counts, parse_model, run_pipeline
+from test_fold import conv_bn_chain
 from normopt import model_io, pipeline, registry
 from normopt.errors import UnknownPassError
 from normopt.inputs import DEGENERATE, NORMAL
@@ -228,3 +229,27 @@ def test_pipeline_output_is_a_fixed_point_for_typed_constants(double_relu_pass):
     second, _ = run_pipeline(first, [double_relu_pass])
     assert model_io.serialize(second) == model_io.serialize(first)
     assert_equivalent(model, first)
+
+
+def test_census_and_kept_graphs_do_not_outlive_a_run(rng, monkeypatch):
+    """The census cache holds no model once a fold returns; in keep mode (the command, which ends
+    with os._exit) each run's graph is kept, frozen out of the cyclic collector, until released."""
+    import gc
+
+    from normopt import fold as F, model_io
+
+    model = conv_bn_chain(rng)
+    F.optimize(model, F.FoldOptions(verify=False))
+    assert model_io._CENSUS == {}
+    monkeypatch.setattr(pipeline, "_kept", None)
+    pipeline.keep_graphs_until_exit()
+    try:
+        F.optimize(model, F.FoldOptions(verify=False))
+        F.optimize(model, F.FoldOptions(verify=False))
+        assert len(pipeline._kept) == 2 and gc.get_freeze_count() > 0
+        pipeline.release_kept()
+        assert pipeline._kept == [] and gc.get_freeze_count() == 0
+        F.optimize(model, F.FoldOptions())   # verification frees what was kept before it runs
+        assert pipeline._kept == []
+    finally:
+        gc.unfreeze()
