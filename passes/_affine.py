@@ -124,7 +124,8 @@ def broadcast_param(value: np.ndarray, rank: int, norm_shape: tuple) -> np.ndarr
     if any(_static(full) and d not in (1, full) for d, full in zip(aligned, norm_shape)):
         return f"of shape {list(value.shape)} does not broadcast to the normalized shape {_show(norm_shape)}"
     resolved = tuple(full if _static(full) else d for d, full in zip(aligned, norm_shape))
-    return np.broadcast_to(value.reshape(aligned), resolved).copy()
+    shaped = value.reshape(aligned)
+    return shaped.copy() if shaped.shape == resolved else np.broadcast_to(shaped, resolved).copy()
 
 
 def tensor_param(t: gs.Tensor, ctx: Context, rank: int, norm_shape: tuple) -> TensorParam | str:

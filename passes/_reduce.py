@@ -9,6 +9,8 @@ that what follows a reduction keeps it a mean with the reduced axes as size 1.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -64,6 +66,12 @@ def reduce_axes(node: gs.Node, ctx: Context) -> tuple[int, ...] | None:
     return axes or None
 
 
+@functools.lru_cache(maxsize=None)
+def _chain_names(key: str) -> tuple[str, ...]:
+    """The names ``reduction(..., key)`` gives the ops after its reduction, in order."""
+    return tuple(f"{key}_c{i}" for i in range(1, CHAIN_DEPTH + 1))
+
+
 def restored_mean(m: Match, key: str, node: gs.Node, ctx: Context, axes: tuple[int, ...]) -> Reject | None:
     """Why the reduction ``node`` and the ops after it (``key_c1``...) do not compute
     mean(t) over ``axes`` with the reduced axes kept as size 1, if they do not.
@@ -72,7 +80,7 @@ def restored_mean(m: Match, key: str, node: gs.Node, ctx: Context, axes: tuple[i
     of size 1) and Unsqueeze put them back, Expand broadcasts, Identity passes; a ReduceSum must
     be divided by the number of elements it sums (known statically), a ReduceMean by nothing.
     """
-    chain = [m.nodes[f"{key}_c{i}"] for i in range(1, CHAIN_DEPTH + 1) if m.has(f"{key}_c{i}")]
+    chain = [m.nodes[name] for name in _chain_names(key) if name in m.nodes]
     keep = int(node.attrs.get("keepdims", 1)) == 1
     label = f"{node.op} {G.node_label(node)}"
     if not chain and keep and node.op != REDUCE_SUM:
