@@ -139,3 +139,18 @@ def test_import_attributes_reads_as_graphsurgeon_does():
     ref = helper.make_attribute_ref("axis", onnx.AttributeProto.INT)
     ref.name = "axis"
     assert type(ir.import_attributes([ref])["axis"]).__name__ == "AttributeRef"
+
+
+def test_census_follows_the_model_it_describes(tmp_path, rng):
+    """One walk answers the whole-model questions; a model changed in place (another weight,
+    another node) is walked again, and a different model never gets another's answer."""
+    model = conv_bn_chain(rng)
+    first = model_io.census(model)
+    assert model_io.census(model) is first and not first.large and not first.subgraphs
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(4096, np.float32), "big"))
+    grown = model_io.census(model)
+    assert grown.large and grown.large_bytes == 4096 * 4 and grown.nodes == first.nodes
+    other = conv_bn_chain(rng)
+    assert model_io.census(other) is not grown and not model_io.census(other).large
+    model_io.forget_census()
+    assert model_io._CENSUS == {}
