@@ -7,14 +7,12 @@ Errors are one line on stderr;
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -298,6 +296,9 @@ def _fold_batch(models, output, settings: FoldSettings, jobs: int, report_path, 
         results = map(_fold_task, tasks)
         pool = None
     else:
+        import multiprocessing  # only for -j: not imported on every run
+        from concurrent.futures import ProcessPoolExecutor
+
         pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"))
         results = pool.map(_fold_task, tasks)
     outcomes = []
