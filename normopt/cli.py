@@ -593,6 +593,7 @@ def entry() -> None:  # pragma: no cover - exercised as a subprocess by the test
     Every file is written and closed by then; what is left is memory (a large graph's million
     objects), which the OS reclaims faster than the interpreter frees it object by object."""
     pipeline.keep_graphs_until_exit()
+    pipeline.infer_in_background()
     try:
         main()
         code = 0

@@ -89,8 +89,9 @@ class NameScope:
     """Fresh, deterministic tensor and node names, unique across the model and its subgraphs.
     ``fresh`` costs O(1): each base name remembers the next suffix to try."""
 
-    def __init__(self, graph: gs.Graph):
-        self.used: set[str] = ir.all_names(graph)
+    def __init__(self, graph: gs.Graph, imported: bool = False):
+        """``imported``: ``graph`` was just imported and is unchanged (``ir.all_names``)."""
+        self.used: set[str] = ir.all_names(graph, imported)
         self._next: dict[str, int] = {}
 
     def fresh(self, base: str) -> str:

@@ -193,12 +193,20 @@ class ProtoValues(LazyValues):
 
     CACHE_BYTES = 1 << 20
 
+    _array = None
+
     def __init__(self, tensor: onnx.TensorProto, weights: Weights):  # noqa: D107 - no LazyValues init: it decodes types eagerly
         self.tensor = tensor
         self.weights = weights
-        self.shape = tuple(tensor.dims)
-        self.dtype = _dtype(tensor.data_type)
-        self._array = None
+
+    # Read from the proto on first use: most constants of a large graph are never asked.
+    @functools.cached_property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.dims)
+
+    @functools.cached_property
+    def dtype(self):
+        return _dtype(self.tensor.data_type)
 
     @property
     def nbytes(self) -> int:
@@ -360,12 +368,29 @@ def new_constant(name: str, values: np.ndarray) -> gs.Constant:
     return const
 
 
+class ProtoConstant(gs.Constant):
+    """A Constant imported from (or encoded as) a TensorProto: its data location is read from
+    the proto when asked, as graphsurgeon's importer would have set it."""
+
+    _export_dtype = None
+
+    @property
+    def data_location(self):
+        d = self.__dict__
+        if "_data_location" not in d:
+            tensor = getattr(d["_values"], "tensor", None)   # values set since: an in-memory array
+            d["_data_location"] = int(tensor.data_location) \
+                if tensor is not None and tensor.HasField("data_location") else None
+        return d["_data_location"]
+
+    @data_location.setter
+    def data_location(self, value):
+        self.__dict__["_data_location"] = value
+
+
 def _constant(tensor: onnx.TensorProto, weights: Weights) -> gs.Constant:
-    c = _new_tensor(gs.Constant, tensor.name)
-    d = c.__dict__
-    d["_values"] = ProtoValues(tensor, weights)
-    d["data_location"] = int(tensor.data_location) if tensor.HasField("data_location") else None
-    d["_export_dtype"] = None
+    c = _new_tensor(ProtoConstant, tensor.name)
+    c.__dict__["_values"] = ProtoValues(tensor, weights)
     return c
 
 
@@ -428,11 +453,14 @@ def _import_graph(gp: onnx.GraphProto, outer: dict, weights: Weights, opset, dom
         return t
 
     nodes = _import_nodes(gp.node, get, lambda: {**outer, **local}, weights, opset, domains, function)
+    names = set(local)   # every tensor name the graph declares or its nodes use (outer ones: there)
+    names.update(node.name for node in nodes)
 
     g = object.__new__(gs.Graph)
     g.__dict__.update(nodes=nodes, inputs=inputs, outputs=outputs, name=gp.name, __name__=gp.name,
                       doc_string=gp.doc_string, opset=opset, producer_name="", producer_version="",
-                      import_domains=domains, ir_version=None, name_idx=0, _functions=[], _src=gp)
+                      import_domains=domains, ir_version=None, name_idx=0, _functions=[], _src=gp,
+                      _names=names)
     if legacy:
         g.__dict__["_listed_initializers"] = True
     return g
@@ -641,14 +669,20 @@ def iter_graphs(graph: gs.Graph, path: str = "", label=None) -> Iterator[tuple[s
                     yield from iter_graphs(sub, f"{path}/{name}.{suffix}", label)
 
 
-def all_names(graph: gs.Graph) -> set[str]:
+def all_names(graph: gs.Graph, imported: bool = False) -> set[str]:
     """Every tensor and node name in the graph and its subgraphs (from the source protos where
-    the graph was imported, so nothing is decoded)."""
+    the graph was imported, so nothing is decoded). With ``imported``, a graph just imported
+    and not yet changed gives the names its import collected instead of being walked again
+    (once: they are dropped as they are read)."""
     names: set[str] = set()
     graphs = list(iter_graphs(graph))
     for fn in functions(graph):  # names there are local, but fresh ones stay unique everywhere
         graphs += iter_graphs(fn)
     for _path, g in graphs:
+        collected = g.__dict__.pop("_names", None)
+        if imported and collected is not None:
+            names |= collected
+            continue
         src = g.__dict__.get("_src")
         if src is not None:
             names.update(t.name for t in src.initializer)
@@ -835,13 +869,14 @@ def _toposort(nodes: list[gs.Node]) -> list[gs.Node]:
 
 # ----------------------------------------------------------------------------- export
 
-def export_graph(g: gs.Graph, weights: Weights, main: bool = True) -> onnx.GraphProto:
+def export_graph(g: gs.Graph, weights: Weights, main: bool = True,
+                 into: onnx.GraphProto | None = None) -> onnx.GraphProto:
     """``g`` as a GraphProto: source protos for untouched nodes and initializers, headers for
     large in-memory weights of the main graph (a subgraph's stay whole: they are rare, and the
     checker could not read headers there). Constants declared by an enclosing graph stay there."""
     header_ok = main
     src: onnx.GraphProto | None = g.__dict__.get("_src")
-    gp = onnx.GraphProto()
+    gp = onnx.GraphProto() if into is None else into   # ``into``: an empty message to fill
     gp.name = g.name or (src.name if src is not None else "")
     doc = src.doc_string if src is not None else g.doc_string
     if doc:
@@ -977,7 +1012,8 @@ def model_fields(model: onnx.ModelProto) -> onnx.ModelProto:
 def export_model(graph: gs.Graph, template: onnx.ModelProto, weights: Weights) -> onnx.ModelProto:
     """The rewritten model (a skeleton when it holds headers); model-level fields from ``template``."""
     out = model_fields(template)
-    out.graph.CopyFrom(export_graph(graph, weights))
+    out.graph.SetInParent()
+    export_graph(graph, weights, into=out.graph)   # filled in place: no copy of a large graph
     fns = functions(graph)
     if fns:
         del out.functions[:]

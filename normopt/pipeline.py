@@ -8,6 +8,8 @@ rewrites, opset upgrades, cleanup and re-sorting. Passes never clean up or renam
 from __future__ import annotations
 
 import gc
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
@@ -134,14 +136,37 @@ def keep_graphs_until_exit() -> None:
         _kept = []
 
 
+# Large models have their shape inference run in a forked process while the graph is imported
+# and the first passes run (``infer_in_background``): onnx's inference holds the GIL, so a
+# thread would not overlap it.
+_background = False
+BACKGROUND_NODES = 10_000
+
+
+def infer_in_background(on: bool = True) -> None:
+    """For the command line's own process: shape inference of a model of BACKGROUND_NODES nodes
+    or more runs in a forked child (Linux only), in parallel with the graph import. A library
+    caller's process may hold threads or locks that a fork would copy, so this is opt-in."""
+    global _background
+    _background = on and sys.platform.startswith("linux") and hasattr(os, "fork")
+
+
 def _run(model, table, names, options: Options, base_dir: str | None, lazy: bool):
     started = time.perf_counter()
     result = PipelineResult(nodes_before=count_nodes(model))
     weights = ir.Weights(base_dir or "")
     current = model
+    shapes = Shapes(current, background=_background and result.nodes_before >= BACKGROUND_NODES)
+    try:
+        return _run_passes(model, table, names, options, lazy, started, result, weights, shapes)
+    finally:
+        shapes.close()
+
+
+def _run_passes(model, table, names, options, lazy, started, result, weights, shapes):
+    current = model
     graph = _import(current, weights)
-    shapes = Shapes(current)
-    scope = G.NameScope(graph)
+    scope = G.NameScope(graph, imported=True)
     for name in names:
         pass_ = table[name]()
         t0 = time.perf_counter()
@@ -170,8 +195,9 @@ def _run(model, table, names, options: Options, base_dir: str | None, lazy: bool
                 else:
                     current = upgraded
                     graph = _import(current, weights)
+                    shapes.close()
                     shapes = Shapes(current)
-                    scope = G.NameScope(graph)
+                    scope = G.NameScope(graph, imported=True)
                     result.upgrades.append(OpsetUpgrade(opset, need, name))
             record, need = _run_pass(pass_, graph, current, shapes, scope, options, upgrade_note=note)
         record.applied[:0] = earlier
@@ -196,9 +222,10 @@ class Shapes:
     """name -> (elem_type, shape) from onnx shape inference: run once, on first use, and each
     tensor's entry decoded when a pass first asks for it."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, background: bool = False):
         self._model = model
         self._index: dict[str, onnx.ValueInfoProto] | None = None
+        self._child = _ForkedIndex.start(model) if background else None
         self._decoded: dict[str, tuple[int, tuple | None] | None] = {}
         self._elem: dict[str, int] = {}
         self._with_functions = model if model.functions else None
@@ -230,9 +257,17 @@ class Shapes:
 
     def _inferred(self) -> dict[str, onnx.ValueInfoProto]:
         if self._index is None:
-            self._index = inferred_index(self._model)
+            child, self._child = self._child, None
+            found = child.result() if child is not None else None
+            self._index = found if found is not None else inferred_index(self._model)
             self._model = None
         return self._index
+
+    def close(self) -> None:
+        """Stop a background inference nobody asked for."""
+        if self._child is not None:
+            self._child.cancel()
+            self._child = None
 
     def get(self, name: str, default=None):
         if name not in self._decoded:
@@ -254,6 +289,76 @@ class Shapes:
             known = vi.type.tensor_type.elem_type if vi is not None and vi.type.HasField("tensor_type") else 0
         self._elem[name] = known
         return known
+
+
+class _ForkedIndex:
+    """``inferred_index(model)`` computed by a forked child and sent back through a pipe as
+    one serialized GraphProto of value_info (C++ encoding and parsing on both sides)."""
+
+    def __init__(self, pid: int, fd: int):
+        self.pid, self.fd = pid, fd
+
+    @classmethod
+    def start(cls, model: onnx.ModelProto) -> "_ForkedIndex | None":
+        try:
+            read, write = os.pipe()
+        except OSError:
+            return None
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read)
+            os.close(write)
+            return None
+        if pid:
+            os.close(write)
+            return cls(pid, read)
+        code = 1
+        try:  # the child: never returns into the caller's code
+            os.close(read)
+            out = onnx.GraphProto()
+            out.value_info.extend(inferred_index(model).values())
+            data = out.SerializeToString()
+            with os.fdopen(write, "wb") as pipe:
+                pipe.write(len(data).to_bytes(8, "little"))
+                pipe.write(data)
+            code = 0
+        finally:
+            os._exit(code)
+
+    def result(self) -> dict[str, onnx.ValueInfoProto] | None:
+        """The index, or None when the child failed (the caller then infers in process)."""
+        try:
+            with os.fdopen(self.fd, "rb") as pipe:
+                data = pipe.read()
+        except OSError:
+            data = b""
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            status = -1
+        if status != 0 or len(data) < 8 or int.from_bytes(data[:8], "little") != len(data) - 8:
+            return None
+        graph = onnx.GraphProto()
+        try:
+            graph.ParseFromString(memoryview(data)[8:])
+        except Exception:  # noqa: BLE001 - a damaged message: infer in process instead
+            return None
+        return {vi.name: vi for vi in graph.value_info}
+
+    def cancel(self) -> None:
+        try:
+            os.kill(self.pid, 9)
+        except OSError:
+            pass
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
 
 
 class FunctionShapes:

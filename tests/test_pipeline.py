@@ -1,5 +1,6 @@
 """Pipeline, registry and model-level guarantees (metadata, determinism, opset upgrade)."""
 import sys
+from pathlib import Path
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -253,3 +254,72 @@ def test_census_and_kept_graphs_do_not_outlive_a_run(rng, monkeypatch):
         assert pipeline._kept == []
     finally:
         gc.unfreeze()
+
+
+MODELS = Path(__file__).parent.parent / "models"
+
+
+def _reaped(pid: int) -> bool:
+    import os
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="background inference forks: Linux only")
+def test_background_inference_gives_the_in_process_index(rng):
+    """The forked child's index is the in-process one, value for value, and the child is reaped."""
+    model = onnx.load(str(MODELS / "gpt_decoder_causal_ts_op14.onnx"))
+    expected = pipeline.inferred_index(model)
+    shapes = pipeline.Shapes(model, background=True)
+    pid = shapes._child.pid
+    got = shapes._inferred()
+    assert got.keys() == expected.keys() and all(got[k] == expected[k] for k in expected)
+    assert _reaped(pid) and shapes._child is None
+    shapes.close()   # nothing left to stop
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="background inference forks: Linux only")
+def test_background_inference_falls_back_in_process_when_the_child_fails(rng, monkeypatch):
+    """A child that fails (here: inference raises in it) sends nothing; the parent infers itself."""
+    import os
+
+    model = conv_bn_chain(rng)
+    parent, real = os.getpid(), pipeline.inferred_index
+    monkeypatch.setattr(pipeline, "inferred_index",
+                        lambda m: real(m) if os.getpid() == parent else 1 / 0)
+    shapes = pipeline.Shapes(model, background=True)
+    pid = shapes._child.pid
+    assert shapes._inferred() == real(model)
+    assert _reaped(pid)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="background inference forks: Linux only")
+def test_background_inference_not_asked_for_is_stopped(rng):
+    shapes = pipeline.Shapes(conv_bn_chain(rng), background=True)
+    pid = shapes._child.pid
+    shapes.close()
+    assert _reaped(pid) and shapes._child is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="background inference forks: Linux only")
+@pytest.mark.parametrize("name", ["gpt_decoder_causal_ts_op14.onnx", "audio_gn_ts_op13.onnx",
+                                  "cnn_bn_dynamo_op18.onnx"])
+def test_fold_with_background_inference_writes_the_same_bytes(name, monkeypatch):
+    """The command's mode (inference in a forked child from BACKGROUND_NODES nodes on; here
+    every model) changes nothing in the output."""
+    from normopt import fold as F
+
+    model = onnx.load(str(MODELS / name))
+    plain = model_io.serialize(F.optimize(model, F.FoldOptions(verify=False)).model)
+    monkeypatch.setattr(pipeline, "BACKGROUND_NODES", 0)
+    monkeypatch.setattr(pipeline, "_background", False)
+    pipeline.infer_in_background()
+    assert pipeline._background
+    forks = []
+    start = pipeline._ForkedIndex.start
+    monkeypatch.setattr(pipeline._ForkedIndex, "start", classmethod(lambda cls, m: forks.append(1) or start(m)))
+    assert model_io.serialize(F.optimize(model, F.FoldOptions(verify=False)).model) == plain
+    assert forks
