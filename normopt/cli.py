@@ -138,7 +138,7 @@ def fold(ctx, models, output, pass_list, skip_list, target, in_place, dry_run, c
                           input_ranges=parse_ranges(input_ranges), inputs_file=inputs_file, atol=atol, rtol=rtol,
                           strict=strict, target=target)
     settings = FoldSettings(options, dry_run=dry_run or check, force=force, external_data=external_data,
-                            check=check, verbose=verbose, in_place=in_place)
+                            check=check, verbose=verbose, in_place=in_place, report=bool(report_path))
     _check_report_path(report_path)
     if len(models) > 1 or Path(models[0]).is_dir():
         _fold_batch(models, output, settings, jobs, report_path, quiet)
@@ -164,6 +164,7 @@ class FoldSettings:
     check: bool = False
     verbose: bool = False
     in_place: bool = False
+    report: bool = True  # build each model's report document (only --report reads it)
 
 
 @dataclass
@@ -216,7 +217,8 @@ def _fold_staged(model, source, out_path: Path, s: FoldSettings, stage: Path | N
             raise
         err.result.pipeline.notes[:0] = notes
         doc = report.fold_document(input=model, output=None, status=err.status, result=err.result,
-                                   target=s.options.target, seconds=time.perf_counter() - started)
+                                   target=s.options.target, seconds=time.perf_counter() - started) \
+            if s.report else None
         return FileOutcome(str(model), None, err.status, err.exit_code, str(err), [], doc, str(err))
     result.pipeline.notes[:0] = notes
     verified = result.verified
@@ -237,7 +239,7 @@ def _fold_staged(model, source, out_path: Path, s: FoldSettings, stage: Path | N
         status = "not_folded"
     seconds = time.perf_counter() - started
     doc = report.fold_document(input=model, output=str(out_path) if write else None, status=status, result=result,
-                               target=s.options.target, seconds=seconds, pending=pending)
+                               target=s.options.target, seconds=seconds, pending=pending) if s.report else None
     lines = report.pipeline_lines(result.pipeline, s.verbose) + report.verify_lines(result.verification, s.verbose)
     lines += [f"rolled back {rb.pass_name} at {rb.anchor}{' in ' + rb.graph if rb.graph else ''}: {rb.reason}"
               for rb in result.rollbacks]
