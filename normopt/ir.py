@@ -49,24 +49,43 @@ _INPUT_MARK = "_normopt_graph_input"
 
 # ----------------------------------------------------------------------------- weights
 
+class ArrayTensor:
+    """A tensor a rewrite made, kept as its array: ``proto`` has its name, type and dims and no
+    values. The bytes go from the array straight to the output file (``raw``); a complete
+    TensorProto is built only where one is asked for (``whole``)."""
+
+    __slots__ = ("proto", "array")
+
+    def __init__(self, proto: onnx.TensorProto, array: np.ndarray):
+        self.proto, self.array = proto, array
+
+    def raw(self) -> memoryview:
+        """The values' little-endian bytes, without a copy (the array is C-contiguous)."""
+        return memoryview(self.array).cast("B")
+
+    def whole(self) -> onnx.TensorProto:
+        return with_bytes(self.proto, self.array.tobytes())
+
+
 @dataclass
 class Weights:
     """Where the bytes of headers live: the input's folder (its external data files) and the
     in-memory tensors that the exported skeleton refers to by index."""
 
     base_dir: str = ""
-    memory: list[onnx.TensorProto] = field(default_factory=list)
+    memory: list[onnx.TensorProto | ArrayTensor] = field(default_factory=list)
     _index: dict[int, int] = field(default_factory=dict)
 
-    def header_for(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
-        """A bytes-free stand-in for an in-memory tensor (same name, type and dims)."""
+    def header_for(self, tensor: onnx.TensorProto, array: np.ndarray | None = None) -> onnx.TensorProto:
+        """A bytes-free stand-in for an in-memory tensor (same name, type and dims); with
+        ``array``, ``tensor`` has no values of its own and the array holds them."""
         key = id(tensor)
         if key not in self._index:
             self._index[key] = len(self.memory)
-            self.memory.append(tensor)
+            self.memory.append(tensor if array is None else ArrayTensor(tensor, array))
         return header(tensor, MEMORY, self._index[key], 0)
 
-    def source(self, tensor: onnx.TensorProto) -> tuple[onnx.TensorProto | None, str | None, int, int]:
+    def source(self, tensor: onnx.TensorProto) -> tuple[onnx.TensorProto | ArrayTensor | None, str | None, int, int]:
         """(in-memory tensor, None, 0, 0) or (None, file path, offset, length) for a header."""
         info = external_info(tensor)
         location = info.get("location", "")
@@ -83,14 +102,16 @@ class Weights:
             return decode(tensor)
         mem, path, offset, length = self.source(tensor)
         if mem is not None:
-            return self.array(mem)
+            return mem.array if mem.__class__ is ArrayTensor else self.array(mem)
         return decode(with_bytes(tensor, read_range(path, offset, length)))
 
-    def raw_bytes(self, tensor: onnx.TensorProto) -> bytes:
+    def raw_bytes(self, tensor: onnx.TensorProto) -> bytes | memoryview:
         """The raw little-endian bytes of a tensor's values, wherever they live."""
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             mem, path, offset, length = self.source(tensor)
-            return self.raw_bytes(mem) if mem is not None else read_range(path, offset, length)
+            if mem is not None:
+                return mem.raw() if mem.__class__ is ArrayTensor else self.raw_bytes(mem)
+            return read_range(path, offset, length)
         if tensor.HasField("raw_data"):
             return tensor.raw_data
         return encode(decode(tensor)).raw_data
@@ -194,6 +215,7 @@ class ProtoValues(LazyValues):
     CACHE_BYTES = 1 << 20
 
     _array = None
+    held = False   # the values are ``_array`` alone: ``tensor`` has none (``new_constant``)
 
     def __init__(self, tensor: onnx.TensorProto, weights: Weights):  # noqa: D107 - no LazyValues init: it decodes types eagerly
         self.tensor = tensor
@@ -358,7 +380,20 @@ _IN_MEMORY = Weights()
 
 
 def new_constant(name: str, values: np.ndarray) -> gs.Constant:
-    """A Constant held as a TensorProto (encoded once), exported like a source initializer."""
+    """A Constant held as a TensorProto (encoded once), exported like a source initializer. A
+    large one (a folded weight) keeps its array instead, unchanged and uncopied (the caller
+    hands it over): its bytes are written from the array when the model is saved."""
+    code = _PLAIN_CODES.get(values.dtype)
+    if code is not None and _LITTLE_ENDIAN and values.nbytes >= HEADER_MIN_BYTES and values.flags.c_contiguous:
+        tensor = onnx.TensorProto()
+        tensor.dims.extend(values.shape)
+        tensor.data_type = code
+        tensor.name = name
+        const = _constant(tensor, _IN_MEMORY)
+        held = values.view()
+        held.flags.writeable = False
+        const._values._array, const._values.held = held, True
+        return const
     try:
         tensor = encode(values, name)
     except Exception:  # noqa: BLE001 - a dtype onnx cannot encode here: graphsurgeon's way
@@ -930,6 +965,8 @@ def _export_tensor(c: gs.Constant, weights: Weights, header_ok: bool = True) -> 
             copy.CopyFrom(tensor)
             copy.name = c.name
             return copy
+        if values.held:   # a folded weight: a header to its array, or (in a subgraph) whole
+            return weights.header_for(tensor, values._array) if header_ok else encode(values._array, tensor.name)
         if header_ok and not is_header(tensor) and _inline_bytes(tensor) >= HEADER_MIN_BYTES:
             return weights.header_for(tensor)
         return tensor
@@ -988,6 +1025,11 @@ def _export_node(node: gs.Node, weights: Weights) -> onnx.NodeProto:
             else:
                 attr.type = onnx.AttributeProto.GRAPHS
                 attr.graphs.extend(export_graph(v, weights, main=False) for v in value)
+            proto.attribute.append(attr)
+        elif isinstance(value, gs.Constant) and isinstance(value._values, ProtoValues):
+            attr = onnx.AttributeProto()   # a Constant node's value: whole, whatever its size
+            attr.name, attr.type = key, onnx.AttributeProto.TENSOR
+            attr.t.CopyFrom(_export_tensor(value, weights, header_ok=False))
             proto.attribute.append(attr)
         else:
             proto.attribute.extend(OnnxExporter.export_attributes({key: value}))

@@ -508,7 +508,7 @@ class Skeleton:
     def _whole(self, header: onnx.TensorProto) -> onnx.TensorProto:
         mem, path, offset, length = self.weights.source(header)
         if mem is not None:
-            return mem
+            return mem.whole() if mem.__class__ is ir.ArrayTensor else mem
         return ir.with_bytes(header, ir.read_range(path, offset, length))
 
     def data_files(self) -> set[str]:
@@ -647,7 +647,7 @@ def _write_external(skel: Skeleton, model_path: Path, data_path: Path, data_name
                     start = _pad(f, length)
                     _copy_range(path, offset, length, f)
                     return ir.header(t, data_name, start, length)
-                t_bytes = skel.weights.raw_bytes(mem)
+                t_bytes = mem.raw() if mem.__class__ is ir.ArrayTensor else skel.weights.raw_bytes(mem)
             elif t.data_type != onnx.TensorProto.STRING and _nbytes(t) >= EXTERNAL_MIN_BYTES:
                 t_bytes = skel.weights.raw_bytes(t)
             else:
@@ -718,6 +718,16 @@ def _write_single(skel: Skeleton, model_path: Path) -> None:
     with open(model_path, "wb") as f:
         f.write(serialize(out))
         for t in skel.model.graph.initializer:
+            held = skel.weights.source(t)[0] if ir.is_header(t) else None
+            if held.__class__ is ir.ArrayTensor and held.proto.name == t.name:
+                # Its fields (dims, type, name: numbers 1, 2, 8) then raw_data (9), as the
+                # deterministic encoding orders them; the bytes go from the array to the file.
+                raw = held.raw()
+                head = held.proto.SerializeToString(deterministic=True) + _key(9) + _varint(len(raw))
+                inner = _key(5) + _varint(len(head) + len(raw))
+                f.write(_key(7) + _varint(len(inner) + len(head) + len(raw)) + inner + head)
+                f.write(raw)
+                continue
             whole = skel._whole(t) if ir.is_header(t) else t
             payload = whole.SerializeToString(deterministic=True) if whole.name == t.name else _renamed(whole, t.name)
             inner = _key(5) + _varint(len(payload))

@@ -154,3 +154,47 @@ def test_census_follows_the_model_it_describes(tmp_path, rng):
     assert model_io.census(other) is not grown and not model_io.census(other).large
     model_io.forget_census()
     assert model_io._CENSUS == {}
+
+
+def test_folded_weights_are_held_as_arrays_and_written_as_encoded(tmp_path, rng):
+    """A large folded weight stays the array the pass computed (no copy, read-only); the file
+    written from it has the bytes that encoding it into a TensorProto first would give, in a
+    single file and in external data."""
+    from normopt import fold as F
+
+    model = conv_bn_chain(rng, layers=2, c=96)   # 96x96x3x3 float32 weights: 324 KB each
+    result = F.optimize(model, F.FoldOptions(verify=False))
+    skel = result.rewritten
+    held = [m for m in skel.weights.memory if isinstance(m, ir.ArrayTensor)]
+    assert len(held) == 2 and all(not m.array.flags.writeable and not m.proto.HasField("raw_data") for m in held)
+    headers = [t for t in skel.model.graph.initializer if ir.is_header(t)]
+    assert sorted(id(skel.weights.source(t)[0]) for t in headers) == sorted(id(m) for m in held)
+    written = {}
+    for external in (False, True):
+        for form in ("held", "encoded"):
+            if form == "encoded":
+                skel.weights.memory[:] = [m.whole() if isinstance(m, ir.ArrayTensor) else m
+                                          for m in skel.weights.memory]
+            out = tmp_path / form / ("x.onnx" if external else "s.onnx")
+            out.parent.mkdir(exist_ok=True)
+            model_io.save(skel, out, external_data=external)
+            data = out.with_name(out.name + ".data")
+            written[external, form] = (out.read_bytes(), data.read_bytes() if external else b"")
+        skel = F.optimize(model, F.FoldOptions(verify=False)).rewritten   # held again for the next layout
+    assert written[False, "held"] == written[False, "encoded"]
+    assert written[True, "held"] == written[True, "encoded"]
+    loaded = onnx.load(str(tmp_path / "held" / "s.onnx"))
+    assert loaded == result.model and op_counts(loaded) == {"Conv": 2, "Relu": 2}
+
+
+def test_held_weight_in_a_constant_node_is_written_whole(rng):
+    """A folded weight that a rewrite puts in a Constant node's value (weight norm does) is
+    exported complete, not as the value-less proto that holds its type."""
+    import onnx_graphsurgeon as gs
+
+    big = rng.standard_normal((64, 64, 3, 3)).astype(np.float32)
+    const = ir.new_constant("w", big)
+    assert const._values.held and np.shares_memory(ir.constant_array(const), big)
+    node = gs.Node("Constant", "c", {"value": const}, [], [gs.Variable("out")])
+    proto = ir.node_proto(node)
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(proto.attribute[0].t), big)
