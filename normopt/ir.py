@@ -742,6 +742,26 @@ def place(graph: gs.Graph, anchor: gs.Node, new_nodes: list[gs.Node]) -> None:
     graph.__dict__.setdefault("_placed", set()).update(id(n) for n in new_nodes)
 
 
+_SIDES = {"outputs": "inputs", "inputs": "outputs"}
+
+
+def detach(node: gs.Node, fields: tuple[str, ...] = ("outputs", "inputs")) -> None:
+    """Take ``node`` off its tensors' producer (``outputs``) and consumer (``inputs``) lists and
+    empty those lists of its own, as graphsurgeon's ``clear()`` does, matching by identity:
+    its list.remove compares with ``==``, which for nodes compares names, attributes and
+    tensors one by one."""
+    for field in fields:
+        side = _SIDES[field]
+        mine = node.__dict__[field]
+        for t in mine:
+            theirs = t.__dict__[side]
+            for i, other in enumerate(theirs):
+                if other is node:
+                    list.__delitem__(theirs, i)
+                    break
+        list.clear(mine)
+
+
 def detach_dead_producers(tensors, graph: gs.Graph, local: set[int] | None = None) -> None:
     """Detach the producers that only fed a rewritten subgraph (Constant nodes, shape chains),
     so that they no longer count as consumers of their inputs. Local: walks up from ``tensors``;
@@ -756,8 +776,7 @@ def detach_dead_producers(tensors, graph: gs.Graph, local: set[int] | None = Non
         if (local is not None and id(node) not in local) or node.__dict__.get("_has_graphs") or any(o.outputs or id(o) in outputs for o in node.outputs):
             continue
         ins = list(node.inputs)
-        node.outputs.clear()
-        node.inputs.clear()
+        detach(node)
         stack.extend(ins)
 
 

@@ -642,11 +642,11 @@ def _apply(pass_: Pass, m: Match, ctx: Context, anchor: gs.Node, label: str, loc
     # Detach outputs first so that the new producer of the kept tensor is its only one;
     # inputs stay attached until the pass has read them.
     for node in m.matched:
-        node.outputs.clear()
+        ir.detach(node, ("outputs",))
     new_nodes = pass_.rewrite(m, ctx)
     read = [t for node in m.matched for t in node.inputs]
     for node in m.matched:
-        node.inputs.clear()
+        ir.detach(node, ("inputs",))
     ctx.graph.nodes.extend(new_nodes)
     ctx.graph.__dict__["_rewritten"] = True
     if not any(m.output in n.outputs for n in new_nodes):  # pragma: no cover - a pass bug
