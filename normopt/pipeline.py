@@ -155,8 +155,7 @@ def _run(model, table, names, options: Options, base_dir: str | None, lazy: bool
     started = time.perf_counter()
     result = PipelineResult(nodes_before=count_nodes(model))
     weights = ir.Weights(base_dir or "")
-    current = model
-    shapes = Shapes(current, background=_background and result.nodes_before >= BACKGROUND_NODES)
+    shapes = Shapes(model, background=_background and result.nodes_before >= BACKGROUND_NODES)
     try:
         return _run_passes(model, table, names, options, lazy, started, result, weights, shapes)
     finally:
