@@ -74,3 +74,32 @@ def test_a_dim_inference_knows_is_dynamic_is_not_folded_from_a_declaration():
     assert ctx.shape(tensors[t]) == ("b", 5, 8) and ctx.checked_shape(tensors[t]) == ("b", 5, 8)
     assert ctx.const(tensors[whole]) is None
     assert ctx.const(tensors[tail]).tolist() == [5, 8]
+
+
+def test_detach_is_graphsurgeons_clear_by_identity():
+    """``ir.detach`` leaves every list as graphsurgeon's clear() of both sides would, including
+    a node that reads one tensor twice and a tensor whose other consumers come first."""
+    import onnx_graphsurgeon as gs
+
+    from normopt import ir
+
+    def build():
+        x, y, z = gs.Variable("x"), gs.Variable("y"), gs.Variable("z")
+        first = gs.Node("Relu", "first", inputs=[x], outputs=[gs.Variable("r")])
+        square = gs.Node("Mul", "square", inputs=[x, x], outputs=[y])
+        last = gs.Node("Neg", "last", inputs=[y], outputs=[z])
+        return x, y, first, square, last
+
+    def lists(x, y, first, square, last):
+        return ([n.name for n in x.outputs], [n.name for n in y.inputs], [n.name for n in y.outputs],
+                len(square.inputs), len(square.outputs))
+
+    expected = build()
+    expected[3].outputs.clear()
+    expected[3].inputs.clear()
+    got = build()
+    ir.detach(got[3])
+    assert lists(*got) == lists(*expected) == (["first"], [], ["last"], 0, 0)
+    got = build()
+    ir.detach(got[3], ("inputs",))
+    assert [n.name for n in got[0].outputs] == ["first"] and [n.name for n in got[1].inputs] == ["square"]
