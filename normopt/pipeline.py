@@ -332,6 +332,9 @@ class _ForkedIndex:
                 data = pipe.read()
         except OSError:
             data = b""
+        except BaseException:  # interrupted while waiting: the child goes too
+            self._stop()
+            raise
         try:
             _, status = os.waitpid(self.pid, 0)
         except ChildProcessError:
@@ -347,11 +350,14 @@ class _ForkedIndex:
 
     def cancel(self) -> None:
         try:
-            os.kill(self.pid, 9)
+            os.close(self.fd)
         except OSError:
             pass
+        self._stop()
+
+    def _stop(self) -> None:
         try:
-            os.close(self.fd)
+            os.kill(self.pid, 9)
         except OSError:
             pass
         try:
