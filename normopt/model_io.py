@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -59,7 +60,7 @@ def load(path: str | os.PathLike, notes: list[str] | None = None) -> onnx.ModelP
     if p.stat().st_size == 0:
         raise ModelLoadError(f"{where}: file is empty")
     try:
-        model = onnx.load(str(p), load_external_data=False)
+        model = _parse(p)
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as err:
         raise ModelLoadError(f"{where}: file is not an ONNX model (protobuf parse failed: {_short(err)})") from err
     except OSError as err:
@@ -89,6 +90,26 @@ def load(path: str | os.PathLike, notes: list[str] | None = None) -> onnx.ModelP
         raise ModelLoadError(f"{where}: the ONNX checker rejects it: {_short(err)}") from err
     if notes is not None:
         notes.extend(moved)
+    return model
+
+
+def _parse(p: Path) -> onnx.ModelProto:
+    """``onnx.load(p, load_external_data=False)``. A binary model is parsed straight from the
+    file mapped into memory: protobuf copies what it keeps, so reading the file into a bytes
+    object first (as onnx.load does) would copy the whole model once more."""
+    fmt = onnx.serialization.registry.get_format_from_file_extension(p.suffix)
+    if fmt not in (None, "protobuf"):
+        return onnx.load(str(p), load_external_data=False)
+    with open(p, "rb") as f:
+        try:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # a file system or file that cannot be mapped
+            return onnx.load(f, load_external_data=False)
+        with mapped, memoryview(mapped) as view:
+            model = onnx.ModelProto()
+            decoded = model.ParseFromString(view)
+            if decoded is not None and decoded != len(view):
+                raise DecodeError(f"Protobuf decoding consumed too few bytes: {decoded} out of {len(view)}")
     return model
 
 
