@@ -198,3 +198,15 @@ def test_held_weight_in_a_constant_node_is_written_whole(rng):
     node = gs.Node("Constant", "c", {"value": const}, [], [gs.Variable("out")])
     proto = ir.node_proto(node)
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(proto.attribute[0].t), big)
+
+
+def test_load_parses_binary_models_from_a_mapping_and_text_formats_as_onnx_does(tmp_path, rng):
+    model = conv_bn_chain(rng)
+    binary, text = tmp_path / "m.onnx", tmp_path / "m.textproto"
+    onnx.save(model, str(binary))
+    onnx.save(model, str(text), format="textproto")
+    assert model_io.load(binary) == onnx.load(str(binary))
+    assert model_io.load(text) == onnx.load(str(text))
+    binary.write_bytes(binary.read_bytes()[:-7])   # cut inside the last record
+    with pytest.raises(ModelLoadError, match="not an ONNX model"):
+        model_io.load(binary)
