@@ -407,8 +407,6 @@ class ProtoConstant(gs.Constant):
     """A Constant imported from (or encoded as) a TensorProto: its data location is read from
     the proto when asked, as graphsurgeon's importer would have set it."""
 
-    _export_dtype = None
-
     @property
     def data_location(self):
         d = self.__dict__
@@ -425,7 +423,9 @@ class ProtoConstant(gs.Constant):
 
 def _constant(tensor: onnx.TensorProto, weights: Weights) -> gs.Constant:
     c = _new_tensor(ProtoConstant, tensor.name)
-    c.__dict__["_values"] = ProtoValues(tensor, weights)
+    d = c.__dict__
+    d["_values"] = ProtoValues(tensor, weights)
+    d["_export_dtype"] = None   # an instance attribute: graphsurgeon's to_variable() deletes it
     return c
 
 
@@ -979,13 +979,15 @@ def _export_tensor(c: gs.Constant, weights: Weights, header_ok: bool = True) -> 
     values = c._values
     if isinstance(values, ProtoValues):
         tensor = values.tensor
+        if values.held:   # a folded weight: a header to its array, or (in a subgraph) whole
+            if tensor.name != c.name:  # pragma: no cover - passes never rename tensors
+                return encode(values._array, c.name)
+            return weights.header_for(tensor, values._array) if header_ok else encode(values._array, tensor.name)
         if tensor.name != c.name:  # pragma: no cover - passes never rename tensors
             copy = onnx.TensorProto()
             copy.CopyFrom(tensor)
             copy.name = c.name
             return copy
-        if values.held:   # a folded weight: a header to its array, or (in a subgraph) whole
-            return weights.header_for(tensor, values._array) if header_ok else encode(values._array, tensor.name)
         if header_ok and not is_header(tensor) and _inline_bytes(tensor) >= HEADER_MIN_BYTES:
             return weights.header_for(tensor)
         return tensor

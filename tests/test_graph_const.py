@@ -103,3 +103,25 @@ def test_detach_is_graphsurgeons_clear_by_identity():
     got = build()
     ir.detach(got[3], ("inputs",))
     assert [n.name for n in got[0].outputs] == ["first"] and [n.name for n in got[1].inputs] == ["square"]
+
+
+def test_imported_and_new_constants_keep_graphsurgeons_constant_api(rng):
+    """Imported initializers and new constants (a held folded weight among them) still support
+    graphsurgeon's to_variable() and copy(), and read their data location from the proto."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from normopt import ir
+
+    w = rng.standard_normal((64, 64, 3, 3)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "W")])
+    graph = ir.import_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), ir.Weights())
+    imported = graph.nodes[0].inputs[1]
+    assert imported.data_location is None and imported.shape == (64, 64, 3, 3)
+    held = ir.new_constant("h", w * 2)
+    copied = ir._export_tensor(held.copy(), ir.Weights(), header_ok=False)
+    np.testing.assert_array_equal(numpy_helper.to_array(copied), w * 2)
+    for c in (imported, held):
+        c.to_variable()
+        assert c.__class__.__name__ == "Variable" and c.dtype == np.float32
