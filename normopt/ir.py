@@ -750,9 +750,9 @@ def detach(node: gs.Node, fields: tuple[str, ...] = ("outputs", "inputs")) -> No
     empty those lists of its own, as graphsurgeon's ``clear()`` does, matching by identity:
     its list.remove compares with ``==``, which for nodes compares names, attributes and
     tensors one by one."""
-    for field in fields:
-        side = _SIDES[field]
-        mine = node.__dict__[field]
+    for own in fields:
+        side = _SIDES[own]
+        mine = node.__dict__[own]
         for t in mine:
             theirs = t.__dict__[side]
             for i, other in enumerate(theirs):
