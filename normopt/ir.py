@@ -142,12 +142,18 @@ def encode(values: np.ndarray, name: str = "") -> onnx.TensorProto:
     code = _PLAIN_CODES.get(values.dtype)
     if code is None or not _LITTLE_ENDIAN:
         return numpy_helper.from_array(values, name)
+    tensor = _typed(values, name, code)
+    tensor.raw_data = values.tobytes()
+    return tensor
+
+
+def _typed(values: np.ndarray, name: str, code: int) -> onnx.TensorProto:
+    """A TensorProto with the name, type and dims of ``values`` and no values yet."""
     tensor = onnx.TensorProto()
     tensor.dims.extend(values.shape)
     if name:
         tensor.name = name
     tensor.data_type = code
-    tensor.raw_data = values.tobytes()
     return tensor
 
 
@@ -385,11 +391,7 @@ def new_constant(name: str, values: np.ndarray) -> gs.Constant:
     hands it over): its bytes are written from the array when the model is saved."""
     code = _PLAIN_CODES.get(values.dtype)
     if code is not None and _LITTLE_ENDIAN and values.nbytes >= HEADER_MIN_BYTES and values.flags.c_contiguous:
-        tensor = onnx.TensorProto()
-        tensor.dims.extend(values.shape)
-        tensor.data_type = code
-        tensor.name = name
-        const = _constant(tensor, _IN_MEMORY)
+        const = _constant(_typed(values, name, code), _IN_MEMORY)
         held = values.view()
         held.flags.writeable = False
         const._values._array, const._values.held = held, True

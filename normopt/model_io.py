@@ -668,7 +668,7 @@ def _write_external(skel: Skeleton, model_path: Path, data_path: Path, data_name
                     start = _pad(f, length)
                     _copy_range(path, offset, length, f)
                     return ir.header(t, data_name, start, length)
-                t_bytes = mem.raw() if mem.__class__ is ir.ArrayTensor else skel.weights.raw_bytes(mem)
+                t_bytes = skel.weights.raw_bytes(t)   # in memory: a TensorProto's or an array's bytes
             elif t.data_type != onnx.TensorProto.STRING and _nbytes(t) >= EXTERNAL_MIN_BYTES:
                 t_bytes = skel.weights.raw_bytes(t)
             else:
@@ -743,18 +743,18 @@ def _write_single(skel: Skeleton, model_path: Path) -> None:
             if held.__class__ is ir.ArrayTensor and held.proto.name == t.name:
                 # Its fields (dims, type, name: numbers 1, 2, 8) then raw_data (9), as the
                 # deterministic encoding orders them; the bytes go from the array to the file.
-                raw = held.raw()
-                head = held.proto.SerializeToString(deterministic=True) + _key(9) + _varint(len(raw))
-                inner = _key(5) + _varint(len(head) + len(raw))
-                f.write(_key(7) + _varint(len(inner) + len(head) + len(raw)) + inner + head)
-                f.write(raw)
-                continue
-            whole = skel._whole(t) if ir.is_header(t) else t
-            payload = whole.SerializeToString(deterministic=True) if whole.name == t.name else _renamed(whole, t.name)
-            inner = _key(5) + _varint(len(payload))
-            f.write(_key(7) + _varint(len(inner) + len(payload)) + inner)
-            f.write(payload)
-            del payload, whole
+                tail = held.raw()
+                head = held.proto.SerializeToString(deterministic=True) + _key(9) + _varint(len(tail))
+            else:
+                whole = skel._whole(t) if ir.is_header(t) else t
+                head = whole.SerializeToString(deterministic=True) if whole.name == t.name else _renamed(whole, t.name)
+                tail = b""
+            size = len(head) + len(tail)
+            inner = _key(5) + _varint(size)
+            f.write(_key(7) + _varint(len(inner) + size) + inner)
+            f.write(head)
+            f.write(tail)
+            del head, tail, held
 
 
 def _renamed(t: onnx.TensorProto, name: str) -> bytes:  # pragma: no cover - passes never rename

@@ -194,8 +194,7 @@ def _run_passes(model, table, names, options, lazy, started, result, weights, sh
                 else:
                     current = upgraded
                     graph = _import(current, weights)
-                    shapes.close()
-                    shapes = Shapes(current)
+                    shapes = Shapes(current)   # in process: _run stops the first one's child
                     scope = G.NameScope(graph, imported=True)
                     result.upgrades.append(OpsetUpgrade(opset, need, name))
             record, need = _run_pass(pass_, graph, current, shapes, scope, options, upgrade_note=note)
@@ -317,11 +316,9 @@ class _ForkedIndex:
             os.close(read)
             out = onnx.GraphProto()
             out.value_info.extend(inferred_index(model).values())
-            data = out.SerializeToString()
             with os.fdopen(write, "wb") as pipe:
-                pipe.write(len(data).to_bytes(8, "little"))
-                pipe.write(data)
-            code = 0
+                pipe.write(out.SerializeToString())
+            code = 0   # the exit status tells the parent that the message is whole
         finally:
             os._exit(code)
 
@@ -339,11 +336,11 @@ class _ForkedIndex:
             _, status = os.waitpid(self.pid, 0)
         except ChildProcessError:
             status = -1
-        if status != 0 or len(data) < 8 or int.from_bytes(data[:8], "little") != len(data) - 8:
+        if status != 0:
             return None
         graph = onnx.GraphProto()
         try:
-            graph.ParseFromString(memoryview(data)[8:])
+            graph.ParseFromString(data)
         except Exception:  # noqa: BLE001 - a damaged message: infer in process instead
             return None
         return {vi.name: vi for vi in graph.value_info}

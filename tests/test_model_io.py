@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import helper
 
-from helpers import FLOAT, make_model, op_counts
+from helpers import FLOAT, assert_equivalent, make_model, op_counts
 from normopt import ir, model_io
 from normopt.cli import cli
 from normopt.errors import ModelLoadError, ModelSaveError
@@ -185,6 +185,7 @@ def test_folded_weights_are_held_as_arrays_and_written_as_encoded(tmp_path, rng)
     assert written[True, "held"] == written[True, "encoded"]
     loaded = onnx.load(str(tmp_path / "held" / "s.onnx"))
     assert loaded == result.model and op_counts(loaded) == {"Conv": 2, "Relu": 2}
+    assert_equivalent(model, str(tmp_path / "held" / "x.onnx"))   # onnxruntime reads the data file
 
 
 def test_held_weight_in_a_constant_node_is_written_whole(rng):
