@@ -117,7 +117,7 @@ def session_options():
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors come back as exceptions, said once in our own words
     return so
 
 

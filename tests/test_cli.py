@@ -204,6 +204,26 @@ def test_command_process_writes_everything_before_it_exits(model_path, tmp_path)
                            text=True)
     assert usage.returncode == 2 and "No such option" in usage.stderr
 
+def test_onnxruntime_failure_is_one_line_without_its_own_log(tmp_path):
+    """onnxruntime logs a failing kernel on stderr itself before raising: the command says it
+    once, in one line (the process's stderr, where that log would go, is what is checked)."""
+    c = 2
+    inits = {"w": np.ones((c, c, 1, 1), np.float32), "g": np.full(c, 2.0, np.float32), "b": np.zeros(c, np.float32),
+             "m": np.zeros(c, np.float32), "v": np.ones(c, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"]),
+             helper.make_node("Expand", ["n", "shape"], ["y"])]  # random shape values do not broadcast
+    model = make_model(nodes, [("x", FLOAT, [1, c, 3, 3]), ("shape", onnx.TensorProto.INT64, [4])],
+                       [("y", FLOAT, [None, None, None, None])], inits, opset=13)
+    path = tmp_path / "expand.onnx"
+    onnx.save(model, path)
+    res = subprocess.run([sys.executable, "-m", "normopt", "fold", str(path), "-o", str(tmp_path / "out.onnx")],
+                         capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: onnxruntime failed to run the model")
+    assert not (tmp_path / "out.onnx").exists()
+
+
 
 def test_cli_nondeterministic_input_model_is_named_not_blamed_on_a_rewrite(tmp_path, rng):
     model = conv_bn_chain(rng)
