@@ -43,7 +43,7 @@ def const_value(tensor: gs.Tensor, graph: gs.Graph | None = None, _depth: int = 
     """The value of a tensor fixed at export time, else None.
 
     Initializers count, and so do outputs of Constant nodes, and Identity / Transpose / Cast /
-    Flatten / Unsqueeze / Reshape / Expand / CastLike / Shape / Add of those (exports made without constant folding keep
+    Flatten / Unsqueeze / Reshape / Expand / CastLike / Shape / Add / ConstantOfShape of those (exports made without constant folding keep
     them: TorchScript writes a Linear weight as Transpose(W)).
     An initializer that is also a graph input (old exporters) does not count: the caller may
     feed another value at run time.
@@ -51,7 +51,7 @@ def const_value(tensor: gs.Tensor, graph: gs.Graph | None = None, _depth: int = 
     ``facts`` (a pass's context: ``shape(tensor)``, and a ``_values`` cache) adds what statically
     known shapes and ranks determine: ``Shape`` of a tensor of static dims, ``Size``, and the
     integer shape arithmetic of ONNX function bodies (``Range(axis, rank, 1)``, Gather / Slice /
-    Concat / ConstantOfShape / Squeeze / Neg / Sub / Mul / Div / Equal / Where / Min / Max).
+    Concat / Squeeze / Neg / Sub / Mul / Div / Equal / Where / Min / Max).
     Each tensor is evaluated once per context.
     """
     if facts is None:
@@ -82,6 +82,8 @@ def _evaluate(tensor: gs.Tensor, graph, depth: int, facts) -> np.ndarray | None:
         return _SHAPE_OPS[node.op](node, graph, depth, facts)
     if node.op == "Unsqueeze" and node.inputs:
         return _unsqueeze(node, graph, depth, facts)
+    if node.op == "ConstantOfShape" and node.inputs:
+        return _constant_of_shape(node, graph, depth, facts)
     if node.op == "Shape" and node.inputs:
         dims = _shape_dims(node, graph, depth, facts)
         return None if dims is None or any(d is None for d in dims) else np.asarray(dims, dtype=np.int64)
@@ -134,6 +136,9 @@ _VIEW_OPS = {
 
 # Largest constant that Expand may compute (elements): a per-channel bias, not an activation.
 _MAX_EXPANDED = 1 << 20
+# Largest ConstantOfShape of a constant shape evaluated (elements): a weight written that way
+# (onnx's own "light" test models fill every weight so) is folded as any other.
+_MAX_FILLED = 1 << 26
 
 
 def _inputs(node: gs.Node, graph, depth: int, facts, count: int | None = None) -> list | None:
@@ -332,7 +337,7 @@ def _constant_of_shape(node: gs.Node, graph, depth: int, facts) -> np.ndarray | 
     if shape is None:
         return None
     shape = tuple(int(d) for d in shape.reshape(-1))
-    if any(d < 0 for d in shape) or np.prod(shape, dtype=np.int64) > _MAX_EXPANDED:
+    if any(d < 0 for d in shape) or np.prod(shape, dtype=np.int64) > _MAX_FILLED:
         return None
     fill = node.attrs.get("value")
     fill = np.zeros(1, np.float32) if fill is None else np.asarray(getattr(fill, "values", fill))
@@ -384,7 +389,6 @@ _SHAPE_ARITHMETIC = {
     "Gather": _gather,
     "Slice": _slice,
     "Concat": _concat,
-    "ConstantOfShape": _constant_of_shape,
     "Squeeze": _squeeze,
     "Range": _range,
     "Neg": _elementwise(lambda a: np.negative(a)),

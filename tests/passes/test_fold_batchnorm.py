@@ -248,6 +248,43 @@ def test_fold_batchnorm_shape_computed_parameter_used_elsewhere_is_left_unchange
     assert_equivalent(model, out)
 
 
+def _filled(model, names, shape_input=False):
+    """onnx's "light" test models write every weight and parameter as ConstantOfShape(shape)
+    with the value as its attribute; ``shape_input``: the shape is a graph input instead."""
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = []
+    for name in names:
+        value = numpy_helper.to_array(inits[name])
+        model.graph.initializer.remove(inits[name])
+        fill = numpy_helper.from_array(np.array([value.reshape(-1)[0]], value.dtype))
+        if shape_input:
+            model.graph.input.append(helper.make_tensor_value_info(f"{name}_shape", onnx.TensorProto.INT64,
+                                                                   [value.ndim]))
+        else:
+            model.graph.initializer.append(numpy_helper.from_array(np.array(value.shape, np.int64), f"{name}_shape"))
+        nodes.append(helper.make_node("ConstantOfShape", [f"{name}_shape"], [name], value=fill))
+    rest = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes + rest)
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_fold_batchnorm_weights_filled_by_constant_of_shape_are_folded(rng):
+    model = _filled(bn_model(rng), ["W", "B", *PARAMS])
+    assert op_counts(model)["ConstantOfShape"] == 6
+    out, _ = assert_folded(model, CONV)  # the ConstantOfShape nodes go with the fold
+    w, b = folded_weights(out)
+    assert w.shape == (6, 4, 3, 3) and b.shape == (6,)
+
+
+def test_fold_batchnorm_weight_filled_to_a_shape_given_at_run_time_is_left_unchanged(rng):
+    model = _filled(bn_model(rng), ["W"], shape_input=True)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert [s.reason for s in rec.skipped] == ["Conv weight 'W' is not a constant (graph input or computed)"]
+
+
 @pytest.mark.parametrize("producer, dtype, param_dtype, opset", [
     ("conv", np.float16, None, 17),
     ("conv", np.float16, np.float32, 15),  # mixed: fp16 weights, fp32 BatchNormalization parameters
