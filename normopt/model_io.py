@@ -84,13 +84,32 @@ def load(path: str | os.PathLike, notes: list[str] | None = None) -> onnx.ModelP
         _check_external(model, str(p.resolve().parent))
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"{where}: external data could not be loaded ({_short(err)})") from err
+    listed = _list_legacy_initializers(model)
     try:
         check(model)
     except (onnx.checker.ValidationError, ValueError) as err:
         raise ModelLoadError(f"{where}: the ONNX checker rejects it: {_short(err)}") from err
     if notes is not None:
-        notes.extend(moved)
+        notes.extend(moved + listed)
     return model
+
+
+def _list_legacy_initializers(model: onnx.ModelProto) -> list[str]:
+    """Below IR version 4 the format requires every initializer of the main graph to be listed
+    as a graph input (the listing makes it a constant); onnxruntime runs models whose exporter
+    left some out (its own sample ``mul_1.onnx``). They are listed here, in the model in memory,
+    so that the checker accepts it and the output is valid; returns a note when it did."""
+    if model.ir_version >= 4:
+        return []
+    graph = model.graph
+    declared = {vi.name for vi in graph.input}
+    missing = [t for t in graph.initializer if t.name not in declared]
+    for t in missing:
+        graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    if not missing:
+        return []
+    return [f"{len(missing)} initializer(s) not listed as graph inputs ('{missing[0].name}'"
+            f"{', ...' if len(missing) > 1 else ''}) are listed in the output, as IR version {model.ir_version} requires"]
 
 
 def _parse(p: Path) -> onnx.ModelProto:

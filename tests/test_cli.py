@@ -269,3 +269,27 @@ def test_cli_negative_or_nan_tolerance_is_usage_error_not_blamed_on_the_model(mo
     res = invoke("fold", model_path, flag, value, "--dry-run")
     assert res.exit_code == 2 and f"error: {flag} must be a number >= 0" in res.output
     assert "not deterministic" not in res.output
+
+
+def test_ir3_initializers_left_out_of_the_graph_inputs_are_listed_in_the_output(tmp_path, rng):
+    """IR version 3 requires every initializer to be listed as a graph input, and the checker
+    refuses a model that leaves one out; onnxruntime runs it (its own sample mul_1.onnx is one).
+    The fold lists them in its output, says so, and still folds and verifies."""
+    model = conv_bn_chain(rng)
+    model.ir_version = 3
+    del model.opset_import[:]
+    model.opset_import.append(helper.make_opsetid("", 8))
+    path = tmp_path / "ir3.onnx"
+    onnx.save(model, path)
+    before = path.read_bytes()
+    with pytest.raises(onnx.checker.ValidationError, match="in initializer but not in graph input"):
+        onnx.checker.check_model(onnx.load(path))
+    res = invoke("fold", path, "-o", tmp_path / "out.onnx")
+    assert res.exit_code == 0, res.output
+    assert "note: 15 initializer(s) not listed as graph inputs ('w1', ...) are listed in the output, " \
+           "as IR version 3 requires" in res.output
+    out = onnx.load(tmp_path / "out.onnx")
+    onnx.checker.check_model(out, full_check=True)
+    assert out.ir_version == 3 and op_counts(out) == {"Conv": 3, "Relu": 3}
+    assert [i.name for i in out.graph.input] == ["x"] + [t.name for t in out.graph.initializer]
+    assert "verify: passed" in res.output and path.read_bytes() == before
