@@ -678,14 +678,18 @@ def _shell(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _write_external(skel: Skeleton, model_path: Path, data_path: Path, data_name: str) -> None:
     out = _shell(skel.model)
+    copied: dict[tuple[str, int, int], int] = {}  # a range of an input data file -> where it went
     with open(data_path, "wb") as f:
         def write_tensor(t: onnx.TensorProto) -> onnx.TensorProto | None:
             """The tensor as stored in the output model: a header into the data file, or None to keep it."""
             if ir.is_header(t):
                 mem, path, offset, length = skel.weights.source(t)
                 if mem is None:
-                    start = _pad(f, length)
-                    _copy_range(path, offset, length, f)
+                    # Tensors that share their bytes in the input (tied weights) share them in the output.
+                    start = copied.get((path, offset, length))
+                    if start is None:
+                        start = copied[(path, offset, length)] = _pad(f, length)
+                        _copy_range(path, offset, length, f)
                     return ir.header(t, data_name, start, length)
                 t_bytes = skel.weights.raw_bytes(t)   # in memory: a TensorProto's or an array's bytes
             elif t.data_type != onnx.TensorProto.STRING and _nbytes(t) >= EXTERNAL_MIN_BYTES:

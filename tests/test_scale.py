@@ -84,6 +84,29 @@ def test_external_data_in_means_external_data_out(tmp_path, rng):
     assert_equivalent(src_dir / "m.onnx", out_dir / "f.onnx")
 
 
+def test_tensors_sharing_their_bytes_in_the_input_share_them_in_the_output(tmp_path, rng):
+    """Tied weights stored once (two headers to one range of the data file) are copied once."""
+    model = rms_decoder(rng)
+    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "dn1"))
+    model.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(
+        next(t for t in model.graph.initializer if t.name == "dn0")), "dn1"))
+    save_external(model, tmp_path / "m.onnx", "m.weights")
+    header = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    by_name = {t.name: t for t in header.graph.initializer}
+    del by_name["dn1"].external_data[:]
+    by_name["dn1"].external_data.extend(by_name["dn0"].external_data)  # dn1 reads dn0's bytes
+    onnx.save(header, tmp_path / "m.onnx")
+    size = (tmp_path / "m.weights").stat().st_size
+    out = tmp_path / "f.onnx"
+    res = CliRunner().invoke(cli, ["fold", str(tmp_path / "m.onnx"), "-o", str(out), "--provider", "cpu"])
+    assert res.exit_code == 0, res.output
+    where = {t.name: {e.key: e.value for e in t.external_data} for t in onnx.load(out, load_external_data=False).graph.initializer}
+    assert where["dn1"] == where["dn0"]
+    assert (tmp_path / "f.onnx.data").stat().st_size <= size  # the shared range once, not twice
+    assert tensors(out)["dn1"] == tensors(tmp_path / "m.onnx")["dn0"]
+    assert_equivalent(tmp_path / "m.onnx", out)
+
+
 def test_single_file_stays_a_single_file(tmp_path, rng):
     model = rms_decoder(rng)
     onnx.save(model, tmp_path / "m.onnx")
