@@ -341,7 +341,9 @@ def _constant_of_shape(node: gs.Node, graph, depth: int, facts) -> np.ndarray | 
         return None
     fill = node.attrs.get("value")
     fill = np.zeros(1, np.float32) if fill is None else np.asarray(getattr(fill, "values", fill))
-    return np.full(shape, fill.reshape(-1)[0], dtype=fill.dtype)
+    # A read-only view of the one value: no memory and no time however large the shape, until
+    # a pass computes with it (a folded weight).
+    return np.broadcast_to(fill.reshape(-1)[:1].reshape(()), shape)
 
 
 def _squeeze(node: gs.Node, graph, depth: int, facts) -> np.ndarray | None:

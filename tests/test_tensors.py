@@ -103,3 +103,21 @@ def test_checked_shape_refuses_a_declaration_inference_contradicts():
 def test_static_dim():
     assert [static_dim(("n", 8, 0), i) for i in range(4)] == [None, 8, None, None]
     assert static_dim(None, 0) is None and static_dim((True,), 0) is None
+
+
+def test_constant_of_shape_of_a_constant_shape_is_a_constant_that_costs_nothing_to_ask():
+    """A weight filled by ConstantOfShape is a constant with or without shape facts; asking
+    for it (a pass looks at every Add's operands) makes no array of its size."""
+    from onnx import numpy_helper
+    net = GraphBuilder(opset=18)
+    seven = numpy_helper.from_array(np.array([7.0], np.float32))
+    big = net.op("ConstantOfShape", net.const([4096, 4096], "int"), value=seven)
+    small = net.op("ConstantOfShape", net.const([6], "int"))  # no value: float32 zeros
+    y = net.op("Add", net.op("Add", "x", small), net.op("ReduceMax", big, keepdims=0))
+    ctx, tensors = _context(net, [(y, FLOAT, X_SHAPE)])
+    for from_shapes in (True, False):
+        value = ctx.const(tensors[big], from_shapes=from_shapes)
+        assert value.shape == (4096, 4096) and value.dtype == np.float32 and value.strides == (0, 0)
+        assert value[4095, 4095] == 7.0 and not value.flags.writeable
+        zeros = ctx.const(tensors[small], from_shapes=from_shapes)
+        assert zeros.dtype == np.float32 and zeros.tolist() == [0.0] * 6
