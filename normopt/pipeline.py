@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
 import sys
 import time
 from dataclasses import dataclass, field
@@ -218,13 +219,15 @@ def _run_passes(model, table, names, options, lazy, started, result, weights, sh
 
 class Shapes:
     """name -> (elem_type, shape) from onnx shape inference: run once, on first use, and each
-    tensor's entry decoded when a pass first asks for it."""
+    tensor's entry decoded when a pass first asks for it (in process), or every entry decoded
+    by the forked child that ran it (in the background)."""
 
     def __init__(self, model: onnx.ModelProto, background: bool = False):
         self._model = model
         self._index: dict[str, onnx.ValueInfoProto] | None = None
         self._child = _ForkedIndex.start(model) if background else None
         self._decoded: dict[str, tuple[int, tuple | None] | None] = {}
+        self._complete = False   # _decoded holds every typed tensor (the child's table)
         self._elem: dict[str, int] = {}
         self._with_functions = model if model.functions else None
         self._functions: dict[int, FunctionShapes] = {}
@@ -253,13 +256,15 @@ class Shapes:
             found = self._functions[id(fn)] = FunctionShapes(self._with_functions, fn.__dict__["_function_src"], self)
         return found
 
-    def _inferred(self) -> dict[str, onnx.ValueInfoProto]:
-        if self._index is None:
-            child, self._child = self._child, None
-            found = child.result() if child is not None else None
-            self._index = found if found is not None else inferred_index(self._model)
-            self._model = None
-        return self._index
+    def _infer(self) -> None:
+        """The inference, once: the forked child's decoded table, else an index made here."""
+        child, self._child = self._child, None
+        table = child.result() if child is not None else None
+        if table is not None:
+            self._decoded, self._complete = table, True
+        else:
+            self._index = inferred_index(self._model)
+        self._model = None
 
     def close(self) -> None:
         """Stop a background inference nobody asked for."""
@@ -268,30 +273,42 @@ class Shapes:
             self._child = None
 
     def get(self, name: str, default=None):
-        if name not in self._decoded:
-            vi = self._inferred().get(name)
-            self._decoded[name] = None if vi is None else _decode(vi)
-        found = self._decoded[name]
+        found = self._decoded.get(name, _UNSEEN)
+        if found is _UNSEEN:
+            if self._index is None and not self._complete:
+                self._infer()
+            if self._complete:
+                found = self._decoded.get(name)
+            else:
+                vi = self._index.get(name)
+                found = self._decoded[name] = None if vi is None else _decode(vi)
         return default if found is None else found
 
     def elem_type(self, name: str) -> int:
         """The element type alone (0: unknown), without decoding the shape; read once per name."""
+        found = self._decoded.get(name)
+        if found is not None:
+            return found[0]
         known = self._elem.get(name)
         if known is not None:
             return known
-        found = self._decoded.get(name)
-        if found is not None:
-            known = found[0]
-        else:
-            vi = self._inferred().get(name)
-            known = vi.type.tensor_type.elem_type if vi is not None and vi.type.HasField("tensor_type") else 0
+        if self._index is None and not self._complete:
+            self._infer()
+        if self._complete:
+            found = self._decoded.get(name)
+            return found[0] if found is not None else 0
+        vi = self._index.get(name)
+        known = vi.type.tensor_type.elem_type if vi is not None and vi.type.HasField("tensor_type") else 0
         self._elem[name] = known
         return known
 
 
+_UNSEEN = object()
+
+
 class _ForkedIndex:
-    """``inferred_index(model)`` computed by a forked child and sent back through a pipe as
-    one serialized GraphProto of value_info (C++ encoding and parsing on both sides)."""
+    """``infer_shapes(model)`` computed by a forked child, every entry decoded there (the
+    parent's lookups are then plain dict reads), and sent back through a pipe pickled."""
 
     def __init__(self, pid: int, fd: int):
         self.pid, self.fd = pid, fd
@@ -314,16 +331,15 @@ class _ForkedIndex:
         code = 1
         try:  # the child: never returns into the caller's code
             os.close(read)
-            out = onnx.GraphProto()
-            out.value_info.extend(inferred_index(model).values())
+            data = pickle.dumps(infer_shapes(model), protocol=pickle.HIGHEST_PROTOCOL)
             with os.fdopen(write, "wb") as pipe:
-                pipe.write(out.SerializeToString())
+                pipe.write(data)
             code = 0   # the exit status tells the parent that the message is whole
         finally:
             os._exit(code)
 
-    def result(self) -> dict[str, onnx.ValueInfoProto] | None:
-        """The index, or None when the child failed (the caller then infers in process)."""
+    def result(self) -> dict[str, tuple[int, tuple | None]] | None:
+        """The decoded table, or None when the child failed (the caller then infers in process)."""
         try:
             with os.fdopen(self.fd, "rb") as pipe:
                 data = pipe.read()
@@ -338,12 +354,11 @@ class _ForkedIndex:
             status = -1
         if status != 0:
             return None
-        graph = onnx.GraphProto()
         try:
-            graph.ParseFromString(data)
+            table = pickle.loads(data)  # our own child's message: a dict of str -> (int, tuple)
         except Exception:  # noqa: BLE001 - a damaged message: infer in process instead
             return None
-        return {vi.name: vi for vi in graph.value_info}
+        return table if isinstance(table, dict) else None
 
     def cancel(self) -> None:
         try:

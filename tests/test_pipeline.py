@@ -270,13 +270,18 @@ def _reaped(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="background inference forks: Linux only")
 def test_background_inference_gives_the_in_process_index(rng):
-    """The forked child's index is the in-process one, value for value, and the child is reaped."""
+    """The forked child's table (decoded there) is what in-process inference gives, entry for
+    entry, element types included, and the child is reaped."""
     model = onnx.load(str(MODELS / "gpt_decoder_causal_ts_op14.onnx"))
-    expected = pipeline.inferred_index(model)
+    index = pipeline.inferred_index(model)
+    in_process = pipeline.Shapes(model)
     shapes = pipeline.Shapes(model, background=True)
     pid = shapes._child.pid
-    got = shapes._inferred()
-    assert got.keys() == expected.keys() and all(got[k] == expected[k] for k in expected)
+    names = list(index) + ["no_such_tensor"]
+    got = {name: (shapes.get(name), shapes.elem_type(name)) for name in names}
+    assert shapes._complete and shapes._decoded == pipeline.infer_shapes(model)
+    assert got == {name: (in_process.get(name), in_process.elem_type(name)) for name in names}
+    assert sum(1 for name in index if got[name][0] is not None) > 100
     assert _reaped(pid) and shapes._child is None
     shapes.close()   # nothing left to stop
 
@@ -292,7 +297,9 @@ def test_background_inference_falls_back_in_process_when_the_child_fails(rng, mo
                         lambda m: real(m) if os.getpid() == parent else 1 / 0)
     shapes = pipeline.Shapes(model, background=True)
     pid = shapes._child.pid
-    assert shapes._inferred() == real(model)
+    expected = pipeline.infer_shapes(model)
+    assert {name: shapes.get(name) for name in expected} == expected
+    assert not shapes._complete and shapes._index.keys() == real(model).keys()
     assert _reaped(pid)
 
 
