@@ -189,7 +189,9 @@ def fold_file(model: str, output: str | None, s: FoldSettings) -> FileOutcome:
     pipeline.release_kept()  # the graph of the model before this one, in a batch
     notes: list[str] = []
     with progress.step(f"loading {model}"):
-        source = model_io.load(model, notes)  # first: a missing input is named as such, not as a missing output folder
+        # First: a missing input is named as such, not as a missing output folder. A model large
+        # enough for its shape inference to run beside the import has the checker run there too.
+        source = model_io.load(model, notes, check_later=pipeline.in_background)
     out_path = Path(model) if s.in_place else Path(output) if output else model_io.default_output(model)
     if not s.dry_run and not s.in_place and out_path.exists() and out_path.resolve() == Path(model).resolve():
         raise UsageError(f"output '{out_path}' is the input file; choose another -o, or --in-place")
@@ -204,6 +206,7 @@ def fold_file(model: str, output: str | None, s: FoldSettings) -> FileOutcome:
             stage = stage_dir / (_in_place_name(out_path) if s.in_place else out_path.name)
         return _fold_staged(model, source, out_path, s, stage, started, notes)
     finally:
+        model_io.mark_checked(source)   # checked by now, or never to be used again
         if stage_dir is not None:
             shutil.rmtree(stage_dir, ignore_errors=True)
 

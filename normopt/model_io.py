@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
@@ -40,8 +40,13 @@ def default_output(path: str | os.PathLike) -> Path:
     return p.with_name(f"{p.stem}.normopt{p.suffix or '.onnx'}")
 
 
-def load(path: str | os.PathLike, notes: list[str] | None = None) -> onnx.ModelProto:
+def load(path: str | os.PathLike, notes: list[str] | None = None,
+         check_later: Callable[[onnx.ModelProto], bool] | None = None) -> onnx.ModelProto:
     """Read an ONNX model or raise ModelLoadError.
+
+    ``check_later(model)`` true: the ONNX checker does not run here; the model is registered
+    as unchecked, and whoever runs it promises to check it (``checker_verdict``, for example in
+    a forked process beside its work) and raise ``checker_error`` before using the result.
 
     External data is not read: its tensors stay headers (name, type, dims, location) that
     passes and the writer resolve against the model's folder when they need the bytes. Files and
@@ -85,13 +90,42 @@ def load(path: str | os.PathLike, notes: list[str] | None = None) -> onnx.ModelP
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"{where}: external data could not be loaded ({_short(err)})") from err
     listed = _list_legacy_initializers(model)
-    try:
-        check(model)
-    except (onnx.checker.ValidationError, ValueError) as err:
-        raise ModelLoadError(f"{where}: the ONNX checker rejects it: {_short(err)}") from err
+    if check_later is not None and check_later(model):
+        _unchecked[id(model)] = (model, where)
+    else:
+        verdict = checker_verdict(model)
+        if verdict is not None:
+            raise checker_error(where, verdict)
     if notes is not None:
         notes.extend(moved + listed)
     return model
+
+
+# Models loaded with their checker run left to the caller: id -> (model, "cannot read '...'").
+_unchecked: dict[int, tuple[onnx.ModelProto, str]] = {}
+
+
+def unchecked(model: onnx.ModelProto) -> str | None:
+    """The error prefix of a model ``load`` left unchecked (``check_later``), else None."""
+    found = _unchecked.get(id(model))
+    return found[1] if found is not None and found[0] is model else None
+
+
+def mark_checked(model: onnx.ModelProto) -> None:
+    _unchecked.pop(id(model), None)
+
+
+def checker_verdict(model: onnx.ModelProto) -> str | None:
+    """What the ONNX checker says against ``model`` (one line), None when it accepts it."""
+    try:
+        check(model)
+    except (onnx.checker.ValidationError, ValueError) as err:
+        return _short(err)
+    return None
+
+
+def checker_error(where: str, verdict: str) -> ModelLoadError:
+    return ModelLoadError(f"{where}: the ONNX checker rejects it: {verdict}")
 
 
 def _list_legacy_initializers(model: onnx.ModelProto) -> list[str]:

@@ -19,9 +19,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from normopt import graph as G, ir, opset, progress
+from normopt import graph as G, ir, model_io, opset, progress
 from normopt.errors import ModelLoadError, ModelSaveError
-from normopt.model_io import Skeleton, all_graphs, census, min_ir_version, model_graphs, weightless, without_weights
+from normopt.model_io import (Skeleton, all_graphs, census, checker_verdict, min_ir_version, model_graphs, weightless,
+                              without_weights)
 from normopt.pattern import Match
 from normopt.records import OpsetUpgrade, PassRecord, PipelineResult, Reject, Rewrite, Skip
 from normopt.registry import available, resolve
@@ -152,15 +153,43 @@ def infer_in_background(on: bool = True) -> None:
     _background = on and sys.platform.startswith("linux") and hasattr(os, "fork")
 
 
+def in_background(model: onnx.ModelProto) -> bool:
+    """Whether a run of ``model`` forks its shape inference (``infer_in_background``): the
+    command line then also leaves the input's ONNX checker to that child (``model_io.load``'s
+    ``check_later``)."""
+    return _background and count_nodes(model) >= BACKGROUND_NODES
+
+
 def _run(model, table, names, options: Options, base_dir: str | None, lazy: bool):
     started = time.perf_counter()
     result = PipelineResult(nodes_before=count_nodes(model))
     weights = ir.Weights(base_dir or "")
-    shapes = Shapes(model, background=_background and result.nodes_before >= BACKGROUND_NODES)
+    background = _background and result.nodes_before >= BACKGROUND_NODES
+    unchecked = model_io.unchecked(model)   # "cannot read '...'" when the checker is still to run
+    if unchecked is not None and not background:
+        _accept(model, unchecked, checker_verdict(model))
+        unchecked = None
+    shapes = Shapes(model, background=background, check=unchecked is not None)
     try:
-        return _run_passes(model, table, names, options, lazy, started, result, weights, shapes)
+        try:
+            done = _run_passes(model, table, names, options, lazy, started, result, weights, shapes)
+        except Exception as err:
+            # An input the checker rejects may fail anywhere in the passes: that is its error.
+            if unchecked is not None:
+                _accept(model, unchecked, shapes.input_verdict(), err)
+            raise
+        if unchecked is not None:
+            _accept(model, unchecked, shapes.input_verdict())
+        return done
     finally:
         shapes.close()
+
+
+def _accept(model: onnx.ModelProto, where: str, verdict: str | None, cause: BaseException | None = None) -> None:
+    """The input is checked: raise the load error the checker's ``verdict`` makes, if any."""
+    model_io.mark_checked(model)
+    if verdict is not None:
+        raise model_io.checker_error(where, verdict) from cause
 
 
 def _run_passes(model, table, names, options, lazy, started, result, weights, shapes):
@@ -222,10 +251,11 @@ class Shapes:
     tensor's entry decoded when a pass first asks for it (in process), or every entry decoded
     by the forked child that ran it (in the background)."""
 
-    def __init__(self, model: onnx.ModelProto, background: bool = False):
+    def __init__(self, model: onnx.ModelProto, background: bool = False, check: bool = False):
         self._model = model
         self._index: dict[str, onnx.ValueInfoProto] | None = None
-        self._child = _ForkedIndex.start(model) if background else None
+        self._child = _ForkedIndex.start(model, check) if background else None
+        self._unchecked = model if check else None   # ``input_verdict`` is asked for it
         self._decoded: dict[str, tuple[int, tuple | None] | None] = {}
         self._complete = False   # _decoded holds every typed tensor (the child's table)
         self._elem: dict[str, int] = {}
@@ -258,13 +288,26 @@ class Shapes:
 
     def _infer(self) -> None:
         """The inference, once: the forked child's decoded table, else an index made here."""
-        child, self._child = self._child, None
+        child = self._child
         table = child.result() if child is not None else None
+        if child is not None and (table is None or self._unchecked is None):
+            child.cancel() if table is None else child.reap()
+            self._child = None
         if table is not None:
             self._decoded, self._complete = table, True
         else:
             self._index = inferred_index(self._model)
         self._model = None
+
+    def input_verdict(self) -> str | None:
+        """What the ONNX checker says against the model (made with ``check``): the forked
+        child's verdict when it sent one, else the checker run here."""
+        child, self._child = self._child, None
+        if child is not None:
+            sent, verdict = child.verdict()
+            if sent:
+                return verdict
+        return checker_verdict(self._unchecked)
 
     def close(self) -> None:
         """Stop a background inference nobody asked for."""
@@ -308,13 +351,18 @@ _UNSEEN = object()
 
 class _ForkedIndex:
     """``infer_shapes(model)`` computed by a forked child, every entry decoded there (the
-    parent's lookups are then plain dict reads), and sent back through a pipe pickled."""
+    parent's lookups are then plain dict reads), and sent back through a pipe pickled, its
+    length first. With ``check`` the child then runs the ONNX checker on the model and sends
+    its verdict after the table: the parent reads it at the end of its run."""
 
     def __init__(self, pid: int, fd: int):
-        self.pid, self.fd = pid, fd
+        self.pid = pid
+        self.pipe = os.fdopen(fd, "rb")
+        self.table_read = False
+        self.reaped = False
 
     @classmethod
-    def start(cls, model: onnx.ModelProto) -> "_ForkedIndex | None":
+    def start(cls, model: onnx.ModelProto, check: bool = False) -> "_ForkedIndex | None":
         try:
             read, write = os.pipe()
         except OSError:
@@ -331,51 +379,87 @@ class _ForkedIndex:
         code = 1
         try:  # the child: never returns into the caller's code
             os.close(read)
-            data = pickle.dumps(infer_shapes(model), protocol=pickle.HIGHEST_PROTOCOL)
             with os.fdopen(write, "wb") as pipe:
+                data = pickle.dumps(infer_shapes(model), protocol=pickle.HIGHEST_PROTOCOL)
+                pipe.write(len(data).to_bytes(8, "little"))
                 pipe.write(data)
-            code = 0   # the exit status tells the parent that the message is whole
+                pipe.flush()
+                if check:
+                    pipe.write(pickle.dumps(checker_verdict(model)))
+            code = 0   # the exit status tells the parent that the verdict is whole
         finally:
             os._exit(code)
 
     def result(self) -> dict[str, tuple[int, tuple | None]] | None:
         """The decoded table, or None when the child failed (the caller then infers in process)."""
+        self.table_read = True
+        head = self._read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        data = self._read(size) if size >= 0 else b""
+        table = None
+        if size >= 0 and len(data) == size:
+            try:
+                table = pickle.loads(data)  # our own child's message: a dict of str -> (int, tuple)
+            except Exception:  # noqa: BLE001 - a damaged message: infer in process instead
+                table = None
+        if not isinstance(table, dict):
+            self.cancel()
+            return None
+        return table
+
+    def verdict(self) -> tuple[bool, str | None]:
+        """(True, the checker's verdict: None or its reason) as the child sent it; (False, None)
+        when it sent none (the caller then checks in process)."""
+        if not self.table_read and self.result() is None:
+            return False, None
+        if self.reaped:
+            return False, None
+        data = self._read()
+        if self._wait() != 0:
+            return False, None
         try:
-            with os.fdopen(self.fd, "rb") as pipe:
-                data = pipe.read()
+            found = pickle.loads(data)
+        except Exception:  # noqa: BLE001
+            return False, None
+        return (True, found) if found is None or isinstance(found, str) else (False, None)
+
+    def reap(self) -> None:
+        """Wait for a child that has sent all it will (its table, no verdict)."""
+        if not self.reaped:
+            self._wait()
+
+    def cancel(self) -> None:
+        try:
+            self.pipe.close()
         except OSError:
-            data = b""
+            pass
+        if not self.reaped:
+            try:
+                os.kill(self.pid, 9)
+            except OSError:
+                pass
+            self._wait()
+
+    def _read(self, size: int | None = None) -> bytes:
+        try:
+            return self.pipe.read() if size is None else self.pipe.read(size)
+        except (OSError, ValueError):
+            return b""
         except BaseException:  # interrupted while waiting: the child goes too
-            self._stop()
+            self.cancel()
             raise
+
+    def _wait(self) -> int:
+        self.reaped = True
         try:
             _, status = os.waitpid(self.pid, 0)
         except ChildProcessError:
             status = -1
-        if status != 0:
-            return None
         try:
-            table = pickle.loads(data)  # our own child's message: a dict of str -> (int, tuple)
-        except Exception:  # noqa: BLE001 - a damaged message: infer in process instead
-            return None
-        return table if isinstance(table, dict) else None
-
-    def cancel(self) -> None:
-        try:
-            os.close(self.fd)
+            self.pipe.close()
         except OSError:
             pass
-        self._stop()
-
-    def _stop(self) -> None:
-        try:
-            os.kill(self.pid, 9)
-        except OSError:
-            pass
-        try:
-            os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass
+        return status
 
 
 class FunctionShapes:

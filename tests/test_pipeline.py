@@ -327,6 +327,86 @@ def test_fold_with_background_inference_writes_the_same_bytes(name, monkeypatch)
     assert pipeline._background
     forks = []
     start = pipeline._ForkedIndex.start
-    monkeypatch.setattr(pipeline._ForkedIndex, "start", classmethod(lambda cls, m: forks.append(1) or start(m)))
+    monkeypatch.setattr(pipeline._ForkedIndex, "start", classmethod(lambda cls, m, check=False: forks.append(1) or start(m, check)))
     assert model_io.serialize(F.optimize(model, F.FoldOptions(verify=False)).model) == plain
     assert forks
+
+
+@pytest.fixture
+def command_mode(monkeypatch):
+    """The command's mode for every model: inference, and the input's checker, in a forked child."""
+    monkeypatch.setattr(pipeline, "BACKGROUND_NODES", 0)
+    monkeypatch.setattr(pipeline, "_background", False)
+    pipeline.infer_in_background()
+    assert pipeline._background
+
+
+def _fold_cli(*args):
+    from click.testing import CliRunner
+    from normopt.cli import cli
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _checks_in_parent(monkeypatch) -> list:
+    """Names of the models the ONNX checker ran on in this process (a forked child's runs do
+    not count: its memory is its own)."""
+    import os
+    parent, real, seen = os.getpid(), model_io.checker_verdict, []
+    monkeypatch.setattr(model_io, "checker_verdict",
+                        lambda m: (seen.append(m.graph.name) if os.getpid() == parent else None) or real(m))
+    monkeypatch.setattr(pipeline, "checker_verdict", model_io.checker_verdict)
+    return seen
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="background inference forks: Linux only")
+def test_command_leaves_the_input_checker_to_the_forked_child(tmp_path, rng, command_mode, monkeypatch):
+    """The same output bytes as with the checker run at load, and the checker did not run in
+    the command's own process (the output's full check aside)."""
+    model = conv_bn_chain(rng)
+    model.graph.name = "input"
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    monkeypatch.setattr(pipeline, "_background", False)
+    assert _fold_cli("fold", path, "-o", tmp_path / "plain.onnx", "--no-verify", "-q").exit_code == 0
+    monkeypatch.setattr(pipeline, "_background", True)
+    seen = _checks_in_parent(monkeypatch)
+    res = _fold_cli("fold", path, "-o", tmp_path / "out.onnx", "--no-verify", "-q")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "out.onnx").read_bytes() == (tmp_path / "plain.onnx").read_bytes()
+    assert "input" not in seen and not model_io._unchecked
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="background inference forks: Linux only")
+@pytest.mark.parametrize("failing_pass", [False, True])
+def test_command_reports_the_checkers_error_found_beside_the_run(tmp_path, rng, command_mode, monkeypatch,
+                                                                failing_pass):
+    """A model the checker rejects, checked in the child: the command's error is the checker's
+    (exit 2, one line, no output), also when a pass fails on it first."""
+    model = conv_bn_chain(rng)
+    model.graph.node.append(helper.make_node("NoSuchOp", ["r3"], ["extra"]))
+    model.graph.output.append(helper.make_tensor_value_info("extra", FLOAT, [1, 4, 6, 6]))
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, path)
+    if failing_pass:
+        monkeypatch.setattr(pipeline, "_run_passes", lambda *a: 1 / 0)
+    seen = _checks_in_parent(monkeypatch)
+    res = _fold_cli("fold", path, "-o", tmp_path / "out.onnx")
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot read '{path}': the ONNX checker rejects it: "
+                                                   "No Op registered for NoSuchOp with domain_version of 15")
+    assert not seen
+    assert not (tmp_path / "out.onnx").exists() and not model_io._unchecked
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="background inference forks: Linux only")
+def test_command_checks_in_process_when_the_child_sends_no_verdict(tmp_path, rng, command_mode, monkeypatch):
+    model = conv_bn_chain(rng)
+    model.graph.name = "input"
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    monkeypatch.setattr(pipeline._ForkedIndex, "verdict", lambda self: (self.cancel(), (False, None))[1])
+    seen = _checks_in_parent(monkeypatch)
+    res = _fold_cli("fold", path, "-o", tmp_path / "out.onnx", "--no-verify", "-q")
+    assert res.exit_code == 0, res.output
+    assert seen.count("input") == 1
