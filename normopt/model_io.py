@@ -44,9 +44,10 @@ def load(path: str | os.PathLike, notes: list[str] | None = None,
          check_later: Callable[[onnx.ModelProto], bool] | None = None) -> onnx.ModelProto:
     """Read an ONNX model or raise ModelLoadError.
 
-    ``check_later(model)`` true: the ONNX checker does not run here; the model is registered
-    as unchecked, and whoever runs it promises to check it (``checker_verdict``, for example in
-    a forked process beside its work) and raise ``checker_error`` before using the result.
+    ``check_later(model)`` true: the initializers' check and the ONNX checker (the costly
+    whole-model checks) do not run here; the model is registered as unchecked, and whoever runs
+    it promises to check it (``input_verdict``, for example in a forked process beside its work)
+    and raise ``load_error`` before using the result.
 
     External data is not read: its tensors stay headers (name, type, dims, location) that
     passes and the writer resolve against the model's folder when they need the bytes. Files and
@@ -79,9 +80,11 @@ def load(path: str | os.PathLike, notes: list[str] | None = None,
         raise ModelLoadError(f"{where}: file is not an ONNX model (no graph)")
     if not model.opset_import:
         raise ModelLoadError(f"{where}: model declares no opset_import")
+    later = check_later is not None and check_later(model)
     try:
         _check_versions(model)
-        _check_tensors(model)
+        if not later:
+            _check_tensors(model)
         moved = sort_nodes(model, main_in_order=bool(in_order))
     except ValueError as err:
         raise ModelLoadError(f"{where}: {err}") from err
@@ -90,18 +93,18 @@ def load(path: str | os.PathLike, notes: list[str] | None = None,
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"{where}: external data could not be loaded ({_short(err)})") from err
     listed = _list_legacy_initializers(model)
-    if check_later is not None and check_later(model):
+    if later:
         _unchecked[id(model)] = (model, where)
     else:
-        verdict = checker_verdict(model)
+        verdict = _checker_verdict(model)
         if verdict is not None:
-            raise checker_error(where, verdict)
+            raise load_error(where, verdict)
     if notes is not None:
         notes.extend(moved + listed)
     return model
 
 
-# Models loaded with their checker run left to the caller: id -> (model, "cannot read '...'").
+# Models loaded with their whole-model checks left to the caller: id -> (model, "cannot read '...'").
 _unchecked: dict[int, tuple[onnx.ModelProto, str]] = {}
 
 
@@ -115,17 +118,26 @@ def mark_checked(model: onnx.ModelProto) -> None:
     _unchecked.pop(id(model), None)
 
 
-def checker_verdict(model: onnx.ModelProto) -> str | None:
-    """What the ONNX checker says against ``model`` (one line), None when it accepts it."""
+def input_verdict(model: onnx.ModelProto) -> str | None:
+    """What ``load`` says against a model it left unchecked (one line: its initializers, then
+    the ONNX checker), None when both accept it."""
+    try:
+        _check_tensors(model)
+    except ValueError as err:
+        return str(err)
+    return _checker_verdict(model)
+
+
+def _checker_verdict(model: onnx.ModelProto) -> str | None:
     try:
         check(model)
     except (onnx.checker.ValidationError, ValueError) as err:
-        return _short(err)
+        return f"the ONNX checker rejects it: {_short(err)}"
     return None
 
 
-def checker_error(where: str, verdict: str) -> ModelLoadError:
-    return ModelLoadError(f"{where}: the ONNX checker rejects it: {verdict}")
+def load_error(where: str, verdict: str) -> ModelLoadError:
+    return ModelLoadError(f"{where}: {verdict}")
 
 
 def _list_legacy_initializers(model: onnx.ModelProto) -> list[str]:

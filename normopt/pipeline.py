@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from normopt import graph as G, ir, model_io, opset, progress
 from normopt.errors import ModelLoadError, ModelSaveError
-from normopt.model_io import (Skeleton, all_graphs, census, checker_verdict, min_ir_version, model_graphs, weightless,
+from normopt.model_io import (Skeleton, all_graphs, census, input_verdict, min_ir_version, model_graphs, weightless,
                               without_weights)
 from normopt.pattern import Match
 from normopt.records import OpsetUpgrade, PassRecord, PipelineResult, Reject, Rewrite, Skip
@@ -155,8 +155,8 @@ def infer_in_background(on: bool = True) -> None:
 
 def in_background(model: onnx.ModelProto) -> bool:
     """Whether a run of ``model`` forks its shape inference (``infer_in_background``): the
-    command line then also leaves the input's ONNX checker to that child (``model_io.load``'s
-    ``check_later``)."""
+    command line then also leaves the input's whole-model checks to that child
+    (``model_io.load``'s ``check_later``)."""
     return _background and count_nodes(model) >= BACKGROUND_NODES
 
 
@@ -167,14 +167,14 @@ def _run(model, table, names, options: Options, base_dir: str | None, lazy: bool
     background = _background and result.nodes_before >= BACKGROUND_NODES
     unchecked = model_io.unchecked(model)   # "cannot read '...'" when the checker is still to run
     if unchecked is not None and not background:
-        _accept(model, unchecked, checker_verdict(model))
+        _accept(model, unchecked, input_verdict(model))
         unchecked = None
     shapes = Shapes(model, background=background, check=unchecked is not None)
     try:
         try:
             done = _run_passes(model, table, names, options, lazy, started, result, weights, shapes)
         except Exception as err:
-            # An input the checker rejects may fail anywhere in the passes: that is its error.
+            # An input the checks reject may fail anywhere in the passes: that is its error.
             if unchecked is not None:
                 _accept(model, unchecked, shapes.input_verdict(), err)
             raise
@@ -186,10 +186,10 @@ def _run(model, table, names, options: Options, base_dir: str | None, lazy: bool
 
 
 def _accept(model: onnx.ModelProto, where: str, verdict: str | None, cause: BaseException | None = None) -> None:
-    """The input is checked: raise the load error the checker's ``verdict`` makes, if any."""
+    """The input is checked: raise the load error its ``verdict`` makes, if any."""
     model_io.mark_checked(model)
     if verdict is not None:
-        raise model_io.checker_error(where, verdict) from cause
+        raise model_io.load_error(where, verdict) from cause
 
 
 def _run_passes(model, table, names, options, lazy, started, result, weights, shapes):
@@ -300,14 +300,14 @@ class Shapes:
         self._model = None
 
     def input_verdict(self) -> str | None:
-        """What the ONNX checker says against the model (made with ``check``): the forked
-        child's verdict when it sent one, else the checker run here."""
+        """What ``model_io.load`` would have said against the model (made with ``check``): the
+        forked child's verdict when it sent one, else the checks run here."""
         child, self._child = self._child, None
         if child is not None:
             sent, verdict = child.verdict()
             if sent:
                 return verdict
-        return checker_verdict(self._unchecked)
+        return input_verdict(self._unchecked)
 
     def close(self) -> None:
         """Stop a background inference nobody asked for."""
@@ -352,8 +352,9 @@ _UNSEEN = object()
 class _ForkedIndex:
     """``infer_shapes(model)`` computed by a forked child, every entry decoded there (the
     parent's lookups are then plain dict reads), and sent back through a pipe pickled, its
-    length first. With ``check`` the child then runs the ONNX checker on the model and sends
-    its verdict after the table: the parent reads it at the end of its run."""
+    length first. With ``check`` the child then runs the input's whole-model checks (its
+    initializers, the ONNX checker) and sends its verdict after the table: the parent reads it
+    at the end of its run."""
 
     def __init__(self, pid: int, fd: int):
         self.pid = pid
@@ -385,7 +386,7 @@ class _ForkedIndex:
                 pipe.write(data)
                 pipe.flush()
                 if check:
-                    pipe.write(pickle.dumps(checker_verdict(model)))
+                    pipe.write(pickle.dumps(input_verdict(model)))
             code = 0   # the exit status tells the parent that the verdict is whole
         finally:
             os._exit(code)
@@ -408,7 +409,7 @@ class _ForkedIndex:
         return table
 
     def verdict(self) -> tuple[bool, str | None]:
-        """(True, the checker's verdict: None or its reason) as the child sent it; (False, None)
+        """(True, the verdict: None or its one-line reason) as the child sent it; (False, None)
         when it sent none (the caller then checks in process)."""
         if not self.table_read and self.result() is None:
             return False, None

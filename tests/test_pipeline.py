@@ -351,10 +351,10 @@ def _checks_in_parent(monkeypatch) -> list:
     """Names of the models the ONNX checker ran on in this process (a forked child's runs do
     not count: its memory is its own)."""
     import os
-    parent, real, seen = os.getpid(), model_io.checker_verdict, []
-    monkeypatch.setattr(model_io, "checker_verdict",
+    parent, real, seen = os.getpid(), model_io.input_verdict, []
+    monkeypatch.setattr(model_io, "input_verdict",
                         lambda m: (seen.append(m.graph.name) if os.getpid() == parent else None) or real(m))
-    monkeypatch.setattr(pipeline, "checker_verdict", model_io.checker_verdict)
+    monkeypatch.setattr(pipeline, "input_verdict", model_io.input_verdict)
     return seen
 
 
@@ -376,15 +376,27 @@ def test_command_leaves_the_input_checker_to_the_forked_child(tmp_path, rng, com
     assert "input" not in seen and not model_io._unchecked
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="background inference forks: Linux only")
-@pytest.mark.parametrize("failing_pass", [False, True])
-def test_command_reports_the_checkers_error_found_beside_the_run(tmp_path, rng, command_mode, monkeypatch,
-                                                                failing_pass):
-    """A model the checker rejects, checked in the child: the command's error is the checker's
-    (exit 2, one line, no output), also when a pass fails on it first."""
-    model = conv_bn_chain(rng)
+def _unknown_op(model):
     model.graph.node.append(helper.make_node("NoSuchOp", ["r3"], ["extra"]))
     model.graph.output.append(helper.make_tensor_value_info("extra", FLOAT, [1, 4, 6, 6]))
+    return "the ONNX checker rejects it: No Op registered for NoSuchOp with domain_version of 15"
+
+
+def _short_weight(model):
+    w = next(t for t in model.graph.initializer if t.name == "w2")
+    w.raw_data = w.raw_data[:40]   # the BatchNormalization fold reads it
+    return "initializer 'w2' holds fewer bytes than its shape [4, 4, 3, 3] needs"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="background inference forks: Linux only")
+@pytest.mark.parametrize("failing_pass", [False, True])
+@pytest.mark.parametrize("damage", [_unknown_op, _short_weight])
+def test_command_reports_the_checkers_error_found_beside_the_run(tmp_path, rng, command_mode, monkeypatch,
+                                                                failing_pass, damage):
+    """A model the whole-model checks reject, checked in the child: the command's error is
+    theirs, as at load (exit 2, one line, no output), also when a pass fails on it first."""
+    model = conv_bn_chain(rng)
+    reason = damage(model)
     path = tmp_path / "bad.onnx"
     onnx.save(model, path)
     if failing_pass:
@@ -393,8 +405,7 @@ def test_command_reports_the_checkers_error_found_beside_the_run(tmp_path, rng, 
     res = _fold_cli("fold", path, "-o", tmp_path / "out.onnx")
     assert res.exit_code == 2, res.output
     lines = res.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: cannot read '{path}': the ONNX checker rejects it: "
-                                                   "No Op registered for NoSuchOp with domain_version of 15")
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot read '{path}': {reason}"), lines
     assert not seen
     assert not (tmp_path / "out.onnx").exists() and not model_io._unchecked
 
