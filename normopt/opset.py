@@ -4,8 +4,8 @@ onnx's version converter is exact but its cost grows faster than the graph: 0.5 
 nodes, 10-13 s for 110,000. Its adapters act on one node at a time, though. So on a large graph,
 each distinct node form (op, attribute names, input and output counts) is converted once in a
 one-node model: a form the converter leaves unchanged is only relabelled, and each node of a
-form that changes (ReduceMean's axes attribute becoming an input, say) is converted on its own
-and spliced back. Graphs with subgraphs or local functions, and any form whose one-node
+form that changes (ReduceMean's axes attribute becoming an input, say) is spliced back from a
+conversion made once per form and attribute values (its tensors renamed to placeholders). Graphs with subgraphs or local functions, and any form whose one-node
 conversion fails or needs an input type that is not declared, go through the whole-graph
 converter. The result is verified like every rewrite.
 """
@@ -45,6 +45,7 @@ def _nodewise(model: onnx.ModelProto, target: int) -> onnx.ModelProto | None:
     used.update(name for n in graph.node for name in list(n.input) + list(n.output))
     used.update(n.name for n in graph.node if n.name)
     same: dict[tuple, bool] = {}
+    cache: dict[tuple, onnx.ModelProto | None] = {}
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     for node in graph.node:
@@ -60,7 +61,7 @@ def _nodewise(model: onnx.ModelProto, target: int) -> onnx.ModelProto | None:
         if same[key]:
             nodes.append(node)
             continue
-        converted = _convert_one(node, source, target, types, require_types=True)
+        converted = _converted(node, source, target, types, cache)
         if converted is None:
             return None
         renames = _fresh_names(converted.graph, node, used)
@@ -103,6 +104,39 @@ def _convert_one(node: onnx.NodeProto, source: int, target: int, types: dict[str
         return None
 
 
+def _converted(node: onnx.NodeProto, source: int, target: int, types: dict[str, int],
+               cache: dict) -> onnx.ModelProto | None:
+    """``_convert_one(node, ..., require_types=True)``, run once per form: what a conversion
+    can depend on (the node with its tensors renamed to placeholders and no name, and its inputs'
+    element types) is the key of ``cache``; the result gets the node's own names back. 600
+    ReduceMeans of one kind (axes becoming an input at opset 18) cost one conversion, not 600
+    of about 7 ms each."""
+    inputs = list(dict.fromkeys(n for n in node.input if n))
+    real = list(dict.fromkeys(inputs + [n for n in node.output if n]))
+    place = {name: f"normopt_placeholder_{i}" for i, name in enumerate(real)}
+    generic = onnx.NodeProto()
+    generic.CopyFrom(node)
+    generic.name = ""
+    generic.input[:] = [place.get(n, n) for n in node.input]
+    generic.output[:] = [place.get(n, n) for n in node.output]
+    key = (generic.SerializeToString(deterministic=True), tuple(types.get(n) for n in inputs))
+    if key not in cache:
+        cache[key] = _convert_one(generic, source, target, {place[n]: types[n] for n in inputs if types.get(n)},
+                                  require_types=True)
+    found = cache[key]
+    if found is None:
+        return None
+    back = {v: k for k, v in place.items()}
+    converted = onnx.ModelProto()
+    converted.CopyFrom(found)
+    for n in converted.graph.node:
+        n.input[:] = [back.get(x, x) for x in n.input]
+        n.output[:] = [back.get(x, x) for x in n.output]
+        if not n.name and n.op_type == node.op_type:
+            n.name = node.name
+    return converted
+
+
 def _fresh_names(g: onnx.GraphProto, node: onnx.NodeProto, used: set[str]) -> dict[str, str]:
     """Unique names for the tensors and nodes the converter added around ``node``."""
     keep = set(node.input) | set(node.output)
@@ -143,6 +177,7 @@ def upgrade_graph(graph, source: int, target: int, elem_type, names) -> bool:
     if any(n.__dict__.get("_has_graphs") for n in nodes):
         return False
     same: dict[tuple, bool] = {}
+    cache: dict[tuple, onnx.ModelProto | None] = {}
     plans = []
     for node in nodes:
         if node.domain not in (None, *DEFAULT_DOMAINS):
@@ -169,7 +204,7 @@ def upgrade_graph(graph, source: int, target: int, elem_type, names) -> bool:
         if same[key]:
             continue
         types = {t.name: elem_type(t) for t in node.inputs if t.name}
-        converted = _convert_one(proto, source, target, {k: v for k, v in types.items() if v}, require_types=True)
+        converted = _converted(proto, source, target, types, cache)
         if converted is None:
             return False
         plans.append((node, converted))

@@ -297,3 +297,30 @@ def test_external_data_out_even_when_every_weight_is_rewritten(tmp_path, rng):
     folded = [t for t in header.graph.initializer if t.name.endswith("_bnfolded") and "bias" not in t.name]
     assert len(folded) == 3 and all(t.external_data for t in folded)
     assert (tmp_path / "f.onnx.data").exists()
+
+
+@pytest.mark.parametrize("path", ["in place", "model"])
+def test_opset_upgrade_converts_each_node_form_once(rng, monkeypatch, path):
+    """Raising the opset converts one node per form (op, attributes, input types), not every
+    node: 6 ReduceMeans whose axes attribute becomes an input at opset 18 cost one conversion
+    (plus the probe of the form); the model converted node by node is the whole-graph
+    converter's, names aside, and computes the same."""
+    from onnx import version_converter
+    from normopt import opset
+
+    model = rms_decoder(rng, layers=6)
+    calls = []
+    real = opset._convert_one
+    monkeypatch.setattr(opset, "_convert_one", lambda node, *a, **k: calls.append(node.op_type) or real(node, *a, **k))
+    if path == "model":
+        model = onnx.shape_inference.infer_shapes(model)   # the types its node-by-node path needs
+        monkeypatch.setattr(opset, "NODEWISE_MIN_NODES", 0)
+        out = opset.convert(model, 23)
+        whole = version_converter.convert_version(model, 23)
+        assert [n.op_type for n in out.graph.node] == [n.op_type for n in whole.graph.node]
+        assert_equivalent(model, out)
+    else:
+        out, result = pipeline.run(model)
+        assert op_counts(out)["RMSNormalization"] == 6 and result.upgrades
+        assert_equivalent(model, out)
+    assert calls.count("ReduceMean") == 2
