@@ -982,9 +982,9 @@ def _export_tensor(c: gs.Constant, weights: Weights, header_ok: bool = True) -> 
     if isinstance(values, ProtoValues):
         tensor = values.tensor
         if values.held:   # a folded weight: a header to its array, or (in a subgraph) whole
-            if tensor.name != c.name:  # pragma: no cover - passes never rename tensors
-                return encode(values._array, c.name)
-            return weights.header_for(tensor, values._array) if header_ok else encode(values._array, tensor.name)
+            if header_ok and tensor.name == c.name:
+                return weights.header_for(tensor, values._array)
+            return encode(values._array, c.name)
         if tensor.name != c.name:  # pragma: no cover - passes never rename tensors
             copy = onnx.TensorProto()
             copy.CopyFrom(tensor)

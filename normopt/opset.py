@@ -5,9 +5,10 @@ nodes, 10-13 s for 110,000. Its adapters act on one node at a time, though. So o
 each distinct node form (op, attribute names, input and output counts) is converted once in a
 one-node model: a form the converter leaves unchanged is only relabelled, and each node of a
 form that changes (ReduceMean's axes attribute becoming an input, say) is spliced back from a
-conversion made once per form and attribute values (its tensors renamed to placeholders). Graphs with subgraphs or local functions, and any form whose one-node
-conversion fails or needs an input type that is not declared, go through the whole-graph
-converter. The result is verified like every rewrite.
+conversion made once per form, attribute values and input types (its tensors renamed to
+placeholders). Graphs with subgraphs or local functions, and any form whose one-node conversion
+fails or needs an input type that is not declared, go through the whole-graph converter. The
+result is verified like every rewrite.
 """
 from __future__ import annotations
 

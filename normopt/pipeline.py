@@ -164,7 +164,7 @@ def _run(model, table, names, options: Options, base_dir: str | None, lazy: bool
     started = time.perf_counter()
     result = PipelineResult(nodes_before=count_nodes(model))
     weights = ir.Weights(base_dir or "")
-    background = _background and result.nodes_before >= BACKGROUND_NODES
+    background = in_background(model)   # the command line's load asked the same (``check_later``)
     unchecked = model_io.unchecked(model)   # "cannot read '...'" when the checker is still to run
     if unchecked is not None and not background:
         _accept(model, unchecked, input_verdict(model))
@@ -290,8 +290,11 @@ class Shapes:
         """The inference, once: the forked child's decoded table, else an index made here."""
         child = self._child
         table = child.result() if child is not None else None
-        if child is not None and (table is None or self._unchecked is None):
-            child.cancel() if table is None else child.reap()
+        if child is not None and table is None:
+            child.cancel()   # nothing more will come from it: the checks too run here
+            self._child = None
+        elif child is not None and self._unchecked is None:
+            child.reap()     # it sent all it had: no verdict to wait for
             self._child = None
         if table is not None:
             self._decoded, self._complete = table, True
