@@ -2,13 +2,14 @@
 
 onnx's version converter is exact but its cost grows faster than the graph: 0.5 s for 11,000
 nodes, 10-13 s for 110,000. Its adapters act on one node at a time, though. So on a large graph,
-each distinct node form (op, attribute names, input and output counts) is converted once in a
-one-node model: a form the converter leaves unchanged is only relabelled, and each node of a
-form that changes (ReduceMean's axes attribute becoming an input, say) is spliced back from a
-conversion made once per form, attribute values and input types (its tensors renamed to
-placeholders). Graphs with subgraphs or local functions, and any form whose one-node conversion
-fails or needs an input type that is not declared, go through the whole-graph converter. The
-result is verified like every rewrite.
+each distinct node form (op, attribute names, input and output counts) of an op that changed
+between the two opsets is probed, all forms in one conversion of a graph holding one node of
+each (a call costs about 7 ms whatever its size). A form the converter leaves unchanged is only
+relabelled; each node of a form that changes (ReduceMean's axes attribute becoming an input,
+say) is spliced back from a conversion made once per form, attribute values and input types
+(its tensors renamed to placeholders). Graphs with subgraphs or local functions, and any form
+whose one-node conversion fails or needs an input type that is not declared, go through the
+whole-graph converter. The result is verified like every rewrite.
 """
 from __future__ import annotations
 
@@ -45,21 +46,22 @@ def _nodewise(model: onnx.ModelProto, target: int) -> onnx.ModelProto | None:
     used = {t.name for t in graph.initializer} | {v.name for v in graph.input}
     used.update(name for n in graph.node for name in list(n.input) + list(n.output))
     used.update(n.name for n in graph.node if n.name)
-    same: dict[tuple, bool] = {}
+    keys = [None if node.domain not in DEFAULT_DOMAINS else
+            (node.op_type, tuple(sorted(a.name for a in node.attribute)), len(node.input), len(node.output))
+            for node in graph.node]
+    forms = {}
+    for node, key in zip(graph.node, keys):
+        forms.setdefault(key, node)
+    forms.pop(None, None)
+    changed = changed_ops({key[0] for key in forms}, source, target)
+    same = _unchanged_forms({k: n for k, n in forms.items() if k[0] in changed}, source, target, types)
+    if same is None:
+        return None
     cache: dict[tuple, onnx.ModelProto | None] = {}
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
-    for node in graph.node:
-        if node.domain not in DEFAULT_DOMAINS:
-            nodes.append(node)
-            continue
-        key = (node.op_type, tuple(sorted(a.name for a in node.attribute)), len(node.input), len(node.output))
-        if key not in same:
-            probe = _convert_one(node, source, target, types, require_types=False)
-            if probe is None:
-                return None
-            same[key] = len(probe.graph.node) == 1 and not probe.graph.initializer and probe.graph.node[0] == node
-        if same[key]:
+    for node, key in zip(graph.node, keys):
+        if key is None or key[0] not in changed or same[key]:
             nodes.append(node)
             continue
         converted = _converted(node, source, target, types, cache)
@@ -103,6 +105,44 @@ def _convert_one(node: onnx.NodeProto, source: int, target: int, types: dict[str
         return version_converter.convert_version(tiny, target)
     except Exception:  # the converter raises many types: the whole graph goes through it instead
         return None
+
+
+def _unchanged_forms(forms: dict, source: int, target: int, types: dict[str, int]) -> dict | None:
+    """For each node form (key -> one node of it), whether onnx's converter leaves the node as it
+    is from opset ``source`` to ``target``. All forms go through one conversion (each adapter
+    acts on its own node; a call costs about 7 ms whatever the graph's size). When that fails,
+    each form is converted on its own, and None means one of them fails alone too."""
+    same: dict = {}
+    keys = list(forms)
+    if len(keys) > 1:
+        batch = []
+        inputs: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            node = onnx.NodeProto()
+            node.CopyFrom(forms[key])
+            node.name = f"form_{i}"
+            node.input[:] = [f"form_{i}_{x}" if x else "" for x in forms[key].input]
+            node.output[:] = [f"form_{i}_{x}" if x else "" for x in forms[key].output]
+            for x, y in zip(forms[key].input, node.input):
+                if x:
+                    inputs[y] = types.get(x) or onnx.TensorProto.FLOAT
+            batch.append(node)
+        graph = helper.make_graph(batch, "forms", [helper.make_tensor_value_info(n, t, None) for n, t in inputs.items()],
+                                  [helper.make_empty_tensor_value_info(o) for n in batch for o in n.output if o])
+        try:
+            out = version_converter.convert_version(
+                helper.make_model(graph, opset_imports=[helper.make_opsetid("", source)], ir_version=7), target)
+        except Exception:  # the converter raises many types: each form on its own, below
+            out = None
+        if out is not None:
+            kept = {n.name: n for n in out.graph.node}
+            return {key: kept.get(node.name) == node for key, node in zip(keys, batch)}
+    for key in keys:
+        probe = _convert_one(forms[key], source, target, types, require_types=False)
+        if probe is None:
+            return None
+        same[key] = len(probe.graph.node) == 1 and not probe.graph.initializer and probe.graph.node[0] == forms[key]
+    return same
 
 
 def _converted(node: onnx.NodeProto, source: int, target: int, types: dict[str, int],
@@ -177,33 +217,32 @@ def upgrade_graph(graph, source: int, target: int, elem_type, names) -> bool:
     nodes = [n for n in graph.nodes if n.outputs]
     if any(n.__dict__.get("_has_graphs") for n in nodes):
         return False
-    same: dict[tuple, bool] = {}
-    cache: dict[tuple, onnx.ModelProto | None] = {}
-    plans = []
+    # Nodes alike in op, attribute names and arity convert alike: one probe per form, all probes
+    # in one conversion. A node made by an earlier rewrite is keyed from its attrs, not exported.
+    keyed = []
     for node in nodes:
         if node.domain not in (None, *DEFAULT_DOMAINS):
             continue
-        # Nodes alike in op, attribute names and arity convert alike: one probe per kind. A
-        # node made by an earlier rewrite is keyed from its attrs, not exported for it.
         src = node.__dict__.get("_proto")
         if src is not None and "_attrs" not in node.__dict__:
             attr_names = tuple(a.name for a in src.attribute)
         else:
             attr_names = tuple(k for k, v in node.attrs.items() if v is not None)
-        key = (node.op, attr_names, len(node.inputs), len(node.outputs))
-        if same.get(key):
-            continue
-        if key not in same and not changed_ops((node.op,), source, target):
-            same[key] = True  # one definition from source to target: the converter leaves it as it is
+        keyed.append((node, (node.op, attr_names, len(node.inputs), len(node.outputs))))
+    forms = {}
+    for node, key in keyed:
+        forms.setdefault(key, node)
+    # an op with one definition from source to target is left as it is by the converter
+    changed = changed_ops({key[0] for key in forms}, source, target)
+    same = _unchanged_forms({k: ir.node_proto(n) for k, n in forms.items() if k[0] in changed}, source, target, {})
+    if same is None:
+        return False
+    cache: dict[tuple, onnx.ModelProto | None] = {}
+    plans = []
+    for node, key in keyed:
+        if key[0] not in changed or same[key]:
             continue
         proto = ir.node_proto(node)
-        if key not in same:
-            probe = _convert_one(proto, source, target, {}, require_types=False)
-            if probe is None:
-                return False
-            same[key] = len(probe.graph.node) == 1 and not probe.graph.initializer and probe.graph.node[0] == proto
-        if same[key]:
-            continue
         types = {t.name: elem_type(t) for t in node.inputs if t.name}
         converted = _converted(proto, source, target, types, cache)
         if converted is None:

@@ -209,6 +209,12 @@ def multi_norm_cases(draw, miss: bool = False):
         if block in ("ln", "rms"):
             kind = "mean" if block == "ln" else "rms"
             sp = draw(spellings(kind))
+            if kind == "mean" and w == 2:
+                # A row of two values: onnxruntime's LayerNormalization takes the variance as
+                # mean(x^2) - mean(x)^2, which cancels where the two are close (normalizing
+                # [1, 1.0001] is 1.8e-3 off; the decomposed original with epsilon 0 is exact).
+                # Verification rolls such a site back; epsilon 0.1 keeps this about the rewrite.
+                sp = replace(sp, eps=max(sp.eps or 0.0, 0.1))
             if i == missed:
                 sp = replace(sp, square="pow", fn_body=False, eps=0.1)
             out = core(net, src, [-1], sp, kind, F32, miss="exponent" if i == missed else None, miss_value=4.0)
