@@ -46,22 +46,21 @@ def _nodewise(model: onnx.ModelProto, target: int) -> onnx.ModelProto | None:
     used = {t.name for t in graph.initializer} | {v.name for v in graph.input}
     used.update(name for n in graph.node for name in list(n.input) + list(n.output))
     used.update(n.name for n in graph.node if n.name)
-    keys = [None if node.domain not in DEFAULT_DOMAINS else
-            (node.op_type, tuple(sorted(a.name for a in node.attribute)), len(node.input), len(node.output))
-            for node in graph.node]
+    changed = changed_ops({n.op_type for n in graph.node if n.domain in DEFAULT_DOMAINS}, source, target)
+    keys = [(node.op_type, tuple(sorted(a.name for a in node.attribute)), len(node.input), len(node.output))
+            if node.domain in DEFAULT_DOMAINS and node.op_type in changed else None for node in graph.node]
     forms = {}
     for node, key in zip(graph.node, keys):
         forms.setdefault(key, node)
     forms.pop(None, None)
-    changed = changed_ops({key[0] for key in forms}, source, target)
-    same = _unchanged_forms({k: n for k, n in forms.items() if k[0] in changed}, source, target, types)
+    same = _unchanged_forms(forms, source, target, types)
     if same is None:
         return None
     cache: dict[tuple, onnx.ModelProto | None] = {}
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     for node, key in zip(graph.node, keys):
-        if key is None or key[0] not in changed or same[key]:
+        if key is None or same[key]:
             nodes.append(node)
             continue
         converted = _converted(node, source, target, types, cache)
@@ -217,11 +216,14 @@ def upgrade_graph(graph, source: int, target: int, elem_type, names) -> bool:
     nodes = [n for n in graph.nodes if n.outputs]
     if any(n.__dict__.get("_has_graphs") for n in nodes):
         return False
-    # Nodes alike in op, attribute names and arity convert alike: one probe per form, all probes
-    # in one conversion. A node made by an earlier rewrite is keyed from its attrs, not exported.
+    # An op with one definition from source to target is left as it is by the converter. Nodes
+    # of the others alike in op, attribute names and arity convert alike: one probe per form, all
+    # probes in one conversion. A node made by an earlier rewrite is keyed from its attrs.
+    nodes = [n for n in nodes if n.domain in (None, *DEFAULT_DOMAINS)]
+    changed = changed_ops({n.op for n in nodes}, source, target)
     keyed = []
     for node in nodes:
-        if node.domain not in (None, *DEFAULT_DOMAINS):
+        if node.op not in changed:
             continue
         src = node.__dict__.get("_proto")
         if src is not None and "_attrs" not in node.__dict__:
@@ -232,15 +234,13 @@ def upgrade_graph(graph, source: int, target: int, elem_type, names) -> bool:
     forms = {}
     for node, key in keyed:
         forms.setdefault(key, node)
-    # an op with one definition from source to target is left as it is by the converter
-    changed = changed_ops({key[0] for key in forms}, source, target)
-    same = _unchanged_forms({k: ir.node_proto(n) for k, n in forms.items() if k[0] in changed}, source, target, {})
+    same = _unchanged_forms({k: ir.node_proto(n) for k, n in forms.items()}, source, target, {})
     if same is None:
         return False
     cache: dict[tuple, onnx.ModelProto | None] = {}
     plans = []
     for node, key in keyed:
-        if key[0] not in changed or same[key]:
+        if same[key]:
             continue
         proto = ir.node_proto(node)
         types = {t.name: elem_type(t) for t in node.inputs if t.name}
