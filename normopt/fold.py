@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 
 from normopt import ir, model_io, pipeline
-from normopt.errors import VerificationError
+from normopt.errors import UsageError, VerificationError
 from normopt.records import PassRecord, PipelineResult, Rewrite
 from normopt.providers import ProviderChoice, select_provider
 from normopt.targets import veto_for
@@ -126,7 +126,23 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
             pipeline.release_kept()  # onnxruntime needs the memory more than the end of the process needs the time
             model_io.save(out, stage, external_data=options.external_data or external_in or None)
             candidate = Loaded(stage, out.model, out.weights)
-            report = _verify(reference, candidate, options, choice)
+            reference.outputs()   # the original's failures are the input's, raised as they are
+            try:
+                report = _verify(reference, candidate, options, choice)
+            except UsageError as err:
+                # onnxruntime cannot load or run the rewritten model (the original it can): a
+                # rewrite made it invalid. Every rewrite and upgrade is rolled back, not the run.
+                if round_ == MAX_ROLLBACK_ROUNDS or not (result.applied or (result.upgrades and allow_upgrade)):
+                    raise
+                reason = f"the rewritten model failed in onnxruntime: {str(err).removeprefix('onnxruntime ')}"
+                for rewrite in result.applied:
+                    exclude[pipeline.exclusion_key(rewrite.graph, rewrite.output)] = reason
+                    rollbacks.append(Rollback(rewrite.pass_name, rewrite.anchor, rewrite.output, reason, rewrite.graph))
+                if not result.applied:
+                    allow_upgrade = False
+                    for up in result.upgrades:
+                        rollbacks.append(Rollback(up.for_pass, "opset", f"opset {up.to_version}", reason))
+                continue
             if report.passed:
                 done = FoldResult(out, result, report, rollbacks, None if own_stage else Path(stage), external_in)
                 _strict_check(options, done)

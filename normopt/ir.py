@@ -668,6 +668,7 @@ def release(root: gs.Graph) -> None:
         for t in list(g.inputs) + list(g.outputs):
             t.__dict__["inputs"] = t.__dict__["outputs"] = None
         g.__dict__["nodes"] = []
+        g.__dict__.pop("_op_index", None)   # the passes' index of nodes by op (normopt.pipeline)
 
 
 def functions(root: gs.Graph) -> list[gs.Graph]:

@@ -587,7 +587,7 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, names
                               path=path)
             gone: set[int] = set()
             local = None if graph is root else {id(n) for n in graph.nodes}  # once per graph: no rescans
-            anchors = [n for n in graph.nodes if n.op in pass_.anchor_ops]
+            anchors = _anchors(graph, pass_.anchor_ops)
             if pass_.late_ops:
                 anchors = [n for n in anchors if n.op not in pass_.late_ops] + \
                           [n for n in anchors if n.op in pass_.late_ops]
@@ -656,6 +656,24 @@ def _run_pass(pass_: Pass, root: gs.Graph, model: onnx.ModelProto, shapes, names
             record.skipped = skipped
             break
     return record, 0
+
+
+def _anchors(graph: gs.Graph, ops: tuple[str, ...]) -> list[gs.Node]:
+    """The nodes of ``graph`` whose op is one of ``ops``, in node order, from an index of node
+    positions by op: one walk over the nodes per run, not one per pass and round. During the
+    passes the node list only grows (a rewrite appends its nodes; a node taken out is detached
+    and stays listed until ``ir.finish``, which makes a new list and so a new index)."""
+    nodes = graph.nodes
+    index = graph.__dict__.get("_op_index")
+    if index is None or index[0] is not nodes or index[1] > len(nodes):
+        index = graph.__dict__["_op_index"] = [nodes, 0, {}]
+    by_op = index[2]
+    for i in range(index[1], len(nodes)):
+        by_op.setdefault(nodes[i].op, []).append(i)
+    index[1] = len(nodes)
+    lists = [by_op[op] for op in dict.fromkeys(ops) if op in by_op]
+    positions = lists[0] if len(lists) == 1 else sorted(i for found in lists for i in found)
+    return [nodes[i] for i in positions]
 
 
 def _graphs(root: gs.Graph) -> list[tuple[str, gs.Graph, gs.Graph | None]]:

@@ -51,7 +51,7 @@ from normopt.passes._affine import (  # noqa: F401  (re-exported: the passes use
 from normopt.pattern import AnyOf, Const, Match, Op, Opt, Pattern, Var, match
 from normopt.pipeline import Context, Reject
 from normopt.passes._reduce import (  # noqa: F401  (MEAN_OPS re-exported: the passes use it as _norm's)
-    GLOBAL_AVERAGE_POOL, MEAN_OPS, reduce_axes, reduction, restored_mean, through_cast)
+    GLOBAL_AVERAGE_POOL, MEAN_OPS, chain_names, reduce_axes, reduction, restored_mean, through_cast)
 
 # ------------------------------------------------------------------------------ patterns
 
@@ -261,7 +261,10 @@ def statistic_tensors(m: Match) -> dict[str, str]:
     the mean, and 1/std when written as Reciprocal(std) or Div(1, std)."""
     found = {}
     if m.has("mean"):
-        found["stat_mean"] = m["mean"].outputs[0].name
+        # the mean as the Sub reads it: the end of the ops after the reduction (a ReduceSum's
+        # division by N, keepdims=0's Unsqueeze back), not the reduction's own output
+        last = next((m[k] for k in reversed(("mean",) + chain_names("mean")) if m.has(k)))
+        found["stat_mean"] = last.outputs[0].name
     sqrt = m["sqrt"].outputs[0] if m.has("sqrt") else None
     for node in m.matched:
         reciprocal = node.op == "Reciprocal" or (node.op == "Div" and (node is m.nodes.get("recip_div")))

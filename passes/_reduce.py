@@ -15,7 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from normopt import graph as G
-from normopt.passes._affine import CAST, is_float, scalar
+from normopt.passes._affine import CAST, float_bits, is_float, scalar
 from normopt.pattern import AnyOf, Match, Op, Pattern
 from normopt.pipeline import Context, Reject
 
@@ -67,7 +67,7 @@ def reduce_axes(node: gs.Node, ctx: Context) -> tuple[int, ...] | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _chain_names(key: str) -> tuple[str, ...]:
+def chain_names(key: str) -> tuple[str, ...]:
     """The names ``reduction(..., key)`` gives the ops after its reduction, in order."""
     return tuple(f"{key}_c{i}" for i in range(1, CHAIN_DEPTH + 1))
 
@@ -80,7 +80,7 @@ def restored_mean(m: Match, key: str, node: gs.Node, ctx: Context, axes: tuple[i
     of size 1) and Unsqueeze put them back, Expand broadcasts, Identity passes; a ReduceSum must
     be divided by the number of elements it sums (known statically), a ReduceMean by nothing.
     """
-    chain = [m.nodes[name] for name in _chain_names(key) if name in m.nodes]
+    chain = [m.nodes[name] for name in chain_names(key) if name in m.nodes]
     keep = int(node.attrs.get("keepdims", 1)) == 1
     label = f"{node.op} {G.node_label(node)}"
     if not chain and keep and node.op != REDUCE_SUM:
@@ -91,13 +91,17 @@ def restored_mean(m: Match, key: str, node: gs.Node, ctx: Context, axes: tuple[i
         return Reject(f"{label} {what} shape of its input is unknown", node)
     dims = [1 if i in axes else d for i, d in enumerate(in_dims)] if keep else \
         [d for i, d in enumerate(in_dims) if i not in axes]
-    scale, t = 1.0, node.outputs[0]
+    # ``slack``: how far the product of the constant factors may be from 1/N (or 1) only because
+    # each was rounded to its dtype (float32(1/768) is 1/768 to within 2^-24 of it); no more.
+    scale, slack, t = 1.0, 1e-12, node.outputs[0]
     for step in chain:
         new = _chain_step(step, t, dims, ctx)
         if isinstance(new, str):
             return Reject(f"{label} is followed by {G.node_label(step)}, which {new}", step)
-        if isinstance(new, float):
-            scale *= new
+        if isinstance(new, tuple):
+            factor, bits = new
+            scale *= factor
+            slack += 2.0 ** -bits
         else:
             dims = new
         t = step.outputs[0]
@@ -111,18 +115,18 @@ def restored_mean(m: Match, key: str, node: gs.Node, ctx: Context, axes: tuple[i
     if node.op == REDUCE_SUM and n is None:
         return Reject(f"{label} sums dims {_show(count)} of unknown size: its divisor cannot be checked", node)
     want = 1.0 / n if node.op == REDUCE_SUM else 1.0
-    if abs(scale - want) <= 1e-6 * want:
+    if abs(scale - want) <= slack * want:
         return None
     if key == "var" and n is not None and n > 1 and abs(scale - want * n / (n - 1)) <= 1e-6 * want:
         return Reject(f"the variance is multiplied by N/(N-1) = {n}/{n - 1}: Bessel's correction (torch.var with "
                       "correction=1), not the biased variance a normalization uses", node)
     what = "mean" if node.op != REDUCE_SUM else f"sum of {n} elements"
-    return Reject(f"{label} is a {what} scaled by {scale:g}, not a mean", node)
+    return Reject(f"{label} is a {what} scaled by {scale:.9g}, not a mean", node)
 
 
 def _chain_step(step: gs.Node, t: gs.Tensor, dims: list, ctx: Context):
-    """The dims after ``step`` (a list), its constant scale factor (a float), or why it is
-    not a step that keeps a mean a mean (a str)."""
+    """The dims after ``step`` (a list), its constant scale factor with the precision (bits) of
+    the constant's dtype (a tuple), or why it is not a step that keeps a mean a mean (a str)."""
     if step.inputs[0] is not t:
         return "does not read it first"
     if step.op == "Identity":
@@ -136,7 +140,7 @@ def _chain_step(step: gs.Node, t: gs.Tensor, dims: list, ctx: Context):
         factor = scalar(value)
         if step.op == "Div" and factor == 0:
             return "divides by 0"
-        return 1.0 / factor if step.op == "Div" else factor
+        return (1.0 / factor if step.op == "Div" else factor), float_bits(value.dtype)
     if step.op == "Unsqueeze":
         axes = step.attrs.get("axes")
         if axes is None and len(step.inputs) == 2:

@@ -505,12 +505,13 @@ def _as_batchnorm(ctx: Context, mul: gs.Node, add: gs.Node, x: gs.Tensor, a, b, 
     axis 1 only: scale a, bias b, mean 0, var 1, epsilon 0 is exactly that arithmetic
     (sqrt(1 + 0) = 1). Else the reason no producer absorbs it."""
     shape = ctx.shape(x) or ()
-    channels = max(np.asarray(a).size, np.asarray(b).size)
-    if channels == 1 and len(shape) > 1:
-        channels = shape[1]
+    # x's channel count, which a and b must match or broadcast to (size 1): x * a + b with more
+    # channels in a or b than in x grows the output, which BatchNormalization does not
+    channels = shape[1] if len(shape) > 1 else None
+    size = max(np.asarray(a).size, np.asarray(b).size)
     dtype = ctx.dtype(x)
     if axis not in (None, 1) or rank < 2 or ctx.opset < 7 or not isinstance(channels, int) or channels < 1 \
-            or dtype is None or np.dtype(dtype).name not in ("float32", "float64"):
+            or size not in (1, channels) or dtype is None or np.dtype(dtype).name not in ("float32", "float64"):
         return Reject(reason, mul)
     m = Match(output=add.outputs[0], nodes={"mul": mul, "add": add})
     m.add(mul)

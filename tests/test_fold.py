@@ -29,6 +29,28 @@ def broken_pass():
     del _PASSES[BROKEN]
 
 
+INVALID = "test-invalid-fold"
+
+
+@pytest.fixture
+def invalid_pass():
+    """fold-batchnorm, except that the Conv it writes for 'bn2' has group=3 (4 channels):
+    a model onnxruntime cannot run."""
+
+    @register_pass(INVALID)
+    class InvalidFold(FoldBatchNorm):
+        """Test only: a fold that writes an invalid Conv at bn2."""
+
+        def rewrite(self, m, ctx):
+            nodes = super().rewrite(m, ctx)
+            if m["bn"].name == "bn2":
+                nodes[0].attrs["group"] = 3
+            return nodes
+
+    yield INVALID
+    del _PASSES[INVALID]
+
+
 def conv_bn_chain(rng, layers=3, c=4):
     nodes, inits, x = [], {}, "x"
     for i in range(1, layers + 1):
@@ -70,3 +92,19 @@ def test_optimize_no_verify_returns_unverified_result(rng, broken_pass):
     result = optimize(conv_bn_chain(rng), FoldOptions(passes=[broken_pass], verify=False))
     assert result.verification is None and not result.rollbacks
     assert op_counts(result.model) == {"Conv": 3, "Relu": 3}
+
+
+def test_optimize_rolls_back_when_onnxruntime_cannot_run_the_rewritten_model(rng, invalid_pass):
+    """A rewrite that leaves a model onnxruntime cannot run (a bug in a pass) costs the run its
+    rewrites, not its result: every rewrite is rolled back with onnxruntime's reason, and the
+    output is the verified original."""
+    model = conv_bn_chain(rng)
+    result = optimize(model, FoldOptions(passes=[invalid_pass], provider="cpu"))
+    assert result.verified
+    assert sorted(r.anchor for r in result.rollbacks) == ["bn1", "bn2", "bn3"]
+    assert all(r.reason.startswith("the rewritten model failed in onnxruntime: failed to run the model")
+               for r in result.rollbacks), result.rollbacks
+    assert op_counts(result.model) == op_counts(model)
+    assert_equivalent(model, result.model)
+    with pytest.raises(VerificationError, match="rolled back"):
+        optimize(model, FoldOptions(passes=[invalid_pass], provider="cpu", strict=True))

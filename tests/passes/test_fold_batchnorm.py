@@ -754,6 +754,27 @@ def test_fold_batchnorm_keras_arithmetic_near_miss_is_left_unchanged(producer, k
     assert_equivalent(model, out)
 
 
+@pytest.mark.parametrize("producer", ["Relu", "Conv"])
+def test_fold_batchnorm_arithmetic_with_more_channels_than_its_input_is_left_unchanged(producer, rng):
+    """x * a + b where b has 3 channels and x has 1: the result has 3 channels, which a
+    BatchNormalization of x cannot give (nor a Conv with one output channel absorb)."""
+    inits = {"var": np.full((1, 1, 1, 1), 2.0, np.float32), "eps": np.array(1e-5, np.float32),
+             "b": np.array([0.1, 0.2, 0.3], np.float32).reshape(1, 3, 1, 1),
+             "w": rng.standard_normal((1, 1, 3, 3)).astype(np.float32)}
+    first = helper.make_node("Relu", ["x"], ["r"]) if producer == "Relu" else \
+        helper.make_node("Conv", ["x", "w"], ["r"], pads=[1, 1, 1, 1])
+    nodes = [first, helper.make_node("Add", ["var", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["sd"]),
+             helper.make_node("Reciprocal", ["sd"], ["a"]), helper.make_node("Mul", ["r", "a"], ["ra"]),
+             helper.make_node("Add", ["ra", "b"], ["y"])]
+    model = make_model(nodes, [("x", FLOAT, [2, 1, 4, 4])], [("y", FLOAT, [2, 3, 4, 4])], inits, opset=17)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert [s.reason for s in rec.skipped] and all("cannot absorb" in s.reason or "channels" in s.reason
+                                                    for s in rec.skipped), [s.reason for s in rec.skipped]
+    onnx.checker.check_model(out, full_check=True)
+    assert_equivalent(model, out)
+
+
 # ----------------------------------------------------------------------------- constant-folded Keras arithmetic
 
 def folded_bn(rng, producer="conv", *, param_shape=None, between=None, scale=None, consumer=None, nonfinite=False):

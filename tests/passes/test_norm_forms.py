@@ -454,6 +454,52 @@ def test_dynamo_forms_that_are_not_a_mean_are_left_unchanged(build, reason):
     left_alone(build(), reason, ["fuse-layernorm"])
 
 
+def _scaled_mean_layernorm(reduction, factor, dtype=F32, also=None):
+    """A LayerNorm on [b, 5, 12] whose mean is ``reduction`` (ReduceMean or ReduceSum) of x
+    times ``factor`` (a constant of ``dtype``); ``also``: "raw" feeds the reduction's own
+    output, "mean" the scaled mean, to an Add after the LayerNorm as well."""
+    net = GraphBuilder(opset=18)
+    reduced = net.op(reduction, "x", net.const([-1], "int"), keepdims=1)
+    mean = net.op("Mul", reduced, net.const(factor, dtype))
+    d = net.op("Sub", "x", mean)
+    var = net.mean(net.op("Mul", d, d), [-1])
+    t = net.op("Div", d, net.op("Sqrt", net.op("Add", var, net.const(1e-5))))
+    if also:
+        t = net.op("Add", t, reduced if also == "raw" else mean)
+    return finish(net, t, ["b", 5, 12])
+
+
+def test_sum_times_rounded_inverse_n_is_a_mean():
+    """float32(1/12) is 1/12 to within float32's rounding: the fused op's exact mean is the
+    original's to within that."""
+    model = _scaled_mean_layernorm("ReduceSum", 1 / 12)
+    out, result = run_pipeline(model, ["fuse-layernorm"])
+    assert not reasons(result), reasons(result)
+    assert op_counts(out) == {LN: 1, "Identity": 1}
+    assert_equivalent(model, out)
+
+
+def test_the_scaled_mean_used_elsewhere_becomes_the_fused_ops_mean_output():
+    model = _scaled_mean_layernorm("ReduceSum", 1 / 12, also="mean")
+    out, result = run_pipeline(model, ["fuse-layernorm"])
+    assert not reasons(result), reasons(result)
+    assert op_counts(out) == {LN: 1, "Add": 1, "Identity": 1}
+    assert len([o for o in out.graph.node[0].output if o]) == 2   # Y and Mean
+    assert_equivalent(model, out)
+
+
+@pytest.mark.parametrize("build, reason", [
+    # 1.000001 is no rounding of 1: a ReduceMean must be used as it is
+    (lambda: _scaled_mean_layernorm("ReduceMean", 1.000001), "is a mean scaled by 1.00000095, not a mean"),
+    (lambda: _scaled_mean_layernorm("ReduceMean", 1.000001, F64), "is a mean scaled by 1.000001, not a mean"),
+    (lambda: _scaled_mean_layernorm("ReduceSum", 1.000001 / 12), "is a sum of 12 elements scaled by 0.0833334"),
+    # the sum itself, used elsewhere, has no counterpart among the fused op's outputs
+    (lambda: _scaled_mean_layernorm("ReduceSum", 1 / 12, also="raw"), "is also used by Add"),
+])
+def test_a_mean_that_is_not_exactly_one_is_left_unchanged(build, reason):
+    left_alone(build(), reason, ["fuse-layernorm"])
+
+
 @pytest.mark.parametrize("form", ["mean_unsqueeze", "sum_times_inverse_n"])
 def test_rmsnorm_mean_of_squares_with_keepdims_0_and_unsqueeze_is_fused(form):
     net = GraphBuilder(opset=18)
