@@ -202,9 +202,14 @@ def _add(node: gs.Node, graph, depth: int, facts=None) -> np.ndarray | None:
 
 
 def _cast_like(node: gs.Node, graph, depth: int, facts=None) -> np.ndarray | None:
-    """Only the dtype of the second input is read: it may be any tensor of known type."""
-    value, dtype = const_value(node.inputs[0], graph, depth, facts), G.tensor_dtype(node.inputs[1])
-    return None if value is None or dtype is None else value.astype(dtype)
+    """Only the dtype of the second input is read: it may be any tensor of known type (with
+    ``facts``, inferred types too: onnxscript writes ``mean + 1e-5`` as
+    ``Add(mean, CastLike(1e-5, mean))``)."""
+    value = const_value(node.inputs[0], graph, depth, facts)
+    if value is None:
+        return None
+    dtype = G.tensor_dtype(node.inputs[1]) if facts is None else facts.dtype(node.inputs[1])
+    return None if dtype is None else value.astype(dtype)
 
 
 def _shape_dims(node: gs.Node, graph, depth: int, facts) -> list | None:

@@ -454,6 +454,29 @@ def test_dynamo_forms_that_are_not_a_mean_are_left_unchanged(build, reason):
     left_alone(build(), reason, ["fuse-layernorm"])
 
 
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_constants_cast_like_what_they_meet_are_constants(kind):
+    """onnxscript (and dynamo with optimize=False) write a Python scalar as
+    CastLike(Constant, t): ``mean + 1e-5`` is Add(mean, CastLike(1e-5, mean)), ``d ** 2`` is
+    Pow(d, CastLike(2, d)). CastLike reads t only for its type (inferred here: t has no
+    value_info)."""
+    net = GraphBuilder(opset=18)
+
+    def like(value, t):
+        return net.op("CastLike", net.const(np.array(value, np.float64), "raw"), t)
+
+    x = "x"
+    d = net.op("Sub", x, net.mean(x, [-1])) if kind == "layernorm" else x
+    var = net.mean(net.op("Pow", d, like(2.0, d)), [-1])
+    t = net.op("Div", d, net.op("Sqrt", net.op("Add", var, like(1e-5, var))))
+    model = finish(net, net.op("Mul", t, net.const(np.linspace(0.5, 1.5, 16))), ["b", 5, 16])
+    fused = LN if kind == "layernorm" else RMS
+    out, result = run_pipeline(model, [f"fuse-{kind}"])
+    assert not reasons(result), reasons(result)
+    assert op_counts(out) == {fused: 1, "Identity": 1}
+    assert_equivalent(model, out)
+
+
 def _scaled_mean_layernorm(reduction, factor, dtype=F32, also=None):
     """A LayerNorm on [b, 5, 12] whose mean is ``reduction`` (ReduceMean or ReduceSum) of x
     times ``factor`` (a constant of ``dtype``); ``also``: "raw" feeds the reduction's own
