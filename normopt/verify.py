@@ -169,7 +169,13 @@ def _ort_failure(what: str, err: Exception, hint: str = "") -> str:
     if "Unsupported model IR version" in text:
         hint = "this onnxruntime cannot read the model's IR version: use --no-verify, or export with an older one"
     if "Could not find an implementation" in text:
-        hint = "this provider has no kernel for one of its ops (bfloat16 on CPU?): try --provider cuda, or --no-verify"
+        # onnxruntime names the op with its opset version: BatchNormalization(6), Add(1)
+        old = re.search(r"implementation for (\w+)\((\d+)\)", text)
+        if old and int(old.group(2)) < 7:
+            hint = (f"onnxruntime has no kernel for {old.group(1)} at opset {old.group(2)}: use --no-verify, "
+                    "or re-export at a newer opset")
+        else:
+            hint = "this provider has no kernel for one of its ops at its type (bfloat16 on CPU?): try --provider cuda, or --no-verify"
     return f"onnxruntime {what}: {text[:240]}" + (f"; {hint}" if hint else "")
 
 
