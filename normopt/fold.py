@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from normopt import ir, model_io, pipeline
@@ -143,6 +144,12 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
                     for up in result.upgrades:
                         rollbacks.append(Rollback(up.for_pass, "opset", f"opset {up.to_version}", reason))
                 continue
+            idle = _unexercised(reference, model, result) if report.passed and round_ < MAX_ROLLBACK_ROUNDS else []
+            if idle:
+                for rewrite, reason in idle:
+                    exclude[pipeline.exclusion_key(rewrite.graph, rewrite.output)] = reason
+                    rollbacks.append(Rollback(rewrite.pass_name, rewrite.anchor, rewrite.output, reason, rewrite.graph))
+                continue
             if report.passed:
                 done = FoldResult(out, result, report, rollbacks, None if own_stage else Path(stage), external_in)
                 _strict_check(options, done)
@@ -252,6 +259,54 @@ def _localize(reference, out, result: PipelineResult, options, choice) -> list[t
                 done.add(id(rewrite))
                 culprits.append((rewrite, where))
     return culprits
+
+
+def _unexercised(reference: _References, model: onnx.ModelProto, result: PipelineResult) -> list[tuple[Rewrite, str]]:
+    """The rewrites inside an If branch or a Loop body of the main graph that never ran on the
+    verification inputs: the outputs matching says nothing of them, so they are not proven. Read
+    from the If's condition and the Loop's trip count and condition, exposed in the original.
+    (Deeper levels run only where their main-graph holder does; a holder inside a subgraph is
+    not checked itself.)"""
+    inside = [r for r in result.applied if r.graph and not ir.is_function_path(r.graph)]
+    if not inside:
+        return []
+    holders = []   # (path prefix, node, attribute)
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("If", "Loop"):
+            continue
+        label = node.name or f"{node.op_type}({node.output[0] if node.output else '?'})"
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                holders.append((f"/{label}.{attr.name}", node, attr.name))
+    found = []
+    for rewrite in inside:
+        hits = [h for h in holders if rewrite.graph == h[0] or rewrite.graph.startswith(h[0] + "/")]
+        if hits:
+            found.append((rewrite, max(hits, key=lambda h: len(h[0]))))
+    watched = sorted({name for _r, (_p, node, _a) in found for name in node.input[:2] if name})
+    if not watched:
+        return []
+    try:
+        run = reference.outputs(watched)
+    except Exception:  # the original cannot expose them (an initializer as output, say): not checked
+        return []
+    values = [[np.asarray(out[name]) for out in run.outputs] for name in watched]
+    seen = dict(zip(watched, values))
+    idle = []
+    for rewrite, (_path, node, attr) in found:
+        if node.op_type == "If":
+            conds = [bool(v.reshape(-1)[0]) for v in seen[node.input[0]]]
+            ran = any(conds) if attr == "then_branch" else not all(conds)
+        else:   # Loop: the body runs when the trip count (if given) is above 0 and the condition (if given) holds
+            trips = seen.get(node.input[0]) if node.input and node.input[0] else None
+            conds = seen.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+            ran = any((trips is None or int(trips[i].reshape(-1)[0]) > 0) and (conds is None or bool(conds[i].reshape(-1)[0]))
+                      for i in range(len(run.outputs)))
+        if not ran:
+            label = node.name or f"{node.op_type}({node.output[0]})"
+            idle.append((rewrite, f"{attr} of {label} never ran on the verification inputs, so the rewrite there "
+                                  "could not be proven (give inputs that take it with --inputs)"))
+    return idle
 
 
 def _call_outputs(model, labels: set[str]) -> dict[str, str]:

@@ -134,6 +134,9 @@ def make_feeds(model: onnx.ModelProto, seed: int, shapes=None, ranges=None, npz:
         what = "uniform" if low is not None else "normal(0, 1)" if dtype.kind == "f" else "random"
         if low is None and kind != NORMAL and _is_float(dtype):
             feeds[vi.name], what = _stress(feeds[vi.name], kind, str(dtype))
+        elif kind == DEGENERATE and dtype == np.bool_:
+            # the normal set's flags negated: an If on a flag input runs its other branch here
+            feeds[vi.name], what = np.array(np.logical_not(feeds[vi.name])), "random, negated from the normal set's"
         specs.append(InputSpec(vi.name, str(dtype), list(shape),
                                f"{what} [{low:g}, {high:g}) {source}".strip() if low is not None else what,
                                defaulted))

@@ -108,3 +108,34 @@ def test_optimize_rolls_back_when_onnxruntime_cannot_run_the_rewritten_model(rng
     assert_equivalent(model, result.model)
     with pytest.raises(VerificationError, match="rolled back"):
         optimize(model, FoldOptions(passes=[invalid_pass], provider="cpu", strict=True))
+
+
+def _layernorm_in_a_branch(threshold: float):
+    """y = If(max(x) > threshold, then: a decomposed LayerNorm of x, else: x)."""
+    from onnx import TensorProto, numpy_helper
+    d = 8
+    body = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1]), helper.make_node("Sub", ["x", "m"], ["c"]),
+            helper.make_node("Mul", ["c", "c"], ["sq"]), helper.make_node("ReduceMean", ["sq"], ["v"], axes=[-1]),
+            helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["s"]),
+            helper.make_node("Div", ["c", "s"], ["yt"])]
+    then = helper.make_graph(body, "then", [], [helper.make_tensor_value_info("yt", TensorProto.FLOAT, [2, 4, d])],
+                             [numpy_helper.from_array(np.array(1e-5, np.float32), "eps")])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["ye"])], "else", [],
+                              [helper.make_tensor_value_info("ye", TensorProto.FLOAT, [2, 4, d])])
+    nodes = [helper.make_node("ReduceMax", ["x"], ["mx"], keepdims=0),
+             helper.make_node("Greater", ["mx", "limit"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then, else_branch=other)]
+    return make_model(nodes, [("x", FLOAT, [2, 4, d])], [("y", FLOAT, [2, 4, d])],
+                      {"limit": np.array(threshold, np.float32)}, opset=17)
+
+
+def test_a_rewrite_in_a_branch_the_verification_inputs_never_take_is_rolled_back():
+    """Matching outputs prove nothing of a branch that never ran: its rewrite is not kept."""
+    model = _layernorm_in_a_branch(1e4)
+    result = optimize(model, FoldOptions(passes=["fuse-layernorm"], provider="cpu"))
+    assert result.verified and [(r.anchor, r.graph) for r in result.rollbacks] == [("Div(yt)", "/branch.then_branch")]
+    assert "then_branch of branch never ran on the verification inputs" in result.rollbacks[0].reason
+    assert op_counts(result.model) == op_counts(model)
+    taken = _layernorm_in_a_branch(-1e4)
+    result = optimize(taken, FoldOptions(passes=["fuse-layernorm"], provider="cpu"))
+    assert result.verified and not result.rollbacks and len(result.pipeline.applied) == 1
