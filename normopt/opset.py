@@ -282,6 +282,45 @@ def upgrade_graph(graph, source: int, target: int, elem_type, names) -> bool:
     return True
 
 
+# Ops whose conversion by onnx's version converter changes what they compute, or leaves a model
+# that does not run (every backend node test, moved to each source opset 7..22 and converted to
+# 17, 18, 21 and 23, then both run in onnxruntime): (op, source opsets first..last, the target
+# opset from which it applies, why, which nodes: None for every one, else a test of the attrs).
+_HAZARDS = (
+    ("Hardmax", 1, 12, 13, "its axis is kept, but below opset 13 it flattens the input to 2-D there",
+     lambda attrs: int(attrs.get("axis", 1)) != -1),
+    ("Resize", 10, 10, 11, "its coordinates become half_pixel, not opset 10's asymmetric", None),
+    ("Upsample", 1, 9, 10, "it becomes a Resize whose coordinates are half_pixel, not asymmetric", None),
+    ("GroupNormalization", 18, 20, 21, "its scale and bias stay per group; opset 21 reads them per channel",
+     lambda attrs: int(attrs.get("num_groups", 0)) != 1),
+    ("Scan", 8, 8, 9, "the batch axis is dropped from the graph's declared shapes", None),
+    ("BatchNormalization", 1, 8, 9, "spatial=0 has no adapter", lambda attrs: int(attrs.get("spatial", 1)) == 0),
+)
+# Ops onnxruntime has no CPU kernel for at the version opset 22 gives them.
+_NO_KERNEL_22 = frozenset({"Bernoulli", "GlobalLpPool", "MaxRoiPool", "Multinomial", "RandomNormal",
+                           "RandomNormalLike", "RandomUniform", "RandomUniformLike", "RoiAlign"})
+
+
+def upgrade_hazard(nodes, source: int, target: int) -> str | None:
+    """Why raising default-domain ``nodes`` (objects with ``op``, ``domain`` and ``attrs``, as
+    graphsurgeon's) from opset ``source`` to ``target`` would change the model's meaning or leave
+    a model onnxruntime cannot run; None when no node is of such a kind."""
+    hazards = [h for h in _HAZARDS if h[1] <= source <= h[2] and target >= h[3]]
+    no_kernel = _NO_KERNEL_22 if source < 22 <= target else frozenset()
+    if not hazards and not no_kernel:
+        return None
+    watched = {h[0] for h in hazards} | no_kernel
+    for node in nodes:
+        if node.op not in watched or node.domain not in (None, *DEFAULT_DOMAINS):
+            continue
+        if node.op in no_kernel:
+            return f"at opset {target} onnxruntime has no kernel for {node.op}"
+        for op, _first, _last, _bite, why, applies in hazards:
+            if node.op == op and (applies is None or applies(node.attrs)):
+                return f"onnx's converter changes {op} from opset {source}: {why}"
+    return None
+
+
 def changed_ops(ops, source: int, target: int) -> set[str]:
     """The default-domain ops among ``ops`` whose definition differs between opsets ``source``
     and ``target`` (or that one of them lacks): a body using them cannot simply be relabelled."""

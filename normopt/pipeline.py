@@ -207,26 +207,29 @@ def _run_passes(model, table, names, options, lazy, started, result, weights, sh
             # needed none are already applied: keep them (and their records) in the model that
             # is upgraded, then scan again. Each round raises the opset, so this ends.
             earlier += record.applied
-            opset = model_opset(current)
+            have = model_opset(current)
             note = None
+            hazard = opset.upgrade_hazard((n for _p, g in G.iter_graphs(graph) for n in g.nodes), have, need)
             if not options.allow_opset_upgrade:
                 note = "opset upgrade disabled"
+            elif hazard:
+                note = f"opset upgrade {have} -> {need} refused: {hazard}"
             elif _relabel_ok(graph, need) and opset_in_place(graph, current, need, shapes, scope):
                 current = with_opset(current, need)
-                result.upgrades.append(OpsetUpgrade(opset, need, name))
+                result.upgrades.append(OpsetUpgrade(have, need, name))
             else:
                 ir.finish(graph)
                 exported = ir.export_model(graph, current, weights)
                 try:
                     upgraded = upgrade_opset(exported, need)
                 except Exception as err:  # the converter raises many types
-                    note = f"opset upgrade {opset} -> {need} failed: {' '.join(str(err).split())[:160]}"
+                    note = f"opset upgrade {have} -> {need} failed: {' '.join(str(err).split())[:160]}"
                 else:
                     current = upgraded
                     graph = _import(current, weights)
                     shapes = Shapes(current)   # in process: _run stops the first one's child
                     scope = G.NameScope(graph, imported=True)
-                    result.upgrades.append(OpsetUpgrade(opset, need, name))
+                    result.upgrades.append(OpsetUpgrade(have, need, name))
             record, need = _run_pass(pass_, graph, current, shapes, scope, options, upgrade_note=note)
         record.applied[:0] = earlier
         record.seconds = time.perf_counter() - t0

@@ -421,3 +421,44 @@ def test_command_checks_in_process_when_the_child_sends_no_verdict(tmp_path, rng
     res = _fold_cli("fold", path, "-o", tmp_path / "out.onnx", "--no-verify", "-q")
     assert res.exit_code == 0, res.output
     assert seen.count("input") == 1
+
+
+def _layernorm_beside(other: onnx.NodeProto, opset: int, extra_inputs=(), out_shape=(1, 2, 8, 16), inits=None):
+    """A decomposed LayerNorm of x [1, 2, 4, 8] (output y) beside ``other`` (output z)."""
+    import numpy as np
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1]), helper.make_node("Sub", ["x", "m"], ["d"]),
+             helper.make_node("Pow", ["d", "two"], ["sq"]), helper.make_node("ReduceMean", ["sq"], ["v"], axes=[-1]),
+             helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["s"]),
+             helper.make_node("Div", ["d", "s"], ["y"]), other]
+    values = {"two": np.array(2.0, np.float32), "eps": np.array(1e-5, np.float32), **(inits or {})}
+    return make_model(nodes, [("x", FLOAT, [1, 2, 4, 8]), *extra_inputs],
+                      [("y", FLOAT, [1, 2, 4, 8]), ("z", FLOAT, list(out_shape))], values, opset=opset)
+
+
+@pytest.mark.parametrize("other, opset, inits, out_shape, hazard", [
+    (helper.make_node("Resize", ["x", "scales"], ["z"], mode="linear"), 10, "scales", (1, 2, 8, 16),
+     "onnx's converter changes Resize from opset 10: its coordinates become half_pixel"),
+    (helper.make_node("Upsample", ["x", "scales"], ["z"], mode="linear"), 9, "scales", (1, 2, 8, 16),
+     "onnx's converter changes Upsample from opset 9"),
+    (helper.make_node("Hardmax", ["x"], ["z"]), 12, None, (1, 2, 4, 8),
+     "onnx's converter changes Hardmax from opset 12: its axis is kept, but below opset 13 it flattens"),
+    (helper.make_node("Hardmax", ["x"], ["z"], axis=-1), 12, None, (1, 2, 4, 8), None),
+], ids=["resize10", "upsample9", "hardmax12", "hardmax12_last_axis"])
+def test_opset_upgrade_is_refused_where_onnxs_converter_changes_another_op(other, opset, inits, out_shape, hazard):
+    """Raising the opset for a fusion converts every node; where onnx's converter changes what
+    a node computes (its Resize 10 -> 11 adapter drops the asymmetric coordinates, Hardmax
+    keeps a 2-D coercion's axis as one axis), the upgrade is refused and the fusion left, with
+    that reason. Hardmax over the last axis means the same at every opset: upgraded."""
+    import numpy as np
+    values = {"scales": np.array([1, 1, 2, 2], np.float32)} if inits else None
+    model = _layernorm_beside(other, opset, out_shape=out_shape, inits=values)
+    out, result = run_pipeline(model, ["fuse-layernorm"])
+    skipped = [s.reason for r in result.passes for s in r.skipped]
+    if hazard:
+        assert not result.applied and not result.upgrades
+        assert any(f"needs opset 17 (model has {opset}); opset upgrade {opset} -> 17 refused: {hazard}" in r
+                   for r in skipped), skipped
+        assert out.graph == model.graph
+    else:
+        assert len(result.applied) == 1 and result.upgrades and op_counts(out)["LayerNormalization"] == 1
+    assert_equivalent(model, out)
