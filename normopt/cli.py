@@ -8,6 +8,7 @@ Errors are one line on stderr;
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -41,6 +42,9 @@ class _Group(click.Group):
             _fail(ctx, str(err), err.exit_code)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: temporary files are already removed
             _fail(ctx, "interrupted (no partial output is left)", 130)
+        except click.UsageError as err:  # a bad flag or value: one line too, not click's usage block
+            where = err.ctx.command_path if err.ctx is not None else ctx.command_path
+            _fail(ctx, f"{err.format_message().rstrip('.')} (see '{where} --help')", err.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as err:  # a bug: still one line unless -v
@@ -50,7 +54,7 @@ class _Group(click.Group):
 def _fail(ctx: click.Context, message: str, code: int):
     if ctx.meta.get("normopt.verbose"):
         traceback.print_exc()
-    click.echo(f"error: {one_line(message)}", err=True)
+    _echo(f"error: {one_line(message)}", err=True)
     ctx.exit(code)
 
 
@@ -138,17 +142,31 @@ def fold(ctx, models, output, pass_list, skip_list, target, in_place, dry_run, c
                           input_ranges=parse_ranges(input_ranges), inputs_file=inputs_file, atol=atol, rtol=rtol,
                           strict=strict, target=target)
     settings = FoldSettings(options, dry_run=dry_run or check, force=force, external_data=external_data,
-                            check=check, verbose=verbose, in_place=in_place, report=bool(report_path))
+                            check=check, verbose=verbose, in_place=in_place, report=bool(report_path),
+                            report_path=report_path)
     _check_report_path(report_path)
     if len(models) > 1 or Path(models[0]).is_dir():
         _fold_batch(models, output, settings, jobs, report_path, quiet)
         return
-    outcome = fold_file(models[0], output, settings)
+    started = time.perf_counter()
+    try:
+        outcome = fold_file(models[0], output, settings)
+    except Exception as err:
+        # The report says so too: a report left from an earlier run must not read "ok".
+        if report_path and not str(err).startswith("cannot write report"):
+            code = err.exit_code if isinstance(err, NormoptError) else 2
+            message = str(err) if isinstance(err, NormoptError) else f"internal error: {type(err).__name__}: {err}"
+            try:
+                _write_json(report_path, report.error_document(models[0], code, one_line(message),
+                                                              time.perf_counter() - started))
+            except UsageError:
+                pass   # the error itself is what the user needs to see
+        raise
     if report_path and outcome.report is not None:
         _write_json(report_path, outcome.report)
     if not quiet:
         for line in outcome.lines:
-            click.echo(line)
+            _echo(line)
     if outcome.exit_code:
         raise _error(outcome.exit_code, outcome.error)
 
@@ -165,6 +183,7 @@ class FoldSettings:
     verbose: bool = False
     in_place: bool = False
     report: bool = True  # build each model's report document (only --report reads it)
+    report_path: str | None = None
 
 
 @dataclass
@@ -197,6 +216,7 @@ def fold_file(model: str, output: str | None, s: FoldSettings) -> FileOutcome:
         raise UsageError(f"output '{out_path}' is the input file; choose another -o, or --in-place")
     if not s.dry_run and not out_path.parent.is_dir():
         raise UsageError(f"cannot write '{out_path}': folder '{out_path.parent}' does not exist")
+    _check_writes(model, source, out_path, s)
     s.options.external_data = True if s.external_data else None
     # Candidates are written beside the output: the verified one is then renamed into place.
     stage_dir = _stage_dir(out_path) if (s.options.verify and not s.dry_run) else None
@@ -209,6 +229,29 @@ def fold_file(model: str, output: str | None, s: FoldSettings) -> FileOutcome:
         model_io.mark_checked(source)   # checked by now, or never to be used again
         if stage_dir is not None:
             shutil.rmtree(stage_dir, ignore_errors=True)
+
+
+def _check_writes(model: str, source, out_path: Path, s: FoldSettings) -> None:
+    """Before any work: nothing the run writes (the output, the data file beside it, the report)
+    is one of the input's files (the model, a data file it reads): a rename over one of them
+    would destroy the input. In place, the model's own switch is the point, and its new data
+    file gets a fresh name."""
+    here = os.path.dirname(os.path.realpath(model))
+    inputs = {os.path.realpath(model): "the input model"}
+    inputs.update((path, f"a data file of the input ('{os.path.relpath(path, here)}')")
+                  for path in model_io.external_files(source, here))
+    writes = [] if s.dry_run else [out_path] if s.in_place else [out_path, out_path.with_name(out_path.name + ".data")]
+    for path in writes:
+        real = os.path.realpath(path)
+        if real in inputs and not (s.in_place and real == os.path.realpath(model)):
+            what = "the output" if path == out_path else "the output's data file"
+            raise UsageError(f"cannot write '{path}' ({what}): it is {inputs[real]}; choose another -o")
+    if s.report_path:
+        real = os.path.realpath(s.report_path)
+        if real in inputs:
+            raise UsageError(f"cannot write report '{s.report_path}': it is {inputs[real]}")
+        if any(real == os.path.realpath(path) for path in writes):
+            raise UsageError(f"cannot write report '{s.report_path}': it is where the model is written")
 
 
 def _fold_staged(model, source, out_path: Path, s: FoldSettings, stage: Path | None,
@@ -321,7 +364,7 @@ def _fold_batch(models, output, settings: FoldSettings, jobs: int, report_path, 
             [{**o.report, "exit_code": o.exit_code} if o.report is not None
              else report.file_error(o.input, o.status, o.exit_code, o.error) for o in outcomes], seconds))
     if not quiet:
-        click.echo(f"{len(outcomes)} model(s): {len(outcomes) - len(failed)} ok, {len(failed)} failed; "
+        _echo(f"{len(outcomes)} model(s): {len(outcomes) - len(failed)} ok, {len(failed)} failed; "
                    f"{seconds:.1f} s")
     if failed:
         first = failed[0]
@@ -343,19 +386,19 @@ def _fold_task(task) -> FileOutcome:
 def _print_status(o: FileOutcome, settings: FoldSettings, quiet: bool) -> None:
     if o.exit_code:
         tag = "LEFT" if o.exit_code == NotFoldedError.exit_code else "FAILED"
-        click.echo(click.style(f"{tag:7}", fg="red", bold=True) + f" {o.input}: {one_line(o.error)} (exit {o.exit_code})",
+        _echo(click.style(f"{tag:7}", fg="red", bold=True) + f" {o.input}: {one_line(o.error)} (exit {o.exit_code})",
                    err=True)
         if o.pending and not quiet:
             for line in report.site_lines(o.pending, settings.verbose):
-                click.echo(f"          {line}", err=True)
+                _echo(f"          {line}", err=True)
         return
     if quiet:
         return
     where = f" -> {o.output}" if o.output else ""
-    click.echo(click.style(f"{'ok':7}", fg="green") + f" {o.input}{where}: {o.brief}")
+    _echo(click.style(f"{'ok':7}", fg="green") + f" {o.input}{where}: {o.brief}")
     if settings.verbose:
         for line in o.lines:
-            click.echo(f"          {line}")
+            _echo(f"          {line}")
 
 
 def _expand(models) -> list[Path]:
@@ -422,14 +465,14 @@ def inspect_cmd(ctx, model, fmt, pass_list, skip_list, target, no_opset_upgrade,
         source = model_io.load(model)
     found = inspect_model(source, names, not no_opset_upgrade, target, base_dir=str(Path(model).resolve().parent))
     if fmt == "json":
-        click.echo(report.to_json(report.inspect_document(model=model, inspection=found, target=target,
-                                                          seconds=time.perf_counter() - started)))
+        _echo(report.to_json(report.inspect_document(model=model, inspection=found, target=target,
+                                                     seconds=time.perf_counter() - started)), raw=True)
         return
-    click.echo(report.inspect_summary(model, found))
+    _echo(report.inspect_summary(model, found))
     for up in found.pipeline.upgrades:
-        click.echo(f"fold raises the opset {up.from_version} -> {up.to_version} (for {up.for_pass})")
+        _echo(f"fold raises the opset {up.from_version} -> {up.to_version} (for {up.for_pass})")
     for line in report.site_lines(found.sites, verbose):
-        click.echo(f"  {line}")
+        _echo(f"  {line}")
 
 
 @cli.command(epilog=EXIT_CODES)
@@ -454,7 +497,7 @@ def verify(ctx, reference, candidate, provider, seed, trials, input_shapes, inpu
             verification=result, seconds=time.perf_counter() - started))
     if not quiet:
         for line in report.verify_lines(result, verbose):
-            click.echo(line)
+            _echo(line)
     if not result.passed:
         raise VerificationError(report.failure_message(result))
 
@@ -463,7 +506,23 @@ def verify(ctx, reference, candidate, provider, seed, trials, input_shapes, inpu
 def list_passes():
     """List the passes, in the order they run."""
     for name, cls in registry.available().items():
-        click.echo(f"{name:18} {registry.describe(cls)}")
+        _echo(f"{name:18} {registry.describe(cls)}")
+
+
+_STYLE = re.compile(r"(\x1b\[[0-9;]*m)")
+
+
+def _echo(text: str = "", err: bool = False, raw: bool = False) -> None:
+    """``click.echo`` of one line whose names are printed escaped (a tensor name may hold a line
+    break or a terminal escape; the colours of ``click.style`` stay), and that outlives a closed
+    or broken stdout (``| head``, ``>&-``): what the run did and its exit code do not depend on
+    whether its summary could be printed. ``raw``: JSON or a block of lines, printed as it is."""
+    if not raw:
+        text = "".join(part if _STYLE.fullmatch(part) else one_line(part) for part in _STYLE.split(text))
+    try:
+        click.echo(text, err=err)
+    except (OSError, ValueError, AttributeError):   # EPIPE, a closed stream, no stream at all
+        pass
 
 
 def one_line(text: str) -> str:
@@ -577,16 +636,60 @@ def _terminate_as_interrupt() -> None:
 
 
 def _check_report_path(path: str | None) -> None:
-    """Before any work: a report that cannot be written must not fail the run after the model was."""
-    if path and not Path(path).parent.is_dir():
-        raise UsageError(f"cannot write report '{path}': folder '{Path(path).parent}' does not exist")
+    """Before any work: a report that cannot be written must not fail the run after the model
+    was. Its folder must take a new file, and a file already there is replaced only when it is a
+    normopt report (an input model, a data file or anything else is never written over)."""
+    if not path:
+        return
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise UsageError(f"cannot write report '{path}': folder '{folder}' does not exist")
+    _replaceable_report(path)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".normopt-report-", dir=folder)
+    except OSError as err:
+        raise UsageError(f"cannot write report '{path}': {err.strerror or err}") from err
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _replaceable_report(path: str) -> None:
+    """Raise unless ``path`` is free or holds a normopt report (JSON with its schema_version)."""
+    p = Path(path)
+    if not os.path.lexists(p):
+        return
+    if p.is_dir():
+        raise UsageError(f"cannot write report '{path}': it is a folder")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(1 << 16)
+        ours = head.lstrip().startswith(b"{") and b'"schema_version"' in head and p.stat().st_size < (1 << 30)
+    except OSError as err:
+        raise UsageError(f"cannot write report '{path}': {err.strerror or err}") from err
+    if not ours:
+        raise UsageError(f"cannot write report '{path}': the file there is not a normopt report, and is not "
+                         "written over")
 
 
 def _write_json(path: str, doc: dict) -> None:
+    """The report, written whole or not at all: a temporary file beside it, renamed over it."""
+    _replaceable_report(path)
+    target = Path(path)
+    tmp = None
     try:
-        Path(path).write_text(report.to_json(doc) + "\n")
+        fd, tmp = tempfile.mkstemp(prefix=".normopt-report-", dir=target.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(report.to_json(doc) + "\n")
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)   # as a file the report's writer creates (mkstemp's is 0600)
+        os.replace(tmp, target)
+        tmp = None
     except OSError as err:
         raise UsageError(f"cannot write report '{path}': {err.strerror or err}") from err
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -599,6 +702,13 @@ def entry() -> None:  # pragma: no cover - exercised as a subprocess by the test
     objects), which the OS reclaims faster than the interpreter frees it object by object."""
     pipeline.keep_graphs_until_exit()
     pipeline.infer_in_background()
+    for fd in (0, 1, 2):
+        # A standard stream closed by the caller (``>&-``) gets /dev/null: else the next file
+        # opened would take its number, and whatever a library prints would go into that file.
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)   # the lowest free number: this one
     try:
         main()
         code = 0
@@ -611,7 +721,8 @@ def entry() -> None:  # pragma: no cover - exercised as a subprocess by the test
         code = 1
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:   # None: closed by the caller before the start
+                stream.flush()
         except (OSError, ValueError):  # a closed pipe: nothing more can be said there
             pass
     os._exit(code)

@@ -93,23 +93,38 @@ class _Captured:
 def _captured_output():
     """Capture what native code writes to stdout/stderr (onnxruntime's CUDA loader does)."""
     cap = _Captured()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
+    _flush()
+    saved = []
+    try:
+        for fd in (1, 2):
+            saved.append(os.dup(fd))
+    except OSError:   # no stdout or stderr at all (closed by the caller): nothing to capture
+        for fd in saved:
+            os.close(fd)
+        yield cap
+        return
     with tempfile.TemporaryFile(mode="w+b") as tmp:
         os.dup2(tmp.fileno(), 1)
         os.dup2(tmp.fileno(), 2)
         try:
             yield cap
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            _flush()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
             tmp.seek(0)
             cap.text = tmp.read().decode("utf-8", "replace")
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):   # a broken pipe or a closed stream: nothing to keep there
+            pass
 
 
 def session_options():

@@ -209,6 +209,15 @@ def file_error(input: str, status: str, exit_code: int, message: str) -> dict:
     return {"input": str(input), "status": status, "exit_code": exit_code, "error": message}
 
 
+def error_document(input: str, exit_code: int, message: str, seconds: float) -> dict:
+    """The report of ``normopt fold`` on one model that ended in an error (bad input, a write
+    that failed): what a batch report lists for such a file, as a document of its own."""
+    doc = _header("error")
+    doc.update(file_error(input, "error", exit_code, message), wall_seconds=seconds,
+               peak_memory_bytes=peak_memory_bytes())
+    return doc
+
+
 def batch_document(files: list[dict], seconds: float) -> dict:
     doc = _header("batch")
     counts = Counter("ok" if f.get("exit_code", 0) == 0 else "failed" for f in files)

@@ -202,7 +202,41 @@ def test_command_process_writes_everything_before_it_exits(model_path, tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("error: cannot read")
     usage = subprocess.run([sys.executable, "-m", "normopt", "fold", "--no-such-option"], capture_output=True,
                            text=True)
-    assert usage.returncode == 2 and "No such option" in usage.stderr
+    assert usage.returncode == 2 and usage.stderr.splitlines() == [
+        "error: No such option '--no-such-option' (see 'normopt fold --help')"]
+
+
+def test_command_outlives_a_closed_or_broken_stdout(model_path, tmp_path):
+    """What the run does and its exit code do not depend on whether its summary could be
+    printed: stdout closed by the caller (``>&-``), or a reader that went away (``| head``)."""
+    out = tmp_path / "closed.onnx"
+    closed = subprocess.run(f"{sys.executable} -m normopt fold {model_path} -o {out} >&-", shell=True,
+                            capture_output=False, stderr=subprocess.PIPE, text=True)
+    assert closed.returncode == 0 and closed.stderr == "" and out.exists()
+    piped = tmp_path / "piped.onnx"
+    broken = subprocess.run(f"{sys.executable} -m normopt fold {model_path} -o {piped} | true; "
+                            "exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", stderr=subprocess.PIPE,
+                            text=True)
+    assert broken.returncode == 0 and "Error" not in broken.stderr and piped.exists()
+
+
+def test_a_failing_run_writes_its_error_report(model_path, tmp_path):
+    """A report left from an earlier run must not read "ok" after a run that failed: the error
+    is reported (kind "error", the one line and the exit code), valid under the schema."""
+    import jsonschema
+    from importlib import resources
+    rep = tmp_path / "r.json"
+    assert invoke("fold", str(model_path), "-o", str(tmp_path / "o.onnx"), "--report", str(rep)).exit_code == 0
+    assert json.loads(rep.read_text())["status"] == "ok"
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"garbage")
+    res = invoke("fold", str(bad), "--report", str(rep))
+    assert res.exit_code == 2
+    doc = json.loads(rep.read_text())
+    assert (doc["kind"], doc["status"], doc["exit_code"]) == ("error", "error", 2)
+    assert doc["error"].startswith(f"cannot read '{bad}': file is not an ONNX model")
+    schema = json.loads(resources.files("normopt").joinpath("schema/report.schema.json").read_text())
+    jsonschema.validate(doc, schema)
 
 def test_onnxruntime_failure_is_one_line_without_its_own_log(tmp_path):
     """onnxruntime logs a failing kernel on stderr itself before raising: the command says it

@@ -139,13 +139,29 @@ def test_untouched_weights_are_never_decoded_nor_copied(rng, monkeypatch):
     assert all(id(t) in referenced for t in model.graph.initializer if t.name in headers)
 
 
-def test_output_data_file_never_overwrites_the_inputs(tmp_path, rng):
+@pytest.mark.parametrize("data_name, output, report, flags, message", [
+    ("f.onnx.data", "f.onnx", None, ["--no-verify"], "cannot write '{d}/f.onnx.data' (the output's data file): it "
+                                                     "is a data file of the input ('f.onnx.data')"),
+    ("f.onnx.data", "f.onnx", None, [], "(the output's data file): it is a data file of the input"),
+    ("m.normopt.onnx.data", None, None, [], "(the output's data file): it is a data file of the input"),
+    ("f.onnx", "f.onnx", None, [], "cannot write '{d}/f.onnx' (the output): it is a data file of the input"),
+    ("w.bin", "o.onnx", "m.onnx", [], "cannot write report '{d}/m.onnx': the file there is not a normopt report"),
+    ("w.bin", "o.onnx", "w.bin", [], "cannot write report '{d}/w.bin': the file there is not a normopt report"),
+    ("w.bin", "o.onnx", "o.onnx", [], "cannot write report '{d}/o.onnx': it is where the model is written"),
+    ("w.bin", "o.onnx", "o.onnx.data", [], "cannot write report '{d}/o.onnx.data': it is where the model is written"),
+], ids=["data_no_verify", "data_verified", "data_default_output", "output_is_data", "report_is_model",
+        "report_is_data", "report_is_output", "report_is_output_data"])
+def test_output_data_file_never_overwrites_the_inputs(tmp_path, rng, data_name, output, report, flags, message):
+    """Nothing the run writes (the output, its data file, the report) is one of the input's
+    files: refused before any work, one line, exit 2, every file as it was."""
     model = rms_decoder(rng)
-    save_external(model, tmp_path / "m.onnx", "f.onnx.data")
+    save_external(model, tmp_path / "m.onnx", data_name)
     before = digests(tmp_path)
-    res = CliRunner().invoke(cli, ["fold", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "f.onnx"), "--no-verify"])
-    assert res.exit_code == 2
-    assert "input's own data file" in res.output
+    args = ["fold", str(tmp_path / "m.onnx")] + (["-o", str(tmp_path / output)] if output else []) + \
+        (["--report", str(tmp_path / report)] if report else []) + flags
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2, res.output
+    assert message.format(d=tmp_path) in res.output and len(res.output.strip().splitlines()) == 1, res.output
     assert digests(tmp_path) == before
 
 
