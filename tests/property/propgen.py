@@ -194,6 +194,16 @@ def _conditioned(sp: Spelling) -> Spelling:
     return replace(sp, eps=max(sp.eps or 0.0, 0.1)) if sp.fn_body else sp
 
 
+def over_two(sp: Spelling, n_elems) -> Spelling:
+    """A normalization over 2 elements with epsilon ~ 0 is a sign function, (a - b) / |a - b|:
+    its result turns on the last bits of two near-equal values, in the original itself (a norm
+    after it sees that too). onnxruntime's fused kernels (the variance as mean(x^2) - mean(x)^2)
+    and the decomposed original then differ by far more than rounding (1.8e-3 normalizing
+    [1, 1.0001]); verification rolls such a site back. Epsilon 0.1 there keeps the comparison
+    about the rewrite."""
+    return replace(sp, eps=max(sp.eps or 0.0, 0.1)) if n_elems == 2 else sp
+
+
 def spellings(kind: str = "mean") -> st.SearchStrategy[Spelling]:
     centred = kind == "mean"
     return st.builds(

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from onnx import helper
 
 from helpers import make_model, op_counts
-from propgen import (F16, F32, F64, INT32, NP, PROFILE, SLOW, SLOW_NEAR_MISS, BITS, Case, Net, NEAR_MISS,
+from propgen import (over_two, F16, F32, F64, INT32, NP, PROFILE, SLOW, SLOW_NEAR_MISS, BITS, Case, Net, NEAR_MISS,
                      fused_counts, prove_left_alone, prove_rewrite, seeds, shapes, spellings, tails, trailing_axes)
 
 LN, RMS, GN, IN = "LayerNormalization", "RMSNormalization", "GroupNormalization", "InstanceNormalization"
@@ -53,6 +53,7 @@ def mixed_cast_cases(draw, miss: str | None = None) -> Case:
     sp = draw(spellings("mean"))
     axes = trailing_axes(rank - n, n, rank, sp.negative_axes)
     norm_shape = tuple(shape[rank - n:])
+    sp = over_two(sp, int(np.prod(norm_shape)))
     net = Net(opset, model_dtype, draw(st.sampled_from(["initializer", "node"])))
     mean = net.mean("x", axes)
     d = net.op("Sub", "x", mean)

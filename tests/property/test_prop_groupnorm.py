@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from propgen import (CORE_MISSES, F16, F32, F64, NEAR_MISS, PROFILE, SLOW, SLOW_NEAR_MISS, Case, Net, Tail,
+from propgen import (over_two, CORE_MISSES, F16, F32, F64, NEAR_MISS, PROFILE, SLOW, SLOW_NEAR_MISS, Case, Net, Tail,
                      channel_param, core, fused_counts, prove_left_alone, prove_rewrite, seeds, spellings)
 
 PASS = "fuse-groupnorm"
@@ -78,7 +78,7 @@ def groupnorm_cases(draw, miss: str | None = None) -> Case:
         var_axes = [1, *axes]
         if sp.negative_axes:
             axes, var_axes = [a - g_rank for a in axes], [a - g_rank for a in var_axes]
-        t = core(net, t, axes, sp, "mean", core_dtype, miss, miss_value, group_elems, var_axes)
+        t = core(net, t, axes, over_two(sp, group_elems), "mean", core_dtype, miss, miss_value, group_elems, var_axes)
     if core_dtype != model_dtype:
         t = net.op("Cast", t, to=model_dtype)
     # the reshape back to x's shape

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from propgen import (CORE_MISSES, F16, F32, NEAR_MISS, PROFILE, SLOW, SLOW_NEAR_MISS, Case, Net, Tail, channel_param,
+from propgen import (over_two, CORE_MISSES, F16, F32, NEAR_MISS, PROFILE, SLOW, SLOW_NEAR_MISS, Case, Net, Tail, channel_param,
                      core, fused_counts, prove_left_alone, prove_rewrite, seeds, spellings)
 
 PASS = "fuse-instancenorm"
@@ -44,6 +44,7 @@ def instancenorm_cases(draw, miss: str | None = None) -> Case:
     net = Net(opset, core_dtype, draw(st.sampled_from(["initializer", "node"])))
     x = "x" if core_dtype == model_dtype else net.op("Cast", "x", to=core_dtype)
     n_elems = int(np.prod([d if isinstance(d, int) else 8 for d in spatial]))
+    sp = over_two(sp, n_elems)
     t = core(net, x, axes, sp, "mean", core_dtype, miss, miss_value, n_elems, var_axes)
     # Rank 3 and near misses need a per-channel parameter (C > 1): without one, a rank-3 core is
     # a LayerNorm (fuse-layernorm's) and a near miss is not even a candidate.

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from propgen import (CORE_MISSES, F16, F32, F64, NEAR_MISS, PROFILE, SLOW, SLOW_NEAR_MISS, Case, Net, Tail, core,
+from propgen import (over_two, CORE_MISSES, F16, F32, F64, NEAR_MISS, PROFILE, SLOW, SLOW_NEAR_MISS, Case, Net, Tail, core,
                      fused_counts, param_shape, prove_left_alone, prove_rewrite, seeds, shapes, spellings, tails,
                      trailing_axes)
 
@@ -40,6 +40,7 @@ def layernorm_cases(draw, miss: str | None = None) -> Case:
         sp = replace(sp, square="pow")
     miss_value = draw(st.sampled_from([3.0, 1.0, 0.5, 4.0])) if miss == "exponent" else draw(st.integers(0, 9))
     norm_shape = tuple(shape[rank - n:])
+    sp = over_two(sp, int(np.prod(norm_shape)))
     first = rank - n - 1 if miss == "non_trailing" else rank - n
     axes = trailing_axes(first, n, rank, sp.negative_axes)
     var_axes = trailing_axes(rank - n - 1, n + 1, rank, sp.negative_axes) if n < rank else trailing_axes(rank - n + 1, n - 1, rank,

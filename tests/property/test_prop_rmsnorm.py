@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from propgen import (CORE_MISSES, F16, F32, F64, NEAR_MISS, PROFILE, SLOW, SLOW_NEAR_MISS, Case, Net, Tail, core,
+from propgen import (over_two, CORE_MISSES, F16, F32, F64, NEAR_MISS, PROFILE, SLOW, SLOW_NEAR_MISS, Case, Net, Tail, core,
                      fused_counts, param_shape, prove_left_alone, prove_rewrite, seeds, shapes, spellings,
                      trailing_axes)
 
@@ -36,6 +36,7 @@ def rmsnorm_cases(draw, miss: str | None = None) -> Case:
         sp = replace(sp, square="pow")
     miss_value = draw(st.sampled_from([3.0, 1.0, 0.5, 4.0])) if miss == "exponent" else draw(st.integers(0, 9))
     norm_shape = tuple(shape[rank - n:])
+    sp = over_two(sp, int(np.prod(norm_shape)))
     axes = trailing_axes(rank - n - 1 if miss == "non_trailing" else rank - n, n, rank, sp.negative_axes)
     net = Net(opset, core_dtype, draw(st.sampled_from(["initializer", "node"])))
     x, numerator = "x", None
