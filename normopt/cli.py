@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -36,8 +37,13 @@ class _Group(click.Group):
     """Turns NormoptError into one line on stderr and its exit code."""
 
     def invoke(self, ctx: click.Context):
+        import numpy as np
+
         try:
-            return super().invoke(ctx)
+            # Non-finite values are the passes' to judge (a negative variance is a reason to
+            # skip): numpy's own warnings about them would be lines on stderr besides ours.
+            with np.errstate(all="ignore"):
+                return super().invoke(ctx)
         except NormoptError as err:
             _fail(ctx, str(err), err.exit_code)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: temporary files are already removed
@@ -211,7 +217,8 @@ def fold_file(model: str, output: str | None, s: FoldSettings) -> FileOutcome:
         # First: a missing input is named as such, not as a missing output folder. A model large
         # enough for its shape inference to run beside the import has the checker run there too.
         source = model_io.load(model, notes, check_later=pipeline.in_background)
-    out_path = Path(model) if s.in_place else Path(output) if output else model_io.default_output(model)
+    # In place through a symbolic link: the file it points to is replaced; the link stays.
+    out_path = Path(os.path.realpath(model)) if s.in_place else _output_path(model, output)
     if not s.dry_run and not s.in_place and out_path.exists() and out_path.resolve() == Path(model).resolve():
         raise UsageError(f"output '{out_path}' is the input file; choose another -o, or --in-place")
     if not s.dry_run and not out_path.parent.is_dir():
@@ -229,6 +236,20 @@ def fold_file(model: str, output: str | None, s: FoldSettings) -> FileOutcome:
         model_io.mark_checked(source)   # checked by now, or never to be used again
         if stage_dir is not None:
             shutil.rmtree(stage_dir, ignore_errors=True)
+
+
+def _output_path(model: str, output: str | None) -> Path:
+    """``-o`` for one model: a file, or a folder (one that exists, or a name ending in '/',
+    created) to write the model into under its own name; none: ``<stem>.normopt.onnx`` beside it."""
+    if output is None:
+        return model_io.default_output(model)
+    out = Path(output)
+    if output.endswith(("/", os.sep)) and not out.exists() and out.parent.is_dir():
+        try:
+            out.mkdir()
+        except OSError as err:
+            raise UsageError(f"cannot create output folder '{output}': {err.strerror or err}") from err
+    return out / Path(model).name if out.is_dir() else out
 
 
 def _check_writes(model: str, source, out_path: Path, s: FoldSettings) -> None:
@@ -354,9 +375,18 @@ def _fold_batch(models, output, settings: FoldSettings, jobs: int, report_path, 
         for outcome in results:
             outcomes.append(outcome)
             _print_status(outcome, settings, quiet)
+    except KeyboardInterrupt:
+        if pool is not None:   # Ctrl-C reaches the workers too; SIGTERM to this process does not
+            import signal
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                try:
+                    os.kill(proc.pid, signal.SIGTERM)
+                except OSError:
+                    pass
+        raise
     finally:
         if pool is not None:
-            pool.shutdown(cancel_futures=True)
+            pool.shutdown(cancel_futures=True)   # waits for the workers: their temporary files are gone after
     seconds = time.perf_counter() - started
     failed = [o for o in outcomes if o.exit_code]
     if report_path:
@@ -372,11 +402,42 @@ def _fold_batch(models, output, settings: FoldSettings, jobs: int, report_path, 
                                       f"{first.error})")
 
 
+_stopped = False   # a worker process told to stop (-j): the models still queued to it are not started
+
+
+def _stop_in_worker() -> None:
+    """In a worker process of ``-j``: SIGTERM and SIGINT raise in the model being folded, as in
+    the command (its temporary files go with its ``finally``), and no queued model starts after."""
+    import multiprocessing
+    import signal
+
+    if multiprocessing.current_process().name == "MainProcess":
+        return
+
+    def handler(signum, frame):
+        global _stopped
+        if _stopped:   # Ctrl-C reaches a worker twice (from the terminal, then from the command):
+            return     # the second must not cut short the cleanup the first started
+        _stopped = True
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
 def _fold_task(task) -> FileOutcome:
     """One model of a batch (in a worker process with -j): never raises."""
     model, output, settings = task
+    _stop_in_worker()
+    if _stopped:
+        return FileOutcome(model, None, "error", 130, "interrupted before it started")
     try:
-        return fold_file(model, output, settings)
+        import numpy as np
+
+        with np.errstate(all="ignore"):   # as in the command's own process (_Group.invoke)
+            return fold_file(model, output, settings)
+    except KeyboardInterrupt:
+        return FileOutcome(model, None, "error", 130, "interrupted (no partial output is left)")
     except NormoptError as err:
         return FileOutcome(model, None, "error", err.exit_code, str(err))
     except Exception as err:  # a bug: the other models still run
@@ -405,6 +466,7 @@ def _expand(models) -> list[Path]:
     """Files as given; a folder stands for its .onnx files (not recursive; earlier outputs,
     *.normopt.onnx, excluded), sorted by name."""
     files: list[Path] = []
+    seen: set[str] = set()
     for item in models:
         p = Path(item)
         if p.is_dir():
@@ -414,7 +476,13 @@ def _expand(models) -> list[Path]:
             files.extend(found)
         else:
             files.append(p)
-    return files
+    unique = []
+    for f in files:   # the same file named twice (m.onnx ./m.onnx) is folded once
+        key = os.path.realpath(f)
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
 
 
 def _batch_outputs(files: list[Path], output, dry_run: bool) -> list[Path | None]:
@@ -570,6 +638,11 @@ def _commit_staged(staged: Path, out_path: Path) -> None:
     target = out_path.with_name(data.name)
     placed = None
     try:
+        if out_path.exists():   # a file replaced keeps its permissions (a 0640 model stays 0640)
+            mode = stat.S_IMODE(out_path.stat().st_mode)
+            for path in (staged, data):
+                if path.exists():
+                    os.chmod(path, mode)
         if data.exists():
             fresh = not target.exists()
             os.replace(data, target)

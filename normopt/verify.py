@@ -591,7 +591,19 @@ def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trial
             diff.inputs = input_set.label
             diffs.append(diff)
         report.outputs.append(max(diffs, key=lambda d: (not d.passed, d.needed_atol)))
+    if names and not repeat and all(_nothing_finite(out[name]) for out in reference.outputs for name in names):
+        # NaN = NaN everywhere proves nothing: inputs (given, or the model's own) that make every
+        # output NaN or Inf leave nothing to compare
+        for diff in report.outputs:
+            diff.problem = diff.problem or ("every value of every output is NaN or Inf on every input set: "
+                                            "nothing could be compared (give other inputs with --inputs)")
     return report
+
+
+def _nothing_finite(value) -> bool:
+    value = np.asarray(value)
+    is_float = value.dtype.kind in "fc" or str(value.dtype) == "bfloat16"
+    return is_float and value.size > 0 and not np.isfinite(value.astype(np.float64)).any()
 
 
 def _interface_inputs(m: onnx.ModelProto) -> list[str]:

@@ -77,7 +77,10 @@ def test_fold_batch_usage_errors(models, tmp_path):
     empty.mkdir()
     res = run("fold", empty)
     assert res.exit_code == 2 and f"error: folder '{empty}' has no .onnx models" in res.output
-    res = run("fold", models, models / "a.onnx", "-o", tmp_path / "out")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.onnx").write_bytes((models / "a.onnx").read_bytes())
+    res = run("fold", models, other / "a.onnx", "-o", tmp_path / "out")
     assert res.exit_code == 2 and "would both be written to" in res.output
     (tmp_path / "file").write_text("x")
     for target in (tmp_path / "file", tmp_path / "new.onnx"):
@@ -139,3 +142,11 @@ def test_summary_groups_skip_reasons_and_counts_them(tmp_path, rng):
                       (tmp_path / "r.json").read_text())
     bn = next(p for p in data["passes"] if p["name"] == "fold-batchnorm")
     assert len(bn["skipped"]) == 3
+
+
+def test_a_model_named_twice_is_folded_once(models, tmp_path):
+    """m.onnx and ./m.onnx (or a folder and one of its files) are one model: folding it twice
+    at once would race for its output."""
+    res = run("fold", models, models / "a.onnx", "-o", tmp_path / "out", "-j", "2")
+    assert res.exit_code == 0, res.output
+    assert res.output.count("a.onnx ->") == 1

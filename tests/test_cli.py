@@ -327,3 +327,50 @@ def test_ir3_initializers_left_out_of_the_graph_inputs_are_listed_in_the_output(
     assert out.ir_version == 3 and op_counts(out) == {"Conv": 3, "Relu": 3}
     assert [i.name for i in out.graph.input] == ["x"] + [t.name for t in out.graph.initializer]
     assert "verify: passed" in res.output and path.read_bytes() == before
+
+
+def test_in_place_through_a_link_replaces_its_target_and_keeps_the_files_mode(model_path, tmp_path):
+    import os
+    import stat
+    real = tmp_path / "real"
+    real.mkdir()
+    target = real / "m.onnx"
+    target.write_bytes(model_path.read_bytes())
+    target.chmod(0o640)
+    link = tmp_path / "link.onnx"
+    link.symlink_to(target)
+    assert invoke("fold", str(link), "--in-place", "-q").exit_code == 0
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert op_counts(onnx.load(target)).get("BatchNormalization", 0) == 0
+
+
+def test_output_folder_for_one_model(model_path, tmp_path):
+    """-o DIR/ (created) or an existing folder: the model is written there under its own name."""
+    res = invoke("fold", str(model_path), "-o", f"{tmp_path / 'new'}/", "-q")
+    assert res.exit_code == 0 and (tmp_path / "new" / model_path.name).exists()
+    res = invoke("fold", str(model_path), "-o", str(tmp_path / "new"), "-q", "--force")
+    assert res.exit_code == 0, res.output
+
+
+def test_inputs_that_make_every_output_nan_verify_nothing(model_path, tmp_path):
+    """NaN = NaN everywhere proves nothing: verification fails and says why."""
+    x = onnx.load(model_path).graph.input[0]
+    shape = [d.dim_value for d in x.type.tensor_type.shape.dim]
+    np.savez(tmp_path / "nan.npz", **{x.name: np.full(shape, np.nan, np.float32)})
+    res = invoke("verify", str(model_path), str(model_path), "--inputs", str(tmp_path / "nan.npz"))
+    assert res.exit_code == 1 and "every value of every output is NaN or Inf on every input set" in res.output
+
+
+def test_numpy_warnings_do_not_reach_stderr(tmp_path):
+    """A negative variance in a BatchNormalization is the passes' to judge, not a numpy warning."""
+    c = 2
+    inits = {"w": np.ones((c, c, 1, 1), np.float32), "g": np.ones(c, np.float32), "b": np.zeros(c, np.float32),
+             "m": np.zeros(c, np.float32), "v": np.array([1.0, -2.0], np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"])]
+    path = tmp_path / "negvar.onnx"
+    onnx.save(make_model(nodes, [("x", FLOAT, [1, c, 4, 4])], [("y", FLOAT, [1, c, 4, 4])], inits, opset=17), path)
+    res = subprocess.run([sys.executable, "-m", "normopt", "fold", str(path), "-o", str(tmp_path / "o.onnx"), "-q"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and res.stderr == "", res.stderr

@@ -305,6 +305,54 @@ def test_signal_during_in_place_leaves_the_input(src_external):
     assert digests(src_external) == before
 
 
+_SLOW_WRITES = textwrap.dedent("""
+    import os, time
+    from pathlib import Path
+    import normopt.model_io as m
+
+    real = m._write_single
+
+    def write(skel, path, *rest):  # each model stalls in its write (in Python): the signal comes then
+        Path(os.environ["NORMOPT_TEST_MARK"], str(os.getpid())).touch()
+        for _ in range(300):
+            time.sleep(0.1)
+        real(skel, path, *rest)
+
+    m._write_single = write
+""")
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_stops_every_worker_of_a_batch(tmp_path, rng, sig):
+    """-j 2: SIGTERM to the command (a CI timeout) or Ctrl-C (SIGINT to the process group) stops
+    the workers too: exit 130 within seconds, no output written after the signal, no model
+    still queued started, no temporary folder left."""
+    import time
+    folder, out, marks, site = tmp_path / "in", tmp_path / "out", tmp_path / "marks", tmp_path / "site"
+    for path in (folder, out, marks, site):
+        path.mkdir()
+    for name in "abcdef":
+        onnx.save(conv_bn(rng), folder / f"{name}.onnx")
+    (site / "sitecustomize.py").write_text(_SLOW_WRITES)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+           "NORMOPT_TEST_MARK": str(marks)}
+    proc = subprocess.Popen([sys.executable, "-m", "normopt", "fold", str(folder), "-o", str(out), "-j", "2",
+                             "--no-verify"], env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while len(list(marks.iterdir())) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    assert len(list(marks.iterdir())) == 2, "both workers should be writing by now"
+    if sig == "SIGTERM":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    time.sleep(1)   # a worker left running would write now
+    assert list(out.iterdir()) == [] and len(list(marks.iterdir())) == 2
+    assert not [p for p in tmp_path.rglob(".normopt-*")]
+
+
 assert signal.SIGTERM  # the tests above need POSIX signals
 
 
