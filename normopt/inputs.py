@@ -290,8 +290,13 @@ def _check_npz_names(path: str, loaded: dict, needed: set[str], accepted: set[st
 
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:
+    import zipfile
+
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot read inputs '{path}': {' '.join(str(err).split())[:160]}") from err
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        why = ' '.join(str(err).split())[:160]
+        if isinstance(err, zipfile.BadZipFile) or "pickled" in why:   # numpy read it as a pickle
+            why = "not an .npz file (numpy.savez writes one)"
+        raise UsageError(f"cannot read inputs '{path}': {why}") from err

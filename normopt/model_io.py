@@ -536,7 +536,10 @@ def _check_range(t: onnx.TensorProto, base_dir: str, root: str, sizes: dict[str,
         raise ValueError(f"tensor '{t.name}': external data offset or length is not a number "
                          f"({info.get('offset')!r}, {info.get('length')!r})") from None
     expected = _nbytes(t)
-    if offset < 0 or length < 0 or offset + length > sizes[path] or (expected and length < expected):
+    if offset < 0 or length < 0:
+        raise ValueError(f"tensor '{t.name}': external data '{location}' has a negative offset or length "
+                         f"(offset {offset}, length {length})")
+    if offset + length > sizes[path] or (expected and length < expected):
         raise ValueError(f"tensor '{t.name}': external data '{location}' is too short "
                          f"(offset {offset}, length {length}, file {sizes[path]} bytes)")
 

@@ -222,6 +222,8 @@ CASES = [
      "is too short"),
     ("external data out of range", lambda: {"m.onnx": _mutant(BASE, _external("w.bin", "4096", "64")),
                                             "w.bin": bytes(1024)}, 2, "is too short"),
+    ("external data negative offset", lambda: {"m.onnx": _mutant(BASE, _external("w.bin", "-64")),
+                                               "w.bin": bytes(1 << 16)}, 2, "has a negative offset or length"),
     ("external offset not a number", lambda: {"m.onnx": _mutant(BASE, _external("w.bin", "abc")),
                                               "w.bin": bytes(1 << 16)}, 2, "is not a number"),
     ("undefined input type", lambda: {"m.onnx": _mutant(BASE, _elem_type("input", 0))}, 2,

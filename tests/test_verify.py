@@ -235,3 +235,10 @@ def test_model_without_cpu_kernels_gets_a_provider_hint():
                       [("y", TensorProto.BFLOAT16, [4])], opset=14)
     with pytest.raises(UsageError, match="no kernel for one of its ops .* --no-verify"):
         verify.compare(bf16, bf16, provider="cpu")
+
+
+@pytest.mark.parametrize("content", [b"garbage", b"PK\x03\x04garbage"], ids=["not_zip", "broken_zip"])
+def test_feeds_npz_that_is_no_npz_is_usage_error(tmp_path, content):
+    (tmp_path / "in.npz").write_bytes(content)
+    with pytest.raises(UsageError, match="not an .npz file"):
+        inputs.make_feeds(_two_input_model(), seed=0, npz=str(tmp_path / "in.npz"))
