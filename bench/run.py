@@ -48,9 +48,10 @@ TWO_GB = 2 ** 31
 # A run's time limit: --timeout, or this many times the floor's time when longer (normopt gets more
 # room, at least 4x --timeout: its own numbers are the point of the benchmark).
 FLOOR_TIMES = {"peer": 5, "normopt": 50}
-# On a model whose floor takes under REPEAT_UNDER seconds every tool runs REPEATS times in a row and
-# its median run is reported: one run of a second-long process on a shared machine varies by tens
-# of percent.
+# On a model whose floor takes under REPEAT_UNDER seconds every tool runs REPEATS times and its
+# median run is reported: one run of a second-long process on a shared machine varies by tens of
+# percent. The runs are interleaved (each round runs every tool once), so that a slow spell of the
+# machine falls on every tool alike rather than on the three runs of one.
 REPEATS, REPEAT_UNDER = 3, 3.0
 LOAD_AT_START = os.getloadavg()[0]
 
@@ -130,6 +131,7 @@ class Bench:
                 self.limit = max(self.args.timeout, FLOOR_TIMES["peer"] * result.runs[-1].seconds)
                 self.normopt_limit = max(4 * self.args.timeout, FLOOR_TIMES["normopt"] * result.runs[-1].seconds)
             print(f"  {spec.name}: {tool}: {result.runs[-1].status}", file=sys.stderr, flush=True)
+        self.more_rounds(result.runs, info.path, mdir)
         shutil.rmtree(mdir)
         if os.path.exists(npz):
             os.remove(npz)
@@ -168,16 +170,28 @@ class Bench:
         return run
 
     def measure_median(self, tool: str, src: str, out: str, limit: float):
-        """The tool's median run of ``self.repeats`` (the floor's first run decides them for the
-        model); the first run that does not succeed is reported instead."""
-        runs = [measure(tool_cmd(tool, src, out), limit, self.mem_limit)]
-        if tool == "floor" and runs[0].status == "ok" and runs[0].seconds < REPEAT_UNDER:
+        """The tool's first run; the floor's decides how many rounds the model gets (``more_rounds``)."""
+        run = measure(tool_cmd(tool, src, out), limit, self.mem_limit)
+        if tool == "floor" and run.status == "ok" and run.seconds < REPEAT_UNDER:
             self.repeats = REPEATS
-        while runs[-1].status == "ok" and len(runs) < self.repeats:
-            runs.append(measure(tool_cmd(tool, src, out), limit, self.mem_limit))
-        if runs[-1].status != "ok":
-            return runs[-1]
-        return sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
+        return run
+
+    def more_rounds(self, runs: list[Run], src: str, mdir: str) -> None:
+        """Rounds 2.. of ``self.repeats``, each running every tool whose first run succeeded once,
+        in the table's order; each such tool then reports its median run (time and peak RSS of
+        that run). A tool that fails in a later round keeps its median of the runs that did not."""
+        samples = {run.tool: [(run.seconds, run.peak_rss)] for run in runs if run.status == "ok"}
+        for _ in range(self.repeats - 1):
+            for tool in samples:
+                tdir = tempfile.mkdtemp(dir=mdir)
+                limit = self.normopt_limit if tool.startswith("normopt") else self.limit
+                proc = measure(tool_cmd(tool, src, os.path.join(tdir, "out.onnx")), limit, self.mem_limit)
+                if proc.status == "ok":
+                    samples[tool].append((proc.seconds, proc.peak_rss or None))
+                shutil.rmtree(tdir)
+        for run in runs:
+            if run.tool in samples:
+                run.seconds, run.peak_rss = sorted(samples[run.tool], key=lambda x: x[0])[len(samples[run.tool]) // 2]
 
     def predicted_past_limit(self, tool: str, spec: Spec, info) -> str:
         """Why a peer is not run on a chain: it failed on the smaller one, or its work there (its time
@@ -323,8 +337,9 @@ def render(models: list[ModelResult], gain_rows: list[dict], quick: bool, elapse
             "the same model in its own process (external data in and out for the decoder). Times are wall "
             "times of whole processes (interpreter start and imports included); peak RSS is each process's own "
             "ru_maxrss. Every tool's modules are byte-compiled before timing, as an install leaves them. On a "
-            f"model whose floor takes under {REPEAT_UNDER:.0f} s, every tool runs {REPEATS} times in a row and its "
-            "median run (time and peak RSS of that run) is reported.", "",
+            f"model whose floor takes under {REPEAT_UNDER:.0f} s, every tool runs {REPEATS} times, in interleaved "
+            "rounds (each round runs every tool once, in the table's order), and its median run (time and peak "
+            "RSS of that run) is reported.", "",
             "## Per model", "",
             f"Tools run one after the other in separate processes, each with a {timeout:.0f} s limit "
             f"({FLOOR_TIMES['peer']}x the floor's time when that is longer; normopt: 4x that limit or "
