@@ -112,6 +112,11 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
     reference = _References(reference, options, choice)
     exclude: dict[str, str] = {}
     rollbacks: list[Rollback] = []
+
+    def roll_back(rewrite: Rewrite, reason: str) -> None:   # left out of the next round, and reported
+        exclude[pipeline.exclusion_key(rewrite.graph, rewrite.output)] = reason
+        rollbacks.append(Rollback(rewrite.pass_name, rewrite.anchor, rewrite.output, reason, rewrite.graph))
+
     allow_upgrade = options.allow_opset_upgrade
     veto = veto_for(options.target)
     own_stage = None
@@ -137,8 +142,7 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
                     raise
                 reason = f"the rewritten model failed in onnxruntime: {str(err).removeprefix('onnxruntime ')}"
                 for rewrite in result.applied:
-                    exclude[pipeline.exclusion_key(rewrite.graph, rewrite.output)] = reason
-                    rollbacks.append(Rollback(rewrite.pass_name, rewrite.anchor, rewrite.output, reason, rewrite.graph))
+                    roll_back(rewrite, reason)
                 if not result.applied:
                     allow_upgrade = False
                     for up in result.upgrades:
@@ -147,8 +151,7 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
             idle = _unexercised(reference, model, result) if report.passed and round_ < MAX_ROLLBACK_ROUNDS else []
             if idle:
                 for rewrite, reason in idle:
-                    exclude[pipeline.exclusion_key(rewrite.graph, rewrite.output)] = reason
-                    rollbacks.append(Rollback(rewrite.pass_name, rewrite.anchor, rewrite.output, reason, rewrite.graph))
+                    roll_back(rewrite, reason)
                 continue
             if report.passed:
                 done = FoldResult(out, result, report, rollbacks, None if own_stage else Path(stage), external_in)
@@ -161,13 +164,10 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
             culprits = _localize(reference, candidate, result, options, choice)
             if culprits:
                 for rewrite, reason in culprits:
-                    exclude[pipeline.exclusion_key(rewrite.graph, rewrite.output)] = reason
-                    rollbacks.append(Rollback(rewrite.pass_name, rewrite.anchor, rewrite.output, reason, rewrite.graph))
+                    roll_back(rewrite, reason)
             elif result.applied:
                 for rewrite in result.applied:
-                    reason = "outputs differed and could not be traced to one rewrite"
-                    exclude[pipeline.exclusion_key(rewrite.graph, rewrite.output)] = reason
-                    rollbacks.append(Rollback(rewrite.pass_name, rewrite.anchor, rewrite.output, reason, rewrite.graph))
+                    roll_back(rewrite, "outputs differed and could not be traced to one rewrite")
             elif result.upgrades and allow_upgrade:
                 allow_upgrade = False
                 for up in result.upgrades:
@@ -290,18 +290,18 @@ def _unexercised(reference: _References, model: onnx.ModelProto, result: Pipelin
         run = reference.outputs(watched)
     except Exception:  # the original cannot expose them (an initializer as output, say): not checked
         return []
-    values = [[np.asarray(out[name]) for out in run.outputs] for name in watched]
-    seen = dict(zip(watched, values))
+    # per watched tensor, its one value on each input set (None for an empty one)
+    seen = {name: [v.reshape(-1)[0] if v.size else None for v in (np.asarray(out[name]) for out in run.outputs)]
+            for name in watched}
     idle = []
     for rewrite, (_path, node, attr) in found:
         if node.op_type == "If":
-            conds = [bool(v.reshape(-1)[0]) for v in seen[node.input[0]]]
+            conds = [bool(c) for c in seen[node.input[0]] if c is not None]
             ran = any(conds) if attr == "then_branch" else not all(conds)
         else:   # Loop: the body runs when the trip count (if given) is above 0 and the condition (if given) holds
-            trips = seen.get(node.input[0]) if node.input and node.input[0] else None
-            conds = seen.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
-            ran = any((trips is None or int(trips[i].reshape(-1)[0]) > 0) and (conds is None or bool(conds[i].reshape(-1)[0]))
-                      for i in range(len(run.outputs)))
+            trips = seen[node.input[0]] if node.input[0] else [None] * len(run.outputs)
+            conds = seen[node.input[1]] if len(node.input) > 1 and node.input[1] else [None] * len(run.outputs)
+            ran = any((m is None or int(m) > 0) and (c is None or bool(c)) for m, c in zip(trips, conds))
         if not ran:
             label = node.name or f"{node.op_type}({node.output[0]})"
             idle.append((rewrite, f"{attr} of {label} never ran on the verification inputs, so the rewrite there "

@@ -139,3 +139,31 @@ def test_a_rewrite_in_a_branch_the_verification_inputs_never_take_is_rolled_back
     taken = _layernorm_in_a_branch(-1e4)
     result = optimize(taken, FoldOptions(passes=["fuse-layernorm"], provider="cpu"))
     assert result.verified and not result.rollbacks and len(result.pipeline.applied) == 1
+
+
+def test_a_rewrite_in_a_loop_body_that_never_runs_is_rolled_back():
+    """A Loop whose trip count is 0 on every input set never runs its body: its rewrite is not
+    proven, and is rolled back."""
+    from onnx import TensorProto, numpy_helper
+    d = 8
+    body_nodes = [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+                  helper.make_node("ReduceMean", ["h_in"], ["m"], axes=[-1]), helper.make_node("Sub", ["h_in", "m"], ["c"]),
+                  helper.make_node("Mul", ["c", "c"], ["sq"]), helper.make_node("ReduceMean", ["sq"], ["v"], axes=[-1]),
+                  helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["s"]),
+                  helper.make_node("Div", ["c", "s"], ["h_out"])]
+    body = helper.make_graph(
+        body_nodes, "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [2, 4, d])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [2, 4, d])],
+        [numpy_helper.from_array(np.array(1e-5, np.float32), "eps")])
+    nodes = [helper.make_node("ReduceMax", ["x"], ["mx"], keepdims=0),
+             helper.make_node("Greater", ["mx", "limit"], ["big"]),
+             helper.make_node("Cast", ["big"], ["trips"], to=TensorProto.INT64),
+             helper.make_node("Loop", ["trips", "", "x"], ["y"], name="repeat", body=body)]
+    model = make_model(nodes, [("x", FLOAT, [2, 4, d])], [("y", FLOAT, [2, 4, d])],
+                       {"limit": np.array(1e4, np.float32)}, opset=17)
+    result = optimize(model, FoldOptions(passes=["fuse-layernorm"], provider="cpu"))
+    assert result.verified and [(r.anchor, r.graph) for r in result.rollbacks] == [("Div(h_out)", "/repeat.body")]
+    assert "body of repeat never ran on the verification inputs" in result.rollbacks[0].reason
