@@ -127,15 +127,15 @@ def _flush() -> None:
             pass
 
 
-def session_options():
+def session_options(prepack: bool = False):
+    """``prepack``: let onnxruntime repack the MatMul / Conv weights (see ``verify.prepack_pays``)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 4  # errors come back as exceptions, said once in our own words
-    # Each session runs a few times: repacking every MatMul / Conv weight for faster runs costs
-    # more than it saves (1.3 s of a 1 GB model's 0.02 s load) and copies the weights once more.
-    so.add_session_config_entry("session.disable_prepacking", "1")
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     return so
 
 

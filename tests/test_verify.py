@@ -1,5 +1,6 @@
 """The verifier: providers, inputs, tolerances, comparison."""
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper
 
@@ -242,3 +243,30 @@ def test_feeds_npz_that_is_no_npz_is_usage_error(tmp_path, content):
     (tmp_path / "in.npz").write_bytes(content)
     with pytest.raises(UsageError, match="not an .npz file"):
         inputs.make_feeds(_two_input_model(), seed=0, npz=str(tmp_path / "in.npz"))
+
+
+def test_sessions_prepack_weights_only_where_that_costs_less(tmp_path, monkeypatch):
+    """onnxruntime's prepacking costs time and memory per weight byte; going without costs
+    session time per squared node (120,000 nodes: minutes). Each verification session takes the
+    cheaper: a long chain of small weights prepacks, a few large weights do not."""
+    from onnx import numpy_helper
+    from normopt import verify
+
+    def chain(n, width):
+        nodes = [helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"h{i + 1}"]) for i in range(n)]
+        inits = [numpy_helper.from_array(np.eye(width, dtype=np.float32), f"w{i}") for i in range(n)]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("h0", FLOAT, [1, width])],
+                                  [helper.make_tensor_value_info(f"h{n}", FLOAT, [1, width])], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+    many_small, few_large = chain(3000, 8), chain(2, 2048)
+    assert verify.prepack_pays(many_small) and not verify.prepack_pays(few_large)
+    assert verify.prepack_pays(verify.Loaded("m.onnx", many_small))
+    onnx.save(many_small, tmp_path / "m.onnx")
+    assert not verify.prepack_pays(str(tmp_path / "m.onnx"))   # a path alone: its nodes are not read
+    seen = []
+    real = verify.session_options
+    monkeypatch.setattr(verify, "session_options", lambda prepack=False: seen.append(prepack) or real(prepack))
+    x = {"h0": np.ones((1, 2048), np.float32)}
+    out = verify.run_model(few_large, [x], "cpu")
+    assert seen == [False] and np.allclose(out[0]["h2"], x["h0"])
