@@ -232,6 +232,12 @@ def fold_file(model: str, output: str | None, s: FoldSettings) -> FileOutcome:
         if stage_dir is not None:
             stage = stage_dir / (_in_place_name(out_path) if s.in_place else out_path.name)
         return _fold_staged(model, source, out_path, s, stage, started, notes)
+    except ModelSaveError as err:
+        if stage_dir is None or str(stage_dir) not in str(err):
+            raise
+        # the candidate's temporary name says nothing to the user: the output it was to be
+        raise ModelSaveError(str(err).replace(str(stage), str(out_path)).replace(str(stage_dir), str(out_path.parent))) \
+            from err
     finally:
         model_io.mark_checked(source)   # checked by now, or never to be used again
         if stage_dir is not None:

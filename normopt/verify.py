@@ -447,6 +447,8 @@ def reference_outputs(original, *, choice: ProviderChoice, seed: int = 0, trials
     only the kinds named there."""
     header = load_header(original)
     names = [o.name for o in header.graph.output]
+    if not names:
+        raise UsageError("the model has no outputs: there is nothing to compare")
     model = original
     if extra_outputs:
         model = _exposed(original, extra_outputs)

@@ -270,3 +270,11 @@ def test_sessions_prepack_weights_only_where_that_costs_less(tmp_path, monkeypat
     x = {"h0": np.ones((1, 2048), np.float32)}
     out = verify.run_model(few_large, [x], "cpu")
     assert seen == [False] and np.allclose(out[0]["h2"], x["h0"])
+
+
+def test_a_model_without_outputs_has_nothing_to_compare():
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", FLOAT, [1, 2])], [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(UsageError, match="the model has no outputs: there is nothing to compare"):
+        verify.compare(model, model, provider="cpu")
