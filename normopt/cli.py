@@ -58,7 +58,8 @@ class _Group(click.Group):
 
 
 def _fail(ctx: click.Context, message: str, code: int):
-    if ctx.meta.get("normopt.verbose"):
+    # A failed verification (1) or rewrites left (4) are outcomes, not errors: no traceback
+    if ctx.meta.get("normopt.verbose") and code not in (1, NotFoldedError.exit_code):
         traceback.print_exc()
     _echo(f"error: {one_line(message)}", err=True)
     ctx.exit(code)
