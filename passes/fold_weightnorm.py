@@ -42,7 +42,9 @@ from normopt.registry import register_pass
 REDUCE_L2, SQRT, LP_NORM = "ReduceL2", "Sqrt", "LpNormalization"
 PRODUCT_OPS = ("Mul", "Div", "Reciprocal")
 MAX_STEPS = 4  # Mul / Div / Reciprocal nodes between the norm and the weight
-V, N = "v", "n"  # monomial keys of the direction and its norm; a gain is keyed by its tensor
+# Monomial keys of the direction and its norm; a gain is keyed by its tensor's name (a string):
+# tuples, so that no tensor name (a constant named "v", say) can be taken for either.
+V, N = ("v",), ("n",)
 
 
 @dataclass

@@ -231,6 +231,22 @@ def test_fold_weightnorm_norm_of_a_constant_used_otherwise_is_skipped_with_reaso
     assert_equivalent(model, out)
 
 
+
+@pytest.mark.parametrize("name", ["v", "n"])
+def test_fold_weightnorm_a_constant_named_like_its_own_keys_is_no_direction(rng, name):
+    """c / ||weight_v|| with a constant named 'v' (or 'n') is no weight norm of weight_v: names of
+    tensors are never taken for the direction or the norm."""
+    wv, c = rng.standard_normal((6, 4, 3, 3)), rng.standard_normal((6, 4, 3, 3))
+    nodes = [helper.make_node("ReduceL2", ["weight_v"], ["norm"], axes=[1, 2, 3]),
+             helper.make_node("Div", [name, "norm"], ["w"]), helper.make_node("Conv", ["X", "w"], ["Y"])]
+    model = make_model(nodes, [("X", F32, [1, 4, 5, 5])], [("Y", F32, [1, 6, 3, 3])],
+                       {"weight_v": wv.astype(np.float32), name: c.astype(np.float32)}, opset=17)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert [s.reason for s in rec.skipped] == ["the norm of 'weight_v' does not divide it into a weight g * v / ||v||"]
+    assert_equivalent(model, out)
+
+
 @settings(max_examples=20, deadline=None)
 @given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=4), data=st.data(),
        product=st.sampled_from(["div_mul", "g_first", "v_times_g_over_n", "mul_div", "reciprocal"]),
