@@ -412,13 +412,18 @@ def _fold_batch(models, output, settings: FoldSettings, jobs: int, report_path, 
 _stopped = False   # a worker process told to stop (-j): the models still queued to it are not started
 
 
+def _in_worker() -> bool:
+    import multiprocessing
+
+    return multiprocessing.current_process().name != "MainProcess"
+
+
 def _stop_in_worker() -> None:
     """In a worker process of ``-j``: SIGTERM and SIGINT raise in the model being folded, as in
     the command (its temporary files go with its ``finally``), and no queued model starts after."""
-    import multiprocessing
     import signal
 
-    if multiprocessing.current_process().name == "MainProcess":
+    if not _in_worker():
         return
 
     def handler(signum, frame):
@@ -444,6 +449,8 @@ def _fold_task(task) -> FileOutcome:
         with np.errstate(all="ignore"):   # as in the command's own process (_Group.invoke)
             return fold_file(model, output, settings)
     except KeyboardInterrupt:
+        if not _in_worker():   # without -j the batch itself stops here
+            raise
         return FileOutcome(model, None, "error", 130, "interrupted (no partial output is left)")
     except NormoptError as err:
         return FileOutcome(model, None, "error", err.exit_code, str(err))

@@ -323,11 +323,11 @@ _SLOW_WRITES = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_signal_stops_every_worker_of_a_batch(tmp_path, rng, sig):
+@pytest.mark.parametrize("sig, jobs", [("SIGTERM", 2), ("SIGINT", 2), ("SIGINT", 1)])
+def test_signal_stops_every_worker_of_a_batch(tmp_path, rng, sig, jobs):
     """-j 2: SIGTERM to the command (a CI timeout) or Ctrl-C (SIGINT to the process group) stops
     the workers too: exit 130 within seconds, no output written after the signal, no model
-    still queued started, no temporary folder left."""
+    still queued started, no temporary folder left. Without -j the batch stops as well."""
     import time
     folder, out, marks, site = tmp_path / "in", tmp_path / "out", tmp_path / "marks", tmp_path / "site"
     for path in (folder, out, marks, site):
@@ -337,12 +337,12 @@ def test_signal_stops_every_worker_of_a_batch(tmp_path, rng, sig):
     (site / "sitecustomize.py").write_text(_SLOW_WRITES)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
            "NORMOPT_TEST_MARK": str(marks)}
-    proc = subprocess.Popen([sys.executable, "-m", "normopt", "fold", str(folder), "-o", str(out), "-j", "2",
+    proc = subprocess.Popen([sys.executable, "-m", "normopt", "fold", str(folder), "-o", str(out), "-j", str(jobs),
                              "--no-verify"], env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 60
-    while len(list(marks.iterdir())) < 2 and time.time() < deadline:
+    while len(list(marks.iterdir())) < jobs and time.time() < deadline:
         time.sleep(0.1)
-    assert len(list(marks.iterdir())) == 2, "both workers should be writing by now"
+    assert len(list(marks.iterdir())) == jobs, "every worker should be writing by now"
     if sig == "SIGTERM":
         proc.send_signal(signal.SIGTERM)
     else:
@@ -350,7 +350,7 @@ def test_signal_stops_every_worker_of_a_batch(tmp_path, rng, sig):
     _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     time.sleep(1)   # a worker left running would write now
-    assert list(out.iterdir()) == [] and len(list(marks.iterdir())) == 2
+    assert list(out.iterdir()) == [] and len(list(marks.iterdir())) == jobs
     assert not [p for p in tmp_path.rglob(".normopt-*")]
 
 
