@@ -21,10 +21,11 @@ from pathlib import Path
 import click
 
 from normopt import model_io, pipeline, progress, registry, report
-from normopt.errors import (ModelSaveError, NormoptError, NotFoldedError, ProviderUnavailableError, UsageError,
-                            VerificationError)
+from normopt.errors import (ModelSaveError, NormoptError, NotFoldedError, ProviderUnavailableError, ReportPathError,
+                            UsageError, VerificationError)
 from normopt.fold import FoldOptions, optimize
 from normopt.inputs import parse_ranges, parse_shapes
+from normopt.providers import flush_streams
 from normopt.sites import inspect_model, sites_from_records
 from normopt.targets import TARGETS
 from normopt.verify import Loaded, compare
@@ -149,8 +150,7 @@ def fold(ctx, models, output, pass_list, skip_list, target, in_place, dry_run, c
                           input_ranges=parse_ranges(input_ranges), inputs_file=inputs_file, atol=atol, rtol=rtol,
                           strict=strict, target=target)
     settings = FoldSettings(options, dry_run=dry_run or check, force=force, external_data=external_data,
-                            check=check, verbose=verbose, in_place=in_place, report=bool(report_path),
-                            report_path=report_path)
+                            check=check, verbose=verbose, in_place=in_place, report_path=report_path)
     _check_report_path(report_path)
     if len(models) > 1 or Path(models[0]).is_dir():
         _fold_batch(models, output, settings, jobs, report_path, quiet)
@@ -160,7 +160,7 @@ def fold(ctx, models, output, pass_list, skip_list, target, in_place, dry_run, c
         outcome = fold_file(models[0], output, settings)
     except Exception as err:
         # The report says so too: a report left from an earlier run must not read "ok".
-        if report_path and not str(err).startswith("cannot write report"):
+        if report_path and not isinstance(err, ReportPathError):
             code = err.exit_code if isinstance(err, NormoptError) else 2
             message = str(err) if isinstance(err, NormoptError) else f"internal error: {type(err).__name__}: {err}"
             try:
@@ -189,8 +189,7 @@ class FoldSettings:
     check: bool = False
     verbose: bool = False
     in_place: bool = False
-    report: bool = True  # build each model's report document (only --report reads it)
-    report_path: str | None = None
+    report_path: str | None = None  # --report: each model's report document is built
 
 
 @dataclass
@@ -260,10 +259,10 @@ def _output_path(model: str, output: str | None) -> Path:
 
 
 def _check_writes(model: str, source, out_path: Path, s: FoldSettings) -> None:
-    """Before any work: nothing the run writes (the output, the data file beside it, the report)
-    is one of the input's files (the model, a data file it reads): a rename over one of them
-    would destroy the input. In place, the model's own switch is the point, and its new data
-    file gets a fresh name."""
+    """Before any work: nothing the run writes (the output, the data file beside it) is one of
+    the input's files (the model, a data file it reads): a rename over one of them would destroy
+    the input. In place, the model's own switch is the point, and its new data file gets a fresh
+    name. Nor is the report one of the model's files."""
     here = os.path.dirname(os.path.realpath(model))
     inputs = {os.path.realpath(model): "the input model"}
     inputs.update((path, f"a data file of the input ('{os.path.relpath(path, here)}')")
@@ -274,12 +273,9 @@ def _check_writes(model: str, source, out_path: Path, s: FoldSettings) -> None:
         if real in inputs and not (s.in_place and real == os.path.realpath(model)):
             what = "the output" if path == out_path else "the output's data file"
             raise UsageError(f"cannot write '{path}' ({what}): it is {inputs[real]}; choose another -o")
-    if s.report_path:
-        real = os.path.realpath(s.report_path)
-        if real in inputs:
-            raise UsageError(f"cannot write report '{s.report_path}': it is {inputs[real]}")
-        if any(real == os.path.realpath(path) for path in writes):
-            raise UsageError(f"cannot write report '{s.report_path}': it is where the model is written")
+    # (the input's own files, existing and no reports, were refused as reports before any work)
+    if s.report_path and any(os.path.realpath(s.report_path) == os.path.realpath(path) for path in writes):
+        raise ReportPathError(f"cannot write report '{s.report_path}': it is where the model is written")
 
 
 def _fold_staged(model, source, out_path: Path, s: FoldSettings, stage: Path | None,
@@ -292,7 +288,7 @@ def _fold_staged(model, source, out_path: Path, s: FoldSettings, stage: Path | N
         err.result.pipeline.notes[:0] = notes
         doc = report.fold_document(input=model, output=None, status=err.status, result=err.result,
                                    target=s.options.target, seconds=time.perf_counter() - started) \
-            if s.report else None
+            if s.report_path else None
         return FileOutcome(str(model), None, err.status, err.exit_code, str(err), [], doc, str(err))
     result.pipeline.notes[:0] = notes
     verified = result.verified
@@ -313,7 +309,7 @@ def _fold_staged(model, source, out_path: Path, s: FoldSettings, stage: Path | N
         status = "not_folded"
     seconds = time.perf_counter() - started
     doc = report.fold_document(input=model, output=str(out_path) if write else None, status=status, result=result,
-                               target=s.options.target, seconds=seconds, pending=pending) if s.report else None
+                               target=s.options.target, seconds=seconds, pending=pending) if s.report_path else None
     lines = report.pipeline_lines(result.pipeline, s.verbose) + report.verify_lines(result.verification, s.verbose)
     lines += [f"rolled back {rb.pass_name} at {rb.anchor}{' in ' + rb.graph if rb.graph else ''}: {rb.reason}"
               for rb in result.rollbacks]
@@ -730,12 +726,12 @@ def _check_report_path(path: str | None) -> None:
         return
     folder = Path(path).parent
     if not folder.is_dir():
-        raise UsageError(f"cannot write report '{path}': folder '{folder}' does not exist")
+        raise ReportPathError(f"cannot write report '{path}': folder '{folder}' does not exist")
     _replaceable_report(path)
     try:
         fd, probe = tempfile.mkstemp(prefix=".normopt-report-", dir=folder)
     except OSError as err:
-        raise UsageError(f"cannot write report '{path}': {err.strerror or err}") from err
+        raise ReportPathError(f"cannot write report '{path}': {err.strerror or err}") from err
     os.close(fd)
     os.unlink(probe)
 
@@ -746,15 +742,15 @@ def _replaceable_report(path: str) -> None:
     if not os.path.lexists(p):
         return
     if p.is_dir():
-        raise UsageError(f"cannot write report '{path}': it is a folder")
+        raise ReportPathError(f"cannot write report '{path}': it is a folder")
     try:
         with open(p, "rb") as f:
             head = f.read(1 << 16)
         ours = head.lstrip().startswith(b"{") and b'"schema_version"' in head and p.stat().st_size < (1 << 30)
     except OSError as err:
-        raise UsageError(f"cannot write report '{path}': {err.strerror or err}") from err
+        raise ReportPathError(f"cannot write report '{path}': {err.strerror or err}") from err
     if not ours:
-        raise UsageError(f"cannot write report '{path}': the file there is not a normopt report, and is not "
+        raise ReportPathError(f"cannot write report '{path}': the file there is not a normopt report, and is not "
                          "written over")
 
 
@@ -773,7 +769,7 @@ def _write_json(path: str, doc: dict) -> None:
         os.replace(tmp, target)
         tmp = None
     except OSError as err:
-        raise UsageError(f"cannot write report '{path}': {err.strerror or err}") from err
+        raise ReportPathError(f"cannot write report '{path}': {err.strerror or err}") from err
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -806,12 +802,7 @@ def entry() -> None:  # pragma: no cover - exercised as a subprocess by the test
     elif not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:   # None: closed by the caller before the start
-                stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing more can be said there
-            pass
+    flush_streams()   # a closed pipe: nothing more can be said there
     os._exit(code)
 
 

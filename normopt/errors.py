@@ -19,6 +19,10 @@ class UsageError(NormoptError):
     """A flag or argument is wrong (unknown pass, malformed --input-shape, ...)."""
 
 
+class ReportPathError(UsageError):
+    """--report names a file that cannot or must not be written."""
+
+
 class UnknownPassError(UsageError):
     """A pass name that is not in the registry."""
 

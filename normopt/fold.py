@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from normopt import ir, model_io, pipeline
+from normopt import graph as G, ir, model_io, pipeline
 from normopt.errors import UsageError, VerificationError
 from normopt.records import PassRecord, PipelineResult, Rewrite
 from normopt.providers import ProviderChoice, select_provider
@@ -270,20 +270,20 @@ def _unexercised(reference: _References, model: onnx.ModelProto, result: Pipelin
     inside = [r for r in result.applied if r.graph and not ir.is_function_path(r.graph)]
     if not inside:
         return []
-    holders = []   # (path prefix, node, attribute)
+    holders = []   # (path prefix as the passes name subgraphs (ir.iter_graphs), node, its label, attribute)
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("If", "Loop"):
             continue
-        label = node.name or f"{node.op_type}({node.output[0] if node.output else '?'})"
+        label = G.label(node.name, node.op_type, node.output[0] if node.output else None)
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                holders.append((f"/{label}.{attr.name}", node, attr.name))
+                holders.append((f"/{label}.{attr.name}", node, label, attr.name))
     found = []
     for rewrite in inside:
         hits = [h for h in holders if rewrite.graph == h[0] or rewrite.graph.startswith(h[0] + "/")]
         if hits:
             found.append((rewrite, max(hits, key=lambda h: len(h[0]))))
-    watched = sorted({name for _r, (_p, node, _a) in found for name in node.input[:2] if name})
+    watched = sorted({name for _r, (_p, node, _l, _a) in found for name in node.input[:2] if name})
     if not watched:
         return []
     try:
@@ -294,7 +294,7 @@ def _unexercised(reference: _References, model: onnx.ModelProto, result: Pipelin
     seen = {name: [v.reshape(-1)[0] if v.size else None for v in (np.asarray(out[name]) for out in run.outputs)]
             for name in watched}
     idle = []
-    for rewrite, (_path, node, attr) in found:
+    for rewrite, (_path, node, label, attr) in found:
         if node.op_type == "If":
             conds = [bool(c) for c in seen[node.input[0]] if c is not None]
             ran = any(conds) if attr == "then_branch" else not all(conds)
@@ -303,7 +303,6 @@ def _unexercised(reference: _References, model: onnx.ModelProto, result: Pipelin
             conds = seen[node.input[1]] if len(node.input) > 1 and node.input[1] else [None] * len(run.outputs)
             ran = any((m is None or int(m) > 0) and (c is None or bool(c)) for m, c in zip(trips, conds))
         if not ran:
-            label = node.name or f"{node.op_type}({node.output[0]})"
             idle.append((rewrite, f"{attr} of {label} never ran on the verification inputs, so the rewrite there "
                                   "could not be proven (give inputs that take it with --inputs)"))
     return idle

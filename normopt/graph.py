@@ -22,10 +22,12 @@ def producer(tensor: gs.Tensor) -> gs.Node | None:
 
 def node_label(node: gs.Node) -> str:
     """A name for messages: the node's name, else ``Op(first output)``."""
-    if node.name:
-        return node.name
-    out = node.outputs[0].name if node.outputs else "?"
-    return f"{node.op}({out})"
+    return label(node.name, node.op, node.outputs[0].name if node.outputs else None)
+
+
+def label(name: str, op: str, first_output: str | None) -> str:
+    """``node_label`` from a node's parts (a NodeProto's too: subgraph paths are made of these)."""
+    return name or f"{op}({'?' if first_output is None else first_output})"
 
 
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:

@@ -209,10 +209,9 @@ def _run_passes(model, table, names, options, lazy, started, result, weights, sh
             earlier += record.applied
             have = model_opset(current)
             note = None
-            hazard = opset.upgrade_hazard((n for _p, g in G.iter_graphs(graph) for n in g.nodes), have, need)
             if not options.allow_opset_upgrade:
                 note = "opset upgrade disabled"
-            elif hazard:
+            elif hazard := opset.upgrade_hazard((n for _p, g in G.iter_graphs(graph) for n in g.nodes), have, need):
                 note = f"opset upgrade {have} -> {need} refused: {hazard}"
             elif _relabel_ok(graph, need) and opset_in_place(graph, current, need, shapes, scope):
                 current = with_opset(current, need)

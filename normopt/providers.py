@@ -93,7 +93,7 @@ class _Captured:
 def _captured_output():
     """Capture what native code writes to stdout/stderr (onnxruntime's CUDA loader does)."""
     cap = _Captured()
-    _flush()
+    flush_streams()
     saved = []
     try:
         for fd in (1, 2):
@@ -109,7 +109,7 @@ def _captured_output():
         try:
             yield cap
         finally:
-            _flush()
+            flush_streams()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             os.close(saved[0])
@@ -118,7 +118,8 @@ def _captured_output():
             cap.text = tmp.read().decode("utf-8", "replace")
 
 
-def _flush() -> None:
+def flush_streams() -> None:
+    """Flush stdout and stderr as far as they can be: closed or broken ones are let be."""
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:

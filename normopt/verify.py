@@ -374,7 +374,7 @@ def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, atol: float | No
     the reference moved when its inputs moved by an ulp; a number, or an array that broadcasts)."""
     ref, got = np.asarray(ref), np.asarray(got)
     a, r = tolerance(ref.dtype, atol, rtol, compute)
-    is_float = ref.dtype.kind in "fc" or str(ref.dtype) == "bfloat16"
+    is_float = _holds_floats(ref)
     base = dict(name=name, dtype=str(ref.dtype), shape=list(ref.shape), rtol=r,
                 atol_rule="--atol" if atol is not None else "dtype default")
     if ref.shape != got.shape:
@@ -623,8 +623,12 @@ def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trial
 
 def _nothing_finite(value) -> bool:
     value = np.asarray(value)
-    is_float = value.dtype.kind in "fc" or str(value.dtype) == "bfloat16"
-    return is_float and value.size > 0 and not np.isfinite(value.astype(np.float64)).any()
+    return _holds_floats(value) and value.size > 0 and not np.isfinite(value.astype(np.float64)).any()
+
+
+def _holds_floats(value: np.ndarray) -> bool:
+    """Real or complex floats, bfloat16 (ml_dtypes, numpy kind 'V') included."""
+    return value.dtype.kind in "fc" or str(value.dtype) == "bfloat16"
 
 
 def _interface_inputs(m: onnx.ModelProto) -> list[str]:
