@@ -256,12 +256,16 @@ def _exposed(model, names: list[str]):
 # ----------------------------------------------------------------------------- comparing
 
 # The absolute bound of an output grows with the computation (see the README, "Verification"):
-# MAGNITUDE_EPS machine epsilons of the output's largest |value| (rounding noise grows with the
-# sums behind it, not with each element), and SENSITIVITY_FACTOR times how far the original's
-# output moves when its float inputs move by one or two ulps (cancellation: a mean of 1000
-# against a spread of 1 leaves the original itself only that precise). A model whose outputs
-# change between two runs on the same inputs gets no sensitivity term: its moves are not rounding.
+# MAGNITUDE_EPS machine epsilons of the largest |value| around each element (rounding noise grows
+# with the sums behind it, not with each element), and SENSITIVITY_FACTOR times how far the
+# original's output moves around it when its float inputs move by one or two ulps (cancellation:
+# a mean of 1000 against a spread of 1 leaves the original itself only that precise). A model
+# whose outputs change between two runs on the same inputs gets no sensitivity term: its moves
+# are not rounding. "Around each element" is ``local_max``: an output that joins values near 1
+# with values near 1e7 holds the small ones to their own scale. The sensitivity is one number
+# per output (``_max_change``): one ulp move is a single random draw per row's statistics.
 MAGNITUDE_EPS = 8.0
+LOCAL_MIN_ELEMENTS = 8
 SENSITIVITY_FACTOR = 4.0
 
 
@@ -370,8 +374,9 @@ def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, atol: float | No
                    ) -> OutputDiff:
     """``|got - ref| <= atol + rtol * |ref|`` element by element. Without an explicit ``atol``
     the absolute bound grows with the computation: at least MAGNITUDE_EPS epsilons (of the
-    output's compute type) of max |ref|, and SENSITIVITY_FACTOR times ``sensitivity`` (how far
-    the reference moved when its inputs moved by an ulp; a number, or an array that broadcasts)."""
+    output's compute type) of the largest |ref| around the element (``local_max``), and
+    SENSITIVITY_FACTOR times ``sensitivity`` (how far the reference moved when its inputs moved
+    by an ulp; a number, or an array that broadcasts)."""
     ref, got = np.asarray(ref), np.asarray(got)
     a, r = tolerance(ref.dtype, atol, rtol, compute)
     is_float = _holds_floats(ref)
@@ -400,10 +405,10 @@ def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, atol: float | No
     bound = np.full(ref.shape, float(a))
     rules = np.zeros(ref.shape, np.int8)  # 0 dtype default or --atol, 1 output magnitude, 2 input sensitivity
     if atol is None:
-        magnitude = _magnitude_term(ref, compute)
+        magnitude = np.broadcast_to(_magnitude_term(ref, compute), ref.shape)
         spread = SENSITIVITY_FACTOR * np.broadcast_to(np.nan_to_num(np.asarray(sensitivity, np.float64),
                                                                     nan=0.0, posinf=0.0), ref.shape)
-        rules = np.where(spread > max(a, magnitude), 2, np.where(magnitude > a, 1, 0)).astype(np.int8)
+        rules = np.where(spread > np.maximum(a, magnitude), 2, np.where(magnitude > a, 1, 0)).astype(np.int8)
         bound = np.maximum(np.maximum(bound, magnitude), spread)
     excess = np.where(finite, diff - (bound + r * scale), -np.inf)
     bad = (excess > 0) | nonfinite_bad
@@ -477,7 +482,7 @@ def reference_outputs(original, *, choice: ProviderChoice, seed: int = 0, trials
             changes = [{name: _max_change(results[i][name], results[n + j][name]) for name in names}
                        for j, i in enumerate(stressed)]
             probe.changes = changes
-            big = any(SENSITIVITY_FACTOR * c[name] > _magnitude_term(results[i][name], compute.get(name))
+            big = any(np.any(SENSITIVITY_FACTOR * c[name] > _magnitude_term(results[i][name], compute.get(name)))
                       for c, i in zip(changes, stressed) for name in names)
             return feeds[:1] if big else []
 
@@ -492,7 +497,7 @@ def reference_outputs(original, *, choice: ProviderChoice, seed: int = 0, trials
     # Rounding-level differences between two runs (GPU kernels that sum in varying order) still
     # count as deterministic; Dropout or random ops move outputs far more.
     stable = len(out) == n + len(stressed) or all(
-        _max_change(out[0][name], out[-1][name]) <= _magnitude_term(out[0][name], compute.get(name))
+        np.all(_max_change(out[0][name], out[-1][name]) <= _magnitude_term(out[0][name], compute.get(name)))
         and _same_nonfinite(out[0][name], out[-1][name]) for name in names)
     sensitivity = [{name: 0.0 for name in names} for _ in kinds]
     for j, i in enumerate(stressed):
@@ -502,16 +507,36 @@ def reference_outputs(original, *, choice: ProviderChoice, seed: int = 0, trials
     return Reference(names, seed, trials, sets, feeds, out[:n], sensitivity, compute, choice.name, sessions)
 
 
-def _magnitude_term(ref: np.ndarray, compute: str | None) -> float:
-    """MAGNITUDE_EPS epsilons (of the wider of the output's dtype and ``compute``) of max |ref|."""
+def _magnitude_term(ref: np.ndarray, compute: str | None) -> np.ndarray | float:
+    """MAGNITUDE_EPS epsilons (of the wider of the output's dtype and ``compute``) of the
+    largest finite |ref| around each element (``local_max``)."""
     ref = np.asarray(ref)
     if not (ref.dtype.kind == "f" or str(ref.dtype) == "bfloat16") or not ref.size:
         return 0.0
     with np.errstate(invalid="ignore", over="ignore"):
         r64 = np.abs(ref.astype(np.float64))
-    finite = r64[np.isfinite(r64)]
     width = max(_eps(_dtype_name(ref.dtype)), _eps(compute))
-    return MAGNITUDE_EPS * width * float(finite.max()) if finite.size else 0.0
+    return MAGNITUDE_EPS * width * local_max(np.where(np.isfinite(r64), r64, 0.0))
+
+
+def local_max(a: np.ndarray) -> np.ndarray:
+    """Per element, the scale of its part of the array: for each axis, the max over the slice
+    at the element's index along it (everything else free); of those, the smallest. One max over
+    the whole array would let a part near 1e7 set the scale of a part near 1 joined to it (a
+    Concat, a Conv channel behind a large BatchNorm scale, a row of a constant input); the
+    slice at the element's index along the joining axis holds only its own part. Axes whose
+    slices hold fewer than LOCAL_MIN_ELEMENTS elements are not used (a max of a few rounding
+    errors says little); with none left, the max of the whole array."""
+    a = np.asarray(a, np.float64)
+    if a.size == 0:
+        return a
+    out = None
+    for k in range(a.ndim):
+        if a.shape[k] < 2 or a.size // a.shape[k] < LOCAL_MIN_ELEMENTS:
+            continue
+        part = np.max(a, axis=tuple(j for j in range(a.ndim) if j != k), keepdims=True)
+        out = part if out is None else np.minimum(out, part)
+    return np.full(a.shape, a.max()) if out is None else np.broadcast_to(out, a.shape)
 
 
 def _move_by_ulps(feeds: dict[str, np.ndarray], seed: int, widths: dict[str, str]) -> dict[str, np.ndarray]:
@@ -561,6 +586,9 @@ def _same_nonfinite(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def _max_change(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| where both are finite. One number for the whole output: a single element's
+    change under a random ulp move says little (the statistics of a row are one noisy number),
+    so the sensitivity is pooled, unlike the magnitude term."""
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape or not a.size or not (a.dtype.kind == "f" or str(a.dtype) == "bfloat16"):
         return 0.0

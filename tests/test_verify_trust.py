@@ -227,6 +227,56 @@ def _verify_cli(tmp_path, a, b):
     return CliRunner().invoke(cli, ["verify", *map(str, paths), "--provider", "cpu"])
 
 
+def _joined(small_factor, axis=-1, shape=(2, 8, 4)):
+    """y = Concat(x * k, x * 1e7) along ``axis``: a part near 1 beside a part near 1e7."""
+    nodes = [helper.make_node("Mul", ["x", "k"], ["xs"]), helper.make_node("Mul", ["x", "big"], ["xb"]),
+             helper.make_node("Concat", ["xs", "xb"], ["y"], axis=axis)]
+    out = list(shape)
+    out[axis] *= 2
+    return make_model(nodes, [("x", FLOAT, list(shape))], [("y", FLOAT, out)],
+                      {"k": np.asarray(small_factor, np.float32), "big": np.asarray(1e7, np.float32)}, opset=13)
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_a_part_near_1e7_does_not_set_the_tolerance_of_a_part_near_1(axis):
+    # One max over the whole output gave an atol of ~1e3 to every element: the small half could
+    # be off by 1% (or 100%) and pass.
+    report = verify.compare(_joined(1.0, axis), _joined(1.01, axis), provider="cpu")
+    bad = report.failures
+    assert not report.passed and bad[0].name == "y" and bad[0].atol < 1e-2
+    assert verify.compare(_joined(1.0, axis), _joined(1.0, axis), provider="cpu").passed
+
+
+def test_local_max_is_the_scale_of_each_part():
+    a = np.concatenate([np.ones((2, 8, 4)), np.full((2, 8, 4), 1e7)], axis=-1)
+    local = verify.local_max(a)
+    assert local.shape == a.shape and (local[..., :4] == 1).all() and (local[..., 4:] == 1e7).all()
+    assert (verify.local_max(np.arange(16.0)) == 15).all()   # one axis: the whole array's max
+    # slices of fewer than LOCAL_MIN_ELEMENTS elements are not used: the [2, 3] rows here
+    assert (verify.local_max(np.array([[1.0, 2, 3], [10, 20, 30]])) == 30).all()
+
+
+def test_a_conv_channel_with_a_small_batchnorm_scale_is_held_to_its_own_scale(rng):
+    """A correct fold verifies; the same fold with the small channel's weights 1% off fails,
+    though 1% of that channel is far below 8 ulps of the large channels."""
+    c = 4
+    inits = {"w": rng.standard_normal((c, c, 3, 3)).astype(np.float32),
+             "g": np.array([1e6, 1.0, 1e6, 1e6], np.float32), "b": np.zeros(c, np.float32),
+             "m": np.zeros(c, np.float32), "v": np.ones(c, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"])]
+    model = make_model(nodes, [("x", FLOAT, [1, c, 8, 8])], [("y", FLOAT, [1, c, 8, 8])], inits, opset=15)
+    result = optimize(model, FoldOptions(passes=["fold-batchnorm"], provider="cpu"))
+    assert result.verified and op_counts(result.model) == {"Conv": 1}
+    folded = result.model
+    w = next(t for t in folded.graph.initializer if t.name == folded.graph.node[0].input[1])
+    arr = onnx.numpy_helper.to_array(w).copy()
+    arr[1] *= 1.01
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+    report = verify.compare(model, folded, provider="cpu")
+    assert not report.passed and report.failures[0].atol < 1e-3
+
+
 def _perturbed(model, name, index=None, factor=1.001):
     """A copy of ``model`` with one element of initializer ``name`` times ``factor`` (rounded to
     its dtype); by default its largest weight, the one a wrong fold of it would move most."""
