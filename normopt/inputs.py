@@ -23,10 +23,11 @@ DEFAULT_INT_RANGE = (0, 2)
 # in math but not in floating point show (E[x^2] - E[x]^2 variance, cancellation). Only where
 # the input type resolves a spread of 1 at that mean: float16 at 100, float32/64 at 1000, none
 # for bfloat16. ``degenerate``: blocks of all-zero and of constant values, where 0/0 and the
-# epsilon decide the result.
+# epsilon decide the result, and of low variance, where a changed epsilon shows.
 NORMAL, OFFSET, DEGENERATE = "normal", "offset", "degenerate"
 FILE = "file"  # the arrays of --inputs, run alone
 OFFSET_MEAN = {"float16": 100.0, "float32": 1000.0, "float64": 1000.0}
+LOW_SPREAD = 1e-3  # the degenerate set's low-variance blocks
 
 
 @dataclass
@@ -188,8 +189,10 @@ def _stress(value: np.ndarray, kind: str, dtype: str) -> tuple[np.ndarray, str]:
         mean = OFFSET_MEAN[dtype]
         return (value.astype(np.float64) + mean).astype(value.dtype), f"normal({mean:g}, 1)"
     # Degenerate: along the first axis after the batch axis with 2+ entries that is not the last
-    # one (sequence positions of [B, S, D], channels of [N, C, H, W]): every third block is all
-    # zeros, the next one constant; with no such axis the whole tensor is constant.
+    # one (sequence positions of [B, S, D], channels of [N, C, H, W]), blocks in turns of four:
+    # all zeros, constant, low-variance (normal(0, 1e-3): a variance of 1e-6, between the
+    # epsilons models use, so a changed epsilon shows), normal(0, 1). With no such axis the whole
+    # tensor is constant.
     out = np.array(value, copy=True)
     shape = out.shape
     axes = [a for a in range(1, len(shape) - 1) if shape[a] >= 2]
@@ -201,11 +204,14 @@ def _stress(value: np.ndarray, kind: str, dtype: str) -> tuple[np.ndarray, str]:
     axis = axes[0]
     view = np.moveaxis(out, axis, 0)
     for i in range(view.shape[0]):
-        if i % 3 == 0:
+        if i % 4 == 0:
             view[i] = 0
-        elif i % 3 == 1:
+        elif i % 4 == 1:
             view[i] = 0.25 * (i + 1)
-    return out, f"degenerate: along axis {axis} every third block zero, the next constant, else normal(0, 1)"
+        elif i % 4 == 2:
+            view[i] = (view[i].astype(np.float64) * LOW_SPREAD).astype(out.dtype)
+    return out, (f"degenerate: along axis {axis} blocks in turn all zero, constant, normal(0, {LOW_SPREAD:g}), "
+                 "normal(0, 1)")
 
 
 def _resolve_dims(vi: onnx.ValueInfoProto, dims: dict, dynamic_dim: int) -> list[int]:

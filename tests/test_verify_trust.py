@@ -48,9 +48,12 @@ def test_tolerance_of_an_output_ignores_an_fp16_round_trip_on_another_branch():
     report = verify.compare(model, wrong, provider="cpu")
     assert [o.name for o in report.failures] == ["y"]
     y = report.failures[0]
-    assert (y.atol, y.rtol) == verify.TOLERANCES["float32"] and y.atol_rule == "dtype default"
-    # Held to float16 bounds (one fp16 Cast anywhere loosening every output), the wrong epsilon passed.
-    assert verify.compare(model, wrong, provider="cpu", atol=1e-2, rtol=1e-2).passed
+    assert y.rtol == verify.TOLERANCES["float32"][1] and y.atol < verify.TOLERANCES["float16"][0]
+    normal = verify.compare(model, wrong, provider="cpu", input_sets=(NORMAL,))
+    assert [o.name for o in normal.failures] == ["y"] and normal.failures[0].atol_rule == "dtype default"
+    # Held to float16 bounds (one fp16 Cast anywhere loosening every output), the wrong epsilon
+    # passed on normal inputs; only the degenerate set's low-variance rows still showed it.
+    assert verify.compare(model, wrong, provider="cpu", atol=1e-2, rtol=1e-2, input_sets=(NORMAL,)).passed
 
 
 def test_tolerance_follows_casts_and_initializers_on_the_path_only():
@@ -80,8 +83,27 @@ def test_offset_and_degenerate_sets_change_float_inputs_only():
     assert specs[1].source == "normal(1000, 1)" and "embedding index" in specs[0].source
     degenerate, specs = inputs.make_feeds(model, seed=0, kind=DEGENERATE)
     x = degenerate["x"][0]
-    assert (x[0] == 0).all() and (x[3] == 0).all() and len(set(x[1])) == 1 and len(set(x[4])) == 1
-    assert x[2].std() > 0 and degenerate["ids"].max() < 50
+    # blocks in turn: zeros, constant, low variance (normal(0, 1e-3)), normal(0, 1)
+    assert (x[0] == 0).all() and (x[4] == 0).all() and len(set(x[1])) == 1 and len(set(x[5])) == 1
+    assert 0 < x[2].std() < 1e-2 and x[3].std() > 0.1
+    assert degenerate["ids"].max() < 50
+
+
+@pytest.mark.parametrize("eps, other", [(1e-12, 1e-5), (1e-5, 1e-6), (1e-6, 1e-5)])
+def test_an_epsilon_changed_where_unit_variance_hides_it_fails_on_low_variance_rows(eps, other):
+    """A LayerNorm's epsilon left at the default (BERT's 1e-12 becoming 1e-5) or moved by 10x
+    changes nothing visible at a variance of 1 (or 0); the degenerate set's low-variance rows
+    show it."""
+    d = 32
+    original = make_model(_decomposed_layernorm("x", "y", "eps"), [("x", FLOAT, [1, 8, d])], [("y", FLOAT, [1, 8, d])],
+                          {"eps": np.asarray(eps, np.float32)}, opset=13)
+    fused = make_model([helper.make_node("LayerNormalization", ["x", "s"], ["y"], axis=-1, epsilon=other)],
+                       [("x", FLOAT, [1, 8, d])], [("y", FLOAT, [1, 8, d])], {"s": np.ones(d, np.float32)}, opset=17)
+    right = make_model([helper.make_node("LayerNormalization", ["x", "s"], ["y"], axis=-1, epsilon=eps)],
+                       [("x", FLOAT, [1, 8, d])], [("y", FLOAT, [1, 8, d])], {"s": np.ones(d, np.float32)}, opset=17)
+    report = verify.compare(original, fused, provider="cpu")
+    assert not report.passed and report.failures[0].inputs == "degenerate inputs (seed 0)"
+    assert verify.compare(original, right, provider="cpu").passed
 
 
 @pytest.mark.parametrize("elem, kinds, mean", [(FLOAT16, [OFFSET, DEGENERATE], 100.0),
