@@ -82,7 +82,7 @@ def _verify_options(fn):
                      help="Number of normal random input sets (seed, seed+1, ...); one offset (mean 1000) and one "
                           "degenerate (zero and constant rows) set run besides."),
         click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD...",
-                     help="Shape for an input with dynamic dims (default: 1 for the first axis, 8 for others; 32, 224, then 1 if the model cannot run at 8)."),
+                     help="Shape for an input with dynamic dims (default: 2 for the first axis, 8 for others; a batch of 1, then 32, 224 and 1, if the model cannot run at that)."),
         click.option("--input-range", "input_ranges", multiple=True, metavar="NAME:LOW:HIGH",
                      help="Value range [LOW, HIGH) for an input, e.g. input_ids:0:30522."),
         click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False), default=None,

@@ -10,7 +10,10 @@ import onnx
 
 from normopt.errors import UsageError
 
-# Unset dynamic dims: the first (batch) axis gets 1, every other axis this many.
+# Unset dynamic dims: the first (batch) axis gets DEFAULT_BATCH (2: a rewrite that mixes the
+# samples of a batch, or holds only for one, shows; 1 is tried when the model cannot run with
+# 2), every other axis DEFAULT_DYNAMIC_DIM.
+DEFAULT_BATCH = 2
 DEFAULT_DYNAMIC_DIM = 8
 # Tried in turn when the model cannot run with the previous size (a CNN that downsamples 32x, a
 # ViT whose position embeddings fix 224x224, a decoder with past whose attention mask is
@@ -88,10 +91,10 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def make_feeds(model: onnx.ModelProto, seed: int, shapes=None, ranges=None, npz: str | None = None,
-               dynamic_dim: int = DEFAULT_DYNAMIC_DIM, kind: str = NORMAL,
+               dynamic_dim: int = DEFAULT_DYNAMIC_DIM, kind: str = NORMAL, batch: int = DEFAULT_BATCH,
                ) -> tuple[dict[str, np.ndarray], list[InputSpec]]:
     """Seeded random inputs for every graph input (or those read from ``npz``). Dynamic dims the
-    user did not set are 1 on the first axis and ``dynamic_dim`` elsewhere. ``kind`` changes the
+    user did not set are ``batch`` on the first axis and ``dynamic_dim`` elsewhere. ``kind`` changes the
     float inputs without a user range (see OFFSET, DEGENERATE); integer inputs keep their ranges."""
     shapes, ranges = shapes or {}, ranges or {}
     rng = np.random.default_rng(seed)
@@ -119,7 +122,7 @@ def make_feeds(model: onnx.ModelProto, seed: int, shapes=None, ranges=None, npz:
             feeds[vi.name] = value
             specs.append(InputSpec(vi.name, str(dtype), list(value.shape), f"file {npz}"))
             continue
-        shape = shapes.get(vi.name) or _resolve_dims(vi, dims, dynamic_dim)
+        shape = shapes.get(vi.name) or _resolve_dims(vi, dims, dynamic_dim, batch)
         _check_size(vi.name, shape)
         defaulted = vi.name not in shapes and len(dims) > 0
         if vi.name in ranges:
@@ -214,7 +217,7 @@ def _stress(value: np.ndarray, kind: str, dtype: str) -> tuple[np.ndarray, str]:
                  "normal(0, 1)")
 
 
-def _resolve_dims(vi: onnx.ValueInfoProto, dims: dict, dynamic_dim: int) -> list[int]:
+def _resolve_dims(vi: onnx.ValueInfoProto, dims: dict, dynamic_dim: int, batch: int = DEFAULT_BATCH) -> list[int]:
     shape = []
     tt = vi.type.tensor_type
     if not tt.HasField("shape"):
@@ -225,7 +228,7 @@ def _resolve_dims(vi: onnx.ValueInfoProto, dims: dict, dynamic_dim: int) -> list
             continue
         key = d.dim_param or f"{vi.name}:{axis}"
         if key not in dims:
-            dims[key] = _dim_sum(key, dims, dynamic_dim) or (1 if axis == 0 else dynamic_dim)
+            dims[key] = _dim_sum(key, dims, dynamic_dim) or (batch if axis == 0 else dynamic_dim)
         shape.append(dims[key])
     return shape
 

@@ -20,7 +20,7 @@ import onnx
 
 from normopt import progress
 from normopt.errors import ProviderUnavailableError, UsageError
-from normopt.inputs import (DEFAULT_DYNAMIC_DIM, DEGENERATE, FALLBACK_DYNAMIC_DIMS, FILE, NORMAL, OFFSET, InputSet,
+from normopt.inputs import (DEFAULT_BATCH, DEFAULT_DYNAMIC_DIM, DEGENERATE, FALLBACK_DYNAMIC_DIMS, FILE, NORMAL, OFFSET, InputSet,
                             InputSpec, make_feeds, stress_kinds)
 from normopt.ir import Weights
 from normopt.model_io import PROTOBUF_LIMIT, Skeleton, byte_size, census, save, weightless
@@ -467,11 +467,18 @@ def reference_outputs(original, *, choice: ProviderChoice, seed: int = 0, trials
     # Sensitivity is measured on the offset and degenerate sets (where inputs are ill-conditioned
     # on purpose); on normal inputs the magnitude term covers rounding.
     stressed = [i for i, kind in enumerate(kinds) if kind in (OFFSET, DEGENERATE)]
-    sizes = (DEFAULT_DYNAMIC_DIM,) + FALLBACK_DYNAMIC_DIMS
+    # Each size of the unset dynamic dims at a batch of DEFAULT_BATCH, then of 1 (a model that
+    # holds only for one sample); an attempt whose shapes an earlier one already tried is skipped.
+    attempts = [(batch, size) for size in (DEFAULT_DYNAMIC_DIM,) + FALLBACK_DYNAMIC_DIMS for batch in (DEFAULT_BATCH, 1)]
+    tried: set[tuple] = set()
     sessions: list[list[str]] = []
-    for size in sizes:
-        made = [make_feeds(header, s, input_shapes, input_ranges, inputs_file, size, kind)
+    for batch, size in attempts:
+        made = [make_feeds(header, s, input_shapes, input_ranges, inputs_file, size, kind, batch)
                 for kind, s in zip(kinds, seeds)]
+        shapes = tuple(tuple(spec.shape) for spec in made[0][1])
+        if shapes in tried:
+            continue
+        tried.add(shapes)
         feeds = [f for f, _ in made]
         moved = [_move_by_ulps(feeds[i], seeds[i], widths) for i in stressed]
         n = len(feeds)
@@ -490,10 +497,13 @@ def reference_outputs(original, *, choice: ProviderChoice, seed: int = 0, trials
             with progress.step("onnxruntime: running the reference model"):
                 out = run_model(model, feeds + moved, choice.name, names, sessions, more=probe)
             break
-        except ModelRunError:
-            # Only sizes we chose may be wrong for the model; try a larger one.
-            if not any(spec.defaulted for spec in made[0][1]) or size == sizes[-1]:
+        except ModelRunError as err:
+            # Only sizes we chose may be wrong for the model; try the next ones.
+            if not any(spec.defaulted for spec in made[0][1]):
                 raise
+            failed = err
+    else:
+        raise failed
     # Rounding-level differences between two runs (GPU kernels that sum in varying order) still
     # count as deterministic; Dropout or random ops move outputs far more.
     stable = len(out) == n + len(stressed) or all(

@@ -93,7 +93,7 @@ def _embedding_model():
 def test_feeds_dynamic_dims_and_integer_ranges_inferred():
     feeds, specs = inputs.make_feeds(_embedding_model(), seed=0)
     ids = feeds["ids"]
-    assert ids.shape == (1, inputs.DEFAULT_DYNAMIC_DIM)
+    assert ids.shape == (inputs.DEFAULT_BATCH, inputs.DEFAULT_DYNAMIC_DIM)
     assert ids.min() >= 0 and ids.max() < 50
     assert "embedding index" in specs[0].source
 
@@ -174,7 +174,7 @@ def test_dynamic_spatial_dims_too_small_for_the_model_are_retried_larger():
                        [helper.make_tensor_value_info("x", FLOAT, ["n", 3, "h", "w"])],
                        [helper.make_tensor_value_info("y", FLOAT, ["n", 2, "oh", "ow"])], {"w": w}, opset=13)
     report = verify.compare(model, model, provider="cpu")  # a 16x16 kernel cannot run on 8x8
-    assert report.passed and report.inputs[0].shape == [1, 3, 32, 32]
+    assert report.passed and report.inputs[0].shape == [inputs.DEFAULT_BATCH, 3, 32, 32]
     with pytest.raises(verify.ModelRunError, match="--input-shape"):
         verify.compare(model, model, provider="cpu", input_shapes={"x": [1, 3, 8, 8]})
 
@@ -200,7 +200,34 @@ def _decoder_with_past(mask_dim):
 def test_attention_mask_dim_named_as_a_sum_verifies(mask_dim, length):
     report = verify.compare(_decoder_with_past(mask_dim), _decoder_with_past(mask_dim), provider="cpu")
     assert report.passed
-    assert [s.shape for s in report.inputs][2] == [1, length]
+    assert [s.shape for s in report.inputs][2] == [inputs.DEFAULT_BATCH, length]
+
+
+def _layernorm_over(axes):
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mu"], axes=axes), helper.make_node("Sub", ["x", "mu"], ["d"]),
+             helper.make_node("Mul", ["d", "d"], ["d2"]), helper.make_node("ReduceMean", ["d2"], ["var"], axes=axes),
+             helper.make_node("Add", ["var", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["sd"]),
+             helper.make_node("Div", ["d", "sd"], ["y"])]
+    return make_model(nodes, [helper.make_tensor_value_info("x", FLOAT, ["batch", 8, 16])],
+                      [helper.make_tensor_value_info("y", FLOAT, ["batch", 8, 16])],
+                      {"eps": np.asarray(1e-5, np.float32)}, opset=13)
+
+
+def test_statistics_taken_across_the_batch_differ_at_the_default_batch_of_two():
+    # Over [0, -1] and over [-1] are the same at a batch of 1.
+    report = verify.compare(_layernorm_over([-1]), _layernorm_over([0, -1]), provider="cpu")
+    assert not report.passed and report.inputs[0].shape == [2, 8, 16]
+    assert verify.compare(_layernorm_over([-1]), _layernorm_over([0, -1]), provider="cpu",
+                          input_shapes={"x": [1, 8, 16]}).passed
+
+
+def test_a_model_that_runs_only_at_batch_one_is_verified_at_batch_one():
+    model = make_model([helper.make_node("Reshape", ["x", "shape"], ["y"])],
+                       [helper.make_tensor_value_info("x", FLOAT, ["batch", 8, 4])],
+                       [helper.make_tensor_value_info("y", FLOAT, [1, 32])],
+                       {"shape": np.asarray([1, 32], np.int64)}, opset=13)
+    report = verify.compare(model, model, provider="cpu")
+    assert report.passed and report.inputs[0].shape == [1, 8, 4]
 
 
 def _two_input_model():
