@@ -21,7 +21,7 @@ from normopt.errors import UsageError, VerificationError
 from normopt.records import PassRecord, PipelineResult, Rewrite
 from normopt.providers import ProviderChoice, select_provider
 from normopt.targets import veto_for
-from normopt.verify import Loaded, Reference, VerifyReport, compare, reference_outputs
+from normopt.verify import Loaded, Reference, VerifyReport, compare, reference_outputs, uncompared
 
 MAX_ROLLBACK_ROUNDS = 6
 
@@ -148,6 +148,21 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
                     for up in result.upgrades:
                         rollbacks.append(Rollback(up.for_pass, "opset", f"opset {up.to_version}", reason))
                 continue
+            blank = uncompared(report) if round_ < MAX_ROLLBACK_ROUNDS else []
+            if blank and not (result.applied or result.upgrades):
+                for diff in blank:   # the model as it came: nothing to prove
+                    diff.problem, diff.note = "", "NaN or Inf everywhere on every input set; nothing was rewritten"
+            elif blank:
+                # An output NaN or Inf everywhere proves nothing of what computes it: every rewrite
+                # is compared at its own output instead, and one that differs is rolled back.
+                proven = _proven_locally(reference, candidate, result, options, choice)
+                if proven:
+                    for rewrite, reason in proven:
+                        roll_back(rewrite, reason)
+                    continue
+                for diff in blank if proven is not None else ():   # None: one cannot be exposed; the failure stands
+                    diff.problem, diff.note = "", ("NaN or Inf everywhere on every input set; every rewrite "
+                                                   "matched at its own output")
             idle = _unexercised(reference, model, result) if report.passed and round_ < MAX_ROLLBACK_ROUNDS else []
             if idle:
                 for rewrite, reason in idle:
@@ -221,6 +236,16 @@ def _verify(reference: _References, out, options: FoldOptions, choice: ProviderC
     return compare(reference.model, out, seed=options.seed, trials=options.trials, input_shapes=options.input_shapes,
                    input_ranges=options.input_ranges, inputs_file=options.inputs_file, atol=options.atol,
                    rtol=options.rtol, extra_outputs=extra, choice=choice, reference=reference.outputs(extra))
+
+
+def _proven_locally(reference, out, result: PipelineResult, options, choice) -> list[tuple[Rewrite, str]] | None:
+    """``_localize``'s culprits when every rewrite can be compared at its own output (top-level
+    rewrites, and those in model-local functions through their calls' outputs); None when one
+    sits in an If or Loop body, whose tensors cannot be exposed. An opset upgrade alone changes
+    no tensor a rewrite owns: it counts as unprovable here."""
+    if any(r.graph and not ir.is_function_path(r.graph) for r in result.applied) or not result.applied:
+        return None
+    return _localize(reference, out, result, options, choice)
 
 
 def _localize(reference, out, result: PipelineResult, options, choice) -> list[tuple[Rewrite, str]]:

@@ -89,7 +89,8 @@ def verify_lines(report: VerifyReport | None, verbose: bool = False) -> list[str
         verdict = click.style("ok", fg="green") if o.passed else click.style("DIFFERS", fg="red", bold=True)
         lines.append(f"  output '{o.name}': {verdict}; max |diff| {o.max_abs:.2e}, max rel {o.max_rel:.2e}, "
                      f"{o.mismatched:.2%} out of tolerance (atol {o.atol:g} from {o.atol_rule}, rtol {o.rtol:g})"
-                     + (f" on {o.inputs}" if o.inputs else "") + (f"; {o.problem}" if o.problem else ""))
+                     + (f" on {o.inputs}" if o.inputs else "") + (f"; {o.problem}" if o.problem else "")
+                     + (f"; {o.note}" if o.note else ""))
     return lines
 
 

@@ -55,6 +55,7 @@ class OutputDiff:
     problem: str = ""
     atol_rule: str = "dtype default"  # what set atol: dtype default, --atol, output magnitude, input sensitivity
     inputs: str = ""  # the input set of the worst result, e.g. "offset inputs (seed 0)"
+    note: str = ""  # how an output that could not be compared was proven another way
 
     @property
     def passed(self) -> bool:
@@ -650,13 +651,30 @@ def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trial
             diff.inputs = input_set.label
             diffs.append(diff)
         report.outputs.append(max(diffs, key=lambda d: (not d.passed, d.needed_atol)))
-    if names and not repeat and all(_nothing_finite(out[name]) for out in reference.outputs for name in names):
-        # NaN = NaN everywhere proves nothing: inputs (given, or the model's own) that make every
-        # output NaN or Inf leave nothing to compare
+    if not repeat:
+        # NaN = NaN everywhere proves nothing: an output that inputs (given, or the model's own)
+        # make NaN or Inf everywhere says nothing of what computes it, even beside other outputs
+        everywhere = all(_nothing_finite(out[name]) for out in reference.outputs for name in names)
         for diff in report.outputs:
-            diff.problem = diff.problem or ("every value of every output is NaN or Inf on every input set: "
-                                            "nothing could be compared (give other inputs with --inputs)")
+            if all(_nothing_finite(out[diff.name]) for out in reference.outputs):
+                diff.problem = diff.problem or (NOTHING_FINITE_ANYWHERE if everywhere else NOTHING_FINITE)
     return report
+
+
+# The problems of an output whose every value is NaN or Inf on every input set (``fold`` then
+# compares the rewrites' own outputs instead: ``uncompared``).
+NOTHING_FINITE = ("every value is NaN or Inf on every input set: nothing could be compared (give other "
+                  "inputs with --inputs)")
+NOTHING_FINITE_ANYWHERE = ("every value of every output is NaN or Inf on every input set: nothing could be "
+                           "compared (give other inputs with --inputs)")
+
+
+def uncompared(report: VerifyReport) -> list[OutputDiff]:
+    """The failures of ``report`` when every one is an output NaN or Inf everywhere; else []."""
+    failures = report.failures
+    if failures and all(d.problem in (NOTHING_FINITE, NOTHING_FINITE_ANYWHERE) for d in failures):
+        return failures
+    return []
 
 
 def _nothing_finite(value) -> bool:

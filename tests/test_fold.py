@@ -75,6 +75,27 @@ def test_optimize_wrong_rewrite_is_localized_and_rolled_back(rng, broken_pass):
     assert_equivalent(model, result.model)
 
 
+def _nan_everywhere(model):
+    """``model`` whose only output is Sqrt(out - 1e6): NaN on every input verification makes."""
+    out = model.graph.output[0].name
+    model.graph.node.extend([helper.make_node("Sub", [out, "far"], ["below"]),
+                             helper.make_node("Sqrt", ["below"], ["nan"])])
+    model.graph.initializer.append(helper.make_tensor("far", FLOAT, [], [1e6]))
+    model.graph.output[0].name = "nan"
+    return model
+
+
+def test_an_output_nan_everywhere_proves_nothing_each_rewrite_is_compared_at_its_own_output(rng, broken_pass):
+    # NaN = NaN on every element: before, the broken fold passed verification behind it.
+    model = _nan_everywhere(conv_bn_chain(rng))
+    result = optimize(model, FoldOptions(passes=[broken_pass], provider="cpu"))
+    assert result.verified and [(r.anchor, r.output) for r in result.rollbacks] == [("bn2", "n2")]
+    assert op_counts(result.model) == {"Conv": 3, "BatchNormalization": 1, "Relu": 3, "Sub": 1, "Sqrt": 1}
+    assert "matched at its own output" in result.verification.outputs[0].note
+    good = optimize(_nan_everywhere(conv_bn_chain(rng)), FoldOptions(passes=["fold-batchnorm"], provider="cpu"))
+    assert good.verified and not good.rollbacks and "BatchNormalization" not in op_counts(good.model)
+
+
 def test_optimize_strict_makes_rollback_an_error(rng, broken_pass):
     with pytest.raises(VerificationError, match="rolled back"):
         optimize(conv_bn_chain(rng), FoldOptions(passes=[broken_pass], provider="cpu", strict=True))

@@ -230,6 +230,20 @@ def test_a_model_that_runs_only_at_batch_one_is_verified_at_batch_one():
     assert report.passed and report.inputs[0].shape == [1, 8, 4]
 
 
+def _beside_nan(k):
+    """y = x * k beside z = Sqrt(x - 1e6): NaN everywhere on generated inputs."""
+    nodes = [helper.make_node("Mul", ["x", "k"], ["y"]), helper.make_node("Sub", ["x", "far"], ["b"]),
+             helper.make_node("Sqrt", ["b"], ["z"]), helper.make_node("Mul", ["z", "k"], ["w"])]
+    return make_model(nodes, [helper.make_tensor_value_info("x", FLOAT, [2, 4])],
+                      [helper.make_tensor_value_info("y", FLOAT, [2, 4]), helper.make_tensor_value_info("w", FLOAT, [2, 4])],
+                      {"k": np.asarray(k, np.float32), "far": np.asarray(1e6, np.float32)}, opset=13)
+
+
+def test_an_output_nan_everywhere_is_not_compared_even_beside_a_finite_one():
+    report = verify.compare(_beside_nan(1.0), _beside_nan(1.0), provider="cpu")
+    assert [o.name for o in report.failures] == ["w"] and report.failures[0].problem == verify.NOTHING_FINITE
+
+
 def _two_input_model():
     model = make_model([helper.make_node("Gather", ["table", "ids"], ["g"]), helper.make_node("Add", ["g", "x"], ["y"])],
                        [helper.make_tensor_value_info("ids", INT64, [1, 3]),
