@@ -169,7 +169,9 @@ def _squeezed(t: gs.Tensor, lead: int, ctx: Context, base: str, nodes: list) -> 
 def _runtime_ones(x: gs.Tensor, axis: int, dtype, ctx: Context, base: str, nodes: list) -> gs.Tensor:
     """A scale of ones over normalized dims known only at run time: ConstantOfShape(Shape(x)[axis:])."""
     dims = gs.Variable(ctx.names.fresh(f"{base}_normalized_shape"), dtype=np.int64, shape=[-axis])
-    ones = gs.Variable(ctx.names.fresh(f"{base}_ones"), dtype=np.dtype(dtype), shape=list(ctx.shape(x)[axis:]))
+    shape = ctx.shape(x)
+    ones = gs.Variable(ctx.names.fresh(f"{base}_ones"), dtype=np.dtype(dtype),
+                       shape=list(shape[axis:]) if shape is not None else None)   # None: x's rank unknown
     nodes.append(gs.Node("Shape", ctx.names.fresh(f"{base}_shape"), {"start": axis}, [x], [dims]))
     nodes.append(gs.Node("ConstantOfShape", ctx.names.fresh(f"{base}_ones"),
                          {"value": gs.Constant("value", np.ones(1, np.dtype(dtype)))}, [dims], [ones]))

@@ -225,12 +225,15 @@ def check_core(m: Match, ctx: Context, kind: str, statistics: bool = False) -> N
     if isinstance(axes, Reject):
         return axes
     # A 1-element constant broadcasts: one of higher rank than x grows the output's rank (and
-    # shifts what the variance's ReduceMean axes count), which the fused op would not.
+    # shifts what the variance's ReduceMean axes count), which the fused op would not. With the
+    # rank unknown, x has at least as many axes as the (negative) axes reduced.
+    limit = rank if rank is not None else len(axes)
     for key, what, node in (("eps", "epsilon", "add_eps"), ("exponent", "exponent", "pow"),
                             ("one", "1 of 1 / std", "recip_div")):
         const_rank = np.asarray(m.values[key]).ndim if key in m.values else 0
-        if rank is not None and const_rank > rank:
-            return Reject(f"{what} has rank {const_rank}, more than the input's {rank}", m[node])
+        if const_rank > limit:
+            known = f"the input's {rank}" if rank is not None else f"the {limit} axes it normalizes (input rank unknown)"
+            return Reject(f"{what} has rank {const_rank}, more than {known}", m[node])
     m = m.evolve()   # what goes with the match is added to a copy
     if statistics and m.has("sqrt") and "stat_inv_std" not in statistic_tensors(m):
         # 1/std computed beside a Div(d, std) (ONNX's function body writes InvStdDev that way):
@@ -541,12 +544,25 @@ def trailing(norm: Normalized, ctx: Context) -> tuple[int, tuple] | Reject:
     The dims may be symbolic: the fused op normalizes whatever size they have at run time."""
     x, rank = norm.x, norm.rank
     if rank is None:
-        return Reject(f"rank of input '{x.name}' is unknown")
+        # All-negative axes still say "the last n axes": the fused op over axis -n is the same
+        # whatever the rank (``least_rank`` keeps the affine from growing it). Positive ones
+        # cannot be placed.
+        axis = trailing_axis(norm.axes, None)
+        if axis is None:
+            return Reject(f"rank of input '{x.name}' is unknown and axes {list(norm.axes)} are not the last ones "
+                          "counted from the end")
+        return axis, (None,) * len(norm.axes)
     axis = trailing_axis(norm.axes, rank)
     if axis is None:
         return Reject(f"normalizes axes {list(norm.axes)} of a rank-{rank} input, not its trailing axes "
                       "(channels-first layout)", norm.match["mean" if norm.match.has("mean") else "var"])
     return axis, tuple(ctx.shape(x)[axis:])
+
+
+def least_rank(norm: Normalized) -> int:
+    """The input's rank, or when unknown the fewest axes it can have: the (negative) axes it
+    normalizes. An affine parameter of no more axes cannot grow the output's rank."""
+    return norm.rank if norm.rank is not None else len(norm.axes)
 
 
 def plan(norm: Normalized, ctx: Context, axis: int, tail: Affine) -> Match:

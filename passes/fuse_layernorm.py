@@ -75,7 +75,7 @@ class FuseLayerNorm(Pass):
             if isinstance(where, Reject):
                 return where
             axis, shape = where
-            m = N.plan(norm, ctx, axis, N.match_affine(norm.output, ctx, norm.rank, shape, tensors=True))
+            m = N.plan(norm, ctx, axis, N.match_affine(norm.output, ctx, N.least_rank(norm), shape, tensors=True))
             m = _unflatten(m, ctx)
             cycle = _statistics_feed_params(m)
             if cycle:

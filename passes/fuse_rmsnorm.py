@@ -63,7 +63,7 @@ class FuseRmsNorm(Pass):
         if isinstance(where, Reject):
             return where
         axis, shape = where
-        tail = N.match_affine(norm.output, ctx, norm.rank, shape, with_bias=False, tensors=True)
+        tail = N.match_affine(norm.output, ctx, N.least_rank(norm), shape, with_bias=False, tensors=True)
         return E.settle_dtype(N.plan(norm, ctx, axis, tail), ctx)
 
     def rewrite(self, m: Match, ctx: Context) -> list[gs.Node]:

@@ -637,3 +637,54 @@ def test_inv_std_computed_inside_a_subgraph_is_left_to_it():
     model = finish(net, t, [2, 5, 8], inputs=[("cond", TensorProto.BOOL, [])], outputs=[("side", F32, [2, 5, 1])])
     out = left_alone(model, "is also used by Reciprocal(then_s)", ["fuse-layernorm"])
     assert_equivalent(model, out)
+
+
+# ----------------------------------------------------------------------------- input of unknown rank
+
+def _after_contrib(kind, axes=(-1,), gamma_shape=(16,), eps_shape=()):
+    """x -> com.microsoft Gelu -> Cast(float): onnx's shape inference knows the Cast's type but
+    not its rank (the contrib op has no schema there); then a LayerNorm or RMSNorm over ``axes``
+    with a gamma Mul."""
+    net = GraphBuilder(opset=14)
+    net.nodes.append(helper.make_node("Gelu", ["x"], ["g0"], domain="com.microsoft"))
+    net.nodes.append(helper.make_node("Cast", ["g0"], ["g"], to=F32))
+    if kind == "ln":
+        mean = net.mean("g", axes)
+        d = net.op("Sub", "g", mean)
+        var = net.mean(net.op("Pow", d, net.const(2.0)), axes)
+        n = net.op("Div", d, net.op("Sqrt", net.op("Add", var, net.const(np.full(eps_shape, 1e-5)))))
+    else:
+        var = net.mean(net.op("Pow", "g", net.const(2.0)), axes)
+        n = net.op("Mul", "g", net.op("Reciprocal", net.op("Sqrt", net.op("Add", var, net.const(np.full(eps_shape, 1e-6))))))
+    gamma = np.random.default_rng(0).uniform(0.5, 1.5, gamma_shape)
+    out = net.op("Mul", n, net.const(gamma))
+    net.nodes.append(helper.make_node("Identity", [out], ["y"]))
+    return make_model(net.nodes, [("x", F32, [2, 8, 16])], [("y", F32, [2, 8, 16])], net.inits, opset=14,
+                      extra_opsets=[("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("kind, op, passes", [("ln", LN, ["fuse-layernorm"]), ("rms", RMS, ["fuse-rmsnorm"])])
+def test_a_norm_over_the_last_axes_of_an_input_of_unknown_rank_is_fused(kind, op, passes):
+    # Before: "rank of input 'g' is unknown", though axis -1 is the last axis whatever the rank.
+    model = _after_contrib(kind)
+    out, result = run_pipeline(model, passes)
+    assert op_counts(out) == {"Gelu": 1, "Cast": 1, op: 1, "Identity": 1}, reasons(result)
+    node = next(n for n in out.graph.node if n.op_type == op)
+    assert next(a.i for a in node.attribute if a.name == "axis") == -1
+    assert_equivalent(model, out)
+
+
+@pytest.mark.parametrize("kind, passes", [("ln", ["fuse-layernorm"]), ("rms", ["fuse-rmsnorm"])])
+def test_unknown_rank_near_misses_are_left_with_their_reason(kind, passes):
+    # axis 2 cannot be placed without the rank
+    left_alone(_after_contrib(kind, axes=(2,)), "axes [2] cannot be placed (input rank unknown)", passes)
+    # an epsilon of rank 2 would grow the output's rank for an input of rank 1
+    left_alone(_after_contrib(kind, eps_shape=(1, 1)), "epsilon has rank 2, more than the 1 axes it normalizes", passes)
+
+
+def test_unknown_rank_gamma_that_could_grow_the_rank_stays_outside():
+    model = _after_contrib("ln", gamma_shape=(1, 16))
+    out, result = run_pipeline(model, ["fuse-layernorm"])
+    # no scale: ones of the normalized dims, known only at run time (Shape -> ConstantOfShape)
+    assert op_counts(out) == {"Gelu": 1, "Cast": 1, "Shape": 1, "ConstantOfShape": 1, LN: 1, "Mul": 1, "Identity": 1}
+    assert_equivalent(model, out)
