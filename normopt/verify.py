@@ -259,7 +259,7 @@ def _exposed(model, names: list[str]):
 # The absolute bound of an output grows with the computation (see the README, "Verification"):
 # MAGNITUDE_EPS machine epsilons of the largest |value| around each element (rounding noise grows
 # with the sums behind it, not with each element), and SENSITIVITY_FACTOR times how far the
-# original's output moves around it when its float inputs move by one or two ulps (cancellation:
+# original's output moves when its float inputs move by one or two ulps (cancellation:
 # a mean of 1000 against a spread of 1 leaves the original itself only that precise). A model
 # whose outputs change between two runs on the same inputs gets no sensitivity term: its moves
 # are not rounding. "Around each element" is ``local_max``: an output that joins values near 1
