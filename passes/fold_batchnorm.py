@@ -160,7 +160,7 @@ class FoldBatchNorm(Pass):
         fold = _FOLDERS.get(prod.op)
         if fold is None or not G.in_default_domain(prod):
             return Reject(f"producer {G.node_label(prod)} ({prod.op}) cannot absorb a BatchNormalization")
-        reason = fold(prod, m, s, t, ctx)
+        reason = fold(prod, m, s, t, ctx) or overflow(m)
         if reason:
             return Reject(reason, prod)
         m.info["producer"] = prod.op
@@ -236,7 +236,7 @@ class FoldBatchNorm(Pass):
                       form="x * a + b" if derived else "x * a + b, a and b constant")
         if not G.in_default_domain(prod):
             return instead(f"producer {G.node_label(prod)} is not a standard {prod.op}")
-        reason = _FOLDERS[prod.op](prod, m, s, t, ctx)
+        reason = _FOLDERS[prod.op](prod, m, s, t, ctx) or overflow(m)
         if reason:
             return instead(reason)
         m.info["producer"] = prod.op
@@ -647,6 +647,12 @@ def _matmul(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:
     if bias is not None:
         if bias.size not in (1, s.size) or bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1):
             return f"bias Add operand of shape {list(bias.shape)} is not a per-feature bias"
+        x_shape = ctx.shape(matmul.inputs[0])
+        out_rank = None if x_shape is None else max(len(x_shape), 2) if len(x_shape) != 1 else 1
+        if out_rank is None or bias.ndim > out_rank:
+            # a [1, F] bias after a 1-D input's [F] product adds an axis the folded bias would drop
+            return (f"bias Add operand of shape {list(bias.shape)} has more axes than the MatMul output"
+                    + (f" (rank {out_rank})" if out_rank is not None else " (its rank is unknown)"))
         bias = np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (s.size,))
     m.nodes["matmul"] = matmul
     _store(m, prod, w, bias, s, t, x=matmul.inputs[0])
@@ -698,24 +704,68 @@ def _store(m: Match, prod, w, b, s, t, x=None) -> None:
         m.values["producer_bias"] = b
 
 
-def folded(m: Match) -> tuple[np.ndarray, np.ndarray]:
-    """The new weight and bias of the producer: ``W' = W * s`` along its output channels and
-    ``b' = b * s + t`` (Gemm: ``beta * C * s + t``, its beta becoming 1), in float64, cast back
-    to the weight's dtype."""
+def overflow(m: Match) -> str | None:
+    """Why ``folded`` would leave the weight's type (a float16 weight of 1000 scaled by 100), or
+    None. The per-channel bound is computed only when the whole weight's could overflow."""
     prod, w, s, t = m["producer"], m.values["weight"], m.values["s"], m.values["t"]
+    if np.dtype(w.dtype) not in _ROUNDED_ONCE or not w.size:
+        return None
+    top = float(np.finfo(w.dtype).max)
+    s64 = np.abs(np.asarray(s, np.float64))
+    peak = max(abs(float(np.max(w))), abs(float(np.min(w))))
+    if peak * float(s64.max()) > top:
+        reach = _channel_peaks(w, prod) * s64
+        if float(reach.max()) > top:
+            c = int(np.argmax(reach))
+            return (f"folding would overflow the {np.dtype(w.dtype).name} weight '{m.tensors['weight'].name}' "
+                    f"(channel {c}: up to {reach[c]:.3g})")
+    bias = _folded_bias(m)
+    with np.errstate(over="ignore"):
+        finite = np.isfinite(bias.astype(w.dtype)).all()
+    if not finite:
+        return f"folding would overflow the {np.dtype(w.dtype).name} bias (up to {np.abs(bias).max():.3g})"
+    return None
+
+
+def _channel_peaks(w: np.ndarray, prod: gs.Node) -> np.ndarray:
+    """max |w| per output channel of the producer (the axis ``scale_output_channels`` scales)."""
+    def peaks(view, keep):
+        axes = tuple(i for i in range(view.ndim) if i not in keep)
+        return np.maximum(np.abs(np.max(view, axis=axes).astype(np.float64)),
+                          np.abs(np.min(view, axis=axes).astype(np.float64))).reshape(-1)
+    if prod.op == "ConvTranspose":
+        group = int(prod.attrs.get("group", 1))
+        return peaks(w.reshape((group, w.shape[0] // group, w.shape[1]) + w.shape[2:]), (0, 2))
+    if prod.op == "Conv" or (prod.op == "Gemm" and int(prod.attrs.get("transB", 0))):
+        return peaks(w, (0,))
+    return peaks(w, (1,))   # Gemm transB=0 and MatMul: [K, N]
+
+
+def _folded_bias(m: Match) -> np.ndarray:
+    """``b' = b * s + t`` (Gemm: ``beta * C * s + t``) in float64."""
+    prod, s, t = m["producer"], np.asarray(m.values["s"], np.float64), m.values["t"]
     b = m.values.get("producer_bias")
     if prod.op == "Gemm":
         beta = float(prod.attrs.get("beta", 1.0))
         # beta*C*s + t, with C broadcast to the output's last axis.
         cs = np.zeros(s.size) if b is None or beta == 0.0 else beta * np.asarray(b, np.float64) * s
-        weight = scale_output_channels(w, s, "Gemm", trans_b=int(prod.attrs.get("transB", 0)), dtype=w.dtype)
-        return weight, (cs + t).astype(w.dtype)
+        return cs + t
     b64 = np.zeros(s.size) if b is None else np.asarray(b, np.float64).reshape(-1)
-    if prod.op in ("Conv", "ConvTranspose"):
+    return b64 * s + t
+
+
+def folded(m: Match) -> tuple[np.ndarray, np.ndarray]:
+    """The new weight and bias of the producer: ``W' = W * s`` along its output channels and
+    ``b' = b * s + t`` (Gemm: ``beta * C * s + t``, its beta becoming 1), in float64, cast back
+    to the weight's dtype."""
+    prod, w, s = m["producer"], m.values["weight"], m.values["s"]
+    if prod.op == "Gemm":
+        weight = scale_output_channels(w, s, "Gemm", trans_b=int(prod.attrs.get("transB", 0)), dtype=w.dtype)
+    elif prod.op in ("Conv", "ConvTranspose"):
         weight = scale_output_channels(w, s, prod.op, int(prod.attrs.get("group", 1)), dtype=w.dtype)
     else:  # MatMul, or the Add of MatMul + bias
         weight = scale_output_channels(w, s, "MatMul", dtype=w.dtype)
-    return weight, (b64 * s + t).astype(w.dtype)
+    return weight, _folded_bias(m).astype(w.dtype)
 
 
 _FOLDERS = {"Conv": _conv, "ConvTranspose": _conv, "Gemm": _gemm, "MatMul": _matmul, "Add": _matmul}

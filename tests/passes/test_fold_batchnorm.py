@@ -915,3 +915,45 @@ def test_fold_batchnorm_constant_affine_after_matmul_and_bias_is_folded(rng):
              helper.make_node("Mul", ["dense", "a"], ["xa"]), helper.make_node("Add", ["xa", "b"], ["Y"])]
     model = make_model(nodes, [("X", FLOAT, [BATCH, 4])], [("Y", FLOAT, [BATCH, 6])], inits)
     assert_folded(model, {"MatMul": 1, "Add": 1})
+
+
+# ----------------------------------------------------------------------------- folds that would change the output's shape or type
+
+def test_fold_batchnorm_bias_with_more_axes_than_the_matmul_output_is_left_unchanged():
+    """x[K] @ W[K, F] is [F]; + bias[1, F] makes it [1, F]: the folded [F] bias would drop the
+    axis (a Softmax over axis 0 after it then normalizes over F, not over 1)."""
+    rng = np.random.default_rng(0)
+    k, f = 5, 4
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["p"]), helper.make_node("Add", ["p", "b"], ["z"]),
+             helper.make_node("BatchNormalization", ["z", "gamma", "beta", "mean", "var"], ["n"]),
+             helper.make_node("Softmax", ["n"], ["y"], axis=0)]
+    inits = {"W": rng.standard_normal((k, f)).astype(np.float32), "b": rng.standard_normal((1, f)).astype(np.float32),
+             "gamma": rng.uniform(0.5, 1.5, f).astype(np.float32), "beta": rng.standard_normal(f).astype(np.float32),
+             "mean": rng.standard_normal(f).astype(np.float32), "var": rng.uniform(0.5, 2, f).astype(np.float32)}
+    model = make_model(nodes, [("x", FLOAT, [k])], [("y", FLOAT, [1, f])], inits, opset=15)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert any("bias Add operand of shape [1, 4] has more axes than the MatMul output (rank 1)" in s.reason
+               for s in rec.skipped), [s.reason for s in rec.skipped]
+    assert_equivalent(model, out)
+
+
+def test_fold_batchnorm_that_would_overflow_a_float16_weight_is_left_unchanged():
+    """W = 1000 times s = 100 is 1e5, past float16's 65504: the folded weight would be inf and
+    the outputs NaN where the original's are finite."""
+    c = 4
+    nodes = [helper.make_node("Conv", ["x", "W"], ["p"]),
+             helper.make_node("BatchNormalization", ["p", "gamma", "beta", "mean", "var"], ["y"], epsilon=0.0)]
+    inits = {"W": np.full((c, c, 1, 1), 1000, np.float16), "gamma": np.ones(c, np.float16),
+             "beta": np.zeros(c, np.float16), "mean": np.zeros(c, np.float16), "var": np.full(c, 1e-4, np.float16)}
+    model = make_model(nodes, [("x", onnx.TensorProto.FLOAT16, [1, c, 3, 3])],
+                       [("y", onnx.TensorProto.FLOAT16, [1, c, 3, 3])], inits, opset=15)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert any("folding would overflow the float16 weight 'W'" in s.reason for s in rec.skipped), \
+        [s.reason for s in rec.skipped]
+    # within range, the same model folds
+    inits["var"] = np.ones(c, np.float16)
+    fine = make_model(nodes, [("x", onnx.TensorProto.FLOAT16, [1, c, 3, 3])],
+                      [("y", onnx.TensorProto.FLOAT16, [1, c, 3, 3])], inits, opset=15)
+    assert_folded(fine, CONV)
