@@ -67,6 +67,10 @@ def not_constant(tensor: gs.Tensor, graph: gs.Graph | None = None) -> str:
     function = ir.function_of_input(tensor)
     if function is not None:
         return f"is an input of {function}: its value is given per call, not known in the body"
+    node = producer(tensor)
+    if getattr(tensor, ir.SPARSE_MARK, False) or (
+            node is not None and node.op == CONSTANT and any(isinstance(v, ir.OpaqueAttr) for v in node.attrs.values())):
+        return "is a sparse tensor: its values are not read"
     return "is not a constant (graph input or computed)"
 
 

@@ -280,14 +280,37 @@ _PLAIN_ATTRS = {
 def import_attributes(protos) -> OrderedDict:
     """``OnnxImporter.import_attributes`` for attributes of a node: numbers and strings are read
     directly (most nodes have nothing else); any other type, or a reference to a function's
-    attribute, goes through graphsurgeon's importer."""
+    attribute, goes through graphsurgeon's importer. The types graphsurgeon drops (a Constant's
+    ``sparse_value``, type protos) are kept whole as ``OpaqueAttr``."""
+    opaque = [attr for attr in protos if attr.type in _OPAQUE_ATTRS and not attr.ref_attr_name]
+    if opaque:
+        protos = [attr for attr in protos if attr.type not in _OPAQUE_ATTRS or attr.ref_attr_name]
     out = OrderedDict()
     for attr in protos:
         read = _PLAIN_ATTRS.get(attr.type)
         if read is None or attr.ref_attr_name:
-            return OnnxImporter.import_attributes(protos, {}, {}, None, None)
+            out = OnnxImporter.import_attributes(protos, {}, {}, None, None)
+            break
         out[attr.name] = read(attr)
+    for attr in opaque:
+        out[attr.name] = OpaqueAttr(attr)
     return out
+
+
+SPARSE_MARK = "_sparse"   # on the tensor of a sparse initializer
+
+_OPAQUE_ATTRS = (onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS,
+                 onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS)
+
+
+class OpaqueAttr:
+    """An attribute no pass reads (a sparse tensor, a type): written back as it came."""
+
+    def __init__(self, proto: onnx.AttributeProto):
+        self.proto = proto
+
+    def __repr__(self) -> str:
+        return f"OpaqueAttr({self.proto.name})"
 
 
 class ProtoNode(gs.Node):
@@ -456,7 +479,10 @@ def _import_graph(gp: onnx.GraphProto, outer: dict, weights: Weights, opset, dom
     for init in gp.initializer:
         local[init.name] = _constant(init, weights)
     for sparse in gp.sparse_initializer:
-        local[sparse.values.name] = OnnxImporter.import_tensor(sparse)
+        # Opaque to the passes (a value no pass reads: graphsurgeon's import of a sparse tensor
+        # is not its dense values), and written back as it came (``export_graph``).
+        local[sparse.values.name] = _variable(sparse.values.name)
+        local[sparse.values.name].__dict__[SPARSE_MARK] = True
     for vi in gp.value_info:
         if vi.name not in local:
             local[vi.name] = _variable(vi.name, vi)
@@ -1038,7 +1064,7 @@ def _export_node(node: gs.Node, weights: Weights) -> onnx.NodeProto:
     proto.input.extend(t.name for t in node.inputs)
     proto.output.extend(t.name for t in node.outputs)
     for key, value in node.attrs.items():
-        if isinstance(value, RefAttr):
+        if isinstance(value, (RefAttr, OpaqueAttr)):
             proto.attribute.append(value.proto)
         elif isinstance(value, gs.Graph) or (isinstance(value, list) and value and isinstance(value[0], gs.Graph)):
             attr = onnx.AttributeProto()

@@ -957,3 +957,47 @@ def test_fold_batchnorm_that_would_overflow_a_float16_weight_is_left_unchanged()
     fine = make_model(nodes, [("x", onnx.TensorProto.FLOAT16, [1, c, 3, 3])],
                       [("y", onnx.TensorProto.FLOAT16, [1, c, 3, 3])], inits, opset=15)
     assert_folded(fine, CONV)
+
+
+def _sparse(name, dense):
+    flat = dense.reshape(-1)
+    idx = np.flatnonzero(flat).astype(np.int64)
+    return helper.make_sparse_tensor(numpy_helper.from_array(flat[idx], name), numpy_helper.from_array(idx, name + "_idx"),
+                                     list(dense.shape))
+
+
+@pytest.mark.parametrize("where", ["initializer_mean", "constant_weight"])
+def test_fold_batchnorm_sparse_tensors_are_not_read_and_are_written_back(where):
+    """A sparse initializer read as its dense values was all zeros (a BatchNorm mean folded as
+    0); a Constant's sparse_value was dropped on export (the output failed the checker)."""
+    rng = np.random.default_rng(0)
+    c = 4
+    w = rng.standard_normal((c, 3, 3, 3)).astype(np.float32)
+    w[w < 0] = 0
+    mean = np.array([1.5, 0, 0, -2], np.float32)
+    params = {"gamma": np.ones(c, np.float32), "beta": np.zeros(c, np.float32), "var": np.ones(c, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["p"]),
+             helper.make_node("BatchNormalization", ["p", "gamma", "beta", "mean", "var"], ["y"])]
+    inits = [numpy_helper.from_array(v, k) for k, v in params.items()]
+    sparse = []
+    if where == "initializer_mean":
+        inits.append(numpy_helper.from_array(w, "w"))
+        sparse.append(_sparse("mean", mean))
+        reason = "mean 'mean' is a sparse tensor"
+    else:
+        inits.append(numpy_helper.from_array(mean, "mean"))
+        nodes.insert(0, helper.make_node("Constant", [], ["w"], sparse_value=_sparse("w", w)))
+        reason = "weight 'w' is a sparse tensor"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", FLOAT, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", FLOAT, [1, c, 4, 4])], inits, sparse_initializer=sparse)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=8)
+    onnx.checker.check_model(model)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert any(reason in s.reason for s in rec.skipped), [s.reason for s in rec.skipped]
+    onnx.checker.check_model(out)
+    if where == "initializer_mean":
+        assert [s.values.name for s in out.graph.sparse_initializer] == ["mean"]
+    else:
+        assert [a.name for a in out.graph.node[0].attribute] == ["sparse_value"]
+    assert_equivalent(model, out)
