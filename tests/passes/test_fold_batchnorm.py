@@ -1001,3 +1001,22 @@ def test_fold_batchnorm_sparse_tensors_are_not_read_and_are_written_back(where):
     else:
         assert [a.name for a in out.graph.node[0].attribute] == ["sparse_value"]
     assert_equivalent(model, out)
+
+
+def test_fold_batchnorm_opset_6_broadcast_from_an_axis_is_not_read_as_numpy_broadcasting():
+    """Mul(mm, a[4], broadcast=1, axis=0) scales the ROWS of a [4, 4] product: folding a into
+    the weight's columns (numpy broadcasting, from the last axis) was wrong."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["mm"]),
+             helper.make_node("Mul", ["mm", "a"], ["ma"], axis=0, broadcast=1),
+             helper.make_node("Add", ["ma", "b"], ["y"], axis=0, broadcast=1)]
+    inits = {"W": rng.standard_normal((4, 4)).astype(np.float32), "a": rng.uniform(0.5, 2, 4).astype(np.float32),
+             "b": rng.standard_normal(4).astype(np.float32)}
+    model = make_model(nodes, [("x", FLOAT, [4, 4])], [("y", FLOAT, [4, 4])], inits, opset=6, ir_version=4)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    # the same model without the axis (numpy-like suffix broadcasting) folds
+    for node in nodes[1:]:
+        del node.attribute[:]
+    plain = make_model(nodes, [("x", FLOAT, [4, 4])], [("y", FLOAT, [4, 4])], inits, opset=13)
+    assert run_pass(PASS, plain)[1].applied
