@@ -325,7 +325,8 @@ def _clamp(start: int, end: int, step: int, n: int) -> tuple[int, int | None, in
     end = end + n if end < 0 else end
     if step > 0:
         return min(max(start, 0), n), min(max(end, 0), n), step
-    start = min(max(start, -1), n - 1)
+    # negative step: start clamped into [0, n-1], end into [-1, n-1] (-1: past the first element)
+    start = min(max(start, 0), n - 1)
     end = min(max(end, -1), n - 1)
     return start, (None if end < 0 else end), step
 

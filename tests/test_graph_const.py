@@ -36,6 +36,9 @@ def _value(build, x_shape=("b", 5, 8)):
     (lambda n, s: n.op("Slice", s, n.const([1], "int"), n.const([9223372036854775807], "int")), [5, 8]),
     (lambda n, s: n.op("Slice", s, n.const([-1], "int"), n.const([-3], "int"), n.const([0], "int"),
                        n.const([-1], "int")), [8, 5]),
+    # a negative step clamps start into [0, n-1]: -3 of 2 elements is the first, not the last
+    (lambda n, s: n.op("Slice", n.const([2, 1], "int"), n.const([-3], "int"), n.const([-100], "int"),
+                       n.const([0], "int"), n.const([-1], "int")), [2]),
     (lambda n, s: n.op("Concat", n.op("ConstantOfShape", n.op("Neg", n.const([-2], "int")),
                                       value=helper.make_tensor("v", 7, [1], [1])), n.const([4], "int"), axis=0),
      [1, 1, 4]),
