@@ -585,6 +585,11 @@ def _grouped_match(ctx: Context, x: gs.Tensor, out: gs.Tensor, core: Core, nodes
     (scale, bias)."""
     groups, channels, rank = sizes
     op = INSTANCE_NORM if groups == channels else GROUP_NORM
+    if op == INSTANCE_NORM and rank is not None and rank < 3:
+        # one channel per group of an [N, C] input: InstanceNormalization takes rank 3 and up
+        # (onnxruntime refuses [N, C]), and each "group" is one element (the output is beta)
+        return Reject(f"{groups} groups of {channels} channels on a rank-{rank} input: InstanceNormalization "
+                      "needs rank 3 or more")
     m = Match(output=out)
     for n in nodes:
         if n is not None:

@@ -220,6 +220,17 @@ def test_fuse_groupnorm_groups_equal_channels_become_instancenorm_without_upgrad
     assert not result.upgrades and out.opset_import[0].version == 13
 
 
+def test_fuse_groupnorm_groups_equal_channels_of_a_rank_2_input_are_left_with_their_reason(rng):
+    """torch.nn.GroupNorm(C, C) on an [N, C] input: InstanceNormalization takes rank 3 and up
+    (onnxruntime refused the fused model)."""
+    model = gn_model(rng, c=4, g=4, spatial=(), opset=13)
+    out, result = run_pipeline(model, [PASS])
+    assert op_counts(out) == op_counts(model) and not result.passes[0].applied
+    assert any("InstanceNormalization needs rank 3 or more" in s.reason for s in result.passes[0].skipped), \
+        [s.reason for s in result.passes[0].skipped]
+    assert_equivalent(model, out)
+
+
 def unet_block(rng, opset=14, core="instancenorm"):
     """diffusers ResnetBlock2D: GN -> SiLU -> Conv3x3 -> + temb -> GN -> SiLU -> Conv3x3 -> + shortcut."""
     net, c, spatial = Net(rng, opset), 8, [6, 6]
