@@ -712,6 +712,8 @@ def overflow(m: Match) -> str | None:
         return None
     top = float(np.finfo(w.dtype).max)
     s64 = np.abs(np.asarray(s, np.float64))
+    if not (np.isfinite(s64).all() and np.isfinite(np.asarray(t, np.float64)).all()):
+        return "the per-channel scale or shift is not finite (a variance plus epsilon of 0?)"
     peak = max(abs(float(np.max(w))), abs(float(np.min(w))))
     if peak * float(s64.max()) > top:
         reach = _channel_peaks(w, prod) * s64

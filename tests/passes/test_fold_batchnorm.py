@@ -1020,3 +1020,16 @@ def test_fold_batchnorm_opset_6_broadcast_from_an_axis_is_not_read_as_numpy_broa
         del node.attribute[:]
     plain = make_model(nodes, [("x", FLOAT, [4, 4])], [("y", FLOAT, [4, 4])], inits, opset=13)
     assert run_pass(PASS, plain)[1].applied
+
+
+def test_fold_batchnorm_with_a_zero_variance_and_epsilon_is_left_unchanged():
+    """var + eps = 0: the scale is infinite; a fold would write NaN weights."""
+    c = 4
+    nodes = [helper.make_node("Conv", ["x", "W"], ["p"]),
+             helper.make_node("BatchNormalization", ["p", "gamma", "beta", "mean", "var"], ["y"], epsilon=0.0)]
+    inits = {"W": np.ones((c, c, 1, 1), np.float32), "gamma": np.ones(c, np.float32), "beta": np.zeros(c, np.float32),
+             "mean": np.zeros(c, np.float32), "var": np.array([1, 0, 1, 1], np.float32)}
+    model = make_model(nodes, [("x", FLOAT, [1, c, 3, 3])], [("y", FLOAT, [1, c, 3, 3])], inits, opset=15)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    assert any("scale or shift is not finite" in s.reason for s in rec.skipped), [s.reason for s in rec.skipped]
