@@ -14,20 +14,9 @@ CONSTANT = "Constant"
 
 def in_default_domain(node: gs.Node) -> bool:
     """A standard op the passes may read as such: of the default domain, and not a binary op
-    of opset 6 or below broadcasting from an ``axis`` (each pass reads Add, Mul, ... as numpy
-    broadcasting, from the last axis)."""
-    return node.domain in (None, "", "ai.onnx") and not (node.op in _LEGACY_BROADCAST and _has_axis(node))
-
-
-# Binary ops whose opsets 1-6 broadcast B into A from an ``axis`` attribute (opset 7 removed it).
-_LEGACY_BROADCAST = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "And", "Or", "Xor", "Equal", "Greater", "Less"})
-
-
-def _has_axis(node: gs.Node) -> bool:
-    proto = node.__dict__.get("_proto")
-    if proto is not None and "_attrs" not in node.__dict__:   # undecoded: read the proto, not decode it
-        return any(a.name == "axis" for a in proto.attribute)
-    return "axis" in node.attrs
+    of opset 6 or below broadcasting from an ``axis`` attribute (marked at import: each pass
+    reads Add, Mul, ... as numpy broadcasting, from the last axis)."""
+    return node.domain in (None, "", "ai.onnx") and ir.LEGACY_AXIS not in node.__dict__
 
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:

@@ -529,17 +529,26 @@ def _import_graph(gp: onnx.GraphProto, outer: dict, weights: Weights, opset, dom
     return g
 
 
+# Binary ops whose opsets 1-6 broadcast B into A from an ``axis`` attribute (opset 7 removed
+# it): such a node is marked LEGACY_AXIS at import, and ``graph.in_default_domain`` refuses it.
+LEGACY_BROADCAST = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "And", "Or", "Xor", "Equal", "Greater", "Less"})
+LEGACY_AXIS = "_legacy_axis"
+
+
 def _import_nodes(protos, get, scope, weights: Weights, opset, domains, function: str | None) -> list[gs.Node]:
     """The nodes of a graph or function body; ``scope()`` is what their subgraphs may read.
     In a function body (``function``: its label) each node remembers where it is, so that an
     attribute referring to the function's attributes can say so when read."""
     nodes = []
+    legacy = opset is None or opset < 7
     for np_ in protos:
         node = object.__new__(ProtoNode)
         d = node.__dict__
         d["op"], d["name"] = np_.op_type, np_.name
         d["domain"] = np_.domain if np_.HasField("domain") else None
         d["_proto"] = np_
+        if legacy and np_.op_type in LEGACY_BROADCAST and any(a.name == "axis" for a in np_.attribute):
+            d[LEGACY_AXIS] = True
         if function is not None:
             d["_function"] = function
         if (np_.op_type in _SUBGRAPH_OPS or np_.domain not in ("", "ai.onnx")) \

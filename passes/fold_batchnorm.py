@@ -22,8 +22,9 @@ at opsets 7-13 (more outputs are training mode there), epsilon default 1e-5 as a
 (what onnxruntime uses: exact 1e-5 differs beyond float64 tolerances when var ~ epsilon).
 Math runs in float64 and is cast back to the weight's dtype (fp16, bf16, fp32, fp64). Below
 opset 7 the bias Add after a MatMul gets broadcast=1, without which it does not broadcast.
-New weights are new initializers, computed in ``rewrite`` (``folded``; ``match`` only reads the
-weight and records s and t): a weight shared with another node is never changed.
+New weights are new initializers, computed in ``rewrite`` (``folded``; ``match`` reads the
+weight, records s and t, and bounds the fold: ``overflow``): a weight shared with another node is
+never changed.
 
 Parameters may be computed: from constants (``ctx.const``), or, for the affine-free
 BatchNormalization of dynamo ``optimize=False`` exports, filled to the producer output's known
@@ -45,6 +46,8 @@ Inside If/Loop/Scan bodies the producer must sit in the same body as the BatchNo
 and initializers that are also inputs of the main graph are not constants there either.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import onnx
@@ -705,28 +708,39 @@ def _store(m: Match, prod, w, b, s, t, x=None) -> None:
 
 
 def overflow(m: Match) -> str | None:
-    """Why ``folded`` would leave the weight's type (a float16 weight of 1000 scaled by 100), or
-    None. The per-channel bound is computed only when the whole weight's could overflow."""
+    """Why ``folded`` would leave the weight's type (a float16 weight of 1000 scaled by 100) or
+    be not finite at all (a variance plus epsilon of 0), or None. Bounds first: the weight is
+    scanned only when a scale above 1 could carry it past the type's largest value, and per
+    channel only when its largest value could."""
     prod, w, s, t = m["producer"], m.values["weight"], m.values["s"], m.values["t"]
     if np.dtype(w.dtype) not in _ROUNDED_ONCE or not w.size:
         return None
-    top = float(np.finfo(w.dtype).max)
-    s64 = np.abs(np.asarray(s, np.float64))
-    if not (np.isfinite(s64).all() and np.isfinite(np.asarray(t, np.float64)).all()):
+    s_top, t_top = _top(s), _top(t)
+    if not (s_top < math.inf and t_top < math.inf):   # NaN fails too
         return "the per-channel scale or shift is not finite (a variance plus epsilon of 0?)"
-    peak = max(abs(float(np.max(w))), abs(float(np.min(w))))
-    if peak * float(s64.max()) > top:
-        reach = _channel_peaks(w, prod) * s64
+    top = _LARGEST[np.dtype(w.dtype)]
+    name = np.dtype(w.dtype).name
+    if s_top > 1.0 and max(abs(float(np.max(w))), abs(float(np.min(w)))) * s_top > top:
+        reach = _channel_peaks(w, prod) * np.abs(np.asarray(s, np.float64))
         if float(reach.max()) > top:
             c = int(np.argmax(reach))
-            return (f"folding would overflow the {np.dtype(w.dtype).name} weight '{m.tensors['weight'].name}' "
-                    f"(channel {c}: up to {reach[c]:.3g})")
-    bias = _folded_bias(m)
-    with np.errstate(over="ignore"):
-        finite = np.isfinite(bias.astype(w.dtype)).all()
-    if not finite:
-        return f"folding would overflow the {np.dtype(w.dtype).name} bias (up to {np.abs(bias).max():.3g})"
+            return f"folding would overflow the {name} weight '{m.tensors['weight'].name}' (channel {c}: up to {reach[c]:.3g})"
+    b = m.values.get("producer_bias")
+    b_top = 0.0 if b is None else _top(b) * abs(float(prod.attrs.get("beta", 1.0)))
+    if b_top * s_top + t_top > top:
+        bias = _top(_folded_bias(m))
+        if not bias <= top:
+            return f"folding would overflow the {name} bias (up to {bias:.3g})"
     return None
+
+
+_LARGEST = {dtype: float(np.finfo(dtype).max) for dtype in _ROUNDED_ONCE}
+
+
+def _top(a) -> float:
+    """max |a| (NaN when a holds one)."""
+    a = np.asarray(a)
+    return max(float(a.max()), -float(a.min())) if a.size else 0.0
 
 
 def _channel_peaks(w: np.ndarray, prod: gs.Node) -> np.ndarray:
