@@ -65,10 +65,12 @@ FLOAT_KINDS = "f"  # numpy kind of float dtypes; bfloat16 is checked by name
 
 
 def bn_scale_shift(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (s, t) in float64 with ``BN(x) = x * s + t``."""
+    """Per-channel (s, t) in float64 with ``BN(x) = x * s + t`` (not finite where var + eps is 0
+    or negative: ``overflow`` says so)."""
     f64 = lambda a: np.asarray(a, dtype=np.float64).reshape(-1)  # noqa: E731
-    s = f64(gamma) / np.sqrt(f64(var) + eps)
-    return s, f64(beta) - f64(mean) * s
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        s = f64(gamma) / np.sqrt(f64(var) + eps)
+        return s, f64(beta) - f64(mean) * s
 
 
 def scale_output_channels(w: np.ndarray, s: np.ndarray, op: str, group: int = 1, trans_b: int = 0,
@@ -717,7 +719,7 @@ def overflow(m: Match) -> str | None:
         return None
     s_top, t_top = _top(s), _top(t)
     if not (s_top < math.inf and t_top < math.inf):   # NaN fails too
-        return "the per-channel scale or shift is not finite (a variance plus epsilon of 0?)"
+        return "the per-channel scale or shift is not finite (a variance plus epsilon of 0 or below?)"
     top = _LARGEST[np.dtype(w.dtype)]
     name = np.dtype(w.dtype).name
     if s_top > 1.0 and max(abs(float(np.max(w))), abs(float(np.min(w)))) * s_top > top:
