@@ -155,14 +155,14 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
             elif blank:
                 # An output NaN or Inf everywhere proves nothing of what computes it: every rewrite
                 # is compared at its own output instead, and one that differs is rolled back.
-                proven = _proven_locally(reference, candidate, result, options, choice)
-                if proven:
-                    for rewrite, reason in proven:
+                culprits = _proven_locally(reference, candidate, result, options, choice, {d.name for d in blank})
+                if culprits:
+                    for rewrite, reason in culprits:
                         roll_back(rewrite, reason)
                     continue
-                for diff in blank if proven is not None else ():   # None: one cannot be exposed; the failure stands
-                    diff.problem, diff.note = "", ("NaN or Inf everywhere on every input set; every rewrite "
-                                                   "matched at its own output")
+                for diff in blank:
+                    diff.problem, diff.note = "", ("NaN or Inf everywhere on every input set; the rewrites were "
+                                                   "compared at their own outputs instead")
             idle = _unexercised(reference, model, result) if report.passed and round_ < MAX_ROLLBACK_ROUNDS else []
             if idle:
                 for rewrite, reason in idle:
@@ -238,14 +238,26 @@ def _verify(reference: _References, out, options: FoldOptions, choice: ProviderC
                    rtol=options.rtol, extra_outputs=extra, choice=choice, reference=reference.outputs(extra))
 
 
-def _proven_locally(reference, out, result: PipelineResult, options, choice) -> list[tuple[Rewrite, str]] | None:
-    """``_localize``'s culprits when every rewrite can be compared at its own output (top-level
-    rewrites, and those in model-local functions through their calls' outputs); None when one
-    sits in an If or Loop body, whose tensors cannot be exposed. An opset upgrade alone changes
-    no tensor a rewrite owns: it counts as unprovable here."""
-    if any(r.graph and not ir.is_function_path(r.graph) for r in result.applied) or not result.applied:
-        return None
-    return _localize(reference, out, result, options, choice)
+def _proven_locally(reference, out, result: PipelineResult, options, choice,
+                    blank: set[str]) -> list[tuple[Rewrite, str]]:
+    """With outputs ``blank`` NaN or Inf everywhere: the rewrites to roll back. Top-level ones
+    (and those in model-local functions, through their calls) are compared at their own outputs
+    (``_localize``); one inside an If or Loop body, whose tensors cannot be exposed, is rolled
+    back when its holder's outputs reach a blank output (nothing else could prove it there)."""
+    culprits = []
+    hidden = _in_subgraphs(result)
+    if hidden:
+        holders = _holders(out)
+        for rewrite in hidden:
+            holder = _holder(rewrite, holders)
+            reach = None if holder is None else {o for o in holder[1].output if o}
+            if reach is None or (reach | _downstream(out, reach)) & blank:
+                culprits.append((rewrite, "inside an If or Loop body whose results reach output(s) NaN or Inf "
+                                          f"everywhere on every input set ({', '.join(sorted(blank))}): it could not "
+                                          "be compared"))
+    if len(hidden) < len(result.applied):
+        culprits += _localize(reference, out, result, options, choice)
+    return culprits
 
 
 def _localize(reference, out, result: PipelineResult, options, choice) -> list[tuple[Rewrite, str]]:
@@ -292,22 +304,11 @@ def _unexercised(reference: _References, model: onnx.ModelProto, result: Pipelin
     from the If's condition and the Loop's trip count and condition, exposed in the original.
     (Deeper levels run only where their main-graph holder does; a holder inside a subgraph is
     not checked itself.)"""
-    inside = [r for r in result.applied if r.graph and not ir.is_function_path(r.graph)]
+    inside = _in_subgraphs(result)
     if not inside:
         return []
-    holders = []   # (path prefix as the passes name subgraphs (ir.iter_graphs), node, its label, attribute)
-    for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("If", "Loop"):
-            continue
-        label = G.label(node.name, node.op_type, node.output[0] if node.output else None)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                holders.append((f"/{label}.{attr.name}", node, label, attr.name))
-    found = []
-    for rewrite in inside:
-        hits = [h for h in holders if rewrite.graph == h[0] or rewrite.graph.startswith(h[0] + "/")]
-        if hits:
-            found.append((rewrite, max(hits, key=lambda h: len(h[0]))))
+    holders = _holders(model)
+    found = [(rewrite, holder) for rewrite in inside if (holder := _holder(rewrite, holders)) is not None]
     watched = sorted({name for _r, (_p, node, _l, _a) in found for name in node.input[:2] if name})
     if not watched:
         return []
@@ -331,6 +332,32 @@ def _unexercised(reference: _References, model: onnx.ModelProto, result: Pipelin
             idle.append((rewrite, f"{attr} of {label} never ran on the verification inputs, so the rewrite there "
                                   "could not be proven (give inputs that take it with --inputs)"))
     return idle
+
+
+def _in_subgraphs(result: PipelineResult) -> list[Rewrite]:
+    """The rewrites inside an If branch or Loop body (not a model-local function)."""
+    return [r for r in result.applied if r.graph and not ir.is_function_path(r.graph)]
+
+
+def _holders(model) -> list[tuple[str, onnx.NodeProto, str, str]]:
+    """(path prefix as the passes name subgraphs (ir.iter_graphs), node, its label, attribute)
+    for each graph attribute of the main graph's If and Loop nodes."""
+    model = model.model if isinstance(model, Loaded) else model
+    holders = []
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("If", "Loop"):
+            continue
+        label = G.label(node.name, node.op_type, node.output[0] if node.output else None)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                holders.append((f"/{label}.{attr.name}", node, label, attr.name))
+    return holders
+
+
+def _holder(rewrite: Rewrite, holders):
+    """The main-graph holder a subgraph rewrite sits in (the longest matching path), or None."""
+    hits = [h for h in holders if rewrite.graph == h[0] or rewrite.graph.startswith(h[0] + "/")]
+    return max(hits, key=lambda h: len(h[0])) if hits else None
 
 
 def _call_outputs(model, labels: set[str]) -> dict[str, str]:

@@ -264,7 +264,7 @@ def _exposed(model, names: list[str]):
 # whose outputs change between two runs on the same inputs gets no sensitivity term: its moves
 # are not rounding. "Around each element" is ``local_max``: an output that joins values near 1
 # with values near 1e7 holds the small ones to their own scale. The sensitivity is one number
-# per output (``_max_change``): one ulp move is a single random draw per row's statistics.
+# per output (``_changes`` pooled): one ulp move is a single random draw per row's statistics.
 MAGNITUDE_EPS = 8.0
 LOCAL_MIN_ELEMENTS = 8
 SENSITIVITY_FACTOR = 4.0
@@ -487,11 +487,11 @@ def reference_outputs(original, *, choice: ProviderChoice, seed: int = 0, trials
         def probe(results):
             # Sensitivity above rounding level is trusted only from a deterministic model: then
             # the first set runs once more, and must give the same outputs.
-            changes = [{name: _max_change(results[i][name], results[n + j][name]) for name in names}
-                       for j, i in enumerate(stressed)]
-            probe.changes = changes
+            moves = [{name: _changes(results[i][name], results[n + j][name]) for name in names}
+                     for j, i in enumerate(stressed)]
+            probe.changes = [{name: float(np.max(c[name], initial=0.0)) for name in names} for c in moves]
             big = any(np.any(SENSITIVITY_FACTOR * c[name] > _magnitude_term(results[i][name], compute.get(name)))
-                      for c, i in zip(changes, stressed) for name in names)
+                      for c, i in zip(moves, stressed) for name in names)
             return feeds[:1] if big else []
 
         try:
@@ -508,7 +508,7 @@ def reference_outputs(original, *, choice: ProviderChoice, seed: int = 0, trials
     # Rounding-level differences between two runs (GPU kernels that sum in varying order) still
     # count as deterministic; Dropout or random ops move outputs far more.
     stable = len(out) == n + len(stressed) or all(
-        np.all(_max_change(out[0][name], out[-1][name]) <= _magnitude_term(out[0][name], compute.get(name)))
+        np.all(_changes(out[0][name], out[-1][name]) <= _magnitude_term(out[0][name], compute.get(name)))
         and _same_nonfinite(out[0][name], out[-1][name]) for name in names)
     sensitivity = [{name: 0.0 for name in names} for _ in kinds]
     for j, i in enumerate(stressed):
@@ -596,16 +596,17 @@ def _same_nonfinite(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.array_equal(np.isfinite(a64), np.isfinite(b64)))
 
 
-def _max_change(a: np.ndarray, b: np.ndarray) -> float:
-    """max |a - b| where both are finite. One number for the whole output: a single element's
-    change under a random ulp move says little (the statistics of a row are one noisy number),
-    so the sensitivity is pooled, unlike the magnitude term."""
+def _changes(a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
+    """|a - b| element by element where both are finite (0 elsewhere): held against the
+    magnitude term element by element (each part of the output to its own scale), and pooled to
+    one number per output as the sensitivity (one ulp move is a single random draw per row's
+    statistics)."""
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape or not a.size or not (a.dtype.kind == "f" or str(a.dtype) == "bfloat16"):
         return 0.0
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    finite = np.isfinite(a64) & np.isfinite(b64)
-    return float(np.abs(a64 - b64)[finite].max()) if finite.any() else 0.0
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.where(np.isfinite(a64) & np.isfinite(b64), np.abs(a64 - b64), 0.0)
 
 
 def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trials: int = 1,

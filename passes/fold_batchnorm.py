@@ -654,7 +654,7 @@ def _matmul(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:
             return f"bias Add operand of shape {list(bias.shape)} is not a per-feature bias"
         x_shape = ctx.shape(matmul.inputs[0])
         out_rank = None if x_shape is None else max(len(x_shape), 2) if len(x_shape) != 1 else 1
-        if out_rank is None or bias.ndim > out_rank:
+        if bias.ndim > 1 and (out_rank is None or bias.ndim > out_rank):
             # a [1, F] bias after a 1-D input's [F] product adds an axis the folded bias would drop
             return (f"bias Add operand of shape {list(bias.shape)} has more axes than the MatMul output"
                     + (f" (rank {out_rank})" if out_rank is not None else " (its rank is unknown)"))

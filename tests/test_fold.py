@@ -188,3 +188,67 @@ def test_a_rewrite_in_a_loop_body_that_never_runs_is_rolled_back():
     result = optimize(model, FoldOptions(passes=["fuse-layernorm"], provider="cpu"))
     assert result.verified and [(r.anchor, r.graph) for r in result.rollbacks] == [("Div(h_out)", "/repeat.body")]
     assert "body of repeat never ran on the verification inputs" in result.rollbacks[0].reason
+
+
+def _layernorm_nodes(x, y, p):
+    return [helper.make_node("ReduceMean", [x], [p + "mu"], axes=[-1]), helper.make_node("Sub", [x, p + "mu"], [p + "d"]),
+            helper.make_node("Mul", [p + "d", p + "d"], [p + "sq"]),
+            helper.make_node("ReduceMean", [p + "sq"], [p + "var"], axes=[-1]),
+            helper.make_node("Add", [p + "var", "eps"], [p + "ve"]), helper.make_node("Sqrt", [p + "ve"], [p + "sd"]),
+            helper.make_node("Div", [p + "d", p + "sd"], [y])]
+
+
+def test_a_rewrite_in_an_if_branch_beside_an_unrelated_nan_output_is_kept():
+    """y2 = Sqrt(-(x^2 + 1)) is NaN everywhere and reads neither LayerNorm: the top-level one is
+    proven at its own output, the one in the If branch does not reach y2. Both were rolled back
+    as 'could not be traced to one rewrite'."""
+    d = 8
+    then = helper.make_graph(_layernorm_nodes("x", "t_out", "t_"), "then", [],
+                             [helper.make_tensor_value_info("t_out", FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e_out"])], "else", [],
+                              [helper.make_tensor_value_info("e_out", FLOAT, None)])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0), helper.make_node("Greater", ["s", "lo"], ["c"]),
+             helper.make_node("If", ["c"], ["y1"], then_branch=then, else_branch=other),
+             helper.make_node("Mul", ["x", "x"], ["xx"]), helper.make_node("Add", ["xx", "one"], ["xx1"]),
+             helper.make_node("Neg", ["xx1"], ["nx"]), helper.make_node("Sqrt", ["nx"], ["y2"]),
+             *_layernorm_nodes("x", "y3", "b_")]
+    inits = {"eps": np.asarray(1e-5, np.float32), "one": np.asarray(1.0, np.float32), "lo": np.asarray(-1e9, np.float32)}
+    model = make_model(nodes, [("x", FLOAT, ["N", 4, d])],
+                       [("y1", FLOAT, ["N", 4, d]), ("y2", FLOAT, ["N", 4, d]), ("y3", FLOAT, ["N", 4, d])], inits)
+    result = optimize(model, FoldOptions(passes=["fuse-layernorm"], provider="cpu", strict=True))
+    assert result.verified and not result.rollbacks and len(result.pipeline.passes[0].applied) == 2
+    assert "compared at their own outputs" in next(o for o in result.verification.outputs if o.name == "y2").note
+
+
+def test_one_ulp_run_to_run_noise_in_a_large_part_keeps_the_sensitivity_term():
+    """y2 joins a part near 1000 that moves by about an ulp between runs with a part near 1.
+    The change, one number, was held against the small part's magnitude term: the model counted
+    as not deterministic, lost its sensitivity term, and a correct LayerNorm fusion was rolled back."""
+    d = 8
+    nodes = [*_layernorm_nodes("x", "y1", "a_"),
+             helper.make_node("RandomUniformLike", ["x"], ["u"], low=0.0, high=1e-4),
+             helper.make_node("Add", ["u", "k"], ["big"]), helper.make_node("Concat", ["big", "x"], ["y2"], axis=1)]
+    model = make_model(nodes, [("x", FLOAT, ["N", 4, d])], [("y1", FLOAT, ["N", 4, d]), ("y2", FLOAT, ["N", 8, d])],
+                       {"eps": np.asarray(1e-5, np.float32), "k": np.asarray(1000.0, np.float32)})
+    result = optimize(model, FoldOptions(passes=["fuse-layernorm"], provider="cpu"))
+    assert result.verified and not result.rollbacks and result.pipeline.passes[0].applied
+
+
+def test_a_rewrite_in_an_if_branch_behind_a_nan_output_only_is_rolled_back():
+    """The If branch's LayerNorm feeds only y2, NaN everywhere: nothing can prove it."""
+    d = 8
+    then = helper.make_graph(_layernorm_nodes("x", "t_out", "t_"), "then", [],
+                             [helper.make_tensor_value_info("t_out", FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e_out"])], "else", [],
+                              [helper.make_tensor_value_info("e_out", FLOAT, None)])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0), helper.make_node("Greater", ["s", "lo"], ["c"]),
+             helper.make_node("If", ["c"], ["t"], then_branch=then, else_branch=other),
+             helper.make_node("Mul", ["t", "t"], ["tt"]), helper.make_node("Add", ["tt", "one"], ["tt1"]),
+             helper.make_node("Neg", ["tt1"], ["nt"]), helper.make_node("Sqrt", ["nt"], ["y2"]),
+             helper.make_node("Relu", ["x"], ["y1"])]
+    inits = {"eps": np.asarray(1e-5, np.float32), "one": np.asarray(1.0, np.float32), "lo": np.asarray(-1e9, np.float32)}
+    model = make_model(nodes, [("x", FLOAT, ["N", 4, d])], [("y1", FLOAT, ["N", 4, d]), ("y2", FLOAT, ["N", 4, d])],
+                       inits)
+    result = optimize(model, FoldOptions(passes=["fuse-layernorm"], provider="cpu"))
+    assert len(result.rollbacks) == 1 and "it could not be compared" in result.rollbacks[0].reason
+    assert result.verified and not result.pipeline.passes[0].applied

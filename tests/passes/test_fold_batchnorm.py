@@ -1033,3 +1033,23 @@ def test_fold_batchnorm_with_a_zero_variance_and_epsilon_is_left_unchanged():
     out, rec = run_pass(PASS, model)
     assert op_counts(out) == op_counts(model) and not rec.applied
     assert any("scale or shift is not finite" in s.reason for s in rec.skipped), [s.reason for s in rec.skipped]
+
+
+def test_fold_batchnorm_1d_bias_after_a_matmul_of_unknown_rank_still_folds():
+    """A [F] bias never adds an axis: the rank check is for [1, F] only."""
+    rng = np.random.default_rng(0)
+    f = 3
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("MatMul", ["r", "W"], ["p"]),
+             helper.make_node("Add", ["p", "b"], ["z"]),
+             helper.make_node("BatchNormalization", ["z", "gamma", "beta", "mean", "var"], ["y"])]
+    inits = {"W": rng.standard_normal((4, f)).astype(np.float32), "b": rng.standard_normal(f).astype(np.float32),
+             "gamma": rng.uniform(0.5, 1.5, f).astype(np.float32), "beta": rng.standard_normal(f).astype(np.float32),
+             "mean": rng.standard_normal(f).astype(np.float32), "var": rng.uniform(0.5, 2, f).astype(np.float32)}
+    model = make_model(nodes, [("x", FLOAT, [8]), ("shape", onnx.TensorProto.INT64, ["k"])], [("y", FLOAT, ["n", f])],
+                       inits, opset=15)
+    model.graph.value_info.append(helper.make_tensor_value_info("z", FLOAT, ["n", f]))   # the BN axis: known
+    out, rec = run_pass(PASS, model)
+    assert rec.applied and "BatchNormalization" not in op_counts(out)
+    feeds = {"x": rng.standard_normal(8).astype(np.float32), "shape": np.array([2, 4], np.int64)}
+    want, got = (run_model(m, [feeds], "cpu")[0]["y"] for m in (model, out))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
