@@ -198,23 +198,33 @@ def _layernorm_nodes(x, y, p):
             helper.make_node("Div", [p + "d", p + "sd"], [y])]
 
 
+def _if_layernorm(out):
+    """out = If(sum(x) > -1e9) then LayerNorm(x) else x: the then branch always runs."""
+    then = helper.make_graph(_layernorm_nodes("x", "t_out", "t_"), "then", [],
+                             [helper.make_tensor_value_info("t_out", FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e_out"])], "else", [],
+                              [helper.make_tensor_value_info("e_out", FLOAT, None)])
+    return [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0), helper.make_node("Greater", ["s", "lo"], ["c"]),
+            helper.make_node("If", ["c"], [out], then_branch=then, else_branch=other)]
+
+
+def _nan_of(t, out):
+    """out = Sqrt(-(t^2 + 1)): NaN everywhere."""
+    return [helper.make_node("Mul", [t, t], [t + "_sq"]), helper.make_node("Add", [t + "_sq", "one"], [t + "_sq1"]),
+            helper.make_node("Neg", [t + "_sq1"], [t + "_neg"]), helper.make_node("Sqrt", [t + "_neg"], [out])]
+
+
+_NAN_INITS = {"eps": np.asarray(1e-5, np.float32), "one": np.asarray(1.0, np.float32), "lo": np.asarray(-1e9, np.float32)}
+
+
 def test_a_rewrite_in_an_if_branch_beside_an_unrelated_nan_output_is_kept():
     """y2 = Sqrt(-(x^2 + 1)) is NaN everywhere and reads neither LayerNorm: the top-level one is
     proven at its own output, the one in the If branch does not reach y2. Both were rolled back
     as 'could not be traced to one rewrite'."""
     d = 8
-    then = helper.make_graph(_layernorm_nodes("x", "t_out", "t_"), "then", [],
-                             [helper.make_tensor_value_info("t_out", FLOAT, None)])
-    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e_out"])], "else", [],
-                              [helper.make_tensor_value_info("e_out", FLOAT, None)])
-    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0), helper.make_node("Greater", ["s", "lo"], ["c"]),
-             helper.make_node("If", ["c"], ["y1"], then_branch=then, else_branch=other),
-             helper.make_node("Mul", ["x", "x"], ["xx"]), helper.make_node("Add", ["xx", "one"], ["xx1"]),
-             helper.make_node("Neg", ["xx1"], ["nx"]), helper.make_node("Sqrt", ["nx"], ["y2"]),
-             *_layernorm_nodes("x", "y3", "b_")]
-    inits = {"eps": np.asarray(1e-5, np.float32), "one": np.asarray(1.0, np.float32), "lo": np.asarray(-1e9, np.float32)}
+    nodes = [*_if_layernorm("y1"), *_nan_of("x", "y2"), *_layernorm_nodes("x", "y3", "b_")]
     model = make_model(nodes, [("x", FLOAT, ["N", 4, d])],
-                       [("y1", FLOAT, ["N", 4, d]), ("y2", FLOAT, ["N", 4, d]), ("y3", FLOAT, ["N", 4, d])], inits)
+                       [("y1", FLOAT, ["N", 4, d]), ("y2", FLOAT, ["N", 4, d]), ("y3", FLOAT, ["N", 4, d])], _NAN_INITS)
     result = optimize(model, FoldOptions(passes=["fuse-layernorm"], provider="cpu", strict=True))
     assert result.verified and not result.rollbacks and len(result.pipeline.passes[0].applied) == 2
     assert "compared at their own outputs" in next(o for o in result.verification.outputs if o.name == "y2").note
@@ -237,18 +247,9 @@ def test_one_ulp_run_to_run_noise_in_a_large_part_keeps_the_sensitivity_term():
 def test_a_rewrite_in_an_if_branch_behind_a_nan_output_only_is_rolled_back():
     """The If branch's LayerNorm feeds only y2, NaN everywhere: nothing can prove it."""
     d = 8
-    then = helper.make_graph(_layernorm_nodes("x", "t_out", "t_"), "then", [],
-                             [helper.make_tensor_value_info("t_out", FLOAT, None)])
-    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e_out"])], "else", [],
-                              [helper.make_tensor_value_info("e_out", FLOAT, None)])
-    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0), helper.make_node("Greater", ["s", "lo"], ["c"]),
-             helper.make_node("If", ["c"], ["t"], then_branch=then, else_branch=other),
-             helper.make_node("Mul", ["t", "t"], ["tt"]), helper.make_node("Add", ["tt", "one"], ["tt1"]),
-             helper.make_node("Neg", ["tt1"], ["nt"]), helper.make_node("Sqrt", ["nt"], ["y2"]),
-             helper.make_node("Relu", ["x"], ["y1"])]
-    inits = {"eps": np.asarray(1e-5, np.float32), "one": np.asarray(1.0, np.float32), "lo": np.asarray(-1e9, np.float32)}
+    nodes = [*_if_layernorm("t"), *_nan_of("t", "y2"), helper.make_node("Relu", ["x"], ["y1"])]
     model = make_model(nodes, [("x", FLOAT, ["N", 4, d])], [("y1", FLOAT, ["N", 4, d]), ("y2", FLOAT, ["N", 4, d])],
-                       inits)
+                       _NAN_INITS)
     result = optimize(model, FoldOptions(passes=["fuse-layernorm"], provider="cpu"))
     assert len(result.rollbacks) == 1 and "it could not be compared" in result.rollbacks[0].reason
     assert result.verified and not result.pipeline.passes[0].applied
