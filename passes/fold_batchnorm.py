@@ -81,15 +81,20 @@ def scale_output_channels(w: np.ndarray, s: np.ndarray, op: str, group: int = 1,
     is rounded once to it as it is made, the same values as ``.astype(dtype)`` of the float64
     result without a float64 copy of the weight."""
     w = np.asarray(w)
-    s = np.asarray(s, dtype=np.float64)
+    view, keep = _channel_view(w, op, group, trans_b)
+    s_view = np.asarray(s, dtype=np.float64).reshape([view.shape[i] if i in keep else 1 for i in range(view.ndim)])
+    return _times(view, s_view, dtype).reshape(w.shape)
+
+
+def _channel_view(w: np.ndarray, op: str, group: int = 1, trans_b: int = 0) -> tuple[np.ndarray, tuple[int, ...]]:
+    """``w`` viewed so that the producer's output channels lie on the returned axes (in channel
+    order when flattened): ConvTranspose [Cin, Cout/g, ...] as [g, Cin/g, Cout/g, ...] (axes 0
+    and 2), Conv and Gemm transB=1 axis 0, Gemm transB=0 and MatMul [K, N] axis 1."""
     if op == "ConvTranspose":
-        cin, cout_g = w.shape[0], w.shape[1]
-        view = w.reshape((group, cin // group, cout_g) + w.shape[2:])
-        s_view = s.reshape((group, 1, cout_g) + (1,) * (w.ndim - 2))
-        return _times(view, s_view, dtype).reshape(w.shape)
+        return w.reshape((group, w.shape[0] // group, w.shape[1]) + w.shape[2:]), (0, 2)
     if op == "Conv" or (op == "Gemm" and trans_b):
-        return _times(w, s.reshape((-1,) + (1,) * (w.ndim - 1)), dtype)
-    return _times(w, s.reshape(1, -1), dtype)  # Gemm transB=0 and MatMul: [K, N]
+        return w, (0,)
+    return w, (1,)
 
 
 _ROUNDED_ONCE = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -653,7 +658,7 @@ def _matmul(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:
         if bias.size not in (1, s.size) or bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1):
             return f"bias Add operand of shape {list(bias.shape)} is not a per-feature bias"
         x_shape = ctx.shape(matmul.inputs[0])
-        out_rank = None if x_shape is None else max(len(x_shape), 2) if len(x_shape) != 1 else 1
+        out_rank = None if x_shape is None else len(x_shape)   # x @ W[K, N] keeps x's rank
         if bias.ndim > 1 and (out_rank is None or bias.ndim > out_rank):
             # a [1, F] bias after a 1-D input's [F] product adds an axis the folded bias would drop
             return (f"bias Add operand of shape {list(bias.shape)} has more axes than the MatMul output"
@@ -746,17 +751,11 @@ def _top(a) -> float:
 
 
 def _channel_peaks(w: np.ndarray, prod: gs.Node) -> np.ndarray:
-    """max |w| per output channel of the producer (the axis ``scale_output_channels`` scales)."""
-    def peaks(view, keep):
-        axes = tuple(i for i in range(view.ndim) if i not in keep)
-        return np.maximum(np.abs(np.max(view, axis=axes).astype(np.float64)),
-                          np.abs(np.min(view, axis=axes).astype(np.float64))).reshape(-1)
-    if prod.op == "ConvTranspose":
-        group = int(prod.attrs.get("group", 1))
-        return peaks(w.reshape((group, w.shape[0] // group, w.shape[1]) + w.shape[2:]), (0, 2))
-    if prod.op == "Conv" or (prod.op == "Gemm" and int(prod.attrs.get("transB", 0))):
-        return peaks(w, (0,))
-    return peaks(w, (1,))   # Gemm transB=0 and MatMul: [K, N]
+    """max |w| per output channel of the producer (the axes ``scale_output_channels`` scales)."""
+    view, keep = _channel_view(w, prod.op, int(prod.attrs.get("group", 1)), int(prod.attrs.get("transB", 0)))
+    axes = tuple(i for i in range(view.ndim) if i not in keep)
+    return np.maximum(np.abs(np.max(view, axis=axes).astype(np.float64)),
+                      np.abs(np.min(view, axis=axes).astype(np.float64))).reshape(-1)
 
 
 def _folded_bias(m: Match) -> np.ndarray:
