@@ -248,10 +248,10 @@ def _proven_locally(reference, out, result: PipelineResult, options, choice,
     hidden = _in_subgraphs(result)
     if hidden:
         holders = _holders(out)
+        feeding = _upstream(out, blank)   # one walk back from the blank outputs, for every holder
         for rewrite in hidden:
             holder = _holder(rewrite, holders)
-            reach = None if holder is None else {o for o in holder[1].output if o}
-            if reach is None or (reach | _downstream(out, reach)) & blank:
+            if holder is None or any(o in feeding for o in holder[1].output if o):
                 culprits.append((rewrite, "inside an If or Loop body whose results reach output(s) NaN or Inf "
                                           f"everywhere on every input set ({', '.join(sorted(blank))}): it could not "
                                           "be compared"))
@@ -389,6 +389,23 @@ def _downstream(model: onnx.ModelProto, starts: set[str]) -> set[str]:
                 if out not in seen:
                     seen.add(out)
                     stack.append(out)
+    return seen
+
+
+def _upstream(model, ends: set[str]) -> set[str]:
+    """``ends`` and the main-graph tensors they are computed from (transitively)."""
+    model = model.model if isinstance(model, Loaded) else model
+    producer = {o: node for node in model.graph.node for o in node.output if o}
+    seen: set[str] = set()
+    stack = list(ends)
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = producer.get(name)
+        if node is not None:
+            stack.extend(i for i in node.input if i)
     return seen
 
 
