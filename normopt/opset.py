@@ -47,12 +47,9 @@ def _nodewise(model: onnx.ModelProto, target: int) -> onnx.ModelProto | None:
     used.update(name for n in graph.node for name in list(n.input) + list(n.output))
     used.update(n.name for n in graph.node if n.name)
     changed = changed_ops({n.op_type for n in graph.node if n.domain in DEFAULT_DOMAINS}, source, target)
-    keys = [(node.op_type, tuple(sorted(a.name for a in node.attribute)), len(node.input), len(node.output))
+    keys = [_form(node.op_type, (a.name for a in node.attribute), len(node.input), len(node.output))
             if node.domain in DEFAULT_DOMAINS and node.op_type in changed else None for node in graph.node]
-    forms = {}
-    for node, key in zip(graph.node, keys):
-        forms.setdefault(key, node)
-    forms.pop(None, None)
+    forms = _one_of_each(zip(graph.node, keys))
     same = _unchanged_forms(forms, source, target, types)
     if same is None:
         return None
@@ -104,6 +101,20 @@ def _convert_one(node: onnx.NodeProto, source: int, target: int, types: dict[str
         return version_converter.convert_version(tiny, target)
     except Exception:  # the converter raises many types: the whole graph goes through it instead
         return None
+
+
+def _form(op: str, attr_names, inputs: int, outputs: int) -> tuple:
+    """A node's form: nodes alike in op, attribute names and arity convert alike."""
+    return op, tuple(sorted(attr_names)), inputs, outputs
+
+
+def _one_of_each(keyed) -> dict:
+    """form -> the first node of it, from (node, form or None) pairs."""
+    forms: dict = {}
+    for node, key in keyed:
+        if key is not None:
+            forms.setdefault(key, node)
+    return forms
 
 
 def _unchanged_forms(forms: dict, source: int, target: int, types: dict[str, int]) -> dict | None:
@@ -227,13 +238,11 @@ def upgrade_graph(graph, source: int, target: int, elem_type, names) -> bool:
             continue
         src = node.__dict__.get("_proto")
         if src is not None and "_attrs" not in node.__dict__:
-            attr_names = tuple(a.name for a in src.attribute)
+            attr_names = (a.name for a in src.attribute)
         else:
-            attr_names = tuple(k for k, v in node.attrs.items() if v is not None)
-        keyed.append((node, (node.op, attr_names, len(node.inputs), len(node.outputs))))
-    forms = {}
-    for node, key in keyed:
-        forms.setdefault(key, node)
+            attr_names = (k for k, v in node.attrs.items() if v is not None)
+        keyed.append((node, _form(node.op, attr_names, len(node.inputs), len(node.outputs))))
+    forms = _one_of_each(keyed)
     same = _unchanged_forms({k: ir.node_proto(n) for k, n in forms.items()}, source, target, {})
     if same is None:
         return False
