@@ -305,8 +305,8 @@ def _slice(node: gs.Node, graph, depth: int, facts) -> np.ndarray | None:
         dims = _dims_of(node.inputs[0], graph, depth, facts)
         if dims is None or list(axes) not in ([0], [-1]):
             return None
-        bounds = _clamp(int(starts[0]), int(ends[0]), int(steps[0]), len(dims))
-        picked = None if bounds is None else dims[slice(*bounds)]
+        part = _clamp(int(starts[0]), int(ends[0]), int(steps[0]), len(dims))
+        picked = None if part is None else dims[part]
         return None if picked is None or any(d is None for d in picked) else np.asarray(picked, dtype=np.int64)
     data = const_value(node.inputs[0], graph, depth, facts)
     if data is None:
@@ -314,29 +314,28 @@ def _slice(node: gs.Node, graph, depth: int, facts) -> np.ndarray | None:
     index = [slice(None)] * data.ndim
     for s, e, a, st in zip(starts, ends, axes, steps):
         a = int(a) + data.ndim if int(a) < 0 else int(a)
-        bounds = _clamp(int(s), int(e), int(st), data.shape[a])
-        if bounds is None:
+        index[a] = _clamp(int(s), int(e), int(st), data.shape[a])
+        if index[a] is None:
             return None
-        index[a] = slice(*bounds)
     return data[tuple(index)]
 
 
-def _clamp(start: int, end: int, step: int, n: int) -> tuple[int, int | None, int] | None:
-    """ONNX Slice bounds (negative from the end, clamped; INT_MAX-style ends) as Python's. None
-    where runtimes disagree: a negative step with an end past the axis (INT64_MAX) is empty by
-    the spec's clamping and onnx's reference, but runs to the start in onnxruntime."""
+def _clamp(start: int, end: int, step: int, n: int) -> slice | None:
+    """ONNX Slice bounds (negative from the end, clamped; INT_MAX-style ends) as a Python slice.
+    None where runtimes disagree: a negative step with an end past the axis (INT64_MAX) is empty
+    by the spec's clamping and onnx's reference, but runs to the start in onnxruntime."""
     if step == 0:
         raise ValueError("Slice step 0")
     start = start + n if start < 0 else start
     end = end + n if end < 0 else end
     if step > 0:
-        return min(max(start, 0), n), min(max(end, 0), n), step
+        return slice(min(max(start, 0), n), min(max(end, 0), n), step)
     if end >= n:
         return None
     # negative step: start clamped into [0, n-1], end into [-1, n-1] (-1: past the first element)
     start = min(max(start, 0), n - 1)
     end = min(max(end, -1), n - 1)
-    return start, (None if end < 0 else end), step
+    return slice(start, None if end < 0 else end, step)
 
 
 def _concat(node: gs.Node, graph, depth: int, facts) -> np.ndarray | None:
@@ -483,8 +482,8 @@ def dims_value(tensor: gs.Tensor, graph, facts, known: dict | None = None, _dept
                 any(p is None for p, t in zip(parts[2:], node.inputs[3:5]) if t.name):
             return None
         step = int(parts[3].reshape(-1)[0]) if len(parts) > 3 and parts[3] is not None else 1
-        bounds = _clamp(int(parts[0].reshape(-1)[0]), int(parts[1].reshape(-1)[0]), step, len(dims))
-        return None if bounds is None else dims[slice(*bounds)]
+        part = _clamp(int(parts[0].reshape(-1)[0]), int(parts[1].reshape(-1)[0]), step, len(dims))
+        return None if part is None else dims[part]
     return None
 
 

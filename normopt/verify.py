@@ -522,7 +522,7 @@ def _magnitude_term(ref: np.ndarray, compute: str | None) -> np.ndarray | float:
     """MAGNITUDE_EPS epsilons (of the wider of the output's dtype and ``compute``) of the
     largest finite |ref| around each element (``local_max``)."""
     ref = np.asarray(ref)
-    if not (ref.dtype.kind == "f" or str(ref.dtype) == "bfloat16") or not ref.size:
+    if not _real_floats(ref) or not ref.size:
         return 0.0
     with np.errstate(invalid="ignore", over="ignore"):
         r64 = np.abs(ref.astype(np.float64))
@@ -590,7 +590,7 @@ def _input_widths(model: onnx.ModelProto) -> dict[str, str]:
 
 def _same_nonfinite(a: np.ndarray, b: np.ndarray) -> bool:
     a, b = np.asarray(a), np.asarray(b)
-    if a.shape != b.shape or not (a.dtype.kind == "f" or str(a.dtype) == "bfloat16"):
+    if a.shape != b.shape or not _real_floats(a):
         return bool(np.array_equal(a, b))
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     return bool(np.array_equal(np.isfinite(a64), np.isfinite(b64)))
@@ -602,7 +602,7 @@ def _changes(a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
     one number per output as the sensitivity (one ulp move is a single random draw per row's
     statistics)."""
     a, b = np.asarray(a), np.asarray(b)
-    if a.shape != b.shape or not a.size or not (a.dtype.kind == "f" or str(a.dtype) == "bfloat16"):
+    if a.shape != b.shape or not a.size or not _real_floats(a):
         return 0.0
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
@@ -681,6 +681,11 @@ def uncompared(report: VerifyReport) -> list[OutputDiff]:
 def _nothing_finite(value) -> bool:
     value = np.asarray(value)
     return _holds_floats(value) and value.size > 0 and not np.isfinite(value.astype(np.float64)).any()
+
+
+def _real_floats(value: np.ndarray) -> bool:
+    """Real floats, bfloat16 (ml_dtypes, numpy kind 'V') included."""
+    return value.dtype.kind == "f" or str(value.dtype) == "bfloat16"
 
 
 def _holds_floats(value: np.ndarray) -> bool:
