@@ -381,7 +381,7 @@ def _fold_batch(models, output, settings: FoldSettings, jobs: int, report_path, 
     except KeyboardInterrupt:
         if pool is not None:   # Ctrl-C reaches the workers too; SIGTERM to this process does not
             import signal
-            for proc in list(getattr(pool, "_processes", {}).values()):
+            for proc in multiprocessing.active_children():   # the pool's workers
                 try:
                     os.kill(proc.pid, signal.SIGTERM)
                 except OSError:
