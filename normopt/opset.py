@@ -2,9 +2,9 @@
 
 onnx's version converter is exact but its cost grows faster than the graph: 0.5 s for 11,000
 nodes, 10-13 s for 110,000. Its adapters act on one node at a time, though. So on a large graph,
-each distinct node form (op, attribute names, input and output counts) of an op that changed
-between the two opsets is probed, all forms in one conversion of a graph holding one node of
-each (a call costs about 7 ms whatever its size). A form the converter leaves unchanged is only
+each distinct node form (op, attributes with their values, input and output counts) of an op
+that changed between the two opsets is probed, all forms in one conversion of a graph holding
+one node of each (a call costs about 7 ms whatever its size). A form the converter leaves unchanged is only
 relabelled; each node of a form that changes (ReduceMean's axes attribute becoming an input,
 say) is spliced back from a conversion made once per form, attribute values and input types
 (its tensors renamed to placeholders). Graphs with subgraphs or local functions, and any form
@@ -47,8 +47,7 @@ def _nodewise(model: onnx.ModelProto, target: int) -> onnx.ModelProto | None:
     used.update(name for n in graph.node for name in list(n.input) + list(n.output))
     used.update(n.name for n in graph.node if n.name)
     changed = changed_ops({n.op_type for n in graph.node if n.domain in DEFAULT_DOMAINS}, source, target)
-    keys = [_form(node.op_type, (a.name for a in node.attribute), len(node.input), len(node.output))
-            if node.domain in DEFAULT_DOMAINS and node.op_type in changed else None for node in graph.node]
+    keys = [_form(node) if node.domain in DEFAULT_DOMAINS and node.op_type in changed else None for node in graph.node]
     forms = _one_of_each(zip(graph.node, keys))
     same = _unchanged_forms(forms, source, target, types)
     if same is None:
@@ -103,9 +102,12 @@ def _convert_one(node: onnx.NodeProto, source: int, target: int, types: dict[str
         return None
 
 
-def _form(op: str, attr_names, inputs: int, outputs: int) -> tuple:
-    """A node's form: nodes alike in op, attribute names and arity convert alike."""
-    return op, tuple(sorted(attr_names)), inputs, outputs
+def _form(node: onnx.NodeProto) -> tuple:
+    """A node's form: nodes alike in op, attributes (values included) and arity convert alike.
+    Values count: an adapter may act on one (Softmax's axis -1 stays as it is from opset 12 to
+    13, axis 1 does not; GridSample's mode 'bilinear' is renamed at 20)."""
+    return (node.op_type, tuple(sorted((a.name, a.SerializeToString(deterministic=True)) for a in node.attribute)),
+            len(node.input), len(node.output))
 
 
 def _one_of_each(keyed) -> dict:
@@ -228,20 +230,11 @@ def upgrade_graph(graph, source: int, target: int, elem_type, names) -> bool:
     if any(n.__dict__.get("_has_graphs") for n in nodes):
         return False
     # An op with one definition from source to target is left as it is by the converter. Nodes
-    # of the others alike in op, attribute names and arity convert alike: one probe per form, all
-    # probes in one conversion. A node made by an earlier rewrite is keyed from its attrs.
+    # of the others alike in op, attributes (values included) and arity convert alike: one probe
+    # per form, all probes in one conversion.
     nodes = [n for n in nodes if n.domain in (None, *DEFAULT_DOMAINS)]
     changed = changed_ops({n.op for n in nodes}, source, target)
-    keyed = []
-    for node in nodes:
-        if node.op not in changed:
-            continue
-        src = node.__dict__.get("_proto")
-        if src is not None and "_attrs" not in node.__dict__:
-            attr_names = (a.name for a in src.attribute)
-        else:
-            attr_names = (k for k, v in node.attrs.items() if v is not None)
-        keyed.append((node, _form(node.op, attr_names, len(node.inputs), len(node.outputs))))
+    keyed = [(node, _form(ir.node_proto(node))) for node in nodes if node.op in changed]
     forms = _one_of_each(keyed)
     same = _unchanged_forms({k: ir.node_proto(n) for k, n in forms.items()}, source, target, {})
     if same is None:

@@ -384,3 +384,29 @@ def test_opset_upgrade_probes_every_changed_form_in_one_conversion(monkeypatch):
     assert op_counts(out)["RMSNormalization"] == op_counts(model)["Pow"] and result.upgrades
     assert len(calls) == 2, calls   # the probe of every form, then ReduceMean's conversion
     assert_equivalent(model, out)
+
+
+@pytest.mark.parametrize("path", ["in place", "model"])
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+def test_opset_upgrade_tells_node_forms_apart_by_attribute_values(op, path, monkeypatch):
+    """Nodes of one op and the same attribute names may convert differently: below opset 13
+    Softmax(axis=1) of a rank-3 tensor is over axes 1 and 2 (the converter adds a Flatten),
+    while Softmax(axis=-1) converts to itself. The first one met must not decide for both."""
+    from normopt import opset
+
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mean"], axes=[-1]), helper.make_node("Sub", ["x", "mean"], ["d"]),
+             helper.make_node("Mul", ["d", "d"], ["sq"]), helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1]),
+             helper.make_node("Add", ["var", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["std"]),
+             helper.make_node("Div", ["d", "std"], ["n"]),
+             helper.make_node(op, ["n"], ["s1"], axis=-1), helper.make_node(op, ["s1"], ["y"], axis=1)]
+    model = make_model(nodes, [("x", FLOAT, [2, 3, 8])], [("y", FLOAT, [2, 3, 8])],
+                       {"eps": np.array(1e-5, np.float32)}, opset=12)
+    if path == "model":
+        monkeypatch.setattr(opset, "NODEWISE_MIN_NODES", 0)
+        out = opset.convert(onnx.shape_inference.infer_shapes(model), 17)
+        assert op_counts(out)[op] == 2 and op_counts(out)["Flatten"] == 1
+    else:
+        out, result = pipeline.run(model)
+        assert op_counts(out)["LayerNormalization"] == 1 and result.upgrades
+        assert op_counts(out)[op] == 2 and op_counts(out)["Flatten"] == 1
+    assert_equivalent(model, out)
