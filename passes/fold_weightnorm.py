@@ -24,7 +24,9 @@ Accepted spellings:
 
 Near misses, left alone with the reason: a norm over other axes than all-but-one, keepdims=0,
 LpNormalization with p != 2, a gain that is not a constant or varies over other axes than
-``dim``, a Pow exponent other than 2, v or an intermediate also used elsewhere (v shared with
+``dim``, a factor multiplied in and divided out again (``(v * c) / (n * c)``: a zero in c is
+0/0 there, and a c of higher rank broadcasts the weight), a Pow exponent other than 2, v or an
+intermediate also used elsewhere (v shared with
 another consumer that computes the same weight norm is fine: each use is folded).
 """
 from __future__ import annotations
@@ -161,6 +163,7 @@ class _Monomials:
         self.nodes: list[gs.Node] = []
         self.leaves: dict[str, gs.Tensor] = {}
         self.missing: gs.Tensor | None = None  # a non-constant operand met
+        self.cancelled: dict[int, str] = {}      # id(node) -> a factor whose powers cancel there
 
     def of(self, t: gs.Tensor, depth: int = 0) -> dict | None:
         if id(t) in self.known:
@@ -178,6 +181,11 @@ class _Monomials:
         if any(p is None for p in parts):
             return None
         out = _combine(node.op, parts)
+        if node.op != "Reciprocal":
+            sign = -1 if node.op == "Div" else 1
+            for k, e in parts[1].items():
+                if parts[0].get(k, 0) * sign * e < 0:   # c * v / (c * n): c's values still count there
+                    self.cancelled[id(node)] = "v" if k == V else "||v||" if k == N else f"'{k}'"
         self.known[id(t)] = out
         self.nodes.append(node)
         return out
@@ -226,6 +234,12 @@ def find_site(norm: Norm, ctx: Context) -> Site | Reject:
             return Reject(f"'{monos.missing.name}' multiplying the normalized weight is not a constant")
         return Reject(f"the norm of '{norm.v.name}' does not divide it into a weight g * v / ||v||")
     out, mono, nodes = best
+    cancel = next((monos.cancelled[id(n)] for n in nodes if id(n) in monos.cancelled), None)
+    if cancel is not None:
+        # Dropping the factor would drop what it does: a zero in it makes 0/0 (NaN) there, and a
+        # constant of higher rank broadcasts the weight to its shape.
+        return Reject(f"{cancel} is multiplied in and divided out again on the way to '{out.name}': "
+                      "not a plain weight norm g * v / ||v||")
     gains = [k for k in mono if k not in (V, N)]
     return Site(norm, out, monos.leaves[gains[0]] if gains else None, nodes)
 

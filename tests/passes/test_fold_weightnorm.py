@@ -232,6 +232,30 @@ def test_fold_weightnorm_norm_of_a_constant_used_otherwise_is_skipped_with_reaso
 
 
 
+@pytest.mark.parametrize("cancelled, c_shape, zero", [("c", (2, 1, 1), False), ("c", (1, 3), True),
+                                                       ("c", (4, 1), False), ("v", (4, 1), False)])
+def test_fold_weightnorm_a_factor_multiplied_in_and_divided_out_is_left_alone(rng, c_shape, zero, cancelled):
+    """(v * c) / (||v|| * c) is v / ||v|| only where c is a nonzero number of v's shape: a zero is
+    0/0 there, and a [2, 1, 1] c broadcasts the weight to [2, 4, 3]. v * v / (||v|| * v) likewise
+    (a zero in v). Such a product is refused, whatever c is."""
+    v = rng.standard_normal((4, 3)).astype(np.float32)
+    c = rng.uniform(0.5, 2, c_shape).astype(np.float32)
+    if zero:
+        c.reshape(-1)[1] = 0.0
+    factor = "c" if cancelled == "c" else "v"
+    nodes = [helper.make_node("ReduceL2", ["v"], ["n"], axes=[1], keepdims=1),
+             helper.make_node("Mul", ["v", factor], ["vc"]), helper.make_node("Mul", ["n", factor], ["nc"]),
+             helper.make_node("Div", ["vc", "nc"], ["w"]), helper.make_node("Add", ["X", "w"], ["Y"])]
+    model = make_model(nodes, [("X", F32, [4, 3])], [("Y", F32, [2, 4, 3] if factor == "c" and c.ndim == 3 else [4, 3])],
+                       {"v": v, "c": c}, opset=17)
+    out, rec = run_pass(PASS, model)
+    assert op_counts(out) == op_counts(model) and not rec.applied
+    what = "'c'" if cancelled == "c" else "v"
+    assert [s.reason for s in rec.skipped] == [f"{what} is multiplied in and divided out again on the way to 'w': "
+                                               "not a plain weight norm g * v / ||v||"]
+    assert_equivalent(model, out)
+
+
 @pytest.mark.parametrize("name", ["v", "n"])
 def test_fold_weightnorm_a_constant_named_like_its_own_keys_is_no_direction(rng, name):
     """c / ||weight_v|| with a constant named 'v' (or 'n') is no weight norm of weight_v: names of
