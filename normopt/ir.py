@@ -268,12 +268,27 @@ def constant_array(tensor: gs.Constant) -> np.ndarray:
 
 
 # Attribute types read here directly, as graphsurgeon's importer reads them.
+class EmptyList(list):
+    """An attribute's empty list (a Constant's ``value_ints=[]``, the shape of a scalar), which
+    remembers its attribute type: onnx cannot tell the type of ``[]`` when it is written back."""
+
+    __slots__ = ("attr_type",)
+
+    def __init__(self, attr_type: int):
+        super().__init__()
+        self.attr_type = attr_type
+
+
+def _listed(values, attr_type: int) -> list:
+    return list(values) or EmptyList(attr_type)
+
+
 _PLAIN_ATTRS = {
     onnx.AttributeProto.FLOAT: lambda a: a.f,
     onnx.AttributeProto.INT: lambda a: a.i,
     onnx.AttributeProto.STRING: lambda a: a.s.decode(),
-    onnx.AttributeProto.FLOATS: lambda a: list(a.floats),
-    onnx.AttributeProto.INTS: lambda a: list(a.ints),
+    onnx.AttributeProto.FLOATS: lambda a: _listed(a.floats, a.type),
+    onnx.AttributeProto.INTS: lambda a: _listed(a.ints, a.type),
 }
 
 
@@ -290,6 +305,9 @@ def import_attributes(protos) -> OrderedDict:
         read = _PLAIN_ATTRS.get(attr.type)
         if read is None or attr.ref_attr_name:
             out = OnnxImporter.import_attributes(protos, {}, {}, None, None)
+            for a in protos:   # an empty list keeps its type (graphsurgeon's importer gives [])
+                if isinstance(out.get(a.name), list) and not out[a.name] and not a.ref_attr_name:
+                    out[a.name] = EmptyList(a.type)
             break
         out[attr.name] = read(attr)
     for attr in opaque:
@@ -1050,6 +1068,15 @@ def itemsize(data_type: int) -> int | None:
         return None
 
 
+def _empty_list_type(value: list, key: str, src: onnx.NodeProto | None) -> int:
+    """The attribute type of an empty list: remembered at import (``EmptyList``), else the source
+    node's attribute of that name; a list no model gave (a pass's own ``[]``) is INTS."""
+    if isinstance(value, EmptyList):
+        return value.attr_type
+    found = next((a.type for a in src.attribute if a.name == key), None) if src is not None else None
+    return found if found is not None else onnx.AttributeProto.INTS
+
+
 def node_proto(node: gs.Node) -> onnx.NodeProto:
     """The node as a NodeProto (its source proto when untouched); subgraphs are not exported."""
     return _export_node(node, Weights())
@@ -1090,6 +1117,8 @@ def _export_node(node: gs.Node, weights: Weights) -> onnx.NodeProto:
             attr.name, attr.type = key, onnx.AttributeProto.TENSOR
             attr.t.CopyFrom(_export_tensor(value, weights, header_ok=False))
             proto.attribute.append(attr)
+        elif isinstance(value, list) and not value:
+            proto.attribute.append(onnx.helper.make_attribute(key, [], attr_type=_empty_list_type(value, key, src)))
         else:
             proto.attribute.extend(OnnxExporter.export_attributes({key: value}))
     if src is not None:

@@ -130,8 +130,7 @@ def _unchanged_forms(forms: dict, source: int, target: int, types: dict[str, int
         batch = []
         inputs: dict[str, int] = {}
         for i, key in enumerate(keys):
-            node = onnx.NodeProto()
-            node.CopyFrom(forms[key])
+            node = _bare(forms[key])
             node.name = f"form_{i}"
             node.input[:] = [f"form_{i}_{x}" if x else "" for x in forms[key].input]
             node.output[:] = [f"form_{i}_{x}" if x else "" for x in forms[key].output]
@@ -150,11 +149,23 @@ def _unchanged_forms(forms: dict, source: int, target: int, types: dict[str, int
             kept = {n.name: n for n in out.graph.node}
             return {key: kept.get(node.name) == node for key, node in zip(keys, batch)}
     for key in keys:
-        probe = _convert_one(forms[key], source, target, types, require_types=False)
+        bare = _bare(forms[key])
+        probe = _convert_one(bare, source, target, types, require_types=False)
         if probe is None:
             return None
-        same[key] = len(probe.graph.node) == 1 and not probe.graph.initializer and probe.graph.node[0] == forms[key]
+        same[key] = len(probe.graph.node) == 1 and not probe.graph.initializer and probe.graph.node[0] == bare
     return same
+
+
+def _bare(node: onnx.NodeProto) -> onnx.NodeProto:
+    """A copy of ``node`` without its doc string and metadata (the exporter's stack traces):
+    the converter drops them, so a node compared with its conversion would always differ, and
+    no two nodes would share a conversion."""
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    out.ClearField("doc_string")
+    del out.metadata_props[:]
+    return out
 
 
 def _converted(node: onnx.NodeProto, source: int, target: int, types: dict[str, int],
@@ -167,8 +178,7 @@ def _converted(node: onnx.NodeProto, source: int, target: int, types: dict[str, 
     inputs = list(dict.fromkeys(n for n in node.input if n))
     real = list(dict.fromkeys(inputs + [n for n in node.output if n]))
     place = {name: f"normopt_placeholder_{i}" for i, name in enumerate(real)}
-    generic = onnx.NodeProto()
-    generic.CopyFrom(node)
+    generic = _bare(node)
     generic.name = ""
     generic.input[:] = [place.get(n, n) for n in node.input]
     generic.output[:] = [place.get(n, n) for n in node.output]

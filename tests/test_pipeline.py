@@ -2,14 +2,15 @@
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper
 
 from helpers import FLOAT, assert_equivalent, make_model, op_counts, parse_model, run_pipeline
 from test_fold import conv_bn_chain
-from normopt import model_io, pipeline, registry
+from normopt import ir, model_io, pipeline, registry
 from normopt.errors import UnknownPassError
 from normopt.inputs import DEGENERATE, NORMAL
 from normopt.pattern import Match, Op, Var, match
@@ -462,3 +463,55 @@ def test_opset_upgrade_is_refused_where_onnxs_converter_changes_another_op(other
     else:
         assert len(result.applied) == 1 and result.upgrades and op_counts(out)["LayerNormalization"] == 1
     assert_equivalent(model, out)
+
+
+@pytest.mark.parametrize("attr", ["value_ints", "value_floats"])
+def test_empty_list_attribute_survives_a_rewrite_of_its_node(attr):
+    """dynamo (optimize=False) writes the shape of a scalar as Constant(value_ints=[]), with its
+    stack trace in metadata_props. Raising the opset 20 -> 23 for an RMSNormalization probes the
+    Constant (it changed at 21 and 23): the converter drops metadata, which made every such node
+    look changed and rebuilt, and the rebuilt empty list could not be written (onnx cannot infer
+    the type of []). Metadata is not part of the comparison: the node stays as it was."""
+    d = 8
+    kind = onnx.AttributeProto.INTS if attr == "value_ints" else onnx.AttributeProto.FLOATS
+    empty = helper.make_node("Constant", [], ["empty"])
+    empty.attribute.append(helper.make_attribute(attr, [], attr_type=kind))
+    helper.set_metadata_props(empty, {"pkg.torch.onnx.stack_trace": "File \"model.py\", line 1, in forward"})
+    nodes = [helper.make_node("Pow", ["x", "two"], ["sq"]),
+             helper.make_node("ReduceMean", ["sq", "axes"], ["ms"]),
+             helper.make_node("Add", ["ms", "eps"], ["mse"]), helper.make_node("Sqrt", ["mse"], ["rms"]),
+             helper.make_node("Div", ["x", "rms"], ["n"]), helper.make_node("Mul", ["n", "gamma"], ["y"]),
+             helper.make_node("ReduceSum", ["y"], ["total"], keepdims=0),
+             empty,
+             helper.make_node("Reshape", ["total", "shape"], ["scalar"]),
+             helper.make_node("Shape", ["empty"], ["n_empty"]),
+             helper.make_node("Cast", ["n_empty"], ["n_empty_f"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceSum", ["n_empty_f"], ["zero"], keepdims=0),
+             helper.make_node("Add", ["scalar", "zero"], ["out"])]
+    model = make_model(nodes, [("x", FLOAT, [2, 4, d])], [("out", FLOAT, [])],
+                       {"two": np.array(2.0, np.float32), "axes": np.array([-1], np.int64),
+                        "eps": np.array(1e-6, np.float32), "gamma": np.ones(d, np.float32),
+                        "shape": np.zeros(0, np.int64)}, opset=20)
+    out, result = pipeline.run(model)
+    assert op_counts(out)["RMSNormalization"] == 1 and result.upgrades
+    const = next(n for n in out.graph.node if n.op_type == "Constant")
+    assert const == empty
+    assert_equivalent(model, out)
+
+
+@pytest.mark.parametrize("kind", [onnx.AttributeProto.INTS, onnx.AttributeProto.FLOATS, onnx.AttributeProto.STRINGS])
+def test_empty_list_attribute_keeps_its_type_when_its_node_is_written_anew(kind):
+    """A node written from its attributes (not its source proto: renamed here, as a rewrite
+    would) keeps an empty list attribute's type."""
+    name, elem = {onnx.AttributeProto.INTS: ("value_ints", TensorProto.INT64),
+                  onnx.AttributeProto.FLOATS: ("value_floats", TensorProto.FLOAT),
+                  onnx.AttributeProto.STRINGS: ("value_strings", TensorProto.STRING)}[kind]
+    node = helper.make_node("Constant", [], ["empty"], name="c")
+    node.attribute.append(helper.make_attribute(name, [], attr_type=kind))
+    g = ir.import_model(make_model([node], [], [("empty", elem, [0])], ir_version=10), ir.Weights(""))
+    imported = g.nodes[0]
+    assert imported.attrs[node.attribute[0].name] == []
+    imported.name = "renamed"
+    written = ir.node_proto(imported)
+    assert written.name == "renamed" and [(a.name, a.type) for a in written.attribute] == \
+        [(node.attribute[0].name, kind)]
