@@ -300,7 +300,8 @@ def compute_dtypes(model: onnx.ModelProto, names: list[str]) -> dict[str, str | 
     """Per tensor name: the float type with the loosest default tolerance on the path that
     computes it (main graph, walked backwards): Cast targets, Constant values, initializers and
     graph inputs reached; a node with subgraphs brings everything inside them and the outer
-    tensors they read. An fp16 round trip on another branch does not count."""
+    tensors they read. An fp16 round trip on another branch does not count, nor a tensor read
+    only through an op whose output is no float (``_node_types``)."""
     g = model.graph
     producer = {o: n for n in g.node for o in n.output if o}
     leaves = {t.name: {t.data_type} for t in g.initializer}
@@ -338,9 +339,19 @@ def compute_dtype(model: onnx.ModelProto, name: str | None = None) -> str | None
     return max(kinds, key=lambda n: TOLERANCES[n], default=None)
 
 
+# Default-domain ops whose outputs are never floats: the precision of what they read does not
+# carry over (a float16 tensor read only for its Shape, a mask compared or cast to bool).
+_NOT_FLOAT_OUT = frozenset({"Shape", "Size", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not",
+                            "And", "Or", "Xor", "IsNaN", "IsInf", "ArgMax", "ArgMin", "NonZero"})
+
+
 def _node_types(node: onnx.NodeProto) -> tuple[set[int], list[str]]:
     """Element types a node brings in (Cast targets, tensor attributes, subgraph contents) and
-    the tensors it reads (inputs, outer-scope names its subgraphs use)."""
+    the tensors it reads (inputs, outer-scope names its subgraphs use). A node whose output is
+    no float (Shape, a comparison, a Cast to an integer or bool) brings in and reads nothing."""
+    if node.domain in ("", "ai.onnx") and (node.op_type in _NOT_FLOAT_OUT or (node.op_type == "Cast" and any(
+            a.name == "to" and a.type == onnx.AttributeProto.INT and a.i not in _FLOAT_TYPES for a in node.attribute))):
+        return set(), []
     types: set[int] = set()
     reads = list(node.input)
     for a in node.attribute:

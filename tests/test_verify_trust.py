@@ -65,6 +65,30 @@ def test_tolerance_follows_casts_and_initializers_on_the_path_only():
                                                                   "x": "float32"}
 
 
+
+@pytest.mark.parametrize("through", ["shape", "bool cast", "comparison"])
+def test_tolerance_ignores_a_float16_tensor_read_only_where_no_float_comes_out(through):
+    """A float16 tensor whose values reach the output only through an op with no float output
+    (its Shape, a Cast to bool, a comparison) brings no float16 rounding: the float32 output
+    keeps float32 bounds, and a 0.9% change of it fails."""
+    def pair(k):
+        if through == "shape":
+            nodes = [helper.make_node("Shape", ["h16"], ["sh"]), helper.make_node("Reshape", ["x", "sh"], ["xr"]),
+                     helper.make_node("Mul", ["xr", "k"], ["y"])]
+        else:
+            mask = [helper.make_node("Cast", ["h16"], ["c"], to=TensorProto.BOOL)] if through == "bool cast" else \
+                [helper.make_node("Less", ["h16", "zero16"], ["c"])]
+            nodes = mask + [helper.make_node("Mul", ["x", "k"], ["xk"]), helper.make_node("Where", ["c", "xk", "x"], ["y"])]
+        inits = {"h16": np.array([[1, -1] * 4] * 2, np.float16), "zero16": np.zeros((), np.float16),
+                 "k": np.array(k, np.float32)}
+        return make_model(nodes, [("x", FLOAT, [2, 8])], [("y", FLOAT, [2, 8])], inits, opset=17)
+
+    model, changed = pair(1.0), pair(1.009)
+    assert verify.compute_dtypes(model, ["y"]) == {"y": "float32"}
+    report = verify.compare(model, changed, provider="cpu")
+    assert [o.name for o in report.failures] == ["y"] and report.failures[0].rtol == verify.TOLERANCES["float32"][1]
+
+
 # ----------------------------------------------------------------------------- input sets
 
 def _embedding_and_features():
