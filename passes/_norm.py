@@ -8,7 +8,8 @@ Two normalizations, as exporters write them, with every check that makes fusing 
 Accepted spellings (alternatives inside one pattern):
 
 * the square as ``Pow(d, 2)`` or ``Mul(d, d)``; the exponent may come through a Cast (Apex);
-* ``Div(d, std)``, ``Mul(d, Reciprocal(std))`` or ``Mul(d, Div(1, std))`` (TorchScript rsqrt);
+* ``Div(d, std)``, ``Mul(d, Reciprocal(std))`` or ``Mul(d, Div(1, std))`` (TorchScript rsqrt), or
+  ``Mul(d, Pow(var + eps, -0.5))`` (``** -0.5`` written by hand);
 * the variance of the same centred tensor, or of a duplicated ``Sub(x, mean)`` (old PyTorch),
   or ``mean(x*x) - mean(x)^2`` (ONNX's LayerNormalization function body);
 * epsilon on either Add input, a scalar or 1-element constant of any float type, or a Cast of one;
@@ -24,7 +25,7 @@ Accepted spellings (alternatives inside one pattern):
 
 Near misses (a ``Reject`` with the reason) are spellings that look alike but compute something
 else: swapped Div operands, the mean or the variance of another tensor, a Pow exponent other
-than 2, a non-constant epsilon, keepdims=0, the two ReduceMeans over different axes, integer
+than 2 (other than -0.5 for 1/std), a non-constant epsilon, keepdims=0, the two ReduceMeans over different axes, integer
 dtypes, and intermediates used outside the pattern (dead consumers aside). Whether the reduced
 axes are the trailing ones is left to each pass (``trailing_axis``): grouped forms normalize
 the trailing axes of a reshaped tensor.
@@ -77,8 +78,11 @@ def scaled_by_inverse_std(numerator: Pattern, variance: Pattern) -> Pattern:
     """numerator / sqrt(variance + eps) in its three spellings, plus the swapped Div (a near miss)."""
     # No Add at all is epsilon 0: onnxscript's optimizer (dynamo's default) removes x + c as a
     # no-op when |c| <= 1e-8, so a hand-written LayerNorm with BERT's 1e-12 loses its Add.
-    std = Opt(CAST, Op("Sqrt", [AnyOf(Op("Add", [variance, EPSILON], name="add_eps"), variance)], name="sqrt"))
-    reciprocal = AnyOf(Op("Reciprocal", [std]), Op("Div", [Const("one"), std], name="recip_div"))
+    shifted = AnyOf(Op("Add", [variance, EPSILON], name="add_eps"), variance)
+    std = Opt(CAST, Op("Sqrt", [shifted], name="sqrt"))
+    # 1/std also as Pow(variance + eps, -0.5): PyTorch's ``(var + eps) ** -0.5`` written by hand.
+    reciprocal = AnyOf(Op("Reciprocal", [std]), Op("Div", [Const("one"), std], name="recip_div"),
+                       Opt(CAST, Op("Pow", [shifted, Opt(CAST, Const("rsqrt_exponent"))], name="pow_rsqrt")))
     return AnyOf(Op("Div", [numerator, std], name="div"),
                  Op("Mul", [numerator, reciprocal], name="mul_recip"),
                  Op("Div", [std, numerator], name="div_swapped"))
@@ -229,7 +233,7 @@ def check_core(m: Match, ctx: Context, kind: str, statistics: bool = False) -> N
     # rank unknown, x has at least as many axes as the (negative) axes reduced.
     limit = rank if rank is not None else len(axes)
     for key, what, node in (("eps", "epsilon", "add_eps"), ("exponent", "exponent", "pow"),
-                            ("one", "1 of 1 / std", "recip_div")):
+                            ("one", "1 of 1 / std", "recip_div"), ("rsqrt_exponent", "exponent -0.5", "pow_rsqrt")):
         const_rank = np.asarray(m.values[key]).ndim if key in m.values else 0
         if const_rank > limit:
             known = f"the input's {rank}" if rank is not None else f"the {limit} axes it normalizes (input rank unknown)"
@@ -366,6 +370,9 @@ def _structural_misses(m: Match) -> Reject | None:
         return Reject(f"epsilon '{m.tensors['eps_tensor'].name}' is not a constant", m["add_eps"])
     if m.has("exponent") and scalar(m.values["exponent"]) != 2.0:
         return Reject(f"Pow exponent is {describe(m.values['exponent'])}, not 2", m["pow"])
+    if m.has("rsqrt_exponent") and scalar(m.values["rsqrt_exponent"]) != -0.5:
+        return Reject(f"Pow exponent of the variance is {describe(m.values['rsqrt_exponent'])}, not -0.5",
+                      m["pow_rsqrt"])
     if m.has("one") and scalar(m.values["one"]) != 1.0:
         return Reject(f"reciprocal is taken as {describe(m.values['one'])} / std, not 1 / std", m["recip_div"])
     return None
@@ -524,7 +531,9 @@ def _variant(m: Match) -> list[str]:
         names.append("cast input")
     if m.has("var_sub"):
         names.append("mean(x*x) - mean(x)^2")
-    if m.has("mul_recip"):
+    if m.has("pow_rsqrt"):
+        names.append("Pow -0.5")
+    elif m.has("mul_recip"):
         names.append("reciprocal")
     if sum(1 for n in m.matched if n.op == "Sub") > 1 and not m.has("var_sub"):
         names.append("duplicated Sub")

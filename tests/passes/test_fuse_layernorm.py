@@ -44,10 +44,13 @@ def layernorm(net, x="x", axes=(-1,), square="pow", divide="div", eps=1e-5, eps_
     sq = net.op("Pow", dv, net.const(exponent, inner)) if square == "pow" else net.op("Mul", dv, dv)
     var = net.mean(sq, var_axes or axes, keepdims)
     if eps is None:                            # onnxscript's optimizer drops x + c for |c| <= 1e-8
-        std = net.op("Sqrt", var)
+        shifted = var
     else:
         e = net.const(np.full(eps_shape, eps), inner)
-        std = net.op("Sqrt", net.op("Add", *((e, var) if eps_first else (var, e))))
+        shifted = net.op("Add", *((e, var) if eps_first else (var, e)))
+    if divide == "pow":                        # (var + eps) ** -0.5 written by hand
+        return net.op("Mul", d, net.op("Pow", shifted, net.const(-0.5, inner)))
+    std = net.op("Sqrt", shifted)
     if divide == "div":
         return net.op("Div", d, std)
     if divide == "swapped":
@@ -97,6 +100,7 @@ CORE_VARIANTS = {
     "square_as_mul": dict(square="mul"),
     "reciprocal_mul": dict(divide="reciprocal"),
     "div_one_mul": dict(divide="div_one", opset=18),
+    "pow_minus_half": dict(divide="pow"),
     "duplicated_sub": dict(dup_sub=True),
     "torch_var_mean_duplicated_mean": dict(dup_mean_axes=(-1,), square="mul", divide="div_one"),
     "eps_first_1_element": dict(eps_first=True, eps_shape=(1,)),

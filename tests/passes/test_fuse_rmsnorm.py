@@ -26,13 +26,17 @@ class Net(GraphBuilder):
 
 
 def rms(net, x="x", axes=(-1,), square="pow", divide="div_one", eps=1e-6, eps_first=False, exponent=2.0,
-        num=None, std_to=None):
-    """x / sqrt(mean(x^2) + eps); divide: div, reciprocal (dynamo rsqrt), div_one (TorchScript rsqrt).
-    num: the numerator when it is another tensor than x (a second Cast of it); std_to: Cast of std."""
+        num=None, std_to=None, rsqrt_exponent=-0.5):
+    """x / sqrt(mean(x^2) + eps); divide: div, reciprocal (dynamo rsqrt), div_one (TorchScript rsqrt),
+    pow (x * (var + eps) ** -0.5 written by hand). num: the numerator when it is another tensor than
+    x (a second Cast of it); std_to: Cast of std."""
     sq = net.op("Pow", x, net.const(exponent)) if square == "pow" else net.op("Mul", x, x)
     var = net.mean(sq, axes)
     e = net.const(eps)
-    std = net.op("Sqrt", net.op("Add", *((e, var) if eps_first else (var, e))))
+    shifted = net.op("Add", *((e, var) if eps_first else (var, e)))
+    if divide == "pow":
+        return net.op("Mul", num or x, net.op("Pow", shifted, net.const(rsqrt_exponent)))
+    std = net.op("Sqrt", shifted)
     if std_to is not None:
         std = net.op("Cast", std, to=std_to)
     num = num or x
@@ -81,6 +85,7 @@ VARIANTS = {
     "eps_first": dict(eps_first=True, eps=1e-5),
     "two_trailing_axes": dict(axes=(-2, -1), wshape=(5, 8)),
     "positive_axis": dict(axes=(2,)),
+    "pow_minus_half": dict(divide="pow"),
 }
 
 
@@ -271,6 +276,10 @@ NEAR_MISSES = {
     "pow_3": (lambda rng: _simple(rng, exponent=3.0), "Pow exponent is 3, not 2"),
     "pow_half": (lambda rng: _simple(rng, exponent=0.5), "Pow exponent is 0.5, not 2"),
     "div_swapped": (lambda rng: _simple(rng, divide="swapped"), "operands swapped"),
+    "pow_minus_0_49": (lambda rng: _simple(rng, divide="pow", rsqrt_exponent=-0.49),
+                       "Pow exponent of the variance is -0.49, not -0.5"),
+    "pow_plus_half": (lambda rng: _simple(rng, divide="pow", rsqrt_exponent=0.5),
+                      "Pow exponent of the variance is 0.5, not -0.5"),
     "epsilon_graph_input": (_eps_input, "epsilon 'eps' is not a constant"),
     "square_used_elsewhere": (_escaping, "is also used by Neg"),
     "input_cast_to_two_types": (lambda rng: _t5_fp16(rng, num_to=TensorProto.DOUBLE), "is cast to 2 types"),
