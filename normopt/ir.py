@@ -93,7 +93,9 @@ class Weights:
         if location == MEMORY:
             return self.memory[offset], None, 0, 0
         path = os.path.join(self.base_dir, location)
-        length = int(info["length"]) if "length" in info else os.path.getsize(path) - offset
+        length = int(info["length"]) if "length" in info else stored_bytes(tensor)
+        if length is None:   # no length and an element size not known here: the rest of the file
+            length = os.path.getsize(path) - offset
         return None, path, offset, length
 
     def array(self, tensor: onnx.TensorProto) -> np.ndarray:
@@ -1057,6 +1059,22 @@ def _inline_bytes(tensor: onnx.TensorProto) -> int:
         size = itemsize(data_type)
         return HEADER_MIN_BYTES if size is None else math.prod(tensor.dims) * size
     return 0
+
+
+# Element types packed several to a byte: bits per element.
+_PACKED_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in (
+    ("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2)) if hasattr(onnx.TensorProto, name)}
+
+
+def stored_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's values take in raw form (packed types rounded up to a byte), the
+    length of its external data when the model leaves ``length`` out; None when not known."""
+    count = math.prod(tensor.dims)
+    bits = _PACKED_BITS.get(tensor.data_type)
+    if bits is not None:
+        return (count * bits + 7) // 8
+    size = itemsize(tensor.data_type)
+    return None if size is None else count * size
 
 
 @functools.lru_cache(maxsize=None)

@@ -410,3 +410,34 @@ def test_opset_upgrade_tells_node_forms_apart_by_attribute_values(op, path, monk
         assert op_counts(out)["LayerNormalization"] == 1 and result.upgrades
         assert op_counts(out)[op] == 2 and op_counts(out)["Flatten"] == 1
     assert_equivalent(model, out)
+
+
+def test_external_data_without_length_entries_is_read_at_each_tensors_own_size(tmp_path, rng):
+    """``length`` is optional in an external data entry: a tensor then takes its own byte size
+    from its offset (as onnxruntime reads it), not the rest of the file. The weights fold, the
+    output's entries give each tensor's size, and it computes what the input does."""
+    from test_fold import conv_bn_chain
+    model = conv_bn_chain(rng, c=16)
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)   # (onnx.save moves the weights of the model it saves out)
+    save_external(model, tmp_path / "m.onnx", "w.bin")
+    header = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    for t in header.graph.initializer:
+        kept = [(e.key, e.value) for e in t.external_data if e.key != "length"]
+        del t.external_data[:]
+        for key, value in kept:
+            t.external_data.add(key=key, value=value)
+    onnx.save(header, tmp_path / "m.onnx")
+    before = digests(tmp_path)
+    for verify in ([], ["--no-verify"]):
+        out = tmp_path / f"f{len(verify)}.onnx"
+        res = CliRunner().invoke(cli, ["fold", str(tmp_path / "m.onnx"), "-o", str(out), "--provider", "cpu", *verify])
+        assert res.exit_code == 0, res.output
+        written = onnx.load(out, load_external_data=False)
+        assert op_counts(written) == {"Conv": 3, "Relu": 3}
+        lengths = {t.name: int(dict((e.key, e.value) for e in t.external_data)["length"])
+                   for t in written.graph.initializer if t.external_data}
+        assert lengths and all(n == ir.stored_bytes(t) for t in written.graph.initializer if t.name in lengths
+                               for n in [lengths[t.name]])
+        assert_equivalent(reference, onnx.load(out))
+    assert {k: v for k, v in digests(tmp_path).items() if k in before} == before
