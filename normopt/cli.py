@@ -273,6 +273,13 @@ def _check_writes(model: str, source, out_path: Path, s: FoldSettings) -> None:
         if real in inputs and not (s.in_place and real == os.path.realpath(model)):
             what = "the output" if path == out_path else "the output's data file"
             raise UsageError(f"cannot write '{path}' ({what}): it is {inputs[real]}; choose another -o")
+    data = out_path.with_name(out_path.name + ".data")
+    if not s.dry_run and not s.in_place and data.exists() and (s.external_data or model_io.has_external_data(source)):
+        # Written over, another model's data file would change what that model computes.
+        others, _ = model_io.files_referenced_beside(out_path)
+        if os.path.realpath(data) in others:
+            raise UsageError(f"cannot write '{data}' (the output's data file): another model in its folder refers "
+                             "to it; choose another -o")
     # (the input's own files, existing and no reports, were refused as reports before any work)
     if s.report_path and any(os.path.realpath(s.report_path) == os.path.realpath(path) for path in writes):
         raise ReportPathError(f"cannot write report '{s.report_path}': it is where the model is written")

@@ -114,6 +114,27 @@ def test_output_equal_to_input_needs_in_place(src):
     assert digests(src) == before
 
 
+@pytest.mark.parametrize("verify", [True, False])
+def test_output_data_file_that_another_model_uses_is_refused(src_external, rng, verify):
+    """``-o x.onnx`` writes its weights to ``x.onnx.data``: when another model in that folder
+    keeps its weights there, writing over it would change what that model computes. Refused
+    before any work, nothing written; the output's own earlier data file is written over."""
+    out = src_external.parent / "out"
+    out.mkdir()
+    onnx.save(conv_bn(rng, c=16), out / "other.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="x.onnx.data", size_threshold=1024)
+    before = {**digests(src_external), **{f"out/{k}": v for k, v in digests(out).items()}}
+    res = invoke("fold", src_external / "m.onnx", "-o", out / "x.onnx", "--provider", "cpu",
+                 *([] if verify else ["--no-verify"]))
+    one_error_line(res, 2, "(the output's data file): another model in its folder refers to it")
+    assert {**digests(src_external), **{f"out/{k}": v for k, v in digests(out).items()}} == before
+    (out / "other.onnx").unlink()   # nothing else refers to it now: a plain rewrite of the output
+    res = invoke("fold", src_external / "m.onnx", "-o", out / "x.onnx", "--provider", "cpu",
+                 *([] if verify else ["--no-verify"]))
+    assert res.exit_code == 0, res.output
+    assert model_io.external_files_at(out / "x.onnx") == {os.path.realpath(out / "x.onnx.data")}
+
+
 @pytest.mark.parametrize("flag", ["--no-verify", "--force"])
 def test_in_place_only_after_verification(src, flag):
     before = digests(src)
