@@ -57,6 +57,29 @@ def test_missing_external_data_is_a_load_error(tmp_path, rng):
         model_io.load(src)
 
 
+def test_external_data_of_a_constant_node_is_refused_with_its_reason(tmp_path, rng):
+    """A Constant node's value may keep its data in a file (valid ONNX, onnxruntime runs it);
+    only initializers' data is read and written here, so such a model is refused in one line
+    that says so, not with the checker's complaint about a file it cannot see."""
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    (tmp_path / "w.bin").write_bytes(w.tobytes())
+    value = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[4, 3])
+    value.data_location = onnx.TensorProto.EXTERNAL
+    for key, entry in (("location", "w.bin"), ("offset", "0"), ("length", str(w.nbytes))):
+        value.external_data.add(key=key, value=entry)
+    nodes = [helper.make_node("Constant", [], ["W"], name="const_w", value=value),
+             helper.make_node("MatMul", ["x", "W"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", FLOAT, [2, 4])],
+                                                [helper.make_tensor_value_info("y", FLOAT, [2, 3])]),
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    onnx.save(model, tmp_path / "m.onnx")
+    ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])   # a model that runs
+    res = CliRunner().invoke(cli, ["fold", str(tmp_path / "m.onnx"), "--no-verify"])
+    assert res.exit_code == 2, res.output
+    assert "attribute 'value' of Constant node 'const_w' keeps its data in an external file" in res.stderr
+    assert not (tmp_path / "m.normopt.onnx").exists()
+
+
 def test_full_check_is_detected():
     good = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", FLOAT, [2])], [("y", FLOAT, [2])], opset=13)
     assert model_io.passes_full_check(good)
