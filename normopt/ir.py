@@ -1063,12 +1063,14 @@ def _inline_bytes(tensor: onnx.TensorProto) -> int:
 
 # Element types packed several to a byte: bits per element.
 _PACKED_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in (
-    ("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2)) if hasattr(onnx.TensorProto, name)}
+    ("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2), ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6))
+    if hasattr(onnx.TensorProto, name)}
 
 
 def stored_bytes(tensor: onnx.TensorProto) -> int | None:
-    """Bytes the tensor's values take in raw form (packed types rounded up to a byte), the
-    length of its external data when the model leaves ``length`` out; None when not known."""
+    """Bytes the tensor's values take in raw form (packed types rounded up to a byte): what its
+    raw data or external range holds, and the length of that range when the model leaves
+    ``length`` out. None when the element type's size is not known here."""
     count = math.prod(tensor.dims)
     bits = _PACKED_BITS.get(tensor.data_type)
     if bits is not None:

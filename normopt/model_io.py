@@ -321,9 +321,6 @@ def _check_versions(model: onnx.ModelProto) -> None:
 
 
 _DATA_TYPES = frozenset(v for v in onnx.TensorProto.DataType.values() if v != onnx.TensorProto.UNDEFINED)
-# Types packed several to a byte: their raw data is shorter than one byte per element.
-_PACKED = frozenset(getattr(onnx.TensorProto, n) for n in ("UINT4", "INT4", "FLOAT4E2M1", "UINT2", "INT2",
-                                                            "FLOAT6E2M3", "FLOAT6E3M2") if hasattr(onnx.TensorProto, n))
 
 
 def _check_tensors(model: onnx.ModelProto) -> None:
@@ -342,8 +339,8 @@ def _check_tensors(model: onnx.ModelProto) -> None:
             raise ValueError(f"initializer '{t.name}' has unknown element type {data_type}")
         if dims and min(dims) < 0:
             raise ValueError(f"initializer '{t.name}' has a negative dimension {list(dims)}")
-        if t.data_location != external and data_type != string and data_type not in _PACKED \
-                and t.HasField("raw_data") and len(t.raw_data) < math.prod(dims) * _itemsize(data_type):
+        if t.data_location != external and data_type != string and t.HasField("raw_data") \
+                and len(t.raw_data) < _nbytes(t):
             raise ValueError(f"initializer '{t.name}' holds fewer bytes than its shape {list(dims)} needs")
 
 
@@ -1024,12 +1021,9 @@ def _large(init: onnx.TensorProto, keep_elements: int = KEEP_ELEMENTS) -> bool:
 
 
 def _nbytes(init: onnx.TensorProto) -> int:
-    return math.prod(init.dims) * _itemsize(init.data_type)
-
-
-def _itemsize(data_type: int) -> int:
-    """Bytes per element; 8 for a packed or exotic type (``ir.itemsize`` gives None there)."""
-    return ir.itemsize(data_type) or 8
+    """``ir.stored_bytes``; 8 bytes per element for a type of unknown size (counted as large)."""
+    found = ir.stored_bytes(init)
+    return math.prod(init.dims) * 8 if found is None else found
 
 
 def _short(err: BaseException) -> str:

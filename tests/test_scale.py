@@ -441,3 +441,37 @@ def test_external_data_without_length_entries_is_read_at_each_tensors_own_size(t
                                for n in [lengths[t.name]])
         assert_equivalent(reference, onnx.load(out))
     assert {k: v for k, v in digests(tmp_path).items() if k in before} == before
+
+
+@pytest.mark.parametrize("length", [True, False])
+def test_external_int4_weight_is_read_at_its_packed_size(tmp_path, rng, length):
+    """An INT4 tensor takes half a byte per element: its external range (given, or taken from
+    its shape without a length entry) is not refused as too short, and the model folds with
+    its bytes streamed through unchanged."""
+    vals = rng.integers(-8, 8, 64 * 32)
+    nibbles = (vals & 0xF).astype(np.uint8)
+    packed = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
+    q = helper.make_tensor("q", onnx.TensorProto.INT4, [64, 32], packed, raw=True)
+    assert ir.stored_bytes(q) == 64 * 32 // 2
+    nodes = [helper.make_node("DequantizeLinear", ["q", "s"], ["w"], axis=1), helper.make_node("MatMul", ["x", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "int4", [helper.make_tensor_value_info("x", FLOAT, [2, 64])],
+                              [helper.make_tensor_value_info("y", FLOAT, [2, 32])],
+                              [q, numpy_helper.from_array(np.full(32, 0.1, np.float32), "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    onnx.save(model, tmp_path / "m.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
+    if not length:
+        header = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+        for t in header.graph.initializer:
+            kept = [(e.key, e.value) for e in t.external_data if e.key != "length"]
+            del t.external_data[:]
+            for key, value in kept:
+                t.external_data.add(key=key, value=value)
+        onnx.save(header, tmp_path / "m.onnx")
+    res = CliRunner().invoke(cli, ["fold", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "f.onnx"), "--provider", "cpu"])
+    assert res.exit_code == 0, res.output
+    out = onnx.load(tmp_path / "f.onnx")
+    assert numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "q")).tobytes() == \
+        numpy_helper.to_array(q).tobytes()
+    assert_equivalent(reference, out)
