@@ -503,8 +503,10 @@ def _check_external(model: onnx.ModelProto, base_dir: str) -> None:
     weights = ir.Weights(base_dir)
     root = os.path.realpath(base_dir)
     sizes: dict[str, int] = {}
-    _external_elsewhere(model)
+    for fp in model.functions:
+        _external_elsewhere(fp)
     for g in all_graphs(model.graph):
+        _external_elsewhere(g)
         for t in g.initializer:
             if ir.is_header(t):
                 _check_range(t, base_dir, root, sizes)
@@ -518,28 +520,25 @@ def _check_external(model: onnx.ModelProto, base_dir: str) -> None:
 _TENSOR_ATTR_OPS = frozenset({"Constant", "ConstantOfShape"})
 
 
-def _external_elsewhere(model: onnx.ModelProto) -> None:
-    """Raise when a tensor other than an initializer (a Constant node's value, a tensor attribute,
-    a sparse tensor) keeps its data in an external file: only initializers' data is read from
-    and written to data files here."""
+def _external_elsewhere(g: onnx.GraphProto | onnx.FunctionProto) -> None:
+    """Raise when a tensor of ``g`` other than an initializer (a Constant node's value, a tensor
+    attribute, a sparse tensor) keeps its data in an external file: only initializers' data is
+    read from and written to data files here."""
     external = onnx.TensorProto.EXTERNAL
-    for g in list(all_graphs(model.graph)) + list(model.functions):
-        for sparse in getattr(g, "sparse_initializer", ()):
-            if external in (sparse.values.data_location, sparse.indices.data_location):
-                raise ValueError(f"sparse initializer '{sparse.values.name}' keeps its data in an external file; "
-                                 "only initializers' data can be external here")
-        for node in g.node:
-            if node.op_type not in _TENSOR_ATTR_OPS and node.domain in ("", "ai.onnx"):
-                continue   # no other standard op has a tensor attribute
-            for a in node.attribute:
-                tensors = [a.t] if a.type == onnx.AttributeProto.TENSOR else list(a.tensors)
-                tensors += [s.values for s in ([a.sparse_tensor] if a.type == onnx.AttributeProto.SPARSE_TENSOR
-                                               else a.sparse_tensors)]
-                for t in tensors:
-                    if t.data_location == external:
-                        raise ValueError(f"attribute '{a.name}' of {node.op_type} node '{node.name or node.output[0]}' "
-                                         "keeps its data in an external file; only initializers' data can be "
-                                         "external here")
+    for sparse in getattr(g, "sparse_initializer", ()):   # (a function body has none)
+        if external in (sparse.values.data_location, sparse.indices.data_location):
+            raise ValueError(f"sparse initializer '{sparse.values.name}' keeps its data in an external file; "
+                             "only initializers' data can be external here")
+    for node in g.node:
+        if node.op_type not in _TENSOR_ATTR_OPS and node.domain in ("", "ai.onnx"):
+            continue   # no other standard op has a tensor attribute
+        for a in node.attribute:
+            tensors = [a.t] if a.type == onnx.AttributeProto.TENSOR else list(a.tensors)
+            tensors += [s.values for s in ([a.sparse_tensor] if a.type == onnx.AttributeProto.SPARSE_TENSOR
+                                           else a.sparse_tensors)]
+            if any(t.data_location == external for t in tensors):
+                raise ValueError(f"attribute '{a.name}' of {node.op_type} node '{node.name or node.output[0]}' "
+                                 "keeps its data in an external file; only initializers' data can be external here")
 
 
 def _check_range(t: onnx.TensorProto, base_dir: str, root: str, sizes: dict[str, int]) -> None:

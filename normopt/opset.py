@@ -4,8 +4,8 @@ onnx's version converter is exact but its cost grows faster than the graph: 0.5 
 nodes, 10-13 s for 110,000. Its adapters act on one node at a time, though. So on a large graph,
 each distinct node form (op, attributes with their values, input and output counts) of an op
 that changed between the two opsets is probed, all forms in one conversion of a graph holding
-one node of each (a call costs about 7 ms whatever its size). A form the converter leaves unchanged is only
-relabelled; each node of a form that changes (ReduceMean's axes attribute becoming an input,
+one node of each (a call costs about 7 ms whatever its size). A form the converter leaves
+unchanged is only relabelled; each node of a form that changes (ReduceMean's axes attribute becoming an input,
 say) is spliced back from a conversion made once per form, attribute values and input types
 (its tensors renamed to placeholders). Graphs with subgraphs or local functions, and any form
 whose one-node conversion fails or needs an input type that is not declared, go through the
@@ -244,17 +244,17 @@ def upgrade_graph(graph, source: int, target: int, elem_type, names) -> bool:
     # per form, all probes in one conversion.
     nodes = [n for n in nodes if n.domain in (None, *DEFAULT_DOMAINS)]
     changed = changed_ops({n.op for n in nodes}, source, target)
-    keyed = [(node, _form(ir.node_proto(node))) for node in nodes if node.op in changed]
-    forms = _one_of_each(keyed)
-    same = _unchanged_forms({k: ir.node_proto(n) for k, n in forms.items()}, source, target, {})
+    protos = [(node, ir.node_proto(node)) for node in nodes if node.op in changed]   # each exported once
+    keys = [_form(proto) for _node, proto in protos]
+    same = _unchanged_forms(_one_of_each((proto, key) for (_node, proto), key in zip(protos, keys)),
+                            source, target, {})
     if same is None:
         return False
     cache: dict[tuple, onnx.ModelProto | None] = {}
     plans = []
-    for node, key in keyed:
+    for (node, proto), key in zip(protos, keys):
         if same[key]:
             continue
-        proto = ir.node_proto(node)
         types = {t.name: elem_type(t) for t in node.inputs if t.name}
         converted = _converted(proto, source, target, types, cache)
         if converted is None:

@@ -25,10 +25,10 @@ Accepted spellings (alternatives inside one pattern):
 
 Near misses (a ``Reject`` with the reason) are spellings that look alike but compute something
 else: swapped Div operands, the mean or the variance of another tensor, a Pow exponent other
-than 2 (other than -0.5 for 1/std), a non-constant epsilon, keepdims=0, the two ReduceMeans over different axes, integer
-dtypes, and intermediates used outside the pattern (dead consumers aside). Whether the reduced
-axes are the trailing ones is left to each pass (``trailing_axis``): grouped forms normalize
-the trailing axes of a reshaped tensor.
+than 2 (other than -0.5 for 1/std), a non-constant epsilon, keepdims=0, the two ReduceMeans
+over different axes, integer dtypes, and intermediates used outside the pattern (dead consumers
+aside). Whether the reduced axes are the trailing ones is left to each pass
+(``trailing_axis``): grouped forms normalize the trailing axes of a reshaped tensor.
 
 Over the trailing axes (LayerNormalization, RMSNormalization): ``trailing`` places the axes and
 ``plan`` builds the match of the core plus its affine tail. The affine tail after the normalized

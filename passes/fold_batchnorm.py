@@ -727,7 +727,7 @@ def overflow(m: Match) -> str | None:
         return "the per-channel scale or shift is not finite (a variance plus epsilon of 0 or below?)"
     top = _LARGEST[np.dtype(w.dtype)]
     name = np.dtype(w.dtype).name
-    if s_top > 1.0 and max(abs(float(np.max(w))), abs(float(np.min(w)))) * s_top > top:
+    if s_top > 1.0 and _top(w) * s_top > top:
         reach = _channel_peaks(w, prod) * np.abs(np.asarray(s, np.float64))
         if float(reach.max()) > top:
             c = int(np.argmax(reach))

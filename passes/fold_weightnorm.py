@@ -26,8 +26,8 @@ Near misses, left alone with the reason: a norm over other axes than all-but-one
 LpNormalization with p != 2, a gain that is not a constant or varies over other axes than
 ``dim``, a factor multiplied in and divided out again (``(v * c) / (n * c)``: a zero in c is
 0/0 there, and a c of higher rank broadcasts the weight), a Pow exponent other than 2, v or an
-intermediate also used elsewhere (v shared with
-another consumer that computes the same weight norm is fine: each use is folded).
+intermediate also used elsewhere (v shared with another consumer that computes the same weight
+norm is fine: each use is folded).
 """
 from __future__ import annotations
 
