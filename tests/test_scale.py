@@ -54,6 +54,17 @@ def save_external(model, path: Path, location: str) -> None:
               size_threshold=1024)
 
 
+def drop_lengths(path: Path) -> None:
+    """Remove every external tensor's ``length`` entry (optional in the format) from the model file."""
+    header = onnx.load(path, load_external_data=False)
+    for t in header.graph.initializer:
+        kept = [(e.key, e.value) for e in t.external_data if e.key != "length"]
+        del t.external_data[:]
+        for key, value in kept:
+            t.external_data.add(key=key, value=value)
+    onnx.save(header, path)
+
+
 def digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
@@ -421,13 +432,7 @@ def test_external_data_without_length_entries_is_read_at_each_tensors_own_size(t
     reference = onnx.ModelProto()
     reference.CopyFrom(model)   # (onnx.save moves the weights of the model it saves out)
     save_external(model, tmp_path / "m.onnx", "w.bin")
-    header = onnx.load(tmp_path / "m.onnx", load_external_data=False)
-    for t in header.graph.initializer:
-        kept = [(e.key, e.value) for e in t.external_data if e.key != "length"]
-        del t.external_data[:]
-        for key, value in kept:
-            t.external_data.add(key=key, value=value)
-    onnx.save(header, tmp_path / "m.onnx")
+    drop_lengths(tmp_path / "m.onnx")
     before = digests(tmp_path)
     for verify in ([], ["--no-verify"]):
         out = tmp_path / f"f{len(verify)}.onnx"
@@ -462,13 +467,7 @@ def test_external_int4_weight_is_read_at_its_packed_size(tmp_path, rng, length):
     reference.CopyFrom(model)
     onnx.save(model, tmp_path / "m.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
     if not length:
-        header = onnx.load(tmp_path / "m.onnx", load_external_data=False)
-        for t in header.graph.initializer:
-            kept = [(e.key, e.value) for e in t.external_data if e.key != "length"]
-            del t.external_data[:]
-            for key, value in kept:
-                t.external_data.add(key=key, value=value)
-        onnx.save(header, tmp_path / "m.onnx")
+        drop_lengths(tmp_path / "m.onnx")
     res = CliRunner().invoke(cli, ["fold", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "f.onnx"), "--provider", "cpu"])
     assert res.exit_code == 0, res.output
     out = onnx.load(tmp_path / "f.onnx")
