@@ -71,16 +71,17 @@ def load(path: str | os.PathLike, notes: list[str] | None = None,
         raise ModelLoadError(f"{where}: file is not an ONNX model (protobuf parse failed: {_short(err)})") from err
     except OSError as err:
         raise ModelLoadError(f"{where}: {err.strerror or err}") from err
+    later = check_later is not None and check_later(model)
     try:
-        in_order = _touch_text(model)
+        # Left for later, the text is checked with the rest (``input_verdict``): here only the
+        # main graph's order, and the external data entries that are read below.
+        in_order = _touch_graph(model.graph, check_order=True, text=False) if later else _touch_text(model)
     except UnicodeDecodeError as err:
-        raise ModelLoadError(f"{where}: file is not an ONNX model (a name or text field is not UTF-8: "
-                             f"{_short(err)})") from err
+        raise ModelLoadError(f"{where}: {_not_utf8(err)}") from err
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise ModelLoadError(f"{where}: file is not an ONNX model (no graph)")
     if not model.opset_import:
         raise ModelLoadError(f"{where}: model declares no opset_import")
-    later = check_later is not None and check_later(model)
     try:
         _check_versions(model)
         if not later:
@@ -122,10 +123,18 @@ def input_verdict(model: onnx.ModelProto) -> str | None:
     """What ``load`` says against a model it left unchecked (one line: its initializers, then
     the ONNX checker), None when both accept it."""
     try:
+        _touch_text(model)
+    except UnicodeDecodeError as err:
+        return _not_utf8(err)
+    try:
         _check_tensors(model)
     except ValueError as err:
         return str(err)
     return _checker_verdict(model)
+
+
+def _not_utf8(err: UnicodeDecodeError) -> str:
+    return f"file is not an ONNX model (a name or text field is not UTF-8: {_short(err)})"
 
 
 def _checker_verdict(model: onnx.ModelProto) -> str | None:
@@ -223,9 +232,10 @@ def _touch_field(field, value) -> None:
         _touch_text(value)
 
 
-def _touch_graph(g: onnx.GraphProto, check_order: bool = False) -> bool | None:
+def _touch_graph(g: onnx.GraphProto, check_order: bool = False, text: bool = True) -> bool | None:
     """A graph's text; with ``check_order``, also whether every name its nodes read is provided
-    before them and none is produced twice (``_sorted_already``, for the main graph)."""
+    before them and none is produced twice (``_sorted_already``, for the main graph). Without
+    ``text``, only the order and the initializers' external data entries."""
     external = onnx.TensorProto.EXTERNAL
     given: set[str] = set()
     for t in g.initializer:
@@ -235,18 +245,19 @@ def _touch_graph(g: onnx.GraphProto, check_order: bool = False) -> bool | None:
         given.add(name)
         if t.data_location == external:
             _touch_text(t)
-    for part in (g.input, g.output, g.value_info, g.sparse_initializer, g.quantization_annotation,
-                 g.metadata_props):
-        for item in part:
-            _touch_text(item)
-    _text(g.name, "graph name")
-    _text(g.doc_string, "doc_string")
+    if text:
+        for part in (g.input, g.output, g.value_info, g.sparse_initializer, g.quantization_annotation,
+                     g.metadata_props):
+            for item in part:
+                _touch_text(item)
+        _text(g.name, "graph name")
+        _text(g.doc_string, "doc_string")
     if not check_order:
         _touch_nodes(g.node)
         return None
     given.update(vi.name for vi in g.input)
     given.update(s.values.name for s in g.sparse_initializer)
-    return _touch_nodes(g.node, given)
+    return _touch_nodes(g.node, given, text)
 
 
 _SCALAR_ATTRIBUTES = frozenset({onnx.AttributeProto.FLOAT, onnx.AttributeProto.INT, onnx.AttributeProto.FLOATS,
@@ -271,23 +282,26 @@ def _touch_attribute(attr: onnx.AttributeProto) -> None:
             _touch_text(item)
 
 
-def _touch_nodes(nodes, given: set[str] | None = None) -> bool | None:
-    """The nodes' text; with ``given`` (the names the graph itself provides), also whether they
-    are in topological order with no name produced twice."""
+def _touch_nodes(nodes, given: set[str] | None = None, text: bool = True) -> bool | None:
+    """The nodes' text (without ``text``: none of it); with ``given`` (the names the graph itself
+    provides), also whether they are in topological order with no name produced twice."""
     in_order = given is not None
     seen: set[str] = set()
     for node in nodes:
         op, domain, inputs, outputs = node.op_type, node.domain, node.input[:], node.output[:]
-        for text in (node.name, op, domain, *inputs, *outputs):
-            if text.__class__ is bytes:
-                _text(text, "node field")
+        if text:
+            for value in (node.name, op, domain, *inputs, *outputs):
+                if value.__class__ is bytes:
+                    _text(value, "node field")
+        elif not in_order:
+            break
         if in_order:
             reads = _node_reads(node) if op in SUBGRAPH_OPS or domain not in ("", "ai.onnx") else inputs
             if any(name and name not in seen and name not in given for name in reads) or \
                     any(name and name in seen for name in outputs):
                 in_order = False
             seen.update(outputs)
-        if node.attribute or node.doc_string or node.metadata_props or node.overload:
+        if text and (node.attribute or node.doc_string or node.metadata_props or node.overload):
             for attr in node.attribute:
                 _touch_text(attr)
             _text(node.doc_string, "doc_string")

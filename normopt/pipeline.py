@@ -138,11 +138,12 @@ def keep_graphs_until_exit() -> None:
         _kept = []
 
 
-# Large models have their shape inference run in a forked process while the graph is imported
-# and the first passes run (``infer_in_background``): onnx's inference holds the GIL, so a
-# thread would not overlap it.
+# Models of some size have their shape inference run in a forked process while the graph is
+# imported and the first passes run (``infer_in_background``): onnx's inference holds the GIL, so
+# a thread would not overlap it. From 500 nodes the inference and checks it takes over (20 to 40
+# ms there) cost more than the fork and the table's trip through the pipe (under 10 ms).
 _background = False
-BACKGROUND_NODES = 10_000
+BACKGROUND_NODES = 500
 
 
 def infer_in_background(on: bool = True) -> None:

@@ -412,6 +412,29 @@ def test_command_reports_the_checkers_error_found_beside_the_run(tmp_path, rng, 
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="background inference forks: Linux only")
+@pytest.mark.parametrize("where", [b"conv2", b"n2", b"bn2", b"SAME_UPPER"])
+def test_command_reports_text_not_utf8_found_beside_the_run(tmp_path, rng, command_mode, monkeypatch, where):
+    """Text is checked in the child too (the load only reads the order): a node name, a tensor
+    name a BatchNormalization fold reads, or a string attribute that is not UTF-8 gets the
+    load's one-line error (exit 2, no output), whatever the passes made of it first."""
+    model = conv_bn_chain(rng)
+    model.graph.node[0].ClearField("attribute")   # pads=1 becomes auto_pad (not both)
+    model.graph.node[0].attribute.append(helper.make_attribute("auto_pad", "SAME_UPPER"))
+    data = model.SerializeToString()
+    assert data.count(where) >= 1
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(data.replace(where, b"\xaf" + where[1:]))
+    seen = _checks_in_parent(monkeypatch)
+    res = _fold_cli("fold", path, "-o", tmp_path / "out.onnx", "--no-verify")
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: cannot read '{path}': file is not an ONNX model (a name or text field is not UTF-8"), lines
+    assert not seen
+    assert not (tmp_path / "out.onnx").exists() and not model_io._unchecked
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="background inference forks: Linux only")
 def test_command_checks_in_process_when_the_child_sends_no_verdict(tmp_path, rng, command_mode, monkeypatch):
     model = conv_bn_chain(rng)
     model.graph.name = "input"
