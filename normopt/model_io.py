@@ -88,11 +88,11 @@ def load(path: str | os.PathLike, notes: list[str] | None = None,
             _check_tensors(model)
         moved = sort_nodes(model, main_in_order=bool(in_order))
     except ValueError as err:
-        raise ModelLoadError(f"{where}: {err}") from err
+        raise _refusal(model, later, where, str(err)) from err
     try:
         _check_external(model, str(p.resolve().parent))
     except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(f"{where}: external data could not be loaded ({_short(err)})") from err
+        raise _refusal(model, later, where, f"external data could not be loaded ({_short(err)})") from err
     listed = _list_legacy_initializers(model)
     if later:
         _unchecked[id(model)] = (model, where)
@@ -131,6 +131,17 @@ def input_verdict(model: onnx.ModelProto) -> str | None:
     except ValueError as err:
         return str(err)
     return _checker_verdict(model)
+
+
+def _refusal(model: onnx.ModelProto, text_unchecked: bool, where: str, reason: str) -> ModelLoadError:
+    """The load's error, ``where: reason``, unless the text, when it was left unchecked, is not
+    UTF-8: a name read as bytes may be what failed, and the error says so first."""
+    if text_unchecked:
+        try:
+            _touch_text(model)
+        except UnicodeDecodeError as err:
+            reason = _not_utf8(err)
+    return ModelLoadError(f"{where}: {reason}")
 
 
 def _not_utf8(err: UnicodeDecodeError) -> str:
