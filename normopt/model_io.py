@@ -44,10 +44,11 @@ def load(path: str | os.PathLike, notes: list[str] | None = None,
          check_later: Callable[[onnx.ModelProto], bool] | None = None) -> onnx.ModelProto:
     """Read an ONNX model or raise ModelLoadError.
 
-    ``check_later(model)`` true: the initializers' check and the ONNX checker (the costly
-    whole-model checks) do not run here; the model is registered as unchecked, and whoever runs
-    it promises to check it (``input_verdict``, for example in a forked process beside its work)
-    and raise ``load_error`` before using the result.
+    ``check_later(model)`` true: the text check (every name valid UTF-8), the initializers'
+    check and the ONNX checker (the costly whole-model checks) do not run here; the model is
+    registered as unchecked, and whoever runs it promises to check it (``input_verdict``, for
+    example in a forked process beside its work) and raise ``load_error`` before using the
+    result.
 
     External data is not read: its tensors stay headers (name, type, dims, location) that
     passes and the writer resolve against the model's folder when they need the bytes. Files and
@@ -120,8 +121,8 @@ def mark_checked(model: onnx.ModelProto) -> None:
 
 
 def input_verdict(model: onnx.ModelProto) -> str | None:
-    """What ``load`` says against a model it left unchecked (one line: its initializers, then
-    the ONNX checker), None when both accept it."""
+    """What ``load`` says against a model it left unchecked (one line: its text, its
+    initializers, then the ONNX checker), None when all accept it."""
     try:
         _touch_text(model)
     except UnicodeDecodeError as err:
