@@ -93,10 +93,7 @@ class Weights:
         if location == MEMORY:
             return self.memory[offset], None, 0, 0
         path = os.path.join(self.base_dir, location)
-        length = int(info["length"]) if "length" in info else stored_bytes(tensor)
-        if length is None:   # no length and an element size not known here: the rest of the file
-            length = os.path.getsize(path) - offset
-        return None, path, offset, length
+        return None, path, offset, external_length(tensor, info, offset, lambda: os.path.getsize(path))
 
     def array(self, tensor: onnx.TensorProto) -> np.ndarray:
         """The values of ``tensor`` (inline, in memory, or in an external data file)."""
@@ -1077,6 +1074,17 @@ def stored_bytes(tensor: onnx.TensorProto) -> int | None:
         return (count * bits + 7) // 8
     size = itemsize(tensor.data_type)
     return None if size is None else count * size
+
+
+def external_length(tensor: onnx.TensorProto, info: dict[str, str], offset: int, file_size) -> int:
+    """Bytes of an external tensor's range: its ``length`` entry; without one (the entry is
+    optional), the tensor's own byte size, as onnxruntime reads it; for an element type whose
+    size is not known here, the rest of the file (``file_size()``). A ``length`` that is not a
+    number raises ValueError."""
+    if "length" in info:
+        return int(info["length"])
+    found = stored_bytes(tensor)
+    return file_size() - offset if found is None else found
 
 
 @functools.lru_cache(maxsize=None)

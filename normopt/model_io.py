@@ -581,9 +581,7 @@ def _check_range(t: onnx.TensorProto, base_dir: str, root: str, sizes: dict[str,
         sizes[path] = os.path.getsize(path)
     try:
         offset = int(info.get("offset", 0))
-        length = int(info["length"]) if "length" in info else ir.stored_bytes(t)
-        if length is None:   # an element size not known here: the rest of the file
-            length = sizes[path] - offset
+        length = ir.external_length(t, info, offset, lambda: sizes[path])
     except ValueError:
         raise ValueError(f"tensor '{t.name}': external data offset or length is not a number "
                          f"({info.get('offset')!r}, {info.get('length')!r})") from None

@@ -5,8 +5,8 @@ nodes, 10-13 s for 110,000. Its adapters act on one node at a time, though. So o
 each distinct node form (op, attributes with their values, input and output counts) of an op
 that changed between the two opsets is probed, all forms in one conversion of a graph holding
 one node of each (a call costs about 7 ms whatever its size). A form the converter leaves
-unchanged is only relabelled; each node of a form that changes (ReduceMean's axes attribute becoming an input,
-say) is spliced back from a conversion made once per form, attribute values and input types
+unchanged is only relabelled; each node of a form that changes (ReduceMean's axes attribute
+becoming an input, say) is spliced back from a conversion made once per form and input types
 (its tensors renamed to placeholders). Graphs with subgraphs or local functions, and any form
 whose one-node conversion fails or needs an input type that is not declared, go through the
 whole-graph converter. The result is verified like every rewrite.

@@ -65,7 +65,6 @@ def test_tolerance_follows_casts_and_initializers_on_the_path_only():
                                                                   "x": "float32"}
 
 
-
 @pytest.mark.parametrize("through", ["shape", "bool cast", "comparison"])
 def test_tolerance_ignores_a_float16_tensor_read_only_where_no_float_comes_out(through):
     """A float16 tensor whose values reach the output only through an op with no float output

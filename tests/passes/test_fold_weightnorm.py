@@ -231,7 +231,6 @@ def test_fold_weightnorm_norm_of_a_constant_used_otherwise_is_skipped_with_reaso
     assert_equivalent(model, out)
 
 
-
 @pytest.mark.parametrize("cancelled, c_shape, zero", [("c", (2, 1, 1), False), ("c", (1, 3), True),
                                                        ("c", (4, 1), False), ("v", (4, 1), False)])
 def test_fold_weightnorm_a_factor_multiplied_in_and_divided_out_is_left_alone(rng, c_shape, zero, cancelled):
