@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import onnx
@@ -748,3 +750,14 @@ def _tensor_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
         inferred = model
     g = inferred.graph
     return {vi.name: vi.type for vi in list(g.value_info) + list(g.output) + list(g.input)}
+
+
+class _CallableModule(ModuleType):
+    """This module, callable: ``normopt.verify(a, b)`` is ``normopt.api.verify(a, b)``."""
+
+    def __call__(self, reference, candidate, **kwargs) -> VerifyReport:
+        from normopt import api
+        return api.verify(reference, candidate, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -93,3 +93,27 @@ def test_optimize_sorted_model_in_memory_has_no_note_and_a_cycle_is_refused(rng)
     with pytest.raises(ModelLoadError, match="form a cycle"):
         normopt.optimize(model, verify=False)
     assert model.SerializeToString() == before
+
+
+def test_package_names_load_on_first_use_and_the_command_limits_blas_threads():
+    # ``import normopt`` alone loads neither numpy nor onnx: the command sets OPENBLAS_NUM_THREADS
+    # before numpy starts its thread pool, and a library caller's process keeps its own.
+    import subprocess
+    import sys
+
+    def run(code: str, **env) -> str:
+        import os
+        environ = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"} | env
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, check=True)
+        return done.stdout.strip()
+
+    assert run("import sys, normopt; print(sorted(m for m in ('numpy', 'onnx') if m in sys.modules))") == "[]"
+    assert run("import normopt, os; normopt.FoldOptions; print(os.environ.get('OPENBLAS_NUM_THREADS'))") == "None"
+    probe = ("import os, normopt.cli as c, normopt.__main__ as m\n"
+             "c.entry = lambda: print(os.environ['OPENBLAS_NUM_THREADS'])\n"
+             "m.main()")
+    assert run(probe) == "1"
+    assert run(probe, OPENBLAS_NUM_THREADS="3") == "3"   # the caller's choice stands
+    names = run("import normopt; print(' '.join(n for n in normopt.__all__ if getattr(normopt, n, None) is None))")
+    assert names == ""
+    assert run("import normopt; print(callable(normopt.verify), normopt.verify.compare is normopt.compare)") == "True True"
