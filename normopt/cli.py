@@ -26,9 +26,7 @@ from normopt.errors import (ModelSaveError, NormoptError, NotFoldedError, Provid
 from normopt.fold import FoldOptions, optimize
 from normopt.inputs import parse_ranges, parse_shapes
 from normopt.providers import flush_streams
-from normopt.sites import inspect_model, sites_from_records
 from normopt.targets import TARGETS
-from normopt.verify import Loaded, compare
 
 EXIT_CODES = ("Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 requested provider unavailable, "
               "4 fold --check: rewrites left to apply, 130 interrupted (no partial output left).")
@@ -310,7 +308,10 @@ def _fold_staged(model, source, out_path: Path, s: FoldSettings, stage: Path | N
                     result.pipeline.notes.extend(_drop_old_data(out_path, old_data))
             else:
                 result.save(out_path, external_data=s.options.external_data)  # the input's layout unless forced
-    pending = sites_from_records(source, result.rewritten.model, result.pipeline).pending if s.check else []
+    pending = []
+    if s.check:
+        from normopt.sites import sites_from_records
+        pending = sites_from_records(source, result.rewritten.model, result.pipeline).pending
     status = "ok" if verified else "verification_failed"
     if verified and pending:
         status = "not_folded"
@@ -548,6 +549,8 @@ def inspect_cmd(ctx, model, fmt, pass_list, skip_list, target, no_opset_upgrade,
     names = registry.resolve(_split(pass_list), _split(skip_list))
     with progress.step(f"loading {model}"):
         source = model_io.load(model)
+    from normopt.sites import inspect_model
+
     found = inspect_model(source, names, not no_opset_upgrade, target, base_dir=str(Path(model).resolve().parent))
     if fmt == "json":
         _echo(report.to_json(report.inspect_document(model=model, inspection=found, target=target,
@@ -572,6 +575,8 @@ def verify(ctx, reference, candidate, provider, seed, trials, input_shapes, inpu
     progress.enable(sys.stderr.isatty() and not quiet)
     started = time.perf_counter()
     _check_report_path(report_path)
+    from normopt.verify import Loaded, compare
+
     # Read once, with clear errors for unreadable files; onnxruntime loads the files themselves.
     result = compare(*(Loaded(p, model_io.load(p)) for p in (reference, candidate)), provider=provider, seed=seed, trials=trials,
                      input_shapes=parse_shapes(input_shapes), input_ranges=parse_ranges(input_ranges),

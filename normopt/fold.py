@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -19,9 +20,11 @@ import onnx
 from normopt import graph as G, ir, model_io, pipeline
 from normopt.errors import UsageError, VerificationError
 from normopt.records import PassRecord, PipelineResult, Rewrite
-from normopt.providers import ProviderChoice, select_provider
 from normopt.targets import veto_for
-from normopt.verify import Loaded, Reference, VerifyReport, compare, reference_outputs, uncompared
+
+if TYPE_CHECKING:  # pragma: no cover - verification's modules load only when it runs
+    from normopt.providers import ProviderChoice
+    from normopt.verify import Reference, VerifyReport
 
 MAX_ROLLBACK_ROUNDS = 6
 
@@ -102,14 +105,19 @@ def optimize(model: onnx.ModelProto, options: FoldOptions | None = None,
     inputs; otherwise a result whose ``verified`` is False tells the caller not to trust it.
     """
     options = options or FoldOptions()
-    choice = select_provider(options.provider) if options.verify else None
+    choice = reference = None
     base_dir = str(Path(source).resolve().parent) if source is not None else None
     external_in = model_io.has_external_data(model)
-    # onnxruntime loads the source file (faster than serializing the model, external data
-    # included); everything else reads the model already in memory.
-    reference = Loaded(source, model, ir.Weights(base_dir)) if source is not None else model
-    # The original runs once per set of compared tensors; every round compares against that.
-    reference = _References(reference, options, choice)
+    if options.verify:   # verification's modules load only when it runs
+        from normopt.providers import select_provider
+        from normopt.verify import Loaded, uncompared
+
+        choice = select_provider(options.provider)
+        # onnxruntime loads the source file (faster than serializing the model, external data
+        # included); everything else reads the model already in memory.
+        reference = Loaded(source, model, ir.Weights(base_dir)) if source is not None else model
+        # The original runs once per set of compared tensors; every round compares against that.
+        reference = _References(reference, options, choice)
     exclude: dict[str, str] = {}
     rollbacks: list[Rollback] = []
 
@@ -207,6 +215,8 @@ class _References:
     def outputs(self, extra=None) -> Reference:
         key = tuple(extra or ())
         if key not in self._runs:
+            from normopt.verify import reference_outputs
+
             o = self.options
             self._runs[key] = reference_outputs(self.model, choice=self.choice, seed=o.seed, trials=o.trials,
                                                 input_shapes=o.input_shapes, input_ranges=o.input_ranges,
@@ -218,6 +228,8 @@ def _require_deterministic(reference: _References, options: FoldOptions, choice:
                            found: FoldResult) -> None:
     """A model whose outputs differ between two runs on the same inputs (Dropout left in
     training mode, random ops) cannot be verified: no rewrite is to blame."""
+    from normopt.verify import compare
+
     selfcheck = compare(reference.model, reference.model, seed=options.seed, trials=options.trials,
                         input_shapes=options.input_shapes, input_ranges=options.input_ranges,
                         inputs_file=options.inputs_file, atol=options.atol, rtol=options.rtol, choice=choice,
@@ -233,6 +245,8 @@ def _require_deterministic(reference: _References, options: FoldOptions, choice:
 
 
 def _verify(reference: _References, out, options: FoldOptions, choice: ProviderChoice, extra=None) -> VerifyReport:
+    from normopt.verify import compare
+
     return compare(reference.model, out, seed=options.seed, trials=options.trials, input_shapes=options.input_shapes,
                    input_ranges=options.input_ranges, inputs_file=options.inputs_file, atol=options.atol,
                    rtol=options.rtol, extra_outputs=extra, choice=choice, reference=reference.outputs(extra))
@@ -334,6 +348,13 @@ def _unexercised(reference: _References, model: onnx.ModelProto, result: Pipelin
     return idle
 
 
+def _proto(model) -> onnx.ModelProto:
+    """The ModelProto of a model or of a ``verify.Loaded``."""
+    from normopt.verify import Loaded
+
+    return model.model if isinstance(model, Loaded) else model
+
+
 def _in_subgraphs(result: PipelineResult) -> list[Rewrite]:
     """The rewrites inside an If branch or Loop body (not a model-local function)."""
     return [r for r in result.applied if r.graph and not ir.is_function_path(r.graph)]
@@ -342,7 +363,7 @@ def _in_subgraphs(result: PipelineResult) -> list[Rewrite]:
 def _holders(model) -> list[tuple[str, onnx.NodeProto, str, str]]:
     """(path prefix as the passes name subgraphs (ir.iter_graphs), node, its label, attribute)
     for each graph attribute of the main graph's If and Loop nodes."""
-    model = model.model if isinstance(model, Loaded) else model
+    model = _proto(model)
     holders = []
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("If", "Loop"):
@@ -364,7 +385,7 @@ def _call_outputs(model, labels: set[str]) -> dict[str, str]:
     """Output name -> function label for each main-graph call of the functions named."""
     if not labels:
         return {}
-    model = model.model if isinstance(model, Loaded) else model
+    model = _proto(model)
     found = {}
     for node in model.graph.node:
         label = ir.function_label(node.domain, node.op_type, node.overload)
@@ -376,7 +397,7 @@ def _call_outputs(model, labels: set[str]) -> dict[str, str]:
 def _downstream(model: onnx.ModelProto, starts: set[str]) -> set[str]:
     """Tensors computed (transitively) from any of ``starts``, excluding the starts themselves."""
     users: dict[str, list[onnx.NodeProto]] = {}
-    model = model.model if isinstance(model, Loaded) else model
+    model = _proto(model)
     for node in model.graph.node:
         for name in node.input:
             users.setdefault(name, []).append(node)
@@ -394,7 +415,7 @@ def _downstream(model: onnx.ModelProto, starts: set[str]) -> set[str]:
 
 def _upstream(model, ends: set[str]) -> set[str]:
     """``ends`` and the main-graph tensors they are computed from (transitively)."""
-    model = model.model if isinstance(model, Loaded) else model
+    model = _proto(model)
     producer = {o: node for node in model.graph.node for o in node.output if o}
     seen: set[str] = set()
     stack = list(ends)

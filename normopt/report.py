@@ -13,12 +13,15 @@ import math
 import re
 import sys
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import click
 
 from normopt import __version__
 from normopt.records import PipelineResult
-from normopt.verify import VerifyReport
+
+if TYPE_CHECKING:  # pragma: no cover - verification's module loads only when it runs
+    from normopt.verify import VerifyReport
 
 SCHEMA_VERSION = 1
 MAX_SKIPS_INLINE = 3
