@@ -12,11 +12,14 @@ from normopt import ir
 CONSTANT = "Constant"
 
 
+NODE_DEFAULT_DOMAINS = (None, "", "ai.onnx")   # a node's domain as graphsurgeon holds it
+
+
 def in_default_domain(node: gs.Node) -> bool:
     """A standard op the passes may read as such: of the default domain, and not a binary op
     of opset 6 or below broadcasting from an ``axis`` attribute (marked at import: each pass
     reads Add, Mul, ... as numpy broadcasting, from the last axis)."""
-    return node.domain in (None, "", "ai.onnx") and ir.LEGACY_AXIS not in node.__dict__
+    return node.domain in NODE_DEFAULT_DOMAINS and ir.LEGACY_AXIS not in node.__dict__
 
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:

@@ -22,12 +22,12 @@ pattern's size, so a pass that tries every node stays linear in graph size.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from normopt import graph as G, tensors as T
+from normopt import graph as G, ir, tensors as T
 
 COMMUTATIVE = frozenset({"Add", "Mul"})
 
@@ -64,6 +64,10 @@ class Op(Pattern):
 
     def accepts(self, node: gs.Node) -> bool:
         return node.op in self._types and G.in_default_domain(node)
+
+
+# graph.in_default_domain, inline in ``_match_op``
+_DEFAULT_DOMAINS, _LEGACY_AXIS = G.NODE_DEFAULT_DOMAINS, ir.LEGACY_AXIS
 
 
 @dataclass(frozen=True, eq=False)
@@ -151,16 +155,17 @@ def match(pattern: Pattern, tensor: gs.Tensor, graph: gs.Graph, const=None) -> M
     ``const``: tensor -> value fixed at export time, or None (default ``tensors.const_value``); a
     pass's ``Context.const`` also evaluates what statically known shapes and ranks determine."""
     const = const or (lambda t: T.const_value(t, graph))
-    for state in _match(pattern, tensor, graph, _State({}, {}, {}, (), const)):
-        seen: set[int] = set()
-        matched = []
-        for node in state.order:  # in match order, each node once (a named Op may recur)
-            if id(node) not in seen:
-                seen.add(id(node))
-                matched.append(node)
-        return Match(output=tensor, nodes=dict(state.nodes), tensors=dict(state.tensors),
-                     values=dict(state.values), matched=matched)
-    return None
+    state = _match(pattern, tensor, _State({}, {}, {}, (), const), _accept)
+    if state is None:
+        return None
+    seen: set[int] = set()
+    matched = []
+    for node in state.order:  # in match order, each node once (a named Op may recur)
+        if id(node) not in seen:
+            seen.add(id(node))
+            matched.append(node)
+    return Match(output=tensor, nodes=dict(state.nodes), tensors=dict(state.tensors),
+                 values=dict(state.values), matched=matched)
 
 
 def plausible(pattern: Pattern, tensor: gs.Tensor, depth: int = 2) -> bool:
@@ -209,64 +214,77 @@ class _State:
         self.nodes, self.tensors, self.values, self.order, self.const = nodes, tensors, values, order, const
 
 
-def _match(p: Pattern, t: gs.Tensor, graph: gs.Graph, st: _State) -> Iterator[_State]:
-    if isinstance(p, Op):
-        yield from _match_op(p, t, graph, st)
-    elif isinstance(p, AnyOf):
+# The walk is written with continuations: ``_match(p, t, st, k)`` tries each way ``p`` explains
+# ``t`` given the bindings ``st``, in order, and calls ``k`` with the bindings each one makes;
+# the first result of ``k`` that is not None is the answer (None: try the next way). The first
+# complete match is found without a generator per pattern element.
+
+def _accept(st: _State) -> _State:
+    return st
+
+
+def _match(p: Pattern, t: gs.Tensor, st: _State, k) -> _State | None:
+    cls = p.__class__
+    if cls is Op:
+        return _match_op(p, t, st, k)
+    if cls is AnyOf:
         op = t.inputs[0].op if t.inputs else None
         roots = p._roots
         if roots is not None and op not in roots:
-            return
+            return None
         for alt in p.alternatives:
             first = alt._first
             if first is None or op in first:  # an alternative that cannot start here is skipped
-                if alt.__class__ is Op:
-                    yield from _match_op(alt, t, graph, st)
-                else:
-                    yield from _match(alt, t, graph, st)
-    elif isinstance(p, Var):
+                found = _match_op(alt, t, st, k) if alt.__class__ is Op else _match(alt, t, st, k)
+                if found is not None:
+                    return found
+        return None
+    if cls is Var:
         bound = st.tensors.get(p.name)
         if bound is None:
-            yield _State(st.nodes, {**st.tensors, p.name: t}, st.values, st.order, st.const)
-        elif bound is t:
-            yield st
-    elif isinstance(p, Const):
+            return k(_State(st.nodes, {**st.tensors, p.name: t}, st.values, st.order, st.const))
+        return k(st) if bound is t else None
+    if cls is Const:
         if p.name and p.name in st.tensors and st.tensors[p.name] is not t:
-            return
+            return None
         value = st.const(t)
         if value is None:
-            return
+            return None
         if not p.name:
             # A Constant node is not part of the match: other users may share it, and cleanup
             # drops it once nothing uses it.
-            yield st
-            return
-        yield _State(st.nodes, {**st.tensors, p.name: t}, {**st.values, p.name: value}, st.order, st.const)
-    else:  # pragma: no cover - a programming error in a pass
-        raise TypeError(f"not a pattern element: {p!r}")
+            return k(st)
+        return k(_State(st.nodes, {**st.tensors, p.name: t}, {**st.values, p.name: value}, st.order, st.const))
+    raise TypeError(f"not a pattern element: {p!r}")  # pragma: no cover - a programming error in a pass
 
 
-def _match_op(p: Op, t: gs.Tensor, graph: gs.Graph, st: _State) -> Iterator[_State]:
-    node = G.producer(t)
-    if node is None or not p.accepts(node) or not node.outputs or node.outputs[0] is not t:
-        return
+def _match_op(p: Op, t: gs.Tensor, st: _State, k) -> _State | None:
+    made = t.inputs
+    if not made:
+        return None
+    node = made[0]   # (``Op.accepts`` and ``graph.producer``, inline: this runs for every element tried)
+    if node.op not in p._types or node.domain not in _DEFAULT_DOMAINS or _LEGACY_AXIS in node.__dict__:
+        return None
+    outputs, inputs = node.outputs, node.inputs
+    if not outputs or outputs[0] is not t or len(inputs) < len(p.inputs):
+        return None
     if p.name:
         bound = st.nodes.get(p.name)
         if bound is not None and bound is not node:
-            return
-    if len(node.inputs) < len(p.inputs):
-        return
-    inputs = node.inputs
+            return None
     straight = _producers_fit(p.inputs, inputs)
     swapped = node.op in COMMUTATIVE and len(p.inputs) == 2 and _producers_fit(p._swapped, inputs)
     if not straight and not swapped:
-        return
+        return None
     nodes = {**st.nodes, p.name: node} if p.name else st.nodes
     st = _State(nodes, st.tensors, st.values, st.order + (node,), st.const)
     if straight:
-        yield from _match_inputs(p.inputs, inputs, 0, graph, st)
+        found = _match_inputs(p.inputs, inputs, 0, st, k)
+        if found is not None:
+            return found
     if swapped:
-        yield from _match_inputs(p._swapped, inputs, 0, graph, st)
+        return _match_inputs(p._swapped, inputs, 0, st, k)
+    return None
 
 
 def _producers_fit(pats, tensors) -> bool:
@@ -281,15 +299,10 @@ def _producers_fit(pats, tensors) -> bool:
     return True
 
 
-def _match_inputs(pats, tensors, i: int, graph, st: _State) -> Iterator[_State]:
+def _match_inputs(pats, tensors, i: int, st: _State, k) -> _State | None:
     left = len(pats) - i
     if left == 0:
-        yield st
-    elif left == 1:
-        yield from _match(pats[i], tensors[i], graph, st)
-    elif left == 2:  # the common case (binary ops), without a generator per input
-        for st2 in _match(pats[i], tensors[i], graph, st):
-            yield from _match(pats[i + 1], tensors[i + 1], graph, st2)
-    else:
-        for st2 in _match(pats[i], tensors[i], graph, st):
-            yield from _match_inputs(pats, tensors, i + 1, graph, st2)
+        return k(st)
+    if left == 1:
+        return _match(pats[i], tensors[i], st, k)
+    return _match(pats[i], tensors[i], st, lambda st2: _match_inputs(pats, tensors, i + 1, st2, k))
