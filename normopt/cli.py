@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from normopt import model_io, pipeline, progress, registry, report
+from normopt import model_io, pipeline, progress, registry, report, signals
 from normopt.errors import (ModelSaveError, NormoptError, NotFoldedError, ProviderUnavailableError, ReportPathError,
                             UsageError, VerificationError)
 from normopt.fold import FoldOptions, optimize
@@ -38,6 +38,7 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         import numpy as np
 
+        signals.received = False   # (a signal before this point raised where it came)
         try:
             # Non-finite values are the passes' to judge (a negative variance is a reason to
             # skip): numpy's own warnings about them would be lines on stderr besides ours.
@@ -46,13 +47,20 @@ class _Group(click.Group):
         except NormoptError as err:
             _fail(ctx, str(err), err.exit_code)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: temporary files are already removed
-            _fail(ctx, "interrupted (no partial output is left)", 130)
+            _fail(ctx, signals.MESSAGE, 130)
         except click.UsageError as err:  # a bad flag or value: one line too, not click's usage block
             where = err.ctx.command_path if err.ctx is not None else ctx.command_path
             _fail(ctx, f"{err.format_message().rstrip('.')} (see '{where} --help')", err.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except OSError as err:   # the file system refused a name or a file (too long, say): one line too
+            if signals.received:
+                _fail(ctx, signals.MESSAGE, 130)
+            where = f" '{os.fsdecode(err.filename)}'" if err.filename else ""
+            _fail(ctx, f"cannot use{where}: {err.strerror or err}", 2)
         except Exception as err:  # a bug: still one line unless -v
+            if signals.received:   # raised by an interrupt (an import cut short, say): not a bug
+                _fail(ctx, signals.MESSAGE, 130)
             _fail(ctx, f"internal error: {type(err).__name__}: {err} (run with -v for the traceback)", 2)
 
 
@@ -71,14 +79,26 @@ def cli():
     then prove the result equivalent with onnxruntime."""
 
 
+# Every set of inputs and their outputs is kept for the comparison: a bound, not "as many as asked".
+MAX_TRIALS = 100
+
+
+def _a_path(ctx, param, value):
+    """An option's path: an empty one is a usage error (it would mean the current folder)."""
+    if value is not None and not str(value).strip():
+        raise click.BadParameter("the path is empty")
+    return value
+
+
 def _verify_options(fn):
     options = [
         click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
                      help="onnxruntime provider for verification; auto = CUDA when really usable, else CPU."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs."),
-        click.option("--trials", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Number of normal random input sets (seed, seed+1, ...); one offset (mean 1000) and one "
-                          "degenerate (zero and constant rows) set run besides."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Seed of the random inputs (0 or more)."),
+        click.option("--trials", type=click.IntRange(min=1, max=MAX_TRIALS), default=1, show_default=True,
+                     help=f"Number of normal random input sets (seed, seed+1, ...; at most {MAX_TRIALS}); one offset "
+                          "(mean 1000) and one degenerate (zero and constant rows) set run besides."),
         click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DxD...",
                      help="Shape for an input with dynamic dims (default: 2 for the first axis, 8 for others; a batch of 1, then 32, 224 and 1, if the model cannot run at that)."),
         click.option("--input-range", "input_ranges", multiple=True, metavar="NAME:LOW:HIGH",
@@ -87,7 +107,7 @@ def _verify_options(fn):
                      help="Real inputs: an .npz file with one array per input name."),
         click.option("--atol", type=float, default=None, help="Absolute tolerance (default per dtype: fp32 1e-5, fp16 1e-2, raised with the output's magnitude and the original's sensitivity to input rounding)."),
         click.option("--rtol", type=float, default=None, help="Relative tolerance (default per dtype: fp32 1e-4, fp16 1e-2)."),
-        click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+        click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, callback=_a_path,
                      help="Write a JSON report to this file."),
         click.option("-v", "--verbose", is_flag=True, help="List every rewrite and skip; tracebacks on errors."),
         click.option("-q", "--quiet", is_flag=True, help="Print errors only."),
@@ -99,7 +119,7 @@ def _verify_options(fn):
 
 @cli.command(epilog=EXIT_CODES)
 @click.argument("models", nargs=-1, required=True, type=click.Path(), metavar="MODEL...")
-@click.option("-o", "--output", type=click.Path(), default=None,
+@click.option("-o", "--output", type=click.Path(), default=None, callback=_a_path,
               help="Output path (default: <stem>.normopt.onnx beside MODEL); with several models or a folder, "
                    "an output folder (created if missing).")
 @click.option("--passes", "pass_list", default=None, metavar="A,B", help="Run only these passes (see 'normopt passes').")
@@ -137,6 +157,45 @@ def fold(ctx, models, output, pass_list, skip_list, target, in_place, dry_run, c
     ctx.meta["normopt.verbose"] = verbose
     progress.enable(sys.stderr.isatty() and not quiet)
     _terminate_as_interrupt()
+    started = time.perf_counter()
+    try:
+        outcome = _fold_command(models, output, pass_list, skip_list, target, in_place, dry_run, check, jobs,
+                                no_verify, force, strict, no_opset_upgrade, external_data, provider, seed, trials,
+                                input_shapes, input_ranges, inputs_file, atol, rtol, report_path, verbose, quiet)
+    except (Exception, KeyboardInterrupt) as err:
+        # The report says so too: a report left from an earlier run must not read "ok", whatever
+        # stopped this one (a bad flag value, a bad model, an interrupt).
+        if report_path and not isinstance(err, ReportPathError):
+            if isinstance(err, KeyboardInterrupt):
+                code, message = 130, signals.MESSAGE
+            elif isinstance(err, NormoptError):
+                code, message = err.exit_code, str(err)
+            else:
+                code, message = 2, f"internal error: {type(err).__name__}: {err}"
+            try:
+                _write_json(report_path, report.error_document(models[0] if len(models) == 1 else ", ".join(models),
+                                                              code, one_line(message), time.perf_counter() - started))
+            except (UsageError, KeyboardInterrupt):
+                pass   # the error itself is what the user needs to see
+        raise
+    if outcome is None or isinstance(outcome, NormoptError):   # a batch: its report and lines are out
+        if outcome is not None:
+            raise outcome
+        return
+    if report_path and outcome.report is not None:
+        _write_json(report_path, outcome.report)
+    if not quiet:
+        for line in outcome.lines:
+            _echo(line)
+    if outcome.exit_code:
+        raise _error(outcome.exit_code, outcome.error)
+
+
+def _fold_command(models, output, pass_list, skip_list, target, in_place, dry_run, check, jobs, no_verify, force,
+                  strict, no_opset_upgrade, external_data, provider, seed, trials, input_shapes, input_ranges,
+                  inputs_file, atol, rtol, report_path, verbose, quiet) -> FileOutcome | NormoptError | None:
+    """``fold``'s work: one model's outcome; after a batch (which reports for itself), the error
+    its failed models earn, if any."""
     if in_place and output is not None:
         raise UsageError("--in-place writes over each MODEL: it takes no -o")
     if in_place and (no_verify or force):
@@ -151,29 +210,8 @@ def fold(ctx, models, output, pass_list, skip_list, target, in_place, dry_run, c
                             check=check, verbose=verbose, in_place=in_place, report_path=report_path)
     _check_report_path(report_path)
     if len(models) > 1 or Path(models[0]).is_dir():
-        _fold_batch(models, output, settings, jobs, report_path, quiet)
-        return
-    started = time.perf_counter()
-    try:
-        outcome = fold_file(models[0], output, settings)
-    except Exception as err:
-        # The report says so too: a report left from an earlier run must not read "ok".
-        if report_path and not isinstance(err, ReportPathError):
-            code = err.exit_code if isinstance(err, NormoptError) else 2
-            message = str(err) if isinstance(err, NormoptError) else f"internal error: {type(err).__name__}: {err}"
-            try:
-                _write_json(report_path, report.error_document(models[0], code, one_line(message),
-                                                              time.perf_counter() - started))
-            except UsageError:
-                pass   # the error itself is what the user needs to see
-        raise
-    if report_path and outcome.report is not None:
-        _write_json(report_path, outcome.report)
-    if not quiet:
-        for line in outcome.lines:
-            _echo(line)
-    if outcome.exit_code:
-        raise _error(outcome.exit_code, outcome.error)
+        return _fold_batch(models, output, settings, jobs, report_path, quiet)
+    return fold_file(models[0], output, settings)
 
 
 @dataclass
@@ -266,7 +304,17 @@ def _check_writes(model: str, source, out_path: Path, s: FoldSettings) -> None:
     inputs.update((path, f"a data file of the input ('{os.path.relpath(path, here)}')")
                   for path in model_io.external_files(source, here))
     writes = [] if s.dry_run else [out_path] if s.in_place else [out_path, out_path.with_name(out_path.name + ".data")]
+    if s.options.verify:   # onnxruntime opens the input, and the candidate under the output's name
+        for path, what in ((model, "the input"), (out_path, "the output")):
+            if not model_io.utf8_path(path):
+                shown = os.fspath(path).encode("utf-8", "backslashreplace").decode()
+                raise UsageError(f"onnxruntime cannot open '{shown}' ({what}): the file name is not valid UTF-8; "
+                                 "rename it, or fold with --no-verify")
     for path in writes:
+        if model_io.special_file(path):   # the rename would put a regular file in its place
+            what = "the output" if path == out_path else "the output's data file"
+            raise UsageError(f"cannot write '{path}' ({what}): it is not a regular file (a device, FIFO or "
+                             "socket); choose another -o")
         real = os.path.realpath(path)
         if real in inputs and not (s.in_place and real == os.path.realpath(model)):
             what = "the output" if path == out_path else "the output's data file"
@@ -367,7 +415,7 @@ def _error(code: int, message: str) -> NormoptError:
 
 # ----------------------------------------------------------------------------- batch
 
-def _fold_batch(models, output, settings: FoldSettings, jobs: int, report_path, quiet: bool) -> None:
+def _fold_batch(models, output, settings: FoldSettings, jobs: int, report_path, quiet: bool) -> NormoptError | None:
     started = time.perf_counter()
     files = _expand(models)
     outputs = _batch_outputs(files, output, settings.dry_run)
@@ -409,8 +457,9 @@ def _fold_batch(models, output, settings: FoldSettings, jobs: int, report_path, 
                    f"{seconds:.1f} s")
     if failed:
         first = failed[0]
-        raise _error(first.exit_code, f"{len(failed)} of {len(outcomes)} model(s) failed (first: {first.input}: "
-                                      f"{first.error})")
+        return _error(first.exit_code, f"{len(failed)} of {len(outcomes)} model(s) failed (first: {first.input}: "
+                                       f"{first.error})")
+    return None
 
 
 _stopped = False   # a worker process told to stop (-j): the models still queued to it are not started
@@ -435,7 +484,7 @@ def _stop_in_worker() -> None:
         if _stopped:   # Ctrl-C reaches a worker twice (from the terminal, then from the command):
             return     # the second must not cut short the cleanup the first started
         _stopped = True
-        raise _Terminated()
+        raise signals.Terminated()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
@@ -654,25 +703,17 @@ def _stage_dir(out_path: Path) -> Path:
 
 def _commit_staged(staged: Path, out_path: Path) -> None:
     """Rename the verified candidate's data file (named after the staged model file, as the model
-    refers to it), then the candidate itself, into place: the model's rename is the switch.
-    When the switch fails, a data file that did not exist before is removed again."""
+    refers to it), then the candidate itself, into place (``model_io.switch_into_place``): when
+    the switch fails or is interrupted, the model already there keeps its own data file."""
     data = staged.with_name(staged.name + ".data")
-    target = out_path.with_name(data.name)
-    placed = None
     try:
         if out_path.exists():   # a file replaced keeps its permissions (a 0640 model stays 0640)
             mode = stat.S_IMODE(out_path.stat().st_mode)
             for path in (staged, data):
                 if path.exists():
                     os.chmod(path, mode)
-        if data.exists():
-            fresh = not target.exists()
-            os.replace(data, target)
-            placed = target if fresh else None
-        os.replace(staged, out_path)
+        model_io.switch_into_place(staged, out_path, (data, out_path.with_name(data.name)) if data.exists() else None)
     except OSError as err:
-        if placed is not None:
-            placed.unlink(missing_ok=True)
         raise ModelSaveError(f"cannot write '{out_path}': {err.strerror or err}") from err
 
 
@@ -713,21 +754,13 @@ def _in_place_name(out_path: Path) -> str:
     return name
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that every ``finally`` removes its temporary files."""
-
-
 def _terminate_as_interrupt() -> None:
-    import signal
+    """SIGTERM raised like Ctrl-C, so that every ``finally`` removes its temporary files (the
+    command has this from its start; a caller of ``main`` gets it here)."""
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def handler(signum, frame):
-        raise _Terminated()
-
-    signal.signal(signal.SIGTERM, handler)
+    if threading.current_thread() is threading.main_thread():
+        signals.install(sigint=False)
 
 
 def _check_report_path(path: str | None) -> None:
@@ -755,10 +788,13 @@ def _replaceable_report(path: str) -> None:
         return
     if p.is_dir():
         raise ReportPathError(f"cannot write report '{path}': it is a folder")
+    if not p.is_file():   # a device, a FIFO (opening one to read it would wait for a writer), a socket
+        raise ReportPathError(f"cannot write report '{path}': it is not a regular file")
     try:
         with open(p, "rb") as f:
             head = f.read(1 << 16)
-        ours = head.lstrip().startswith(b"{") and b'"schema_version"' in head and p.stat().st_size < (1 << 30)
+        ours = head.lstrip().startswith(b"{") and b'"schema_version"' in head and b'"normopt_version"' in head \
+            and p.stat().st_size < (1 << 30)
     except OSError as err:
         raise ReportPathError(f"cannot write report '{path}': {err.strerror or err}") from err
     if not ours:
@@ -809,11 +845,16 @@ def entry() -> None:  # pragma: no cover - exercised as a subprocess by the test
         code = 0
     except SystemExit as done:
         code = done.code
+    except KeyboardInterrupt:   # (click turns one into its own exit 1, below)
+        print(f"error: {signals.MESSAGE}", file=sys.stderr)
+        code = 130
     if code is None:
         code = 0
     elif not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
+    if code and signals.received:   # stopped by a signal, whatever it cut short
+        code = 130
     flush_streams()   # a closed pipe: nothing more can be said there
     os._exit(code)
 

@@ -79,8 +79,8 @@ def parse_ranges(items: list[str] | tuple[str, ...]) -> dict[str, tuple[float, f
             name, low, high = parts[0], float(parts[1]), float(parts[2])
         except (IndexError, ValueError):
             name, low, high = "", 0.0, 0.0
-        if not name or high <= low:
-            raise UsageError(f"bad --input-range '{item}'; expected NAME:LOW:HIGH with LOW < HIGH, e.g. input_ids:0:30522")
+        if not name or not math.isfinite(low) or not math.isfinite(high) or high <= low:
+            raise UsageError(f"bad --input-range '{item}'; expected NAME:LOW:HIGH with finite LOW < HIGH, e.g. input_ids:0:30522")
         ranges[name] = (low, high)
     return ranges
 

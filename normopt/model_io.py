@@ -5,11 +5,13 @@ file in the destination folder and renamed into place, so a failure leaves nothi
 """
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 import mmap
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from dataclasses import dataclass
@@ -64,6 +66,8 @@ def load(path: str | os.PathLike, notes: list[str] | None = None,
         raise ModelLoadError(f"{where}: no such file")
     if p.is_dir():
         raise ModelLoadError(f"{where}: is a directory, expected an .onnx file")
+    if special_file(p):
+        raise ModelLoadError(f"{where}: not a regular file (a device, FIFO or socket), expected an .onnx file")
     if p.stat().st_size == 0:
         raise ModelLoadError(f"{where}: file is empty")
     try:
@@ -706,6 +710,89 @@ def as_skeleton(model) -> Skeleton:
     return model if isinstance(model, Skeleton) else Skeleton(model, ir.Weights())
 
 
+def utf8_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is valid UTF-8 (onnxruntime opens no other); a name's undecodable bytes
+    are held as surrogates in a str (``os.fsdecode``)."""
+    name = os.fspath(path)
+    try:
+        if isinstance(name, bytes):
+            name.decode("utf-8")
+        else:
+            name.encode("utf-8")
+    except UnicodeError:
+        return False
+    return True
+
+
+def special_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (links followed) is a device, FIFO or socket: a file renamed over it would
+    take its place (a model written to /dev/null would replace the device)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait until the block is left, then act as they would have (a switch
+    of two renames is not stopped between them). Python runs signal handlers in the main thread
+    whichever thread the OS hands a signal to, so the handlers are swapped there for one that
+    only notes the signal; elsewhere nothing is held."""
+    import signal
+    import threading
+
+    caught: list[int] = []
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+            except (OSError, ValueError):
+                pass
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if caught:
+            handler = old.get(caught[0])
+            if callable(handler):
+                handler(caught[0], None)   # Python's own (KeyboardInterrupt) or the caller's
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), caught[0])
+
+
+def switch_into_place(model_src: Path, dest: Path, data: tuple[Path, Path] | None = None) -> None:
+    """Rename a written model to ``dest``, and its data file first (``data``: written file, its
+    place), as one switch: the model's rename is the switch. An old data file in that place is
+    moved aside (into ``model_src``'s folder, which the caller removes) rather than overwritten;
+    when anything stops the switch before the model's rename (an error, an interrupt), it is put
+    back and a new one removed, so the model already there keeps its own data. SIGINT and
+    SIGTERM wait until the switch is done. Raises what the renames raise."""
+    with _signals_held():
+        moved = placed = None
+        try:
+            if data is not None:
+                src, target = data
+                if os.path.islink(target) or os.path.isfile(target):   # (a folder there fails the rename)
+                    moved = model_src.with_name(f".replaced-{target.name}")
+                    os.replace(target, moved)
+                os.replace(src, target)
+                placed = target
+            os.replace(model_src, dest)
+        except BaseException:
+            try:
+                if placed is not None:
+                    os.unlink(placed)
+                if moved is not None:
+                    os.replace(moved, data[1])
+            except OSError:
+                pass
+            raise
+
+
 def save(model: onnx.ModelProto | Skeleton, path: str | os.PathLike, external_data: bool | None = None,
          ) -> list[Path]:
     """Write ``model`` atomically to ``path``; returns the files written.
@@ -720,12 +807,17 @@ def save(model: onnx.ModelProto | Skeleton, path: str | os.PathLike, external_da
     dest = Path(path)
     if dest.is_dir():
         raise ModelSaveError(f"cannot write '{dest}': is a directory")
+    if special_file(dest):
+        raise ModelSaveError(f"cannot write '{dest}': it is not a regular file (a device, FIFO or socket)")
     if not dest.parent.exists():
         raise ModelSaveError(f"cannot write '{dest}': folder '{dest.parent}' does not exist")
     sources = skel.data_files()
     if external_data is None:
         external_data = bool(sources) or needs_external_data(skel.model)
     data_name = dest.name + ".data"
+    if external_data and special_file(dest.parent / data_name):
+        raise ModelSaveError(f"cannot write '{dest.parent / data_name}': it is not a regular file (a device, FIFO "
+                             "or socket)")
     if external_data and os.path.realpath(dest.parent / data_name) in sources:
         raise ModelSaveError(f"cannot write '{dest}': its data file '{data_name}' is the input's own data file; "
                              "choose another output name")
@@ -733,19 +825,18 @@ def save(model: onnx.ModelProto | Skeleton, path: str | os.PathLike, external_da
         tmpdir = Path(tempfile.mkdtemp(prefix=".normopt-", dir=dest.parent))
     except OSError as err:  # a folder we may not write to (permissions, read-only file system)
         raise ModelSaveError(f"cannot write '{dest}': {err.strerror or err}") from err
-    written: list[Path] = []
     try:
         tmp_model = tmpdir / dest.name
+        data = None
         if external_data:
             _write_external(skel, tmp_model, tmpdir / data_name, data_name)
             if (tmpdir / data_name).exists():
                 os.chmod(tmpdir / data_name, tmp_model.stat().st_mode & 0o777)
-                os.replace(tmpdir / data_name, dest.parent / data_name)
-                written.append(dest.parent / data_name)
+                data = (tmpdir / data_name, dest.parent / data_name)
         else:
             _write_single(skel, tmp_model)
-        os.replace(tmp_model, dest)
-        written.insert(0, dest)
+        switch_into_place(tmp_model, dest, data)
+        written = [dest] + ([data[1]] if data else [])
     except OSError as err:
         raise ModelSaveError(f"cannot write '{dest}': {err.strerror or err}") from err
     finally:

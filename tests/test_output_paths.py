@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -392,3 +393,152 @@ def test_in_place_batch(tmp_path, rng):
         folded = onnx.load(folder / name)
         assert op_counts(folded) == {"Conv": 2}
         assert_equivalent(original, folded)
+
+
+@pytest.mark.parametrize("which", ["output", "data", "report"])
+def test_a_fifo_in_place_of_a_file_the_run_writes_is_refused_and_kept(src_external, tmp_path, which):
+    """A rename over a device or FIFO would put the model in its place (``-o /dev/null`` run as
+    root replaced the device); a report path that is a FIFO would wait forever to be read."""
+    out = tmp_path / "o.onnx"
+    fifo = {"output": out, "data": tmp_path / "o.onnx.data", "report": tmp_path / "r.json"}[which]
+    os.mkfifo(fifo)
+    res = invoke("fold", src_external / "m.onnx", "-o", out, "--no-verify", "--report", tmp_path / "r.json"
+                 if which == "report" else tmp_path / "report.json")
+    one_error_line(res, 2, "not a regular file")
+    assert fifo.is_fifo()
+    assert not out.is_file()
+
+
+def test_save_refuses_a_device_in_place_of_the_model(src, tmp_path):
+    fifo = tmp_path / "o.onnx"
+    os.mkfifo(fifo)
+    with pytest.raises(model_io.ModelSaveError, match="not a regular file"):
+        model_io.save(onnx.load(src / "m.onnx"), fifo)
+    assert fifo.is_fifo()
+
+
+def test_a_json_file_that_is_not_a_normopt_report_is_not_written_over(src, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text('{"schema_version": 3, "name": "an application\'s own file"}')
+    before = config.read_bytes()
+    res = invoke("fold", src / "m.onnx", "-o", tmp_path / "o.onnx", "--no-verify", "--report", config)
+    one_error_line(res, 2, "not a normopt report")
+    assert config.read_bytes() == before
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--passes", "no-such-pass"], "unknown pass"),
+    (["--input-shape", "x:2xq"], "input-shape"),
+])
+def test_a_report_from_an_earlier_run_never_reads_ok_after_a_failed_one(src, tmp_path, args, fragment):
+    report = tmp_path / "r.json"
+    assert invoke("fold", src / "m.onnx", "-o", tmp_path / "o.onnx", "--no-verify", "--report", report).exit_code == 0
+    assert json.loads(report.read_text())["status"] == "ok"
+    res = invoke("fold", src / "m.onnx", "-o", tmp_path / "o.onnx", "--no-verify", "--report", report, *args)
+    one_error_line(res, 2, fragment)
+    doc = json.loads(report.read_text())
+    assert doc["status"] == "error" and doc["exit_code"] == 2 and fragment in doc["error"]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--seed", "-1"], "--seed"),
+    (["--trials", "1000000000"], "--trials"),
+    (["--input-range", "x:nan:1"], "finite"),
+    (["--input-range", "x:-inf:inf"], "finite"),
+    (["-o", ""], "the path is empty"),
+    (["--report", ""], "the path is empty"),
+])
+def test_bad_option_values_get_one_line(src, tmp_path, args, fragment):
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    res = invoke("fold", src / "m.onnx", *(["-o", tmp_path / "o.onnx"] if "-o" not in args else []), *args)
+    one_error_line(res, 2, fragment)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_a_file_name_the_file_system_refuses_gets_one_line(src, tmp_path):
+    res = invoke("fold", src / "m.onnx", "-o", tmp_path / ("a" * 300 + ".onnx"), "--no-verify")
+    one_error_line(res, 2, "File name too long")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names as bytes")
+def test_a_file_name_onnxruntime_cannot_open_is_named_before_any_work(src, tmp_path):
+    model = os.path.join(os.fsencode(src), b"mod\xe9l.onnx")
+    os.rename(os.fsencode(src / "m.onnx"), model)
+    res = invoke("fold", os.fsdecode(model), "-o", tmp_path / "o.onnx", "--provider", "cpu")
+    one_error_line(res, 2, "not valid UTF-8")
+    assert not (tmp_path / "o.onnx").exists()
+    assert invoke("fold", os.fsdecode(model), "-o", tmp_path / "o.onnx", "--no-verify").exit_code == 0
+
+
+@pytest.mark.parametrize("fail", ["error", "interrupt"])
+def test_a_switch_stopped_before_the_models_rename_keeps_the_old_pair(src_external, tmp_path, monkeypatch, fail):
+    """External data out over an earlier output: the old data file is moved aside, not written
+    over, and comes back when the model's rename does not happen (an error, an interrupt)."""
+    out = tmp_path / "o.onnx"
+    assert invoke("fold", src_external / "m.onnx", "-o", out, "--no-verify").exit_code == 0
+    before = digests(tmp_path)
+    real = os.replace
+
+    def replace(a, b):
+        if Path(b) == out:
+            if fail == "error":
+                raise OSError(errno.EIO, os.strerror(errno.EIO), str(b))
+            raise KeyboardInterrupt
+        return real(a, b)
+
+    monkeypatch.setattr("normopt.model_io.os.replace", replace)
+    res = invoke("fold", src_external / "m.onnx", "-o", out, "--no-verify", "--skip", "fold-batchnorm")
+    assert res.exit_code == (2 if fail == "error" else 130)
+    assert digests(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "o.onnx", "o.onnx.data"]
+
+
+def test_a_signal_during_the_switch_waits_until_both_renames_are_done(src_external, tmp_path, monkeypatch):
+    out = tmp_path / "o.onnx"
+    real = os.replace
+    order = []
+
+    def replace(a, b):
+        if Path(b).name == "o.onnx.data":
+            os.kill(os.getpid(), signal.SIGINT)   # between the data file's rename and the model's
+        order.append(Path(b).name)
+        return real(a, b)
+
+    monkeypatch.setattr("normopt.model_io.os.replace", replace)
+    res = invoke("fold", src_external / "m.onnx", "-o", out, "--no-verify")
+    assert res.exit_code == 130
+    assert order[-2:] == ["o.onnx.data", "o.onnx"]   # the switch finished, then the interrupt
+    assert_equivalent(src_external / "m.onnx", out)
+
+
+def test_a_signal_during_the_commands_imports_ends_it_with_one_line():
+    """Signals are only noted while the command imports its modules (an exception raised from a
+    handler inside a C++ module's initialization aborts the process), then acted on."""
+    code = textwrap.dedent("""
+        import os, signal, sys
+        import normopt.__main__ as command, normopt.signals as signals
+        hold = signals.hold
+        def hold_and_signal():
+            hold()
+            os.kill(os.getpid(), signal.SIGTERM)
+        signals.hold = hold_and_signal
+        sys.argv = ["normopt", "passes"]
+        command.main()
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 130, res.stderr
+    assert res.stderr.strip() == "error: interrupted (no partial output is left)" and not res.stdout
+
+
+def test_an_error_an_interrupt_caused_reads_as_the_interrupt(src, tmp_path, monkeypatch):
+    from normopt import registry, signals
+
+    def resolve(*args):
+        signals.received = True   # as the handler does, before the import it cut short fails
+        raise ImportError("initialization failed")
+
+    monkeypatch.setattr(registry, "resolve", resolve)
+    res = invoke("fold", src / "m.onnx", "-o", tmp_path / "o.onnx")
+    one_error_line(res, 130, "interrupted")
+    monkeypatch.setattr(signals, "received", False)

@@ -1,0 +1,43 @@
+"""SIGINT and SIGTERM in the ``normopt`` command's process.
+
+Either one stops the run as Ctrl-C does: a KeyboardInterrupt where the process is (SIGTERM's is
+``Terminated``), so the same cleanup runs, and the command ends with one line and exit code 130.
+``received`` tells the command that an exception raised meanwhile comes from the interrupt (a
+module whose import was cut short raises ImportError, say), not from a bug. The command notes
+signals from its first line (``normopt.__main__``), through its imports (``hold``), and acts on
+one when they are done.
+"""
+import signal
+
+received = False
+MESSAGE = "interrupted (no partial output is left)"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C's KeyboardInterrupt is."""
+
+
+def _handler(signum, frame):
+    global received
+    received = True
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _note(signum, frame):
+    global received
+    received = True
+
+
+def hold() -> None:
+    """Only note SIGINT and SIGTERM (``received``), raising nothing: for the imports, where an
+    exception from a handler may reach a C++ module's initialization, which then aborts the
+    process. Call from the main thread; ``install`` ends it."""
+    signal.signal(signal.SIGTERM, _note)
+    signal.signal(signal.SIGINT, _note)
+
+
+def install(sigint: bool = True) -> None:
+    """Handle SIGTERM (and SIGINT) as above; call from the main thread."""
+    signal.signal(signal.SIGTERM, _handler)
+    if sigint:
+        signal.signal(signal.SIGINT, _handler)
