@@ -608,6 +608,9 @@ def _conv(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:
     b = _optional_const(prod, 2, ctx)
     if isinstance(b, str):
         return b
+    if b is not None and np.shape(b) != (cout,):
+        # (onnxruntime refuses such a model: B is one value per output channel)
+        return f"{prod.op} bias '{prod.inputs[2].name}' has shape {list(np.shape(b))}, not [{cout}]"
     _store(m, prod, w, b, s, t)
     return None
 
@@ -625,6 +628,9 @@ def _gemm(prod: gs.Node, m: Match, s, t, ctx: Context) -> str | None:
     c = _optional_const(prod, 2, ctx)
     if isinstance(c, str):
         return c
+    if c is not None and (np.ndim(c) > 2 or (np.ndim(c) >= 1 and np.shape(c)[-1] not in (1, n))):
+        # (onnxruntime refuses such a model: C must broadcast to the output [M, N])
+        return f"Gemm C '{prod.inputs[2].name}' of shape {list(np.shape(c))} does not broadcast to the output's [M, {n}]"
     _store(m, prod, w, c, s, t)
     return None
 

@@ -451,6 +451,15 @@ def _bn_reads(name, between=None):
     return mutate
 
 
+def _initializer(name, value):
+    """Initializer ``name`` replaced by ``value`` (a shape the op does not take: no checker sees it)."""
+    def mutate(model):
+        for i, init in enumerate(model.graph.initializer):
+            if init.name == name:
+                model.graph.initializer[i].CopyFrom(numpy_helper.from_array(value, name))
+    return mutate
+
+
 def _declared(name, dims):
     """A value_info for ``name`` that contradicts what the graph computes (no checker sees it)."""
     def mutate(model):
@@ -491,6 +500,11 @@ NEAR_MISSES = {  # id: (bn_model kwargs, mutation, reason, onnxruntime can run i
     # the MatMul output is [N, L, F], declared [N*L, F]: the declaration must not place the axis
     "matmul_declared_rank_contradicts": (dict(producer="matmul", rows=(6,)), _declared("p", [12, 6]),
                                          "declared shape [12, 6] of 'p' contradicts the inferred [2, 6, 6]", True),
+    # C that does not broadcast to the output [M, N] (onnxruntime refuses the model; the checker does not)
+    "gemm_c_wrong_last_dim": (dict(producer="gemm", c_shape=(6, 4)), None,
+                              "Gemm C 'C' of shape [6, 4] does not broadcast to the output's [M, 6]", False),
+    "conv_bias_wrong_shape": ({}, _initializer("B", np.ones(3, np.float32)),
+                              "Conv bias 'B' has shape [3], not [6]", False),
     "no_producer": (dict(cin=4, cout=4), _bn_reads("X"), "is a graph input: no producer", True),
     "producer_cannot_absorb": ({}, _bn_reads("p", between="Relu"), "(Relu) cannot absorb", True),
 }
