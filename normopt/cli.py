@@ -44,24 +44,28 @@ class _Group(click.Group):
             # skip): numpy's own warnings about them would be lines on stderr besides ours.
             with np.errstate(all="ignore"):
                 return super().invoke(ctx)
-        except NormoptError as err:
-            _fail(ctx, str(err), err.exit_code)
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: temporary files are already removed
-            _fail(ctx, signals.MESSAGE, 130)
         except click.UsageError as err:  # a bad flag or value: one line too, not click's usage block
             where = err.ctx.command_path if err.ctx is not None else ctx.command_path
             _fail(ctx, f"{err.format_message().rstrip('.')} (see '{where} --help')", err.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
-        except OSError as err:   # the file system refused a name or a file (too long, say): one line too
-            if signals.received:
-                _fail(ctx, signals.MESSAGE, 130)
-            where = f" '{os.fsdecode(err.filename)}'" if err.filename else ""
-            _fail(ctx, f"cannot use{where}: {err.strerror or err}", 2)
-        except Exception as err:  # a bug: still one line unless -v
-            if signals.received:   # raised by an interrupt (an import cut short, say): not a bug
-                _fail(ctx, signals.MESSAGE, 130)
-            _fail(ctx, f"internal error: {type(err).__name__}: {err} (run with -v for the traceback)", 2)
+        except (Exception, KeyboardInterrupt) as err:   # temporary files are already removed
+            code, message = _failure(err, hint=True)
+            _fail(ctx, message, code)
+
+
+def _failure(err: BaseException, hint: bool = False) -> tuple[int, str]:
+    """The exit code and line an exception ends a command with (and its report says); ``hint``
+    adds where to find a bug's traceback."""
+    if isinstance(err, KeyboardInterrupt) or signals.received:   # Ctrl-C, SIGTERM, or what one cut short
+        return 130, signals.MESSAGE
+    if isinstance(err, NormoptError):
+        return err.exit_code, str(err)
+    if isinstance(err, OSError):   # the file system refused a name or a file (too long, say)
+        where = f" '{os.fsdecode(err.filename)}'" if err.filename else ""
+        return 2, f"cannot use{where}: {err.strerror or err}"
+    hint = " (run with -v for the traceback)" if hint else ""
+    return 2, f"internal error: {type(err).__name__}: {err}{hint}"   # a bug: still one line unless -v
 
 
 def _fail(ctx: click.Context, message: str, code: int):
@@ -166,12 +170,7 @@ def fold(ctx, models, output, pass_list, skip_list, target, in_place, dry_run, c
         # The report says so too: a report left from an earlier run must not read "ok", whatever
         # stopped this one (a bad flag value, a bad model, an interrupt).
         if report_path and not isinstance(err, ReportPathError):
-            if isinstance(err, KeyboardInterrupt):
-                code, message = 130, signals.MESSAGE
-            elif isinstance(err, NormoptError):
-                code, message = err.exit_code, str(err)
-            else:
-                code, message = 2, f"internal error: {type(err).__name__}: {err}"
+            code, message = _failure(err)
             try:
                 _write_json(report_path, report.error_document(models[0] if len(models) == 1 else ", ".join(models),
                                                               code, one_line(message), time.perf_counter() - started))
@@ -306,10 +305,9 @@ def _check_writes(model: str, source, out_path: Path, s: FoldSettings) -> None:
     writes = [] if s.dry_run else [out_path] if s.in_place else [out_path, out_path.with_name(out_path.name + ".data")]
     if s.options.verify:   # onnxruntime opens the input, and the candidate under the output's name
         for path, what in ((model, "the input"), (out_path, "the output")):
-            if not model_io.utf8_path(path):
-                shown = os.fspath(path).encode("utf-8", "backslashreplace").decode()
-                raise UsageError(f"onnxruntime cannot open '{shown}' ({what}): the file name is not valid UTF-8; "
-                                 "rename it, or fold with --no-verify")
+            unopenable = model_io.unopenable_name(path)
+            if unopenable:
+                raise UsageError(f"{unopenable} ({what}); rename it, or fold with --no-verify")
     for path in writes:
         if model_io.special_file(path):   # the rename would put a regular file in its place
             what = "the output" if path == out_path else "the output's data file"

@@ -5,7 +5,6 @@ file in the destination folder and renamed into place, so a failure leaves nothi
 """
 from __future__ import annotations
 
-import contextlib
 import heapq
 import math
 import mmap
@@ -20,7 +19,7 @@ from typing import Callable, Iterator
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
 
-from normopt import ir
+from normopt import ir, signals
 from normopt.errors import ModelLoadError, ModelSaveError
 
 # Protobuf cannot serialize a message of 2 GiB or more; stay well under it.
@@ -710,9 +709,9 @@ def as_skeleton(model) -> Skeleton:
     return model if isinstance(model, Skeleton) else Skeleton(model, ir.Weights())
 
 
-def utf8_path(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is valid UTF-8 (onnxruntime opens no other); a name's undecodable bytes
-    are held as surrogates in a str (``os.fsdecode``)."""
+def unopenable_name(path: str | os.PathLike) -> str | None:
+    """Why onnxruntime cannot open ``path`` by its name (its binding takes UTF-8 paths only; a
+    name's undecodable bytes are held as surrogates in a str, ``os.fsdecode``); None if it can."""
     name = os.fspath(path)
     try:
         if isinstance(name, bytes):
@@ -720,8 +719,9 @@ def utf8_path(path: str | os.PathLike) -> bool:
         else:
             name.encode("utf-8")
     except UnicodeError:
-        return False
-    return True
+        shown = os.fsdecode(name).encode("utf-8", "backslashreplace").decode()
+        return f"onnxruntime cannot open '{shown}': the file name is not valid UTF-8"
+    return None
 
 
 def special_file(path: str | os.PathLike) -> bool:
@@ -734,36 +734,6 @@ def special_file(path: str | os.PathLike) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
-@contextlib.contextmanager
-def _signals_held():
-    """SIGINT and SIGTERM wait until the block is left, then act as they would have (a switch
-    of two renames is not stopped between them). Python runs signal handlers in the main thread
-    whichever thread the OS hands a signal to, so the handlers are swapped there for one that
-    only notes the signal; elsewhere nothing is held."""
-    import signal
-    import threading
-
-    caught: list[int] = []
-    old = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                old[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
-            except (OSError, ValueError):
-                pass
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        if caught:
-            handler = old.get(caught[0])
-            if callable(handler):
-                handler(caught[0], None)   # Python's own (KeyboardInterrupt) or the caller's
-            elif handler == signal.SIG_DFL:
-                os.kill(os.getpid(), caught[0])
-
-
 def switch_into_place(model_src: Path, dest: Path, data: tuple[Path, Path] | None = None) -> None:
     """Rename a written model to ``dest``, and its data file first (``data``: written file, its
     place), as one switch: the model's rename is the switch. An old data file in that place is
@@ -771,7 +741,7 @@ def switch_into_place(model_src: Path, dest: Path, data: tuple[Path, Path] | Non
     when anything stops the switch before the model's rename (an error, an interrupt), it is put
     back and a new one removed, so the model already there keeps its own data. SIGINT and
     SIGTERM wait until the switch is done. Raises what the renames raise."""
-    with _signals_held():
+    with signals.deferred():
         moved = placed = None
         try:
             if data is not None:

@@ -7,7 +7,10 @@ module whose import was cut short raises ImportError, say), not from a bug. The 
 signals from its first line (``normopt.__main__``), through its imports (``hold``), and acts on
 one when they are done.
 """
+import contextlib
+import os
 import signal
+import threading
 
 received = False
 MESSAGE = "interrupted (no partial output is left)"
@@ -41,3 +44,31 @@ def install(sigint: bool = True) -> None:
     signal.signal(signal.SIGTERM, _handler)
     if sigint:
         signal.signal(signal.SIGINT, _handler)
+
+
+@contextlib.contextmanager
+def deferred():
+    """SIGINT and SIGTERM wait until the block is left, then act as they would have (a switch of
+    two renames is not stopped between them). Python runs signal handlers in the main thread,
+    whichever thread the OS hands a signal to (onnxruntime's, say: a blocked mask there would
+    not hold it), so the handlers are swapped there for one that only notes the signal;
+    elsewhere nothing waits."""
+    caught: list[int] = []
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+            except (OSError, ValueError):
+                pass
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if caught:
+            handler = old.get(caught[0])
+            if callable(handler):
+                handler(caught[0], None)   # Python's own (KeyboardInterrupt), ours, or a caller's
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), caught[0])

@@ -25,7 +25,7 @@ from normopt.errors import ProviderUnavailableError, UsageError
 from normopt.inputs import (DEFAULT_BATCH, DEFAULT_DYNAMIC_DIM, DEGENERATE, FALLBACK_DYNAMIC_DIMS, FILE, NORMAL, OFFSET, InputSet,
                             InputSpec, make_feeds, stress_kinds)
 from normopt.ir import Weights
-from normopt.model_io import PROTOBUF_LIMIT, Skeleton, byte_size, census, save, utf8_path, weightless
+from normopt.model_io import PROTOBUF_LIMIT, Skeleton, byte_size, census, save, unopenable_name, weightless
 from normopt.providers import CUDA, ProviderChoice, providers, select_provider, session_options
 
 # Default tolerances per output dtype: |got - ref| <= atol + rtol * |ref|, element by element.
@@ -104,10 +104,9 @@ def run_model(model: onnx.ModelProto | str | os.PathLike, feeds_list: list[dict]
     import onnxruntime as ort
 
     with _session_source(model) as source:
-        if isinstance(source, str) and not utf8_path(source):   # onnxruntime's binding takes UTF-8 paths only
-            shown = source.encode("utf-8", "backslashreplace").decode()
-            raise UsageError(f"onnxruntime cannot open '{shown}': the file name is not valid UTF-8; rename the file "
-                             "(or fold with --no-verify)")
+        unopenable = unopenable_name(source) if isinstance(source, str) else None
+        if unopenable:
+            raise UsageError(f"{unopenable}; rename the file (or fold with --no-verify)")
         try:
             session = ort.InferenceSession(source, session_options(prepack_pays(model)), providers=providers(provider))
         except Exception as err:

@@ -538,7 +538,7 @@ def test_an_error_an_interrupt_caused_reads_as_the_interrupt(src, tmp_path, monk
         signals.received = True   # as the handler does, before the import it cut short fails
         raise ImportError("initialization failed")
 
+    monkeypatch.setattr(signals, "received", False)   # (and back to it after the test)
     monkeypatch.setattr(registry, "resolve", resolve)
     res = invoke("fold", src / "m.onnx", "-o", tmp_path / "o.onnx")
     one_error_line(res, 130, "interrupted")
-    monkeypatch.setattr(signals, "received", False)
