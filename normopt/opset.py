@@ -4,12 +4,14 @@ onnx's version converter is exact but its cost grows faster than the graph: 0.5 
 nodes, 10-13 s for 110,000. Its adapters act on one node at a time, though. So on a large graph,
 each distinct node form (op, attributes with their values, input and output counts) of an op
 that changed between the two opsets is probed, all forms in one conversion of a graph holding
-one node of each (a call costs about 7 ms whatever its size). A form the converter leaves
-unchanged is only relabelled; each node of a form that changes (ReduceMean's axes attribute
-becoming an input, say) is spliced back from a conversion made once per form and input types
-(its tensors renamed to placeholders). Graphs with subgraphs or local functions, and any form
-whose one-node conversion fails or needs an input type that is not declared, go through the
-whole-graph converter. The result is verified like every rewrite.
+one node of each (a call costs 10-15 ms whatever its size). A form of an op whose every step in
+between is one of the converter's no-op adapters (``compatible``: most changes from opset 13 to
+17) is not probed at all. A form the converter leaves unchanged is only relabelled; each node of
+a form that changes (ReduceMean's axes attribute becoming an input, say) is spliced back from a
+conversion made once per form and input types (its tensors renamed to placeholders). Graphs
+with subgraphs or local functions, and any form whose one-node conversion fails or needs an
+input type that is not declared, go through the whole-graph converter. The result is verified
+like every rewrite.
 """
 from __future__ import annotations
 
@@ -121,11 +123,14 @@ def _one_of_each(keyed) -> dict:
 
 def _unchanged_forms(forms: dict, source: int, target: int, types: dict[str, int]) -> dict | None:
     """For each node form (key -> one node of it), whether onnx's converter leaves the node as it
-    is from opset ``source`` to ``target``. All forms go through one conversion (each adapter
-    acts on its own node; a call costs about 7 ms whatever the graph's size). When that fails,
-    each form is converted on its own, and None means one of them fails alone too."""
-    same: dict = {}
-    keys = list(forms)
+    is from opset ``source`` to ``target``. A form of an op whose every step in between is one of
+    the converter's no-op adapters (``compatible``) is not converted at all. The others go
+    through one conversion (each adapter acts on its own node; a call costs 10-15 ms whatever the
+    graph's size). When that fails, each form is converted on its own, and None means one of
+    them fails alone too."""
+    same: dict = {key: True for key, node in forms.items()
+                  if compatible(key[0], source, target) and not _has_subgraphs(node)}
+    keys = [key for key in forms if key not in same]
     if len(keys) > 1:
         batch = []
         inputs: dict[str, int] = {}
@@ -147,7 +152,8 @@ def _unchanged_forms(forms: dict, source: int, target: int, types: dict[str, int
             out = None
         if out is not None:
             kept = {n.name: n for n in out.graph.node}
-            return {key: kept.get(node.name) == node for key, node in zip(keys, batch)}
+            same.update((key, kept.get(node.name) == node) for key, node in zip(keys, batch))
+            return same
     for key in keys:
         bare = _bare(forms[key])
         probe = _convert_one(bare, source, target, types, require_types=False)
@@ -155,6 +161,11 @@ def _unchanged_forms(forms: dict, source: int, target: int, types: dict[str, int
             return None
         same[key] = len(probe.graph.node) == 1 and not probe.graph.initializer and probe.graph.node[0] == bare
     return same
+
+
+def _has_subgraphs(node: onnx.NodeProto) -> bool:
+    """The converter converts a node's subgraphs whatever its own adapter does."""
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
 
 def _bare(node: onnx.NodeProto) -> onnx.NodeProto:
@@ -331,6 +342,65 @@ def upgrade_hazard(nodes, source: int, target: int) -> str | None:
             if node.op == op and (applies is None or applies(node.attrs)):
                 return f"onnx's converter changes {op} from opset {source}: {why}"
     return None
+
+
+# onnx's converter walks a node up one opset at a time; where the op's definition changes it
+# applies the adapter registered for that step. For these ops and opsets v, the adapter from v - 1
+# to v is its CompatibleAdapter, which returns the node as it is (the new definition only widens
+# types or adds optional inputs and attributes). Read from onnx/version_converter/convert.h;
+# tests/test_scale.py checks it against the header of the onnx installed (an adapter registered
+# twice for one step is left out).
+_COMPATIBLE_STEPS: dict[str, tuple[int, ...]] = {
+    "Abs": (13,), "Acos": (22,), "Acosh": (22,), "Add": (13, 14), "ArgMax": (11, 12, 13), "ArgMin": (11, 12, 13),
+    "Asin": (22,), "Asinh": (22,), "Atan": (22,), "Atanh": (22,), "Attention": (24, 25),
+    "AveragePool": (7, 10, 11, 19, 22), "BatchNormalization": (12, 15), "Bernoulli": (22,), "BitShift": (28,),
+    "Cast": (9, 13, 19, 21, 23, 24, 25, 28), "CastLike": (19, 21, 23, 24, 25), "Ceil": (13,), "Celu": (28,),
+    "Clip": (12, 13), "Compress": (11, 28), "Concat": (11, 13), "Constant": (9, 11, 12, 13, 19, 21, 23, 24, 25),
+    "ConstantOfShape": (20, 21, 23, 24, 25), "Conv": (11, 22), "ConvTranspose": (11, 22), "Cos": (22,),
+    "Cosh": (22,), "CumSum": (14,), "DeformConv": (22,), "DepthToSpace": (11, 13, 28),
+    "DequantizeLinear": (13, 19, 21, 23, 24, 25, 28), "Det": (22,), "Div": (13, 14), "Dropout": (10, 13, 22),
+    "Einsum": (28,), "Elu": (22,), "Equal": (11, 13, 19), "Erf": (13,), "Exp": (13,), "Expand": (13,),
+    "EyeLike": (22,), "Flatten": (9, 11, 13, 21, 23, 24, 25), "Floor": (13,), "GRU": (22,), "Gather": (11, 13),
+    "GatherElements": (13,), "GatherND": (12, 13), "Gemm": (6, 9, 11, 13), "GlobalAveragePool": (22,),
+    "GlobalLpPool": (22,), "GlobalMaxPool": (22,), "Greater": (9, 13), "GreaterOrEqual": (16,), "GridSample": (22,),
+    "HardSigmoid": (22,), "HardSwish": (22,), "Hardmax": (11, 13), "Identity": (13, 14, 16, 19, 21, 23, 24, 25),
+    "If": (11, 13, 16, 19, 21, 23, 24, 25), "InstanceNormalization": (22,), "IsInf": (20,), "IsNaN": (13, 20),
+    "LRN": (13,), "LSTM": (22,), "LeakyRelu": (16,), "Less": (9, 13), "LessOrEqual": (16,), "Log": (13,),
+    "LogSoftmax": (11,), "Loop": (11, 13, 16, 19, 21, 23, 24, 25), "LpNormalization": (22,), "LpPool": (11, 22),
+    "MatMul": (9, 13), "Max": (8, 12, 13), "MaxPool": (8, 10, 11, 12, 22), "MaxRoiPool": (22,),
+    "MaxUnpool": (11, 22), "Mean": (8, 13), "MeanVarianceNormalization": (13,), "Min": (8, 12, 13), "Mish": (22,),
+    "Mod": (13, 28), "Mul": (13, 14), "Multinomial": (22,), "Neg": (13,), "NegativeLogLikelihoodLoss": (13, 22),
+    "NonMaxSuppression": (11,), "NonZero": (13,), "OneHot": (11, 28), "Optional": (28,),
+    "OptionalGetElement": (18, 28), "OptionalHasElement": (18, 28), "PRelu": (7, 9, 16),
+    "Pad": (13, 18, 19, 21, 23, 24, 25), "Pow": (12, 13, 15), "QLinearMatMul": (21,),
+    "QuantizeLinear": (13, 19, 21, 23, 24, 25, 28), "RNN": (22,), "RandomNormal": (22,), "RandomNormalLike": (22,),
+    "RandomUniform": (22,), "RandomUniformLike": (22,), "Range": (27,), "Reciprocal": (13,), "ReduceL1": (11, 13),
+    "ReduceL2": (11, 13), "ReduceLogSum": (11, 13), "ReduceLogSumExp": (11, 13), "ReduceMax": (11, 12, 13, 20),
+    "ReduceMean": (11, 13), "ReduceMin": (11, 12, 13, 20), "ReduceProd": (11, 13), "ReduceSum": (11,),
+    "ReduceSumSquare": (11, 13), "Relu": (13, 14), "Reshape": (13, 14, 19, 21, 23, 24, 25), "Resize": (13, 18, 19),
+    "ReverseSequence": (28,), "RoiAlign": (22,), "Round": (22,), "Scan": (11, 16, 19, 21, 23, 24, 25),
+    "ScatterElements": (13, 16, 18), "ScatterND": (13, 16, 18), "Selu": (22,), "Shape": (13, 15, 19, 21, 23, 24, 25),
+    "Sigmoid": (13,), "Sign": (13,), "Sin": (22,), "Sinh": (22,), "Size": (13, 19, 21, 23, 24, 25),
+    "Slice": (11, 13), "Softmax": (11,), "SoftmaxCrossEntropyLoss": (13,), "Softplus": (22,), "Softsign": (22,),
+    "SpaceToDepth": (13, 28), "Split": (11,), "SplitToSequence": (24,), "Sqrt": (13,),
+    "Squeeze": (11, 21, 23, 24, 25), "Sub": (13, 14), "Sum": (8, 13), "Tan": (22,), "Tanh": (13,),
+    "ThresholdedRelu": (22,), "Tile": (13,), "TopK": (11, 24), "Transpose": (13, 21, 23, 24, 25), "Unique": (28,),
+    "Unsqueeze": (11, 21, 23, 24, 25), "Where": (16,),
+}
+
+
+def compatible(op: str, source: int, target: int) -> bool:
+    """Whether onnx's converter leaves every default-domain ``op`` node as it is from opset
+    ``source`` up to ``target``: each opset in between that defines ``op`` anew is a step with a
+    no-op adapter. (A node's subgraphs are converted all the same.)"""
+    steps = _COMPATIBLE_STEPS.get(op)
+    if not steps or not 1 <= source < target <= onnx.defs.onnx_opset_version():
+        return False
+    try:
+        return all(v in steps for v in range(source + 1, target + 1)
+                   if onnx.defs.get_schema(op, v, "").since_version == v)
+    except onnx.defs.SchemaError:
+        return False
 
 
 def changed_ops(ops, source: int, target: int) -> set[str]:

@@ -357,7 +357,8 @@ def test_opset_upgrade_probes_every_changed_form_in_one_conversion(monkeypatch):
     """The node forms of ops that changed between two opsets are probed in one conversion of a
     graph holding one node of each (a converter call costs milliseconds whatever its size); the
     verdicts are those of probing each form alone, and when that conversion fails each form is
-    probed alone. A TorchScript LLaMA at opset 14 raised to 23: 2 calls, not 9."""
+    probed alone. Forms of ops whose every step is one of the converter's no-op adapters are not
+    probed at all. A TorchScript LLaMA at opset 14 raised to 23: 2 calls, not 9."""
     from onnx import version_converter
     from normopt import opset
 
@@ -367,6 +368,8 @@ def test_opset_upgrade_probes_every_changed_form_in_one_conversion(monkeypatch):
         forms.setdefault((n.op_type, tuple(a.name for a in n.attribute), len(n.input), len(n.output)), n)
     changed = opset.changed_ops({k[0] for k in forms}, 14, 23)
     forms = {k: n for k, n in forms.items() if k[0] in changed}
+    table = opset._COMPATIBLE_STEPS
+    monkeypatch.setattr(opset, "_COMPATIBLE_STEPS", {})   # first every form through the converter
     alone = {k: opset._unchanged_forms({k: n}, 14, 23, {})[k] for k, n in forms.items()}
     assert len(forms) >= 5 and any(alone.values()) and not all(alone.values()), alone
     real = version_converter.convert_version
@@ -389,11 +392,67 @@ def test_opset_upgrade_probes_every_changed_form_in_one_conversion(monkeypatch):
     monkeypatch.setattr(opset.version_converter, "convert_version", batch_fails)
     assert opset._unchanged_forms(forms, 14, 23, {}) == alone
 
+    # With the table: the same verdicts, only the forms of ops with a real adapter probed.
+    monkeypatch.setattr(opset, "_COMPATIBLE_STEPS", table)
     monkeypatch.setattr(opset.version_converter, "convert_version", counted)
+    calls.clear()
+    assert opset._unchanged_forms(forms, 14, 23, {}) == alone
+    probed = [k for k in forms if not opset.compatible(k[0], 14, 23)]
+    assert calls == [len(probed)] and 0 < len(probed) < len(forms), (calls, probed)
     calls.clear()
     out, result = pipeline.run(model)
     assert op_counts(out)["RMSNormalization"] == op_counts(model)["Pow"] and result.upgrades
-    assert len(calls) == 2, calls   # the probe of every form, then ReduceMean's conversion
+    assert len(calls) == 2, calls   # the probe of the forms that change, then ReduceMean's conversion
+    assert_equivalent(model, out)
+
+
+def _converter_header() -> str | None:
+    header = Path(onnx.__file__).parent / "version_converter" / "convert.h"
+    return header.read_text() if header.exists() else None
+
+
+@pytest.mark.skipif(_converter_header() is None, reason="the installed onnx ships no version_converter/convert.h")
+def test_every_step_taken_as_a_no_op_is_the_installed_converters_no_op_adapter():
+    """``opset.compatible`` skips the converter for a node only where the installed onnx's
+    converter would leave it as it is: every step in the table is registered there as its
+    CompatibleAdapter (which returns the node), and as nothing else."""
+    import re
+    from normopt import opset
+
+    src = _converter_header()
+    registered: dict[tuple[str, int, int], set[str]] = {}
+    for kind, op, a, b in re.findall(r'make_unique<(\w+)>\(\s*"(\w+)",\s*OpSetID\((\d+)\),\s*OpSetID\((\d+)\)', src):
+        registered.setdefault((op, int(a), int(b)), set()).add(kind)
+    for op, a, b in re.findall(r'registerAdapter\(\s*"(\w+)",\s*(\d+),\s*(\d+),', src):
+        registered.setdefault((op, int(a), int(b)), set()).add("generic")
+    for op, a, b in re.findall(r'make_unique<([A-Za-z]+)_(\d+)_(\d+)>\(\)', src):
+        registered.setdefault((op, int(a), int(b)), set()).add("own")
+    assert sum(1 for kinds in registered.values() if "CompatibleAdapter" in kinds) > 300   # the parse works
+    steps = [(op, v) for op, versions in opset._COMPATIBLE_STEPS.items() for v in versions]
+    assert len(steps) > 300
+    wrong = [(op, v, registered.get((op, v - 1, v))) for op, v in steps
+             if registered.get((op, v - 1, v)) != {"CompatibleAdapter"}]
+    assert not wrong, wrong
+
+
+@pytest.mark.parametrize("name", ["transformer_ln_ts_op13", "bert_ln_eps1e-12_ts_op14"])
+def test_an_upgrade_through_no_op_adapters_only_calls_no_converter(name, monkeypatch):
+    """TorchScript LayerNorms at opsets 13 and 14, fused at 17: the ops that change in between
+    (Add, Div, Mul, Pow, Reshape, Sub) do so only by steps the converter leaves as they are, so
+    the opset is raised without a single converter call; the result is exact."""
+    from normopt import opset
+
+    assert opset.compatible("Pow", 14, 17) and opset.compatible("Identity", 13, 17)
+    assert not opset.compatible("ReduceMean", 17, 18) and not opset.compatible("Softmax", 12, 13)
+    assert not opset.compatible("BatchNormalization", 13, 14)   # its own adapter (training outputs)
+    assert not opset.compatible("Pow", 17, 17) and not opset.compatible("NoSuchOp", 14, 17)
+    real, calls = opset.version_converter.convert_version, []
+    monkeypatch.setattr(opset.version_converter, "convert_version", lambda m, target: calls.append(target) or real(m, target))
+    model = onnx.load(Path(__file__).parent.parent / "models" / f"{name}.onnx")
+    out, result = pipeline.run(model)
+    assert op_counts(out)["LayerNormalization"] == op_counts(model)["Sqrt"] > 0
+    assert [(u.from_version, u.to_version) for u in result.upgrades] == [(model.opset_import[0].version, 17)]
+    assert 17 not in calls   # (shape inference raises an opset 13 model to 14 for its own use)
     assert_equivalent(model, out)
 
 
@@ -474,3 +533,39 @@ def test_external_int4_weight_is_read_at_its_packed_size(tmp_path, rng, length):
     assert numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "q")).tobytes() == \
         numpy_helper.to_array(q).tobytes()
     assert_equivalent(reference, out)
+
+
+@pytest.mark.slow
+def test_no_op_steps_agree_with_the_converter_on_every_backend_test_node():
+    """Each node of onnx's own backend test cases, at each opset from 7 where its op has the
+    same definition, raised to the next opset and to 17, 18, 21 and 23: wherever
+    ``opset.compatible`` says the converter leaves it as it is, converting it alone does."""
+    import warnings
+
+    from onnx.backend.test.case import node as cases
+    from normopt import opset
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        models = [case.model for case in cases.collect_testcases(None)]
+    forms = {}
+    for model in models:
+        version = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), None)
+        for node in model.graph.node if version else []:
+            if node.domain not in ("", "ai.onnx") or opset._has_subgraphs(node) or \
+                    not onnx.defs.has(node.op_type, version, ""):
+                continue
+            since = onnx.defs.get_schema(node.op_type, version, "").since_version
+            for source in range(max(7, since), version + 1):
+                forms.setdefault((source, opset._form(node)), node)
+    checked, differ = 0, []
+    for (source, key), node in forms.items():
+        for target in sorted({source + 1, 17, 18, 21, 23}):
+            if target <= source or not opset.compatible(key[0], source, target):
+                continue
+            bare = opset._bare(node)
+            probe = opset._convert_one(bare, source, target, {}, require_types=False)
+            checked += 1
+            if probe is None or [*probe.graph.node] != [bare] or probe.graph.initializer:
+                differ.append((key[0], source, target))
+    assert checked > 3000 and not differ, differ[:10]
