@@ -111,6 +111,10 @@ def make_feeds(model: onnx.ModelProto, seed: int, shapes=None, ranges=None, npz:
         tt = vi.type.tensor_type
         if not vi.type.HasField("tensor_type"):
             raise UsageError(f"input '{vi.name}' is not a tensor; pass its value with --inputs FILE.npz")
+        if tt.elem_type in _UNFEEDABLE:
+            raise UsageError(f"input '{vi.name}' is {onnx.TensorProto.DataType.Name(tt.elem_type)}: onnxruntime's "
+                             "Python binding takes no arrays of that type, so the model cannot be verified here; "
+                             "fold with --no-verify")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         if vi.name in loaded:
             value = np.asarray(loaded[vi.name])
@@ -145,6 +149,13 @@ def make_feeds(model: onnx.ModelProto, seed: int, shapes=None, ranges=None, npz:
                                f"{what} [{low:g}, {high:g}) {source}".strip() if low is not None else what,
                                defaulted))
     return feeds, specs
+
+
+# Element types numpy has only through ml_dtypes, which onnxruntime's binding does not convert
+# ("Numpy_type 263 can't be converted to MLDataType"); bfloat16 is fed as its bits (normopt.verify).
+_UNFEEDABLE = frozenset(getattr(onnx.TensorProto, name) for name in (
+    "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "UINT4", "INT4", "FLOAT4E2M1", "FLOAT8E8M0",
+    "UINT2", "INT2") if hasattr(onnx.TensorProto, name))
 
 
 # Random inputs above this many elements are refused: a declared dim of 2**31 would otherwise
@@ -190,7 +201,8 @@ def _stress(value: np.ndarray, kind: str, dtype: str) -> tuple[np.ndarray, str]:
         if dtype not in OFFSET_MEAN:
             return value, "normal(0, 1) (no offset: too few mantissa bits)"
         mean = OFFSET_MEAN[dtype]
-        return (value.astype(np.float64) + mean).astype(value.dtype), f"normal({mean:g}, 1)"
+        # (np.asarray: numpy's arithmetic on a 0-d array gives a scalar, which onnxruntime refuses)
+        return np.asarray(value.astype(np.float64) + mean).astype(value.dtype), f"normal({mean:g}, 1)"
     # Degenerate: along the first axis after the batch axis with 2+ entries that is not the last
     # one (sequence positions of [B, S, D], channels of [N, C, H, W]), blocks in turns of four:
     # all zeros, constant, low-variance (normal(0, 1e-3): a variance of 1e-6, between the
@@ -223,7 +235,7 @@ def _resolve_dims(vi: onnx.ValueInfoProto, dims: dict, dynamic_dim: int, batch: 
     if not tt.HasField("shape"):
         raise UsageError(f"input '{vi.name}' has no shape; pass --input-shape {vi.name}:DxD...")
     for axis, d in enumerate(tt.shape.dim):
-        if d.HasField("dim_value") and d.dim_value > 0:
+        if d.HasField("dim_value") and d.dim_value >= 0:   # 0 too: an empty axis, as onnxruntime checks it
             shape.append(d.dim_value)
             continue
         key = d.dim_param or f"{vi.name}:{axis}"

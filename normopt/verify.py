@@ -191,6 +191,8 @@ def _ort_failure(what: str, err: Exception, hint: str = "") -> str:
     text = " ".join(str(err).split())
     # The C++ source location and signature say nothing to a user: keep the message after them.
     text = re.sub(r"/onnxruntime_src/\S+:\d+ .*?\) (?=[A-Z])", "", text)
+    if "can't be converted to MLDataType" in text:
+        hint = "onnxruntime's Python binding takes no arrays of one of its float8 or 4-bit types: use --no-verify"
     if "Unsupported model IR version" in text:
         hint = "this onnxruntime cannot read the model's IR version: use --no-verify, or export with an older one"
     if "Could not find an implementation" in text:
@@ -578,7 +580,8 @@ def _move_by_ulps(feeds: dict[str, np.ndarray], seed: int, widths: dict[str, str
             continue
         width = max(_eps(kind), _eps(widths.get(name)))
         sign = rng.choice([-1.0, 1.0], size=value.shape)
-        moved[name] = (value.astype(np.float64) * (1.0 + 1.5 * width * sign)).astype(value.dtype)
+        # (np.asarray: numpy's arithmetic on a 0-d array gives a scalar, which onnxruntime refuses)
+        moved[name] = np.asarray(value.astype(np.float64) * (1.0 + 1.5 * width * sign)).astype(value.dtype)
     return moved
 
 

@@ -319,3 +319,54 @@ def test_a_model_without_outputs_has_nothing_to_compare():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     with pytest.raises(UsageError, match="the model has no outputs: there is nothing to compare"):
         verify.compare(model, model, provider="cpu")
+
+
+def test_a_scalar_float_input_verifies_through_every_input_set(tmp_path, rng):
+    """A rank-0 float input (a Clip bound, a temperature) is fed as a 0-d array in every input
+    set: numpy's arithmetic on a 0-d array gives a scalar, which onnxruntime refuses (the offset
+    set and the ulp-moved inputs were such scalars). A LayerNorm scaled by one folds, verified."""
+    from click.testing import CliRunner
+    from normopt.cli import cli
+
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mu"], axes=[-1]), helper.make_node("Sub", ["x", "mu"], ["d"]),
+             helper.make_node("Mul", ["d", "d"], ["sq"]), helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1]),
+             helper.make_node("Add", ["var", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["std"]),
+             helper.make_node("Div", ["d", "std"], ["n"]), helper.make_node("Mul", ["n", "t"], ["y"])]
+    model = make_model(nodes, [("x", FLOAT, [2, 4, 8]), ("t", FLOAT, [])], [("y", FLOAT, [2, 4, 8])],
+                       {"eps": np.asarray(1e-5, np.float32)}, opset=17)
+    feeds, _ = inputs.make_feeds(model, 0, kind=inputs.OFFSET)
+    assert type(feeds["t"]) is np.ndarray and feeds["t"].shape == ()
+    moved = verify._move_by_ulps(feeds, 0, {})
+    assert type(moved["t"]) is np.ndarray and moved["t"].shape == ()
+    onnx.save(model, tmp_path / "m.onnx")
+    res = CliRunner().invoke(cli, ["fold", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "f.onnx"), "--provider", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert [n.op_type for n in onnx.load(tmp_path / "f.onnx").graph.node] == ["LayerNormalization", "Mul"]
+
+
+def test_an_input_of_a_type_onnxruntimes_binding_cannot_take_is_one_line(tmp_path):
+    """float8 and 4-bit inputs have numpy types only through ml_dtypes, which onnxruntime's
+    Python binding does not convert: the run says so and names --no-verify, which folds it."""
+    from click.testing import CliRunner
+    from normopt.cli import cli
+
+    model = make_model([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
+                       [("x", TensorProto.FLOAT8E4M3FN, [2, 3])], [("y", FLOAT, [2, 3])], opset=19)
+    onnx.save(model, tmp_path / "m.onnx")
+    res = CliRunner().invoke(cli, ["fold", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "f.onnx"), "--provider", "cpu"])
+    assert res.exit_code == 2 and not (tmp_path / "f.onnx").exists()
+    assert "input 'x' is FLOAT8E4M3FN" in res.output and "--no-verify" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    res = CliRunner().invoke(cli, ["fold", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "f.onnx"), "--no-verify", "-q"])
+    assert res.exit_code == 0 and (tmp_path / "f.onnx").exists()
+
+
+def test_a_declared_dim_of_0_is_fed_empty():
+    """A dim whose value is set to 0 is an empty axis, not an unknown one: onnxruntime checks
+    the fed array against it ("Got: 2 Expected: 0"). CastLike's 'like' input is often that."""
+    model = make_model([helper.make_node("CastLike", ["x", "like"], ["y"])],
+                       [("x", FLOAT, [2, "n"]), ("like", TensorProto.DOUBLE, [0])],
+                       [("y", TensorProto.DOUBLE, [2, "n"])], opset=19)
+    feeds, _ = inputs.make_feeds(model, 0)
+    assert feeds["like"].shape == (0,) and feeds["x"].shape == (2, inputs.DEFAULT_DYNAMIC_DIM)
+    assert verify.compare(model, model, provider="cpu").passed
