@@ -7,6 +7,7 @@ Errors are one line on stderr;
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -36,13 +37,9 @@ class _Group(click.Group):
     """Turns NormoptError into one line on stderr and its exit code."""
 
     def invoke(self, ctx: click.Context):
-        import numpy as np
-
         signals.received = False   # (a signal before this point raised where it came)
         try:
-            # Non-finite values are the passes' to judge (a negative variance is a reason to
-            # skip): numpy's own warnings about them would be lines on stderr besides ours.
-            with np.errstate(all="ignore"):
+            with _libraries_quiet():
                 return super().invoke(ctx)
         except click.UsageError as err:  # a bad flag or value: one line too, not click's usage block
             where = err.ctx.command_path if err.ctx is not None else ctx.command_path
@@ -52,6 +49,19 @@ class _Group(click.Group):
         except (Exception, KeyboardInterrupt) as err:   # temporary files are already removed
             code, message = _failure(err, hint=True)
             _fail(ctx, message, code)
+
+
+@contextlib.contextmanager
+def _libraries_quiet():
+    """What the command's libraries would print besides its own lines: numpy's warnings about
+    non-finite values (the passes' to judge: a negative variance is a reason to skip), and
+    graphsurgeon's ("Could not convert: BFLOAT16 to a corresponding NumPy type", and that the
+    ``colored`` module is missing), which even -q let through."""
+    import numpy as np
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    with np.errstate(all="ignore"), G_LOGGER.suppress(G_LOGGER.ERROR):
+        yield
 
 
 def _failure(err: BaseException, hint: bool = False) -> tuple[int, str]:
@@ -495,9 +505,7 @@ def _fold_task(task) -> FileOutcome:
     if _stopped:
         return FileOutcome(model, None, "error", 130, "interrupted before it started")
     try:
-        import numpy as np
-
-        with np.errstate(all="ignore"):   # as in the command's own process (_Group.invoke)
+        with _libraries_quiet():   # as in the command's own process (_Group.invoke)
             return fold_file(model, output, settings)
     except KeyboardInterrupt:
         if not _in_worker():   # without -j the batch itself stops here

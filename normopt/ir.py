@@ -35,6 +35,7 @@ from onnx import numpy_helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter, get_onnx_tensor_dtype
 from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.logger import G_LOGGER
 from onnx_graphsurgeon.util.misc import SynchronizedList
 
 # An in-memory initializer with more bytes than this leaves the exported skeleton: a header
@@ -207,7 +208,8 @@ def _dtype(data_type: int):
         probe = onnx.TensorProto()
         probe.data_type = data_type
         try:
-            _DTYPES[data_type] = get_onnx_tensor_dtype(probe)
+            with G_LOGGER.suppress(G_LOGGER.ERROR):   # its warning that numpy has no such type (bfloat16)
+                _DTYPES[data_type] = get_onnx_tensor_dtype(probe)
         except Exception:  # an element type graphsurgeon does not know
             _DTYPES[data_type] = data_type
     return _DTYPES[data_type]

@@ -374,3 +374,33 @@ def test_numpy_warnings_do_not_reach_stderr(tmp_path):
     res = subprocess.run([sys.executable, "-m", "normopt", "fold", str(path), "-o", str(tmp_path / "o.onnx"), "-q"],
                          capture_output=True, text=True)
     assert res.returncode == 0 and res.stderr == "", res.stderr
+
+
+@pytest.mark.parametrize("jobs", [[], ["-j", "2"]])
+def test_quiet_fold_of_a_bfloat16_model_prints_nothing(tmp_path, jobs):
+    """graphsurgeon warns about every bfloat16 tensor it imports ("Could not convert: BFLOAT16
+    to a corresponding NumPy type"), and first that the ``colored`` module is missing: lines
+    besides the command's own, which even -q printed. In the command and its -j workers, they
+    are not printed."""
+    bf16 = onnx.TensorProto.BFLOAT16   # a LayerNorm computed in bfloat16, its tensors declared
+    nodes = [helper.make_node("Cast", ["x"], ["h"], to=bf16), helper.make_node("ReduceMean", ["h"], ["mu"], axes=[-1]),
+             helper.make_node("Sub", ["h", "mu"], ["d"]), helper.make_node("Mul", ["d", "d"], ["sq"]),
+             helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1]), helper.make_node("Add", ["var", "eps"], ["ve"]),
+             helper.make_node("Sqrt", ["ve"], ["std"]), helper.make_node("Div", ["d", "std"], ["n"]),
+             helper.make_node("Mul", ["n", "g"], ["ng"]), helper.make_node("Cast", ["ng"], ["y"], to=FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", FLOAT, [2, 4, 8])],
+                              [helper.make_tensor_value_info("y", FLOAT, [2, 4, 8])],
+                              [helper.make_tensor("eps", bf16, [], [1e-5]), helper.make_tensor("g", bf16, [8], [1.5] * 8)])
+    model = onnx.shape_inference.infer_shapes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    assert any(vi.type.tensor_type.elem_type == bf16 for vi in model.graph.value_info)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    for name in ("a", "b"):
+        onnx.save(model, tmp_path / "in" / f"{name}.onnx")
+    models = [str(tmp_path / "in" / "a.onnx")] if not jobs else [str(tmp_path / "in")]
+    res = subprocess.run([sys.executable, "-m", "normopt", "fold", *models, "-o", str(tmp_path / "out" / "a.onnx")
+                          if not jobs else str(tmp_path / "out"), "--no-verify", "-q", *jobs],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "" and res.stderr == ""
