@@ -56,11 +56,12 @@ def _libraries_quiet():
     """What the command's libraries would print besides its own lines: numpy's warnings about
     non-finite values (the passes' to judge: a negative variance is a reason to skip), and
     graphsurgeon's ("Could not convert: BFLOAT16 to a corresponding NumPy type", and that the
-    ``colored`` module is missing), which even -q let through."""
+    ``colored`` module is missing), which even -q let through; onnx's checker's warning about
+    experimental ops (ATen), on the standard output (``model_io.checker_quiet``)."""
     import numpy as np
     from onnx_graphsurgeon.logger import G_LOGGER
 
-    with np.errstate(all="ignore"), G_LOGGER.suppress(G_LOGGER.ERROR):
+    with np.errstate(all="ignore"), G_LOGGER.suppress(G_LOGGER.ERROR), model_io.checker_quiet():
         yield
 
 

@@ -5,12 +5,14 @@ file in the destination folder and renamed into place, so a failure leaves nothi
 """
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 import mmap
 import os
 import shutil
 import stat
+import sys
 import tempfile
 from pathlib import Path
 from dataclasses import dataclass
@@ -601,7 +603,48 @@ def check(model: onnx.ModelProto, full: bool = False) -> None:
     """onnx.checker on a model of any size. Large weights are checked as graph inputs of their
     type and shape: the checker then never copies their bytes (a BERT-base model checks in
     milliseconds instead of seconds, a model over 2 GB at all)."""
-    onnx.checker.check_model(weightless(model, as_inputs=True), full_check=full)
+    light = weightless(model, as_inputs=True)
+    with _c_stdout_discarded() if _checker_quiet else contextlib.nullcontext():
+        onnx.checker.check_model(light, full_check=full)
+
+
+# onnx's checker writes "Warning: Model contains experimental ops: ATen" (any of its experimental
+# ops) on the C++ standard output. In the command that output is the command's own: its lines,
+# the JSON of ``inspect --format json``. ``checker_quiet`` discards it there; a library caller's
+# stdout is left as it is.
+_checker_quiet = False
+
+
+@contextlib.contextmanager
+def checker_quiet() -> Iterator[None]:
+    global _checker_quiet
+    before, _checker_quiet = _checker_quiet, True
+    try:
+        yield
+    finally:
+        _checker_quiet = before
+
+
+@contextlib.contextmanager
+def _c_stdout_discarded() -> Iterator[None]:
+    """File descriptor 1 points at /dev/null meanwhile; C's buffered output is flushed before
+    it is pointed back (written while a pipe was stdout, it would otherwise come out later)."""
+    import ctypes   # (numpy has loaded it already)
+
+    try:
+        if sys.stdout is not None:   # (None when the command started with stdout closed)
+            sys.stdout.flush()
+    except (OSError, ValueError):   # a broken pipe: the command's own lines are what it loses
+        pass
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+    try:
+        yield
+    finally:
+        ctypes.CDLL(None).fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def passes_full_check(model: onnx.ModelProto) -> bool:

@@ -953,6 +953,6 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, tuple | None]]:
 
 def _check_strict(model: onnx.ModelProto, weights: ir.Weights, pass_name: str) -> None:
     try:
-        onnx.checker.check_model(weightless(model, as_inputs=True))
+        model_io.check(model)
     except onnx.checker.ValidationError as err:
         raise ModelSaveError(f"pass '{pass_name}' produced an invalid model: {' '.join(str(err).split())[:200]}") from err

@@ -404,3 +404,20 @@ def test_quiet_fold_of_a_bfloat16_model_prints_nothing(tmp_path, jobs):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout == "" and res.stderr == ""
+
+
+def test_the_checkers_warning_about_experimental_ops_stays_off_stdout(tmp_path):
+    """onnx's checker prints "Warning: Model contains experimental ops: ATen" on the C++
+    standard output (a PyTorch export with ATen fallback): in the command that output is
+    inspect's JSON, or nothing at all with -q."""
+    model = make_model([helper.make_node("ATen", ["x"], ["y"], operator="abs")], [("x", FLOAT, [2, 3])],
+                       [("y", FLOAT, [2, 3])], opset=17)
+    onnx.save(model, tmp_path / "m.onnx")
+    run = [sys.executable, "-m", "normopt"]
+    res = subprocess.run([*run, "inspect", str(tmp_path / "m.onnx"), "--format", "json"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["sites"] == [] and "experimental" not in res.stdout + res.stderr
+    res = subprocess.run([*run, "fold", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "f.onnx"), "--no-verify", "-q",
+                          "--strict"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout == "" and res.stderr == "", res.stdout + res.stderr
