@@ -69,7 +69,7 @@ def load(path: str | os.PathLike, notes: list[str] | None = None,
         raise ModelLoadError(f"{where}: is a directory, expected an .onnx file")
     if special_file(p):
         raise ModelLoadError(f"{where}: not a regular file (a device, FIFO or socket), expected an .onnx file")
-    if p.stat().st_size == 0:
+    if p.stat().st_size == 0 and not _has_bytes(p):   # (a /proc file says 0 and has some)
         raise ModelLoadError(f"{where}: file is empty")
     try:
         model = _parse(p)
@@ -109,6 +109,14 @@ def load(path: str | os.PathLike, notes: list[str] | None = None,
     if notes is not None:
         notes.extend(moved + listed)
     return model
+
+
+def _has_bytes(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return bool(f.read(1))
+    except OSError:
+        return False
 
 
 # Models loaded with their whole-model checks left to the caller: id -> (model, "cannot read '...'").
@@ -582,7 +590,9 @@ def _check_range(t: onnx.TensorProto, base_dir: str, root: str, sizes: dict[str,
         raise ValueError(f"tensor '{t.name}': external data '{location}' is outside the model's folder")
     if path not in sizes:
         if not os.path.isfile(path):
-            raise ValueError(f"tensor '{t.name}': external data file '{location}' not found")
+            what = "not found" if not os.path.exists(path) else \
+                "is a folder" if os.path.isdir(path) else "is not a regular file (a device, FIFO or socket)"
+            raise ValueError(f"tensor '{t.name}': external data file '{location}' {what}")
         sizes[path] = os.path.getsize(path)
     try:
         offset = int(info.get("offset", 0))

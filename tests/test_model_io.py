@@ -57,6 +57,32 @@ def test_missing_external_data_is_a_load_error(tmp_path, rng):
         model_io.load(src)
 
 
+@pytest.mark.parametrize("kind, says", [("missing", "'w.bin' not found"), ("folder", "'w.bin' is a folder"),
+                                        ("fifo", "'w.bin' is not a regular file")])
+def test_an_external_data_file_that_cannot_be_read_says_why(tmp_path, rng, kind, says):
+    """Missing, a folder, or a FIFO (reading it would wait for a writer): each is named as such."""
+    import os
+
+    src = tmp_path / "ext.onnx"
+    onnx.save(conv_bn_chain(rng), src, save_as_external_data=True, location="w.bin", size_threshold=0)
+    (tmp_path / "w.bin").unlink()
+    if kind == "folder":
+        (tmp_path / "w.bin").mkdir()
+    elif kind == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs here")
+        os.mkfifo(tmp_path / "w.bin")
+    with pytest.raises(ModelLoadError, match=f"external data file {says}"):
+        model_io.load(src)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="no /proc")
+def test_a_file_whose_size_says_0_but_that_has_bytes_is_not_called_empty():
+    """/proc files report size 0; read, it is no ONNX model, and the error says that."""
+    with pytest.raises(ModelLoadError, match="not an ONNX model"):
+        model_io.load("/proc/self/status")
+
+
 def test_external_data_of_a_constant_node_is_refused_with_its_reason(tmp_path, rng):
     """A Constant node's value may keep its data in a file (valid ONNX, onnxruntime runs it);
     only initializers' data is read and written here, so such a model is refused in one line
