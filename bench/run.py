@@ -349,7 +349,7 @@ def render(models: list[ModelResult], gain_rows: list[dict], quick: bool, elapse
             "the model's size on disk, for models of 100 MB or more. "
             "`rewrote`: counts of norm ops and of ops outside the standard ONNX domain, before -> after "
             "(BN BatchNormalization, LN LayerNormalization, RMS RMSNormalization, `com.microsoft:...` contrib "
-            "ops). `outputs match`: onnxruntime CPU, ORT_DISABLE_ALL, seeded inputs, atol 1e-4 / rtol 1e-3 "
+            "ops), and the node count when it changed, function bodies and subgraphs included. `outputs match`: onnxruntime CPU, ORT_DISABLE_ALL, seeded inputs, atol 1e-4 / rtol 1e-3 "
             "against the original. Peers: onnx-simplifier (`onnxsim.simplify`), onnxslim (`onnxslim.slim`), "
             "onnxoptimizer (its default fuse and eliminate passes, `fuse_bn_into_conv` among them), onnxscript "
             "(`optimizer.optimize`, whose default rewrite rules fold BatchNormalization, plus the rewriter's "

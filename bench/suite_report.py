@@ -82,6 +82,9 @@ def rewrote(before: dict, after: dict | None) -> str:
     a, b = norm_ops(before), norm_ops(after)
     changes = [f"{SHORT.get(k, k)} {a.get(k, 0)}->{b.get(k, 0)}" for k in sorted(set(a) | set(b))
                if a.get(k, 0) != b.get(k, 0)]
+    nodes = sum(before.values()), sum(after.values())
+    if nodes[0] != nodes[1]:   # (a fold of Keras' Mul + Add into the Conv changes no norm op)
+        changes.append(f"nodes {nodes[0]}->{nodes[1]}")
     return ", ".join(changes) or "nothing"
 
 

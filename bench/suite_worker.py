@@ -153,13 +153,20 @@ def ref(model: str, npz: str) -> dict:
 
 
 def op_counts(path: str) -> dict:
+    """Ops of every graph of the model: the main graph, its subgraphs and its local functions'
+    bodies (a fusion inside a function counts)."""
     import onnx
     model = onnx.load(path, load_external_data=False)
     counts = collections.Counter()
-    for node in model.graph.node:
-        key = node.op_type if node.domain in STANDARD_DOMAINS else f"{node.domain}:{node.op_type}"
-        counts[key] += 1
-    return {"nodes": len(model.graph.node), "ops": dict(counts),
+    graphs = [model.graph, *model.functions]
+    while graphs:
+        g = graphs.pop()
+        for node in g.node:
+            key = node.op_type if node.domain in STANDARD_DOMAINS else f"{node.domain}:{node.op_type}"
+            counts[key] += 1
+            for a in node.attribute:
+                graphs.extend([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)
+    return {"nodes": sum(counts.values()), "ops": dict(counts),
             "standard_only": all(":" not in k for k in counts),
             "opset": next((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), 0)}
 

@@ -96,3 +96,16 @@ def test_a_faster_peer_doing_the_same_rewrites_is_named():
     # A peer that left the BatchNormalizations is not doing the same rewrites.
     partial = Run("ort-all", "ok", 0.5, 1, ops={"Conv": 2, "BatchNormalization": 2}, standard_only=True)
     assert all(t.met for t in report.targets([_fake("cnn", 100, 1.0, 1.2, 1, peer=partial)])[-2:])
+
+
+def test_rewrote_counts_function_bodies_and_says_when_only_nodes_changed():
+    """A LayerNorm fused inside a model-local function counts, and a fold that changes no norm
+    op (Keras' Mul + Add folded into the Conv) is not "nothing"."""
+    import suite_worker
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    counts = suite_worker.op_counts(str(models / "transformer_ln_modfuncs_ts_op15.onnx"))
+    assert counts["ops"]["ReduceMean"] == 4 and counts["nodes"] > 30
+    assert report.rewrote({"Mul": 2, "Add": 2, "Conv": 1}, {"Conv": 1}) == "nodes 5->1"
+    assert report.rewrote({"BatchNormalization": 2, "Conv": 2}, {"Conv": 2}) == "BN 2->0, nodes 4->2"
+    assert report.rewrote({"Conv": 2}, {"Conv": 2}) == "nothing"
