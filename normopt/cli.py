@@ -320,13 +320,11 @@ def _check_writes(model: str, source, out_path: Path, s: FoldSettings) -> None:
             if unopenable:
                 raise UsageError(f"{unopenable} ({what}); rename it, or fold with --no-verify")
     for path in writes:
+        what = "the output" if path == out_path else "the output's data file"
         if model_io.special_file(path):   # the rename would put a regular file in its place
-            what = "the output" if path == out_path else "the output's data file"
-            raise UsageError(f"cannot write '{path}' ({what}): it is not a regular file (a device, FIFO or "
-                             "socket); choose another -o")
+            raise UsageError(f"cannot write '{path}' ({what}): it is {model_io.NOT_REGULAR}; choose another -o")
         real = os.path.realpath(path)
         if real in inputs and not (s.in_place and real == os.path.realpath(model)):
-            what = "the output" if path == out_path else "the output's data file"
             raise UsageError(f"cannot write '{path}' ({what}): it is {inputs[real]}; choose another -o")
     data = out_path.with_name(out_path.name + ".data")
     if not s.dry_run and not s.in_place and data.exists() and (s.external_data or model_io.has_external_data(source)):
@@ -796,7 +794,7 @@ def _replaceable_report(path: str) -> None:
     if p.is_dir():
         raise ReportPathError(f"cannot write report '{path}': it is a folder")
     if not p.is_file():   # a device, a FIFO (opening one to read it would wait for a writer), a socket
-        raise ReportPathError(f"cannot write report '{path}': it is not a regular file")
+        raise ReportPathError(f"cannot write report '{path}': it is {model_io.NOT_REGULAR}")
     try:
         with open(p, "rb") as f:
             head = f.read(1 << 16)

@@ -68,7 +68,7 @@ def load(path: str | os.PathLike, notes: list[str] | None = None,
     if p.is_dir():
         raise ModelLoadError(f"{where}: is a directory, expected an .onnx file")
     if special_file(p):
-        raise ModelLoadError(f"{where}: not a regular file (a device, FIFO or socket), expected an .onnx file")
+        raise ModelLoadError(f"{where}: {NOT_REGULAR}, expected an .onnx file")
     if p.stat().st_size == 0 and not _has_bytes(p):   # (a /proc file says 0 and has some)
         raise ModelLoadError(f"{where}: file is empty")
     try:
@@ -590,8 +590,7 @@ def _check_range(t: onnx.TensorProto, base_dir: str, root: str, sizes: dict[str,
         raise ValueError(f"tensor '{t.name}': external data '{location}' is outside the model's folder")
     if path not in sizes:
         if not os.path.isfile(path):
-            what = "not found" if not os.path.exists(path) else \
-                "is a folder" if os.path.isdir(path) else "is not a regular file (a device, FIFO or socket)"
+            what = "not found" if not os.path.exists(path) else "is a folder" if os.path.isdir(path) else f"is {NOT_REGULAR}"
             raise ValueError(f"tensor '{t.name}': external data file '{location}' {what}")
         sizes[path] = os.path.getsize(path)
     try:
@@ -780,6 +779,10 @@ def unopenable_name(path: str | os.PathLike) -> str | None:
     return None
 
 
+# What a path that ``special_file`` finds is, in the messages that refuse it.
+NOT_REGULAR = "not a regular file (a device, FIFO or socket)"
+
+
 def special_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` (links followed) is a device, FIFO or socket: a file renamed over it would
     take its place (a model written to /dev/null would replace the device)."""
@@ -834,7 +837,7 @@ def save(model: onnx.ModelProto | Skeleton, path: str | os.PathLike, external_da
     if dest.is_dir():
         raise ModelSaveError(f"cannot write '{dest}': is a directory")
     if special_file(dest):
-        raise ModelSaveError(f"cannot write '{dest}': it is not a regular file (a device, FIFO or socket)")
+        raise ModelSaveError(f"cannot write '{dest}': it is {NOT_REGULAR}")
     if not dest.parent.exists():
         raise ModelSaveError(f"cannot write '{dest}': folder '{dest.parent}' does not exist")
     sources = skel.data_files()
@@ -842,8 +845,7 @@ def save(model: onnx.ModelProto | Skeleton, path: str | os.PathLike, external_da
         external_data = bool(sources) or needs_external_data(skel.model)
     data_name = dest.name + ".data"
     if external_data and special_file(dest.parent / data_name):
-        raise ModelSaveError(f"cannot write '{dest.parent / data_name}': it is not a regular file (a device, FIFO "
-                             "or socket)")
+        raise ModelSaveError(f"cannot write '{dest.parent / data_name}': it is {NOT_REGULAR}")
     if external_data and os.path.realpath(dest.parent / data_name) in sources:
         raise ModelSaveError(f"cannot write '{dest}': its data file '{data_name}' is the input's own data file; "
                              "choose another output name")
