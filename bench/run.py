@@ -88,12 +88,14 @@ def normopt_cmd() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "normopt"]
 
 
-def tool_cmd(tool: str, src: str, out: str) -> list[str]:
+def tool_cmd(tool: str, src: str, out: str, external: bool) -> list[str]:
     if tool == "normopt":
         return normopt_cmd() + ["fold", src, "-o", out, "--no-verify", "-q"]
     if tool == "normopt-verify":
         return normopt_cmd() + ["fold", src, "-o", out, "-q", "--provider", "cpu"]
-    return [sys.executable, WORKER, tool, src, out]
+    # The layout is given: the worker would otherwise import onnx to read it, a cost that is not
+    # onnxruntime's own.
+    return [sys.executable, WORKER, tool, src, out, "external" if external else "single"]
 
 
 # --- one model, every tool ----------------------------------------------------------------------
@@ -107,6 +109,7 @@ class Bench:
         self.done: dict[str, ModelResult] = {}
         self.done_floor = 0.0  # the floor's time on the model being measured
         self.repeats = 1  # runs per tool on the model being measured
+        self.external = False  # whether the model being measured has external data
 
     def worker(self, *args) -> Proc:  # reference outputs, checks, latency: not measured, more room
         return measure([sys.executable, WORKER, *args], max(4 * self.args.timeout, self.limit), self.mem_limit)
@@ -122,6 +125,7 @@ class Bench:
                           f"not checked: the original does not run ({ref.why()})")
         orig = _op_counts(info.path)
         result = ModelResult(spec.name, info.bytes, info.nodes, info.external, info.note, orig["ops"], [])
+        self.external = bool(info.external)
         tools = ["floor", "normopt"] + (["normopt-verify"] if spec.verify_row else []) + PEERS
         self.repeats = 1
         for tool in tools:
@@ -171,7 +175,7 @@ class Bench:
 
     def measure_median(self, tool: str, src: str, out: str, limit: float):
         """The tool's first run; the floor's decides how many rounds the model gets (``more_rounds``)."""
-        run = measure(tool_cmd(tool, src, out), limit, self.mem_limit)
+        run = measure(tool_cmd(tool, src, out, self.external), limit, self.mem_limit)
         if tool == "floor" and run.status == "ok" and run.seconds < REPEAT_UNDER:
             self.repeats = REPEATS
         return run
@@ -185,7 +189,8 @@ class Bench:
             for tool in samples:
                 tdir = tempfile.mkdtemp(dir=mdir)
                 limit = self.normopt_limit if tool.startswith("normopt") else self.limit
-                proc = measure(tool_cmd(tool, src, os.path.join(tdir, "out.onnx")), limit, self.mem_limit)
+                proc = measure(tool_cmd(tool, src, os.path.join(tdir, "out.onnx"), self.external), limit,
+                               self.mem_limit)
                 if proc.status == "ok":
                     samples[tool].append((proc.seconds, proc.peak_rss or None))
                 shutil.rmtree(tdir)
@@ -354,7 +359,9 @@ def render(models: list[ModelResult], gain_rows: list[dict], quick: bool, elapse
             "onnxoptimizer (its default fuse and eliminate passes, `fuse_bn_into_conv` among them), onnxscript "
             "(`optimizer.optimize`, whose default rewrite rules fold BatchNormalization, plus the rewriter's "
             "LayerNormalization fusion on opset >= 17 and RMSNormalization fusion on opset 23), onnxruntime's "
-            "offline optimization (`optimized_model_filepath`) at ORT_ENABLE_EXTENDED and ORT_ENABLE_ALL.", ""]
+            "offline optimization (`optimized_model_filepath`) at ORT_ENABLE_EXTENDED and ORT_ENABLE_ALL; its "
+            "process imports onnxruntime alone (the benchmark tells each tool whether the model has external "
+            "data, so that no tool imports more than its own work needs).", ""]
     for m in models:
         text += report.model_table(m) + [""]
     text += ["## Chains: time per node", "", "![chains](chains.png)", "", *report.chain_table(chains), "",

@@ -221,6 +221,10 @@ def _peer_targets(models: list[ModelResult], tool: str) -> list[Target]:
                     caveat = "" if peer.standard_only else "; its output has contrib ops"
                     if peer.checker and peer.checker != "ok":
                         caveat += "; its output fails onnx.checker"
+                    floor = m.run("floor")
+                    if _ok(floor):  # what a tool built on the onnx package spends before any work of its own
+                        caveat += (f"; the floor alone, importing onnx, loading and saving, takes {floor.seconds:.2f} s, "
+                                   f"{floor.seconds / peer.seconds:.2f}x its whole run")
                     slower.append(f"{peer.tool} on {m.name} ({peer.seconds:.2f} s vs {ours.seconds:.2f} s{caveat})")
         if not compared:
             rows.append(Target(what, "normopt faster", "no such peer", True))

@@ -1,6 +1,8 @@
 """One step of bench/run.py, run in its own process so that its time and peak RSS are its own.
 
-    python bench/suite_worker.py TOOL INPUT OUTPUT      floor or a peer tool: rewrite INPUT into OUTPUT
+    python bench/suite_worker.py TOOL INPUT OUTPUT [external|single]
+                                                        floor or a peer tool: rewrite INPUT into OUTPUT,
+                                                        keeping INPUT's layout (given, or read from INPUT)
     python bench/suite_worker.py ref MODEL NPZ          seeded inputs and onnxruntime outputs of MODEL
     python bench/suite_worker.py check MODEL NPZ        op counts of MODEL, standard ops only, match to NPZ
     python bench/suite_worker.py latency ORIG NEW       onnxruntime CPU latency and session creation, both
@@ -43,35 +45,35 @@ def save(model, out: str, external: bool) -> None:
 
 # --- the floor and the peers: each reads INPUT and writes OUTPUT -------------------------------
 
-def floor(src: str, out: str) -> dict:
+def floor(src: str, out: str, external: bool) -> dict:
     import onnx
-    save(onnx.load(src), out, has_external_data(src))
+    save(onnx.load(src), out, external)
     return {}
 
 
-def onnxsim_tool(src: str, out: str) -> dict:
+def onnxsim_tool(src: str, out: str, external: bool) -> dict:
     import onnx
     import onnxsim
     model, ok = onnxsim.simplify(onnx.load(src))
-    save(model, out, has_external_data(src))
+    save(model, out, external)
     return {"note": "" if ok else "its own check failed"}
 
 
-def onnxslim_tool(src: str, out: str) -> dict:
+def onnxslim_tool(src: str, out: str, external: bool) -> dict:
     import onnxslim
     onnxslim.slim(src, out)
     return {}
 
 
-def onnxoptimizer_tool(src: str, out: str) -> dict:
+def onnxoptimizer_tool(src: str, out: str, external: bool) -> dict:
     import onnx
     import onnxoptimizer
     # The default list: the fuse_* (fuse_bn_into_conv, ...) and eliminate_* passes.
-    save(onnxoptimizer.optimize(onnx.load(src)), out, has_external_data(src))
+    save(onnxoptimizer.optimize(onnx.load(src)), out, external)
     return {}
 
 
-def onnxscript_tool(src: str, out: str) -> dict:
+def onnxscript_tool(src: str, out: str, external: bool) -> dict:
     import onnx_ir as ir
     import onnxscript.optimizer
     import onnxscript.rewriter
@@ -92,17 +94,19 @@ def onnxscript_tool(src: str, out: str) -> dict:
         pass
     if rules:
         model = onnxscript.rewriter.rewrite(model, rules)
-    ir.save(model, out, external_data=os.path.basename(out) + ".data" if has_external_data(src) else None)
+    ir.save(model, out, external_data=os.path.basename(out) + ".data" if external else None)
     return {"note": "optimize()" + "".join(" + " + u for u in used)}
 
 
 def ort_tool(level_name: str):
-    def run(src: str, out: str) -> dict:
+    def run(src: str, out: str, external: bool) -> dict:
+        # onnxruntime alone, as a user runs it: importing onnx here (to read the layout) would
+        # cost it about as much as its whole run on a small model.
         import onnxruntime as ort
         options = ort.SessionOptions()
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level_name)
         options.optimized_model_filepath = out
-        if has_external_data(src):
+        if external:
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                              os.path.basename(out) + ".data")
             options.add_session_config_entry(
@@ -252,8 +256,10 @@ def main(argv: list[str]) -> None:
     elif mode == "latency":
         result = latency(args[0], args[1], float(args[2]) if len(args) > 2 else 1.0)
     else:
+        src, out, *layout = args
+        external = layout[0] == "external" if layout else has_external_data(src)
         start = time.perf_counter()
-        result = TOOLS[mode](*args)
+        result = TOOLS[mode](src, out, external)
         result["inner_s"] = time.perf_counter() - start
     print(json.dumps(result))
 

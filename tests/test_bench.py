@@ -83,16 +83,20 @@ def test_targets_say_met_or_missed_with_the_measured_number():
 
 
 def test_a_faster_peer_doing_the_same_rewrites_is_named():
-    peer = Run("ort-all", "ok", 0.5, 1, ops={"Conv": 2}, standard_only=True, match="yes")
+    peer = Run("ort-all", "ok", 1.1, 1, ops={"Conv": 2}, standard_only=True, match="yes")
     portable, other = report.targets([_fake("cnn", 100, 1.0, 1.2, 1, peer=peer)])[-2:]
-    assert portable.met is False and "ort-all on cnn (0.50 s vs 1.20 s)" in portable.measured
+    assert portable.met is False and "ort-all on cnn (1.10 s vs 1.20 s;" in portable.measured
     assert other.met is True
+    # What the floor alone (importing onnx, loading, saving) takes is set beside the faster run.
+    assert "; the floor alone, importing onnx, loading and saving, takes 1.00 s, 0.91x its whole run)" \
+        in portable.measured
+    peer.seconds = 0.5
     # An output onnx.checker rejects is not portable: the peer moves to the second row, named there.
     peer.checker = "No Op registered for LayerNormalization with domain_version of 14"
     portable, other = report.targets([_fake("cnn", 100, 1.0, 1.2, 1, peer=peer)])[-2:]
     assert portable.met is True and portable.measured == "no such peer"
     assert other.met is False
-    assert "ort-all on cnn (0.50 s vs 1.20 s; its output fails onnx.checker)" in other.measured
+    assert "ort-all on cnn (0.50 s vs 1.20 s; its output fails onnx.checker; the floor alone" in other.measured
     # A peer that left the BatchNormalizations is not doing the same rewrites.
     partial = Run("ort-all", "ok", 0.5, 1, ops={"Conv": 2, "BatchNormalization": 2}, standard_only=True)
     assert all(t.met for t in report.targets([_fake("cnn", 100, 1.0, 1.2, 1, peer=partial)])[-2:])
@@ -109,3 +113,23 @@ def test_rewrote_counts_function_bodies_and_says_when_only_nodes_changed():
     assert report.rewrote({"Mul": 2, "Add": 2, "Conv": 1}, {"Conv": 1}) == "nodes 5->1"
     assert report.rewrote({"BatchNormalization": 2, "Conv": 2}, {"Conv": 2}) == "BN 2->0, nodes 4->2"
     assert report.rewrote({"Conv": 2}, {"Conv": 2}) == "nothing"
+
+
+def test_onnxruntime_runs_alone_when_the_layout_is_given(tmp_path):
+    """The worker reads the model's layout with onnx only when run.py does not give it: onnxruntime's
+    time is its own, not that of importing onnx too."""
+    import subprocess
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    path = str(tmp_path / "c.onnx")
+    suite_models.chain(path, 2)
+    out = tmp_path / "out.onnx"
+    code = ("import sys, suite_worker; suite_worker.main(sys.argv[1:]); "
+            "print('onnx imported' if 'onnx' in sys.modules else 'onnx not imported')")
+    run = subprocess.run([sys.executable, "-c", code, "ort-extended", path, str(out), "single"], cwd=bench,
+                         capture_output=True, text=True, check=True)
+    assert run.stdout.splitlines()[-1] == "onnx not imported" and out.stat().st_size > 0
+    floor = subprocess.run([sys.executable, "-c", code, "floor", path, str(tmp_path / "f.onnx")], cwd=bench,
+                           capture_output=True, text=True, check=True)
+    assert floor.stdout.splitlines()[-1] == "onnx imported"
+    assert not (tmp_path / "f.onnx.data").exists()  # single file in, single file out
