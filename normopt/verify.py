@@ -193,6 +193,10 @@ def _ort_failure(what: str, err: Exception, hint: str = "") -> str:
     text = re.sub(r"/onnxruntime_src/\S+:\d+ .*?\) (?=[A-Z])", "", text)
     if "can't be converted to MLDataType" in text:
         hint = "onnxruntime's Python binding takes no arrays of one of its float8 or 4-bit types: use --no-verify"
+    newest = re.search(r"Opset (\d+) is under development.*?official support for domain (\S+) is till opset (\d+)", text)
+    if newest:  # the reason comes after a long disclaimer, past what the message keeps
+        text = f"opset {newest.group(1)} of {newest.group(2)} is newer than it supports ({newest.group(3)})"
+        hint = f"use --no-verify, or export at opset {newest.group(3)} or lower"
     if "Unsupported model IR version" in text:
         hint = "this onnxruntime cannot read the model's IR version: use --no-verify, or export with an older one"
     if "Could not find an implementation" in text:
@@ -585,19 +589,46 @@ def _move_by_ulps(feeds: dict[str, np.ndarray], seed: int, widths: dict[str, str
     return moved
 
 
+# Ops through which a value reaches a Cast still itself: moved, reshaped, selected, or combined
+# with a constant only. Behind any other op (a reduction, a product with another input, x - mean(x))
+# a Cast rounds a computed value, not the input: its width is the output's compute type's concern
+# (``compute_dtypes``), and moving the input by its ulps would measure a sensitivity the model
+# does not have (an fp32 LayerNorm whose normalized output is Cast to fp16 would get fp16 moves on
+# inputs of mean 1000: a bound of tens on outputs near 1).
+_CARRIES = frozenset({"Identity", "Cast", "CastLike", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
+                      "Expand", "Slice", "Gather", "GatherElements", "GatherND", "Concat", "Split", "Tile", "Pad",
+                      "DepthToSpace", "SpaceToDepth", "Neg", "Abs", "Relu", "Dropout"})
+_WITH_CONSTANT = frozenset({"Add", "Sub", "Mul", "Div"})
+
+
 def _input_widths(model: onnx.ModelProto) -> dict[str, str]:
-    """Per graph input: the narrowest float type among the Cast targets reachable from it (main
-    graph): an fp32 input rounded to fp16 on its way is only as precise as fp16."""
+    """Per graph input: the narrowest float type among the Cast targets it reaches still itself
+    (``_CARRIES``, or Add/Sub/Mul/Div with a constant; main graph): an fp32 input rounded to fp16 on
+    its way in is only as precise as fp16."""
     users: dict[str, list[onnx.NodeProto]] = {}
+    constants = {t.name for t in model.graph.initializer}
     for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            constants.update(o for o in node.output if o)
         for name in node.input:
             users.setdefault(name, []).append(node)
+    constants -= {vi.name for vi in model.graph.input}  # an initializer a caller may override is an input
+
+    def carries(node: onnx.NodeProto, via: str) -> bool:
+        if node.domain not in ("", "ai.onnx"):
+            return False
+        if node.op_type in _CARRIES:
+            return True
+        return node.op_type in _WITH_CONSTANT and len(node.input) == 2 and \
+            all(name == via or name in constants for name in node.input)
+
     widths = {}
     for vi in model.graph.input:
         seen, stack, found = set(), [vi.name], set()
         while stack:
-            for node in users.get(stack.pop(), ()):
-                if id(node) in seen:
+            name = stack.pop()
+            for node in users.get(name, ()):
+                if id(node) in seen or not carries(node, name):
                     continue
                 seen.add(id(node))
                 if node.op_type == "Cast":

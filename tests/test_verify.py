@@ -279,6 +279,23 @@ def test_model_without_cpu_kernels_gets_a_provider_hint():
         verify.compare(bf16, bf16, provider="cpu")
 
 
+def test_an_opset_newer_than_onnxruntimes_says_which_in_one_line():
+    """onnxruntime's reason comes after a disclaimer longer than the message keeps."""
+    import onnxruntime as ort
+    newest = onnx.defs.onnx_opset_version()
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", FLOAT, [4])], [("y", FLOAT, [4])],
+                       opset=newest, ir_version=10)
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        pytest.skip(f"this onnxruntime runs opset {newest}")
+    except Exception as err:
+        if "under development" not in str(err):
+            pytest.skip(f"onnxruntime refuses it otherwise: {err}")
+    with pytest.raises(UsageError, match=rf"opset {newest} of ai.onnx is newer than it supports \(\d+\); "
+                                         r"use --no-verify, or export at opset \d+ or lower$"):
+        verify.compare(model, model, provider="cpu")
+
+
 @pytest.mark.parametrize("content", [b"garbage", b"PK\x03\x04garbage"], ids=["not_zip", "broken_zip"])
 def test_feeds_npz_that_is_no_npz_is_usage_error(tmp_path, content):
     (tmp_path / "in.npz").write_bytes(content)

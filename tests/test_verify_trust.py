@@ -245,6 +245,44 @@ def test_original_precision_loss_at_an_offset_is_not_blamed_on_a_more_precise_re
     assert report.outputs[0].max_abs > verify.TOLERANCES["float32"][0]  # a constant atol would have failed it
 
 
+def _layernorm_then_fp16(form: str):
+    """LayerNorm statistics of a float32 input, the normalized value Cast to float16 for the
+    affine, as onnxruntime's layer_norm_with_cast test writes it ("decomposed"); the same fused
+    ("fused"); or a wrong version ("fp16 statistics"): the input rounded to float16 first, then
+    LayerNormalization in float16 (normal(1000, 1) inputs lie 0.5 apart there)."""
+    d = 32
+    rng = np.random.default_rng(3)
+    inits = {"g": rng.uniform(0.5, 1.5, d).astype(np.float16), "b": rng.uniform(-1, 1, d).astype(np.float16)}
+    if form == "fp16 statistics":
+        nodes = [helper.make_node("Cast", ["x"], ["x16"], to=FLOAT16),
+                 helper.make_node("LayerNormalization", ["x16", "g", "b"], ["y"], axis=-1, epsilon=1e-2)]
+        return make_model(nodes, [("x", FLOAT, [4, 8, d])], [("y", FLOAT16, [4, 8, d])], inits, opset=17)
+    if form == "decomposed":
+        core = _decomposed_layernorm("x", "n", "eps")
+        inits["eps"] = np.asarray(1e-2, np.float32)
+    else:
+        core = [helper.make_node("LayerNormalization", ["x", "s"], ["n"], axis=-1, epsilon=1e-2)]
+        inits["s"] = np.ones(d, np.float32)
+    nodes = core + [helper.make_node("Cast", ["n"], ["n16"], to=FLOAT16),
+                    helper.make_node("Mul", ["n16", "g"], ["gn"]), helper.make_node("Add", ["gn", "b"], ["y"])]
+    return make_model(nodes, [("x", FLOAT, [4, 8, d])], [("y", FLOAT16, [4, 8, d])], inits, opset=17)
+
+
+def test_an_fp16_cast_after_the_statistics_does_not_widen_the_input_moves():
+    """The input moves of the sensitivity probe follow a Cast only where the input reaches it
+    still itself. Here the Cast rounds the normalized output: moving the float32 input by float16
+    ulps (about 1.5 at a mean of 1000) widened the offset set's bound to tens, on outputs near 1,
+    and statistics taken in float16 passed there."""
+    right, wrong = _layernorm_then_fp16("decomposed"), _layernorm_then_fp16("fp16 statistics")
+    assert verify._input_widths(right) == {"x": None}
+    assert verify._input_widths(wrong) == {"x": "float16"}  # rounded on its way in: only as precise as that
+    report = verify.compare(right, wrong, provider="cpu", input_sets=(OFFSET,))
+    assert not report.passed and not report.failures[0].problem  # out of bounds, no NaN needed
+    assert report.failures[0].atol < 1.0 and report.failures[0].max_abs > 0.05
+    # The fused form (statistics in float32, then the Cast) passes on every set.
+    assert verify.compare(right, _layernorm_then_fp16("fused"), provider="cpu").passed
+
+
 def test_the_original_runs_once_across_rollback_rounds(rng, monkeypatch, broken_pass):
     calls = []
     real = verify.reference_outputs
