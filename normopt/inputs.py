@@ -104,8 +104,11 @@ def make_feeds(model: onnx.ModelProto, seed: int, shapes=None, ranges=None, npz:
     for name in list(shapes) + list(ranges):
         if name not in known:
             raise UsageError(f"model has no input '{name}'; inputs: {', '.join(sorted(known))}")
+    # From IR version 4 an initializer listed as a graph input is a default a caller may replace
+    # (below it, a constant): an array given for one is fed in its place.
+    overridable = [vi for vi in model.graph.input if vi.name not in known] if model.ir_version >= 4 else []
     if npz:
-        _check_npz_names(npz, loaded, known, {vi.name for vi in model.graph.input})
+        _check_npz_names(npz, loaded, known, known | {vi.name for vi in overridable})
     feeds, specs, dims = {}, [], {}
     for vi in graph_inputs(model):
         tt = vi.type.tensor_type
@@ -117,13 +120,7 @@ def make_feeds(model: onnx.ModelProto, seed: int, shapes=None, ranges=None, npz:
                              "fold with --no-verify")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         if vi.name in loaded:
-            value = np.asarray(loaded[vi.name])
-            # Only same-kind casts (float64 -> float32): strings or floats fed to an integer
-            # input would be silently mangled, or fail deep inside numpy.
-            if not np.can_cast(value.dtype, dtype, casting="same_kind"):
-                raise UsageError(f"inputs '{npz}': array '{vi.name}' is {value.dtype}, the model expects {dtype}")
-            value = value.astype(dtype, copy=False)
-            feeds[vi.name] = value
+            value = feeds[vi.name] = _loaded_value(npz, vi, loaded[vi.name])
             specs.append(InputSpec(vi.name, str(dtype), list(value.shape), f"file {npz}"))
             continue
         shape = shapes.get(vi.name) or _resolve_dims(vi, dims, dynamic_dim, batch)
@@ -148,7 +145,22 @@ def make_feeds(model: onnx.ModelProto, seed: int, shapes=None, ranges=None, npz:
         specs.append(InputSpec(vi.name, str(dtype), list(shape),
                                f"{what} [{low:g}, {high:g}) {source}".strip() if low is not None else what,
                                defaulted))
+    for vi in overridable:
+        if vi.name in loaded:
+            feeds[vi.name] = _loaded_value(npz, vi, loaded[vi.name])
+            specs.append(InputSpec(vi.name, str(feeds[vi.name].dtype), list(feeds[vi.name].shape),
+                                   f"file {npz}, in place of its initializer"))
     return feeds, specs
+
+
+def _loaded_value(npz: str, vi: onnx.ValueInfoProto, value) -> np.ndarray:
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+    value = np.asarray(value)
+    # Only same-kind casts (float64 -> float32): strings or floats fed to an integer input would
+    # be silently mangled, or fail deep inside numpy.
+    if not np.can_cast(value.dtype, dtype, casting="same_kind"):
+        raise UsageError(f"inputs '{npz}': array '{vi.name}' is {value.dtype}, the model expects {dtype}")
+    return value.astype(dtype, copy=False)
 
 
 # Element types numpy has only through ml_dtypes, which onnxruntime's binding does not convert
@@ -205,9 +217,10 @@ def _stress(value: np.ndarray, kind: str, dtype: str) -> tuple[np.ndarray, str]:
         return np.asarray(value.astype(np.float64) + mean).astype(value.dtype), f"normal({mean:g}, 1)"
     # Degenerate: along the first axis after the batch axis with 2+ entries that is not the last
     # one (sequence positions of [B, S, D], channels of [N, C, H, W]), blocks in turns of four:
-    # all zeros, constant, low-variance (normal(0, 1e-3): a variance of 1e-6, between the
-    # epsilons models use, so a changed epsilon shows), normal(0, 1). With no such axis the whole
-    # tensor is constant.
+    # low-variance (normal(0, 1e-3): a variance of 1e-6, between the epsilons models use, so a
+    # changed epsilon shows), constant, all zeros, normal(0, 1); low-variance first, so that two
+    # blocks (the batch axis of a [B, F] input) still hold one. With no such axis the whole tensor
+    # is constant.
     out = np.array(value, copy=True)
     shape = out.shape
     axes = [a for a in range(1, len(shape) - 1) if shape[a] >= 2]
@@ -220,12 +233,12 @@ def _stress(value: np.ndarray, kind: str, dtype: str) -> tuple[np.ndarray, str]:
     view = np.moveaxis(out, axis, 0)
     for i in range(view.shape[0]):
         if i % 4 == 0:
-            view[i] = 0
+            view[i] = (view[i].astype(np.float64) * LOW_SPREAD).astype(out.dtype)
         elif i % 4 == 1:
             view[i] = 0.25 * (i + 1)
         elif i % 4 == 2:
-            view[i] = (view[i].astype(np.float64) * LOW_SPREAD).astype(out.dtype)
-    return out, (f"degenerate: along axis {axis} blocks in turn all zero, constant, normal(0, {LOW_SPREAD:g}), "
+            view[i] = 0
+    return out, (f"degenerate: along axis {axis} blocks in turn normal(0, {LOW_SPREAD:g}), constant, all zero, "
                  "normal(0, 1)")
 
 

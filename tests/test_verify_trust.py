@@ -106,9 +106,9 @@ def test_offset_and_degenerate_sets_change_float_inputs_only():
     assert specs[1].source == "normal(1000, 1)" and "embedding index" in specs[0].source
     degenerate, specs = inputs.make_feeds(model, seed=0, kind=DEGENERATE)
     x = degenerate["x"][0]
-    # blocks in turn: zeros, constant, low variance (normal(0, 1e-3)), normal(0, 1)
-    assert (x[0] == 0).all() and (x[4] == 0).all() and len(set(x[1])) == 1 and len(set(x[5])) == 1
-    assert 0 < x[2].std() < 1e-2 and x[3].std() > 0.1
+    # blocks in turn: low variance (normal(0, 1e-3)), constant, zeros, normal(0, 1)
+    assert (x[2] == 0).all() and len(set(x[1])) == 1 and len(set(x[5])) == 1
+    assert 0 < x[0].std() < 1e-2 and 0 < x[4].std() < 1e-2 and x[3].std() > 0.1
     assert degenerate["ids"].max() < 50
 
 
@@ -127,6 +127,94 @@ def test_an_epsilon_changed_where_unit_variance_hides_it_fails_on_low_variance_r
     report = verify.compare(original, fused, provider="cpu")
     assert not report.passed and report.failures[0].inputs == "degenerate inputs (seed 0)"
     assert verify.compare(original, right, provider="cpu").passed
+
+
+def _cast_wrapped_layernorm(elem, eps, shape, fused=False):
+    """A half-precision LayerNorm with its statistics in float32 (the form exporters write for
+    float16 and bfloat16), or the fused op with stash_type float32."""
+    d = shape[-1]
+    if fused:
+        graph = helper.make_graph([helper.make_node("LayerNormalization", ["x", "s"], ["y"], axis=-1, epsilon=eps)],
+                                  "t", [helper.make_tensor_value_info("x", elem, shape)],
+                                  [helper.make_tensor_value_info("y", elem, shape)],
+                                  [helper.make_tensor("s", elem, [d], [1.0] * d)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        onnx.checker.check_model(model)
+        return model
+    nodes = [helper.make_node("Cast", ["x"], ["x32"], to=FLOAT)] + _decomposed_layernorm("x32", "n", "eps") + \
+        [helper.make_node("Cast", ["n"], ["y"], to=elem)]
+    return make_model(nodes, [("x", elem, shape)], [("y", elem, shape)], {"eps": np.asarray(eps, np.float32)},
+                      opset=13)
+
+
+@pytest.mark.parametrize("elem", [FLOAT16, BFLOAT16])
+@pytest.mark.parametrize("eps, other", [(1e-6, 1e-5), (1e-5, 1e-3)])
+def test_a_changed_epsilon_in_half_precision_fails_beside_rows_that_rounding_makes_noise(elem, eps, other):
+    """The degenerate set's constant rows are ill-conditioned in float16 and bfloat16: an ulp move
+    makes their variance one of rounding noise, which the LayerNorm blows up to order 1. Taken as
+    one number for the whole output, that bound (3 to 6) let the changed epsilon pass on the
+    low-variance rows beside them; each row now keeps its own."""
+    shape = [2, 8, 64]
+    original = _cast_wrapped_layernorm(elem, eps, shape)
+    report = verify.compare(original, _cast_wrapped_layernorm(elem, other, shape, fused=True), provider="cpu")
+    assert not report.passed and report.failures[0].inputs == "degenerate inputs (seed 0)"
+    assert verify.compare(original, _cast_wrapped_layernorm(elem, eps, shape, fused=True), provider="cpu").passed
+
+
+def test_a_changed_epsilon_of_a_layernorm_on_a_batch_of_vectors_fails():
+    """A [B, F] input has only its batch axis for the degenerate blocks: two rows at the default
+    batch, which must hold a low-variance one (they were all zeros and constant)."""
+    d = 64
+    original = make_model(_decomposed_layernorm("x", "y", "eps"), [("x", FLOAT, ["B", d])], [("y", FLOAT, ["B", d])],
+                          {"eps": np.asarray(1e-6, np.float32)}, opset=13)
+    fused = make_model([helper.make_node("LayerNormalization", ["x", "s"], ["y"], axis=-1, epsilon=1e-5)],
+                       [("x", FLOAT, ["B", d])], [("y", FLOAT, ["B", d])], {"s": np.ones(d, np.float32)}, opset=17)
+    report = verify.compare(original, fused, provider="cpu")
+    assert not report.passed and report.failures[0].inputs == "degenerate inputs (seed 0)"
+
+
+def test_an_fp16_side_branch_on_an_input_does_not_loosen_its_float32_outputs():
+    """x feeds a float32 LayerNorm (y) and, beside it, a Cast to float16 (h). Only h is computed
+    from the rounded value: y keeps float32 moves, so a one-pass variance, E[x^2] - E[x]^2, that
+    loses 0.2 at a mean of 1000 fails there."""
+    d = 32
+    side = [helper.make_node("Cast", ["x"], ["x16"], to=FLOAT16), helper.make_node("Relu", ["x16"], ["h"])]
+    outs = [("y", FLOAT, [2, 8, d]), ("h", FLOAT16, [2, 8, d])]
+    original = make_model(_decomposed_layernorm("x", "y", "eps") + side, [("x", FLOAT, [2, 8, d])], outs,
+                          {"eps": np.asarray(1e-5, np.float32)}, opset=13)
+    one_pass = [helper.make_node("ReduceMean", ["x"], ["mu"], axes=[-1]), helper.make_node("Mul", ["x", "x"], ["x2"]),
+                helper.make_node("ReduceMean", ["x2"], ["m2"], axes=[-1]), helper.make_node("Mul", ["mu", "mu"], ["mu2"]),
+                helper.make_node("Sub", ["m2", "mu2"], ["var"]), helper.make_node("Add", ["var", "eps"], ["ve"]),
+                helper.make_node("Sqrt", ["ve"], ["sd"]), helper.make_node("Sub", ["x", "mu"], ["d"]),
+                helper.make_node("Div", ["d", "sd"], ["y"])]
+    wrong = make_model(one_pass + side, [("x", FLOAT, [2, 8, d])], outs, {"eps": np.asarray(1e-5, np.float32)},
+                       opset=13)
+    assert verify.input_widths(original, ["y", "h"]) == {"y": {"x": None}, "h": {"x": "float16"}}
+    report = verify.compare(original, wrong, provider="cpu")
+    assert [d.name for d in report.failures] == ["y"] and report.failures[0].inputs == "offset inputs (seed 0)"
+
+
+def test_an_array_given_for_an_overridable_initializer_is_fed(tmp_path):
+    """From IR version 4 an initializer that is also a graph input is a default a caller may
+    replace: an --inputs array for it is fed (it was accepted and dropped), so a candidate that
+    baked the default in fails."""
+    d = 16
+    nodes = [helper.make_node("LayerNormalization", ["x", "g"], ["y"], axis=-1, epsilon=1e-5)]
+    gamma = np.linspace(0.5, 1.5, d).astype(np.float32)
+    original = make_model(nodes, [("x", FLOAT, [2, d]), ("g", FLOAT, [d])], [("y", FLOAT, [2, d])], {"g": gamma},
+                          opset=17)
+    baked = make_model([helper.make_node("LayerNormalization", ["x", "k"], ["y"], axis=-1, epsilon=1e-5),
+                        helper.make_node("Identity", ["g"], ["unused"])],
+                       [("x", FLOAT, [2, d]), ("g", FLOAT, [d])], [("y", FLOAT, [2, d])], {"g": gamma, "k": gamma},
+                       opset=17)
+    npz = tmp_path / "in.npz"
+    rng = np.random.default_rng(0)
+    np.savez(npz, x=rng.standard_normal((2, d)).astype(np.float32), g=rng.standard_normal(d).astype(np.float32))
+    feeds, specs = inputs.make_feeds(original, seed=0, npz=str(npz))
+    assert set(feeds) == {"x", "g"} and specs[-1].source.endswith("in place of its initializer")
+    assert verify.compare(original, original, provider="cpu", inputs_file=str(npz)).passed
+    assert not verify.compare(original, baked, provider="cpu", inputs_file=str(npz)).passed
+    assert verify.compare(original, baked, provider="cpu").passed  # its default: nothing to tell them apart
 
 
 @pytest.mark.parametrize("elem, kinds, mean", [(FLOAT16, [OFFSET, DEGENERATE], 100.0),
@@ -274,8 +362,8 @@ def test_an_fp16_cast_after_the_statistics_does_not_widen_the_input_moves():
     ulps (about 1.5 at a mean of 1000) widened the offset set's bound to tens, on outputs near 1,
     and statistics taken in float16 passed there."""
     right, wrong = _layernorm_then_fp16("decomposed"), _layernorm_then_fp16("fp16 statistics")
-    assert verify._input_widths(right) == {"x": None}
-    assert verify._input_widths(wrong) == {"x": "float16"}  # rounded on its way in: only as precise as that
+    assert verify.input_widths(right, ["y"]) == {"y": {"x": None}}
+    assert verify.input_widths(wrong, ["y"]) == {"y": {"x": "float16"}}  # rounded on its way in: that precise
     report = verify.compare(right, wrong, provider="cpu", input_sets=(OFFSET,))
     assert not report.passed and not report.failures[0].problem  # out of bounds, no NaN needed
     assert report.failures[0].atol < 1.0 and report.failures[0].max_abs > 0.05
@@ -355,7 +443,7 @@ def test_a_conv_channel_with_a_small_batchnorm_scale_is_held_to_its_own_scale(rn
     arr[1] *= 1.01
     w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
     report = verify.compare(model, folded, provider="cpu")
-    assert not report.passed and report.failures[0].atol < 1e-3
+    assert not report.passed and report.failures[0].atol < 0.1   # the large channels' 8 ulps: about 1
 
 
 def _perturbed(model, name, index=None, factor=1.001):
@@ -477,5 +565,5 @@ def test_sensitivity_is_not_taken_from_a_model_that_is_not_deterministic():
                        [("x", FLOAT, [1, 4, d])], [("y", FLOAT, [1, 4, d])], {"eps": inits["eps"]}, opset=13)
     choice = verify.select_provider("cpu")
     offset = [s.kind for s in verify.reference_outputs(plain, choice=choice).sets].index(OFFSET)
-    assert verify.reference_outputs(plain, choice=choice).sensitivity[offset]["y"] > 1e-5  # x - mean at 1000
-    assert all(s["y"] == 0.0 for s in verify.reference_outputs(dropout, choice=choice).sensitivity)
+    assert np.min(verify.reference_outputs(plain, choice=choice).sensitivity[offset]["y"]) > 1e-5  # x - mean at 1000
+    assert all(np.all(s["y"] == 0.0) for s in verify.reference_outputs(dropout, choice=choice).sensitivity)
