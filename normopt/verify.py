@@ -606,9 +606,14 @@ _CARRIES = frozenset({"Identity", "Cast", "CastLike", "Reshape", "Transpose", "S
 _WITH_CONSTANT = frozenset({"Add", "Sub", "Mul", "Div"})
 
 
+_WITH_SUBGRAPHS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
 def _reads(node: onnx.NodeProto) -> set[str]:
     """The names ``node`` reads: its inputs, and what the nodes of its subgraphs read."""
     names = set(node.input)
+    if node.op_type not in _WITH_SUBGRAPHS and node.domain in ("", "ai.onnx"):
+        return names   # (only these standard ops hold graphs: no need to read every node's attributes)
     for attr in node.attribute:
         for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
             for inner in g.node:
@@ -622,6 +627,8 @@ def input_widths(model: onnx.ModelProto, outputs: list[str]) -> dict[str, dict[s
     which the output is computed: an fp32 input rounded to fp16 on its way in is only as precise
     as fp16, for what is computed from the rounded value; an fp32 output computed from the input
     beside that Cast keeps fp32 moves."""
+    if not any(node.op_type == "Cast" for node in model.graph.node):   # (a whole-graph map costs a second at 100k nodes)
+        return {out: {vi.name: None for vi in model.graph.input} for out in outputs}
     users: dict[str, list[onnx.NodeProto]] = {}
     constants = {t.name for t in model.graph.initializer}
     for node in model.graph.node:
