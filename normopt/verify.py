@@ -478,10 +478,12 @@ def reference_outputs(original, *, choice: ProviderChoice, seed: int = 0, trials
     names = [o.name for o in header.graph.output]
     if not names:
         raise UsageError("the model has no outputs: there is nothing to compare")
+    extra = list(extra_outputs or [])
+    extra += [w for w in witnesses(header) if w not in extra and w not in names]
     model = original
-    if extra_outputs:
-        model = _exposed(original, extra_outputs)
-        names = names + [n for n in extra_outputs if n not in names]
+    if extra:
+        model = _exposed(original, extra)
+        names = names + [n for n in extra if n not in names]
     kinds = [FILE if inputs_file else NORMAL] * trials + stress_kinds(header, input_ranges, inputs_file)
     if input_sets is not None:
         kinds = [k for k in kinds if k in input_sets or k == FILE]  # real inputs always run
@@ -742,8 +744,16 @@ def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trial
                                       input_sets=input_sets)
     names = reference.names
     candidate = original if repeat else rewritten
-    if extra_outputs:
-        candidate = _exposed(candidate, extra_outputs)
+    header = load_header(candidate)
+    outputs = {o.name for o in header.graph.output}
+    made = {name for node in header.graph.node for name in node.output}
+    # A tensor exposed beside the outputs that the candidate does not compute (a witness the
+    # rewrite renamed) is not compared; the outputs always are.
+    names = [n for n in names if n in outputs or n in made]
+    exposed = [n for n in names if n not in outputs]
+    if exposed:
+        candidate = _exposed(candidate, exposed)
+    behind = witnesses(load_header(original), labels=True)
     new_sessions: list[list[str]] = []
     with progress.step("onnxruntime: running the rewritten model"):
         new_out = run_model(candidate, reference.feeds, choice.name, names, new_sessions)
@@ -757,7 +767,10 @@ def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trial
             diff = compare_arrays(name, ref_out[name], got[name], atol, rtol, reference.compute.get(name), sens[name])
             diff.inputs = input_set.label
             diffs.append(diff)
-        report.outputs.append(max(diffs, key=lambda d: (not d.passed, d.needed_atol)))
+        worst = max(diffs, key=lambda d: (not d.passed, d.needed_atol))
+        if name in behind and name not in outputs:
+            worst.note = behind[name]
+        report.outputs.append(worst)
     if not repeat:
         # NaN = NaN everywhere proves nothing: an output that inputs (given, or the model's own)
         # make NaN or Inf everywhere says nothing of what computes it, even beside other outputs
@@ -804,6 +817,27 @@ def _interface_inputs(m: onnx.ModelProto) -> list[str]:
         return [i.name for i in m.graph.input]
     inits = {t.name for t in m.graph.initializer}
     return [i.name for i in m.graph.input if i.name not in inits]
+
+
+_INDEX_OPS = frozenset({"ArgMax", "ArgMin", "TopK"})
+
+
+def witnesses(model: onnx.ModelProto, labels: bool = False):
+    """The tensors compared beside integer outputs: the data input of an ArgMax, ArgMin or TopK
+    whose indices are a graph output (a classifier's labels, alone, are a few integers that a
+    slightly wrong fold flips for few inputs; the scores behind them show it). With ``labels``:
+    name -> what it is, for the report."""
+    outputs = {o.name for o in model.graph.output}
+    sources = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    found: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type not in _INDEX_OPS or node.domain not in ("", "ai.onnx") or not node.input:
+            continue
+        indices = node.output[1] if node.op_type == "TopK" and len(node.output) > 1 else node.output[0]
+        data = node.input[0]
+        if indices in outputs and data and data not in outputs and data not in sources and data not in found:
+            found[data] = f"the {node.op_type} input behind output '{indices}', compared too"
+    return found if labels else list(found)
 
 
 def _same_interface(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
