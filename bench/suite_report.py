@@ -222,7 +222,7 @@ def _peer_targets(models: list[ModelResult], tool: str) -> list[Target]:
                     if peer.checker and peer.checker != "ok":
                         caveat += "; its output fails onnx.checker"
                     floor = m.run("floor")
-                    if _ok(floor):  # what a tool built on the onnx package spends before any work of its own
+                    if _ok(floor) and peer.seconds > 0:  # what a tool built on the onnx package spends first
                         caveat += (f"; the floor alone, importing onnx, loading and saving, takes {floor.seconds:.2f} s, "
                                    f"{floor.seconds / peer.seconds:.2f}x its whole run")
                     slower.append(f"{peer.tool} on {m.name} ({peer.seconds:.2f} s vs {ours.seconds:.2f} s{caveat})")

@@ -638,7 +638,8 @@ def input_widths(model: onnx.ModelProto, outputs: list[str]) -> dict[str, dict[s
             constants.update(o for o in node.output if o)
         for name in _reads(node):
             users.setdefault(name, []).append(node)
-    constants -= {vi.name for vi in model.graph.input}  # an initializer a caller may override is an input
+    if model.ir_version >= 4:  # an initializer a caller may override is an input (below IR 4 each is listed)
+        constants -= {vi.name for vi in model.graph.input}
 
     def carries(node: onnx.NodeProto, via: str) -> bool:
         if node.domain not in ("", "ai.onnx"):
@@ -747,13 +748,16 @@ def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trial
     header = load_header(candidate)
     outputs = {o.name for o in header.graph.output}
     made = {name for node in header.graph.node for name in node.output}
-    # A tensor exposed beside the outputs that the candidate does not compute (a witness the
-    # rewrite renamed) is not compared; the outputs always are.
-    names = [n for n in names if n in outputs or n in made]
+    # A witness is compared only where the candidate computes it as one too (the same name
+    # behind its ArgMax or TopK): a tensor it renamed, or reused for something else, is not; the
+    # outputs and the tensors asked for always are.
+    behind = {name: what for name, what in witnesses(load_header(original), labels=True).items()
+              if name not in (extra_outputs or ()) and name not in outputs}
+    seen = set(witnesses(header))
+    names = [n for n in names if n in outputs or (n in made and (n not in behind or n in seen))]
     exposed = [n for n in names if n not in outputs]
     if exposed:
         candidate = _exposed(candidate, exposed)
-    behind = witnesses(load_header(original), labels=True)
     new_sessions: list[list[str]] = []
     with progress.step("onnxruntime: running the rewritten model"):
         new_out = run_model(candidate, reference.feeds, choice.name, names, new_sessions)
@@ -762,13 +766,16 @@ def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trial
                           + [Session("candidate", p) for p in new_sessions[-1:]],
                           input_sets=[s.kind for s in reference.sets])
     for name in names:
+        if name in behind and any(np.asarray(got[name]).dtype != np.asarray(ref[name]).dtype
+                                  for ref, got in zip(reference.outputs, new_out)):
+            continue  # the scores in another type (a model converted to float16 inside): the labels decide
         diffs = []
         for input_set, ref_out, got, sens in zip(reference.sets, reference.outputs, new_out, reference.sensitivity):
             diff = compare_arrays(name, ref_out[name], got[name], atol, rtol, reference.compute.get(name), sens[name])
             diff.inputs = input_set.label
             diffs.append(diff)
         worst = max(diffs, key=lambda d: (not d.passed, d.needed_atol))
-        if name in behind and name not in outputs:
+        if name in behind:
             worst.note = behind[name]
         report.outputs.append(worst)
     if not repeat:
@@ -776,7 +783,7 @@ def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trial
         # make NaN or Inf everywhere says nothing of what computes it, even beside other outputs
         everywhere = all(_nothing_finite(out[name]) for out in reference.outputs for name in names)
         for diff in report.outputs:
-            if all(_nothing_finite(out[diff.name]) for out in reference.outputs):
+            if diff.name not in behind and all(_nothing_finite(out[diff.name]) for out in reference.outputs):
                 diff.problem = diff.problem or (NOTHING_FINITE_ANYWHERE if everywhere else NOTHING_FINITE)
     return report
 

@@ -244,6 +244,40 @@ def test_the_scores_behind_an_argmax_output_are_compared_too():
     assert result.verified and op_counts(result.model)["Conv"] == 1 and "BatchNormalization" not in op_counts(result.model)
 
 
+def test_below_ir_4_an_initializer_listed_as_an_input_is_a_constant_on_the_way_to_a_cast():
+    """x * c -> Cast(float16): x reaches the Cast still itself (scaled by a constant) at IR 3 as at
+    IR 4, where c is listed as an input only because IR 3 lists every initializer."""
+    nodes = [helper.make_node("Mul", ["x", "c"], ["xc"]), helper.make_node("Cast", ["xc"], ["y"], to=FLOAT16)]
+    model = make_model(nodes, [("x", FLOAT, [2, 8]), ("c", FLOAT, [])], [("y", FLOAT16, [2, 8])],
+                       {"c": np.asarray(1.1, np.float32)}, opset=7, ir_version=3)
+    assert verify.input_widths(model, ["y"])["y"]["x"] == "float16"
+    model.ir_version = 4   # now c is a default a caller may replace: x * c is no longer x itself
+    assert verify.input_widths(model, ["y"])["y"]["x"] is None
+
+
+def test_a_witness_the_candidate_reuses_for_another_tensor_or_type_is_not_compared():
+    """The logits behind an ArgMax are compared only where the candidate computes them as such:
+    a tensor of that name that is something else (here transposed), or the scores in float16
+    inside a converted model, leave the labels to decide."""
+    def model(transposed=False, half=False):
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["l0"])]
+        if half:
+            nodes += [helper.make_node("Cast", ["l0"], ["logits"], to=FLOAT16)]
+        else:
+            nodes += [helper.make_node("Identity", ["l0"], ["logits"])]
+        if transposed:
+            nodes = [helper.make_node("MatMul", ["x", "w"], ["l0"]), helper.make_node("Transpose", ["l0"], ["logits"])]
+        source = "l0" if transposed else "logits"
+        nodes.append(helper.make_node("ArgMax", [source], ["label"], axis=1, keepdims=0))
+        w = np.eye(5, dtype=np.float32)
+        return make_model(nodes, [("x", FLOAT, [2, 5])], [("label", INT64, [2])], {"w": w}, opset=13)
+
+    original = model()
+    for candidate in (model(transposed=True), model(half=True)):
+        report = verify.compare(original, candidate, provider="cpu")
+        assert report.passed and [d.name for d in report.outputs] == ["label"]
+
+
 @pytest.mark.parametrize("elem, kinds, mean", [(FLOAT16, [OFFSET, DEGENERATE], 100.0),
                                                (DOUBLE, [OFFSET, DEGENERATE], 1000.0),
                                                (BFLOAT16, [DEGENERATE], None)])
