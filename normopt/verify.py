@@ -255,12 +255,19 @@ def load_header(model) -> onnx.ModelProto:
     return onnx.load(str(model), load_external_data=False)
 
 
+def _read(model):
+    """``model`` as a ModelProto or a Loaded: a path is read once (without its weights' bytes),
+    for every later look at it."""
+    if isinstance(model, (Loaded, Skeleton, onnx.ModelProto)):
+        return model
+    return Loaded(model, onnx.load(str(model), load_external_data=False))
+
+
 def _exposed(model, names: list[str]):
     """``model`` with ``names`` added as graph outputs; weights stay where they are."""
-    if not isinstance(model, (Loaded, onnx.ModelProto)):
-        model = Loaded(model, onnx.load(str(model), load_external_data=False))
-    if isinstance(model, Loaded):
-        skel = model.skeleton()
+    model = _read(model)
+    if isinstance(model, (Loaded, Skeleton)):
+        skel = model.skeleton() if isinstance(model, Loaded) else model
         return Skeleton(expose(skel.model, names), skel.weights)
     return expose(model, names)
 
@@ -608,21 +615,6 @@ _CARRIES = frozenset({"Identity", "Cast", "CastLike", "Reshape", "Transpose", "S
 _WITH_CONSTANT = frozenset({"Add", "Sub", "Mul", "Div"})
 
 
-_WITH_SUBGRAPHS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
-
-
-def _reads(node: onnx.NodeProto) -> set[str]:
-    """The names ``node`` reads: its inputs, and what the nodes of its subgraphs read."""
-    names = set(node.input)
-    if node.op_type not in _WITH_SUBGRAPHS and node.domain in ("", "ai.onnx"):
-        return names   # (only these standard ops hold graphs: no need to read every node's attributes)
-    for attr in node.attribute:
-        for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
-            for inner in g.node:
-                names |= _reads(inner)
-    return names
-
-
 def input_widths(model: onnx.ModelProto, outputs: list[str]) -> dict[str, dict[str, str | None]]:
     """Per output, per graph input: the narrowest float type among the Cast targets the input
     reaches still itself (``_CARRIES``, or Add/Sub/Mul/Div with a constant; main graph) and from
@@ -636,7 +628,7 @@ def input_widths(model: onnx.ModelProto, outputs: list[str]) -> dict[str, dict[s
     for node in model.graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             constants.update(o for o in node.output if o)
-        for name in _reads(node):
+        for name in _node_types(node)[1]:   # (its inputs, and the outer names its subgraphs read)
             users.setdefault(name, []).append(node)
     if model.ir_version >= 4:  # an initializer a caller may override is an input (below IR 4 each is listed)
         constants -= {vi.name for vi in model.graph.input}
@@ -738,6 +730,7 @@ def compare(original, rewritten, *, provider: str = "auto", seed: int = 0, trial
         if value is not None and not value >= 0:  # NaN too: nothing would compare equal, not even a model to itself
             raise UsageError(f"{flag} must be a number >= 0, got {value}")
     choice = choice or select_provider(provider)
+    original, rewritten = _read(original), _read(rewritten)
     _same_interface(load_header(original), load_header(rewritten))
     if reference is None:
         reference = reference_outputs(original, choice=choice, seed=seed, trials=trials, input_shapes=input_shapes,

@@ -244,6 +244,23 @@ def test_the_scores_behind_an_argmax_output_are_compared_too():
     assert result.verified and op_counts(result.model)["Conv"] == 1 and "BatchNormalization" not in op_counts(result.model)
 
 
+def test_a_subgraph_name_that_shadows_a_rounded_tensor_is_not_a_read_of_it():
+    """A Loop body's own input named like the main graph's fp16 Cast of x reads its own value:
+    the Loop's output is not computed from the rounded x, and keeps x's float32 moves."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond"], ["cond_out"]), helper.make_node("Add", ["x16", "x16"], ["acc_out"])],
+        "body", [helper.make_tensor_value_info("i", INT64, []), helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("x16", FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", FLOAT, [2, 8])])
+    nodes = [helper.make_node("Cast", ["x"], ["x16"], to=FLOAT16), helper.make_node("Relu", ["x16"], ["h"]),
+             helper.make_node("Loop", ["n", "", "y0"], ["z"], body=body)]
+    model = make_model(nodes, [("x", FLOAT, [2, 8]), ("y0", FLOAT, [2, 8]), ("n", INT64, [])],
+                       [("h", FLOAT16, [2, 8]), ("z", FLOAT, [2, 8])], opset=17)
+    widths = verify.input_widths(model, ["h", "z"])
+    assert widths["h"]["x"] == "float16" and widths["z"]["x"] is None
+
+
 def test_below_ir_4_an_initializer_listed_as_an_input_is_a_constant_on_the_way_to_a_cast():
     """x * c -> Cast(float16): x reaches the Cast still itself (scaled by a constant) at IR 3 as at
     IR 4, where c is listed as an input only because IR 3 lists every initializer."""
